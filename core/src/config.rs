@@ -1,0 +1,518 @@
+//! Configuration: defaults < TOML file < `CALLFLEET_<SECTION>__<KEY>` environment < flags.
+//!
+//! Loading is a pure function of the file, the environment and the flags, and ends in a
+//! validated [`Config`]: an unknown key, a wrong type or an impossible value is an error that
+//! names the key and where it came from, so a typo never silently falls back to a default.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{NodeId, NodeRole, PoolName};
+
+/// Prefix of environment overrides: `CALLFLEET_STORE__URL=mysql://…` sets `store.url`.
+pub const ENV_PREFIX: &str = "CALLFLEET_";
+
+/// Where `callfleet up` and `callfleet status` keep the single-box store by default.
+pub const DEFAULT_DATA_DIR: &str = "callfleet-data";
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named on the command line does not exist.
+    #[error(
+        "config file {0} does not exist; pass an existing file with --config or leave it out to use the defaults"
+    )]
+    FileMissing(PathBuf),
+    /// A key is unknown, has the wrong type, or the TOML does not parse.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    /// A value parses but cannot work (e.g. a shed tier whose `below` is above its `above`).
+    #[error("invalid configuration: `{key}` {reason}")]
+    Value {
+        /// Dotted key of the offending option.
+        key: String,
+        /// What is wrong with it and what would be right.
+        reason: String,
+    },
+}
+
+/// A string that must not appear in logs or `Debug` output (passwords, secrets).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The whole configuration of a callfleet process.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The fleet store.
+    pub store: StoreConfig,
+    /// This node, as its node-agent reports it.
+    pub node: NodeConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// Where the fleet store lives and how history is kept.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sqlite://path/fleet.db` (single box) or `mysql://user:password@host:3306/db`.
+    pub url: String,
+    /// Connections kept by each process.
+    pub max_connections: u32,
+    /// How long to wait for a connection before a store operation fails.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How often a node's sample is appended to its history (for charts).
+    #[serde(with = "humantime_serde")]
+    pub history_interval: Duration,
+    /// How long history is kept; older samples are deleted.
+    #[serde(with = "humantime_serde")]
+    pub history_retention: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: format!("sqlite://{DEFAULT_DATA_DIR}/fleet.db"),
+            max_connections: 4,
+            connect_timeout: Duration::from_secs(5),
+            history_interval: Duration::from_secs(30),
+            history_retention: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &redact_url(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("history_interval", &self.history_interval)
+            .field("history_retention", &self.history_retention)
+            .finish()
+    }
+}
+
+/// Returns `url` with its password (if any) replaced, fit for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            // Setting a password only fails for URLs that cannot have one.
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(_) => url.to_owned(),
+        // An unparsable URL may still hold a password: show only its scheme.
+        Err(_) => match url.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://…"),
+            None => "<unparsable url>".to_owned(),
+        },
+    }
+}
+
+/// The local node as its node-agent reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Unique node id; defaults to the host name.
+    pub id: Option<NodeId>,
+    /// The pool of nodes this one serves.
+    pub pool: PoolName,
+    /// `core` (permanent) or `extra` (autoscaled).
+    pub role: NodeRole,
+    /// Where balancers send calls for this node.
+    pub sip_uri: String,
+    /// Concurrent calls this node can carry.
+    pub max_calls: u32,
+    /// How often the node heartbeats into the store.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Where the PBX's active call count comes from.
+    pub calls: CallsConfig,
+    /// Load-shedding tiers, each a service stopped above a load and restarted below another.
+    pub shed: Vec<ShedTier>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            id: None,
+            pool: PoolName::new("default").expect("\"default\" is a valid pool name"),
+            role: NodeRole::Core,
+            sip_uri: "sip:127.0.0.1:5080".to_owned(),
+            max_calls: 100,
+            heartbeat_interval: Duration::from_secs(2),
+            calls: CallsConfig::default(),
+            shed: Vec::new(),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// The configured id, or the host name when none is configured.
+    pub fn resolved_id(&self) -> Result<NodeId, ConfigError> {
+        if let Some(id) = &self.id {
+            return Ok(id.clone());
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+            .unwrap_or_default();
+        let host = host.trim();
+        NodeId::new(host).map_err(|err| ConfigError::Value {
+            key: "node.id".into(),
+            reason: format!(
+                "is not set and the host name cannot serve as one ({err}); set node.id in the config"
+            ),
+        })
+    }
+}
+
+/// Where the node-agent gets the PBX's active call count. One flat table, so every key can
+/// be overridden on its own by a later layer (e.g. `CALLFLEET_NODE__CALLS__SECRET`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallsConfig {
+    /// `static` (a fixed number) or `ami` (Asterisk Manager Interface).
+    pub source: CallSourceKind,
+    /// For `static`: the call count to report.
+    pub count: u32,
+    /// For `ami`: `host:port` of the manager interface.
+    pub address: String,
+    /// For `ami`: manager user (a `manager.conf` section).
+    pub username: String,
+    /// For `ami`: the user's secret.
+    pub secret: Secret,
+    /// For `ami`: deadline for connecting, logging in and each query.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        Self {
+            source: CallSourceKind::Static,
+            count: 0,
+            address: "127.0.0.1:5038".to_owned(),
+            username: String::new(),
+            secret: Secret::default(),
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Kinds of call-count source.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CallSourceKind {
+    /// A fixed number: nodes without a PBX, and tests.
+    #[default]
+    Static,
+    /// Asterisk Manager Interface: `core show channels count`.
+    Ami,
+}
+
+/// One load-shedding tier.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShedTier {
+    /// Name shown in the heartbeat (e.g. `reports`).
+    pub name: String,
+    /// Load fraction (0–1) at or above which the tier is shed.
+    pub above: f64,
+    /// Load fraction below which the tier is restored; lower than `above` (hysteresis).
+    pub below: f64,
+    /// Shell command run when the tier is shed.
+    #[serde(default)]
+    pub stop: String,
+    /// Shell command run when the tier is restored.
+    #[serde(default)]
+    pub start: String,
+    /// While shed, the node takes no new calls (state `draining`).
+    #[serde(default)]
+    pub refuse_calls: bool,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `human` (default) or `json`.
+    pub format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Readable lines for a terminal.
+    #[default]
+    Human,
+    /// One JSON object per line, for collectors.
+    Json,
+}
+
+impl Config {
+    /// Loads the configuration from the optional file, the process environment and the
+    /// flag overrides (`(dotted key, value)` pairs), then validates it.
+    pub fn load(file: Option<&Path>, flags: &[(&str, String)]) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::FileMissing(path.to_owned()));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        // Only sectioned names (`CALLFLEET_STORE__URL`) are configuration, so variables such
+        // as `CALLFLEET_TEST_MYSQL_URL` used by tooling are not mistaken for unknown keys.
+        figment = figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        );
+        for (key, value) in flags {
+            figment = figment.merge(Serialized::default(key, value));
+        }
+        let config: Config = figment
+            .extract()
+            .map_err(|err| ConfigError::Invalid(err.to_string().replace('\n', "; ")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| {
+            Err(ConfigError::Value {
+                key: key.to_owned(),
+                reason,
+            })
+        };
+        let store = &self.store;
+        if !store.url.starts_with("sqlite:") && !store.url.starts_with("mysql:") {
+            return bad(
+                "store.url",
+                format!(
+                    "`{}` is neither sqlite://PATH nor mysql://USER:PASSWORD@HOST:PORT/DATABASE",
+                    redact_url(&store.url)
+                ),
+            );
+        }
+        if store.max_connections == 0 {
+            return bad("store.max_connections", "must be at least 1".into());
+        }
+        if store.connect_timeout.is_zero() {
+            return bad("store.connect_timeout", "must be longer than 0s".into());
+        }
+        if store.history_interval.is_zero() {
+            return bad("store.history_interval", "must be longer than 0s".into());
+        }
+        let node = &self.node;
+        if node.max_calls == 0 {
+            return bad("node.max_calls", "must be at least 1".into());
+        }
+        if node.heartbeat_interval < Duration::from_millis(100) {
+            return bad("node.heartbeat_interval", "must be at least 100ms".into());
+        }
+        if !node.sip_uri.starts_with("sip:") {
+            return bad(
+                "node.sip_uri",
+                format!(
+                    "`{}` must be a sip: URI such as sip:10.0.0.5:5060",
+                    node.sip_uri
+                ),
+            );
+        }
+        let calls = &node.calls;
+        if calls.source == CallSourceKind::Ami {
+            if !calls.address.contains(':') {
+                return bad(
+                    "node.calls.address",
+                    format!("`{}` must be host:port", calls.address),
+                );
+            }
+            if calls.username.is_empty() {
+                return bad(
+                    "node.calls.username",
+                    "must name a manager.conf user when source = \"ami\"".into(),
+                );
+            }
+            if calls.timeout.is_zero() {
+                return bad("node.calls.timeout", "must be longer than 0s".into());
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, tier) in node.shed.iter().enumerate() {
+            let key = format!("node.shed[{i}]");
+            if tier.name.is_empty() || !names.insert(tier.name.as_str()) {
+                return bad(
+                    &format!("{key}.name"),
+                    "must be non-empty and unique".into(),
+                );
+            }
+            if !(tier.above > 0.0 && tier.above.is_finite()) {
+                return bad(
+                    &format!("{key}.above"),
+                    "must be a load fraction above 0 (e.g. 0.85)".into(),
+                );
+            }
+            if !(tier.below >= 0.0 && tier.below < tier.above) {
+                return bad(
+                    &format!("{key}.below"),
+                    format!(
+                        "must be at least 0 and below `above` ({}) so the tier cannot flap",
+                        tier.above
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_in(jail: &Jail, toml: &str) -> Result<Config, ConfigError> {
+        jail.create_file("callfleet.toml", toml)
+            .expect("write config");
+        Config::load(Some(Path::new("callfleet.toml")), &[])
+    }
+
+    #[test]
+    fn defaults_work_on_one_box() {
+        Jail::expect_with(|_| {
+            let config = Config::load(None, &[]).expect("defaults load");
+            assert_eq!(config.store.url, "sqlite://callfleet-data/fleet.db");
+            assert_eq!(config.node.heartbeat_interval, Duration::from_secs(2));
+            assert_eq!(config.node.calls.source, CallSourceKind::Static);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        Jail::expect_with(|jail| {
+            jail.set_env("CALLFLEET_NODE__MAX_CALLS", "250");
+            jail.set_env("CALLFLEET_TEST_MYSQL_URL", "mysql://ignored");
+            let config = load_in(
+                jail,
+                r#"
+                [node]
+                id = "pbx-1"
+                max_calls = 50
+                heartbeat_interval = "500ms"
+                [node.calls]
+                source = "ami"
+                username = "callfleet"
+                secret = "s3cret"
+                [[node.shed]]
+                name = "reports"
+                above = 0.7
+                below = 0.6
+                stop = "true"
+                start = "true"
+                "#,
+            )
+            .expect("valid config");
+            assert_eq!(config.node.max_calls, 250, "env overrides the file");
+            assert_eq!(config.node.heartbeat_interval, Duration::from_millis(500));
+            assert_eq!(config.node.shed.len(), 1);
+            let calls = &config.node.calls;
+            assert_eq!(calls.source, CallSourceKind::Ami);
+            assert_eq!(calls.address, "127.0.0.1:5038");
+            assert_eq!(calls.secret.expose(), "s3cret");
+            assert!(
+                !format!("{config:?}").contains("s3cret"),
+                "secrets are redacted"
+            );
+
+            let flagged = Config::load(
+                Some(Path::new("callfleet.toml")),
+                &[("log.format", "json".to_owned())],
+            )
+            .expect("flags apply");
+            assert_eq!(flagged.log.format, LogFormat::Json);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_the_file() {
+        Jail::expect_with(|jail| {
+            let err = load_in(jail, "[node]\nmax_cals = 5\n")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("max_cals"), "{err}");
+            assert!(err.contains("callfleet.toml"), "{err}");
+
+            jail.set_env("CALLFLEET_STORE__URLL", "x");
+            let err = Config::load(None, &[]).unwrap_err().to_string();
+            assert!(err.contains("urll"), "{err}");
+            assert!(err.contains("CALLFLEET_"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn impossible_values_are_rejected() {
+        Jail::expect_with(|jail| {
+            let err = load_in(
+                jail,
+                "[[node.shed]]\nname = \"x\"\nabove = 0.5\nbelow = 0.7\n",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("node.shed[0].below"), "{err}");
+            let err = load_in(jail, "[store]\nurl = \"postgres://u:pw@h/db\"\n")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("store.url") && !err.contains("pw"), "{err}");
+            let err = Config::load(Some(Path::new("missing.toml")), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("missing.toml does not exist"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("mysql://fleet:hunter2@db:3306/callfleet"),
+            "mysql://fleet:***@db:3306/callfleet"
+        );
+        assert_eq!(
+            redact_url("sqlite://data/fleet.db"),
+            "sqlite://data/fleet.db"
+        );
+    }
+}

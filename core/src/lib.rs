@@ -1,0 +1,19 @@
+//! Everything the callfleet components share and nothing they do on their own: the domain
+//! types, configuration loading, the fleet store, telemetry and shutdown.
+//!
+//! Component crates (node-agent, balancer, lock-service, control-plane) depend on this crate
+//! and never on each other, so a type defined here is the one definition of that concept.
+
+pub mod config;
+pub mod fleet;
+pub mod ids;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use config::{Config, ConfigError};
+pub use fleet::{Heartbeat, NodeStatus, ShedTierState};
+pub use ids::{NodeId, NodeRole, NodeState, PoolName};
+pub use store::{Store, StoreError};

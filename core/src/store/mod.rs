@@ -1,0 +1,354 @@
+//! The fleet store: one schema on MySQL (production) or SQLite (single box).
+//!
+//! Writers never send timestamps: the database stamps every heartbeat with its own clock
+//! and computes ages with that same clock, so a node whose clock is wrong can neither look
+//! fresh when it is dead nor stale when it is alive.
+
+mod dialect;
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AnyPool, Executor, Row, SqlStr};
+
+use crate::config::{StoreConfig, redact_url};
+use crate::fleet::{Heartbeat, NodeStatus, ShedTierState, is_stale};
+use crate::ids::{NodeId, NodeRole, NodeState, PoolName};
+use dialect::Dialect;
+
+/// A store operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL cannot be used.
+    #[error(
+        "store url `{url}` is not valid: {reason}; use sqlite://PATH/fleet.db or mysql://USER:PASSWORD@HOST:3306/DATABASE"
+    )]
+    InvalidUrl {
+        /// The URL with its password redacted.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The database did not accept a connection.
+    #[error(
+        "cannot reach the store at {url}: {source}; check that the server runs and that host, port, user, password and database are right"
+    )]
+    Unreachable {
+        /// The URL with its password redacted.
+        url: String,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The schema could not be brought up to date.
+    #[error("cannot apply the store's migrations at {url}: {source}")]
+    Migrate {
+        /// The URL with its password redacted.
+        url: String,
+        /// The migrator's error.
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    /// A query failed (connection lost, timeout, constraint).
+    #[error("store query failed: {0}")]
+    Query(#[from] sqlx::Error),
+    /// A row holds a value this version cannot read.
+    #[error("store row for node `{node}` is unreadable: {reason}")]
+    CorruptRow {
+        /// The node whose row is bad.
+        node: String,
+        /// What could not be read.
+        reason: String,
+    },
+    /// No node with this id has ever reported.
+    #[error("no node `{0}` in the store; `callfleet status` lists the known nodes")]
+    UnknownNode(NodeId),
+}
+
+/// One point of a node's history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// When it was recorded (database clock, UTC).
+    pub at: String,
+    /// Active calls.
+    pub calls: u32,
+    /// One-minute load average.
+    pub load1: f64,
+    /// CPU use, 0–100.
+    pub cpu_pct: f64,
+    /// Memory in use, 0–100.
+    pub mem_pct: f64,
+}
+
+/// A connection pool to the fleet store with its dialect.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    sql: &'static Dialect,
+}
+
+impl Store {
+    /// Connects to the store named by `config.url`, creating the SQLite file and its
+    /// folder when needed, and applies the embedded migrations.
+    pub async fn connect(config: &StoreConfig) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let shown = redact_url(&config.url);
+        let invalid = |reason: String| StoreError::InvalidUrl {
+            url: shown.clone(),
+            reason,
+        };
+        let (sql, url) = if let Some(rest) = config.url.strip_prefix("sqlite://") {
+            let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+            if path.is_empty() {
+                return Err(invalid("it names no database file".into()));
+            }
+            if let Some(dir) = Path::new(path)
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+            {
+                std::fs::create_dir_all(dir).map_err(|err| {
+                    invalid(format!("cannot create the folder {}: {err}", dir.display()))
+                })?;
+            }
+            let query = if query.contains("mode=") {
+                query.to_owned()
+            } else if query.is_empty() {
+                "mode=rwc".to_owned()
+            } else {
+                format!("{query}&mode=rwc")
+            };
+            (&dialect::SQLITE, format!("sqlite://{path}?{query}"))
+        } else if config.url.starts_with("mysql://") {
+            let parsed = url::Url::parse(&config.url).map_err(|err| invalid(err.to_string()))?;
+            if parsed.host_str().is_none_or(str::is_empty) {
+                return Err(invalid("it names no host".into()));
+            }
+            if parsed.path().trim_start_matches('/').is_empty() {
+                return Err(invalid(
+                    "it names no database (…/DATABASE at the end)".into(),
+                ));
+            }
+            (&dialect::MYSQL, config.url.clone())
+        } else {
+            return Err(invalid("the scheme must be sqlite:// or mysql://".into()));
+        };
+
+        let is_sqlite = std::ptr::eq(sql, &dialect::SQLITE);
+        let pool = AnyPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(config.connect_timeout)
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if is_sqlite {
+                        // WAL lets `callfleet status` read while the agent writes.
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA busy_timeout = 5000").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .map_err(|err| match err {
+                sqlx::Error::Configuration(reason) => invalid(reason.to_string()),
+                source => StoreError::Unreachable {
+                    url: shown.clone(),
+                    source,
+                },
+            })?;
+
+        migrator(sql)
+            .run(&pool)
+            .await
+            .map_err(|source| StoreError::Migrate {
+                url: shown.clone(),
+                source,
+            })?;
+        Ok(Self { pool, sql })
+    }
+
+    /// `mysql` or `sqlite`.
+    pub fn dialect(&self) -> &'static str {
+        self.sql.name
+    }
+
+    /// Writes a node's heartbeat, stamped with the database clock.
+    pub async fn heartbeat(&self, beat: &Heartbeat) -> Result<(), StoreError> {
+        let services = serde_json::to_string(&beat.shed).expect("shed states serialize");
+        let interval_ms = i64::try_from(beat.interval.as_millis()).unwrap_or(i64::MAX);
+        sqlx::query(SqlStr::from_static(self.sql.upsert_heartbeat))
+            .bind(beat.id.as_str())
+            .bind(beat.pool.as_str())
+            .bind(beat.role.as_str())
+            .bind(beat.sip_uri.as_str())
+            .bind(i32::from(beat.refusing_calls))
+            .bind(i32::from(beat.pbx_up))
+            .bind(i64::from(beat.calls))
+            .bind(i64::from(beat.max_calls))
+            .bind(beat.load1)
+            .bind(beat.cpu_pct)
+            .bind(beat.mem_pct)
+            .bind(i64::from(beat.cores))
+            .bind(services)
+            .bind(interval_ms)
+            .bind(i32::from(beat.refusing_calls))
+            .bind(i32::from(beat.first_of_run))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Appends a sample to the node's history and deletes samples older than `retention`.
+    pub async fn record_sample(
+        &self,
+        beat: &Heartbeat,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(SqlStr::from_static(self.sql.insert_sample))
+            .bind(beat.id.as_str())
+            .bind(i64::from(beat.calls))
+            .bind(beat.load1)
+            .bind(beat.cpu_pct)
+            .bind(beat.mem_pct)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(SqlStr::from_static(self.sql.prune_samples))
+            .bind(beat.id.as_str())
+            .bind(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A node's samples of the last `window`, oldest first.
+    pub async fn samples(
+        &self,
+        node: &NodeId,
+        window: Duration,
+    ) -> Result<Vec<Sample>, StoreError> {
+        let rows = sqlx::query(SqlStr::from_static(self.sql.samples_since))
+            .bind(node.as_str())
+            .bind(i64::try_from(window.as_secs()).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Sample {
+                    at: row.try_get(0)?,
+                    calls: u32_column(row, 1)?,
+                    load1: row.try_get(2)?,
+                    cpu_pct: row.try_get(3)?,
+                    mem_pct: row.try_get(4)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Every node with its heartbeat age by the database clock, ordered by id.
+    pub async fn list_nodes(&self) -> Result<Vec<NodeStatus>, StoreError> {
+        let rows = sqlx::query(SqlStr::from_static(self.sql.list_nodes))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(node_from_row).collect()
+    }
+
+    /// Asks a node to drain (no new calls; `drained` once it has none) or to take calls
+    /// again.
+    pub async fn set_drain(&self, node: &NodeId, drain: bool) -> Result<NodeState, StoreError> {
+        let flag = i32::from(drain);
+        sqlx::query(SqlStr::from_static(dialect::SET_DRAIN))
+            .bind(flag)
+            .bind(flag)
+            .bind(flag)
+            .bind(node.as_str())
+            .execute(&self.pool)
+            .await?;
+        // MySQL reports 0 affected rows when nothing changed, so existence is read back.
+        self.list_nodes()
+            .await?
+            .into_iter()
+            .find(|n| &n.id == node)
+            .map(|n| n.state)
+            .ok_or_else(|| StoreError::UnknownNode(node.clone()))
+    }
+
+    /// Closes the pool, waiting for connections in use.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn u32_column(row: &AnyRow, index: usize) -> Result<u32, sqlx::Error> {
+    let value: i64 = row.try_get(index)?;
+    u32::try_from(value).map_err(|err| sqlx::Error::ColumnDecode {
+        index: index.to_string(),
+        source: Box::new(err),
+    })
+}
+
+fn node_from_row(row: &AnyRow) -> Result<NodeStatus, StoreError> {
+    let id: String = row.try_get(0)?;
+    let corrupt = |reason: String| StoreError::CorruptRow {
+        node: id.clone(),
+        reason,
+    };
+    let text = |index: usize| -> Result<String, StoreError> { Ok(row.try_get(index)?) };
+    let services: String = text(13)?;
+    let shed: Vec<ShedTierState> = serde_json::from_str(&services)
+        .map_err(|err| corrupt(format!("services column: {err}")))?;
+    let age_ms = u64::try_from(row.try_get::<i64, _>(18)?).unwrap_or(0);
+    let interval_ms = u64::try_from(row.try_get::<i64, _>(15)?).unwrap_or(0);
+    Ok(NodeStatus {
+        id: NodeId::new(id.clone()).map_err(|err| corrupt(err.to_string()))?,
+        pool: PoolName::new(text(1)?).map_err(|err| corrupt(err.to_string()))?,
+        role: text(2)?.parse::<NodeRole>().map_err(corrupt)?,
+        sip_uri: text(3)?,
+        state: text(4)?.parse::<NodeState>().map_err(corrupt)?,
+        drain_requested: row.try_get::<i64, _>(5)? != 0,
+        pbx_up: row.try_get::<i64, _>(6)? != 0,
+        calls: u32_column(row, 7)?,
+        max_calls: u32_column(row, 8)?,
+        load1: row.try_get(9)?,
+        cpu_pct: row.try_get(10)?,
+        mem_pct: row.try_get(11)?,
+        cores: u32_column(row, 12)?,
+        shed,
+        seq: u64::try_from(row.try_get::<i64, _>(14)?).unwrap_or(0),
+        interval_ms,
+        started_at: text(16)?,
+        updated_at: text(17)?,
+        age_ms,
+        stale: is_stale(age_ms, interval_ms),
+    })
+}
+
+fn migrator(sql: &Dialect) -> Migrator {
+    let files: &[(i64, &str, &'static str)] = if sql.name == "mysql" {
+        &[(1, "nodes", include_str!("migrations/mysql/0001_nodes.sql"))]
+    } else {
+        &[(1, "nodes", include_str!("migrations/sqlite/0001_nodes.sql"))]
+    };
+    Migrator::with_migrations(
+        files
+            .iter()
+            .map(|(version, description, text)| {
+                Migration::new(
+                    *version,
+                    Cow::Borrowed(*description),
+                    MigrationType::Simple,
+                    SqlStr::from_static(text),
+                    false,
+                )
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests;

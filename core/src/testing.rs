@@ -1,0 +1,57 @@
+//! Test support: stores on the real servers that `./scripts/test` starts.
+//!
+//! A test that needs a server and cannot find it fails with instructions; it never passes
+//! silently.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::config::StoreConfig;
+
+/// The MariaDB URL exported by `./scripts/test`, or a panic that says how to get one.
+pub fn mysql_url() -> String {
+    std::env::var("CALLFLEET_TEST_MYSQL_URL").unwrap_or_else(|_| {
+        panic!(
+            "CALLFLEET_TEST_MYSQL_URL is not set: this test needs the MariaDB server that \
+             ./scripts/test installs and starts; run ./scripts/test (or export the URL of a \
+             MariaDB/MySQL server whose user may create databases)"
+        )
+    })
+}
+
+/// A store config for a new, empty MariaDB database private to the calling test.
+pub async fn fresh_mysql_config() -> StoreConfig {
+    use sqlx::Executor;
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let base = mysql_url();
+    let name = format!(
+        "cf_test_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    sqlx::any::install_default_drivers();
+    let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(&base)
+        .await
+        .unwrap_or_else(|err| panic!("cannot connect to the test MariaDB at {base}: {err}"));
+    admin
+        .execute(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
+        )))
+        .await
+        .expect("create the test database");
+    let url = match base.rsplit_once('/') {
+        Some((server, _db)) => format!("{server}/{name}"),
+        None => panic!("CALLFLEET_TEST_MYSQL_URL `{base}` has no /DATABASE part"),
+    };
+    StoreConfig {
+        url,
+        ..StoreConfig::default()
+    }
+}
+
+/// A store config for a new SQLite file inside `dir`.
+pub fn sqlite_config(dir: &std::path::Path) -> StoreConfig {
+    StoreConfig {
+        url: format!("sqlite://{}/fleet.db", dir.display()),
+        ..StoreConfig::default()
+    }
+}

@@ -1,0 +1,13 @@
+//! Protocol Buffers contracts shared by callfleet's gRPC services and clients.
+//!
+//! The code is generated at build time with a vendored `protoc`, so building needs no
+//! system compiler.
+
+/// The fleet view (`callfleet.fleet.v1`).
+pub mod fleet {
+    /// Version 1 of the fleet contract.
+    #[allow(missing_debug_implementations, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("callfleet.fleet.v1");
+    }
+}
