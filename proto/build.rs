@@ -2,14 +2,16 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
-    // SAFETY-free alternative to `set_var`: the build script hands prost-build the path.
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc);
-    tonic_prost_build::configure().compile_with_config(
-        config,
-        &["proto/callfleet/fleet/v1/fleet.proto"],
-        &["proto"],
-    )?;
+    tonic_prost_build::configure()
+        // Servers mount the generated services on their own axum/hyper stack.
+        .build_transport(false)
+        .compile_with_config(
+            config,
+            &["proto/callfleet/fleet/v1/fleet.proto"],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -1,1 +1,144 @@
-fn main() {}
+//! `callfleet`: one binary, a subcommand per component.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use callfleet_core::config::Config;
+use callfleet_core::{ConfigError, NodeId, Store, fleet, shutdown, telemetry};
+use callfleet_node_agent::NodeAgentError;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "callfleet",
+    version,
+    about = "Controller for multi-node Asterisk call centers"
+)]
+struct Cli {
+    /// TOML configuration file (defaults suit a single box).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    /// Log format: human or json.
+    #[arg(long, global = true, value_parser = ["human", "json"])]
+    log_format: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole cluster on this box with embedded storage (./callfleet-data).
+    Up,
+    /// Sample this node and heartbeat it into the fleet store.
+    NodeAgent,
+    /// Show the fleet's nodes and their heartbeat age.
+    Status {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain or undrain a node.
+    Node {
+        #[command(subcommand)]
+        action: NodeAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeAction {
+    /// Stop sending new calls to the node; it reports `drained` once it has none.
+    Drain { id: NodeId },
+    /// Let the node take new calls again.
+    Undrain { id: NodeId },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut flags = Vec::new();
+    if let Some(format) = &cli.log_format {
+        flags.push(("log.format", format.clone()));
+    }
+    let config = match Config::load(cli.config.as_deref(), &flags) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(64); // EX_USAGE: the operator must fix the configuration
+        }
+    };
+    telemetry::init(config.log.format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts");
+    match runtime.block_on(dispatch(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let usage = err.downcast_ref::<ConfigError>().is_some()
+                || matches!(
+                    err.downcast_ref::<NodeAgentError>(),
+                    Some(NodeAgentError::Config(_))
+                );
+            eprintln!("error: {err}");
+            ExitCode::from(if usage { 64 } else { 1 })
+        }
+    }
+}
+
+async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
+    let store = Store::connect(&config.store).await?;
+    match command {
+        Command::Up | Command::NodeAgent => {
+            let up = matches!(command, Command::Up);
+            let id = config.node.resolved_id()?;
+            if up {
+                println!("callfleet up: a single-box cluster");
+                println!(
+                    "  store       {}",
+                    callfleet_core::config::redact_url(&config.store.url)
+                );
+                println!(
+                    "  node-agent  node {id}, heartbeat every {:?}",
+                    config.node.heartbeat_interval
+                );
+                println!("  watch it    callfleet status   (from another shell in this folder)");
+                println!("Ctrl-C stops it.");
+            }
+            let token = shutdown::on_signals();
+            let result = callfleet_node_agent::run(&config, store.clone(), token).await;
+            shutdown::bounded("store", store.close()).await;
+            result?;
+        }
+        Command::Status { json } => {
+            let nodes = store.list_nodes().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else if nodes.is_empty() {
+                println!(
+                    "no nodes have reported yet; start one with `callfleet up` or `callfleet node-agent`"
+                );
+            } else {
+                print!("{}", fleet::render_table(&nodes));
+            }
+        }
+        Command::Node { action } => {
+            let (id, drain) = match action {
+                NodeAction::Drain { id } => (id, true),
+                NodeAction::Undrain { id } => (id, false),
+            };
+            let state = store.set_drain(&id, drain).await?;
+            println!("node {id}: {state}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

@@ -397,6 +397,7 @@ impl Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment's own error
 mod tests {
     use super::*;
     use figment::Jail;
@@ -469,13 +470,13 @@ mod tests {
     fn unknown_keys_name_the_key_and_the_file() {
         Jail::expect_with(|jail| {
             let err = load_in(jail, "[node]\nmax_cals = 5\n")
-                .unwrap_err()
+                .expect_err("must fail")
                 .to_string();
             assert!(err.contains("max_cals"), "{err}");
             assert!(err.contains("callfleet.toml"), "{err}");
 
             jail.set_env("CALLFLEET_STORE__URLL", "x");
-            let err = Config::load(None, &[]).unwrap_err().to_string();
+            let err = Config::load(None, &[]).expect_err("must fail").to_string();
             assert!(err.contains("urll"), "{err}");
             assert!(err.contains("CALLFLEET_"), "{err}");
             Ok(())
@@ -489,15 +490,15 @@ mod tests {
                 jail,
                 "[[node.shed]]\nname = \"x\"\nabove = 0.5\nbelow = 0.7\n",
             )
-            .unwrap_err()
+            .expect_err("must fail")
             .to_string();
             assert!(err.contains("node.shed[0].below"), "{err}");
             let err = load_in(jail, "[store]\nurl = \"postgres://u:pw@h/db\"\n")
-                .unwrap_err()
+                .expect_err("must fail")
                 .to_string();
             assert!(err.contains("store.url") && !err.contains("pw"), "{err}");
             let err = Config::load(Some(Path::new("missing.toml")), &[])
-                .unwrap_err()
+                .expect_err("must fail")
                 .to_string();
             assert!(err.contains("missing.toml does not exist"), "{err}");
             Ok(())

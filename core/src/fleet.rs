@@ -106,9 +106,95 @@ pub fn is_stale(age_ms: u64, interval_ms: u64) -> bool {
     age_ms > interval_ms.saturating_mul(u64::from(STALE_AFTER_INTERVALS))
 }
 
+/// Renders nodes as the table `callfleet status` prints.
+pub fn render_table(nodes: &[NodeStatus]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<20} {:<10} {:<5} {:<9} {:>11} {:>6} {:>5} {:>9}  HEALTH",
+        "NODE", "POOL", "ROLE", "STATE", "CALLS/MAX", "LOAD", "CPU%", "AGE"
+    );
+    for n in nodes {
+        let mut health = Vec::new();
+        if n.stale {
+            health.push("STALE".to_owned());
+        }
+        if !n.pbx_up {
+            health.push("pbx-down".to_owned());
+        }
+        health.extend(
+            n.shed
+                .iter()
+                .filter(|t| t.shed)
+                .map(|t| format!("shed:{}", t.name)),
+        );
+        if health.is_empty() {
+            health.push("ok".to_owned());
+        }
+        let _ = writeln!(
+            out,
+            "{:<20} {:<10} {:<5} {:<9} {:>11} {:>6.2} {:>5.1} {:>9}  {}",
+            n.id.as_str(),
+            n.pool.as_str(),
+            n.role.as_str(),
+            n.state.as_str(),
+            format!("{}/{}", n.calls, n.max_calls),
+            n.load1,
+            n.cpu_pct,
+            format_age(n.age_ms),
+            health.join(",")
+        );
+    }
+    out
+}
+
+fn format_age(age_ms: u64) -> String {
+    match age_ms {
+        0..10_000 => format!("{:.1}s", age_ms as f64 / 1000.0),
+        10_000..3_600_000 => format!("{}s", age_ms / 1000),
+        _ => format!("{}h", age_ms / 3_600_000),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_marks_stale_nodes() {
+        let node = NodeStatus {
+            id: NodeId::new("pbx-1").expect("id"),
+            pool: PoolName::new("default").expect("pool"),
+            role: NodeRole::Core,
+            sip_uri: "sip:10.0.0.1".into(),
+            state: NodeState::Active,
+            drain_requested: false,
+            pbx_up: true,
+            calls: 3,
+            max_calls: 100,
+            load1: 0.25,
+            cpu_pct: 5.0,
+            mem_pct: 10.0,
+            cores: 2,
+            shed: vec![ShedTierState {
+                name: "reports".into(),
+                shed: true,
+                command_ok: true,
+            }],
+            seq: 1,
+            interval_ms: 2000,
+            started_at: String::new(),
+            updated_at: String::new(),
+            age_ms: 7_000,
+            stale: true,
+        };
+        let table = render_table(&[node]);
+        let row = table.lines().nth(1).expect("a row");
+        assert!(row.starts_with("pbx-1"), "{table}");
+        assert!(row.contains("3/100") && row.contains("7.0s"), "{table}");
+        assert!(row.ends_with("STALE,shed:reports"), "{table}");
+    }
 
     #[test]
     fn staleness_is_three_intervals() {

@@ -168,7 +168,7 @@ mod tests {
         assert!(NodeId::new("").is_err());
         assert!(NodeId::new("a b").is_err());
         assert!(NodeId::new("x".repeat(65)).is_err());
-        let err = NodeId::new("no/slash").unwrap_err().to_string();
+        let err = NodeId::new("no/slash").expect_err("must fail").to_string();
         assert!(err.contains("node id `no/slash`"), "{err}");
     }
 

@@ -1,1 +1,127 @@
-//! placeholder
+//! The node-agent runs on every PBX node: it samples the host and the PBX's call count,
+//! sheds less important services under load, and heartbeats all of it into the fleet store
+//! so balancers and the autoscaler see the node.
+//!
+//! The agent never stops because the store is away: it keeps sampling, retries with
+//! backoff, logs the outage once each way, and resumes heartbeats by itself.
+
+pub mod ami;
+mod calls;
+pub mod sampler;
+pub mod shed;
+
+use std::time::Duration;
+
+use callfleet_core::config::Config;
+use callfleet_core::{ConfigError, Heartbeat, Store};
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+
+use crate::calls::CallCounter;
+use crate::sampler::Sampler;
+use crate::shed::Shedder;
+
+/// First retry delay after a failed heartbeat; doubles up to the heartbeat interval.
+const FIRST_RETRY: Duration = Duration::from_millis(250);
+
+/// Why the node-agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeAgentError {
+    /// The configuration cannot work.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The PBX refused the agent's login.
+    #[error(transparent)]
+    Ami(#[from] ami::AmiError),
+    /// The host cannot be sampled.
+    #[error(transparent)]
+    Sampler(#[from] sampler::SamplerError),
+}
+
+/// Runs the node-agent for the local node until `shutdown` is cancelled.
+pub async fn run(
+    config: &Config,
+    store: Store,
+    shutdown: CancellationToken,
+) -> Result<(), NodeAgentError> {
+    let node = &config.node;
+    let id = node.resolved_id()?;
+    let interval = node.heartbeat_interval;
+    let sampler = Sampler::new()?;
+    let mut calls = CallCounter::start(&node.calls, interval).await?;
+    let mut shedder = Shedder::new(&node.shed);
+    tracing::info!(node = %id, store = store.dialect(), ?interval, "node-agent started");
+
+    let mut store_up = true;
+    let mut first_of_run = true;
+    let mut retry = FIRST_RETRY;
+    let mut last_history: Option<Instant> = None;
+    let mut next = Instant::now();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = sleep_until(next) => {}
+        }
+        let tick = Instant::now();
+        let host = sampler.sample().await;
+        let (call_count, pbx_up) = calls.sample().await;
+        shedder.update(host.load_fraction());
+        let beat = Heartbeat {
+            id: id.clone(),
+            pool: node.pool.clone(),
+            role: node.role,
+            sip_uri: node.sip_uri.clone(),
+            calls: call_count,
+            pbx_up,
+            max_calls: node.max_calls,
+            load1: host.load1,
+            cpu_pct: host.cpu_pct,
+            mem_pct: host.mem_pct,
+            cores: host.cores,
+            shed: shedder.states(),
+            refusing_calls: shedder.refusing_calls(),
+            interval,
+            first_of_run,
+        };
+        // Bounded by the interval so a hung server cannot stall sampling.
+        let written = match timeout(interval, store.heartbeat(&beat)).await {
+            Ok(result) => result.map_err(|err| err.to_string()),
+            Err(_) => Err(format!("no answer within {interval:?}")),
+        };
+        match written {
+            Ok(()) => {
+                if !store_up {
+                    tracing::info!(node = %id, "store back; heartbeats resumed");
+                    store_up = true;
+                } else if first_of_run {
+                    tracing::info!(node = %id, calls = call_count, "first heartbeat written");
+                }
+                first_of_run = false;
+                retry = FIRST_RETRY;
+                next = tick + interval;
+                if last_history.is_none_or(|at| at.elapsed() >= config.store.history_interval) {
+                    last_history = Some(tick);
+                    let history = store.record_sample(&beat, config.store.history_retention);
+                    match timeout(interval, history).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(err)) => {
+                            tracing::debug!(node = %id, error = %err, "history sample not written")
+                        }
+                        Err(_) => tracing::debug!(node = %id, "history sample timed out"),
+                    }
+                }
+            }
+            Err(error) => {
+                if store_up {
+                    tracing::warn!(node = %id, %error, "store unreachable; sampling goes on, retrying with backoff");
+                    store_up = false;
+                }
+                next = Instant::now() + retry;
+                retry = (retry * 2).min(interval);
+            }
+        }
+    }
+    shedder.finish().await;
+    tracing::info!(node = %id, "node-agent stopped");
+    Ok(())
+}

@@ -100,6 +100,7 @@ impl Store {
             url: shown.clone(),
             reason,
         };
+        let mut sqlite_path = None;
         let (sql, url) = if let Some(rest) = config.url.strip_prefix("sqlite://") {
             let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
             if path.is_empty() {
@@ -120,6 +121,7 @@ impl Store {
             } else {
                 format!("{query}&mode=rwc")
             };
+            sqlite_path = Some(path.to_owned());
             (&dialect::SQLITE, format!("sqlite://{path}?{query}"))
         } else if config.url.starts_with("mysql://") {
             let parsed = url::Url::parse(&config.url).map_err(|err| invalid(err.to_string()))?;
@@ -144,8 +146,8 @@ impl Store {
                 Box::pin(async move {
                     if is_sqlite {
                         // WAL lets `callfleet status` read while the agent writes.
-                        conn.execute("PRAGMA journal_mode = WAL").await?;
                         conn.execute("PRAGMA busy_timeout = 5000").await?;
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
                     }
                     Ok(())
                 })
@@ -160,8 +162,17 @@ impl Store {
                 },
             })?;
 
-        migrator(sql)
-            .run(&pool)
+        // SQLite has no server-side lock, so processes sharing a file (`callfleet up` and
+        // `callfleet status` started together) serialise their migrations with a file lock.
+        let _file_lock = match sqlite_path {
+            Some(path) => Some(
+                lock_file(format!("{path}.migrate-lock"))
+                    .await
+                    .map_err(|err| invalid(format!("cannot lock {path}.migrate-lock: {err}")))?,
+            ),
+            None => None,
+        };
+        migrate(&pool, sql)
             .await
             .map_err(|source| StoreError::Migrate {
                 url: shown.clone(),
@@ -326,6 +337,47 @@ fn node_from_row(row: &AnyRow) -> Result<NodeStatus, StoreError> {
         age_ms,
         stale: is_stale(age_ms, interval_ms),
     })
+}
+
+/// Takes an exclusive lock on `path` (created if missing), held until the file is dropped.
+async fn lock_file(path: String) -> std::io::Result<std::fs::File> {
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        file.lock()?;
+        Ok(file)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Applies the embedded migrations. Agents and CLI commands start at the same moment
+/// against a new database, so on MySQL the run is serialised with a named server lock:
+/// sqlx's own lock uses `GET_LOCK(name, -1)`, which MariaDB does not treat as "wait".
+async fn migrate(pool: &AnyPool, sql: &'static Dialect) -> Result<(), sqlx::migrate::MigrateError> {
+    const LOCK: &str = "SELECT GET_LOCK('callfleet.migrate', 60)";
+    const UNLOCK: &str = "SELECT RELEASE_LOCK('callfleet.migrate')";
+    let mysql = std::ptr::eq(sql, &dialect::MYSQL);
+    let mut conn = pool.acquire().await?;
+    if mysql {
+        let locked: Option<i64> = sqlx::query_scalar(LOCK).fetch_one(&mut *conn).await?;
+        if locked != Some(1) {
+            return Err(sqlx::Error::Protocol(
+                "another process held the migration lock for 60 s".into(),
+            )
+            .into());
+        }
+    }
+    let mut migrator = migrator(sql);
+    migrator.set_locking(false);
+    let result = migrator.run(&mut *conn).await;
+    if mysql {
+        sqlx::query(UNLOCK).execute(&mut *conn).await?;
+    }
+    result
 }
 
 fn migrator(sql: &Dialect) -> Migrator {

@@ -149,7 +149,10 @@ async fn drain_then_drained_at_zero_calls_then_undrain() {
         );
 
         let unknown = NodeId::new("ghost").expect("id");
-        let err = store.set_drain(&unknown, true).await.unwrap_err();
+        let err = store
+            .set_drain(&unknown, true)
+            .await
+            .expect_err("must fail");
         assert!(matches!(err, StoreError::UnknownNode(_)), "{err}");
         assert!(err.to_string().contains("no node `ghost`"), "{err}");
     })
@@ -210,7 +213,10 @@ async fn bad_urls_and_unreachable_servers_are_clear_errors() {
         url: "mysql://fleet:hunter2@/".into(),
         ..StoreConfig::default()
     };
-    let err = Store::connect(&malformed).await.unwrap_err().to_string();
+    let err = Store::connect(&malformed)
+        .await
+        .expect_err("must fail")
+        .to_string();
     assert!(
         err.contains("not valid") && !err.contains("hunter2"),
         "{err}"
@@ -226,7 +232,10 @@ async fn bad_urls_and_unreachable_servers_are_clear_errors() {
         connect_timeout: Duration::from_millis(500),
         ..StoreConfig::default()
     };
-    let err = Store::connect(&unreachable).await.unwrap_err().to_string();
+    let err = Store::connect(&unreachable)
+        .await
+        .expect_err("must fail")
+        .to_string();
     assert!(
         err.starts_with("cannot reach the store at mysql://fleet:***@127.0.0.1"),
         "{err}"

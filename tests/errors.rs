@@ -1,0 +1,146 @@
+//! Mistakes an operator can make: each is one line on stderr that says what to fix, and a
+//! non-zero exit where it is fatal.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::process::Output;
+
+use support::*;
+
+fn one_line_error(output: &Output) -> String {
+    assert!(!output.status.success(), "must fail: {output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    assert_eq!(stderr.lines().count(), 1, "one line, got:\n{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    stderr
+}
+
+fn closed_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+#[test]
+fn unknown_config_key_names_the_key_and_the_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("callfleet.toml");
+    std::fs::write(&file, "[node]\nheartbeat_intervall = \"1s\"\n").expect("write");
+    let output = callfleet()
+        .arg("--config")
+        .arg(&file)
+        .arg("status")
+        .output()
+        .expect("run");
+    let err = one_line_error(&output);
+    assert_eq!(output.status.code(), Some(64), "EX_USAGE");
+    assert!(err.contains("heartbeat_intervall"), "{err}");
+    assert!(err.contains(&file.display().to_string()), "{err}");
+}
+
+#[test]
+fn malformed_store_url_says_what_a_good_one_looks_like() {
+    let output = callfleet()
+        .arg("status")
+        .env("CALLFLEET_STORE__URL", "mysql://fleet:hunter2@/")
+        .output()
+        .expect("run");
+    let err = one_line_error(&output);
+    assert!(
+        err.contains("is not valid") && err.contains("mysql://USER:PASSWORD@HOST"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("hunter2"),
+        "the password is never printed: {err}"
+    );
+
+    let output = callfleet()
+        .arg("status")
+        .env("CALLFLEET_STORE__URL", "postgres://db/fleet")
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(64));
+    assert!(one_line_error(&output).contains("store.url"));
+}
+
+#[test]
+fn unreachable_store_at_start_is_fatal_and_clear() {
+    let url = format!(
+        "mysql://fleet:hunter2@127.0.0.1:{}/callfleet",
+        closed_port()
+    );
+    let output = callfleet()
+        .arg("node-agent")
+        .env("CALLFLEET_STORE__URL", &url)
+        .env("CALLFLEET_STORE__CONNECT_TIMEOUT", "1s")
+        .output()
+        .expect("run");
+    let err = one_line_error(&output);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        err.contains("cannot reach the store at mysql://fleet:***@127.0.0.1"),
+        "{err}"
+    );
+    assert!(err.contains("check that the server runs"), "{err}");
+}
+
+/// A manager interface that greets like Asterisk 22 and refuses every login with the
+/// captured reply, echoing the client's ActionID.
+fn refusing_ami() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.write_all(b"Asterisk Call Manager/11.0.0\r\n");
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut action_id = String::new();
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                if let Some(id) = line.strip_prefix("ActionID: ") {
+                    action_id = id.trim().to_owned();
+                }
+                if line == "\r\n" {
+                    let reply = format!(
+                        "Response: Error\r\nActionID: {action_id}\r\nMessage: Authentication failed\r\n\r\n"
+                    );
+                    let _ = stream.write_all(reply.as_bytes());
+                    break;
+                }
+                line.clear();
+            }
+        }
+    });
+    port
+}
+
+#[test]
+fn wrong_ami_secret_stops_the_agent_with_a_clear_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = refusing_ami();
+    let output = callfleet()
+        .arg("node-agent")
+        .env("RUST_LOG", "warn")
+        .env(
+            "CALLFLEET_STORE__URL",
+            format!("sqlite://{}/fleet.db", dir.path().display()),
+        )
+        .env("CALLFLEET_NODE__CALLS__SOURCE", "ami")
+        .env(
+            "CALLFLEET_NODE__CALLS__ADDRESS",
+            format!("127.0.0.1:{port}"),
+        )
+        .env("CALLFLEET_NODE__CALLS__USERNAME", "callfleet")
+        .env("CALLFLEET_NODE__CALLS__SECRET", "wrong-secret")
+        .output()
+        .expect("run");
+    let err = one_line_error(&output);
+    assert!(err.contains("Authentication failed"), "{err}");
+    assert!(err.contains("node.calls.secret"), "{err}");
+    assert!(!err.contains("wrong-secret"), "{err}");
+}

@@ -1,0 +1,285 @@
+//! The fleet end to end: real node-agent processes heartbeating into real MariaDB and
+//! SQLite, judged by `callfleet status`.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Stdio;
+use std::time::Duration;
+
+use support::*;
+
+#[test]
+fn three_agents_are_fresh_and_a_killed_one_goes_stale() {
+    let url = fresh_mysql_url();
+    let logs = tempfile::tempdir().expect("temp dir");
+    let mut agents: Vec<_> = ["pbx-a", "pbx-b", "pbx-c"]
+        .iter()
+        .map(|id| start_agent(&url, id, "300ms", &logs.path().join(id)))
+        .collect();
+    wait_until("three fresh nodes", Duration::from_secs(20), || {
+        let nodes = status(&url);
+        nodes.len() == 3 && nodes.iter().all(|n| n["stale"] == false)
+    });
+
+    agents[1].signal("KILL");
+    // Stale means older than 3 intervals (900 ms); allow for the polling.
+    let took = wait_until("killed node marked stale", Duration::from_secs(5), || {
+        node(&status(&url), "pbx-b").is_some_and(|n| n["stale"] == true)
+    });
+    assert!(took < Duration::from_secs(2), "stale after {took:?}");
+    let nodes = status(&url);
+    for id in ["pbx-a", "pbx-c"] {
+        let n = node(&nodes, id).expect("listed");
+        assert_eq!(n["stale"], false, "{id} unaffected: {n}");
+        assert!(n["age_ms"].as_u64().expect("age") < 900, "{n}");
+    }
+    assert!(agents[0].alive() && agents[2].alive());
+}
+
+/// A TCP relay whose upstream can be cut and restored, to take the store away from an agent.
+struct Relay {
+    port: u16,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    fn start(upstream: String) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let port = listener.local_addr().expect("addr").port();
+        let down = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&down);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if flag.load(Ordering::SeqCst) {
+                    continue; // dropped: the agent sees the connection close at once
+                }
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (
+                        client.try_clone().expect("clone"),
+                        server.try_clone().expect("clone"),
+                    ),
+                    (server, client),
+                ] {
+                    let flag = Arc::clone(&flag);
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if flag.load(Ordering::SeqCst) || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { port, down }
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn agents_survive_a_store_outage_and_log_it_once_each_way() {
+    let url = fresh_mysql_url();
+    let (server, rest) = url
+        .strip_prefix("mysql://")
+        .and_then(|r| r.split_once('@'))
+        .map(|(creds, rest)| (creds.to_owned(), rest.to_owned()))
+        .expect("mysql url");
+    let (upstream, db) = rest.split_once('/').expect("url has a database");
+    let relay = Relay::start(upstream.to_owned());
+    let relayed = format!("mysql://{server}@127.0.0.1:{}/{db}", relay.port);
+
+    let logs = tempfile::tempdir().expect("temp dir");
+    let log = logs.path().join("agent.log");
+    let mut agent = start_agent(&relayed, "pbx-out", "300ms", &log);
+    wait_until("first heartbeat", Duration::from_secs(20), || {
+        node(&status(&url), "pbx-out").is_some_and(|n| n["stale"] == false)
+    });
+
+    relay.set_down(true);
+    wait_until(
+        "node stale during the outage",
+        Duration::from_secs(10),
+        || node(&status(&url), "pbx-out").is_some_and(|n| n["stale"] == true),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        agent.alive(),
+        "the agent must not exit while the store is away"
+    );
+    let seq_during = node(&status(&url), "pbx-out").expect("listed")["seq"].clone();
+
+    relay.set_down(false);
+    wait_until("heartbeats resume", Duration::from_secs(10), || {
+        node(&status(&url), "pbx-out")
+            .is_some_and(|n| n["stale"] == false && n["seq"] != seq_during)
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(agent.alive());
+    let text = std::fs::read_to_string(&log).expect("read log");
+    assert_eq!(text.matches("store unreachable").count(), 1, "{text}");
+    assert_eq!(text.matches("store back").count(), 1, "{text}");
+}
+
+#[test]
+fn a_skewed_node_clock_is_judged_by_the_database_clock() {
+    let faketime = std::process::Command::new("faketime")
+        .args(["-f", "-3d", "date", "+%s"])
+        .output()
+        .unwrap_or_else(|err| {
+            panic!("faketime is needed for this test ({err}); ./scripts/test installs it (Debian package faketime)")
+        });
+    assert_success(&faketime);
+    let faked: i64 = String::from_utf8_lossy(&faketime.stdout)
+        .trim()
+        .parse()
+        .expect("epoch");
+    let real = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs() as i64;
+    assert!(
+        (real - faked - 3 * 86_400).abs() < 60,
+        "faketime shifts the clock by 3 days"
+    );
+
+    let url = fresh_mysql_url();
+    let logs = tempfile::tempdir().expect("temp dir");
+    let log = std::fs::File::create(logs.path().join("agent.log")).expect("log");
+    let child = std::process::Command::new("faketime")
+        .args(["-f", "-3d", env!("CARGO_BIN_EXE_callfleet"), "node-agent"])
+        .env("CALLFLEET_STORE__URL", &url)
+        .env("CALLFLEET_NODE__ID", "pbx-skewed")
+        .env("CALLFLEET_NODE__HEARTBEAT_INTERVAL", "300ms")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start the agent under faketime");
+    let _agent = Running { child };
+
+    // The reader's clock is off the other way: neither clock may matter.
+    let read_skewed = || {
+        let output = std::process::Command::new("faketime")
+            .args([
+                "-f",
+                "+2d",
+                env!("CARGO_BIN_EXE_callfleet"),
+                "status",
+                "--json",
+            ])
+            .env("CALLFLEET_STORE__URL", &url)
+            .output()
+            .expect("status under faketime");
+        assert_success(&output);
+        serde_json::from_slice::<Vec<serde_json::Value>>(&output.stdout).expect("json")
+    };
+    wait_until("skewed node listed", Duration::from_secs(20), || {
+        node(&read_skewed(), "pbx-skewed").is_some()
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    let nodes = read_skewed();
+    let n = node(&nodes, "pbx-skewed").expect("listed");
+    assert_eq!(n["stale"], false, "{n}");
+    assert!(n["age_ms"].as_u64().expect("age") < 900, "{n}");
+    assert!(n["seq"].as_u64().expect("seq") >= 2, "{n}");
+}
+
+#[test]
+fn drain_and_undrain_from_the_cli() {
+    let url = fresh_mysql_url();
+    let logs = tempfile::tempdir().expect("temp dir");
+    let _agent = start_agent(&url, "pbx-d", "300ms", &logs.path().join("log"));
+    wait_until("node listed", Duration::from_secs(20), || {
+        node(&status(&url), "pbx-d").is_some()
+    });
+
+    let run = |args: &[&str]| {
+        callfleet()
+            .args(args)
+            .env("CALLFLEET_STORE__URL", &url)
+            .output()
+            .expect("run")
+    };
+    let drained = run(&["node", "drain", "pbx-d"]);
+    assert_success(&drained);
+    // The static source reports 0 calls, so the node is drained at once.
+    assert_eq!(
+        String::from_utf8_lossy(&drained.stdout).trim(),
+        "node pbx-d: drained"
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let n = node(&status(&url), "pbx-d").expect("listed").clone();
+    assert_eq!(n["state"], "drained", "heartbeats keep the drain: {n}");
+
+    let active = run(&["node", "undrain", "pbx-d"]);
+    assert_success(&active);
+    assert_eq!(
+        String::from_utf8_lossy(&active.stdout).trim(),
+        "node pbx-d: active"
+    );
+
+    let ghost = run(&["node", "drain", "ghost"]);
+    assert!(!ghost.status.success());
+    let err = String::from_utf8_lossy(&ghost.stderr);
+    assert!(err.contains("no node `ghost`"), "{err}");
+}
+
+#[test]
+fn up_runs_a_single_box_cluster_that_status_sees() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let child = callfleet()
+        .arg("up")
+        .current_dir(dir.path())
+        .env("CALLFLEET_NODE__ID", "local")
+        .env("CALLFLEET_NODE__HEARTBEAT_INTERVAL", "300ms")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start up");
+    let mut up = Running { child };
+    let status_here = || {
+        let output = callfleet()
+            .args(["status", "--json"])
+            .current_dir(dir.path())
+            .output()
+            .expect("status");
+        assert_success(&output);
+        serde_json::from_slice::<Vec<serde_json::Value>>(&output.stdout).expect("json")
+    };
+    wait_until("local node fresh", Duration::from_secs(20), || {
+        node(&status_here(), "local").is_some_and(|n| n["stale"] == false)
+    });
+    assert!(dir.path().join("callfleet-data/fleet.db").exists());
+
+    up.signal("TERM");
+    wait_until("up exits on SIGTERM", Duration::from_secs(10), || {
+        !up.alive()
+    });
+    let status = up.child.wait().expect("wait");
+    assert!(status.success(), "{status:?}");
+    let mut printed = String::new();
+    up.child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut printed)
+        .expect("read");
+    assert!(printed.contains("node-agent  node local"), "{printed}");
+}
