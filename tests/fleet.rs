@@ -283,3 +283,90 @@ fn up_runs_a_single_box_cluster_that_status_sees() {
         .expect("read");
     assert!(printed.contains("node-agent  node local"), "{printed}");
 }
+
+/// The `<<<` bytes of the capture that answer the action with `action_id`.
+fn captured_reply(action_id: &str) -> String {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/fixtures/asterisk/ami-login-and-coreshowchannels.jsonl"
+    );
+    let capture = std::fs::read_to_string(path).expect("the shared AMI capture is at ../shared");
+    capture
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("jsonl"))
+        .filter(|entry| entry["dir"] == "<<<")
+        .map(|entry| entry["data"].as_str().expect("data").to_owned())
+        .find(|data| data.contains(&format!("\r\nActionID: {action_id}\r\n")))
+        .unwrap_or_else(|| panic!("no reply to {action_id} in the capture"))
+}
+
+/// A manager interface answering with Asterisk 22's captured bytes: the greeting, the
+/// accepted login, and `core show channels count` reporting 6 active calls.
+fn replaying_ami() -> u16 {
+    use std::io::{BufRead, BufReader};
+    let login = captured_reply("1");
+    let count = captured_reply("cmd-1");
+    assert!(count.contains("Output: 6 active calls"), "{count}");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let (login, count) = (login.clone(), count.clone());
+            std::thread::spawn(move || {
+                let _ = stream.write_all(b"Asterisk Call Manager/11.0.0\r\n");
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let (mut action, mut id, mut line) = (String::new(), String::new(), String::new());
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    if let Some(value) = line.strip_prefix("Action: ") {
+                        action = value.trim().to_owned();
+                    } else if let Some(value) = line.strip_prefix("ActionID: ") {
+                        id = value.trim().to_owned();
+                    } else if line == "\r\n" {
+                        let (template, captured_id) = match action.as_str() {
+                            "Login" => (&login, "1"),
+                            _ => (&count, "cmd-1"),
+                        };
+                        let reply = template.replace(
+                            &format!("ActionID: {captured_id}\r\n"),
+                            &format!("ActionID: {id}\r\n"),
+                        );
+                        if stream.write_all(reply.as_bytes()).is_err() {
+                            break;
+                        }
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn the_call_count_comes_from_asterisk_over_ami() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}/fleet.db", dir.path().display());
+    let port = replaying_ami();
+    let child = callfleet()
+        .arg("node-agent")
+        .env("CALLFLEET_STORE__URL", &url)
+        .env("CALLFLEET_NODE__ID", "pbx-ami")
+        .env("CALLFLEET_NODE__HEARTBEAT_INTERVAL", "300ms")
+        .env("CALLFLEET_NODE__CALLS__SOURCE", "ami")
+        .env(
+            "CALLFLEET_NODE__CALLS__ADDRESS",
+            format!("127.0.0.1:{port}"),
+        )
+        .env("CALLFLEET_NODE__CALLS__USERNAME", "refadmin")
+        .env("CALLFLEET_NODE__CALLS__SECRET", "refsecret")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start node-agent");
+    let _agent = Running { child };
+    wait_until("six calls reported", Duration::from_secs(20), || {
+        node(&status(&url), "pbx-ami")
+            .is_some_and(|n| n["calls"] == 6 && n["pbx_up"] == true && n["stale"] == false)
+    });
+}
