@@ -138,16 +138,41 @@ fn agents_survive_a_store_outage_and_log_it_once_each_way() {
     assert_eq!(text.matches("store back").count(), 1, "{text}");
 }
 
+/// The libfaketime preload library, loaded straight into our own binary (the `faketime`
+/// wrapper would leave its child running when the test kills the wrapper).
+fn libfaketime() -> std::path::PathBuf {
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|dir| dir.path().join("faketime/libfaketime.so.1"))
+        .find(|lib| lib.exists());
+    found.unwrap_or_else(|| {
+        panic!("libfaketime is needed for this test; ./scripts/test installs it (Debian package faketime)")
+    })
+}
+
+/// Runs `callfleet` with its clock shifted by `offset` (libfaketime syntax, e.g. `-3d`).
+fn skewed(offset: &str) -> std::process::Command {
+    let mut command = callfleet();
+    command
+        .env("LD_PRELOAD", libfaketime())
+        .env("FAKETIME", offset)
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    command
+}
+
 #[test]
 fn a_skewed_node_clock_is_judged_by_the_database_clock() {
-    let faketime = std::process::Command::new("faketime")
-        .args(["-f", "-3d", "date", "+%s"])
+    // The preload really moves the clock of a process it is loaded into.
+    let date = std::process::Command::new("date")
+        .arg("+%s")
+        .env("LD_PRELOAD", libfaketime())
+        .env("FAKETIME", "-3d")
         .output()
-        .unwrap_or_else(|err| {
-            panic!("faketime is needed for this test ({err}); ./scripts/test installs it (Debian package faketime)")
-        });
-    assert_success(&faketime);
-    let faked: i64 = String::from_utf8_lossy(&faketime.stdout)
+        .expect("date");
+    assert_success(&date);
+    let faked: i64 = String::from_utf8_lossy(&date.stdout)
         .trim()
         .parse()
         .expect("epoch");
@@ -157,36 +182,28 @@ fn a_skewed_node_clock_is_judged_by_the_database_clock() {
         .as_secs() as i64;
     assert!(
         (real - faked - 3 * 86_400).abs() < 60,
-        "faketime shifts the clock by 3 days"
+        "the clock is shifted by 3 days"
     );
 
     let url = fresh_mysql_url();
-    let logs = tempfile::tempdir().expect("temp dir");
-    let log = std::fs::File::create(logs.path().join("agent.log")).expect("log");
-    let child = std::process::Command::new("faketime")
-        .args(["-f", "-3d", env!("CARGO_BIN_EXE_callfleet"), "node-agent"])
+    let child = skewed("-3d")
+        .arg("node-agent")
         .env("CALLFLEET_STORE__URL", &url)
         .env("CALLFLEET_NODE__ID", "pbx-skewed")
         .env("CALLFLEET_NODE__HEARTBEAT_INTERVAL", "300ms")
         .stdout(Stdio::null())
-        .stderr(log)
+        .stderr(Stdio::null())
         .spawn()
-        .expect("start the agent under faketime");
+        .expect("start the agent with a skewed clock");
     let _agent = Running { child };
 
     // The reader's clock is off the other way: neither clock may matter.
     let read_skewed = || {
-        let output = std::process::Command::new("faketime")
-            .args([
-                "-f",
-                "+2d",
-                env!("CARGO_BIN_EXE_callfleet"),
-                "status",
-                "--json",
-            ])
+        let output = skewed("+2d")
+            .args(["status", "--json"])
             .env("CALLFLEET_STORE__URL", &url)
             .output()
-            .expect("status under faketime");
+            .expect("status with a skewed clock");
         assert_success(&output);
         serde_json::from_slice::<Vec<serde_json::Value>>(&output.stdout).expect("json")
     };

@@ -21,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
         // A message cut short must read as "need more bytes", whatever the cut.
         for cut in [used - 1, used / 2] {
             let prefix = parse_message(&rest[..cut]);
-            assert!(matches!(prefix, Ok(None)), "prefix of {cut} bytes gave {prefix:?}");
+            assert!(
+                matches!(prefix, Ok(None)),
+                "prefix of {cut} bytes gave {prefix:?}"
+            );
         }
         let _ = active_calls(&msg);
         rest = &rest[used..];
