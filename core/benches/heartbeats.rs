@@ -1,5 +1,5 @@
 //! Load test of the fleet store on MariaDB: `NODES` simulated nodes (default 1,000) each
-//! write a heartbeat once a second for `SECONDS` (default 60), their starts spread evenly
+//! write a heartbeat once a second for `DURATION` seconds (default 60), their starts spread evenly
 //! over the second so the server sees a steady rate rather than bursts, while a reader lists
 //! the whole fleet every 500 ms, as a balancer's refresh task would. Every node also appends
 //! a history sample every `history_interval` (30 s by default) with the default retention,
@@ -63,7 +63,7 @@ fn settings() -> Result<Settings, String> {
     Ok(Settings {
         url,
         nodes: env_count("NODES", 1000)?,
-        seconds: env_count("SECONDS", 60)?,
+        seconds: env_count("DURATION", 60)?,
         connections: env_count("CONNECTIONS", 16)?,
     })
 }

@@ -91,10 +91,8 @@ pub struct NodeStatus {
     pub seq: u64,
     /// The node's heartbeat interval in milliseconds.
     pub interval_ms: u64,
-    /// When the current agent process first reported (database clock, UTC).
-    pub started_at: String,
-    /// When the last heartbeat arrived (database clock, UTC).
-    pub updated_at: String,
+    /// Time since the current agent process first reported, by the database clock.
+    pub uptime_ms: u64,
     /// Milliseconds since the last heartbeat, by the database clock.
     pub age_ms: u64,
     /// True when `age_ms` exceeds three of the node's intervals.
@@ -184,8 +182,7 @@ mod tests {
             }],
             seq: 1,
             interval_ms: 2000,
-            started_at: String::new(),
-            updated_at: String::new(),
+            uptime_ms: 60_000,
             age_ms: 7_000,
             stale: true,
         };

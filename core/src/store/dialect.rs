@@ -15,7 +15,9 @@ pub(crate) struct Dialect {
     pub insert_sample: &'static str,
     /// Binds: node id, retention in seconds.
     pub prune_samples: &'static str,
-    /// Columns as read by `Store::list_nodes`, ending in `age_ms`.
+    /// Columns as read by `Store::list_nodes`, ending in `uptime_ms, age_ms`. Unordered and
+    /// free of date formatting: this read runs every refresh of every balancer, so the
+    /// server does the least work and the caller sorts.
     pub list_nodes: &'static str,
     /// Binds: node id, seconds of history. Columns: at, calls, load1, cpu_pct, mem_pct.
     pub samples_since: &'static str,
@@ -76,9 +78,9 @@ pub(crate) static MYSQL: Dialect = Dialect {
     list_nodes: concat!(
         "SELECT id, pool, role, sip_uri, state, drain_requested, pbx_up, calls, max_calls, ",
         "load1, cpu_pct, mem_pct, cores, services, seq, interval_ms, ",
-        "CAST(started_at AS CHAR), CAST(updated_at AS CHAR), ",
+        "TIMESTAMPDIFF(MICROSECOND, started_at, NOW(6)) DIV 1000, ",
         "TIMESTAMPDIFF(MICROSECOND, updated_at, NOW(6)) DIV 1000 ",
-        "FROM nodes ORDER BY id"
+        "FROM nodes"
     ),
     samples_since: concat!(
         "SELECT CAST(at AS CHAR), calls, load1, cpu_pct, mem_pct FROM node_samples ",
@@ -120,9 +122,10 @@ pub(crate) static SQLITE: Dialect = Dialect {
     ),
     list_nodes: concat!(
         "SELECT id, pool, role, sip_uri, state, drain_requested, pbx_up, calls, max_calls, ",
-        "load1, cpu_pct, mem_pct, cores, services, seq, interval_ms, started_at, updated_at, ",
+        "load1, cpu_pct, mem_pct, cores, services, seq, interval_ms, ",
+        "CAST((julianday('now') - julianday(started_at)) * 86400000.0 AS INTEGER), ",
         "CAST((julianday('now') - julianday(updated_at)) * 86400000.0 AS INTEGER) ",
-        "FROM nodes ORDER BY id"
+        "FROM nodes"
     ),
     samples_since: concat!(
         "SELECT at, calls, load1, cpu_pct, mem_pct FROM node_samples WHERE node_id = ? ",

@@ -266,7 +266,12 @@ impl Store {
         let rows = sqlx::query(SqlStr::from_static(self.sql.list_nodes))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(node_from_row).collect()
+        let mut nodes = rows
+            .iter()
+            .map(node_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        nodes.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes)
     }
 
     /// Asks a node to drain (no new calls; `drained` once it has none) or to take calls
@@ -313,7 +318,8 @@ fn node_from_row(row: &AnyRow) -> Result<NodeStatus, StoreError> {
     let services: String = text(13)?;
     let shed: Vec<ShedTierState> = serde_json::from_str(&services)
         .map_err(|err| corrupt(format!("services column: {err}")))?;
-    let age_ms = u64::try_from(row.try_get::<i64, _>(18)?).unwrap_or(0);
+    let uptime_ms = u64::try_from(row.try_get::<i64, _>(16)?).unwrap_or(0);
+    let age_ms = u64::try_from(row.try_get::<i64, _>(17)?).unwrap_or(0);
     let interval_ms = u64::try_from(row.try_get::<i64, _>(15)?).unwrap_or(0);
     Ok(NodeStatus {
         id: NodeId::new(id.clone()).map_err(|err| corrupt(err.to_string()))?,
@@ -332,8 +338,7 @@ fn node_from_row(row: &AnyRow) -> Result<NodeStatus, StoreError> {
         shed,
         seq: u64::try_from(row.try_get::<i64, _>(14)?).unwrap_or(0),
         interval_ms,
-        started_at: text(16)?,
-        updated_at: text(17)?,
+        uptime_ms,
         age_ms,
         stale: is_stale(age_ms, interval_ms),
     })

@@ -84,7 +84,7 @@ async fn heartbeats_upsert_and_are_fresh_by_the_database_clock() {
             store.dialect()
         );
         assert!(!n.stale);
-        let started = n.started_at.clone();
+        let uptime = n.uptime_ms;
 
         tokio::time::sleep(Duration::from_millis(20)).await;
         store
@@ -93,8 +93,19 @@ async fn heartbeats_upsert_and_are_fresh_by_the_database_clock() {
             .expect("second beat");
         let n = node(&store, "pbx-1").await;
         assert_eq!((n.calls, n.seq), (7, 2));
-        assert_eq!(n.started_at, started, "started_at only moves on a new run");
+        assert!(
+            n.uptime_ms >= uptime + 20,
+            "started_at only moves on a new run: {n:?}"
+        );
         assert_eq!(store.list_nodes().await.expect("list").len(), 2);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        store.heartbeat(&first).await.expect("a restarted agent");
+        let restarted = node(&store, "pbx-1").await;
+        assert!(
+            restarted.uptime_ms < n.uptime_ms,
+            "a new run restarts the uptime: {restarted:?}"
+        );
+        assert_eq!(restarted.seq, 3, "seq never goes back");
 
         // Three intervals (3 × 200 ms) without a beat make the node stale.
         tokio::time::sleep(Duration::from_millis(700)).await;
