@@ -344,7 +344,7 @@ async fn bench(settings: Settings) -> Result<(), String> {
         1.0 / HEARTBEAT_INTERVAL.as_secs_f64(),
     );
     println!(
-        "pool {connections} connections, reads every {} ms, history every {} s ({} h retention), {cpus} CPUs",
+        "writers' pool {connections} connections, reader's own connection, reads every {} ms, history every {} s ({} h retention), {cpus} CPUs",
         READ_INTERVAL.as_millis(),
         config.history_interval.as_secs(),
         config.history_retention.as_secs() / 3600,
@@ -353,7 +353,20 @@ async fn bench(settings: Settings) -> Result<(), String> {
     // A little head room so every task is spawned before the first scheduled beat.
     let start = Instant::now() + Duration::from_millis(500);
     let stop = CancellationToken::new();
-    let reader = tokio::spawn(run_reader(store.clone(), start, stop.clone()));
+    // The fleet is read by other processes (balancers, the control plane) with their own
+    // connection, never through the writers' pool: queueing behind 1,000 upserts/s would
+    // measure the pool, not the read.
+    let reader_store = Store::connect(&StoreConfig {
+        max_connections: 1,
+        ..config.clone()
+    })
+    .await
+    .map_err(|err| err.to_string())?;
+    reader_store
+        .list_nodes()
+        .await
+        .map_err(|err| err.to_string())?;
+    let reader = tokio::spawn(run_reader(reader_store, start, stop.clone()));
     let mut node_tasks = JoinSet::new();
     for index in 0..nodes {
         let offset = HEARTBEAT_INTERVAL * index / nodes;
