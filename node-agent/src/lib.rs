@@ -121,7 +121,7 @@ pub async fn run(
             }
         }
     }
-    shedder.finish().await;
+    callfleet_core::shutdown::bounded("shed commands", shedder.finish()).await;
     tracing::info!(node = %id, "node-agent stopped");
     Ok(())
 }

@@ -166,6 +166,15 @@ impl Peer {
             assert!(read > 0, "client closed before finishing an action");
         }
     }
+
+    /// Reads the client's next action and answers it with the `captured` reply, whose
+    /// ActionID `captured_id` is replaced by the client's. Returns the action.
+    async fn answer(&mut self, captured: &str, captured_id: &str) -> Message {
+        let action = self.read_action().await;
+        let id = action.action_id().expect("the client sends an ActionID");
+        self.send(with_action_id(captured, captured_id, id)).await;
+        action
+    }
 }
 
 /// Starts a server on `127.0.0.1:0` that runs `script` on the first connection and returns
@@ -265,10 +274,8 @@ async fn wrong_secret_is_auth_failed_naming_the_config_keys() {
     let refused = capture.reply("conn-badlogin", "bad-1");
     let (address, server) = serve_once(move |mut peer| async move {
         peer.send(&greeting).await;
-        let login = peer.read_action().await;
+        let login = peer.answer(&refused, "bad-1").await;
         assert_eq!(login.get("Secret"), Some("wrong"));
-        let id = login.action_id().expect("login ActionID");
-        peer.send(with_action_id(&refused, "bad-1", id)).await;
     })
     .await;
 
@@ -353,9 +360,7 @@ async fn unanswered_command_times_out() {
     let accepted = capture.reply("conn-main", "1");
     let (address, server) = serve_once(move |mut peer| async move {
         peer.send(&greeting).await;
-        let login = peer.read_action().await;
-        let id = login.action_id().expect("login ActionID");
-        peer.send(with_action_id(&accepted, "1", id)).await;
+        peer.answer(&accepted, "1").await;
         let _command = peer.read_action().await;
         std::future::pending::<()>().await;
     })
@@ -385,12 +390,8 @@ async fn cli_error_is_a_protocol_error_quoting_the_reply() {
     let cli_error = capture.reply("conn-main", "cmd-2");
     let (address, server) = serve_once(move |mut peer| async move {
         peer.send(&greeting).await;
-        let login = peer.read_action().await;
-        let id = login.action_id().expect("login ActionID");
-        peer.send(with_action_id(&accepted, "1", id)).await;
-        let command = peer.read_action().await;
-        let id = command.action_id().expect("command ActionID");
-        peer.send(with_action_id(&cli_error, "cmd-2", id)).await;
+        peer.answer(&accepted, "1").await;
+        peer.answer(&cli_error, "cmd-2").await;
     })
     .await;
     let mut client = AmiClient::connect(&address, "refadmin", "refsecret", PATIENT)
@@ -415,12 +416,8 @@ async fn reply_without_a_count_is_a_protocol_error() {
     let pong = capture.reply("conn-main", "ping-1");
     let (address, server) = serve_once(move |mut peer| async move {
         peer.send(&greeting).await;
-        let login = peer.read_action().await;
-        let id = login.action_id().expect("login ActionID");
-        peer.send(with_action_id(&accepted, "1", id)).await;
-        let command = peer.read_action().await;
-        let id = command.action_id().expect("command ActionID");
-        peer.send(with_action_id(&pong, "ping-1", id)).await;
+        peer.answer(&accepted, "1").await;
+        peer.answer(&pong, "ping-1").await;
     })
     .await;
     let mut client = AmiClient::connect(&address, "refadmin", "refsecret", PATIENT)
@@ -443,9 +440,7 @@ async fn closed_connection_is_an_io_error() {
     let accepted = capture.reply("conn-main", "1");
     let (address, server) = serve_once(move |mut peer| async move {
         peer.send(&greeting).await;
-        let login = peer.read_action().await;
-        let id = login.action_id().expect("login ActionID");
-        peer.send(with_action_id(&accepted, "1", id)).await;
+        peer.answer(&accepted, "1").await;
         let _command = peer.read_action().await;
         // Half a reply, then the PBX goes away.
         peer.send("Response: Success\r\nActionID: ").await;
