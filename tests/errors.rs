@@ -86,6 +86,10 @@ fn unreachable_store_at_start_is_fatal_and_clear() {
         err.contains("cannot reach the store at mysql://fleet:***@127.0.0.1"),
         "{err}"
     );
+    assert!(
+        err.contains("Connection refused"),
+        "the real cause is shown: {err}"
+    );
     assert!(err.contains("check that the server runs"), "{err}");
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::{AnyPool, Executor, Row, SqlStr};
+use sqlx::{AnyPool, Connection, Executor, Row, SqlStr};
 
 use crate::config::{StoreConfig, redact_url};
 use crate::fleet::{Heartbeat, NodeStatus, ShedTierState, is_stale};
@@ -138,6 +138,21 @@ impl Store {
             return Err(invalid("the scheme must be sqlite:// or mysql://".into()));
         };
 
+        // The pool only reports "timed out" when it cannot connect; one direct attempt
+        // surfaces the real cause (refused, access denied, unknown database) for the operator.
+        let unreachable = |source| StoreError::Unreachable {
+            url: shown.clone(),
+            source,
+        };
+        match tokio::time::timeout(config.connect_timeout, sqlx::AnyConnection::connect(&url)).await
+        {
+            Ok(Ok(probe)) => {
+                let _ = probe.close().await;
+            }
+            Ok(Err(sqlx::Error::Configuration(reason))) => return Err(invalid(reason.to_string())),
+            Ok(Err(source)) => return Err(unreachable(source)),
+            Err(_) => return Err(unreachable(sqlx::Error::PoolTimedOut)),
+        }
         let is_sqlite = std::ptr::eq(sql, &dialect::SQLITE);
         let pool = AnyPoolOptions::new()
             .max_connections(config.max_connections)
@@ -156,10 +171,7 @@ impl Store {
             .await
             .map_err(|err| match err {
                 sqlx::Error::Configuration(reason) => invalid(reason.to_string()),
-                source => StoreError::Unreachable {
-                    url: shown.clone(),
-                    source,
-                },
+                source => unreachable(source),
             })?;
 
         // SQLite has no server-side lock, so processes sharing a file (`callfleet up` and
