@@ -4,7 +4,6 @@
 # Sourced by scripts/test and scripts/bench-*; exports CALLFLEET_TEST_MYSQL_URL and
 # CALLFLEET_TEST_REDIS_URL.
 
-CF_PACKAGES=(mariadb-server mariadb-client redis-server sip-tester faketime)
 
 cf_log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -18,14 +17,19 @@ cf_install_packages() {
     cf_log "installing ${missing[*]} from Debian's packages"
     local sudo=()
     [ "$(id -u)" -ne 0 ] && sudo=(sudo)
-    # Keep the packages' own services from starting: we run our own instances.
+    # Keep the packages' own services from starting (we run our own instances), and leave
+    # the machine's policy as it was afterwards.
+    local made_policy=
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee /usr/sbin/policy-rc.d >/dev/null
         "${sudo[@]}" chmod +x /usr/sbin/policy-rc.d
+        made_policy=1
     fi
     "${sudo[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq \
         "${missing[@]}" >/dev/null
+    [ -n "$made_policy" ] && "${sudo[@]}" rm -f /usr/sbin/policy-rc.d
+    return 0
 }
 
 cf_free_port() {
