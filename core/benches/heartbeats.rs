@@ -82,10 +82,9 @@ fn env_count(name: &str, default: u32) -> Result<u32, String> {
 }
 
 /// A new, empty database on the server of `base`, and an admin connection to drop it with.
-async fn fresh_database(base: &str) -> Result<(sqlx::AnyConnection, String, String), String> {
+async fn fresh_database(base: &str) -> Result<(sqlx::MySqlConnection, String, String), String> {
     let shown = redact_url(base);
-    sqlx::any::install_default_drivers();
-    let mut admin = sqlx::AnyConnection::connect(base)
+    let mut admin = sqlx::MySqlConnection::connect(base)
         .await
         .map_err(|err| format!("cannot connect to MariaDB at {shown}: {err}"))?;
     let stamp = SystemTime::now()
@@ -102,7 +101,7 @@ async fn fresh_database(base: &str) -> Result<(sqlx::AnyConnection, String, Stri
     Ok((admin, name, url.to_string()))
 }
 
-async fn server_version(admin: &mut sqlx::AnyConnection) -> String {
+async fn server_version(admin: &mut sqlx::MySqlConnection) -> String {
     match admin.fetch_one("SELECT VERSION()").await {
         Ok(row) => row
             .try_get::<String, _>(0)

@@ -28,8 +28,7 @@ pub async fn fresh_mysql_config() -> StoreConfig {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     );
-    sqlx::any::install_default_drivers();
-    let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(&base)
+    let mut admin = <sqlx::MySqlConnection as sqlx::Connection>::connect(&base)
         .await
         .unwrap_or_else(|err| panic!("cannot connect to the test MariaDB at {base}: {err}"));
     admin

@@ -4,7 +4,6 @@
 # Sourced by scripts/test and scripts/bench-*; exports CALLFLEET_TEST_MYSQL_URL and
 # CALLFLEET_TEST_REDIS_URL.
 
-
 cf_log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 cf_install_packages() {
