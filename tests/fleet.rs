@@ -387,3 +387,61 @@ fn the_call_count_comes_from_asterisk_over_ami() {
             .is_some_and(|n| n["calls"] == 6 && n["pbx_up"] == true && n["stale"] == false)
     });
 }
+
+#[test]
+fn status_beside_a_busy_single_box_agent_never_finds_the_store_locked() {
+    // `callfleet up` creates, switches to WAL and migrates a new SQLite file and then writes
+    // every interval; a `callfleet status` typed meanwhile must never fail with "database is
+    // locked".
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let _agent = Running {
+            child: callfleet()
+                .arg("node-agent")
+                .current_dir(dir.path())
+                .env("CALLFLEET_NODE__ID", "busy")
+                .env("CALLFLEET_NODE__HEARTBEAT_INTERVAL", "100ms")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start node-agent"),
+        };
+        for _ in 0..5 {
+            let readers: Vec<_> = (0..4)
+                .map(|_| {
+                    callfleet()
+                        .args(["status", "--json"])
+                        .current_dir(dir.path())
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped())
+                        .spawn()
+                        .expect("start status")
+                })
+                .collect();
+            for reader in readers {
+                assert_success(&reader.wait_with_output().expect("status ends"));
+            }
+        }
+    }
+}
+
+#[test]
+fn commands_started_together_on_a_new_single_box_store_all_succeed() {
+    // Several commands opening a store that does not exist yet all create, switch to WAL
+    // and migrate the same file at once; each must succeed.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let children: Vec<_> = (0..6)
+        .map(|_| {
+            callfleet()
+                .args(["status", "--json"])
+                .current_dir(dir.path())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start status")
+        })
+        .collect();
+    for child in children {
+        assert_success(&child.wait_with_output().expect("status ends"));
+    }
+}

@@ -116,84 +116,76 @@ impl Store {
     /// Connects to the store named by `config.url`, creating the SQLite file and its
     /// folder when needed, and applies the embedded migrations.
     pub async fn connect(config: &StoreConfig) -> Result<Self, StoreError> {
-        let shown = redact_url(&config.url);
-        let invalid = |reason: String| StoreError::InvalidUrl {
-            url: shown.clone(),
-            reason,
-        };
-        let unreachable = |source| StoreError::Unreachable {
-            url: shown.clone(),
-            source,
-        };
-        let config_error = |err: sqlx::Error| match err {
-            sqlx::Error::Configuration(reason) => invalid(reason.to_string()),
-            other => invalid(other.to_string()),
-        };
+        let shown = ShownUrl(redact_url(&config.url));
         if let Some(rest) = config.url.strip_prefix("sqlite://") {
             let path = rest.split_once('?').map_or(rest, |(path, _)| path);
             if path.is_empty() {
-                return Err(invalid("it names no database file".into()));
+                return Err(shown.invalid("it names no database file"));
             }
             if let Some(dir) = Path::new(path)
                 .parent()
                 .filter(|d| !d.as_os_str().is_empty())
             {
                 std::fs::create_dir_all(dir).map_err(|err| {
-                    invalid(format!("cannot create the folder {}: {err}", dir.display()))
+                    shown.invalid(format!("cannot create the folder {}: {err}", dir.display()))
                 })?;
             }
             let options = SqliteConnectOptions::from_str(&config.url)
-                .map_err(config_error)?
+                .map_err(|err| shown.invalid(err.to_string()))?
                 .create_if_missing(true)
-                // WAL lets `callfleet status` read while the agent writes.
-                .journal_mode(SqliteJournalMode::Wal)
                 .busy_timeout(Duration::from_secs(5));
-            probe(&options, config.connect_timeout)
-                .await
-                .map_err(unreachable)?;
             // SQLite has no server-side lock, so processes sharing a file (`callfleet up` and
-            // `callfleet status` started together) serialise their migrations with a file lock.
+            // `callfleet status` started together) take turns with a file lock for what needs
+            // the database to themselves: switching it to WAL and migrating it.
             let _file_lock = lock_file(format!("{path}.migrate-lock"))
                 .await
-                .map_err(|err| invalid(format!("cannot lock {path}.migrate-lock: {err}")))?;
+                .map_err(|err| shown.invalid(format!("cannot lock {path}.migrate-lock: {err}")))?;
+            // WAL lets `callfleet status` read while the agent writes; the mode is stored in
+            // the file, so only this first connection sets it.
+            probe(
+                options.clone().journal_mode(SqliteJournalMode::Wal),
+                config.connect_timeout,
+            )
+            .await
+            .map_err(|err| shown.unreachable(err))?;
             let pool = SqlitePoolOptions::new()
                 .max_connections(config.max_connections)
                 .acquire_timeout(config.connect_timeout)
                 .connect_with(options)
                 .await
-                .map_err(unreachable)?;
+                .map_err(|err| shown.unreachable(err))?;
             let store = Self {
                 pool: Pool::Sqlite(pool),
                 sql: &dialect::SQLITE,
             };
-            store.migrate(&shown).await
+            store.migrate(&shown.0).await
         } else if config.url.starts_with("mysql://") {
-            let parsed = url::Url::parse(&config.url).map_err(|err| invalid(err.to_string()))?;
+            let parsed =
+                url::Url::parse(&config.url).map_err(|err| shown.invalid(err.to_string()))?;
             if parsed.host_str().is_none_or(str::is_empty) {
-                return Err(invalid("it names no host".into()));
+                return Err(shown.invalid("it names no host"));
             }
             if parsed.path().trim_start_matches('/').is_empty() {
-                return Err(invalid(
-                    "it names no database (…/DATABASE at the end)".into(),
-                ));
+                return Err(shown.invalid("it names no database (…/DATABASE at the end)"));
             }
-            let options = MySqlConnectOptions::from_str(&config.url).map_err(config_error)?;
-            probe(&options, config.connect_timeout)
+            let options = MySqlConnectOptions::from_str(&config.url)
+                .map_err(|err| shown.invalid(err.to_string()))?;
+            probe(options.clone(), config.connect_timeout)
                 .await
-                .map_err(unreachable)?;
+                .map_err(|err| shown.unreachable(err))?;
             let pool = MySqlPoolOptions::new()
                 .max_connections(config.max_connections)
                 .acquire_timeout(config.connect_timeout)
                 .connect_with(options)
                 .await
-                .map_err(unreachable)?;
+                .map_err(|err| shown.unreachable(err))?;
             let store = Self {
                 pool: Pool::MySql(pool),
                 sql: &dialect::MYSQL,
             };
-            store.migrate(&shown).await
+            store.migrate(&shown.0).await
         } else {
-            Err(invalid("the scheme must be sqlite:// or mysql://".into()))
+            Err(shown.invalid("the scheme must be sqlite:// or mysql://"))
         }
     }
 
@@ -205,19 +197,21 @@ impl Store {
         migrator.set_locking(false);
         let result = match &self.pool {
             Pool::MySql(pool) => {
-                let mut conn = pool.acquire().await?;
+                // The lock belongs to this connection's session; it is held while the
+                // migrator works through the pool's other connections.
+                let mut lock = pool.acquire().await?;
                 let locked: Option<i64> =
                     sqlx::query_scalar("SELECT GET_LOCK('callfleet.migrate', 60)")
-                        .fetch_one(&mut *conn)
+                        .fetch_one(&mut *lock)
                         .await?;
                 if locked != Some(1) {
                     return Err(StoreError::Query(sqlx::Error::Protocol(
                         "another process held the migration lock for 60 s".into(),
                     )));
                 }
-                let result = migrator.run(&mut *conn).await;
+                let result = migrator.run(pool).await;
                 sqlx::query("SELECT RELEASE_LOCK('callfleet.migrate')")
-                    .execute(&mut *conn)
+                    .execute(&mut *lock)
                     .await?;
                 result
             }
@@ -413,9 +407,28 @@ where
     })
 }
 
+/// A store URL with its password redacted, for error messages.
+struct ShownUrl(String);
+
+impl ShownUrl {
+    fn invalid(&self, reason: impl Into<String>) -> StoreError {
+        StoreError::InvalidUrl {
+            url: self.0.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    fn unreachable(&self, source: sqlx::Error) -> StoreError {
+        StoreError::Unreachable {
+            url: self.0.clone(),
+            source,
+        }
+    }
+}
+
 /// Connects once, so a server that cannot be reached is reported with its real cause
 /// (refused, access denied, unknown database) instead of the pool's bare timeout.
-async fn probe<O>(options: &O, limit: Duration) -> Result<(), sqlx::Error>
+async fn probe<O>(options: O, limit: Duration) -> Result<(), sqlx::Error>
 where
     O: ConnectOptions,
     O::Connection: Sized,

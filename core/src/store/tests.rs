@@ -253,3 +253,22 @@ async fn bad_urls_and_unreachable_servers_are_clear_errors() {
     );
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+#[tokio::test]
+async fn processes_opening_a_new_sqlite_file_together_all_succeed() {
+    // `callfleet up` and `callfleet status` started at once both create, switch to WAL and
+    // migrate the same new file; none may fail with "database is locked".
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = testing::sqlite_config(dir.path());
+    let mut opening = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let config = config.clone();
+        opening.spawn(async move { Store::connect(&config).await.map(|store| store.dialect()) });
+    }
+    while let Some(opened) = opening.join_next().await {
+        assert_eq!(
+            opened.expect("task").expect("every opener succeeds"),
+            "sqlite"
+        );
+    }
+}
