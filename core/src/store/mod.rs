@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use std::str::FromStr;
 
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::{MigrateError, Migration, MigrationType, Migrator};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::{ColumnIndex, ConnectOptions, Connection, Decode, Row, SqlStr, Type};
@@ -142,23 +142,27 @@ impl Store {
                 .map_err(|err| shown.invalid(format!("cannot lock {path}.migrate-lock: {err}")))?;
             // WAL lets `callfleet status` read while the agent writes; the mode is stored in
             // the file, so only this first connection sets it.
-            probe(
+            let first = connect_once(
                 options.clone().journal_mode(SqliteJournalMode::Wal),
                 config.connect_timeout,
             )
             .await
             .map_err(|err| shown.unreachable(err))?;
+            let _ = first.close().await;
             let pool = SqlitePoolOptions::new()
                 .max_connections(config.max_connections)
                 .acquire_timeout(config.connect_timeout)
                 .connect_with(options)
                 .await
                 .map_err(|err| shown.unreachable(err))?;
-            let store = Self {
+            migrator(&dialect::SQLITE)
+                .run(&pool)
+                .await
+                .map_err(|err| shown.migrate(err))?;
+            Ok(Self {
                 pool: Pool::Sqlite(pool),
                 sql: &dialect::SQLITE,
-            };
-            store.migrate(&shown.0).await
+            })
         } else if config.url.starts_with("mysql://") {
             let parsed =
                 url::Url::parse(&config.url).map_err(|err| shown.invalid(err.to_string()))?;
@@ -170,7 +174,11 @@ impl Store {
             }
             let options = MySqlConnectOptions::from_str(&config.url)
                 .map_err(|err| shown.invalid(err.to_string()))?;
-            probe(options.clone(), config.connect_timeout)
+            // Agents and CLI commands start at the same moment against a new database, so
+            // migrations are serialised with a named lock held by a connection of its own
+            // (outside the pool, which may have a single connection). sqlx's own lock uses
+            // `GET_LOCK(name, -1)`, which MariaDB does not treat as "wait".
+            let mut lock = connect_once(options.clone(), config.connect_timeout)
                 .await
                 .map_err(|err| shown.unreachable(err))?;
             let pool = MySqlPoolOptions::new()
@@ -179,49 +187,26 @@ impl Store {
                 .connect_with(options)
                 .await
                 .map_err(|err| shown.unreachable(err))?;
-            let store = Self {
+            let locked: Option<i64> =
+                sqlx::query_scalar("SELECT GET_LOCK('callfleet.migrate', 60)")
+                    .fetch_one(&mut lock)
+                    .await?;
+            if locked != Some(1) {
+                return Err(shown.migrate(MigrateError::Execute(sqlx::Error::Protocol(
+                    "another process held the migration lock for 60 s".into(),
+                ))));
+            }
+            let migrated = migrator(&dialect::MYSQL).run(&pool).await;
+            // Ending the session releases the lock.
+            let _ = lock.close().await;
+            migrated.map_err(|err| shown.migrate(err))?;
+            Ok(Self {
                 pool: Pool::MySql(pool),
                 sql: &dialect::MYSQL,
-            };
-            store.migrate(&shown.0).await
+            })
         } else {
             Err(shown.invalid("the scheme must be sqlite:// or mysql://"))
         }
-    }
-
-    /// Applies the embedded migrations. Agents and CLI commands start at the same moment
-    /// against a new database, so on MySQL the run is serialised with a named server lock:
-    /// sqlx's own lock uses `GET_LOCK(name, -1)`, which MariaDB does not treat as "wait".
-    async fn migrate(self, shown_url: &str) -> Result<Self, StoreError> {
-        let mut migrator = migrator(self.sql);
-        migrator.set_locking(false);
-        let result = match &self.pool {
-            Pool::MySql(pool) => {
-                // The lock belongs to this connection's session; it is held while the
-                // migrator works through the pool's other connections.
-                let mut lock = pool.acquire().await?;
-                let locked: Option<i64> =
-                    sqlx::query_scalar("SELECT GET_LOCK('callfleet.migrate', 60)")
-                        .fetch_one(&mut *lock)
-                        .await?;
-                if locked != Some(1) {
-                    return Err(StoreError::Query(sqlx::Error::Protocol(
-                        "another process held the migration lock for 60 s".into(),
-                    )));
-                }
-                let result = migrator.run(pool).await;
-                sqlx::query("SELECT RELEASE_LOCK('callfleet.migrate')")
-                    .execute(&mut *lock)
-                    .await?;
-                result
-            }
-            Pool::Sqlite(pool) => migrator.run(pool).await,
-        };
-        result.map_err(|source| StoreError::Migrate {
-            url: shown_url.to_owned(),
-            source,
-        })?;
-        Ok(self)
     }
 
     /// `mysql` or `sqlite`.
@@ -418,6 +403,13 @@ impl ShownUrl {
         }
     }
 
+    fn migrate(&self, source: MigrateError) -> StoreError {
+        StoreError::Migrate {
+            url: self.0.clone(),
+            source,
+        }
+    }
+
     fn unreachable(&self, source: sqlx::Error) -> StoreError {
         StoreError::Unreachable {
             url: self.0.clone(),
@@ -426,21 +418,17 @@ impl ShownUrl {
     }
 }
 
-/// Connects once, so a server that cannot be reached is reported with its real cause
-/// (refused, access denied, unknown database) instead of the pool's bare timeout.
-async fn probe<O>(options: O, limit: Duration) -> Result<(), sqlx::Error>
+/// One connection outside the pool, made first so that a server that cannot be reached is
+/// reported with its real cause (refused, access denied, unknown database) rather than the
+/// pool's bare timeout.
+async fn connect_once<O>(options: O, limit: Duration) -> Result<O::Connection, sqlx::Error>
 where
     O: ConnectOptions,
     O::Connection: Sized,
 {
-    match tokio::time::timeout(limit, options.connect()).await {
-        Ok(Ok(connection)) => {
-            let _ = connection.close().await;
-            Ok(())
-        }
-        Ok(Err(err)) => Err(err),
-        Err(_) => Err(sqlx::Error::PoolTimedOut),
-    }
+    tokio::time::timeout(limit, options.connect())
+        .await
+        .unwrap_or(Err(sqlx::Error::PoolTimedOut))
 }
 
 /// Takes an exclusive lock on `path` (created if missing), held until the file is dropped.
@@ -458,13 +446,14 @@ async fn lock_file(path: String) -> std::io::Result<std::fs::File> {
     .map_err(std::io::Error::other)?
 }
 
+/// The embedded migrations of a dialect. Its own lock is off: see `Store::connect`.
 fn migrator(sql: &Dialect) -> Migrator {
     let files: &[(i64, &str, &'static str)] = if sql.name == "mysql" {
         &[(1, "nodes", include_str!("migrations/mysql/0001_nodes.sql"))]
     } else {
         &[(1, "nodes", include_str!("migrations/sqlite/0001_nodes.sql"))]
     };
-    Migrator::with_migrations(
+    let mut migrator = Migrator::with_migrations(
         files
             .iter()
             .map(|(version, description, text)| {
@@ -477,7 +466,9 @@ fn migrator(sql: &Dialect) -> Migrator {
                 )
             })
             .collect(),
-    )
+    );
+    migrator.set_locking(false);
+    migrator
 }
 
 #[cfg(test)]

@@ -274,3 +274,24 @@ async fn processes_opening_a_new_sqlite_file_together_all_succeed() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_store_with_a_single_connection_starts() {
+    // Migrations must not need a second pooled connection (a reader may run with one).
+    let dir = tempfile::tempdir().expect("temp dir");
+    for config in [
+        testing::sqlite_config(dir.path()),
+        testing::fresh_mysql_config().await,
+    ] {
+        let config = StoreConfig {
+            max_connections: 1,
+            connect_timeout: Duration::from_secs(3),
+            ..config
+        };
+        let store = Store::connect(&config)
+            .await
+            .expect("starts with one connection");
+        store.heartbeat(&beat("pbx-1", 1)).await.expect("beat");
+        assert_eq!(store.list_nodes().await.expect("list").len(), 1);
+    }
+}
