@@ -407,21 +407,26 @@ fn status_beside_a_busy_single_box_agent_never_finds_the_store_locked() {
                 .expect("start node-agent"),
         };
         for _ in 0..5 {
-            let readers: Vec<_> = (0..4)
-                .map(|_| {
-                    callfleet()
-                        .args(["status", "--json"])
-                        .current_dir(dir.path())
-                        .stdout(Stdio::piped())
-                        .stderr(Stdio::piped())
-                        .spawn()
-                        .expect("start status")
-                })
-                .collect();
-            for reader in readers {
-                assert_success(&reader.wait_with_output().expect("status ends"));
-            }
+            statuses_at_once(dir.path(), 4);
         }
+    }
+}
+
+/// Runs `count` `callfleet status` commands in `dir` at the same moment; all must succeed.
+fn statuses_at_once(dir: &std::path::Path, count: usize) {
+    let readers: Vec<_> = (0..count)
+        .map(|_| {
+            callfleet()
+                .args(["status", "--json"])
+                .current_dir(dir)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start status")
+        })
+        .collect();
+    for reader in readers {
+        assert_success(&reader.wait_with_output().expect("status ends"));
     }
 }
 
@@ -430,18 +435,5 @@ fn commands_started_together_on_a_new_single_box_store_all_succeed() {
     // Several commands opening a store that does not exist yet all create, switch to WAL
     // and migrate the same file at once; each must succeed.
     let dir = tempfile::tempdir().expect("temp dir");
-    let children: Vec<_> = (0..6)
-        .map(|_| {
-            callfleet()
-                .args(["status", "--json"])
-                .current_dir(dir.path())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("start status")
-        })
-        .collect();
-    for child in children {
-        assert_success(&child.wait_with_output().expect("status ends"));
-    }
+    statuses_at_once(dir.path(), 6);
 }
