@@ -343,7 +343,7 @@ async fn bench(settings: Settings) -> Result<(), String> {
         1.0 / HEARTBEAT_INTERVAL.as_secs_f64(),
     );
     println!(
-        "writers' pool {connections} connections, reader's own connection, reads every {} ms, history every {} s ({} h retention), {cpus} CPUs",
+        "writers' pool {connections} connections; reader on its own thread and connection, every {} ms, history every {} s ({} h retention), {cpus} CPUs",
         READ_INTERVAL.as_millis(),
         config.history_interval.as_secs(),
         config.history_retention.as_secs() / 3600,
@@ -353,19 +353,27 @@ async fn bench(settings: Settings) -> Result<(), String> {
     let start = Instant::now() + Duration::from_millis(500);
     let stop = CancellationToken::new();
     // The fleet is read by other processes (balancers, the control plane) with their own
-    // connection, never through the writers' pool: queueing behind 1,000 upserts/s would
-    // measure the pool, not the read.
-    let reader_store = Store::connect(&StoreConfig {
+    // connection and their own runtime, never through the writers' pool or behind their
+    // 1,000 tasks: that would measure this load generator, not the read. So the reader
+    // gets a thread, a runtime and a one-connection store of its own.
+    let reader_config = StoreConfig {
         max_connections: 1,
         ..config.clone()
-    })
-    .await
-    .map_err(|err| err.to_string())?;
-    reader_store
-        .list_nodes()
-        .await
-        .map_err(|err| err.to_string())?;
-    let reader = tokio::spawn(run_reader(reader_store, start, stop.clone()));
+    };
+    let reader_stop = stop.clone();
+    let reader = std::thread::spawn(move || -> Result<ReadFigures, String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|err| format!("reader runtime: {err}"))?;
+        runtime.block_on(async move {
+            let store = Store::connect(&reader_config)
+                .await
+                .map_err(|err| err.to_string())?;
+            store.list_nodes().await.map_err(|err| err.to_string())?;
+            Ok(run_reader(store, start, reader_stop).await)
+        })
+    });
     let mut node_tasks = JoinSet::new();
     for index in 0..nodes {
         let offset = HEARTBEAT_INTERVAL * index / nodes;
@@ -392,8 +400,8 @@ async fn bench(settings: Settings) -> Result<(), String> {
         mut reads,
         fleet_sizes,
     } = reader
-        .await
-        .map_err(|err| format!("the reader task failed: {err}"))?;
+        .join()
+        .map_err(|_| "the reader thread panicked".to_owned())??;
     let load_after = load_average();
 
     let mut idle = Figures::with_capacity(IDLE_READS);
