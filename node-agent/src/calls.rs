@@ -30,6 +30,7 @@ pub struct AmiSource {
     client: Option<AmiClient>,
     last_calls: u32,
     up: bool,
+    min_backoff: Duration,
     backoff: Duration,
     retry_at: Option<Instant>,
 }
@@ -46,6 +47,7 @@ impl CallCounter {
                     client: None,
                     last_calls: 0,
                     up: false,
+                    min_backoff,
                     backoff: min_backoff,
                     retry_at: None,
                 };
@@ -100,7 +102,7 @@ impl AmiSource {
                         tracing::info!(address = %self.config.address, calls, "pbx back");
                     }
                     self.up = true;
-                    self.backoff = self.config.timeout.min(MAX_BACKOFF);
+                    self.backoff = self.min_backoff;
                     self.retry_at = None;
                     self.last_calls = calls;
                 }

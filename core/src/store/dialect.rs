@@ -51,6 +51,9 @@ pub(crate) const SET_DRAIN: &str = concat!(
     ", drain_requested = ? WHERE id = ?"
 );
 
+/// Binds: node id. Same SQL for both dialects.
+pub(crate) const NODE_STATE: &str = "SELECT state FROM nodes WHERE id = ?";
+
 pub(crate) static MYSQL: Dialect = Dialect {
     name: "mysql",
     upsert_heartbeat: concat!(

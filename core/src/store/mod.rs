@@ -8,9 +8,8 @@ mod dialect;
 
 use std::borrow::Cow;
 use std::path::Path;
-use std::time::Duration;
-
 use std::str::FromStr;
+use std::time::Duration;
 
 use sqlx::migrate::{MigrateError, Migration, MigrationType, Migrator};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
@@ -248,21 +247,21 @@ impl Store {
         retention: Duration,
     ) -> Result<(), StoreError> {
         with_pool!(self, pool => {
-        let mut tx = pool.begin().await?;
-        sqlx::query(SqlStr::from_static(self.sql.insert_sample))
-            .bind(beat.id.as_str())
-            .bind(i64::from(beat.calls))
-            .bind(beat.load1)
-            .bind(beat.cpu_pct)
-            .bind(beat.mem_pct)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(SqlStr::from_static(self.sql.prune_samples))
-            .bind(beat.id.as_str())
-            .bind(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX))
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+            let mut tx = pool.begin().await?;
+            sqlx::query(SqlStr::from_static(self.sql.insert_sample))
+                .bind(beat.id.as_str())
+                .bind(i64::from(beat.calls))
+                .bind(beat.load1)
+                .bind(beat.cpu_pct)
+                .bind(beat.mem_pct)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(SqlStr::from_static(self.sql.prune_samples))
+                .bind(beat.id.as_str())
+                .bind(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
         });
         Ok(())
     }
@@ -321,13 +320,18 @@ impl Store {
             .execute(pool)
             .await
             .map(drop))?;
-        // MySQL reports 0 affected rows when nothing changed, so existence is read back.
-        self.list_nodes()
-            .await?
-            .into_iter()
-            .find(|n| &n.id == node)
-            .map(|n| n.state)
-            .ok_or_else(|| StoreError::UnknownNode(node.clone()))
+        // MySQL reports 0 affected rows when nothing changed, so the row is read back.
+        let state: Option<String> = with_pool!(self, pool => {
+            sqlx::query_scalar(SqlStr::from_static(dialect::NODE_STATE))
+                .bind(node.as_str())
+                .fetch_optional(pool)
+                .await?
+        });
+        let state = state.ok_or_else(|| StoreError::UnknownNode(node.clone()))?;
+        state.parse().map_err(|reason| StoreError::CorruptRow {
+            node: node.to_string(),
+            reason,
+        })
     }
 
     /// Closes the pool, waiting for connections in use.
