@@ -75,6 +75,8 @@ pub struct Config {
     pub node: NodeConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The carrier-facing SIP balancer.
+    pub balancer: BalancerConfig,
 }
 
 /// Where the fleet store lives and how history is kept.
@@ -259,6 +261,115 @@ pub struct ShedTier {
     pub refuse_calls: bool,
 }
 
+/// The SIP balancer on a core node: where it listens and how it chooses a node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalancerConfig {
+    /// `ip:port` for both UDP and TCP.
+    pub listen: String,
+    /// `host:port` this balancer puts in Via and Record-Route when it proxies; defaults to
+    /// `listen` (set it when `listen` is a wildcard address).
+    pub advertise: String,
+    /// What happens to a call the local node should take: `proxy` (forward statelessly to
+    /// `local_pbx`) or `redirect` (answer 302 pointing at `local_pbx`).
+    pub local_mode: LocalMode,
+    /// `ip:port` of this node's PBX.
+    pub local_pbx: String,
+    /// Contacts in a 302: the chosen node, then next-best nodes with decreasing q-values.
+    pub contacts: u32,
+    /// Seconds put in `Retry-After` of a 503, so the carrier moves on and comes back.
+    pub retry_after: u32,
+    /// A node whose last heartbeat is older than this (by the store's clock) gets no calls.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_ttl: Duration,
+    /// How often the fleet view is re-read from the store, in the background.
+    #[serde(with = "humantime_serde")]
+    pub refresh: Duration,
+    /// How long the last fleet view is trusted while the store is unreachable.
+    #[serde(with = "humantime_serde")]
+    pub stale_grace: Duration,
+    /// Weight of a node's CPU load (0–1) added to its utilisation when scoring it.
+    pub cpu_weight: f64,
+    /// Carrier addresses (`CIDR` or single IPs) that may send requests; empty = anyone.
+    pub allow: Vec<String>,
+    /// What requests from outside `allow` get: `drop` (nothing) or `reject` (403).
+    pub deny_mode: DenyMode,
+    /// Largest SIP message accepted, in bytes; larger ones get 513.
+    pub max_message: usize,
+    /// UDP worker threads; 0 = one per core.
+    pub workers: usize,
+    /// Requested UDP receive buffer in bytes (the kernel may cap it at `net.core.rmem_max`).
+    pub recv_buffer: usize,
+    /// A request that waited longer than this before a worker saw it is answered 503: the
+    /// balancer is behind, and a quick 503 beats a kernel drop and a carrier retransmission.
+    #[serde(with = "humantime_serde")]
+    pub overload_delay: Duration,
+    /// Request-URI domains or number prefixes that select a node pool; unmatched calls go
+    /// to the `default` pool.
+    pub pools: Vec<PoolRule>,
+}
+
+impl Default for BalancerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:5060".to_owned(),
+            advertise: String::new(),
+            local_mode: LocalMode::Proxy,
+            local_pbx: "127.0.0.1:5080".to_owned(),
+            contacts: 1,
+            retry_after: 5,
+            heartbeat_ttl: Duration::from_secs(6),
+            refresh: Duration::from_millis(500),
+            stale_grace: Duration::from_secs(60),
+            cpu_weight: 0.5,
+            allow: Vec::new(),
+            deny_mode: DenyMode::Drop,
+            max_message: 8192,
+            workers: 0,
+            recv_buffer: 4 * 1024 * 1024,
+            overload_delay: Duration::from_millis(200),
+            pools: Vec::new(),
+        }
+    }
+}
+
+/// Where the local node's calls go.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalMode {
+    /// Forward the INVITE statelessly to the local PBX (RFC 3261 §16.11).
+    #[default]
+    Proxy,
+    /// Answer 302 pointing at the local PBX.
+    Redirect,
+}
+
+/// What requests from outside the allow-list get.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DenyMode {
+    /// No answer at all: scanners learn nothing.
+    #[default]
+    Drop,
+    /// `403 Forbidden`.
+    Reject,
+}
+
+/// Calls whose Request-URI matches go to the nodes of pool `name`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolRule {
+    /// The node pool.
+    pub name: PoolName,
+    /// Request-URI host names (exact, case-insensitive).
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// Leading digits of the Request-URI user part (the dialled number; a leading `+` is
+    /// ignored).
+    #[serde(default)]
+    pub prefixes: Vec<String>,
+}
+
 /// How logs are written.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -367,6 +478,7 @@ impl Config {
                 return bad("node.calls.timeout", "must be longer than 0s".into());
             }
         }
+        self.balancer.validate()?;
         let mut names = HashSet::new();
         for (i, tier) in node.shed.iter().enumerate() {
             let key = format!("node.shed[{i}]");
@@ -393,6 +505,83 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+impl BalancerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| {
+            Err(ConfigError::Value {
+                key: format!("balancer.{key}"),
+                reason,
+            })
+        };
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad(
+                "listen",
+                format!("`{}` must be ip:port, e.g. 0.0.0.0:5060", self.listen),
+            );
+        }
+        if self.local_pbx.parse::<std::net::SocketAddr>().is_err() {
+            return bad(
+                "local_pbx",
+                format!("`{}` must be ip:port, e.g. 127.0.0.1:5080", self.local_pbx),
+            );
+        }
+        if !self.advertise.is_empty() && !self.advertise.contains(':') {
+            return bad(
+                "advertise",
+                format!("`{}` must be host:port", self.advertise),
+            );
+        }
+        if self.contacts == 0 || self.contacts > 9 {
+            return bad("contacts", "must be between 1 and 9".into());
+        }
+        if self.refresh.is_zero() || self.heartbeat_ttl.is_zero() {
+            return bad(
+                "refresh",
+                "refresh and heartbeat_ttl must be longer than 0s".into(),
+            );
+        }
+        if !(0.0..=10.0).contains(&self.cpu_weight) {
+            return bad("cpu_weight", "must be between 0 and 10".into());
+        }
+        if !(512..=65_535).contains(&self.max_message) {
+            return bad("max_message", "must be between 512 and 65535 bytes".into());
+        }
+        for (i, entry) in self.allow.iter().enumerate() {
+            if let Err(reason) = crate::net::Cidr::parse(entry) {
+                return bad(&format!("allow[{i}]"), reason);
+            }
+        }
+        for (i, pool) in self.pools.iter().enumerate() {
+            if pool.domains.is_empty() && pool.prefixes.is_empty() {
+                return bad(
+                    &format!("pools[{i}]"),
+                    "needs at least one of `domains` or `prefixes`".into(),
+                );
+            }
+            if let Some(prefix) = pool
+                .prefixes
+                .iter()
+                .find(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()))
+            {
+                return bad(
+                    &format!("pools[{i}].prefixes"),
+                    format!("`{prefix}` must be digits only (a leading + is ignored on calls)"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The address written into Via and Record-Route headers.
+    pub fn advertised(&self) -> &str {
+        if self.advertise.is_empty() {
+            &self.listen
+        } else {
+            &self.advertise
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod fleet;
 pub mod ids;
+pub mod net;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

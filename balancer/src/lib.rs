@@ -1,0 +1,2 @@
+//! The carrier-facing SIP front door of a core node.
+pub mod sip;
