@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use callfleet_balancer::{BalancerError, Listeners};
 use callfleet_core::config::Config;
 use callfleet_core::{ConfigError, NodeId, Store, fleet, shutdown, telemetry};
 use callfleet_node_agent::NodeAgentError;
@@ -31,6 +32,9 @@ enum Command {
     Up,
     /// Sample this node and heartbeat it into the fleet store.
     NodeAgent,
+    /// Answer the carrier's INVITEs: 302 to the least-loaded node, proxy to the local PBX,
+    /// or 503 so the carrier fails over.
+    Balancer,
     /// Show the fleet's nodes and their heartbeat age.
     Status {
         /// Print a JSON array instead of a table.
@@ -77,6 +81,10 @@ fn main() -> ExitCode {
                 || matches!(
                     err.downcast_ref::<NodeAgentError>(),
                     Some(NodeAgentError::Config(_))
+                )
+                || matches!(
+                    err.downcast_ref::<BalancerError>(),
+                    Some(BalancerError::Config(_))
                 );
             eprintln!("error: {err}");
             ExitCode::from(if usage { 64 } else { 1 })
@@ -87,24 +95,61 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
     let store = Store::connect(&config.store).await?;
     match command {
-        Command::Up | Command::NodeAgent => {
-            let up = matches!(command, Command::Up);
+        Command::Up => {
             let id = config.node.resolved_id()?;
-            if up {
-                println!("callfleet up: a single-box cluster");
-                println!(
-                    "  store       {}",
-                    callfleet_core::config::redact_url(&config.store.url)
-                );
-                println!(
-                    "  node-agent  node {id}, heartbeat every {:?}",
-                    config.node.heartbeat_interval
-                );
-                println!("  watch it    callfleet status   (from another shell in this folder)");
-                println!("Ctrl-C stops it.");
-            }
+            let listeners = Listeners::bind(&config.balancer)?;
+            let balancer = &config.balancer;
+            println!("callfleet up: a single-box cluster");
+            println!(
+                "  store       {}",
+                callfleet_core::config::redact_url(&config.store.url)
+            );
+            println!(
+                "  node-agent  node {id}, heartbeat every {:?}",
+                config.node.heartbeat_interval
+            );
+            println!(
+                "  balancer    SIP on {} (UDP and TCP); local calls {:?} to {}",
+                listeners.local_addr()?,
+                balancer.local_mode,
+                balancer.local_pbx
+            );
+            println!("  watch it    callfleet status   (from another shell in this folder)");
+            println!("Ctrl-C stops it.");
+            let token = shutdown::on_signals();
+            let (agent, balancer) = tokio::join!(
+                async {
+                    let result =
+                        callfleet_node_agent::run(&config, store.clone(), token.clone()).await;
+                    if result.is_err() {
+                        token.cancel();
+                    }
+                    result
+                },
+                async {
+                    let result =
+                        callfleet_balancer::run(&config, store.clone(), listeners, token.clone())
+                            .await;
+                    if result.is_err() {
+                        token.cancel();
+                    }
+                    result
+                },
+            );
+            shutdown::bounded("store", store.close()).await;
+            agent?;
+            balancer?;
+        }
+        Command::NodeAgent => {
             let token = shutdown::on_signals();
             let result = callfleet_node_agent::run(&config, store.clone(), token).await;
+            shutdown::bounded("store", store.close()).await;
+            result?;
+        }
+        Command::Balancer => {
+            let listeners = Listeners::bind(&config.balancer)?;
+            let token = shutdown::on_signals();
+            let result = callfleet_balancer::run(&config, store.clone(), listeners, token).await;
             shutdown::bounded("store", store.close()).await;
             result?;
         }

@@ -263,7 +263,9 @@ mod tests {
         // 0.5, 1.5, 3.5, 7.5, then every 4 s until 32 s.
         assert_eq!(
             sent_at,
-            [500, 1500, 3500, 7500, 11500, 15500, 19500, 23500, 27500, 31500]
+            [
+                500, 1500, 3500, 7500, 11500, 15500, 19500, 23500, 27500, 31500
+            ]
         );
         assert!(transactions.is_empty(), "Timer H removed it");
     }

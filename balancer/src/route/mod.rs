@@ -6,7 +6,7 @@
 //! times a second, and without it a burst would all land on the node that looked emptiest
 //! at the last heartbeat.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use callfleet_core::config::PoolRule;
@@ -37,6 +37,8 @@ pub struct NodeEntry {
     pub seq: u64,
     /// Calls sent there since that heartbeat.
     pub pending: AtomicU32,
+    /// Calls sent there since this balancer started.
+    pub routed: AtomicU64,
     /// This balancer's own node.
     pub local: bool,
 }
@@ -91,10 +93,11 @@ impl FleetView {
         let nodes = nodes
             .into_iter()
             .map(|node| {
-                let pending = previous
-                    .and_then(|view| view.nodes.iter().find(|old| old.id == node.id))
+                let old = previous.and_then(|view| view.nodes.iter().find(|old| old.id == node.id));
+                let pending = old
                     .filter(|old| old.seq == node.seq)
                     .map_or(0, |old| old.pending.load(Ordering::Relaxed));
+                let routed = old.map_or(0, |old| old.routed.load(Ordering::Relaxed));
                 let per_core = if node.cores > 0 {
                     node.load1 / f64::from(node.cores)
                 } else {
@@ -115,6 +118,7 @@ impl FleetView {
                     age_at_read: Duration::from_millis(node.age_ms),
                     seq: node.seq,
                     pending: AtomicU32::new(pending),
+                    routed: AtomicU64::new(routed),
                     id: node.id,
                 }
             })
@@ -170,7 +174,9 @@ impl FleetView {
             *choice = Choice { index: *index };
         }
         if found > 0 {
-            self.nodes[best[0].2].pending.fetch_add(1, Ordering::Relaxed);
+            let chosen = &self.nodes[best[0].2];
+            chosen.pending.fetch_add(1, Ordering::Relaxed);
+            chosen.routed.fetch_add(1, Ordering::Relaxed);
         }
         found
     }
@@ -246,7 +252,6 @@ impl PoolMap {
         &self.default
     }
 }
-
 
 #[cfg(test)]
 mod tests;

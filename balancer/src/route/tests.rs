@@ -50,7 +50,13 @@ fn burst(view: &FleetView, calls: usize) -> HashMap<String, usize> {
     let mut landed = HashMap::new();
     let mut out = [Choice { index: 0 }];
     for _ in 0..calls {
-        let n = view.choose(&default_pool(), SCORING, Trust::Full, view.read_at, &mut out);
+        let n = view.choose(
+            &default_pool(),
+            SCORING,
+            Trust::Full,
+            view.read_at,
+            &mut out,
+        );
         assert_eq!(n, 1, "a node has room");
         *landed
             .entry(view.nodes[out[0].index].id.to_string())
@@ -61,7 +67,13 @@ fn burst(view: &FleetView, calls: usize) -> HashMap<String, usize> {
 
 fn first_choice(view: &FleetView) -> Option<String> {
     let mut out = [Choice { index: 0 }];
-    let n = view.choose(&default_pool(), SCORING, Trust::Full, view.read_at, &mut out);
+    let n = view.choose(
+        &default_pool(),
+        SCORING,
+        Trust::Full,
+        view.read_at,
+        &mut out,
+    );
     (n > 0).then(|| view.nodes[out[0].index].id.to_string())
 }
 
@@ -105,7 +117,11 @@ fn least_utilised_wins_and_cpu_is_a_penalty() {
 
 #[test]
 fn ties_prefer_the_local_node() {
-    let view = view(vec![node("a", 5, 100), node("lb", 5, 100), node("b", 5, 100)]);
+    let view = view(vec![
+        node("a", 5, 100),
+        node("lb", 5, 100),
+        node("b", 5, 100),
+    ]);
     assert_eq!(first_choice(&view).as_deref(), Some("lb"));
 }
 
@@ -129,7 +145,11 @@ fn ineligible_nodes_get_nothing() {
         "the node of pool de could take a call for de"
     );
     let without = FleetView::from_nodes(
-        view.nodes.iter().take(5).map(|n| node(n.id.as_str(), 100, 100)).collect(),
+        view.nodes
+            .iter()
+            .take(5)
+            .map(|n| node(n.id.as_str(), 100, 100))
+            .collect(),
         &local(),
         None,
         Instant::now(),
@@ -154,8 +174,17 @@ fn pending_fills_capacity_and_resets_on_a_new_heartbeat() {
     let first = view(vec![node("n1", 0, 3)]);
     assert_eq!(burst(&first, 3)["n1"], 3);
     assert_eq!(first_choice(&first), None, "3 pending of 3");
-    let same = FleetView::from_nodes(vec![node("n1", 0, 3)], &local(), Some(&first), Instant::now());
-    assert_eq!(first_choice(&same), None, "same heartbeat: pending carried over");
+    let same = FleetView::from_nodes(
+        vec![node("n1", 0, 3)],
+        &local(),
+        Some(&first),
+        Instant::now(),
+    );
+    assert_eq!(
+        first_choice(&same),
+        None,
+        "same heartbeat: pending carried over"
+    );
     let mut newer = node("n1", 3, 10);
     newer.seq = 2;
     let next = FleetView::from_nodes(vec![newer], &local(), Some(&same), Instant::now());
@@ -165,9 +194,19 @@ fn pending_fills_capacity_and_resets_on_a_new_heartbeat() {
 
 #[test]
 fn alternatives_come_best_first() {
-    let view = view(vec![node("c", 30, 100), node("a", 10, 100), node("b", 20, 100)]);
+    let view = view(vec![
+        node("c", 30, 100),
+        node("a", 10, 100),
+        node("b", 20, 100),
+    ]);
     let mut out = [Choice { index: 0 }; 3];
-    let n = view.choose(&default_pool(), SCORING, Trust::Full, view.read_at, &mut out);
+    let n = view.choose(
+        &default_pool(),
+        SCORING,
+        Trust::Full,
+        view.read_at,
+        &mut out,
+    );
     let order: Vec<_> = out[..n]
         .iter()
         .map(|c| view.nodes[c.index].id.to_string())
@@ -180,10 +219,16 @@ fn local_only_needs_a_live_pbx() {
     let view = view(vec![node("lb", 0, 100), node("other", 0, 100)]);
     let mut out = [Choice { index: 0 }];
     let dead = Trust::LocalOnly { pbx_alive: false };
-    assert_eq!(view.choose(&default_pool(), SCORING, dead, view.read_at, &mut out), 0);
+    assert_eq!(
+        view.choose(&default_pool(), SCORING, dead, view.read_at, &mut out),
+        0
+    );
     let alive = Trust::LocalOnly { pbx_alive: true };
     let much_later = view.read_at + Duration::from_secs(600);
-    assert_eq!(view.choose(&default_pool(), SCORING, alive, much_later, &mut out), 1);
+    assert_eq!(
+        view.choose(&default_pool(), SCORING, alive, much_later, &mut out),
+        1
+    );
     assert_eq!(view.nodes[out[0].index].id.as_str(), "lb");
 }
 
@@ -198,7 +243,10 @@ fn pools_match_domains_then_prefixes() {
         rule("tenant-a", &["a.example.com"], &[]),
         rule("germany", &[], &["49"]),
     ]);
-    assert_eq!(map.pool_for(b"A.EXAMPLE.COM", Some(b"100")).as_str(), "tenant-a");
+    assert_eq!(
+        map.pool_for(b"A.EXAMPLE.COM", Some(b"100")).as_str(),
+        "tenant-a"
+    );
     assert_eq!(map.pool_for(b"lb", Some(b"+4930123")).as_str(), "germany");
     assert_eq!(map.pool_for(b"lb", Some(b"4930123")).as_str(), "germany");
     assert_eq!(map.pool_for(b"lb", Some(b"3312")).as_str(), "default");

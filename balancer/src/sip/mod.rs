@@ -338,10 +338,7 @@ pub fn addr_uri(value: &[u8]) -> &[u8] {
         Some((open, close)) => &value[open + 1..close],
         None => {
             let value = trim(value);
-            &value[..value
-                .iter()
-                .position(|b| *b == b';')
-                .unwrap_or(value.len())]
+            &value[..value.iter().position(|b| *b == b';').unwrap_or(value.len())]
         }
     }
 }

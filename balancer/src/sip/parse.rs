@@ -259,7 +259,10 @@ pub(crate) fn is_space(b: u8) -> bool {
 /// `s` without leading and trailing whitespace.
 pub(crate) fn trim(s: &[u8]) -> &[u8] {
     let start = s.iter().position(|b| !is_space(*b)).unwrap_or(s.len());
-    let end = s.iter().rposition(|b| !is_space(*b)).map_or(start, |e| e + 1);
+    let end = s
+        .iter()
+        .rposition(|b| !is_space(*b))
+        .map_or(start, |e| e + 1);
     &s[start..end]
 }
 

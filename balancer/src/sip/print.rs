@@ -190,8 +190,7 @@ fn write_received_via(value: &[u8], source: SocketAddr, out: &mut Vec<u8>) {
                     out.extend_from_slice(param);
                 }
             }
-            if via.received.is_none() && (via.rport.is_some() || !host_is(via.host, source.ip()))
-            {
+            if via.received.is_none() && (via.rport.is_some() || !host_is(via.host, source.ip())) {
                 let _ = write!(out, ";received={}", source.ip());
             }
         }

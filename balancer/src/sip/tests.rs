@@ -134,7 +134,11 @@ fn compact_forms_map_to_full_names() {
         ("s", HeaderName::Other),
         ("c", HeaderName::Other),
     ] {
-        assert_eq!(HeaderName::from_bytes(compact.as_bytes()), full, "{compact}");
+        assert_eq!(
+            HeaderName::from_bytes(compact.as_bytes()),
+            full,
+            "{compact}"
+        );
     }
 }
 
@@ -196,7 +200,10 @@ Max-Forwards: 0\r\n\
         ),
         "{text}"
     );
-    assert!(text.contains("To: <sip:lb.example.com>;tag=t\r\n"), "{text}");
+    assert!(
+        text.contains("To: <sip:lb.example.com>;tag=t\r\n"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -305,7 +312,10 @@ fn uris_split_into_user_host_port() {
     assert_eq!(uri.transport, Some(&b"tcp"[..]));
     assert!(Uri::parse(b"tel:+4930123").is_err());
     let bare = Uri::parse(b"sip:pbx.example.com").expect("uri");
-    assert_eq!((bare.user, bare.host, bare.port), (None, &b"pbx.example.com"[..], None));
+    assert_eq!(
+        (bare.user, bare.host, bare.port),
+        (None, &b"pbx.example.com"[..], None)
+    );
 }
 
 proptest! {
