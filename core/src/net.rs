@@ -41,7 +41,9 @@ impl Cidr {
         };
         match (self.network, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
@@ -79,7 +81,15 @@ mod tests {
 
     #[test]
     fn bad_entries_say_why() {
-        assert!(Cidr::parse("10.0.0.0/33").expect_err("too long").contains("prefix"));
-        assert!(Cidr::parse("carrier.example").expect_err("a name").contains("CIDR"));
+        assert!(
+            Cidr::parse("10.0.0.0/33")
+                .expect_err("too long")
+                .contains("prefix")
+        );
+        assert!(
+            Cidr::parse("carrier.example")
+                .expect_err("a name")
+                .contains("CIDR")
+        );
     }
 }
