@@ -111,3 +111,73 @@ pub fn fresh_mysql_url() -> String {
         .block_on(callfleet_core::testing::fresh_mysql_config())
         .url
 }
+
+/// A loopback port that is free for both UDP and TCP right now (SIP listens on both).
+pub fn free_port() -> u16 {
+    for _ in 0..100 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket");
+        let port = udp.local_addr().expect("local address").port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no loopback port free for both UDP and TCP");
+}
+
+/// Starts `callfleet node-agent` like [`start_agent`], with extra environment such as
+/// `CALLFLEET_NODE__MAX_CALLS`.
+pub fn start_agent_with(
+    store_url: &str,
+    id: &str,
+    interval: &str,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> Running {
+    let log = std::fs::File::create(log).expect("create log file");
+    let child = callfleet()
+        .arg("node-agent")
+        .env("CALLFLEET_STORE__URL", store_url)
+        .env("CALLFLEET_NODE__ID", id)
+        .env("CALLFLEET_NODE__HEARTBEAT_INTERVAL", interval)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start node-agent");
+    Running { child }
+}
+
+/// SIPp (Debian package sip-tester). Missing, it fails the test: `./scripts/test`
+/// installs it.
+pub fn sipp() -> Command {
+    let installed = std::iter::once(std::path::PathBuf::from("/usr/bin/sipp"))
+        .chain(
+            std::env::var_os("PATH")
+                .iter()
+                .flat_map(std::env::split_paths)
+                .map(|dir| dir.join("sipp")),
+        )
+        .find(|path| path.is_file());
+    match installed {
+        Some(path) => Command::new(path),
+        None => panic!(
+            "SIPp is missing (/usr/bin/sipp, Debian package sip-tester): run ./scripts/test, which installs it"
+        ),
+    }
+}
+
+/// Waits up to `limit` for `running` to exit; kills it and panics if it does not.
+pub fn wait_exit(what: &str, running: &mut Running, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = running.child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if start.elapsed() > limit {
+            let _ = running.child.kill();
+            let _ = running.child.wait();
+            panic!("{what}: still running after {limit:?}, killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,1558 @@
+//! The SIP balancer end to end: a real `callfleet balancer` process choosing among real
+//! node-agents heartbeating into SQLite, driven by raw UDP/TCP sockets and by SIPp
+//! (scenarios in `tests/sipp/`). Counters come from the balancer's last JSON log line.
+
+mod support;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+/// Heartbeats of the test nodes; the balancer trusts a heartbeat for `TTL`.
+const HEARTBEAT: &str = "300ms";
+const TTL: &str = "1s";
+const REFRESH: &str = "100ms";
+/// The dialled number of every test call.
+const USER: &str = "5551234";
+
+// ---------------------------------------------------------------------------------------
+// The fleet and the balancer
+// ---------------------------------------------------------------------------------------
+
+/// A SQLite fleet store in a temp dir and the node-agents heartbeating into it.
+struct Fleet {
+    /// Declared first: the agents are killed before the directory goes.
+    agents: Vec<(String, Running)>,
+    dir: tempfile::TempDir,
+    url: String,
+}
+
+impl Fleet {
+    /// A fresh temp dir, kept after the test (logs, SIPp traces) when
+    /// `CALLFLEET_TEST_KEEP` is set.
+    fn new() -> Self {
+        let keep = std::env::var_os("CALLFLEET_TEST_KEEP").is_some();
+        let dir = tempfile::Builder::new()
+            .prefix("callfleet-balancer-")
+            .disable_cleanup(keep)
+            .tempdir()
+            .expect("temp dir");
+        if keep {
+            eprintln!("test files kept in {}", dir.path().display());
+        }
+        let url = format!("sqlite://{}/fleet.db", dir.path().display());
+        Self {
+            agents: Vec::new(),
+            dir,
+            url,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts a node-agent for `id`, reachable at `sip_uri`, reporting `calls` of `max_calls`.
+    fn node(&mut self, id: &str, sip_uri: &str, calls: u32, max_calls: u32) {
+        let (calls, max_calls) = (calls.to_string(), max_calls.to_string());
+        let agent = start_agent_with(
+            &self.url,
+            id,
+            HEARTBEAT,
+            &self.path(&format!("agent-{id}.log")),
+            &[
+                ("CALLFLEET_NODE__SIP_URI", sip_uri),
+                ("CALLFLEET_NODE__MAX_CALLS", &max_calls),
+                ("CALLFLEET_NODE__CALLS__COUNT", &calls),
+            ],
+        );
+        self.agents.push((id.to_owned(), agent));
+    }
+
+    /// Waits until `status` lists every one of `ids` with a fresh heartbeat.
+    fn wait_fresh(&self, ids: &[&str]) {
+        wait_until(
+            &format!("nodes {ids:?} heartbeating"),
+            Duration::from_secs(20),
+            || {
+                let nodes = status(&self.url);
+                ids.iter()
+                    .all(|id| node(&nodes, id).is_some_and(|n| n["stale"] == false))
+            },
+        );
+    }
+
+    fn agent(&mut self, id: &str) -> &mut Running {
+        &mut self
+            .agents
+            .iter_mut()
+            .find(|(name, _)| name == id)
+            .unwrap_or_else(|| panic!("no agent {id}"))
+            .1
+    }
+
+    /// `callfleet node drain|undrain ID` against this store.
+    fn cli(&self, args: &[&str]) -> Output {
+        let output = callfleet()
+            .args(args)
+            .env("CALLFLEET_STORE__URL", &self.url)
+            .output()
+            .expect("run callfleet");
+        assert_success(&output);
+        output
+    }
+}
+
+/// A running `callfleet balancer`.
+struct Balancer {
+    process: Running,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Balancer {
+    /// Starts a balancer for `fleet` as node `node_id`, with the test's short refresh and
+    /// heartbeat TTL, extra `env` and optionally a TOML `config` file; waits for
+    /// `balancer ready`.
+    fn start(
+        fleet: &Fleet,
+        name: &str,
+        node_id: &str,
+        env: &[(&str, String)],
+        config: Option<&str>,
+    ) -> Self {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let log = fleet.path(&format!("{name}.log"));
+        let mut command = callfleet();
+        if let Some(text) = config {
+            let file = fleet.path(&format!("{name}.toml"));
+            std::fs::write(&file, text).expect("write config");
+            command.arg("--config").arg(file);
+        }
+        let child = command
+            .args(["--log-format", "json", "balancer"])
+            .env("CALLFLEET_STORE__URL", &fleet.url)
+            .env("CALLFLEET_NODE__ID", node_id)
+            .env("CALLFLEET_BALANCER__LISTEN", addr.to_string())
+            .env("CALLFLEET_BALANCER__REFRESH", REFRESH)
+            .env("CALLFLEET_BALANCER__HEARTBEAT_TTL", TTL)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("create log"))
+            .spawn()
+            .expect("start callfleet balancer");
+        let mut balancer = Self {
+            process: Running { child },
+            addr,
+            log,
+        };
+        let start = Instant::now();
+        loop {
+            if balancer.log_text().contains("balancer ready") {
+                break;
+            }
+            if !balancer.process.alive() {
+                panic!(
+                    "`callfleet balancer` exited before `balancer ready`:\n{}",
+                    balancer.log_text()
+                );
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                panic!("no `balancer ready` within 20 s:\n{}", balancer.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        balancer
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `request` from `udp` and returns the response to it (same Call-ID and CSeq
+    /// method), skipping anything else; panics with the balancer's log if none comes.
+    fn ask(&self, udp: &Udp, request: &Req) -> Sip {
+        udp.send(&request.render());
+        self.response(udp, request)
+    }
+
+    fn response(&self, udp: &Udp, request: &Req) -> Sip {
+        udp.response_to(request, Duration::from_secs(3))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no response within 3 s to:\n{}\nbalancer log:\n{}",
+                    String::from_utf8_lossy(&request.render()),
+                    self.log_text()
+                )
+            })
+    }
+
+    /// Sends OPTIONS from `udp` until one is answered `code` (e.g. 200 once the balancer
+    /// has loaded a fleet with an eligible node). Returns how many OPTIONS were sent and
+    /// how many of them got 503.
+    fn options_until(&self, udp: &Udp, code: u16, limit: Duration) -> (u64, u64) {
+        let start = Instant::now();
+        let (mut sent, mut unavailable) = (0, 0);
+        let mut last = String::from("no answer");
+        while start.elapsed() < limit {
+            let options = Req::new("OPTIONS", &self.uri(""), udp.local, "UDP");
+            udp.send(&options.render());
+            sent += 1;
+            if let Some(answer) = udp.response_to(&options, Duration::from_millis(500)) {
+                if answer.code() == 503 {
+                    unavailable += 1;
+                }
+                if answer.code() == code {
+                    return (sent, unavailable);
+                }
+                last = answer.to_string();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "OPTIONS not answered {code} within {limit:?}; last answer:\n{last}\nbalancer log:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// `sip:USER@balancer` (or `sip:balancer` for an empty user).
+    fn uri(&self, user: &str) -> String {
+        if user.is_empty() {
+            format!("sip:{}", self.addr)
+        } else {
+            format!("sip:{user}@{}", self.addr)
+        }
+    }
+
+    /// SIGTERM, a clean exit, and the counters of the final `balancer stopped` line.
+    fn stop(mut self) -> Counters {
+        self.process.signal("TERM");
+        let status = wait_exit(
+            "balancer after SIGTERM",
+            &mut self.process,
+            Duration::from_secs(10),
+        );
+        let text = self.log_text();
+        assert!(status.success(), "balancer exit {status:?}; log:\n{text}");
+        let fields = text
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            // tracing-subscriber's JSON puts fields under `fields`, or at the top level
+            // when events are flattened.
+            .map(|line| match line.get("fields") {
+                Some(fields) if fields.is_object() => fields.clone(),
+                _ => line,
+            })
+            .find(|fields| fields["message"] == "balancer stopped")
+            .unwrap_or_else(|| panic!("no `balancer stopped` JSON line in the log:\n{text}"));
+        Counters { fields }
+    }
+}
+
+/// The fields of the final `balancer stopped` log line.
+struct Counters {
+    fields: Value,
+}
+
+impl Counters {
+    fn get(&self, name: &str) -> u64 {
+        self.fields[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no integer field `{name}` in {}", self.fields))
+    }
+
+    /// Asserts each `(name, value)` exactly.
+    fn assert(&self, expected: &[(&str, u64)]) {
+        for (name, value) in expected {
+            assert_eq!(
+                self.get(name),
+                *value,
+                "counter `{name}` in {}",
+                self.fields
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// SIP on the wire
+// ---------------------------------------------------------------------------------------
+
+fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}{}x{}x{nanos:x}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A request as a carrier would send it.
+#[derive(Clone, Debug)]
+struct Req {
+    method: String,
+    uri: String,
+    /// `UDP` or `TCP`.
+    transport: String,
+    local: SocketAddr,
+    branch: String,
+    /// Vias of upstream hops, below ours.
+    lower_vias: Vec<String>,
+    from_tag: String,
+    to_uri: String,
+    to_tag: Option<String>,
+    call_id: String,
+    cseq: u32,
+    cseq_method: String,
+    max_forwards: Option<u32>,
+    /// Complete header lines without CRLF.
+    extra: Vec<String>,
+    body: String,
+    /// Replaces the computed Content-Length value.
+    content_length: Option<String>,
+}
+
+const SDP: &str = "v=0\r\no=carrier 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n";
+
+impl Req {
+    fn new(method: &str, uri: &str, local: SocketAddr, transport: &str) -> Self {
+        Self {
+            method: method.to_owned(),
+            uri: uri.to_owned(),
+            transport: transport.to_owned(),
+            local,
+            branch: unique("z9hG4bK-t"),
+            lower_vias: Vec::new(),
+            from_tag: unique("f"),
+            to_uri: uri.to_owned(),
+            to_tag: None,
+            call_id: unique("call-"),
+            cseq: 1,
+            cseq_method: method.to_owned(),
+            max_forwards: Some(70),
+            extra: Vec::new(),
+            body: if method == "INVITE" {
+                SDP.to_owned()
+            } else {
+                String::new()
+            },
+            content_length: None,
+        }
+    }
+
+    fn invite(balancer: &Balancer, local: SocketAddr, transport: &str) -> Self {
+        Self::new("INVITE", &balancer.uri(USER), local, transport)
+    }
+
+    fn via(&self) -> String {
+        format!(
+            "SIP/2.0/{} {};branch={};rport",
+            self.transport, self.local, self.branch
+        )
+    }
+
+    fn render(&self) -> Vec<u8> {
+        let mut text = format!(
+            "{} {} SIP/2.0\r\nVia: {}\r\n",
+            self.method,
+            self.uri,
+            self.via()
+        );
+        for via in &self.lower_vias {
+            text += &format!("Via: {via}\r\n");
+        }
+        if let Some(hops) = self.max_forwards {
+            text += &format!("Max-Forwards: {hops}\r\n");
+        }
+        text += &format!(
+            "From: \"Carrier\" <sip:carrier@{}>;tag={}\r\n",
+            self.local, self.from_tag
+        );
+        text += &format!("To: <{}>", self.to_uri);
+        if let Some(tag) = &self.to_tag {
+            text += &format!(";tag={tag}");
+        }
+        text += "\r\n";
+        text += &format!("Call-ID: {}\r\n", self.call_id);
+        text += &format!("CSeq: {} {}\r\n", self.cseq, self.cseq_method);
+        if self.method == "INVITE" {
+            text += &format!(
+                "Contact: <sip:carrier@{};transport={}>\r\n",
+                self.local,
+                self.transport.to_lowercase()
+            );
+        }
+        for line in &self.extra {
+            text += line;
+            text += "\r\n";
+        }
+        if !self.body.is_empty() {
+            text += "Content-Type: application/sdp\r\n";
+        }
+        let length = self
+            .content_length
+            .clone()
+            .unwrap_or_else(|| self.body.len().to_string());
+        text += &format!("Content-Length: {length}\r\n\r\n{}", self.body);
+        text.into_bytes()
+    }
+
+    /// The ACK for a non-2xx final `response` to this INVITE (RFC 3261 §17.1.1.3).
+    fn ack(&self, response: &Sip) -> Self {
+        Self {
+            method: "ACK".into(),
+            cseq_method: "ACK".into(),
+            lower_vias: Vec::new(),
+            to_tag: response.to_tag(),
+            extra: Vec::new(),
+            body: String::new(),
+            content_length: None,
+            ..self.clone()
+        }
+    }
+
+    /// The CANCEL of this INVITE (RFC 3261 §9.1).
+    fn cancel(&self) -> Self {
+        Self {
+            method: "CANCEL".into(),
+            cseq_method: "CANCEL".into(),
+            lower_vias: Vec::new(),
+            extra: Vec::new(),
+            body: String::new(),
+            content_length: None,
+            ..self.clone()
+        }
+    }
+}
+
+/// A parsed SIP message, with the bytes it came from.
+#[derive(Clone)]
+struct Sip {
+    raw: Vec<u8>,
+    start: String,
+    /// (lower-case full name, value), in order.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl fmt::Display for Sip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", String::from_utf8_lossy(&self.raw))
+    }
+}
+
+impl fmt::Debug for Sip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+fn full_name(name: &str) -> String {
+    let name = name.trim().to_ascii_lowercase();
+    match name.as_str() {
+        "v" => "via",
+        "f" => "from",
+        "t" => "to",
+        "i" => "call-id",
+        "m" => "contact",
+        "l" => "content-length",
+        "c" => "content-type",
+        "k" => "supported",
+        "s" => "subject",
+        other => other,
+    }
+    .to_owned()
+}
+
+impl Sip {
+    /// Parses one message; lines may end in CRLF or LF (SIPp's logs).
+    fn parse(raw: &[u8]) -> Option<Self> {
+        let (head, body) = match find(raw, b"\r\n\r\n") {
+            Some(at) => (&raw[..at], raw[at + 4..].to_vec()),
+            None => match find(raw, b"\n\n") {
+                Some(at) => (&raw[..at], raw[at + 2..].to_vec()),
+                None => (raw, Vec::new()),
+            },
+        };
+        let head = std::str::from_utf8(head).ok()?;
+        let mut lines = head.lines().map(|l| l.trim_end_matches('\r'));
+        let start = lines.next()?.to_owned();
+        if !start.starts_with("SIP/2.0 ") && !start.ends_with(" SIP/2.0") {
+            return None;
+        }
+        let mut headers: Vec<(String, String)> = Vec::new();
+        for line in lines {
+            if line.starts_with([' ', '\t']) {
+                let (_, value) = headers.last_mut()?;
+                value.push(' ');
+                value.push_str(line.trim());
+                continue;
+            }
+            let (name, value) = line.split_once(':')?;
+            headers.push((full_name(name), value.trim().to_owned()));
+        }
+        Some(Self {
+            raw: raw.to_vec(),
+            start,
+            headers,
+            body,
+        })
+    }
+
+    fn is_response(&self) -> bool {
+        self.start.starts_with("SIP/2.0 ")
+    }
+
+    fn code(&self) -> u16 {
+        assert!(self.is_response(), "not a response:\n{self}");
+        self.start[8..11]
+            .parse()
+            .unwrap_or_else(|_| panic!("bad status line:\n{self}"))
+    }
+
+    fn reason(&self) -> &str {
+        self.start.get(12..).unwrap_or("")
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        let name = full_name(name);
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every header line called `name`, in order.
+    fn lines_named(&self, name: &str) -> Vec<&str> {
+        let name = full_name(name);
+        self.headers
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// Every value of `name`: all its lines, split at commas outside `<>` and quotes.
+    fn values(&self, name: &str) -> Vec<String> {
+        self.lines_named(name)
+            .into_iter()
+            .flat_map(split_values)
+            .collect()
+    }
+
+    fn call_id(&self) -> &str {
+        self.header("Call-ID").unwrap_or("")
+    }
+
+    fn cseq_method(&self) -> &str {
+        self.header("CSeq")
+            .and_then(|c| c.split_whitespace().nth(1))
+            .unwrap_or("")
+    }
+
+    fn to_tag(&self) -> Option<String> {
+        param(self.header("To")?, "tag")
+    }
+
+    /// The Contact URIs with their q-values (1.0 when absent), in order.
+    fn contacts(&self) -> Vec<(String, f64)> {
+        self.values("Contact")
+            .iter()
+            .map(|value| {
+                let (uri, params) = match (value.find('<'), value.find('>')) {
+                    (Some(open), Some(close)) => (&value[open + 1..close], &value[close + 1..]),
+                    _ => value.split_once(';').unwrap_or((value.as_str(), "")),
+                };
+                let q = param(params, "q")
+                    .map(|q| {
+                        q.parse::<f64>()
+                            .unwrap_or_else(|_| panic!("bad q in {value}"))
+                    })
+                    .unwrap_or(1.0);
+                (uri.trim().to_owned(), q)
+            })
+            .collect()
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn split_values(line: &str) -> Vec<String> {
+    let (mut values, mut current) = (Vec::new(), String::new());
+    let (mut angle, mut quoted) = (false, false);
+    for ch in line.chars() {
+        match ch {
+            '"' if !angle => quoted = !quoted,
+            '<' if !quoted => angle = true,
+            '>' if !quoted => angle = false,
+            ',' if !angle && !quoted => {
+                values.push(current.trim().to_owned());
+                current.clear();
+                continue;
+            }
+            _ => {}
+        }
+        current.push(ch);
+    }
+    if !current.trim().is_empty() {
+        values.push(current.trim().to_owned());
+    }
+    values
+}
+
+/// The value of `;name=value` among header parameters (outside `<>`), if present;
+/// `Some("")` for a parameter without a value.
+fn param(value: &str, name: &str) -> Option<String> {
+    let params = match value.rfind('>') {
+        Some(close) => &value[close + 1..],
+        None => value,
+    };
+    params.split(';').skip(1).find_map(|p| {
+        let (n, v) = p.split_once('=').unwrap_or((p, ""));
+        n.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_owned())
+    })
+}
+
+/// A carrier's UDP socket on loopback.
+struct Udp {
+    socket: UdpSocket,
+    local: SocketAddr,
+    to: SocketAddr,
+}
+
+impl Udp {
+    fn new(to: SocketAddr) -> Self {
+        Self::from_ip("127.0.0.1", to)
+    }
+
+    fn from_ip(ip: &str, to: SocketAddr) -> Self {
+        let socket = UdpSocket::bind((ip, 0)).expect("bind UDP");
+        let local = socket.local_addr().expect("local address");
+        Self { socket, local, to }
+    }
+
+    fn send(&self, bytes: &[u8]) {
+        self.socket.send_to(bytes, self.to).expect("send_to");
+    }
+
+    /// The next datagram within `wait`.
+    fn recv(&self, wait: Duration) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 65_536];
+        self.socket
+            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
+            .expect("timeout");
+        match self.socket.recv_from(&mut buf) {
+            Ok((n, _)) => Some(buf[..n].to_vec()),
+            Err(_) => None,
+        }
+    }
+
+    /// The next response with `request`'s Call-ID and CSeq method within `wait`.
+    fn response_to(&self, request: &Req, wait: Duration) -> Option<Sip> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let Some(raw) = self.recv(left) else {
+                continue;
+            };
+            if let Some(sip) = Sip::parse(&raw)
+                && sip.is_response()
+                && sip.call_id() == request.call_id
+                && sip.cseq_method() == request.cseq_method
+            {
+                return Some(sip);
+            }
+        }
+    }
+
+    /// Every datagram received within `wait` (for "nothing comes back" checks).
+    fn all_within(&self, wait: Duration) -> Vec<String> {
+        let deadline = Instant::now() + wait;
+        let mut got = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            if let Some(raw) = self.recv(left) {
+                got.push(String::from_utf8_lossy(&raw).into_owned());
+            }
+        }
+        got
+    }
+
+    /// Datagrams about `call_id` received within `wait`.
+    fn about_within(&self, call_id: &str, wait: Duration) -> Vec<String> {
+        self.all_within(wait)
+            .into_iter()
+            .filter(|text| text.contains(call_id))
+            .collect()
+    }
+}
+
+/// Reads one SIP message from a TCP stream, framed by Content-Length; `buf` keeps what
+/// was read beyond it.
+fn read_tcp_message(stream: &mut TcpStream, buf: &mut Vec<u8>, wait: Duration) -> Option<Sip> {
+    let deadline = Instant::now() + wait;
+    loop {
+        while buf.starts_with(b"\r\n") {
+            buf.drain(..2);
+        }
+        if let Some(end) = find(buf, b"\r\n\r\n") {
+            let head = Sip::parse(&buf[..end + 4])?;
+            let length: usize = head
+                .header("Content-Length")
+                .map(|l| l.parse().expect("numeric Content-Length"))
+                .unwrap_or(0);
+            let total = end + 4 + length;
+            if buf.len() >= total {
+                let raw: Vec<u8> = buf.drain(..total).collect();
+                return Sip::parse(&raw);
+            }
+        }
+        let left = deadline.checked_duration_since(Instant::now())?;
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .expect("timeout");
+        let mut chunk = [0u8; 16 * 1024];
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// `SIP/2.0/UDP host:port;p=v;...` → (sent-by, parameters by lower-case name).
+fn via_parts(via: &str) -> (String, HashMap<String, String>) {
+    let mut parts = via.split(';');
+    let sent = parts.next().unwrap_or("").trim();
+    let sent_by = sent.split_whitespace().nth(1).unwrap_or("").to_owned();
+    let params = parts
+        .map(|p| {
+            let (n, v) = p.split_once('=').unwrap_or((p, ""));
+            (n.trim().to_ascii_lowercase(), v.trim().to_owned())
+        })
+        .collect();
+    (sent_by, params)
+}
+
+// ---------------------------------------------------------------------------------------
+// SIPp
+// ---------------------------------------------------------------------------------------
+
+fn scenario(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sipp")
+        .join(name)
+}
+
+/// A SIPp run whose traces go to `dir/name.*`.
+struct SippRun {
+    dir: PathBuf,
+    name: String,
+}
+
+impl SippRun {
+    /// SIPp with `scenario` on `transport` (`u1`, `t1`), bound to 127.0.0.1:`port`,
+    /// bounded in time, tracing messages and errors.
+    fn command(
+        dir: &Path,
+        name: &str,
+        scenario_file: &str,
+        transport: &str,
+        port: u16,
+    ) -> (Self, std::process::Command) {
+        let run = Self {
+            dir: dir.to_owned(),
+            name: name.to_owned(),
+        };
+        let mut command = sipp();
+        command
+            .current_dir(dir)
+            .arg("-sf")
+            .arg(scenario(scenario_file))
+            .args(["-t", transport, "-i", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-timeout", "20s", "-timeout_error", "-nostdin"])
+            .args(["-recv_timeout", "8000"])
+            .arg("-trace_msg")
+            .arg("-message_file")
+            .arg(run.file("msg"))
+            .arg("-trace_err")
+            .arg("-error_file")
+            .arg(run.file("err"))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(run.file("out")).expect("sipp stdout file"))
+            .stderr(std::fs::File::create(run.file("stderr")).expect("sipp stderr file"));
+        (run, command)
+    }
+
+    fn file(&self, ext: &str) -> PathBuf {
+        self.dir.join(format!("{}.{ext}", self.name))
+    }
+
+    /// Everything SIPp wrote, for assertion messages.
+    fn report(&self) -> String {
+        let read = |ext: &str| std::fs::read_to_string(self.file(ext)).unwrap_or_default();
+        let out = read("out");
+        let tail: Vec<&str> = out.lines().rev().take(25).collect();
+        format!(
+            "--- {name} messages:\n{}\n--- {name} errors:\n{}\n--- {name} stderr:\n{}\n--- {name} screen (end):\n{}",
+            read("msg"),
+            read("err"),
+            read("stderr"),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            name = self.name,
+        )
+    }
+
+    /// The messages in SIPp's message trace: (received?, message).
+    fn messages(&self) -> Vec<(bool, Sip)> {
+        let text = std::fs::read_to_string(self.file("msg")).unwrap_or_default();
+        let mut found = Vec::new();
+        for block in text.split("\n----------------------------------------------- ") {
+            let mut lines = block.splitn(3, '\n');
+            let _stamp = lines.next();
+            let kind = lines.next().unwrap_or("");
+            let rest = lines.next().unwrap_or("").trim_start_matches(['\r', '\n']);
+            let received = kind.contains("received");
+            if !(received || kind.contains("sent")) {
+                continue;
+            }
+            if let Some(sip) = Sip::parse(rest.trim_end().as_bytes()) {
+                found.push((received, sip));
+            }
+        }
+        found
+    }
+
+    /// The first received message whose start line begins with `start`.
+    fn received(&self, start: &str) -> Sip {
+        self.messages()
+            .into_iter()
+            .find(|(received, sip)| *received && sip.start.starts_with(start))
+            .map(|(_, sip)| sip)
+            .unwrap_or_else(|| panic!("{} received no `{start}`:\n{}", self.name, self.report()))
+    }
+}
+
+/// Runs a SIPp UAC against the balancer in the foreground; it must place its one call
+/// successfully (exit 0).
+fn sipp_uac(
+    dir: &Path,
+    name: &str,
+    scenario_file: &str,
+    transport: &str,
+    balancer: &Balancer,
+) -> SippRun {
+    let (run, mut command) = SippRun::command(dir, name, scenario_file, transport, free_port());
+    command
+        .arg(balancer.addr.to_string())
+        .args(["-s", USER, "-m", "1"]);
+    let mut uac = Running {
+        child: command.spawn().expect("start sipp"),
+    };
+    let status = wait_exit(name, &mut uac, Duration::from_secs(20));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIPp {name} must complete its call (exit 0)\n{}\n--- balancer log:\n{}",
+        run.report(),
+        balancer.log_text()
+    );
+    run
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn redirects_to_the_least_loaded_node_and_copies_the_transaction_headers() {
+    let mut fleet = Fleet::new();
+    fleet.node("node-a", "sip:127.0.0.1:5071", 90, 100);
+    fleet.node("node-b", "sip:127.0.0.1:5072", 10, 100);
+    fleet.wait_fresh(&["node-a", "node-b"]);
+    let balancer = Balancer::start(
+        &fleet,
+        "balancer",
+        "core-1",
+        &[("CALLFLEET_BALANCER__CONTACTS", "2".into())],
+        None,
+    );
+    let udp = Udp::new(balancer.addr);
+    let (mut options, options_503) = balancer.options_until(&udp, 200, Duration::from_secs(10));
+
+    // OPTIONS is answered by the balancer itself, even when it may not be forwarded.
+    let mut ping = Req::new("OPTIONS", &balancer.uri(""), udp.local, "UDP");
+    ping.max_forwards = Some(0);
+    let pong = balancer.ask(&udp, &ping);
+    options += 1;
+    assert_eq!(pong.code(), 200, "OPTIONS with Max-Forwards: 0:\n{pong}");
+
+    let mut invite = Req::invite(&balancer, udp.local, "UDP");
+    invite.lower_vias = vec!["SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bK-upstream-1".into()];
+    let sent = String::from_utf8(invite.render()).expect("utf8");
+    let request = Sip::parse(sent.as_bytes()).expect("our INVITE parses");
+    let moved = balancer.ask(&udp, &invite);
+    assert_eq!(moved.code(), 302, "{moved}");
+    assert_eq!(moved.reason(), "Moved Temporarily", "{moved}");
+
+    // The least utilised node first, the next-best after it with a lower q.
+    let contacts = moved.contacts();
+    assert_eq!(
+        contacts.len(),
+        2,
+        "two contacts with contacts = 2:\n{moved}"
+    );
+    assert_eq!(
+        contacts[0].0,
+        format!("sip:{USER}@127.0.0.1:5072"),
+        "node-b (10/100) first:\n{moved}"
+    );
+    assert_eq!(
+        contacts[1].0,
+        format!("sip:{USER}@127.0.0.1:5071"),
+        "node-a (90/100) second:\n{moved}"
+    );
+    assert!(
+        contacts[0].1 > contacts[1].1,
+        "q-values decrease: {contacts:?}\n{moved}"
+    );
+
+    // Via, From, Call-ID and CSeq are copied; the top Via gets received and rport.
+    let vias = moved.values("Via");
+    assert_eq!(vias.len(), 2, "both Vias come back:\n{moved}");
+    let (sent_by, params) = via_parts(&vias[0]);
+    assert_eq!(sent_by, udp.local.to_string(), "{moved}");
+    assert_eq!(params.get("branch"), Some(&invite.branch), "{moved}");
+    assert_eq!(
+        params.get("received").map(String::as_str),
+        Some("127.0.0.1"),
+        "{moved}"
+    );
+    assert_eq!(
+        params.get("rport"),
+        Some(&udp.local.port().to_string()),
+        "{moved}"
+    );
+    assert_eq!(
+        vias[1], invite.lower_vias[0],
+        "lower Via untouched:\n{moved}"
+    );
+    for name in ["From", "Call-ID", "CSeq"] {
+        assert_eq!(
+            moved.header(name),
+            request.header(name),
+            "{name} copied:\n{moved}"
+        );
+    }
+    let to = moved.header("To").expect("To");
+    assert!(
+        to.starts_with(request.header("To").expect("To")),
+        "the To is kept: {to}"
+    );
+    assert!(moved.body.is_empty(), "a redirect has no body:\n{moved}");
+    let tag = moved.to_tag().filter(|t| !t.is_empty());
+    assert!(tag.is_some(), "a To-tag is added:\n{moved}");
+
+    // The same INVITE again is a retransmission: the very same response.
+    udp.send(&invite.render());
+    let again = balancer.response(&udp, &invite);
+    assert_eq!(
+        again.to_string(),
+        moved.to_string(),
+        "byte-identical answer to a retransmission"
+    );
+
+    // The ACK is absorbed: no answer, and it stops the 302's retransmissions (first due
+    // 500 ms after it was sent).
+    udp.send(&invite.ack(&moved).render());
+    let after = udp.about_within(&invite.call_id, Duration::from_millis(1200));
+    assert!(
+        after.is_empty(),
+        "nothing after the ACK, got:\n{}",
+        after.join("\n----\n")
+    );
+
+    let counters = balancer.stop();
+    counters.assert(&[
+        ("invites", 1),
+        ("retransmissions", 1),
+        ("redirected", 1),
+        ("local", 0),
+        ("acks", 1),
+        ("cancels", 0),
+        ("options", options),
+        ("malformed", 0),
+        ("denied", 0),
+    ]);
+    let unavailable = counters.get("unavailable");
+    assert!(
+        unavailable == 0 || unavailable == options_503,
+        "503s were only sent to OPTIONS before the fleet loaded ({options_503}): {unavailable}"
+    );
+}
+
+#[test]
+fn a_redirect_is_retransmitted_on_timer_g_until_acked() {
+    let mut fleet = Fleet::new();
+    fleet.node("node-a", "sip:127.0.0.1:5071", 0, 100);
+    fleet.wait_fresh(&["node-a"]);
+    let balancer = Balancer::start(&fleet, "balancer", "core-1", &[], None);
+    balancer.options_until(&Udp::new(balancer.addr), 200, Duration::from_secs(10));
+
+    // Two calls at once: `acked` ACKs after the third 302 (the 2nd retransmission, ~1.5 s),
+    // `ignored` never ACKs. Both listen for 4.6 s: past the 3rd retransmission (~3.5 s).
+    let listen = Duration::from_millis(4600);
+    let watch = |ack_after: Option<usize>| {
+        let udp = Udp::new(balancer.addr);
+        let invite = Req::invite(&balancer, udp.local, "UDP");
+        let start = Instant::now();
+        udp.send(&invite.render());
+        let mut seen: Vec<(Duration, Sip)> = Vec::new();
+        while let Some(left) = listen.checked_sub(start.elapsed()) {
+            let Some(sip) = udp.response_to(&invite, left) else {
+                break;
+            };
+            seen.push((start.elapsed(), sip));
+            if Some(seen.len()) == ack_after {
+                udp.send(&invite.ack(&seen[0].1).render());
+            }
+        }
+        seen
+    };
+    let (acked, ignored) = std::thread::scope(|s| {
+        let acked = s.spawn(|| watch(Some(3)));
+        let ignored = s.spawn(|| watch(None));
+        (
+            acked.join().expect("acked call"),
+            ignored.join().expect("ignored call"),
+        )
+    });
+
+    let times = |seen: &[(Duration, Sip)]| -> Vec<u128> {
+        seen.iter().map(|(t, _)| t.as_millis()).collect()
+    };
+    let describe = |seen: &[(Duration, Sip)]| {
+        format!(
+            "arrivals (ms) {:?}; first:\n{}\nbalancer log:\n{}",
+            times(seen),
+            seen.first().map(|(_, s)| s.to_string()).unwrap_or_default(),
+            balancer.log_text()
+        )
+    };
+    // Timer G: 500 ms, doubling (RFC 3261 §17.2.1); allow ±250 ms.
+    let expected = [0u128, 500, 1500, 3500];
+    assert_eq!(
+        ignored.len(),
+        4,
+        "302 at ~0, 0.5, 1.5, 3.5 s without ACK: {}",
+        describe(&ignored)
+    );
+    assert_eq!(
+        acked.len(),
+        3,
+        "302 at ~0, 0.5, 1.5 s, none after the ACK: {}",
+        describe(&acked)
+    );
+    for seen in [&acked, &ignored] {
+        for ((at, sip), want) in seen.iter().zip(expected) {
+            let at = at.as_millis();
+            let low = want.saturating_sub(if want == 0 { 0 } else { 250 });
+            assert!(
+                (low..=want + 250).contains(&at),
+                "a 302 at {at} ms, expected ~{want} ms: {}",
+                describe(seen)
+            );
+            assert_eq!(sip.code(), 302, "{sip}");
+            assert_eq!(sip.raw, seen[0].1.raw, "retransmissions are byte-identical");
+        }
+    }
+
+    balancer.stop().assert(&[
+        ("invites", 2),
+        ("redirected", 2),
+        ("acks", 1),
+        ("retransmissions", 0),
+    ]);
+}
+
+#[test]
+fn calls_get_503_with_retry_after_while_no_node_is_eligible() {
+    let mut fleet = Fleet::new();
+    let balancer = Balancer::start(&fleet, "balancer", "core-1", &[], None);
+    let udp = Udp::new(balancer.addr);
+    let mut invites = 0;
+    let mut refused = |why: &str| {
+        let invite = Req::invite(&balancer, udp.local, "UDP");
+        let answer = balancer.ask(&udp, &invite);
+        invites += 1;
+        assert_eq!(answer.code(), 503, "{why}:\n{answer}");
+        assert_eq!(answer.reason(), "Service Unavailable", "{answer}");
+        assert_eq!(
+            answer.header("Retry-After").map(str::trim),
+            Some("5"),
+            "{why}:\n{answer}"
+        );
+        udp.send(&invite.ack(&answer).render());
+    };
+
+    // No nodes at all (once the first, empty, fleet view has had time to load).
+    std::thread::sleep(Duration::from_millis(600));
+    refused("no nodes");
+    let options = Req::new("OPTIONS", &balancer.uri(""), udp.local, "UDP");
+    let answer = balancer.ask(&udp, &options);
+    assert_eq!(answer.code(), 503, "OPTIONS without nodes:\n{answer}");
+
+    // A full node.
+    fleet.node("full", "sip:127.0.0.1:5071", 50, 50);
+    fleet.wait_fresh(&["full"]);
+    std::thread::sleep(Duration::from_millis(500));
+    refused("the only node is full (50/50)");
+
+    // A node with room takes the call.
+    fleet.node("spare", "sip:127.0.0.1:5073", 0, 10);
+    balancer.options_until(&udp, 200, Duration::from_secs(15));
+    let invite = Req::invite(&balancer, udp.local, "UDP");
+    let moved = balancer.ask(&udp, &invite);
+    assert_eq!(moved.code(), 302, "{moved}");
+    assert_eq!(
+        moved.contacts().first().map(|c| c.0.clone()),
+        Some(format!("sip:{USER}@127.0.0.1:5073")),
+        "{moved}"
+    );
+    udp.send(&invite.ack(&moved).render());
+
+    // Drained by the operator.
+    fleet.cli(&["node", "drain", "spare"]);
+    balancer.options_until(&udp, 503, Duration::from_secs(5));
+    refused("the node with room is drained");
+
+    // Back, then its agent dies: stale after the heartbeat TTL.
+    fleet.cli(&["node", "undrain", "spare"]);
+    balancer.options_until(&udp, 200, Duration::from_secs(5));
+    fleet.agent("spare").signal("KILL");
+    let killed = Instant::now();
+    balancer.options_until(&udp, 503, Duration::from_secs(5));
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "stale after {took:?} with a 1 s TTL"
+    );
+    refused("the node with room stopped heartbeating");
+
+    let counters = balancer.stop();
+    counters.assert(&[("invites", invites + 1), ("redirected", 1), ("local", 0)]);
+    assert!(
+        counters.get("unavailable") >= invites,
+        "{}",
+        counters.fields
+    );
+}
+
+#[test]
+fn cancel_unknown_methods_and_broken_requests_get_the_right_answers() {
+    let mut fleet = Fleet::new();
+    fleet.node("node-a", "sip:127.0.0.1:5071", 0, 100);
+    fleet.wait_fresh(&["node-a"]);
+    let balancer = Balancer::start(
+        &fleet,
+        "balancer",
+        "core-1",
+        &[("CALLFLEET_BALANCER__MAX_MESSAGE", "1024".into())],
+        None,
+    );
+    let udp = Udp::new(balancer.addr);
+    balancer.options_until(&udp, 200, Duration::from_secs(10));
+
+    // CANCEL of a known INVITE transaction, then of an unknown one.
+    let invite = Req::invite(&balancer, udp.local, "UDP");
+    let moved = balancer.ask(&udp, &invite);
+    assert_eq!(moved.code(), 302, "{moved}");
+    let cancelled = balancer.ask(&udp, &invite.cancel());
+    assert_eq!(
+        cancelled.code(),
+        200,
+        "CANCEL of a known INVITE:\n{cancelled}"
+    );
+    udp.send(&invite.ack(&moved).render());
+    let mut stranger = Req::invite(&balancer, udp.local, "UDP").cancel();
+    stranger.branch = unique("z9hG4bK-nobody");
+    let unknown = balancer.ask(&udp, &stranger);
+    assert_eq!(unknown.code(), 481, "CANCEL of no transaction:\n{unknown}");
+
+    // An in-dialog request for a dialog that is not ours.
+    let mut bye = Req::new(
+        "BYE",
+        &format!("sip:{USER}@127.0.0.1:5071"),
+        udp.local,
+        "UDP",
+    );
+    bye.to_tag = Some("theirs".into());
+    let answer = balancer.ask(&udp, &bye);
+    assert_eq!(
+        answer.code(),
+        481,
+        "BYE in a dialog without our Route:\n{answer}"
+    );
+
+    // Methods the balancer does not handle.
+    for method in ["PUBLISH", "FOO"] {
+        let request = Req::new(method, &balancer.uri(USER), udp.local, "UDP");
+        let answer = balancer.ask(&udp, &request);
+        assert_eq!(answer.code(), 405, "{method}:\n{answer}");
+        let allow = answer
+            .header("Allow")
+            .unwrap_or_else(|| panic!("405 without Allow:\n{answer}"));
+        assert!(allow.contains("INVITE"), "{allow}");
+    }
+
+    // Loops end at Max-Forwards: 0.
+    let mut looped = Req::invite(&balancer, udp.local, "UDP");
+    looped.max_forwards = Some(0);
+    let answer = balancer.ask(&udp, &looped);
+    assert_eq!(answer.code(), 483, "{answer}");
+    udp.send(&looped.ack(&answer).render());
+
+    // Not SIP at all: silence.
+    udp.send(b"hello, is this the balancer?\r\n\r\n");
+    udp.send(&[0xde, 0xad, 0xbe, 0xef, 0x00, 0x01, 0x02]);
+    let noise = udp.all_within(Duration::from_millis(600));
+    assert!(
+        noise.is_empty(),
+        "garbage is dropped, got:\n{}",
+        noise.join("\n----\n")
+    );
+
+    // A broken header in an otherwise addressable request.
+    let mut broken = Req::invite(&balancer, udp.local, "UDP");
+    broken.content_length = Some("abc".into());
+    let answer = balancer.ask(&udp, &broken);
+    assert_eq!(answer.code(), 400, "{answer}");
+    udp.send(&broken.ack(&answer).render());
+
+    // Larger than max_message (1024 here): over UDP...
+    let mut big = Req::invite(&balancer, udp.local, "UDP");
+    big.body = SDP.to_owned() + &"a=x-padding:0123456789abcdef0123456789abcdef\r\n".repeat(30);
+    assert!(big.render().len() > 1400);
+    let answer = balancer.ask(&udp, &big);
+    assert_eq!(answer.code(), 513, "{answer}");
+    udp.send(&big.ack(&answer).render());
+
+    // ... and over TCP.
+    let mut tcp = TcpStream::connect(balancer.addr).expect("connect TCP");
+    let local = tcp.local_addr().expect("local");
+    let mut huge = Req::invite(&balancer, local, "TCP");
+    huge.body = SDP.to_owned() + &"a=x-padding:0123456789abcdef0123456789abcdef\r\n".repeat(200);
+    assert!(huge.render().len() > 9000);
+    tcp.write_all(&huge.render()).expect("write");
+    let mut buf = Vec::new();
+    let answer =
+        read_tcp_message(&mut tcp, &mut buf, Duration::from_secs(3)).unwrap_or_else(|| {
+            panic!(
+                "no answer over TCP to a 9 kB INVITE\nbalancer log:\n{}",
+                balancer.log_text()
+            )
+        });
+    assert_eq!(answer.code(), 513, "{answer}");
+
+    let counters = balancer.stop();
+    assert!(
+        counters.get("malformed") >= 2,
+        "two garbage datagrams: {}",
+        counters.fields
+    );
+    assert!(counters.get("cancels") >= 1, "{}", counters.fields);
+    assert!(counters.get("invites") >= 1, "{}", counters.fields);
+    assert_eq!(counters.get("redirected"), 1, "{}", counters.fields);
+}
+
+#[test]
+fn the_allow_list_drops_or_rejects_strangers() {
+    let mut fleet = Fleet::new();
+    fleet.node("node-a", "sip:127.0.0.1:5071", 0, 100);
+    fleet.wait_fresh(&["node-a"]);
+    let rejecting = Balancer::start(
+        &fleet,
+        "rejecting",
+        "core-1",
+        &[],
+        Some("[balancer]\nallow = [\"127.0.0.2\"]\ndeny_mode = \"reject\"\n"),
+    );
+    let dropping = Balancer::start(
+        &fleet,
+        "dropping",
+        "core-1",
+        &[],
+        Some("[balancer]\nallow = [\"10.0.0.0/8\"]\n"),
+    );
+
+    // The listed carrier (127.0.0.2) is served.
+    let listed = Udp::from_ip("127.0.0.2", rejecting.addr);
+    rejecting.options_until(&listed, 200, Duration::from_secs(10));
+    let invite = Req::invite(&rejecting, listed.local, "UDP");
+    let moved = rejecting.ask(&listed, &invite);
+    assert_eq!(moved.code(), 302, "{moved}");
+    listed.send(&invite.ack(&moved).render());
+
+    // Anyone else gets 403 in reject mode...
+    let stranger = Udp::new(rejecting.addr);
+    let options = Req::new("OPTIONS", &rejecting.uri(""), stranger.local, "UDP");
+    let answer = rejecting.ask(&stranger, &options);
+    assert_eq!(answer.code(), 403, "{answer}");
+    let invite = Req::invite(&rejecting, stranger.local, "UDP");
+    let answer = rejecting.ask(&stranger, &invite);
+    assert_eq!(answer.code(), 403, "{answer}");
+
+    // ... and nothing at all in drop mode (the default).
+    std::thread::sleep(Duration::from_millis(500)); // the fleet view is loaded by now
+    let stranger = Udp::new(dropping.addr);
+    stranger.send(&Req::new("OPTIONS", &dropping.uri(""), stranger.local, "UDP").render());
+    stranger.send(&Req::invite(&dropping, stranger.local, "UDP").render());
+    let got = stranger.all_within(Duration::from_secs(1));
+    assert!(
+        got.is_empty(),
+        "dropped silently, got:\n{}",
+        got.join("\n----\n")
+    );
+
+    let counters = rejecting.stop();
+    assert!(counters.get("denied") >= 2, "{}", counters.fields);
+    counters.assert(&[("redirected", 1), ("invites", 1)]);
+    dropping
+        .stop()
+        .assert(&[("denied", 2), ("invites", 0), ("options", 0)]);
+}
+
+#[test]
+fn sipp_calls_are_redirected_over_udp_and_tcp_and_tcp_is_framed_by_content_length() {
+    let mut fleet = Fleet::new();
+    fleet.node("node-a", "sip:127.0.0.1:5071", 0, 100);
+    fleet.wait_fresh(&["node-a"]);
+    let balancer = Balancer::start(&fleet, "balancer", "core-1", &[], None);
+    let (options, _) =
+        balancer.options_until(&Udp::new(balancer.addr), 200, Duration::from_secs(10));
+
+    // The node's address with the dialled number; over TCP the URI may ask for TCP.
+    let points_at_node_a = |moved: &Sip, tcp: bool| {
+        let contact = moved.header("Contact").unwrap_or("");
+        let udp = format!("<sip:{USER}@127.0.0.1:5071>");
+        let tcp_uri = format!("<sip:{USER}@127.0.0.1:5071;transport=tcp>");
+        contact == udp || (tcp && contact.eq_ignore_ascii_case(&tcp_uri))
+    };
+    for transport in ["u1", "t1"] {
+        let run = sipp_uac(
+            fleet.dir.path(),
+            &format!("uac-{transport}"),
+            "uac_redirect.xml",
+            transport,
+            &balancer,
+        );
+        let moved = run.received("SIP/2.0 302");
+        assert!(
+            points_at_node_a(&moved, transport == "t1"),
+            "{}",
+            run.report()
+        );
+    }
+
+    // Two requests in one TCP write: each is framed by its Content-Length.
+    let mut tcp = TcpStream::connect(balancer.addr).expect("connect TCP");
+    let local = tcp.local_addr().expect("local");
+    let ping = Req::new("OPTIONS", &balancer.uri(""), local, "TCP");
+    let invite = Req::invite(&balancer, local, "TCP");
+    let mut both = ping.render();
+    both.extend_from_slice(&invite.render());
+    tcp.write_all(&both).expect("write");
+    let mut buf = Vec::new();
+    let mut answers = HashMap::new();
+    for _ in 0..2 {
+        let sip =
+            read_tcp_message(&mut tcp, &mut buf, Duration::from_secs(3)).unwrap_or_else(|| {
+                panic!(
+                    "two answers expected over TCP, got {answers:?}\nbalancer log:\n{}",
+                    balancer.log_text()
+                )
+            });
+        answers.insert(sip.cseq_method().to_owned(), sip);
+    }
+    assert_eq!(answers["OPTIONS"].code(), 200, "{}", answers["OPTIONS"]);
+    let moved = &answers["INVITE"];
+    assert_eq!(moved.code(), 302, "{moved}");
+    assert!(points_at_node_a(moved, true), "{moved}");
+    assert_eq!(moved.call_id(), invite.call_id);
+    tcp.write_all(&invite.ack(moved).render())
+        .expect("write ACK");
+    std::thread::sleep(Duration::from_millis(300));
+
+    balancer.stop().assert(&[
+        ("invites", 3),
+        ("redirected", 3),
+        ("acks", 3),
+        ("options", options + 1),
+        ("unavailable", 0),
+        ("malformed", 0),
+    ]);
+}
+
+/// Starts SIPp playing the local PBX on `port`, in the background. It answers the
+/// balancer's OPTIONS probes too, so it runs until SIGUSR1 rather than for one call.
+fn sipp_pbx(dir: &Path, port: u16) -> (SippRun, Running) {
+    let (run, mut command) = SippRun::command(dir, "pbx", "uas_pbx.xml", "u1", port);
+    let pbx = Running {
+        child: command.spawn().expect("start sipp"),
+    };
+    (run, pbx)
+}
+
+#[test]
+fn the_local_node_s_calls_are_proxied_to_its_pbx_and_back() {
+    let pbx_port = free_port();
+    let mut fleet = Fleet::new();
+    fleet.node("local", &format!("sip:127.0.0.1:{pbx_port}"), 0, 100);
+    fleet.wait_fresh(&["local"]);
+    let (pbx_run, mut pbx) = sipp_pbx(fleet.dir.path(), pbx_port);
+    let balancer = Balancer::start(
+        &fleet,
+        "balancer",
+        "local",
+        &[
+            ("CALLFLEET_BALANCER__LOCAL_MODE", "proxy".into()),
+            (
+                "CALLFLEET_BALANCER__LOCAL_PBX",
+                format!("127.0.0.1:{pbx_port}"),
+            ),
+        ],
+        None,
+    );
+    balancer.options_until(&Udp::new(balancer.addr), 200, Duration::from_secs(10));
+    assert!(pbx.alive(), "SIPp PBX died:\n{}", pbx_run.report());
+
+    let uac = sipp_uac(fleet.dir.path(), "carrier", "uac_call.xml", "u1", &balancer);
+    pbx.signal("USR1"); // finish the calls under way, then exit
+    let status = wait_exit("SIPp PBX", &mut pbx, Duration::from_secs(10));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the PBX side must see a whole call (exit 0)\n{}\n{}\n--- balancer log:\n{}",
+        pbx_run.report(),
+        uac.report(),
+        balancer.log_text()
+    );
+
+    // What the PBX saw: one INVITE, the balancer's Via on top, then the carrier's; its
+    // Record-Route.
+    let ours = balancer.addr.to_string();
+    let invites = pbx_run
+        .messages()
+        .into_iter()
+        .filter(|(received, sip)| *received && sip.start.starts_with("INVITE "))
+        .count();
+    assert_eq!(
+        invites,
+        1,
+        "one INVITE reaches the PBX:\n{}",
+        pbx_run.report()
+    );
+    let invite = pbx_run.received("INVITE ");
+    let vias = invite.values("Via");
+    assert_eq!(vias.len(), 2, "{invite}");
+    let (sent_by, params) = via_parts(&vias[0]);
+    assert_eq!(sent_by, ours, "the balancer's Via on top:\n{invite}");
+    assert!(vias[0].starts_with("SIP/2.0/UDP "), "{invite}");
+    assert!(
+        params
+            .get("branch")
+            .is_some_and(|b| b.starts_with("z9hG4bK")),
+        "an RFC 3261 branch:\n{invite}"
+    );
+    assert!(
+        vias[1].contains(";branch=z9hG4bK-"),
+        "the carrier's Via below:\n{invite}"
+    );
+    assert_eq!(
+        invite.header("Record-Route"),
+        Some(format!("<sip:{ours};lr>").as_str()),
+        "{invite}"
+    );
+    assert_eq!(invite.header("Max-Forwards"), Some("69"), "{invite}");
+    for method in ["ACK ", "BYE "] {
+        let request = pbx_run.received(method);
+        assert!(
+            request.header("Route").is_none(),
+            "our Route removed:\n{request}"
+        );
+        let (sent_by, _) = via_parts(&request.values("Via")[0]);
+        assert_eq!(sent_by, ours, "forwarded by the balancer:\n{request}");
+    }
+
+    // What the carrier saw: its own Via only, and the Record-Route.
+    let ok = uac.received("SIP/2.0 200");
+    assert_eq!(
+        ok.values("Via").len(),
+        1,
+        "the balancer's Via is popped:\n{ok}"
+    );
+    assert_eq!(
+        ok.header("Record-Route"),
+        Some(format!("<sip:{ours};lr>").as_str()),
+        "{ok}"
+    );
+
+    balancer.stop().assert(&[
+        ("invites", 1),
+        ("local", 1),
+        ("redirected", 0),
+        ("unavailable", 0),
+    ]);
+}
+
+#[test]
+fn the_local_node_s_calls_are_redirected_to_its_pbx_in_redirect_mode() {
+    let pbx_port = free_port();
+    let mut fleet = Fleet::new();
+    fleet.node("local", &format!("sip:127.0.0.1:{pbx_port}"), 0, 100);
+    fleet.wait_fresh(&["local"]);
+    let balancer = Balancer::start(
+        &fleet,
+        "balancer",
+        "local",
+        &[
+            ("CALLFLEET_BALANCER__LOCAL_MODE", "redirect".into()),
+            (
+                "CALLFLEET_BALANCER__LOCAL_PBX",
+                format!("127.0.0.1:{pbx_port}"),
+            ),
+        ],
+        None,
+    );
+    let udp = Udp::new(balancer.addr);
+    balancer.options_until(&udp, 200, Duration::from_secs(10));
+    let invite = Req::invite(&balancer, udp.local, "UDP");
+    let moved = balancer.ask(&udp, &invite);
+    assert_eq!(moved.code(), 302, "{moved}");
+    assert_eq!(
+        moved.header("Contact"),
+        Some(format!("<sip:{USER}@127.0.0.1:{pbx_port}>").as_str()),
+        "{moved}"
+    );
+    udp.send(&invite.ack(&moved).render());
+    std::thread::sleep(Duration::from_millis(200));
+
+    balancer
+        .stop()
+        .assert(&[("invites", 1), ("local", 1), ("redirected", 0), ("acks", 1)]);
+}
