@@ -1556,3 +1556,43 @@ fn the_local_node_s_calls_are_redirected_to_its_pbx_in_redirect_mode() {
         .stop()
         .assert(&[("invites", 1), ("local", 1), ("redirected", 0), ("acks", 1)]);
 }
+
+#[test]
+fn invites_that_waited_in_the_kernel_too_long_get_503_not_a_late_302() {
+    let mut fleet = Fleet::new();
+    fleet.node("node-a", "sip:127.0.0.1:5071", 0, 100);
+    fleet.wait_fresh(&["node-a"]);
+    let balancer = Balancer::start(
+        &fleet,
+        "balancer",
+        "core-1",
+        &[("CALLFLEET_BALANCER__OVERLOAD_DELAY", "200ms".to_owned())],
+        None,
+    );
+    let udp = Udp::new(balancer.addr);
+    balancer.options_until(&udp, 200, Duration::from_secs(15));
+
+    // A stopped process stands in for one that cannot keep up: the INVITE sits in the
+    // socket buffer for 600 ms, and the kernel's arrival stamp says so.
+    balancer.process.signal("STOP");
+    let late = Req::invite(&balancer, udp.local, "UDP");
+    udp.send(&late.render());
+    std::thread::sleep(Duration::from_millis(600));
+    balancer.process.signal("CONT");
+    let answer = balancer.response(&udp, &late);
+    assert_eq!(answer.code(), 503, "{answer}");
+    assert_eq!(answer.header("Retry-After").map(str::trim), Some("5"));
+    udp.send(&late.ack(&answer).render());
+
+    let prompt = Req::invite(&balancer, udp.local, "UDP");
+    let answer = balancer.ask(&udp, &prompt);
+    assert_eq!(
+        answer.code(),
+        302,
+        "a prompt INVITE is routed again:\n{answer}"
+    );
+    udp.send(&prompt.ack(&answer).render());
+    balancer
+        .stop()
+        .assert(&[("overload", 1), ("redirected", 1), ("unavailable", 0)]);
+}

@@ -125,6 +125,7 @@ struct Settings {
     deny_mode: DenyMode,
     scoring: Scoring,
     stale_grace: Duration,
+    overload_delay: Duration,
     pools: PoolMap,
 }
 
@@ -178,6 +179,7 @@ impl Engine {
                     cpu_weight: config.cpu_weight,
                 },
                 stale_grace: config.stale_grace,
+                overload_delay: config.overload_delay,
                 pools: PoolMap::new(config.pools.clone()),
             },
             view: RwLock::new(None),
@@ -247,13 +249,15 @@ impl Engine {
         }
     }
 
-    /// Handles one message from `source` that arrived over `transport`.
+    /// Handles one message from `source` that arrived over `transport` and waited `queued`
+    /// in the kernel before we saw it.
     pub fn handle(
         &self,
         bytes: &[u8],
         source: SocketAddr,
         transport: Transport,
         now: Instant,
+        queued: Duration,
         actions: &mut Vec<Action>,
     ) {
         let settings = &self.settings;
@@ -328,7 +332,8 @@ impl Engine {
             }
             return;
         }
-        ctx.dispatch(now);
+        let behind = queued > settings.overload_delay;
+        ctx.dispatch(now, behind);
     }
 
     fn handle_response(
@@ -385,7 +390,7 @@ struct Ctx<'e, 'r, 'a> {
 }
 
 impl Ctx<'_, '_, '_> {
-    fn dispatch(&mut self, now: Instant) {
+    fn dispatch(&mut self, now: Instant, behind: bool) {
         let engine = self.engine;
         let request = self.request;
         let key = engine.transactions.key(
@@ -439,14 +444,14 @@ impl Ctx<'_, '_, '_> {
                 if request.max_forwards == Some(0) {
                     self.reply(483, "Too Many Hops", b"");
                 } else {
-                    self.invite(key, now, route_is_ours);
+                    self.invite(key, now, behind, route_is_ours);
                 }
             }
             Method::Bye | Method::Other => self.reply(405, "Method Not Allowed", ALLOW),
         }
     }
 
-    fn invite(&mut self, key: u64, now: Instant, drop_top_route: bool) {
+    fn invite(&mut self, key: u64, now: Instant, behind: bool, drop_top_route: bool) {
         let engine = self.engine;
         let retransmit = self.transport == Transport::Udp;
         let destination = self.reply_to;
@@ -460,7 +465,18 @@ impl Ctx<'_, '_, '_> {
             },
             || {
                 Counters::bump(&counters.invites);
-                let decision = self.decide(now);
+                let decision = if behind {
+                    // Sending the carrier elsewhere now beats a late answer after its
+                    // retransmissions have doubled our load.
+                    Counters::bump(&counters.overload);
+                    Decision::Reply(self.response(
+                        503,
+                        "Service Unavailable",
+                        &engine.settings.retry_after,
+                    ))
+                } else {
+                    self.decide(now)
+                };
                 let (kind, response) = match &decision {
                     Decision::Local => (Kind::Proxied, Box::default()),
                     Decision::Reply(bytes) => (

@@ -64,7 +64,14 @@ Call-ID: {branch}@carrier\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\nContent-Lengt
 
 fn handle(engine: &Engine, bytes: &[u8], source: SocketAddr, now: Instant) -> Vec<Action> {
     let mut actions = Vec::new();
-    engine.handle(bytes, source, Transport::Udp, now, &mut actions);
+    engine.handle(
+        bytes,
+        source,
+        Transport::Udp,
+        now,
+        Duration::ZERO,
+        &mut actions,
+    );
     actions
 }
 
@@ -249,4 +256,26 @@ fn redirect_mode_points_local_calls_at_the_pbx_and_others_at_their_node() {
         response.contains("Contact: <sip:5551234@[2001:db8::5]:5070>\r\n"),
         "{response}"
     );
+}
+
+#[test]
+fn invites_that_queued_too_long_get_503_at_once() {
+    let now = Instant::now();
+    let engine = engine(config(), vec![node("other", "sip:192.0.2.20:5060")], now);
+    let mut actions = Vec::new();
+    engine.handle(
+        &invite("o1"),
+        carrier(),
+        Transport::Udp,
+        now,
+        Duration::from_millis(250),
+        &mut actions,
+    );
+    let response = text(&actions[0]);
+    assert!(response.starts_with("SIP/2.0 503 "), "{response}");
+    assert!(response.contains("Retry-After: 5\r\n"));
+    assert_eq!(engine.counters.overload.load(Ordering::Relaxed), 1);
+    assert_eq!(engine.counters.unavailable.load(Ordering::Relaxed), 0);
+    let fresh = handle(&engine, &invite("o2"), carrier(), now);
+    assert!(text(&fresh[0]).starts_with("SIP/2.0 302 "));
 }

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -119,6 +119,7 @@ async fn connection(
                 peer,
                 Transport::Tcp,
                 Instant::now(),
+                Duration::ZERO,
                 &mut actions,
             );
             buffer.drain(..framed);

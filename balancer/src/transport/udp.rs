@@ -7,10 +7,13 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
-use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+use nix::sys::socket::{
+    ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, setsockopt,
+    sockopt,
+};
 use tracing::warn;
 
 use super::TcpRoutes;
@@ -59,9 +62,15 @@ const BATCH: usize = 32;
 fn worker(engine: &Engine, socket: &UdpSocket, tcp: &TcpRoutes, stop: &AtomicBool) {
     let fd = socket.as_raw_fd();
     let mut buffers = vec![vec![0u8; 65_536]; BATCH];
-    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    // The kernel stamps each datagram on arrival: how long it queued tells whether we are
+    // behind, which nothing in user space can see.
+    let stamped = setsockopt(socket, sockopt::ReceiveTimestampns, &true).is_ok();
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(
+        BATCH,
+        stamped.then(|| nix::cmsg_space!(nix::sys::time::TimeSpec)),
+    );
     let mut send_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
-    let mut received: Vec<(usize, SocketAddr)> = Vec::with_capacity(BATCH);
+    let mut received: Vec<(usize, SocketAddr, Option<Duration>)> = Vec::with_capacity(BATCH);
     let mut actions = Vec::with_capacity(4);
     let mut outgoing: Vec<(SocketAddr, Vec<u8>)> = Vec::with_capacity(BATCH);
     while !stop.load(Ordering::Relaxed) {
@@ -80,8 +89,14 @@ fn worker(engine: &Engine, socket: &UdpSocket, tcp: &TcpRoutes, stop: &AtomicBoo
             ) {
                 Ok(results) => {
                     for message in results {
+                        let arrived = message.cmsgs().ok().and_then(|mut cmsgs| {
+                            cmsgs.find_map(|cmsg| match cmsg {
+                                ControlMessageOwned::ScmTimestampns(at) => Some(Duration::from(at)),
+                                _ => None,
+                            })
+                        });
                         if let Some(source) = message.address.and_then(socket_addr) {
-                            received.push((message.bytes, source));
+                            received.push((message.bytes, source, arrived));
                         }
                     }
                 }
@@ -94,8 +109,19 @@ fn worker(engine: &Engine, socket: &UdpSocket, tcp: &TcpRoutes, stop: &AtomicBoo
             }
         }
         let now = Instant::now();
-        for (&(len, source), buffer) in received.iter().zip(&buffers) {
-            engine.handle(&buffer[..len], source, Transport::Udp, now, &mut actions);
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        for (&(len, source, arrived), buffer) in received.iter().zip(&buffers) {
+            let queued = arrived.map_or(Duration::ZERO, |at| wall.saturating_sub(at));
+            engine.handle(
+                &buffer[..len],
+                source,
+                Transport::Udp,
+                now,
+                queued,
+                &mut actions,
+            );
             for action in actions.drain(..) {
                 match action {
                     Action::Reply { to, bytes }
