@@ -156,6 +156,15 @@ pub async fn run(
         udp.clone(),
         shutdown.clone(),
     ));
+    if balancer.allow.is_empty() {
+        warn!("balancer.allow is empty: answering SIP from any address; list the carriers' networks");
+    }
+    if address.ip().is_unspecified() && balancer.advertise.is_empty() {
+        warn!(
+            %address,
+            "balancer.advertise is not set and balancer.listen is a wildcard: proxied calls carry an unroutable Record-Route; set balancer.advertise to this node's address"
+        );
+    }
     info!(%address, workers, local_node = %engine.local_node(), "balancer ready");
     shutdown.cancelled().await;
     stop.store(true, Ordering::Relaxed);

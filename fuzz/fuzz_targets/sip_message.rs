@@ -1,0 +1,88 @@
+//! Feeds arbitrary bytes to the balancer the way its sockets do: as a datagram, as a TCP
+//! stream framed message after message, and through the whole request path (parse,
+//! decide, print) of an engine with one node in its fleet view.
+//!
+//! Besides "never panics": a framed message never claims more bytes than it was given, a
+//! strict prefix of a framed message never parses as a complete one, and every response
+//! or forwarded message the engine prints parses again.
+
+#![no_main]
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use callfleet_balancer::engine::{Action, Engine};
+use callfleet_balancer::route::FleetView;
+use callfleet_balancer::sip::{Framing, Request, Transport, parse};
+use callfleet_core::config::BalancerConfig;
+use callfleet_core::{NodeId, NodeRole, NodeState, NodeStatus, PoolName};
+use libfuzzer_sys::fuzz_target;
+
+fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let config = BalancerConfig {
+            listen: "127.0.0.1:5060".into(),
+            ..BalancerConfig::default()
+        };
+        let local = NodeId::new("lb").expect("id");
+        let engine = Engine::new(&config, local.clone()).expect("engine");
+        let node = NodeStatus {
+            id: NodeId::new("node-a").expect("id"),
+            pool: PoolName::new("default").expect("pool"),
+            role: NodeRole::Core,
+            sip_uri: "sip:127.0.0.1:5071".into(),
+            state: NodeState::Active,
+            drain_requested: false,
+            pbx_up: true,
+            calls: 0,
+            max_calls: u32::MAX,
+            load1: 0.0,
+            cpu_pct: 0.0,
+            mem_pct: 0.0,
+            cores: 1,
+            shed: Vec::new(),
+            seq: 1,
+            interval_ms: 1000,
+            uptime_ms: 0,
+            age_ms: 0,
+            stale: false,
+        };
+        engine.set_view(FleetView::from_nodes(vec![node], &local, None, Instant::now()));
+        engine
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(Some(message)) = parse(data, Framing::Datagram) {
+        assert!(message.len <= data.len());
+        let _ = Request::from_message(message);
+    }
+    let mut rest = data;
+    while let Ok(Some(message)) = parse(rest, Framing::Stream) {
+        assert!(message.len > 0 && message.len <= rest.len());
+        if message.defect.is_some() {
+            break;
+        }
+        let cut = message.len - 1;
+        if let Ok(Some(prefix)) = parse(&rest[..cut], Framing::Stream) {
+            assert!(prefix.len <= cut);
+        }
+        rest = &rest[message.len..];
+    }
+    let source: SocketAddr = "192.0.2.1:5060".parse().expect("addr");
+    let mut actions = Vec::new();
+    for transport in [Transport::Udp, Transport::Tcp] {
+        engine().handle(data, source, transport, Instant::now(), Duration::ZERO, &mut actions);
+        for action in actions.drain(..) {
+            if let Action::Reply { bytes, .. } | Action::Forward { bytes, .. } = action {
+                assert!(
+                    matches!(parse(&bytes, Framing::Datagram), Ok(Some(_))),
+                    "we printed something we cannot parse: {}",
+                    String::from_utf8_lossy(&bytes)
+                );
+            }
+        }
+    }
+});
