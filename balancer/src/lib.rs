@@ -157,7 +157,9 @@ pub async fn run(
         shutdown.clone(),
     ));
     if balancer.allow.is_empty() {
-        warn!("balancer.allow is empty: answering SIP from any address; list the carriers' networks");
+        warn!(
+            "balancer.allow is empty: answering SIP from any address; list the carriers' networks"
+        );
     }
     if address.ip().is_unspecified() && balancer.advertise.is_empty() {
         warn!(

@@ -535,7 +535,7 @@ impl Ctx<'_, '_, '_> {
         } else {
             ""
         };
-        let mut contacts = String::with_capacity(64 * found);
+        let mut contacts = Vec::with_capacity(64 * found);
         if first.local {
             Counters::bump(&engine.counters.local);
             if settings.local_mode == LocalMode::Proxy {
@@ -551,7 +551,7 @@ impl Ctx<'_, '_, '_> {
                 push_contact(&mut contacts, user, &node.target, transport_param, q);
             }
         }
-        Decision::Reply(self.response(302, "Moved Temporarily", contacts.as_bytes()))
+        Decision::Reply(self.response(302, "Moved Temporarily", &contacts))
     }
 
     fn response(&self, code: u16, reason: &str, extra: &[u8]) -> Vec<u8> {
@@ -665,29 +665,28 @@ enum Decision {
     Local,
 }
 
+/// Appends `Contact: <sip:USER@TARGET PARAMS>;q=…` (q from 1.0 down by rank).
 fn push_contact(
-    out: &mut String,
+    out: &mut Vec<u8>,
     user: Option<&[u8]>,
     target: &str,
     params: &str,
     q: Option<usize>,
 ) {
-    out.push_str("Contact: <sip:");
+    out.extend_from_slice(b"Contact: <sip:");
     if let Some(user) = user {
-        out.push_str(&String::from_utf8_lossy(user));
-        out.push('@');
+        out.extend_from_slice(user);
+        out.push(b'@');
     }
-    out.push_str(target);
-    out.push_str(params);
-    out.push('>');
-    if let Some(q) = q {
-        if q >= 10 {
-            out.push_str(";q=1.0");
-        } else {
-            let _ = write!(out, ";q=0.{q}");
-        }
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(params.as_bytes());
+    out.push(b'>');
+    match q {
+        Some(10..) => out.extend_from_slice(b";q=1.0"),
+        Some(q) => out.extend_from_slice(&[b';', b'q', b'=', b'0', b'.', b'0' + q as u8]),
+        None => {}
     }
-    out.push_str("\r\n");
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Where a UDP response goes: the source address, and the source port only when the client

@@ -119,10 +119,7 @@ pub fn parse(input: &[u8], framing: Framing) -> Result<Option<Message<'_>>, Pars
             previous.value = trim(&buf[value_start..end]);
             continue;
         }
-        let colon = line
-            .iter()
-            .position(|b| *b == b':')
-            .ok_or(ParseError::BadHeaderLine)?;
+        let colon = memchr::memchr(b':', line).ok_or(ParseError::BadHeaderLine)?;
         let raw_name = trim(&line[..colon]);
         if raw_name.is_empty() || !raw_name.iter().all(|b| is_token(*b)) {
             return Err(ParseError::BadHeaderLine);
@@ -178,7 +175,7 @@ pub fn parse(input: &[u8], framing: Framing) -> Result<Option<Message<'_>>, Pars
 fn head_end(buf: &[u8]) -> Option<usize> {
     let mut i = 0;
     while i < buf.len() {
-        let newline = i + buf[i..].iter().position(|b| *b == b'\n')?;
+        let newline = i + memchr::memchr(b'\n', &buf[i..])?;
         match buf.get(newline + 1) {
             Some(b'\n') => return Some(newline + 2),
             Some(b'\r') if buf.get(newline + 2) == Some(&b'\n') => return Some(newline + 3),
@@ -198,11 +195,7 @@ impl<'a> Lines<'a> {
         if self.buf.is_empty() {
             return None;
         }
-        let end = self
-            .buf
-            .iter()
-            .position(|b| *b == b'\n')
-            .unwrap_or(self.buf.len());
+        let end = memchr::memchr(b'\n', self.buf).unwrap_or(self.buf.len());
         let line = &self.buf[..end];
         self.buf = &self.buf[(end + 1).min(self.buf.len())..];
         Some(line.strip_suffix(b"\r").unwrap_or(line))
