@@ -296,7 +296,7 @@ pub struct BalancerConfig {
     pub deny_mode: DenyMode,
     /// Largest SIP message accepted, in bytes; larger ones get 513.
     pub max_message: usize,
-    /// UDP worker threads; 0 = one per core.
+    /// UDP worker threads; 0 = half the cores (at least one).
     pub workers: usize,
     /// Requested UDP receive buffer in bytes (the kernel may cap it at `net.core.rmem_max`).
     pub recv_buffer: usize,
