@@ -148,3 +148,38 @@ fn wrong_ami_secret_stops_the_agent_with_a_clear_error() {
     assert!(err.contains("node.calls.secret"), "{err}");
     assert!(!err.contains("wrong-secret"), "{err}");
 }
+
+#[test]
+fn balancer_port_in_use_or_bad_balancer_config_say_what_to_change() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = format!("sqlite://{}/fleet.db", dir.path().display());
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let output = callfleet()
+        .arg("balancer")
+        .env("RUST_LOG", "error")
+        .env("CALLFLEET_STORE__URL", &store)
+        .env("CALLFLEET_BALANCER__LISTEN", format!("127.0.0.1:{port}"))
+        .output()
+        .expect("run");
+    let err = one_line_error(&output);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        err.contains(&format!("cannot listen for SIP on UDP 127.0.0.1:{port}"))
+            && err.contains("balancer.listen"),
+        "{err}"
+    );
+
+    let output = callfleet()
+        .arg("balancer")
+        .env("CALLFLEET_STORE__URL", &store)
+        .env("CALLFLEET_BALANCER__ALLOW", "[\"10.0.0.0/33\"]")
+        .output()
+        .expect("run");
+    let err = one_line_error(&output);
+    assert_eq!(output.status.code(), Some(64), "EX_USAGE");
+    assert!(
+        err.contains("balancer.allow[0]") && err.contains("prefix"),
+        "{err}"
+    );
+}

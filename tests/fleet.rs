@@ -261,9 +261,14 @@ fn drain_and_undrain_from_the_cli() {
 #[test]
 fn up_runs_a_single_box_cluster_that_status_sees() {
     let dir = tempfile::tempdir().expect("temp dir");
+    let sip_port = free_port();
     let child = callfleet()
         .arg("up")
         .current_dir(dir.path())
+        .env(
+            "CALLFLEET_BALANCER__LISTEN",
+            format!("127.0.0.1:{sip_port}"),
+        )
         .env("CALLFLEET_NODE__ID", "local")
         .env("CALLFLEET_NODE__HEARTBEAT_INTERVAL", "300ms")
         .stdout(Stdio::piped())
@@ -285,6 +290,29 @@ fn up_runs_a_single_box_cluster_that_status_sees() {
     });
     assert!(dir.path().join("callfleet-data/fleet.db").exists());
 
+    // The balancer runs too: once it has read the fresh local node it answers OPTIONS 200.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    udp.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let local = udp.local_addr().expect("addr");
+    wait_until(
+        "balancer answers OPTIONS 200",
+        Duration::from_secs(10),
+        || {
+            let probe = format!(
+                "OPTIONS sip:127.0.0.1:{sip_port} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bKup{}\r\n\
+From: <sip:t@{local}>;tag=1\r\nTo: <sip:127.0.0.1:{sip_port}>\r\nCall-ID: up-test\r\nCSeq: 1 OPTIONS\r\n\
+Content-Length: 0\r\n\r\n",
+                std::process::id()
+            );
+            udp.send_to(probe.as_bytes(), ("127.0.0.1", sip_port))
+                .expect("send");
+            let mut buffer = [0u8; 2048];
+            udp.recv(&mut buffer)
+                .is_ok_and(|n| buffer[..n].starts_with(b"SIP/2.0 200 "))
+        },
+    );
+
     up.signal("TERM");
     wait_until("up exits on SIGTERM", Duration::from_secs(10), || {
         !up.alive()
@@ -299,6 +327,10 @@ fn up_runs_a_single_box_cluster_that_status_sees() {
         .read_to_string(&mut printed)
         .expect("read");
     assert!(printed.contains("node-agent  node local"), "{printed}");
+    assert!(
+        printed.contains(&format!("balancer    SIP on 127.0.0.1:{sip_port}")),
+        "{printed}"
+    );
 }
 
 /// The `<<<` bytes of the capture that answer the action with `action_id`.
