@@ -90,13 +90,14 @@ fn a_burst_between_heartbeats_spreads_evenly() {
 #[test]
 fn shares_follow_capacity() {
     let view = view(vec![
-        node("small", 0, 1000),
-        node("medium", 0, 2000),
-        node("large", 0, 3000),
+        node("small", 0, 100),
+        node("medium", 0, 200),
+        node("large", 0, 300),
     ]);
-    let landed = burst(&view, 5_000);
+    // 540 calls fill the fleet to 90 % between two heartbeats.
+    let landed = burst(&view, 540);
     for (id, capacity) in [("small", 1.0), ("medium", 2.0), ("large", 3.0)] {
-        let expected = 5_000.0 * capacity / 6.0;
+        let expected = 540.0 * capacity / 6.0;
         let share = landed[id] as f64;
         assert!(
             (share - expected).abs() / expected <= 0.05,
