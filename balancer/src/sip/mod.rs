@@ -268,20 +268,14 @@ impl<'a> Iterator for Params<'a> {
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            let start = self.rest.iter().position(|b| *b == b';')?;
+            let start = memchr::memchr(b';', self.rest)?;
             let text = &self.rest[start + 1..];
-            let mut end = text.len();
-            let mut quoted = false;
-            for (i, b) in text.iter().enumerate() {
-                match b {
-                    b'"' => quoted = !quoted,
-                    b';' if !quoted => {
-                        end = i;
-                        break;
-                    }
-                    _ => {}
-                }
-            }
+            // Quoted values are rare: take the next `;` directly unless a quote comes first.
+            let end = match memchr::memchr2(b';', b'"', text) {
+                None => text.len(),
+                Some(i) if text[i] == b';' => i,
+                Some(_) => semicolon_outside_quotes(text),
+            };
             let param = &text[..end];
             self.rest = &text[end..];
             let (name, value) = match param.iter().position(|b| *b == b'=') {
@@ -295,11 +289,29 @@ impl<'a> Iterator for Params<'a> {
     }
 }
 
+/// Position of the first `;` not inside a quoted string, or the length.
+fn semicolon_outside_quotes(text: &[u8]) -> usize {
+    let mut quoted = false;
+    for (i, b) in text.iter().enumerate() {
+        match b {
+            b'"' => quoted = !quoted,
+            b';' if !quoted => return i,
+            _ => {}
+        }
+    }
+    text.len()
+}
+
 /// Splits a header value at commas that separate values (not inside quotes or `<>`).
 pub fn split_values(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = Some(value);
     std::iter::from_fn(move || {
         let text = rest?;
+        if memchr::memchr(b',', text).is_none() {
+            // One value (the common case): no need to walk it byte by byte.
+            rest = None;
+            return Some(trim(text));
+        }
         let mut quoted = false;
         let mut angle = false;
         let mut escaped = false;
@@ -352,6 +364,15 @@ fn addr_end(value: &[u8]) -> usize {
 
 /// Positions of `<` and `>` around the URI, skipping a quoted display name.
 fn angle_bounds(value: &[u8]) -> Option<(usize, usize)> {
+    // Without a quoted display name before it, the first `<` opens the URI.
+    match memchr::memchr2(b'<', b'"', value) {
+        None => return None,
+        Some(open) if value[open] == b'<' => {
+            let close = open + memchr::memchr(b'>', &value[open..])?;
+            return Some((open, close));
+        }
+        Some(_) => {}
+    }
     let mut quoted = false;
     let mut escaped = false;
     for (i, b) in value.iter().enumerate() {

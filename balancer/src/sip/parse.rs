@@ -93,30 +93,36 @@ pub fn parse(input: &[u8], framing: Framing) -> Result<Option<Message<'_>>, Pars
             Framing::Datagram => Err(ParseError::Empty),
         };
     }
-    let Some(head_len) = head_end(buf) else {
-        return match framing {
-            Framing::Stream => Ok(None),
-            Framing::Datagram => Err(ParseError::NoBlankLine),
-        };
+    // One pass over the head: each line is found once, the blank line ends it.
+    let line_at = |from: usize| -> Option<(&[u8], usize)> {
+        let end = from + memchr::memchr(b'\n', buf.get(from..)?)?;
+        let line = &buf[from..end];
+        Some((line.strip_suffix(b"\r").unwrap_or(line), end + 1))
     };
-    let mut lines = Lines {
-        buf: &buf[..head_len],
+    let incomplete = || match framing {
+        Framing::Stream => Ok(None),
+        Framing::Datagram => Err(ParseError::NoBlankLine),
     };
-    let first = lines.next_line().ok_or(ParseError::BadStartLine)?;
+    let Some((first, mut pos)) = line_at(0) else {
+        return incomplete();
+    };
     let start = parse_start_line(first)?;
     let mut headers: Vec<Header<'_>> = Vec::with_capacity(16);
     let mut content_length = None;
     let mut defect = None;
-    while let Some((line_start, line)) = lines.next_line_at(buf) {
+    let head_len = loop {
+        let Some((line, next)) = line_at(pos) else {
+            return incomplete();
+        };
         if line.is_empty() {
-            break;
+            break next;
         }
         if line[0] == b' ' || line[0] == b'\t' {
             // A folded continuation: the previous value now runs to the end of this line.
             let previous = headers.last_mut().ok_or(ParseError::BadHeaderLine)?;
             let value_start = offset_in(buf, previous.value);
-            let end = line_start + line.len();
-            previous.value = trim(&buf[value_start..end]);
+            previous.value = trim(&buf[value_start..pos + line.len()]);
+            pos = next;
             continue;
         }
         let colon = memchr::memchr(b':', line).ok_or(ParseError::BadHeaderLine)?;
@@ -124,14 +130,13 @@ pub fn parse(input: &[u8], framing: Framing) -> Result<Option<Message<'_>>, Pars
         if raw_name.is_empty() || !raw_name.iter().all(|b| is_token(*b)) {
             return Err(ParseError::BadHeaderLine);
         }
-        let value = trim(&line[colon + 1..]);
-        let name = HeaderName::from_bytes(raw_name);
         headers.push(Header {
-            name,
+            name: HeaderName::from_bytes(raw_name),
             raw_name,
-            value,
+            value: trim(&line[colon + 1..]),
         });
-    }
+        pos = next;
+    };
     for header in &headers {
         if header.name == HeaderName::ContentLength {
             match parse_u32(header.value) {
@@ -171,43 +176,6 @@ pub fn parse(input: &[u8], framing: Framing) -> Result<Option<Message<'_>>, Pars
     }))
 }
 
-/// Length of the head including the blank line, if it is complete.
-fn head_end(buf: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    while i < buf.len() {
-        let newline = i + memchr::memchr(b'\n', &buf[i..])?;
-        match buf.get(newline + 1) {
-            Some(b'\n') => return Some(newline + 2),
-            Some(b'\r') if buf.get(newline + 2) == Some(&b'\n') => return Some(newline + 3),
-            _ => i = newline + 1,
-        }
-    }
-    None
-}
-
-/// Line iterator over the head; yields lines without their CRLF or LF.
-struct Lines<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Lines<'a> {
-    fn next_line(&mut self) -> Option<&'a [u8]> {
-        if self.buf.is_empty() {
-            return None;
-        }
-        let end = memchr::memchr(b'\n', self.buf).unwrap_or(self.buf.len());
-        let line = &self.buf[..end];
-        self.buf = &self.buf[(end + 1).min(self.buf.len())..];
-        Some(line.strip_suffix(b"\r").unwrap_or(line))
-    }
-
-    /// The next line and its offset in `whole` (which `self.buf` is a suffix of).
-    fn next_line_at(&mut self, whole: &[u8]) -> Option<(usize, &'a [u8])> {
-        let line = self.next_line()?;
-        Some((offset_in(whole, line), line))
-    }
-}
-
 /// Offset of `part` inside `whole`; `part` must be a subslice of `whole`.
 fn offset_in(whole: &[u8], part: &[u8]) -> usize {
     (part.as_ptr() as usize).saturating_sub(whole.as_ptr() as usize)
@@ -241,8 +209,24 @@ fn parse_start_line(line: &[u8]) -> Result<StartLine<'_>, ParseError> {
 
 /// RFC 3261 `token` characters.
 pub(crate) fn is_token(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)
+    TOKEN[usize::from(b)]
 }
+
+/// `is_token` as a table: it runs for every byte of every header name.
+static TOKEN: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
+            );
+        b += 1;
+    }
+    table
+};
 
 /// Whitespace including the line breaks of folded values.
 pub(crate) fn is_space(b: u8) -> bool {

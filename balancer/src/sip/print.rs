@@ -31,7 +31,7 @@ pub fn response(
         out.extend_from_slice(b"Via: ");
         if first_via {
             first_via = false;
-            write_received_via(header.value, source, out);
+            write_received_via(header.value, &request.via, source, out);
         } else {
             out.extend_from_slice(header.value);
         }
@@ -90,7 +90,7 @@ pub fn forward_request(
             HeaderName::Via if first_via => {
                 first_via = false;
                 out.extend_from_slice(b"Via: ");
-                write_received_via(header.value, source, out);
+                write_received_via(header.value, &request.via, source, out);
                 out.extend_from_slice(b"\r\n");
             }
             HeaderName::Route if first_route => {
@@ -171,34 +171,36 @@ fn write_without_first_value(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
 
 /// Writes a Via header value whose first value gets `received` and a filled `rport`
 /// (RFC 3261 §18.2.1, RFC 3581 §4); further values on the same line follow unchanged.
-fn write_received_via(value: &[u8], source: SocketAddr, out: &mut Vec<u8>) {
-    let mut values = split_values(value);
-    let Some(first) = values.next() else {
+/// `top` is the request's already parsed top Via, a slice of `value`.
+fn write_received_via(value: &[u8], top: &Via<'_>, source: SocketAddr, out: &mut Vec<u8>) {
+    let start = (top.raw.as_ptr() as usize).wrapping_sub(value.as_ptr() as usize);
+    let Some(rest) = value
+        .get(start + top.raw.len()..)
+        .filter(|_| start <= value.len())
+    else {
         out.extend_from_slice(value);
         return;
     };
-    match Via::parse(first) {
-        Ok(via) => {
-            out.extend_from_slice(&via.raw[..via.params_at]);
-            for (name, param) in Params::new(&via.raw[via.params_at..]) {
-                out.push(b';');
-                out.extend_from_slice(name);
-                if name.eq_ignore_ascii_case(b"rport") && param.is_none_or(<[u8]>::is_empty) {
-                    let _ = write!(out, "={}", source.port());
-                } else if let Some(param) = param {
-                    out.push(b'=');
-                    out.extend_from_slice(param);
-                }
-            }
-            if via.received.is_none() && (via.rport.is_some() || !host_is(via.host, source.ip())) {
-                let _ = write!(out, ";received={}", source.ip());
-            }
+    write_received(top, source, out);
+    // Further values on the line (`, SIP/2.0/UDP …`) follow as they were written.
+    out.extend_from_slice(rest);
+}
+
+/// Writes `via` with a filled `rport` and, when needed, `received`.
+fn write_received(via: &Via<'_>, source: SocketAddr, out: &mut Vec<u8>) {
+    out.extend_from_slice(&via.raw[..via.params_at]);
+    for (name, param) in Params::new(&via.raw[via.params_at..]) {
+        out.push(b';');
+        out.extend_from_slice(name);
+        if name.eq_ignore_ascii_case(b"rport") && param.is_none_or(<[u8]>::is_empty) {
+            let _ = write!(out, "={}", source.port());
+        } else if let Some(param) = param {
+            out.push(b'=');
+            out.extend_from_slice(param);
         }
-        Err(_) => out.extend_from_slice(first),
     }
-    for other in values {
-        out.extend_from_slice(b", ");
-        out.extend_from_slice(other);
+    if via.received.is_none() && (via.rport.is_some() || !host_is(via.host, source.ip())) {
+        let _ = write!(out, ";received={}", source.ip());
     }
 }
 
