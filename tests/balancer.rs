@@ -1420,6 +1420,16 @@ fn sipp_pbx(dir: &Path, port: u16) -> (SippRun, Running) {
 
 #[test]
 fn the_local_node_s_calls_are_proxied_to_its_pbx_and_back() {
+    proxied_call("u1");
+}
+
+#[test]
+fn a_carrier_on_tcp_gets_the_pbx_s_answers_on_its_connection() {
+    // The PBX side stays UDP; our Via names the carrier's connection so its answers find it.
+    proxied_call("t1");
+}
+
+fn proxied_call(carrier_transport: &str) {
     let pbx_port = free_port();
     let mut fleet = Fleet::new();
     fleet.node("local", &format!("sip:127.0.0.1:{pbx_port}"), 0, 100);
@@ -1441,7 +1451,13 @@ fn the_local_node_s_calls_are_proxied_to_its_pbx_and_back() {
     balancer.options_until(&Udp::new(balancer.addr), 200, Duration::from_secs(10));
     assert!(pbx.alive(), "SIPp PBX died:\n{}", pbx_run.report());
 
-    let uac = sipp_uac(fleet.dir.path(), "carrier", "uac_call.xml", "u1", &balancer);
+    let uac = sipp_uac(
+        fleet.dir.path(),
+        "carrier",
+        "uac_call.xml",
+        carrier_transport,
+        &balancer,
+    );
     pbx.signal("USR1"); // finish the calls under way, then exit
     let status = wait_exit("SIPp PBX", &mut pbx, Duration::from_secs(10));
     assert_eq!(

@@ -26,6 +26,8 @@ use crate::transaction::{Kind, Transaction, Transactions};
 const OUR_BRANCH: &[u8] = b"z9hG4bKcf";
 /// Branches of our OPTIONS probes to the local PBX.
 const PROBE_BRANCH: &[u8] = b"z9hG4bKcfprobe";
+/// Parameter of our Via naming the TCP connection a proxied request came in on.
+const CONN_PARAM: &str = "cfconn";
 const ALLOW: &[u8] = b"Allow: INVITE, ACK, CANCEL, OPTIONS, BYE\r\n";
 
 /// Something a transport must do.
@@ -360,6 +362,22 @@ impl Engine {
             }
             return;
         }
+        let connection = sip::Params::new(&ours.raw[ours.params_at..])
+            .find(|(name, _)| name.eq_ignore_ascii_case(CONN_PARAM.as_bytes()))
+            .and_then(|(_, value)| value)
+            .and_then(|value| std::str::from_utf8(value).ok())
+            .and_then(|value| value.trim_matches('"').parse::<SocketAddr>().ok());
+        if let Some(to) = connection {
+            let mut bytes = Vec::new();
+            print::forward_response(message, &mut bytes);
+            Counters::bump(&self.counters.forwarded);
+            actions.push(Action::Forward {
+                to,
+                tcp: true,
+                bytes,
+            });
+            return;
+        }
         let Some(next) = vias.next().and_then(|v| Via::parse(v).ok()) else {
             Counters::bump(&self.counters.malformed);
             return;
@@ -627,9 +645,16 @@ impl Ctx<'_, '_, '_> {
             request.via.branch.unwrap_or(request.call_id),
             request.via.sent_by(),
         );
-        let mut branch = [0u8; OUR_BRANCH.len() + 16];
-        branch[..OUR_BRANCH.len()].copy_from_slice(OUR_BRANCH);
-        hex(hash, &mut branch[OUR_BRANCH.len()..]);
+        let mut branch = Vec::with_capacity(OUR_BRANCH.len() + 48);
+        branch.extend_from_slice(OUR_BRANCH);
+        let mut digits = [0u8; 16];
+        hex(hash, &mut digits);
+        branch.extend_from_slice(&digits);
+        if self.transport == Transport::Tcp {
+            // Stateless, we remember nothing: our Via carries the carrier's connection so
+            // the PBX's responses, which echo it, find their way back onto it.
+            let _ = write!(Bytes(&mut branch), ";{CONN_PARAM}=\"{}\"", self.source);
+        }
         let record_route = (request.method == Method::Invite && request.to_tag.is_none())
             .then_some(engine.settings.record_route.as_slice());
         let mut bytes = Vec::new();

@@ -55,8 +55,9 @@ pub fn response(
 
 /// Writes `request` forwarded by a stateless proxy.
 ///
-/// `our_via` is `SIP/2.0/UDP host:port` without parameters; `branch` must be derived
-/// deterministically from the request so retransmissions and CANCELs match downstream.
+/// `our_via` is `SIP/2.0/UDP host:port` without parameters; `branch` (written as is, so it
+/// may carry further parameters of our Via) must be derived deterministically from the
+/// request so retransmissions and CANCELs match downstream.
 /// `record_route`, if given, is the full value of the Record-Route we add;
 /// `drop_top_route` removes the first Route value (ours).
 pub fn forward_request(
