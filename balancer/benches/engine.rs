@@ -11,29 +11,14 @@ use callfleet_balancer::engine::{Action, Engine};
 use callfleet_balancer::route::FleetView;
 use callfleet_balancer::sip::Transport;
 use callfleet_core::config::BalancerConfig;
-use callfleet_core::{NodeId, NodeRole, NodeState, NodeStatus, PoolName};
+use callfleet_core::testing::node_status;
+use callfleet_core::{NodeId, NodeStatus};
 
 fn node(i: usize) -> NodeStatus {
     NodeStatus {
-        id: NodeId::new(format!("node-{i}")).expect("id"),
-        pool: PoolName::new("default").expect("pool"),
-        role: NodeRole::Core,
-        sip_uri: format!("sip:127.0.0.1:{}", 5071 + i),
-        state: NodeState::Active,
-        drain_requested: false,
-        pbx_up: true,
-        calls: 0,
         max_calls: u32::MAX,
-        load1: 0.0,
-        cpu_pct: 0.0,
-        mem_pct: 0.0,
-        cores: 4,
-        shed: Vec::new(),
-        seq: 1,
-        interval_ms: 2000,
-        uptime_ms: 0,
         age_ms: 0,
-        stale: false,
+        ..node_status(&format!("node-{i}"), &format!("sip:127.0.0.1:{}", 5071 + i))
     }
 }
 

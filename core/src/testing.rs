@@ -54,3 +54,29 @@ pub fn sqlite_config(dir: &std::path::Path) -> StoreConfig {
         ..StoreConfig::default()
     }
 }
+
+/// A fresh, active node in the `default` pool with room for 100 calls, as a store read
+/// would return it; tests change the fields they care about.
+pub fn node_status(id: &str, sip_uri: &str) -> crate::NodeStatus {
+    crate::NodeStatus {
+        id: crate::NodeId::new(id).expect("a valid test node id"),
+        pool: crate::PoolName::new("default").expect("\"default\" is a valid pool name"),
+        role: crate::NodeRole::Core,
+        sip_uri: sip_uri.to_owned(),
+        state: crate::NodeState::Active,
+        drain_requested: false,
+        pbx_up: true,
+        calls: 0,
+        max_calls: 100,
+        load1: 0.0,
+        cpu_pct: 0.0,
+        mem_pct: 0.0,
+        cores: 4,
+        shed: Vec::new(),
+        seq: 1,
+        interval_ms: 2000,
+        uptime_ms: 10_000,
+        age_ms: 100,
+        stale: false,
+    }
+}

@@ -16,7 +16,8 @@ use callfleet_balancer::engine::{Action, Engine};
 use callfleet_balancer::route::FleetView;
 use callfleet_balancer::sip::{Framing, Request, Transport, parse};
 use callfleet_core::config::BalancerConfig;
-use callfleet_core::{NodeId, NodeRole, NodeState, NodeStatus, PoolName};
+use callfleet_core::testing::node_status;
+use callfleet_core::{NodeId, NodeStatus};
 use libfuzzer_sys::fuzz_target;
 
 fn engine() -> &'static Engine {
@@ -29,25 +30,9 @@ fn engine() -> &'static Engine {
         let local = NodeId::new("lb").expect("id");
         let engine = Engine::new(&config, local.clone()).expect("engine");
         let node = NodeStatus {
-            id: NodeId::new("node-a").expect("id"),
-            pool: PoolName::new("default").expect("pool"),
-            role: NodeRole::Core,
-            sip_uri: "sip:127.0.0.1:5071".into(),
-            state: NodeState::Active,
-            drain_requested: false,
-            pbx_up: true,
-            calls: 0,
             max_calls: u32::MAX,
-            load1: 0.0,
-            cpu_pct: 0.0,
-            mem_pct: 0.0,
-            cores: 1,
-            shed: Vec::new(),
-            seq: 1,
-            interval_ms: 1000,
-            uptime_ms: 0,
             age_ms: 0,
-            stale: false,
+            ..node_status("node-a", "sip:127.0.0.1:5071")
         };
         engine.set_view(FleetView::from_nodes(vec![node], &local, None, Instant::now()));
         engine

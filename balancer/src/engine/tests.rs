@@ -1,4 +1,5 @@
-use callfleet_core::{NodeRole, NodeState, NodeStatus, PoolName};
+use callfleet_core::NodeStatus;
+use callfleet_core::testing::node_status;
 
 use super::*;
 
@@ -15,25 +16,8 @@ fn pbx() -> SocketAddr {
 
 fn node(id: &str, sip_uri: &str) -> NodeStatus {
     NodeStatus {
-        id: NodeId::new(id).expect("id"),
-        pool: PoolName::new("default").expect("pool"),
-        role: NodeRole::Core,
-        sip_uri: sip_uri.to_owned(),
-        state: NodeState::Active,
-        drain_requested: false,
-        pbx_up: true,
-        calls: 0,
-        max_calls: 100,
-        load1: 0.0,
-        cpu_pct: 0.0,
-        mem_pct: 0.0,
-        cores: 4,
-        shed: Vec::new(),
-        seq: 1,
-        interval_ms: 2000,
-        uptime_ms: 1000,
         age_ms: 10,
-        stale: false,
+        ..node_status(id, sip_uri)
     }
 }
 

@@ -1,30 +1,14 @@
 use std::collections::HashMap;
 
-use callfleet_core::NodeRole;
+use callfleet_core::testing::node_status;
 
 use super::*;
 
 fn node(id: &str, calls: u32, max_calls: u32) -> NodeStatus {
     NodeStatus {
-        id: NodeId::new(id).expect("id"),
-        pool: PoolName::new("default").expect("pool"),
-        role: NodeRole::Core,
-        sip_uri: format!("sip:{id}.example.net:5060"),
-        state: NodeState::Active,
-        drain_requested: false,
-        pbx_up: true,
         calls,
         max_calls,
-        load1: 0.0,
-        cpu_pct: 0.0,
-        mem_pct: 0.0,
-        cores: 4,
-        shed: Vec::new(),
-        seq: 1,
-        interval_ms: 2000,
-        uptime_ms: 10_000,
-        age_ms: 100,
-        stale: false,
+        ..node_status(id, &format!("sip:{id}.example.net:5060"))
     }
 }
 
