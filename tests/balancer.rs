@@ -1612,3 +1612,59 @@ fn invites_that_waited_in_the_kernel_too_long_get_503_not_a_late_302() {
         .stop()
         .assert(&[("overload", 1), ("redirected", 1), ("unavailable", 0)]);
 }
+
+#[test]
+fn without_its_store_the_balancer_routes_on_the_last_view_for_the_grace_then_refuses() {
+    let mut fleet = Fleet::new();
+    fleet.url = fresh_mysql_url();
+    fleet.node("node-a", "sip:127.0.0.1:5071", 0, 100);
+    fleet.wait_fresh(&["node-a"]);
+    // The balancer reads the store through a relay the test can cut; the agent does not.
+    let (credentials, rest) = fleet
+        .url
+        .strip_prefix("mysql://")
+        .and_then(|r| r.split_once('@'))
+        .expect("mysql url");
+    let (upstream, database) = rest.split_once('/').expect("url has a database");
+    let relay = Relay::start(upstream.to_owned());
+    let relayed = format!("mysql://{credentials}@127.0.0.1:{}/{database}", relay.port);
+    let balancer = Balancer::start(
+        &fleet,
+        "balancer",
+        "core-1",
+        &[
+            ("CALLFLEET_STORE__URL", relayed),
+            ("CALLFLEET_BALANCER__STALE_GRACE", "4s".to_owned()),
+        ],
+        None,
+    );
+    let udp = Udp::new(balancer.addr);
+    balancer.options_until(&udp, 200, Duration::from_secs(15));
+    let call = |expected: u16, why: &str| {
+        let invite = Req::invite(&balancer, udp.local, "UDP");
+        let answer = balancer.ask(&udp, &invite);
+        assert_eq!(answer.code(), expected, "{why}:\n{answer}");
+        udp.send(&invite.ack(&answer).render());
+        answer
+    };
+
+    relay.set_down(true);
+    // Longer than heartbeat_ttl (1 s), shorter than stale_grace (4 s).
+    std::thread::sleep(Duration::from_secs(2));
+    let moved = call(302, "within the grace the last view stands");
+    assert_eq!(moved.contacts()[0].0, format!("sip:{USER}@127.0.0.1:5071"));
+
+    // Past the grace only the local node may take calls, and core-1 is not in this fleet.
+    std::thread::sleep(Duration::from_millis(2500));
+    call(503, "past the grace, without a local node");
+
+    relay.set_down(false);
+    balancer.options_until(&udp, 200, Duration::from_secs(10));
+    call(302, "the store is back");
+    let log = balancer.log_text();
+    assert_eq!(log.matches("store unreachable").count(), 1, "{log}");
+    assert_eq!(log.matches("store back").count(), 1, "{log}");
+    balancer
+        .stop()
+        .assert(&[("redirected", 2), ("unavailable", 1)]);
+}

@@ -4,7 +4,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -36,62 +36,6 @@ fn three_agents_are_fresh_and_a_killed_one_goes_stale() {
         assert!(n["age_ms"].as_u64().expect("age") < 900, "{n}");
     }
     assert!(agents[0].alive() && agents[2].alive());
-}
-
-/// A TCP relay whose upstream can be cut and restored, to take the store away from an agent.
-struct Relay {
-    port: u16,
-    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Relay {
-    fn start(upstream: String) -> Self {
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
-        let port = listener.local_addr().expect("addr").port();
-        let down = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&down);
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                if flag.load(Ordering::SeqCst) {
-                    continue; // dropped: the agent sees the connection close at once
-                }
-                let Ok(server) = TcpStream::connect(&upstream) else {
-                    continue;
-                };
-                for (mut from, mut to) in [
-                    (
-                        client.try_clone().expect("clone"),
-                        server.try_clone().expect("clone"),
-                    ),
-                    (server, client),
-                ] {
-                    let flag = Arc::clone(&flag);
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 16 * 1024];
-                        loop {
-                            let n = match from.read(&mut buf) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => n,
-                            };
-                            if flag.load(Ordering::SeqCst) || to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = from.shutdown(std::net::Shutdown::Both);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Self { port, down }
-    }
-
-    fn set_down(&self, down: bool) {
-        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
-    }
 }
 
 #[test]

@@ -257,6 +257,7 @@ async fn refresh(
                     asked_at,
                 );
                 engine.set_view(view);
+                engine.set_store_down(false);
                 if store_down {
                     store_down = false;
                     info!("store back; fleet view current again");
@@ -264,10 +265,12 @@ async fn refresh(
             }
             Ok(Err(err)) if !store_down => {
                 store_down = true;
+                engine.set_store_down(true);
                 warn!(error = %err, grace = ?config.stale_grace, "store unreachable; routing on the last fleet view");
             }
             Err(_) if !store_down => {
                 store_down = true;
+                engine.set_store_down(true);
                 warn!(deadline = ?deadline, grace = ?config.stale_grace, "store did not answer; routing on the last fleet view");
             }
             _ => {}

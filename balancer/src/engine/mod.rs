@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 use std::hash::BuildHasher;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -136,6 +136,8 @@ struct Settings {
 pub struct Engine {
     settings: Settings,
     view: RwLock<Option<Arc<FleetView>>>,
+    /// The last read of the store failed; set and cleared by the refresh task.
+    store_down: AtomicBool,
     /// Until when (ms since `started`) the local PBX counts as alive.
     pbx_alive_until_ms: AtomicU64,
     started: Instant,
@@ -185,6 +187,7 @@ impl Engine {
                 pools: PoolMap::new(config.pools.clone()),
             },
             view: RwLock::new(None),
+            store_down: AtomicBool::new(false),
             pbx_alive_until_ms: AtomicU64::new(0),
             started: Instant::now(),
             transactions: Transactions::default(),
@@ -204,6 +207,11 @@ impl Engine {
     /// Installs a freshly read fleet view.
     pub fn set_view(&self, view: FleetView) {
         *self.view.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(view));
+    }
+
+    /// Records whether the store answered the last refresh.
+    pub fn set_store_down(&self, down: bool) {
+        self.store_down.store(down, Ordering::Relaxed);
     }
 
     /// The local node's id.
@@ -241,8 +249,10 @@ impl Engine {
     }
 
     fn trust(&self, view: &FleetView, now: Instant) -> Trust {
-        if now.saturating_duration_since(view.read_at) <= self.settings.stale_grace {
+        if !self.store_down.load(Ordering::Relaxed) {
             Trust::Full
+        } else if now.saturating_duration_since(view.read_at) <= self.settings.stale_grace {
+            Trust::LastKnown
         } else {
             let now_ms = now.saturating_duration_since(self.started).as_millis() as u64;
             Trust::LocalOnly {

@@ -190,6 +190,7 @@ fn without_the_store_past_the_grace_only_a_live_local_pbx_takes_calls() {
         ],
         long_ago,
     );
+    engine.set_store_down(true);
     let refused = handle(&engine, &invite("s1"), carrier(), now);
     assert!(
         text(&refused[0]).starts_with("SIP/2.0 503 "),
@@ -262,4 +263,33 @@ fn invites_that_queued_too_long_get_503_at_once() {
     assert_eq!(engine.counters.unavailable.load(Ordering::Relaxed), 0);
     let fresh = handle(&engine, &invite("o2"), carrier(), now);
     assert!(text(&fresh[0]).starts_with("SIP/2.0 302 "));
+}
+
+#[test]
+fn within_the_grace_the_last_view_is_trusted_as_read() {
+    let read_at = Instant::now();
+    let engine = engine(
+        config(),
+        vec![node("other", "sip:192.0.2.20:5060")],
+        read_at,
+    );
+    let later = read_at + Duration::from_secs(30);
+    let stale = handle(&engine, &invite("g1"), carrier(), later);
+    assert!(
+        text(&stale[0]).starts_with("SIP/2.0 503 "),
+        "the store answers but has no newer heartbeat: the node is stale"
+    );
+    engine.set_store_down(true);
+    let trusted = handle(&engine, &invite("g2"), carrier(), later);
+    assert!(
+        text(&trusted[0]).contains("Contact: <sip:5551234@192.0.2.20:5060>"),
+        "the store is away: its last word on the node stands for stale_grace"
+    );
+    let past_grace = handle(
+        &engine,
+        &invite("g3"),
+        carrier(),
+        read_at + Duration::from_secs(61),
+    );
+    assert!(text(&past_grace[0]).starts_with("SIP/2.0 503 "));
 }

@@ -43,6 +43,16 @@ pub struct NodeEntry {
     pub local: bool,
 }
 
+impl NodeEntry {
+    /// Heartbeat age as far as this balancer can tell, `elapsed` after the read.
+    fn age(&self, trust: Trust, elapsed: Duration) -> Duration {
+        match trust {
+            Trust::Full => self.age_at_read + elapsed,
+            Trust::LastKnown | Trust::LocalOnly { .. } => self.age_at_read,
+        }
+    }
+}
+
 /// The fleet at one read of the store.
 #[derive(Debug)]
 pub struct FleetView {
@@ -55,8 +65,14 @@ pub struct FleetView {
 /// How a view may be used, given the store's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trust {
-    /// The view is recent: use every node in it.
+    /// The store answers: use every node in the view, its heartbeats ageing by the
+    /// monotonic clock since the read.
     Full,
+    /// The store has been unreachable for less than `stale_grace`: use the view as it was
+    /// last read. Heartbeat ages stop at their values then, because an unreachable store
+    /// says nothing about the nodes; otherwise every node would look dead after
+    /// `heartbeat_ttl` and the grace would never apply.
+    LastKnown,
     /// The store has been unreachable past `stale_grace`: only the local node, and only if
     /// its PBX answers our probes.
     LocalOnly {
@@ -142,10 +158,10 @@ impl FleetView {
         let mut found = 0;
         for (index, node) in self.nodes.iter().enumerate() {
             let usable = match trust {
-                Trust::Full => {
+                Trust::Full | Trust::LastKnown => {
                     node.accepting
                         && &node.pool == pool
-                        && node.age_at_read + elapsed <= scoring.heartbeat_ttl
+                        && node.age(trust, elapsed) <= scoring.heartbeat_ttl
                 }
                 Trust::LocalOnly { pbx_alive } => node.local && pbx_alive && node.accepting,
             };
@@ -186,7 +202,7 @@ impl FleetView {
         let elapsed = now.saturating_duration_since(self.read_at);
         self.nodes.iter().any(|node| {
             let fresh = match trust {
-                Trust::Full => node.age_at_read + elapsed <= scoring.heartbeat_ttl,
+                Trust::Full | Trust::LastKnown => node.age(trust, elapsed) <= scoring.heartbeat_ttl,
                 Trust::LocalOnly { pbx_alive } => node.local && pbx_alive,
             };
             fresh
