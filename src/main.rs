@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use callfleet_balancer::{BalancerError, Listeners};
-use callfleet_core::config::Config;
+use callfleet_core::config::{Config, LocalMode};
 use callfleet_core::{ConfigError, NodeId, Store, fleet, shutdown, telemetry};
 use callfleet_node_agent::NodeAgentError;
 use clap::{Parser, Subcommand};
@@ -109,9 +109,12 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                 config.node.heartbeat_interval
             );
             println!(
-                "  balancer    SIP on {} (UDP and TCP); local calls {:?} to {}",
+                "  balancer    SIP on {} (UDP and TCP); local calls {} to {}",
                 listeners.local_addr()?,
-                balancer.local_mode,
+                match balancer.local_mode {
+                    LocalMode::Proxy => "proxied",
+                    LocalMode::Redirect => "redirected",
+                },
                 balancer.local_pbx
             );
             println!("  watch it    callfleet status   (from another shell in this folder)");
