@@ -80,3 +80,14 @@ pub fn node_status(id: &str, sip_uri: &str) -> crate::NodeStatus {
         stale: false,
     }
 }
+
+/// The Redis URL exported by `./scripts/test`, or a panic that says how to get one.
+pub fn redis_url() -> String {
+    std::env::var("CALLFLEET_TEST_REDIS_URL").unwrap_or_else(|_| {
+        panic!(
+            "CALLFLEET_TEST_REDIS_URL is not set: this test needs the Redis server that \
+             ./scripts/test installs and starts; run ./scripts/test (or export the URL of a \
+             Redis you may write to)"
+        )
+    })
+}

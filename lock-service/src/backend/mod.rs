@@ -1,0 +1,107 @@
+//! Where leases live: Redis in production, this process's memory on a single box. Both
+//! follow the same rules and pass the same tests (`tests.rs` runs every scenario on each).
+
+mod memory;
+mod redis;
+#[cfg(test)]
+mod tests;
+
+use std::time::Duration;
+
+pub use memory::MemoryLocks;
+pub use redis::RedisLocks;
+
+use crate::lease::{Claim, Lease, LockError, validate, validate_claim};
+
+/// A lease store.
+#[derive(Debug)]
+pub enum Locks {
+    /// In this process (single box).
+    Memory(MemoryLocks),
+    /// In Redis (any number of lock-service processes).
+    Redis(RedisLocks),
+}
+
+impl Locks {
+    /// Leases `resource` to `claim.holder`, or returns the lease this attempt already got.
+    pub async fn acquire(&self, resource: &str, claim: &Claim<'_>) -> Result<Lease, LockError> {
+        validate(resource, claim.holder)?;
+        validate_claim(claim)?;
+        match self {
+            Self::Memory(memory) => memory.acquire(resource, claim),
+            Self::Redis(redis) => match redis.claim_first(&[resource], claim).await? {
+                (Some(lease), _) => Ok(lease),
+                (None, holder) => Err(LockError::Held {
+                    resource: resource.to_owned(),
+                    holder,
+                }),
+            },
+        }
+    }
+
+    /// Leases the first free resource of `candidates` (priority order) in one atomic step,
+    /// or returns the lease this attempt already got; `None` when all are held.
+    pub async fn claim_first(
+        &self,
+        candidates: &[&str],
+        claim: &Claim<'_>,
+    ) -> Result<Option<Lease>, LockError> {
+        if candidates.is_empty() || candidates.len() > 500 {
+            return Err(LockError::Invalid(
+                "`candidates` must list 1–500 resources in priority order".into(),
+            ));
+        }
+        for resource in candidates {
+            validate(resource, claim.holder)?;
+        }
+        validate_claim(claim)?;
+        match self {
+            Self::Memory(memory) => memory.claim_first(candidates, claim),
+            Self::Redis(redis) => Ok(redis.claim_first(candidates, claim).await?.0),
+        }
+    }
+
+    /// Extends a live lease held by `holder` with `token` to a new validity from now.
+    pub async fn renew(
+        &self,
+        resource: &str,
+        holder: &str,
+        token: u64,
+        validity: Duration,
+    ) -> Result<Lease, LockError> {
+        validate(resource, holder)?;
+        match self {
+            Self::Memory(memory) => memory.renew(resource, holder, token, validity),
+            Self::Redis(redis) => {
+                redis
+                    .renew_or_release(resource, holder, token, Some(validity))
+                    .await?;
+                let lease = redis.get(resource).await?;
+                Ok(Lease {
+                    validity,
+                    ..lease.ok_or_else(|| LockError::Gone {
+                        resource: resource.to_owned(),
+                    })?
+                })
+            }
+        }
+    }
+
+    /// Ends a live lease held by `holder` with `token`.
+    pub async fn release(&self, resource: &str, holder: &str, token: u64) -> Result<(), LockError> {
+        validate(resource, holder)?;
+        match self {
+            Self::Memory(memory) => memory.release(resource, holder, token),
+            Self::Redis(redis) => redis.renew_or_release(resource, holder, token, None).await,
+        }
+    }
+
+    /// The live lease on `resource`, with what is left of its validity.
+    pub async fn get(&self, resource: &str) -> Result<Option<Lease>, LockError> {
+        validate(resource, "-")?;
+        match self {
+            Self::Memory(memory) => Ok(memory.get(resource)),
+            Self::Redis(redis) => redis.get(resource).await,
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! Every scenario runs on both backends: the memory backend must behave like Redis.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use callfleet_core::testing::redis_url;
+
+use super::*;
+
+const GUARD: Duration = Duration::from_millis(100);
+
+fn backends() -> Vec<(&'static str, Locks)> {
+    vec![
+        ("memory", Locks::Memory(MemoryLocks::new(GUARD))),
+        (
+            "redis",
+            Locks::Redis(
+                RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(1)).expect("redis url"),
+            ),
+        ),
+    ]
+}
+
+/// Resource names no other test (or earlier run against the same Redis) uses.
+fn fresh(name: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "agent:{name}-{}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed),
+        memory::wall_micros()
+    )
+}
+
+fn claim<'a>(holder: &'a str, attempt: &'a str, validity_ms: u64) -> Claim<'a> {
+    Claim {
+        holder,
+        attempt,
+        validity: Duration::from_millis(validity_ms),
+    }
+}
+
+#[tokio::test]
+async fn one_holder_at_a_time_and_tokens_only_grow() {
+    for (name, locks) in backends() {
+        let agent = fresh("a");
+        let first = locks
+            .acquire(&agent, &claim("pbx-1/c1", "t1", 10_000))
+            .await
+            .expect("free");
+        let busy = locks
+            .acquire(&agent, &claim("pbx-2/c9", "t2", 10_000))
+            .await
+            .expect_err("held");
+        assert_eq!(
+            busy,
+            LockError::Held {
+                resource: agent.clone(),
+                holder: "pbx-1/c1".into()
+            },
+            "{name}"
+        );
+        let again = locks
+            .acquire(&agent, &claim("pbx-1/c1", "t1", 10_000))
+            .await
+            .expect("the same attempt gets the same lease");
+        assert_eq!(again.token, first.token, "{name}");
+        locks
+            .release(&agent, "pbx-1/c1", first.token)
+            .await
+            .expect("release");
+        let second = locks
+            .acquire(&agent, &claim("pbx-2/c9", "t2", 10_000))
+            .await
+            .expect("free again");
+        assert!(second.token > first.token, "{name}: tokens grow");
+    }
+}
+
+#[tokio::test]
+async fn only_the_holder_with_its_token_renews_or_releases() {
+    for (name, locks) in backends() {
+        let agent = fresh("r");
+        let lease = locks
+            .acquire(&agent, &claim("pbx-1/c1", "t1", 10_000))
+            .await
+            .expect("free");
+        let renew = |holder: &'static str, token: u64| {
+            let locks = &locks;
+            let agent = agent.clone();
+            async move {
+                locks
+                    .renew(&agent, holder, token, Duration::from_secs(5))
+                    .await
+            }
+        };
+        assert!(
+            matches!(
+                renew("pbx-2/c2", lease.token).await,
+                Err(LockError::NotYours { .. })
+            ),
+            "{name}: another holder"
+        );
+        assert!(
+            matches!(
+                renew("pbx-1/c1", lease.token - 1).await,
+                Err(LockError::NotYours { .. })
+            ),
+            "{name}: an old token"
+        );
+        let renewed = renew("pbx-1/c1", lease.token).await.expect("renew");
+        assert_eq!(renewed.token, lease.token, "{name}");
+        assert_eq!(renewed.validity, Duration::from_secs(5), "{name}");
+        let seen = locks.get(&agent).await.expect("get").expect("live");
+        assert!(seen.validity <= Duration::from_secs(5), "{name}: {seen:?}");
+        assert_eq!(seen.holder, "pbx-1/c1", "{name}");
+        locks
+            .release(&agent, "pbx-1/c1", lease.token)
+            .await
+            .expect("release");
+        assert!(
+            matches!(
+                locks.release(&agent, "pbx-1/c1", lease.token).await,
+                Err(LockError::Gone { .. })
+            ),
+            "{name}: released twice"
+        );
+        assert!(
+            matches!(
+                renew("pbx-1/c1", lease.token).await,
+                Err(LockError::Gone { .. })
+            ),
+            "{name}: renew after release"
+        );
+        assert_eq!(locks.get(&agent).await.expect("get"), None, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn claim_first_takes_the_first_free_in_priority_order() {
+    for (name, locks) in backends() {
+        let agents = [fresh("p1"), fresh("p2"), fresh("p3")];
+        let candidates: Vec<&str> = agents.iter().map(String::as_str).collect();
+        locks
+            .acquire(candidates[0], &claim("pbx-9/x", "busy", 10_000))
+            .await
+            .expect("free");
+        let got = locks
+            .claim_first(&candidates, &claim("pbx-1/c1", "q1", 10_000))
+            .await
+            .expect("ok")
+            .expect("one free");
+        assert_eq!(got.resource, candidates[1], "{name}");
+        let retried = locks
+            .claim_first(&candidates, &claim("pbx-1/c1", "q1", 10_000))
+            .await
+            .expect("ok")
+            .expect("the same lease");
+        assert_eq!(
+            (retried.resource.as_str(), retried.token),
+            (candidates[1], got.token),
+            "{name}: a retried claim is not a second claim"
+        );
+        let third = locks
+            .claim_first(&candidates, &claim("pbx-2/c2", "q2", 10_000))
+            .await
+            .expect("ok")
+            .expect("the last one");
+        assert_eq!(third.resource, candidates[2], "{name}");
+        let none = locks
+            .claim_first(&candidates, &claim("pbx-3/c3", "q3", 10_000))
+            .await
+            .expect("ok");
+        assert_eq!(none, None, "{name}: all held");
+    }
+}
+
+#[tokio::test]
+async fn an_expired_lease_frees_the_resource_after_the_guard() {
+    for (name, locks) in backends() {
+        let agent = fresh("e");
+        let first = locks
+            .acquire(&agent, &claim("pbx-1/c1", "t1", 150))
+            .await
+            .expect("free");
+        tokio::time::sleep(Duration::from_millis(180)).await;
+        assert!(
+            locks
+                .acquire(&agent, &claim("pbx-2/c2", "t2", 150))
+                .await
+                .is_err(),
+            "{name}: validity over, guard not yet"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let second = locks
+            .acquire(&agent, &claim("pbx-2/c2", "t2", 150))
+            .await
+            .expect("free after validity + guard");
+        assert!(second.token > first.token, "{name}");
+        assert!(
+            matches!(
+                locks
+                    .renew(&agent, "pbx-1/c1", first.token, Duration::from_secs(1))
+                    .await,
+                Err(LockError::NotYours { .. })
+            ),
+            "{name}: the old holder cannot renew the new lease"
+        );
+    }
+}
+
+#[tokio::test]
+async fn redis_tokens_grow_even_when_redis_forgets_everything() {
+    let locks = RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(1)).expect("url");
+    let locks = Locks::Redis(locks);
+    let agent = fresh("lost");
+    let first = locks
+        .acquire(&agent, &claim("pbx-1/c1", "t1", 10_000))
+        .await
+        .expect("free");
+    // What a restart without persistence does to these keys.
+    let client = ::redis::Client::open(redis_url()).expect("url");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let _: () = ::redis::cmd("DEL")
+        .arg(format!("lk:{{{agent}}}"))
+        .arg(format!("fence:{{{agent}}}"))
+        .query_async(&mut connection)
+        .await
+        .expect("del");
+    let second = locks
+        .acquire(&agent, &claim("pbx-2/c2", "t2", 10_000))
+        .await
+        .expect("free");
+    assert!(
+        second.token > first.token,
+        "{} then {}: the clock carries the order",
+        first.token,
+        second.token
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_and_an_unreachable_redis_say_what_is_wrong() {
+    let locks = Locks::Memory(MemoryLocks::new(GUARD));
+    for (resource, holder, attempt, validity_ms, field) in [
+        ("", "h", "a", 1000, "resource"),
+        ("agent:1", "with space", "a", 1000, "holder"),
+        ("agent:1", "h", "", 1000, "attempt"),
+        ("agent:1", "h", "a", 5, "validity"),
+    ] {
+        let err = locks
+            .acquire(resource, &claim(holder, attempt, validity_ms))
+            .await
+            .expect_err("invalid");
+        assert!(
+            matches!(&err, LockError::Invalid(text) if text.contains(field)),
+            "{err}"
+        );
+    }
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let gone = Locks::Redis(
+        RedisLocks::new(
+            &format!("redis://127.0.0.1:{closed}"),
+            GUARD,
+            Duration::from_millis(300),
+        )
+        .expect("url"),
+    );
+    let started = std::time::Instant::now();
+    let err = gone
+        .acquire("agent:1", &claim("h", "a", 1000))
+        .await
+        .expect_err("no redis");
+    assert!(matches!(err, LockError::Unavailable(_)), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "bounded by the deadline"
+    );
+}
