@@ -9,7 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_transport(false)
         .compile_with_config(
             config,
-            &["proto/callfleet/fleet/v1/fleet.proto"],
+            &[
+                "proto/callfleet/fleet/v1/fleet.proto",
+                "proto/callfleet/lock/v1/lock.proto",
+            ],
             &["proto"],
         )?;
     println!("cargo:rerun-if-changed=proto");

@@ -32,6 +32,8 @@ enum Command {
     Up,
     /// Sample this node and heartbeat it into the fleet store.
     NodeAgent,
+    /// Serve fenced agent leases over gRPC and HTTP (for dialplans).
+    LockService,
     /// Answer the carrier's INVITEs: 302 to the least-loaded node, proxy to the local PBX,
     /// or 503 so the carrier fails over.
     Balancer,
@@ -93,11 +95,19 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
+    if let Command::LockService = command {
+        // Leases live in memory or Redis; the fleet store is not needed.
+        let listener = bind_locks(&config).await?;
+        let token = shutdown::on_signals();
+        callfleet_lock_service::run(&config.lock_service, listener, token).await?;
+        return Ok(());
+    }
     let store = Store::connect(&config.store).await?;
     match command {
         Command::Up => {
             let id = config.node.resolved_id()?;
             let listeners = Listeners::bind(&config.balancer)?;
+            let locks_listener = bind_locks(&config).await?;
             let balancer = &config.balancer;
             println!("callfleet up: a single-box cluster");
             println!(
@@ -117,10 +127,15 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                 },
                 balancer.local_pbx
             );
+            println!(
+                "  locks       gRPC and HTTP on {} ({:?} backend)",
+                locks_listener.local_addr()?,
+                config.lock_service.backend
+            );
             println!("  watch it    callfleet status   (from another shell in this folder)");
             println!("Ctrl-C stops it.");
             let token = shutdown::on_signals();
-            let (agent, balancer) = tokio::join!(
+            let (agent, balancer, locks) = tokio::join!(
                 async {
                     let result =
                         callfleet_node_agent::run(&config, store.clone(), token.clone()).await;
@@ -138,10 +153,23 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                     }
                     result
                 },
+                async {
+                    let result = callfleet_lock_service::run(
+                        &config.lock_service,
+                        locks_listener,
+                        token.clone(),
+                    )
+                    .await;
+                    if result.is_err() {
+                        token.cancel();
+                    }
+                    result
+                },
             );
             shutdown::bounded("store", store.close()).await;
             agent?;
             balancer?;
+            locks?;
         }
         Command::NodeAgent => {
             let token = shutdown::on_signals();
@@ -149,6 +177,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             shutdown::bounded("store", store.close()).await;
             result?;
         }
+        Command::LockService => unreachable!("served before the store is opened"),
         Command::Balancer => {
             let listeners = Listeners::bind(&config.balancer)?;
             let token = shutdown::on_signals();
@@ -178,6 +207,16 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Binds `lock_service.listen`, saying what to change when the port is taken.
+async fn bind_locks(config: &Config) -> anyhow::Result<tokio::net::TcpListener> {
+    let address = &config.lock_service.listen;
+    tokio::net::TcpListener::bind(address).await.map_err(|err| {
+        anyhow::anyhow!(
+            "cannot listen for the lock service on {address}: {err}; free the port or set lock_service.listen (CALLFLEET_LOCK_SERVICE__LISTEN)"
+        )
+    })
 }
 
 #[cfg(test)]

@@ -275,6 +275,10 @@ Content-Length: 0\r\n\r\n",
         printed.contains(&format!("balancer    SIP on 127.0.0.1:{sip_port}")),
         "{printed}"
     );
+    assert!(
+        printed.contains("locks       gRPC and HTTP on 127.0.0.1:"),
+        "{printed}"
+    );
 }
 
 /// The `<<<` bytes of the capture that answer the action with `action_id`.

@@ -77,6 +77,8 @@ pub struct Config {
     pub log: LogConfig,
     /// The carrier-facing SIP balancer.
     pub balancer: BalancerConfig,
+    /// The lease service for agents.
+    pub lock_service: LockServiceConfig,
 }
 
 /// Where the fleet store lives and how history is kept.
@@ -370,6 +372,65 @@ pub struct PoolRule {
     pub prefixes: Vec<String>,
 }
 
+/// The lock service: where it listens, where leases live, how long they last.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LockServiceConfig {
+    /// `ip:port` for gRPC and the HTTP twin (dialplan `CURL()`), on one listener.
+    pub listen: String,
+    /// `memory` (single box) or `redis`.
+    pub backend: LockBackendKind,
+    /// For `redis`: `redis://[:password@]host:port/db`.
+    pub redis_url: String,
+    /// Validity of a lease when the caller asks for none.
+    #[serde(with = "humantime_serde")]
+    pub validity: Duration,
+    /// How long a lease's resource stays claimed after its validity, so a holder whose
+    /// clock runs late never overlaps the next holder.
+    #[serde(with = "humantime_serde")]
+    pub guard: Duration,
+    /// Deadline of every backend call; nothing is retried behind the caller.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+}
+
+impl Default for LockServiceConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7070".to_owned(),
+            backend: LockBackendKind::Memory,
+            redis_url: "redis://127.0.0.1:6379/0".to_owned(),
+            validity: Duration::from_secs(10),
+            guard: Duration::from_secs(5),
+            deadline: Duration::from_secs(1),
+        }
+    }
+}
+
+impl fmt::Debug for LockServiceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockServiceConfig")
+            .field("listen", &self.listen)
+            .field("backend", &self.backend)
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("validity", &self.validity)
+            .field("guard", &self.guard)
+            .field("deadline", &self.deadline)
+            .finish()
+    }
+}
+
+/// Where leases live.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LockBackendKind {
+    /// In the lock-service process: one box only.
+    #[default]
+    Memory,
+    /// In Redis: any number of lock-service processes.
+    Redis,
+}
+
 /// How logs are written.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -479,6 +540,28 @@ impl Config {
             }
         }
         self.balancer.validate()?;
+        let locks = &self.lock_service;
+        if locks.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad(
+                "lock_service.listen",
+                format!("`{}` must be ip:port, e.g. 127.0.0.1:7070", locks.listen),
+            );
+        }
+        if locks.validity < Duration::from_millis(100) || locks.deadline.is_zero() {
+            return bad(
+                "lock_service.validity",
+                "validity must be at least 100ms and deadline longer than 0s".into(),
+            );
+        }
+        if locks.backend == LockBackendKind::Redis && !locks.redis_url.starts_with("redis") {
+            return bad(
+                "lock_service.redis_url",
+                format!(
+                    "`{}` must be redis://HOST:PORT/DB",
+                    redact_url(&locks.redis_url)
+                ),
+            );
+        }
         let mut names = HashSet::new();
         for (i, tier) in node.shed.iter().enumerate() {
             let key = format!("node.shed[{i}]");

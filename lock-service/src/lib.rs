@@ -3,10 +3,70 @@
 //! Before a node's PBX rings an agent it claims the agent's lease; the lease carries a
 //! fencing token that only ever grows per agent, so whatever acts on the lease can refuse a
 //! holder whose lease was superseded. [`backend`] holds the rules, for Redis and for a
-//! single box's memory.
+//! single box's memory; [`grpc`] and [`http`] serve them on one listener.
 
 pub mod backend;
+pub mod grpc;
+pub mod http;
 pub mod lease;
+
+use std::sync::Arc;
+
+use callfleet_core::config::{LockBackendKind, LockServiceConfig};
+use callfleet_proto::lock::v1::locks_server::LocksServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
 
 pub use backend::{Locks, MemoryLocks, RedisLocks};
 pub use lease::{Claim, Lease, LockError};
+
+/// Why the lock service cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum LockServiceError {
+    /// The backend cannot be set up from the configuration.
+    #[error("lock_service: {0}")]
+    Backend(LockError),
+    /// Serving failed.
+    #[error("lock service stopped: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The backend the configuration asks for.
+pub fn backend(config: &LockServiceConfig) -> Result<Locks, LockServiceError> {
+    Ok(match config.backend {
+        LockBackendKind::Memory => Locks::Memory(MemoryLocks::new(config.guard)),
+        LockBackendKind::Redis => Locks::Redis(Box::new(
+            RedisLocks::new(&config.redis_url, config.guard, config.deadline)
+                .map_err(LockServiceError::Backend)?,
+        )),
+    })
+}
+
+/// gRPC (`callfleet.lock.v1.Locks`) and the HTTP twin (`/lock/…`) in one router.
+pub fn router(locks: Arc<Locks>, config: &LockServiceConfig) -> axum::Router {
+    let grpc = grpc::LocksService::new(locks.clone(), config.validity);
+    tonic::service::Routes::new(LocksServer::new(grpc))
+        .prepare()
+        .into_axum_router()
+        .merge(http::router(http::HttpState {
+            locks,
+            default_validity: config.validity,
+        }))
+}
+
+/// Serves the lock service on `listener` until `shutdown`.
+pub async fn run(
+    config: &LockServiceConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), LockServiceError> {
+    let locks = Arc::new(backend(config)?);
+    let address = listener.local_addr()?;
+    info!(%address, backend = ?config.backend, "lock service ready");
+    axum::serve(listener, router(locks, config))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    info!("lock service stopped");
+    Ok(())
+}

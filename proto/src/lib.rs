@@ -11,3 +11,12 @@ pub mod fleet {
         tonic::include_proto!("callfleet.fleet.v1");
     }
 }
+
+/// Fenced leases (`callfleet.lock.v1`).
+pub mod lock {
+    /// Version 1 of the lock contract.
+    #[allow(missing_debug_implementations, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("callfleet.lock.v1");
+    }
+}

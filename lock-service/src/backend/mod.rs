@@ -19,7 +19,7 @@ pub enum Locks {
     /// In this process (single box).
     Memory(MemoryLocks),
     /// In Redis (any number of lock-service processes).
-    Redis(RedisLocks),
+    Redis(Box<RedisLocks>),
 }
 
 impl Locks {

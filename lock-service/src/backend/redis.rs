@@ -193,7 +193,7 @@ impl RedisLocks {
             .cmd("PTTL")
             .arg(&key)
             .to_owned();
-        let result: ((Option<String>, Option<String>, Option<String>), i64) =
+        let result: (LeaseFields, i64) =
             match tokio::time::timeout(self.deadline, query.query_async(&mut connection)).await {
                 Ok(Ok(value)) => value,
                 Ok(Err(err)) => return Err(unavailable(err)),
@@ -215,6 +215,9 @@ impl RedisLocks {
         }))
     }
 }
+
+/// holder, attempt, token of an `lk:` hash.
+type LeaseFields = (Option<String>, Option<String>, Option<String>);
 
 fn expire_ms(validity: Duration, guard: Duration) -> u64 {
     (validity + guard).as_millis() as u64

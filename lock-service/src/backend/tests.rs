@@ -14,9 +14,9 @@ fn backends() -> Vec<(&'static str, Locks)> {
         ("memory", Locks::Memory(MemoryLocks::new(GUARD))),
         (
             "redis",
-            Locks::Redis(
+            Locks::Redis(Box::new(
                 RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(1)).expect("redis url"),
-            ),
+            )),
         ),
     ]
 }
@@ -212,7 +212,7 @@ async fn an_expired_lease_frees_the_resource_after_the_guard() {
 #[tokio::test]
 async fn redis_tokens_grow_even_when_redis_forgets_everything() {
     let locks = RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(1)).expect("url");
-    let locks = Locks::Redis(locks);
+    let locks = Locks::Redis(Box::new(locks));
     let agent = fresh("lost");
     let first = locks
         .acquire(&agent, &claim("pbx-1/c1", "t1", 10_000))
@@ -265,14 +265,14 @@ async fn bad_requests_and_an_unreachable_redis_say_what_is_wrong() {
         .local_addr()
         .expect("addr")
         .port();
-    let gone = Locks::Redis(
+    let gone = Locks::Redis(Box::new(
         RedisLocks::new(
             &format!("redis://127.0.0.1:{closed}"),
             GUARD,
             Duration::from_millis(300),
         )
         .expect("url"),
-    );
+    ));
     let started = std::time::Instant::now();
     let err = gone
         .acquire("agent:1", &claim("h", "a", 1000))

@@ -1,0 +1,130 @@
+//! `callfleet.lock.v1.Locks` over gRPC, and the one place lock errors become statuses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use callfleet_proto::lock::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::backend::Locks;
+use crate::lease::{Claim, Lease, LockError};
+
+impl From<LockError> for Status {
+    fn from(err: LockError) -> Self {
+        let message = err.to_string();
+        match err {
+            LockError::Held { .. } => Status::already_exists(message),
+            LockError::NotYours { .. } => Status::failed_precondition(message),
+            LockError::Gone { .. } => Status::not_found(message),
+            LockError::Unavailable(_) => Status::unavailable(message),
+            LockError::Invalid(_) => Status::invalid_argument(message),
+        }
+    }
+}
+
+fn to_pb(lease: Lease) -> pb::Lease {
+    pb::Lease {
+        resource: lease.resource,
+        holder: lease.holder,
+        attempt: lease.attempt,
+        token: lease.token,
+        validity_ms: lease.validity.as_millis() as u64,
+    }
+}
+
+/// The gRPC service over a backend.
+#[derive(Debug, Clone)]
+pub struct LocksService {
+    locks: Arc<Locks>,
+    default_validity: Duration,
+}
+
+impl LocksService {
+    /// Serves `locks`; requests without a validity get `default_validity`.
+    pub fn new(locks: Arc<Locks>, default_validity: Duration) -> Self {
+        Self {
+            locks,
+            default_validity,
+        }
+    }
+
+    fn validity(&self, ms: u64) -> Duration {
+        if ms == 0 {
+            self.default_validity
+        } else {
+            Duration::from_millis(ms)
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::locks_server::Locks for LocksService {
+    async fn acquire(
+        &self,
+        request: Request<pb::AcquireRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        let request = request.into_inner();
+        let claim = Claim {
+            holder: &request.holder,
+            attempt: &request.attempt,
+            validity: self.validity(request.validity_ms),
+        };
+        let lease = self.locks.acquire(&request.resource, &claim).await?;
+        Ok(Response::new(to_pb(lease)))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        let request = request.into_inner();
+        let lease = self
+            .locks
+            .renew(
+                &request.resource,
+                &request.holder,
+                request.token,
+                self.validity(request.validity_ms),
+            )
+            .await?;
+        Ok(Response::new(to_pb(lease)))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let request = request.into_inner();
+        self.locks
+            .release(&request.resource, &request.holder, request.token)
+            .await?;
+        Ok(Response::new(pb::ReleaseResponse {}))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let lease = self.locks.get(&request.into_inner().resource).await?;
+        Ok(Response::new(pb::GetResponse {
+            lease: lease.map(to_pb),
+        }))
+    }
+
+    async fn claim_first(
+        &self,
+        request: Request<pb::ClaimFirstRequest>,
+    ) -> Result<Response<pb::ClaimFirstResponse>, Status> {
+        let request = request.into_inner();
+        let candidates: Vec<&str> = request.candidates.iter().map(String::as_str).collect();
+        let claim = Claim {
+            holder: &request.holder,
+            attempt: &request.attempt,
+            validity: self.validity(request.validity_ms),
+        };
+        let lease = self.locks.claim_first(&candidates, &claim).await?;
+        Ok(Response::new(pb::ClaimFirstResponse {
+            lease: lease.map(to_pb),
+        }))
+    }
+}

@@ -1,0 +1,238 @@
+//! The lock service over its real listener: gRPC through a tonic client and the HTTP twin
+//! through raw HTTP/1.1, as a dialplan's `CURL()` sends it.
+
+use std::time::Duration;
+
+use callfleet_core::config::LockServiceConfig;
+use callfleet_proto::lock::v1 as pb;
+use callfleet_proto::lock::v1::locks_client::LocksClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+struct Server {
+    address: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let config = LockServiceConfig::default();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            callfleet_lock_service::run(&config, listener, token)
+                .await
+                .expect("lock service runs");
+        });
+        Self {
+            address,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn grpc(&self) -> LocksClient<tonic::transport::Channel> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.address))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("grpc connects");
+        LocksClient::new(channel)
+    }
+
+    /// POSTs a form and returns (status, body) the way CURL() sees it.
+    async fn post(&self, path: &str, form: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(self.address)
+            .await
+            .expect("connect");
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: asterisk-libcurl-agent/1.0\r\n\
+Accept: */*\r\nContent-Length: {}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+Connection: close\r\n\r\n{form}",
+            form.len()
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        let status = response[9..12].parse().expect("status code");
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .expect("a body");
+        (status, body)
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("stops in time")
+            .expect("no panic");
+    }
+}
+
+#[tokio::test]
+async fn grpc_claims_are_fenced_and_errors_have_their_codes() {
+    let server = Server::start().await;
+    let mut client = server.grpc().await;
+    let claim = |holder: &str, attempt: &str| pb::ClaimFirstRequest {
+        candidates: vec!["agent:1".into(), "agent:2".into()],
+        holder: holder.into(),
+        attempt: attempt.into(),
+        validity_ms: 5_000,
+    };
+    let first = client
+        .claim_first(claim("pbx-1/c1", "a1"))
+        .await
+        .expect("ok")
+        .into_inner()
+        .lease
+        .expect("agent:1 is free");
+    assert_eq!(first.resource, "agent:1");
+    let second = client
+        .claim_first(claim("pbx-2/c2", "a2"))
+        .await
+        .expect("ok")
+        .into_inner()
+        .lease
+        .expect("agent:2 is free");
+    assert_eq!(second.resource, "agent:2");
+    let none = client
+        .claim_first(claim("pbx-3/c3", "a3"))
+        .await
+        .expect("ok")
+        .into_inner();
+    assert_eq!(none.lease, None, "both held");
+
+    let held = client
+        .acquire(pb::AcquireRequest {
+            resource: "agent:1".into(),
+            holder: "pbx-9/x".into(),
+            attempt: "z".into(),
+            validity_ms: 1000,
+        })
+        .await
+        .expect_err("held");
+    assert_eq!(held.code(), Code::AlreadyExists);
+    assert!(held.message().contains("pbx-1/c1"), "{held:?}");
+
+    let wrong = client
+        .renew(pb::RenewRequest {
+            resource: "agent:1".into(),
+            holder: "pbx-1/c1".into(),
+            token: first.token + 1,
+            validity_ms: 1000,
+        })
+        .await
+        .expect_err("wrong token");
+    assert_eq!(wrong.code(), Code::FailedPrecondition);
+
+    client
+        .release(pb::ReleaseRequest {
+            resource: "agent:1".into(),
+            holder: "pbx-1/c1".into(),
+            token: first.token,
+        })
+        .await
+        .expect("released");
+    let gone = client
+        .release(pb::ReleaseRequest {
+            resource: "agent:1".into(),
+            holder: "pbx-1/c1".into(),
+            token: first.token,
+        })
+        .await
+        .expect_err("gone");
+    assert_eq!(gone.code(), Code::NotFound);
+    let invalid = client
+        .acquire(pb::AcquireRequest::default())
+        .await
+        .expect_err("empty request");
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+    assert!(invalid.message().contains("resource"), "{invalid:?}");
+    let got = client
+        .get(pb::GetRequest {
+            resource: "agent:2".into(),
+        })
+        .await
+        .expect("ok")
+        .into_inner()
+        .lease
+        .expect("live");
+    assert_eq!((got.holder.as_str(), got.token), ("pbx-2/c2", second.token));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_http_twin_answers_one_line_that_is_never_empty() {
+    let server = Server::start().await;
+    let (status, body) = server
+        .post(
+            "/lock/acquire",
+            "resource=agent:200&holder=pbx-1/1795429789.99&attempt=1795429789.99&ttl=30",
+        )
+        .await;
+    assert_eq!(status, 200);
+    let token: u64 = body
+        .strip_prefix("OK ")
+        .and_then(|t| t.trim_end().parse().ok())
+        .unwrap_or_else(|| panic!("OK <token>, got {body:?}"));
+    assert!(
+        body.ends_with('\n') && body.lines().count() == 1,
+        "{body:?}"
+    );
+
+    let (status, body) = server
+        .post(
+            "/lock/acquire",
+            "resource=agent:200&holder=someone-else&attempt=x&ttl=30",
+        )
+        .await;
+    assert_eq!((status, body.as_str()), (409, "BUSY pbx-1/1795429789.99\n"));
+
+    let (status, body) = server
+        .post(
+            "/lock/claim-first",
+            "candidates=agent:200,agent:201&holder=pbx-2/c2&attempt=c2&ttl=30",
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(body.starts_with("OK agent:201 "), "{body:?}");
+
+    let (_, body) = server
+        .post(
+            "/lock/renew",
+            &format!("resource=agent:200&holder=pbx-1/1795429789.99&token={token}&ttl=10"),
+        )
+        .await;
+    assert_eq!(body, format!("OK {token}\n"));
+    let (_, body) = server
+        .post(
+            "/lock/release",
+            &format!("resource=agent:200&holder=pbx-1/1795429789.99&token={token}"),
+        )
+        .await;
+    assert_eq!(body, "OK released\n");
+    let (status, body) = server
+        .post(
+            "/lock/release",
+            &format!("resource=agent:200&holder=pbx-1/1795429789.99&token={token}"),
+        )
+        .await;
+    assert_eq!((status, body.as_str()), (410, "GONE\n"));
+    let (status, body) = server
+        .post("/lock/renew", "resource=agent:200&holder=h&token=abc")
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        body.starts_with("ERR ") && body.contains("token"),
+        "{body:?}"
+    );
+    server.stop().await;
+}
