@@ -392,6 +392,13 @@ pub struct LockServiceConfig {
     /// Deadline of every backend call; nothing is retried behind the caller.
     #[serde(with = "humantime_serde")]
     pub deadline: Duration,
+    /// How long claims are refused after Redis lost data (restart, flush); must outlast
+    /// any lease that may have been lost, i.e. validity + guard.
+    #[serde(with = "humantime_serde")]
+    pub quarantine: Duration,
+    /// Refuse to start unless Redis runs with `maxmemory-policy noeviction` and
+    /// persistence; otherwise only warn.
+    pub strict: bool,
 }
 
 impl Default for LockServiceConfig {
@@ -403,6 +410,8 @@ impl Default for LockServiceConfig {
             validity: Duration::from_secs(10),
             guard: Duration::from_secs(5),
             deadline: Duration::from_secs(1),
+            quarantine: Duration::from_secs(15),
+            strict: false,
         }
     }
 }
@@ -416,6 +425,8 @@ impl fmt::Debug for LockServiceConfig {
             .field("validity", &self.validity)
             .field("guard", &self.guard)
             .field("deadline", &self.deadline)
+            .field("quarantine", &self.quarantine)
+            .field("strict", &self.strict)
             .finish()
     }
 }

@@ -27,6 +27,9 @@ pub enum LockServiceError {
     /// The backend cannot be set up from the configuration.
     #[error("lock_service: {0}")]
     Backend(LockError),
+    /// `strict = true` and Redis is configured so that leases can be lost.
+    #[error("redis is not safe for leases (lock_service.strict = true): {0}")]
+    Unsafe(String),
     /// Serving failed.
     #[error("lock service stopped: {0}")]
     Io(#[from] std::io::Error),
@@ -38,7 +41,8 @@ pub fn backend(config: &LockServiceConfig) -> Result<Locks, LockServiceError> {
         LockBackendKind::Memory => Locks::Memory(MemoryLocks::new(config.guard)),
         LockBackendKind::Redis => Locks::Redis(Box::new(
             RedisLocks::new(&config.redis_url, config.guard, config.deadline)
-                .map_err(LockServiceError::Backend)?,
+                .map_err(LockServiceError::Backend)?
+                .with_quarantine(config.quarantine),
         )),
     })
 }
@@ -62,6 +66,20 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), LockServiceError> {
     let locks = Arc::new(backend(config)?);
+    if let Locks::Redis(redis) = locks.as_ref() {
+        match redis.configuration_problems().await {
+            Ok(problems) => {
+                for problem in &problems {
+                    tracing::error!(problem = %problem, "redis is not safe for leases");
+                }
+                if config.strict && !problems.is_empty() {
+                    return Err(LockServiceError::Unsafe(problems.join("; ")));
+                }
+            }
+            // Unreachable at start: serve anyway (claims fail closed until it is back).
+            Err(err) => tracing::warn!(error = %err, "cannot check redis at start"),
+        }
+    }
     let address = listener.local_addr()?;
     info!(%address, backend = ?config.backend, "lock service ready");
     axum::serve(listener, router(locks, config))

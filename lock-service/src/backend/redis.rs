@@ -6,7 +6,7 @@
 //! even when Redis restarts empty and the fence is lost. Numbers are printed with
 //! `%.0f` because Lua's numbers are doubles (µs since the epoch fit in their 53 bits).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 use redis::{Client, Script};
@@ -15,28 +15,30 @@ use tokio::sync::Mutex;
 use crate::lease::{Claim, Lease, LockError};
 
 /// Claims the first free candidate, or returns the lease this attempt already holds.
-/// KEYS: lk, fence pairs in priority order. ARGV: holder, attempt, expire-ms.
-/// Returns {index (1-based), token, holder-if-busy} or {0, "", first holder}.
+/// KEYS: the boot marker, then lk, fence pairs in priority order. ARGV: holder, attempt,
+/// expire-ms. Returns {index (1-based), token, ''}, {0, '', first holder} when all are
+/// held, or {-1, '', ''} when the boot marker is gone (Redis lost its data).
 const CLAIM: &str = r#"
-local n = #KEYS / 2
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, '', ''} end
+local n = (#KEYS - 1) / 2
 for i = 1, n do
-  local cur = redis.call('HMGET', KEYS[2 * i - 1], 'holder', 'attempt', 'token')
+  local cur = redis.call('HMGET', KEYS[2 * i], 'holder', 'attempt', 'token')
   if cur[1] == ARGV[1] and cur[2] == ARGV[2] then
     return {i, cur[3], ''}
   end
 end
 local busy = ''
 for i = 1, n do
-  local key = KEYS[2 * i - 1]
+  local key = KEYS[2 * i]
   local holder = redis.call('HGET', key, 'holder')
   if not holder then
     local t = redis.call('TIME')
     local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-    local last = tonumber(redis.call('GET', KEYS[2 * i]) or '0')
+    local last = tonumber(redis.call('GET', KEYS[2 * i + 1]) or '0')
     local token = string.format('%.0f', math.max(last + 1, now))
     redis.call('HSET', key, 'holder', ARGV[1], 'attempt', ARGV[2], 'token', token)
     redis.call('PEXPIRE', key, ARGV[3])
-    redis.call('SET', KEYS[2 * i], token)
+    redis.call('SET', KEYS[2 * i + 1], token)
     return {i, token, ''}
   end
   if busy == '' then busy = holder end
@@ -63,6 +65,13 @@ return 1
 pub struct RedisLocks {
     client: Client,
     connection: Mutex<Option<MultiplexedConnection>>,
+    /// Key whose absence means Redis lost its data (restarted empty, flushed).
+    marker: String,
+    /// The Redis `run_id` seen on our last connection: a new one means Redis restarted.
+    run_id: std::sync::Mutex<Option<String>>,
+    /// No claims are granted before this.
+    quarantined_until: std::sync::Mutex<Option<Instant>>,
+    quarantine: Duration,
     guard: Duration,
     deadline: Duration,
     claim: Script,
@@ -78,6 +87,10 @@ impl RedisLocks {
         Ok(Self {
             client,
             connection: Mutex::new(None),
+            marker: "callfleet:locks:boot".to_owned(),
+            run_id: std::sync::Mutex::new(None),
+            quarantined_until: std::sync::Mutex::new(None),
+            quarantine: Duration::from_secs(15),
             guard,
             deadline,
             claim: Script::new(CLAIM),
@@ -85,20 +98,136 @@ impl RedisLocks {
         })
     }
 
+    /// How long claims are refused after Redis lost data; longer than any lease that may
+    /// have been lost with it (validity + guard).
+    pub fn with_quarantine(mut self, quarantine: Duration) -> Self {
+        self.quarantine = quarantine;
+        self
+    }
+
+    /// Uses `key` as the boot marker (tests give each backend its own).
+    pub fn with_marker(mut self, key: impl Into<String>) -> Self {
+        self.marker = key.into();
+        self
+    }
+
+    /// What is wrong with the Redis configuration for locks (empty when all is well):
+    /// an evicting `maxmemory-policy` silently drops live leases (their keys carry TTLs),
+    /// and without persistence a restart loses every lease at once.
+    pub async fn configuration_problems(&self) -> Result<Vec<String>, LockError> {
+        let mut connection = self.connection().await?;
+        let mut problems = Vec::new();
+        let query = async {
+            let policy: Vec<String> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("maxmemory-policy")
+                .query_async(&mut connection)
+                .await?;
+            let aof: Vec<String> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("appendonly")
+                .query_async(&mut connection)
+                .await?;
+            Ok::<_, redis::RedisError>((policy, aof))
+        };
+        match tokio::time::timeout(self.deadline, query).await {
+            Ok(Ok((policy, aof))) => {
+                if policy.get(1).is_none_or(|p| p != "noeviction") {
+                    problems.push(format!(
+                        "maxmemory-policy is {:?}, not noeviction: Redis may evict live leases; set `maxmemory-policy noeviction`",
+                        policy.get(1).map_or("unknown", String::as_str)
+                    ));
+                }
+                if aof.get(1).is_none_or(|a| a != "yes") {
+                    problems.push(
+                        "appendonly is off: a Redis restart loses every lease; set `appendonly yes`".to_owned(),
+                    );
+                }
+            }
+            Ok(Err(err)) => problems.push(format!(
+                "cannot read the Redis configuration ({err}); check maxmemory-policy noeviction and appendonly yes by hand"
+            )),
+            Err(_) => return Err(LockError::Unavailable("redis did not answer CONFIG GET".into())),
+        }
+        Ok(problems)
+    }
+
+    /// Whether claims are refused right now because Redis lost its data.
+    pub fn quarantined(&self) -> bool {
+        self.quarantined_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    fn start_quarantine(&self, why: &str) {
+        let until = Instant::now() + self.quarantine;
+        *self
+            .quarantined_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(until);
+        tracing::warn!(
+            quarantine = ?self.quarantine,
+            why,
+            "redis may have lost leases; refusing claims until every lost lease has run out"
+        );
+    }
+
     async fn connection(&self) -> Result<MultiplexedConnection, LockError> {
         let mut slot = self.connection.lock().await;
         if let Some(connection) = slot.as_ref() {
             return Ok(connection.clone());
         }
-        let connection = tokio::time::timeout(
+        let mut connection = tokio::time::timeout(
             self.deadline,
             self.client.get_multiplexed_async_connection(),
         )
         .await
         .map_err(|_| LockError::Unavailable("redis did not accept a connection in time".into()))?
         .map_err(unavailable)?;
+        // A restart always drops our connection, so every new one checks, before any
+        // claim goes through it, whether this is still the Redis that granted our leases.
+        self.check_boot(&mut connection).await?;
         *slot = Some(connection.clone());
         Ok(connection)
+    }
+
+    async fn check_boot(&self, connection: &mut MultiplexedConnection) -> Result<(), LockError> {
+        let check = async {
+            let info: String = redis::cmd("INFO")
+                .arg("server")
+                .query_async(connection)
+                .await?;
+            let created: bool = redis::cmd("SET")
+                .arg(&self.marker)
+                .arg("1")
+                .arg("NX")
+                .query_async::<Option<String>>(connection)
+                .await?
+                .is_some();
+            Ok::<_, redis::RedisError>((info, created))
+        };
+        let (info, marker_was_missing) = tokio::time::timeout(self.deadline, check)
+            .await
+            .map_err(|_| LockError::Unavailable("redis did not answer the boot check".into()))?
+            .map_err(unavailable)?;
+        let run_id = info
+            .lines()
+            .find_map(|line| line.strip_prefix("run_id:"))
+            .map(|id| id.trim().to_owned());
+        let previous = std::mem::replace(
+            &mut *self
+                .run_id
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            run_id.clone(),
+        );
+        if marker_was_missing {
+            self.start_quarantine("boot marker missing: redis started empty or was flushed");
+        } else if previous.is_some() && previous != run_id {
+            self.start_quarantine("redis run_id changed: it restarted and may miss recent writes");
+        }
+        Ok(())
     }
 
     /// Runs `script` with a deadline; a failed connection is dropped so the next call
@@ -129,7 +258,15 @@ impl RedisLocks {
         candidates: &[&str],
         claim: &Claim<'_>,
     ) -> Result<(Option<Lease>, String), LockError> {
+        // Connecting runs the boot check, which may start a quarantine: connect first.
+        self.connection().await?;
+        if self.quarantined() {
+            return Err(LockError::Unavailable(
+                "quarantined: redis lost data recently; claims resume once every lease it may have lost has expired".into(),
+            ));
+        }
         let mut invocation = self.claim.prepare_invoke();
+        invocation.key(&self.marker);
         for resource in candidates {
             invocation.key(format!("lk:{{{resource}}}"));
             invocation.key(format!("fence:{{{resource}}}"));
@@ -138,10 +275,25 @@ impl RedisLocks {
             .arg(claim.holder)
             .arg(claim.attempt)
             .arg(expire_ms(claim.validity, self.guard));
-        let (index, token, busy): (usize, String, String) = self.run(invocation).await?;
+        let (index, token, busy): (i64, String, String) = self.run(invocation).await?;
+        if index < 0 {
+            self.start_quarantine("boot marker missing: redis lost its data");
+            let mut connection = self.connection().await?;
+            let _: Option<String> = redis::cmd("SET")
+                .arg(&self.marker)
+                .arg("1")
+                .arg("NX")
+                .query_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            return Err(LockError::Unavailable(
+                "quarantined: redis lost its data; claims resume once every lease it may have lost has expired".into(),
+            ));
+        }
         if index == 0 {
             return Ok((None, busy));
         }
+        let index = index as usize;
         let token = token
             .parse()
             .map_err(|_| LockError::Unavailable(format!("redis returned token {token:?}")))?;

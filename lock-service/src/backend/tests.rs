@@ -15,7 +15,9 @@ fn backends() -> Vec<(&'static str, Locks)> {
         (
             "redis",
             Locks::Redis(Box::new(
-                RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(1)).expect("redis url"),
+                RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(1))
+                    .expect("redis url")
+                    .with_quarantine(Duration::ZERO),
             )),
         ),
     ]
@@ -211,7 +213,9 @@ async fn an_expired_lease_frees_the_resource_after_the_guard() {
 
 #[tokio::test]
 async fn redis_tokens_grow_even_when_redis_forgets_everything() {
-    let locks = RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(1)).expect("url");
+    let locks = RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(1))
+        .expect("url")
+        .with_quarantine(Duration::ZERO);
     let locks = Locks::Redis(Box::new(locks));
     let agent = fresh("lost");
     let first = locks
@@ -283,4 +287,63 @@ async fn bad_requests_and_an_unreachable_redis_say_what_is_wrong() {
         started.elapsed() < Duration::from_secs(2),
         "bounded by the deadline"
     );
+}
+
+#[tokio::test]
+async fn claims_wait_out_a_quarantine_when_redis_lost_its_data() {
+    let marker = fresh("boot-marker");
+    let locks = Locks::Redis(Box::new(
+        RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(1))
+            .expect("url")
+            .with_marker(marker.clone())
+            .with_quarantine(Duration::from_millis(400)),
+    ));
+    let agent = fresh("q");
+    let refused = locks
+        .acquire(&agent, &claim("pbx-1/c1", "t1", 10_000))
+        .await
+        .expect_err("a marker never seen: the Redis may have lost leases");
+    assert!(
+        matches!(refused, LockError::Unavailable(ref why) if why.contains("quarantine")),
+        "{refused}"
+    );
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let first = locks
+        .acquire(&agent, &claim("pbx-1/c1", "t1", 10_000))
+        .await
+        .expect("after the quarantine");
+
+    // The data goes (FLUSHALL, or a restart without persistence): the marker goes with it.
+    let client = ::redis::Client::open(redis_url()).expect("url");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let _: () = ::redis::cmd("DEL")
+        .arg(&marker)
+        .arg(format!("lk:{{{agent}}}"))
+        .query_async(&mut connection)
+        .await
+        .expect("del");
+    let refused = locks
+        .acquire(&agent, &claim("pbx-2/c2", "t2", 10_000))
+        .await
+        .expect_err("quarantined");
+    assert!(matches!(refused, LockError::Unavailable(_)), "{refused}");
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let second = locks
+        .acquire(&agent, &claim("pbx-2/c2", "t2", 10_000))
+        .await
+        .expect("after the quarantine");
+    assert!(second.token > first.token);
+}
+
+#[tokio::test]
+async fn the_test_redis_is_configured_safely_for_leases() {
+    // ./scripts/test starts Redis with appendonly yes and maxmemory-policy noeviction.
+    let locks = RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(1))
+        .expect("url")
+        .with_quarantine(Duration::ZERO);
+    let problems = locks.configuration_problems().await.expect("reachable");
+    assert!(problems.is_empty(), "{problems:?}");
 }
