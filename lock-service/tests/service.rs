@@ -236,3 +236,99 @@ async fn the_http_twin_answers_one_line_that_is_never_empty() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_kept_lease_outlives_its_validity_and_a_lost_one_is_reported_in_time() {
+    use callfleet_lock_service::Lease;
+    use callfleet_lock_service::client::LeaseKeeper;
+    use std::time::Instant;
+
+    let server = Server::start().await;
+    let mut client = server.grpc().await;
+    let sent = Instant::now();
+    let granted = client
+        .acquire(pb::AcquireRequest {
+            resource: "agent:k".into(),
+            holder: "pbx-1/k".into(),
+            attempt: "k1".into(),
+            validity_ms: 600,
+        })
+        .await
+        .expect("free")
+        .into_inner();
+    let lease = Lease {
+        resource: granted.resource.clone(),
+        holder: granted.holder.clone(),
+        attempt: granted.attempt.clone(),
+        token: granted.token,
+        validity: Duration::from_millis(granted.validity_ms),
+    };
+    let keeper = LeaseKeeper::start(
+        client.clone(),
+        lease.clone(),
+        sent,
+        Duration::from_millis(150),
+        Duration::from_secs(1),
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !keeper.lost().is_cancelled(),
+        "renewed past the first 600 ms"
+    );
+    let live = client
+        .get(pb::GetRequest {
+            resource: "agent:k".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .lease
+        .expect("still leased");
+    assert_eq!(live.token, granted.token);
+
+    // Someone releases it behind the holder's back: the next renewal says so.
+    client
+        .release(pb::ReleaseRequest {
+            resource: "agent:k".into(),
+            holder: "pbx-1/k".into(),
+            token: granted.token,
+        })
+        .await
+        .expect("released");
+    tokio::time::timeout(Duration::from_secs(1), keeper.lost().cancelled())
+        .await
+        .expect("lost reported after the release");
+
+    // A service that accepts connections but never answers: the stop timer, not the
+    // stuck renewal, ends the lease when its validity does.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent_address = silent.local_addr().expect("addr");
+    let _hold = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{silent_address}"))
+        .expect("endpoint")
+        .connect_lazy();
+    let sent = Instant::now();
+    let keeper = LeaseKeeper::start(
+        LocksClient::new(channel),
+        lease,
+        sent,
+        Duration::from_millis(100),
+        Duration::from_secs(5),
+    );
+    tokio::time::timeout(Duration::from_secs(2), keeper.lost().cancelled())
+        .await
+        .expect("lost reported");
+    let after = sent.elapsed();
+    assert!(
+        after >= Duration::from_millis(590) && after < Duration::from_millis(900),
+        "lost {after:?} after the claim was sent; validity 600 ms"
+    );
+    server.stop().await;
+}
