@@ -347,3 +347,243 @@ async fn the_test_redis_is_configured_safely_for_leases() {
     let problems = locks.configuration_problems().await.expect("reachable");
     assert!(problems.is_empty(), "{problems:?}");
 }
+
+mod model_agreement {
+    //! Random operation sequences run against the memory backend (the model) and the Redis
+    //! scripts: both must give the same answers, and every new token must be larger than
+    //! the last one issued for its resource.
+
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Acquire {
+            resource: usize,
+            holder: usize,
+            attempt: usize,
+        },
+        ClaimFirst {
+            order: Vec<usize>,
+            holder: usize,
+            attempt: usize,
+        },
+        Renew {
+            resource: usize,
+            holder: usize,
+            stale: bool,
+        },
+        Release {
+            resource: usize,
+            holder: usize,
+            stale: bool,
+        },
+        Get {
+            resource: usize,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..3usize, 0..3usize, 0..3usize).prop_map(|(resource, holder, attempt)| Op::Acquire {
+                resource,
+                holder,
+                attempt
+            }),
+            (
+                proptest::sample::subsequence(vec![0usize, 1, 2], 1..=3),
+                0..3usize,
+                0..3usize
+            )
+                .prop_map(|(order, holder, attempt)| Op::ClaimFirst {
+                    order,
+                    holder,
+                    attempt
+                }),
+            (0..3usize, 0..3usize, any::<bool>()).prop_map(|(resource, holder, stale)| Op::Renew {
+                resource,
+                holder,
+                stale
+            }),
+            (0..3usize, 0..3usize, any::<bool>()).prop_map(|(resource, holder, stale)| {
+                Op::Release {
+                    resource,
+                    holder,
+                    stale,
+                }
+            }),
+            (0..3usize).prop_map(|resource| Op::Get { resource }),
+        ]
+    }
+
+    /// One backend and what the test has seen of it.
+    struct Side {
+        locks: Locks,
+        names: Vec<String>,
+        tokens: HashMap<usize, u64>,
+    }
+
+    /// What an answer means, without the token's value (each backend has its own clock).
+    #[derive(Debug, PartialEq, Eq)]
+    enum Outcome {
+        Lease {
+            resource: usize,
+            holder: String,
+            new_token: bool,
+        },
+        None,
+        Done,
+        Err(&'static str),
+    }
+
+    impl Side {
+        fn new(locks: Locks) -> Self {
+            Self {
+                locks,
+                names: (0..3).map(|i| fresh(&format!("m{i}"))).collect(),
+                tokens: HashMap::new(),
+            }
+        }
+
+        fn index(&self, resource: &str) -> usize {
+            self.names
+                .iter()
+                .position(|n| n == resource)
+                .expect("one of ours")
+        }
+
+        fn lease(&mut self, lease: Lease) -> Outcome {
+            let resource = self.index(&lease.resource);
+            let previous = self.tokens.insert(resource, lease.token);
+            let new_token = previous != Some(lease.token);
+            if let Some(previous) = previous {
+                assert!(
+                    lease.token >= previous,
+                    "token went back: {previous} then {}",
+                    lease.token
+                );
+            }
+            Outcome::Lease {
+                resource,
+                holder: lease.holder,
+                new_token,
+            }
+        }
+
+        fn error(err: LockError) -> Outcome {
+            Outcome::Err(match err {
+                LockError::Held { .. } => "held",
+                LockError::Gone { .. } => "gone",
+                LockError::NotYours { .. } => "not yours",
+                LockError::Unavailable(_) => "unavailable",
+                LockError::Invalid(_) => "invalid",
+            })
+        }
+
+        async fn apply(&mut self, op: &Op) -> Outcome {
+            let holder = |h: usize| format!("pbx-{h}/call");
+            let attempt = |a: usize| format!("attempt-{a}");
+            match op {
+                Op::Acquire {
+                    resource,
+                    holder: h,
+                    attempt: a,
+                } => {
+                    let (h, a) = (holder(*h), attempt(*a));
+                    let claim = super::claim(&h, &a, 30_000);
+                    let name = self.names[*resource].clone();
+                    match self.locks.acquire(&name, &claim).await {
+                        Ok(lease) => self.lease(lease),
+                        Err(err) => Self::error(err),
+                    }
+                }
+                Op::ClaimFirst {
+                    order,
+                    holder: h,
+                    attempt: a,
+                } => {
+                    let (h, a) = (holder(*h), attempt(*a));
+                    let claim = super::claim(&h, &a, 30_000);
+                    let names: Vec<String> = order.iter().map(|i| self.names[*i].clone()).collect();
+                    let candidates: Vec<&str> = names.iter().map(String::as_str).collect();
+                    match self.locks.claim_first(&candidates, &claim).await {
+                        Ok(Some(lease)) => self.lease(lease),
+                        Ok(None) => Outcome::None,
+                        Err(err) => Self::error(err),
+                    }
+                }
+                Op::Renew {
+                    resource,
+                    holder: h,
+                    stale,
+                }
+                | Op::Release {
+                    resource,
+                    holder: h,
+                    stale,
+                } => {
+                    let token = self.tokens.get(resource).copied().unwrap_or(1) - u64::from(*stale);
+                    let name = self.names[*resource].clone();
+                    let result = if matches!(op, Op::Renew { .. }) {
+                        self.locks
+                            .renew(&name, &holder(*h), token, Duration::from_secs(30))
+                            .await
+                            .map(|_| ())
+                    } else {
+                        self.locks.release(&name, &holder(*h), token).await
+                    };
+                    match result {
+                        Ok(()) => Outcome::Done,
+                        Err(err) => Self::error(err),
+                    }
+                }
+                Op::Get { resource } => {
+                    let name = self.names[*resource].clone();
+                    match self.locks.get(&name).await {
+                        Ok(Some(lease)) => Outcome::Lease {
+                            resource: *resource,
+                            holder: lease.holder,
+                            new_token: false,
+                        },
+                        Ok(None) => Outcome::None,
+                        Err(err) => Self::error(err),
+                    }
+                }
+            }
+        }
+    }
+
+    fn runtime() -> &'static tokio::runtime::Runtime {
+        static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+        RUNTIME.get_or_init(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn redis_scripts_agree_with_the_memory_model(ops in proptest::collection::vec(op(), 1..25)) {
+            runtime().block_on(async {
+                let mut model = Side::new(Locks::Memory(MemoryLocks::new(GUARD)));
+                let mut redis = Side::new(Locks::Redis(Box::new(
+                    RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(1))
+                        .expect("url")
+                        .with_quarantine(Duration::ZERO),
+                )));
+                for (step, op) in ops.iter().enumerate() {
+                    let expected = model.apply(op).await;
+                    let got = redis.apply(op).await;
+                    assert_eq!(got, expected, "step {step}: {op:?}\nops: {ops:?}");
+                }
+            });
+        }
+    }
+}
