@@ -142,7 +142,8 @@ async fn claim_first(State(state): State<HttpState>, Form(form): Form<ClaimForm>
     let result = async {
         let candidates: Vec<&str> = form
             .candidates
-            .split(',')
+            // `|` as well as `,`: commas separate arguments in a dialplan.
+            .split([',', '|'])
             .map(str::trim)
             .filter(|c| !c.is_empty())
             .collect();

@@ -199,7 +199,7 @@ async fn the_http_twin_answers_one_line_that_is_never_empty() {
     let (status, body) = server
         .post(
             "/lock/claim-first",
-            "candidates=agent:200,agent:201&holder=pbx-2/c2&attempt=c2&ttl=30",
+            "candidates=agent:200|agent:201&holder=pbx-2/c2&attempt=c2&ttl=30",
         )
         .await;
     assert_eq!(status, 200);
