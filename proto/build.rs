@@ -4,9 +4,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc);
+    let descriptors =
+        std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("callfleet_descriptor.bin");
     tonic_prost_build::configure()
         // Servers mount the generated services on their own axum/hyper stack.
         .build_transport(false)
+        // For gRPC server reflection.
+        .file_descriptor_set_path(descriptors)
         .compile_with_config(
             config,
             &[

@@ -48,16 +48,61 @@ pub fn backend(config: &LockServiceConfig) -> Result<Locks, LockServiceError> {
     })
 }
 
-/// gRPC (`callfleet.lock.v1.Locks`) and the HTTP twin (`/lock/…`) in one router.
-pub fn router(locks: Arc<Locks>, config: &LockServiceConfig) -> axum::Router {
+/// gRPC (`callfleet.lock.v1.Locks`, health, reflection) and the HTTP twin (`/lock/…`) in
+/// one router.
+pub fn router(
+    locks: Arc<Locks>,
+    config: &LockServiceConfig,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> axum::Router {
     let grpc = grpc::LocksService::new(locks.clone(), config.validity);
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(callfleet_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor set is valid");
     tonic::service::Routes::new(LocksServer::new(grpc))
+        .add_service(health)
+        .add_service(reflection)
         .prepare()
         .into_axum_router()
         .merge(http::router(http::HttpState {
             locks,
             default_validity: config.validity,
         }))
+}
+
+/// Reports SERVING only while leases can be granted (Redis reachable, no quarantine), so
+/// load balancers and clients move to another lock-service instance.
+async fn watch_health(
+    locks: Arc<Locks>,
+    reporter: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    let mut last = None;
+    loop {
+        let serving = locks.serving().await;
+        if last != Some(serving) {
+            let status = if serving {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            reporter
+                .set_service_status("callfleet.lock.v1.Locks", status)
+                .await;
+            reporter.set_service_status("", status).await;
+            if last.is_some() {
+                info!(serving, "lock service health changed");
+            }
+            last = Some(serving);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+        }
+    }
 }
 
 /// Serves the lock service on `listener` until `shutdown`.
@@ -82,10 +127,15 @@ pub async fn run(
         }
     }
     let address = listener.local_addr()?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let watcher = tokio::spawn(watch_health(locks.clone(), reporter, shutdown.clone()));
     info!(%address, backend = ?config.backend, "lock service ready");
-    axum::serve(listener, router(locks, config))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+    let served = axum::serve(listener, router(locks, config, health))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+    shutdown.cancel();
+    let _ = watcher.await;
+    served?;
     info!("lock service stopped");
     Ok(())
 }

@@ -18,12 +18,15 @@ struct Server {
 
 impl Server {
     async fn start() -> Self {
+        Self::start_with(LockServiceConfig::default()).await
+    }
+
+    async fn start_with(config: LockServiceConfig) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let address = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
-        let config = LockServiceConfig::default();
         let token = shutdown.clone();
         let task = tokio::spawn(async move {
             callfleet_lock_service::run(&config, listener, token)
@@ -331,4 +334,64 @@ async fn a_kept_lease_outlives_its_validity_and_a_lost_one_is_reported_in_time()
         "lost {after:?} after the claim was sent; validity 600 ms"
     );
     server.stop().await;
+}
+
+async fn health_of(server: &Server) -> i32 {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.address))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "callfleet.lock.v1.Locks".into(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status
+}
+
+#[tokio::test]
+async fn health_says_serving_only_while_leases_can_be_granted() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let memory = Server::start().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while health_of(&memory).await != ServingStatus::Serving as i32 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "memory backend never serving"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    memory.stop().await;
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let config = LockServiceConfig {
+        backend: callfleet_core::config::LockBackendKind::Redis,
+        redis_url: format!("redis://127.0.0.1:{closed}/0"),
+        deadline: Duration::from_millis(200),
+        ..LockServiceConfig::default()
+    };
+    let no_redis = Server::start_with(config).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(health_of(&no_redis).await, ServingStatus::NotServing as i32);
+    let mut client = no_redis.grpc().await;
+    let refused = client
+        .acquire(pb::AcquireRequest {
+            resource: "agent:1".into(),
+            holder: "h".into(),
+            attempt: "a".into(),
+            validity_ms: 1000,
+        })
+        .await
+        .expect_err("fails closed without redis");
+    assert_eq!(refused.code(), Code::Unavailable);
+    no_redis.stop().await;
 }

@@ -3,6 +3,9 @@
 //! The code is generated at build time with a vendored `protoc`, so building needs no
 //! system compiler.
 
+/// Every callfleet service's descriptors, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("callfleet_descriptor");
+
 /// The fleet view (`callfleet.fleet.v1`).
 pub mod fleet {
     /// Version 1 of the fleet contract.

@@ -96,6 +96,14 @@ impl Locks {
         }
     }
 
+    /// Whether leases can be granted now (for the health service).
+    pub async fn serving(&self) -> bool {
+        match self {
+            Self::Memory(_) => true,
+            Self::Redis(redis) => redis.serving().await,
+        }
+    }
+
     /// The live lease on `resource`, with what is left of its validity.
     pub async fn get(&self, resource: &str) -> Result<Option<Lease>, LockError> {
         validate(resource, "-")?;

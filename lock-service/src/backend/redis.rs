@@ -152,6 +152,22 @@ impl RedisLocks {
         Ok(problems)
     }
 
+    /// Whether leases can be granted now: Redis answers and no quarantine runs.
+    pub async fn serving(&self) -> bool {
+        let Ok(mut connection) = self.connection().await else {
+            return false;
+        };
+        let command = redis::cmd("PING");
+        let ping = command.query_async::<String>(&mut connection);
+        match tokio::time::timeout(self.deadline, ping).await {
+            Ok(Ok(_)) => !self.quarantined(),
+            _ => {
+                *self.connection.lock().await = None;
+                false
+            }
+        }
+    }
+
     /// Whether claims are refused right now because Redis lost its data.
     pub fn quarantined(&self) -> bool {
         self.quarantined_until
