@@ -64,7 +64,10 @@ return 1
 #[derive(Debug)]
 pub struct RedisLocks {
     client: Client,
-    connection: Mutex<Option<MultiplexedConnection>>,
+    /// The shared connection (multiplexed: one for all callers). Read on every call, so a
+    /// plain read lock; `connecting` serialises only the rare reconnects.
+    connection: std::sync::RwLock<Option<MultiplexedConnection>>,
+    connecting: Mutex<()>,
     /// Key whose absence means Redis lost its data (restarted empty, flushed).
     marker: String,
     /// The Redis `run_id` seen on our last connection: a new one means Redis restarted.
@@ -86,7 +89,8 @@ impl RedisLocks {
             .map_err(|err| LockError::Invalid(format!("redis url is not valid: {err}")))?;
         Ok(Self {
             client,
-            connection: Mutex::new(None),
+            connection: std::sync::RwLock::new(None),
+            connecting: Mutex::new(()),
             marker: "callfleet:locks:boot".to_owned(),
             run_id: std::sync::Mutex::new(None),
             quarantined_until: std::sync::Mutex::new(None),
@@ -162,7 +166,7 @@ impl RedisLocks {
         match tokio::time::timeout(self.deadline, ping).await {
             Ok(Ok(_)) => !self.quarantined(),
             _ => {
-                *self.connection.lock().await = None;
+                self.forget_connection();
                 false
             }
         }
@@ -190,9 +194,12 @@ impl RedisLocks {
     }
 
     async fn connection(&self) -> Result<MultiplexedConnection, LockError> {
-        let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref() {
-            return Ok(connection.clone());
+        if let Some(connection) = self.current_connection() {
+            return Ok(connection);
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(connection) = self.current_connection() {
+            return Ok(connection);
         }
         let mut connection = tokio::time::timeout(
             self.deadline,
@@ -204,8 +211,25 @@ impl RedisLocks {
         // A restart always drops our connection, so every new one checks, before any
         // claim goes through it, whether this is still the Redis that granted our leases.
         self.check_boot(&mut connection).await?;
-        *slot = Some(connection.clone());
+        *self
+            .connection
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(connection.clone());
         Ok(connection)
+    }
+
+    fn current_connection(&self) -> Option<MultiplexedConnection> {
+        self.connection
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn forget_connection(&self) {
+        *self
+            .connection
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 
     async fn check_boot(&self, connection: &mut MultiplexedConnection) -> Result<(), LockError> {
@@ -256,11 +280,11 @@ impl RedisLocks {
         match tokio::time::timeout(self.deadline, invocation.invoke_async(&mut connection)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
-                *self.connection.lock().await = None;
+                self.forget_connection();
                 Err(unavailable(err))
             }
             Err(_) => {
-                *self.connection.lock().await = None;
+                self.forget_connection();
                 Err(LockError::Unavailable(format!(
                     "redis did not answer within {:?}",
                     self.deadline
