@@ -6,6 +6,7 @@
 //! single box's memory; [`grpc`] and [`http`] serve them on one listener.
 
 pub mod backend;
+pub mod checker;
 pub mod client;
 pub mod grpc;
 pub mod http;
