@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use callfleet_balancer::{BalancerError, Listeners};
-use callfleet_core::config::{Config, LocalMode};
+use callfleet_core::config::{Config, LocalMode, LockBackendKind};
 use callfleet_core::{ConfigError, NodeId, Store, fleet, shutdown, telemetry};
 use callfleet_node_agent::NodeAgentError;
 use clap::{Parser, Subcommand};
@@ -128,9 +128,12 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                 balancer.local_pbx
             );
             println!(
-                "  locks       gRPC and HTTP on {} ({:?} backend)",
+                "  locks       gRPC and HTTP on {} ({} backend)",
                 locks_listener.local_addr()?,
-                config.lock_service.backend
+                match config.lock_service.backend {
+                    LockBackendKind::Memory => "memory",
+                    LockBackendKind::Redis => "redis",
+                }
             );
             println!("  watch it    callfleet status   (from another shell in this folder)");
             println!("Ctrl-C stops it.");
