@@ -274,7 +274,7 @@ impl<'a> Iterator for Params<'a> {
             let end = match memchr::memchr2(b';', b'"', text) {
                 None => text.len(),
                 Some(i) if text[i] == b';' => i,
-                Some(_) => semicolon_outside_quotes(text),
+                Some(_) => find_unquoted(text, |b| b == b';').unwrap_or(text.len()),
             };
             let param = &text[..end];
             self.rest = &text[end..];
@@ -289,17 +289,24 @@ impl<'a> Iterator for Params<'a> {
     }
 }
 
-/// Position of the first `;` not inside a quoted string, or the length.
-fn semicolon_outside_quotes(text: &[u8]) -> usize {
+/// Index of the first byte outside quoted strings (backslash escapes inside them honoured)
+/// for which `wanted` holds.
+fn find_unquoted(text: &[u8], mut wanted: impl FnMut(u8) -> bool) -> Option<usize> {
     let mut quoted = false;
-    for (i, b) in text.iter().enumerate() {
+    let mut escaped = false;
+    for (i, &b) in text.iter().enumerate() {
+        if escaped {
+            escaped = false;
+            continue;
+        }
         match b {
+            b'\\' if quoted => escaped = true,
             b'"' => quoted = !quoted,
-            b';' if !quoted => return i,
+            _ if !quoted && wanted(b) => return Some(i),
             _ => {}
         }
     }
-    text.len()
+    None
 }
 
 /// Splits a header value at commas that separate values (not inside quotes or `<>`).
@@ -312,25 +319,18 @@ pub fn split_values(value: &[u8]) -> impl Iterator<Item = &[u8]> {
             rest = None;
             return Some(trim(text));
         }
-        let mut quoted = false;
         let mut angle = false;
-        let mut escaped = false;
-        for (i, b) in text.iter().enumerate() {
-            if escaped {
-                escaped = false;
-                continue;
-            }
+        let comma = find_unquoted(text, |b| {
             match b {
-                b'\\' if quoted => escaped = true,
-                b'"' => quoted = !quoted,
-                b'<' if !quoted => angle = true,
-                b'>' if !quoted => angle = false,
-                b',' if !quoted && !angle => {
-                    rest = Some(&text[i + 1..]);
-                    return Some(trim(&text[..i]));
-                }
+                b'<' => angle = true,
+                b'>' => angle = false,
                 _ => {}
             }
+            b == b',' && !angle
+        });
+        if let Some(i) = comma {
+            rest = Some(&text[i + 1..]);
+            return Some(trim(&text[..i]));
         }
         rest = None;
         Some(trim(text))
@@ -365,32 +365,12 @@ fn addr_end(value: &[u8]) -> usize {
 /// Positions of `<` and `>` around the URI, skipping a quoted display name.
 fn angle_bounds(value: &[u8]) -> Option<(usize, usize)> {
     // Without a quoted display name before it, the first `<` opens the URI.
-    match memchr::memchr2(b'<', b'"', value) {
-        None => return None,
-        Some(open) if value[open] == b'<' => {
-            let close = open + memchr::memchr(b'>', &value[open..])?;
-            return Some((open, close));
-        }
-        Some(_) => {}
-    }
-    let mut quoted = false;
-    let mut escaped = false;
-    for (i, b) in value.iter().enumerate() {
-        if escaped {
-            escaped = false;
-            continue;
-        }
-        match b {
-            b'\\' if quoted => escaped = true,
-            b'"' => quoted = !quoted,
-            b'<' if !quoted => {
-                let close = i + value[i..].iter().position(|b| *b == b'>')?;
-                return Some((i, close));
-            }
-            _ => {}
-        }
-    }
-    None
+    let open = match memchr::memchr2(b'<', b'"', value)? {
+        i if value[i] == b'<' => i,
+        _ => find_unquoted(value, |b| b == b'<')?,
+    };
+    let close = open + memchr::memchr(b'>', &value[open..])?;
+    Some((open, close))
 }
 
 /// The `tag` parameter of a From or To value.
