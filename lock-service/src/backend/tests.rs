@@ -34,6 +34,20 @@ fn fresh(name: &str) -> String {
     )
 }
 
+/// Deletes `keys` behind the backend's back, as lost data would.
+async fn forget(keys: &[String]) {
+    let client = ::redis::Client::open(redis_url()).expect("url");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let _: () = ::redis::cmd("DEL")
+        .arg(keys)
+        .query_async(&mut connection)
+        .await
+        .expect("del");
+}
+
 fn claim<'a>(holder: &'a str, attempt: &'a str, validity_ms: u64) -> Claim<'a> {
     Claim {
         holder,
@@ -223,17 +237,7 @@ async fn redis_tokens_grow_even_when_redis_forgets_everything() {
         .await
         .expect("free");
     // What a restart without persistence does to these keys.
-    let client = ::redis::Client::open(redis_url()).expect("url");
-    let mut connection = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
-    let _: () = ::redis::cmd("DEL")
-        .arg(format!("lk:{{{agent}}}"))
-        .arg(format!("fence:{{{agent}}}"))
-        .query_async(&mut connection)
-        .await
-        .expect("del");
+    forget(&[format!("lk:{{{agent}}}"), format!("fence:{{{agent}}}")]).await;
     let second = locks
         .acquire(&agent, &claim("pbx-2/c2", "t2", 10_000))
         .await
@@ -314,17 +318,7 @@ async fn claims_wait_out_a_quarantine_when_redis_lost_its_data() {
         .expect("after the quarantine");
 
     // The data goes (FLUSHALL, or a restart without persistence): the marker goes with it.
-    let client = ::redis::Client::open(redis_url()).expect("url");
-    let mut connection = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
-    let _: () = ::redis::cmd("DEL")
-        .arg(&marker)
-        .arg(format!("lk:{{{agent}}}"))
-        .query_async(&mut connection)
-        .await
-        .expect("del");
+    forget(&[marker.clone(), format!("lk:{{{agent}}}")]).await;
     let refused = locks
         .acquire(&agent, &claim("pbx-2/c2", "t2", 10_000))
         .await
