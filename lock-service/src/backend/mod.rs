@@ -73,15 +73,15 @@ impl Locks {
         match self {
             Self::Memory(memory) => memory.renew(resource, holder, token, validity),
             Self::Redis(redis) => {
-                redis
+                let attempt = redis
                     .renew_or_release(resource, holder, token, Some(validity))
                     .await?;
-                let lease = redis.get(resource).await?;
                 Ok(Lease {
+                    resource: resource.to_owned(),
+                    holder: holder.to_owned(),
+                    attempt,
+                    token,
                     validity,
-                    ..lease.ok_or_else(|| LockError::Gone {
-                        resource: resource.to_owned(),
-                    })?
                 })
             }
         }
@@ -92,7 +92,10 @@ impl Locks {
         validate(resource, holder)?;
         match self {
             Self::Memory(memory) => memory.release(resource, holder, token),
-            Self::Redis(redis) => redis.renew_or_release(resource, holder, token, None).await,
+            Self::Redis(redis) => redis
+                .renew_or_release(resource, holder, token, None)
+                .await
+                .map(drop),
         }
     }
 

@@ -47,17 +47,17 @@ return {0, '', busy}
 "#;
 
 /// KEYS: lk. ARGV: holder, token, expire-ms (renew) or '' (release).
-/// Returns 1 done, 0 gone, -1 someone else's.
+/// Returns {1, attempt} done, {0, ''} gone, {-1, ''} someone else's.
 const RENEW_OR_RELEASE: &str = r#"
-local cur = redis.call('HMGET', KEYS[1], 'holder', 'token')
-if not cur[1] then return 0 end
-if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return -1 end
+local cur = redis.call('HMGET', KEYS[1], 'holder', 'token', 'attempt')
+if not cur[1] then return {0, ''} end
+if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return {-1, ''} end
 if ARGV[3] == '' then
   redis.call('DEL', KEYS[1])
 else
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
-return 1
+return {1, cur[3]}
 "#;
 
 /// The Redis backend.
@@ -355,19 +355,19 @@ impl RedisLocks {
         holder: &str,
         token: u64,
         validity: Option<Duration>,
-    ) -> Result<(), LockError> {
+    ) -> Result<String, LockError> {
         let mut invocation = self.renew_or_release.prepare_invoke();
         invocation
             .key(format!("lk:{{{resource}}}"))
             .arg(holder)
             .arg(token.to_string())
             .arg(validity.map_or(String::new(), |v| expire_ms(v, self.guard).to_string()));
-        match self.run::<i64>(invocation).await? {
-            1 => Ok(()),
-            0 => Err(LockError::Gone {
+        match self.run::<(i64, String)>(invocation).await? {
+            (1, attempt) => Ok(attempt),
+            (0, _) => Err(LockError::Gone {
                 resource: resource.to_owned(),
             }),
-            _ => Err(LockError::NotYours {
+            (_, _) => Err(LockError::NotYours {
                 resource: resource.to_owned(),
             }),
         }
