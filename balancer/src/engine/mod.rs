@@ -431,9 +431,9 @@ impl Ctx<'_, '_, '_> {
                 if engine.transactions.ack(key) {
                     Counters::bump(&engine.counters.acks);
                 } else if engine.transactions.kind(key) == Some(Kind::Proxied) {
-                    self.forward(engine.settings.local_pbx, false, route_is_ours);
+                    self.forward(key, engine.settings.local_pbx, false, route_is_ours);
                 } else if request.to_tag.is_some() && route_is_ours {
-                    self.forward_in_dialog();
+                    self.forward_in_dialog(key);
                 } else {
                     // An ACK never gets a response; one we cannot place is dropped.
                     Counters::bump(&engine.counters.acks);
@@ -443,14 +443,16 @@ impl Ctx<'_, '_, '_> {
                 if request.max_forwards == Some(0) {
                     self.reply(483, "Too Many Hops", b"");
                 } else {
-                    self.forward_in_dialog();
+                    self.forward_in_dialog(key);
                 }
             }
             Method::Cancel => {
                 Counters::bump(&engine.counters.cancels);
                 match engine.transactions.kind(key) {
                     Some(Kind::Answered { .. }) => self.reply(200, "OK", b""),
-                    Some(Kind::Proxied) => self.forward(engine.settings.local_pbx, false, false),
+                    Some(Kind::Proxied) => {
+                        self.forward(key, engine.settings.local_pbx, false, false)
+                    }
                     None => self.reply(481, "Call/Transaction Does Not Exist", b""),
                 }
             }
@@ -518,7 +520,7 @@ impl Ctx<'_, '_, '_> {
         );
         match (replay, decided) {
             (Some((Kind::Proxied, _)), _) | (_, Some(Decision::Local)) => {
-                self.forward(engine.settings.local_pbx, false, drop_top_route);
+                self.forward(key, engine.settings.local_pbx, false, drop_top_route);
             }
             (Some((Kind::Answered { .. }, bytes)), _) | (_, Some(Decision::Reply(bytes))) => {
                 self.actions.push(Action::Reply {
@@ -625,10 +627,10 @@ impl Ctx<'_, '_, '_> {
     /// An in-dialog request routed through us: from the PBX it goes to the next Route or
     /// the Request-URI (the carrier); from anywhere else to the local PBX, never further,
     /// so the balancer cannot be used as an open relay.
-    fn forward_in_dialog(&mut self) {
+    fn forward_in_dialog(&mut self, key: u64) {
         let engine = self.engine;
         if self.source != engine.settings.local_pbx {
-            self.forward(engine.settings.local_pbx, false, true);
+            self.forward(key, engine.settings.local_pbx, false, true);
             return;
         }
         let next_route = self
@@ -643,22 +645,20 @@ impl Ctx<'_, '_, '_> {
             .ok()
             .and_then(|uri| uri_destination(&uri))
         {
-            Some((to, tcp)) => self.forward(to, tcp, true),
+            Some((to, tcp)) => self.forward(key, to, tcp, true),
             None => self.reply(502, "Bad Gateway (next hop is not an IP address)", b""),
         }
     }
 
-    fn forward(&mut self, to: SocketAddr, tcp: bool, drop_top_route: bool) {
+    /// Forwards the request statelessly; `key` (its transaction key) seeds our branch, so a
+    /// retransmission or a CANCEL gets the same one.
+    fn forward(&mut self, key: u64, to: SocketAddr, tcp: bool, drop_top_route: bool) {
         let engine = self.engine;
         let request = self.request;
-        let hash = engine.transactions.key(
-            request.via.branch.unwrap_or(request.call_id),
-            request.via.sent_by(),
-        );
         let mut branch = Vec::with_capacity(OUR_BRANCH.len() + 48);
         branch.extend_from_slice(OUR_BRANCH);
         let mut digits = [0u8; 16];
-        hex(hash, &mut digits);
+        hex(key, &mut digits);
         branch.extend_from_slice(&digits);
         if self.transport == Transport::Tcp {
             // Stateless, we remember nothing: our Via carries the carrier's connection so

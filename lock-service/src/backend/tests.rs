@@ -126,7 +126,10 @@ async fn only_the_holder_with_its_token_renews_or_releases() {
         );
         let renewed = renew("pbx-1/c1", lease.token).await.expect("renew");
         assert_eq!(renewed.token, lease.token, "{name}");
-        assert_eq!(renewed.attempt, "t1", "{name}: the renewed lease names its claim");
+        assert_eq!(
+            renewed.attempt, "t1",
+            "{name}: the renewed lease names its claim"
+        );
         assert_eq!(renewed.validity, Duration::from_secs(5), "{name}");
         let seen = locks.get(&agent).await.expect("get").expect("live");
         assert!(seen.validity <= Duration::from_secs(5), "{name}: {seen:?}");
