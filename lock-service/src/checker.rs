@@ -93,6 +93,9 @@ pub fn rings(events: &[Event]) -> Vec<Ring> {
             "ring_end" => {
                 if let Some(mut ring) = open.remove(&key) {
                     ring.end_ms = event.t_ms;
+                    // Renewals move the deadline while the agent rings; the end event
+                    // carries the last one the holder had.
+                    ring.deadline_ms = ring.deadline_ms.max(event.deadline_ms);
                     done.push(ring);
                 }
             }

@@ -26,6 +26,8 @@ pub struct LeaseKeeper {
     lost: CancellationToken,
     stop: CancellationToken,
     deadline: Duration,
+    base: Instant,
+    valid_until_ms: Arc<AtomicU64>,
 }
 
 impl LeaseKeeper {
@@ -65,7 +67,7 @@ impl LeaseKeeper {
 
         // The renew loop.
         {
-            let (lost, stop) = (lost.clone(), stop.clone());
+            let (lost, stop, valid_until_ms) = (lost.clone(), stop.clone(), valid_until_ms.clone());
             let mut client = client.clone();
             let lease = lease.clone();
             tokio::spawn(async move {
@@ -111,7 +113,15 @@ impl LeaseKeeper {
             lost,
             stop,
             deadline,
+            base,
+            valid_until_ms,
         }
+    }
+
+    /// When the lease stops being valid unless a renewal gets through first: validity
+    /// counted from the sending of the last claim or renewal that succeeded.
+    pub fn valid_until(&self) -> Instant {
+        self.base + Duration::from_millis(self.valid_until_ms.load(Ordering::Acquire))
     }
 
     /// The lease as granted.
