@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/callfleet/fleet/v1/fleet.proto",
                 "proto/callfleet/lock/v1/lock.proto",
+                "proto/callfleet/control/v1/control.proto",
             ],
             &["proto"],
         )?;

@@ -34,6 +34,8 @@ enum Command {
     NodeAgent,
     /// Serve fenced agent leases over gRPC and HTTP (for dialplans).
     LockService,
+    /// Serve the API for CRMs, supervisors and websites: REST, XML-RPC and gRPC.
+    ControlPlane,
     /// Answer the carrier's INVITEs: 302 to the least-loaded node, proxy to the local PBX,
     /// or 503 so the carrier fails over.
     Balancer,
@@ -108,6 +110,11 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             let id = config.node.resolved_id()?;
             let listeners = Listeners::bind(&config.balancer)?;
             let locks_listener = bind_locks(&config).await?;
+            let control_listener = bind_control(&config).await?;
+            let mut control_config = config.control_plane.clone();
+            let data_dir = data_dir(&config);
+            let (admin, created) = callfleet_control_plane::admin_token(&data_dir)?;
+            control_config.tokens.push(admin);
             let balancer = &config.balancer;
             println!("callfleet up: a single-box cluster");
             println!(
@@ -135,10 +142,28 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                     LockBackendKind::Redis => "redis",
                 }
             );
+            println!(
+                "  api         REST http://{0}/api/v1, XML-RPC http://{0}/RPC2, gRPC on {0}",
+                control_listener.local_addr()?
+            );
+            let token_file = data_dir.join(callfleet_control_plane::ADMIN_TOKEN_FILE);
+            if created {
+                println!(
+                    "              admin token (created, kept in {}): {}",
+                    token_file.display(),
+                    control_config
+                        .tokens
+                        .last()
+                        .map(|t| t.token.expose())
+                        .unwrap_or_default()
+                );
+            } else {
+                println!("              admin token in {}", token_file.display());
+            }
             println!("  watch it    callfleet status   (from another shell in this folder)");
             println!("Ctrl-C stops it.");
             let token = shutdown::on_signals();
-            let (agent, balancer, locks) = tokio::join!(
+            let (agent, balancer, locks, control) = tokio::join!(
                 async {
                     let result =
                         callfleet_node_agent::run(&config, store.clone(), token.clone()).await;
@@ -168,11 +193,25 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                     }
                     result
                 },
+                async {
+                    let result = callfleet_control_plane::run(
+                        &control_config,
+                        store.clone(),
+                        control_listener,
+                        token.clone(),
+                    )
+                    .await;
+                    if result.is_err() {
+                        token.cancel();
+                    }
+                    result
+                },
             );
             shutdown::bounded("store", store.close()).await;
             agent?;
             balancer?;
             locks?;
+            control?;
         }
         Command::NodeAgent => {
             let token = shutdown::on_signals();
@@ -181,6 +220,15 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             result?;
         }
         Command::LockService => unreachable!("served before the store is opened"),
+        Command::ControlPlane => {
+            let listener = bind_control(&config).await?;
+            let token = shutdown::on_signals();
+            let result =
+                callfleet_control_plane::run(&config.control_plane, store.clone(), listener, token)
+                    .await;
+            shutdown::bounded("store", store.close()).await;
+            result?;
+        }
         Command::Balancer => {
             let listeners = Listeners::bind(&config.balancer)?;
             let token = shutdown::on_signals();
@@ -220,6 +268,31 @@ async fn bind_locks(config: &Config) -> anyhow::Result<tokio::net::TcpListener> 
             "cannot listen for the lock service on {address}: {err}; free the port or set lock_service.listen (CALLFLEET_LOCK_SERVICE__LISTEN)"
         )
     })
+}
+
+/// Binds `control_plane.listen`, saying what to change when the port is taken.
+async fn bind_control(config: &Config) -> anyhow::Result<tokio::net::TcpListener> {
+    let address = &config.control_plane.listen;
+    tokio::net::TcpListener::bind(address).await.map_err(|err| {
+        anyhow::anyhow!(
+            "cannot listen for the control plane on {address}: {err}; free the port or set control_plane.listen (CALLFLEET_CONTROL_PLANE__LISTEN)"
+        )
+    })
+}
+
+/// The folder of the single-box store (where `up` keeps its admin token).
+fn data_dir(config: &Config) -> PathBuf {
+    config
+        .store
+        .url
+        .strip_prefix("sqlite://")
+        .map(|rest| rest.split_once('?').map_or(rest, |(path, _)| path))
+        .and_then(|path| std::path::Path::new(path).parent())
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .map_or_else(
+            || PathBuf::from(callfleet_core::config::DEFAULT_DATA_DIR),
+            std::path::Path::to_path_buf,
+        )
 }
 
 #[cfg(test)]

@@ -79,6 +79,8 @@ pub struct Config {
     pub balancer: BalancerConfig,
     /// The lease service for agents.
     pub lock_service: LockServiceConfig,
+    /// The API for CRMs, supervisors and the website.
+    pub control_plane: ControlPlaneConfig,
 }
 
 /// Where the fleet store lives and how history is kept.
@@ -380,7 +382,14 @@ pub struct LockServiceConfig {
     pub listen: String,
     /// `memory` (single box) or `redis`.
     pub backend: LockBackendKind,
-    /// For `redis`: `redis://[:password@]host:port/db`.
+    /// For `redis`: `redis://[user:password@]host:port/db` for one server, or, to follow
+    /// Sentinel failovers,
+    /// `redis+sentinel://[user:password@]host[:port][,host[:port]…]/master[/db][?sentinel_username=…&sentinel_password=…]`:
+    /// the sentinels (port 26379 when none is given; IPv6 in brackets) are asked for the
+    /// current master named `master` on every (re)connect. `user:password` and `db` are the
+    /// master's, as in a plain URL; the sentinels get credentials only from
+    /// `sentinel_username`/`sentinel_password` (percent-encode special characters). A new
+    /// master has a new run id, so a failover starts the quarantine like a restart does.
     pub redis_url: String,
     /// Validity of a lease when the caller asks for none.
     #[serde(with = "humantime_serde")]
@@ -440,6 +449,104 @@ pub enum LockBackendKind {
     Memory,
     /// In Redis: any number of lock-service processes.
     Redis,
+}
+
+/// The control plane's API: REST, XML-RPC and gRPC on one listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlPlaneConfig {
+    /// `ip:port` for REST (`/api/v1`), XML-RPC (`/RPC2`) and gRPC, on one listener.
+    pub listen: String,
+    /// Bearer tokens accepted by the API, each with a name (what the audit log shows) and
+    /// a role. `callfleet up` adds an admin token of its own, kept in the data folder.
+    pub tokens: Vec<ApiToken>,
+    /// IANA time zone in which a day starts for daily counters and caps, e.g.
+    /// `Europe/Berlin`.
+    pub time_zone: String,
+    /// How often the in-memory directory (queue status, routing) is re-read from the store.
+    #[serde(with = "humantime_serde")]
+    pub refresh: Duration,
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".to_owned(),
+            tokens: Vec::new(),
+            time_zone: "UTC".to_owned(),
+            refresh: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A bearer token of the API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    /// Who uses it (`crm`, `website-admin`): written to the audit log, never the token.
+    pub name: String,
+    /// The token itself, at least 16 characters.
+    pub token: Secret,
+    /// What it may do.
+    pub role: Role,
+}
+
+/// What a token may do; each role includes the ones before it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read agents, queues, routing, nodes and the audit log.
+    Read,
+    /// Change agents, devices, queues, priorities and sessions.
+    Write,
+    /// Also drain and undrain nodes.
+    Admin,
+}
+
+impl ControlPlaneConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| {
+            Err(ConfigError::Value {
+                key: format!("control_plane.{key}"),
+                reason,
+            })
+        };
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad(
+                "listen",
+                format!("`{}` must be ip:port, e.g. 127.0.0.1:8080", self.listen),
+            );
+        }
+        if jiff::tz::TimeZone::get(&self.time_zone).is_err() {
+            return bad(
+                "time_zone",
+                format!(
+                    "`{}` is not a known IANA time zone (e.g. UTC, Europe/Berlin)",
+                    self.time_zone
+                ),
+            );
+        }
+        if self.refresh.is_zero() {
+            return bad("refresh", "must be above zero (e.g. 1s)".into());
+        }
+        let mut names = HashSet::new();
+        for (i, token) in self.tokens.iter().enumerate() {
+            if token.name.trim().is_empty() || !names.insert(token.name.as_str()) {
+                return bad(
+                    &format!("tokens[{i}].name"),
+                    "must be non-empty and unique".into(),
+                );
+            }
+            if token.token.expose().len() < 16 || token.token.expose().contains(char::is_whitespace)
+            {
+                return bad(
+                    &format!("tokens[{i}].token"),
+                    "must be at least 16 characters without spaces (e.g. from `openssl rand -hex 24`)".into(),
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How logs are written.
@@ -551,6 +658,7 @@ impl Config {
             }
         }
         self.balancer.validate()?;
+        self.control_plane.validate()?;
         let locks = &self.lock_service;
         if locks.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad(
@@ -564,14 +672,25 @@ impl Config {
                 "validity must be at least 100ms and deadline longer than 0s".into(),
             );
         }
-        if locks.backend == LockBackendKind::Redis && !locks.redis_url.starts_with("redis") {
-            return bad(
-                "lock_service.redis_url",
-                format!(
-                    "`{}` must be redis://HOST:PORT/DB",
-                    redact_url(&locks.redis_url)
-                ),
-            );
+        if locks.backend == LockBackendKind::Redis {
+            let url = &locks.redis_url;
+            // Only the outline here (sentinels, then `/master`): the lock service reads the
+            // details at start and names what is wrong with them.
+            let outline = match url.strip_prefix("redis+sentinel://") {
+                Some(rest) => rest.split_once('/').is_some_and(|(hosts, master)| {
+                    !hosts.is_empty() && !master.is_empty() && !master.starts_with(['/', '?', '#'])
+                }),
+                None => url.starts_with("redis"),
+            };
+            if !outline {
+                return bad(
+                    "lock_service.redis_url",
+                    format!(
+                        "`{}` must be redis://HOST:PORT/DB or redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER[/DB]",
+                        redact_url(url)
+                    ),
+                );
+            }
         }
         let mut names = HashSet::new();
         for (i, tier) in node.shed.iter().enumerate() {

@@ -23,3 +23,12 @@ pub mod lock {
         tonic::include_proto!("callfleet.lock.v1");
     }
 }
+
+/// The control plane's API (`callfleet.control.v1`).
+pub mod control {
+    /// Version 1 of the control contract.
+    #[allow(missing_debug_implementations, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("callfleet.control.v1");
+    }
+}

@@ -136,6 +136,205 @@ pub(crate) static SQLITE: Dialect = Dialect {
     ),
 };
 
+/// The directory's SQL (agents, devices, sessions, queues, counters, audit) of one dialect.
+///
+/// The statements are written once, in `directory_sql!`, from a few fragments that differ:
+/// the clock expression, the row-lock suffixes and the upsert syntax. Statements that are
+/// the same text on both drivers live in `store::directory`.
+#[derive(Debug)]
+pub(crate) struct DirectorySql {
+    /// Starts a transaction that will write. SQLite takes the write lock at once
+    /// (`BEGIN IMMEDIATE`): a deferred transaction that reads and then writes fails with
+    /// "database is locked" when another writer got in between, and no busy timeout helps.
+    pub begin_write: &'static str,
+    /// Columns: the database clock in unix ms.
+    pub now_ms: &'static str,
+    /// Binds: agent id. Columns: state. Locks the agent's row until commit (MySQL).
+    pub lock_agent: &'static str,
+    /// Binds: device id. Columns: endpoint. Locks the device's row until commit (MySQL).
+    pub lock_device: &'static str,
+    /// Binds: queue id. Columns: id. Locks the queue's row until commit (MySQL).
+    pub lock_queue: &'static str,
+    /// Binds: queue id. Columns: id. Keeps the queue from being deleted until commit (MySQL).
+    pub share_queue: &'static str,
+    /// Binds: id, name, tags, daily_cap, enabled. A new agent starts available.
+    pub upsert_agent: &'static str,
+    /// Binds: id, endpoint, name.
+    pub upsert_device: &'static str,
+    /// Binds: id, name.
+    pub upsert_queue: &'static str,
+    /// Binds: queue id, agent id, priority.
+    pub upsert_member: &'static str,
+    /// Binds: agent id, day. Adds one call.
+    pub count_call: &'static str,
+    /// Binds: agent id, day. Adds one sale.
+    pub count_sale: &'static str,
+    /// Binds: agent id, device id.
+    pub insert_session: &'static str,
+    /// Binds: device id, agent id.
+    pub move_session: &'static str,
+    /// Binds: agent id. Restarts the idle time of an available agent who just logged in.
+    pub idle_from_now: &'static str,
+    /// Binds: reason, agent id.
+    pub pause: &'static str,
+    /// Binds: agent id. Keeps `idle_since_ms` of an agent who was already available, or
+    /// whose wrap-up has ended (idle since its end); otherwise idle from now.
+    pub unpause: &'static str,
+    /// Binds: wrap-up ms, wrap-up ms, agent id. The agent is idle from the end of wrap-up.
+    pub wrap_up: &'static str,
+    /// Binds: agent id. Columns: state, reason, until_ms, idle_since_ms, now_ms.
+    pub availability: &'static str,
+    /// Binds: actor, action, subject, detail.
+    pub insert_audit: &'static str,
+}
+
+/// The directory statements of a dialect, built from its fragments: `$now` is the database
+/// clock in unix ms, `$for_update`/`$for_share` the row-lock suffixes, `$upsert` the start
+/// of the conflict clause and `$new` a macro naming the value an upsert proposed.
+macro_rules! directory_sql {
+    (
+        begin_write: $begin:literal,
+        now: $now:literal,
+        for_update: $for_update:literal,
+        for_share: $for_share:literal,
+        upsert: $upsert:literal,
+        new: $new:ident $(,)?
+    ) => {
+        DirectorySql {
+            begin_write: $begin,
+            now_ms: concat!("SELECT ", $now),
+            lock_agent: concat!("SELECT state FROM agents WHERE id = ?", $for_update),
+            lock_device: concat!("SELECT endpoint FROM devices WHERE id = ?", $for_update),
+            lock_queue: concat!("SELECT id FROM queues WHERE id = ?", $for_update),
+            share_queue: concat!("SELECT id FROM queues WHERE id = ?", $for_share),
+            upsert_agent: concat!(
+                "INSERT INTO agents (id, name, tags, daily_cap, enabled, state, idle_since_ms) ",
+                "VALUES (?, ?, ?, ?, ?, 'available', ",
+                $now,
+                ") ",
+                $upsert,
+                "name = ",
+                $new!("name"),
+                ", tags = ",
+                $new!("tags"),
+                ", daily_cap = ",
+                $new!("daily_cap"),
+                ", enabled = ",
+                $new!("enabled")
+            ),
+            upsert_device: concat!(
+                "INSERT INTO devices (id, endpoint, name) VALUES (?, ?, ?) ",
+                $upsert,
+                "endpoint = ",
+                $new!("endpoint"),
+                ", name = ",
+                $new!("name")
+            ),
+            upsert_queue: concat!(
+                "INSERT INTO queues (id, name) VALUES (?, ?) ",
+                $upsert,
+                "name = ",
+                $new!("name")
+            ),
+            upsert_member: concat!(
+                "INSERT INTO queue_members (queue_id, agent_id, priority) VALUES (?, ?, ?) ",
+                $upsert,
+                "priority = ",
+                $new!("priority")
+            ),
+            count_call: concat!(
+                "INSERT INTO daily_counters (agent_id, day, calls, sales) VALUES (?, ?, 1, 0) ",
+                $upsert,
+                "calls = calls + 1"
+            ),
+            count_sale: concat!(
+                "INSERT INTO daily_counters (agent_id, day, calls, sales) VALUES (?, ?, 0, 1) ",
+                $upsert,
+                "sales = sales + 1"
+            ),
+            insert_session: concat!(
+                "INSERT INTO sessions (agent_id, device_id, since_ms) VALUES (?, ?, ",
+                $now,
+                ")"
+            ),
+            move_session: concat!(
+                "UPDATE sessions SET device_id = ?, since_ms = ",
+                $now,
+                " WHERE agent_id = ?"
+            ),
+            idle_from_now: concat!(
+                "UPDATE agents SET idle_since_ms = ",
+                $now,
+                " WHERE id = ? AND state = 'available'"
+            ),
+            pause: "UPDATE agents SET state = 'paused', reason = ?, until_ms = NULL WHERE id = ?",
+            // MySQL assigns left to right and later assignments see earlier ones, so
+            // `idle_since_ms` is computed first, from the state before this change.
+            unpause: concat!(
+                "UPDATE agents SET idle_since_ms = CASE ",
+                "WHEN state = 'available' THEN idle_since_ms ",
+                "WHEN state = 'wrap_up' AND until_ms <= ",
+                $now,
+                " THEN until_ms ",
+                "ELSE ",
+                $now,
+                " END, ",
+                "state = 'available', reason = NULL, until_ms = NULL WHERE id = ?"
+            ),
+            wrap_up: concat!(
+                "UPDATE agents SET state = 'wrap_up', reason = NULL, until_ms = ",
+                $now,
+                " + ?, idle_since_ms = ",
+                $now,
+                " + ? WHERE id = ?"
+            ),
+            availability: concat!(
+                "SELECT state, reason, until_ms, idle_since_ms, ",
+                $now,
+                " FROM agents WHERE id = ?"
+            ),
+            insert_audit: concat!(
+                "INSERT INTO audit_log (at_ms, actor, action, subject, detail) VALUES (",
+                $now,
+                ", ?, ?, ?, ?)"
+            ),
+        }
+    };
+}
+
+macro_rules! mysql_new {
+    ($column:literal) => {
+        concat!("VALUES(", $column, ")")
+    };
+}
+
+macro_rules! sqlite_new {
+    ($column:literal) => {
+        concat!("excluded.", $column)
+    };
+}
+
+/// UTC_TIMESTAMP rather than NOW: the epoch is counted in UTC whatever the server's or the
+/// session's time zone, and no daylight-saving hour is ambiguous.
+pub(crate) static MYSQL_DIRECTORY: DirectorySql = directory_sql! {
+    begin_write: "BEGIN",
+    now: "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) DIV 1000)",
+    for_update: " FOR UPDATE",
+    for_share: " LOCK IN SHARE MODE",
+    upsert: "ON DUPLICATE KEY UPDATE ",
+    new: mysql_new,
+};
+
+/// `'now'` is the same instant for every use within one statement.
+pub(crate) static SQLITE_DIRECTORY: DirectorySql = directory_sql! {
+    begin_write: "BEGIN IMMEDIATE",
+    now: "CAST(ROUND(unixepoch('now', 'subsec') * 1000) AS INTEGER)",
+    for_update: "",
+    for_share: "",
+    upsert: "ON CONFLICT DO UPDATE SET ",
+    new: sqlite_new,
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,6 +350,32 @@ mod tests {
             assert_eq!(a.matches('?').count(), b.matches('?').count(), "{a}\n{b}");
         }
         assert_eq!(MYSQL.upsert_heartbeat.matches('?').count(), 16);
+        let (m, s) = (&MYSQL_DIRECTORY, &SQLITE_DIRECTORY);
+        for (a, b) in [
+            (m.lock_agent, s.lock_agent),
+            (m.lock_device, s.lock_device),
+            (m.lock_queue, s.lock_queue),
+            (m.share_queue, s.share_queue),
+            (m.upsert_agent, s.upsert_agent),
+            (m.upsert_device, s.upsert_device),
+            (m.upsert_queue, s.upsert_queue),
+            (m.upsert_member, s.upsert_member),
+            (m.count_call, s.count_call),
+            (m.count_sale, s.count_sale),
+            (m.insert_session, s.insert_session),
+            (m.move_session, s.move_session),
+            (m.idle_from_now, s.idle_from_now),
+            (m.pause, s.pause),
+            (m.unpause, s.unpause),
+            (m.wrap_up, s.wrap_up),
+            (m.availability, s.availability),
+            (m.insert_audit, s.insert_audit),
+        ] {
+            assert_eq!(a.matches('?').count(), b.matches('?').count(), "{a}\n{b}");
+        }
+        assert_eq!(m.upsert_agent.matches('?').count(), 5);
+        assert_eq!(m.wrap_up.matches('?').count(), 3);
+        assert_eq!(m.insert_audit.matches('?').count(), 4);
         assert_eq!(SET_DRAIN.matches('?').count(), 4);
     }
 }

@@ -3,6 +3,9 @@
 //! Writers never send timestamps: the database stamps every heartbeat with its own clock
 //! and computes ages with that same clock, so a node whose clock is wrong can neither look
 //! fresh when it is dead nor stale when it is alive.
+//!
+//! The control plane's directory (agents, devices, sessions, queues, counters and the audit
+//! log) lives in [`directory`], on the same pools.
 
 mod dialect;
 
@@ -68,6 +71,42 @@ pub enum StoreError {
     /// No node with this id has ever reported.
     #[error("no node `{0}` in the store; `callfleet status` lists the known nodes")]
     UnknownNode(NodeId),
+    /// A value given to the store is not acceptable; `field` names it.
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// The field at fault (`agent id`, `name`, `tags`, `endpoint`, `reason`, `day`…).
+        field: &'static str,
+        /// What is wrong with it, quoting the value.
+        reason: String,
+    },
+    /// No agent, device or queue with this id.
+    #[error("no {kind} `{id}`; list {kind}s with GET /api/v1/{kind}s")]
+    NotFound {
+        /// `agent`, `device` or `queue`.
+        kind: &'static str,
+        /// The id asked for.
+        id: String,
+    },
+    /// The agent is not a member of the queue.
+    #[error(
+        "agent `{agent}` is not a member of queue `{queue}`; list its members with GET /api/v1/queues/{queue}/members"
+    )]
+    NotMember {
+        /// The queue.
+        queue: String,
+        /// The agent.
+        agent: String,
+    },
+    /// The device is in use by another agent's session; nothing was changed.
+    #[error(
+        "device `{device}` is in use by agent `{holder}`; log agent `{holder}` out first or choose another device"
+    )]
+    Conflict {
+        /// The device asked for.
+        device: String,
+        /// The agent logged in on it.
+        holder: String,
+    },
 }
 
 /// One point of a node's history.
@@ -453,9 +492,23 @@ async fn lock_file(path: String) -> std::io::Result<std::fs::File> {
 /// The embedded migrations of a dialect. Its own lock is off: see `Store::connect`.
 fn migrator(sql: &Dialect) -> Migrator {
     let files: &[(i64, &str, &'static str)] = if sql.name == "mysql" {
-        &[(1, "nodes", include_str!("migrations/mysql/0001_nodes.sql"))]
+        &[
+            (1, "nodes", include_str!("migrations/mysql/0001_nodes.sql")),
+            (
+                2,
+                "directory",
+                include_str!("migrations/mysql/0002_directory.sql"),
+            ),
+        ]
     } else {
-        &[(1, "nodes", include_str!("migrations/sqlite/0001_nodes.sql"))]
+        &[
+            (1, "nodes", include_str!("migrations/sqlite/0001_nodes.sql")),
+            (
+                2,
+                "directory",
+                include_str!("migrations/sqlite/0002_directory.sql"),
+            ),
+        ]
     };
     let mut migrator = Migrator::with_migrations(
         files
@@ -475,5 +528,15 @@ fn migrator(sql: &Dialect) -> Migrator {
     migrator
 }
 
+// Declared after `with_pool!`, which it uses.
+pub mod directory;
+
+pub use directory::{
+    Agent, AgentSnapshot, AgentState, AuditEntry, Availability, DailyCounts, Device,
+    DirectorySnapshot, Login, Queue, QueueMember, QueueSnapshot, Session,
+};
+
+#[cfg(test)]
+mod directory_tests;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,197 @@
+//! Bearer tokens: who is calling and what they may do.
+//!
+//! Every API face (REST, XML-RPC, gRPC) reads the same `Authorization: Bearer …` header and
+//! asks [`Tokens::authorize`] for the role an operation needs. Tokens are compared in
+//! constant time and never logged; what the audit log records is the token's *name*.
+
+use callfleet_core::config::{ApiToken, Role};
+
+use crate::error::ControlError;
+
+/// The tokens the API accepts.
+#[derive(Clone, Default)]
+pub struct Tokens {
+    tokens: Vec<ApiToken>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.tokens.iter().map(|t| t.name.as_str()).collect();
+        f.debug_struct("Tokens").field("names", &names).finish()
+    }
+}
+
+/// Who is calling, once the token checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The token's name, for the audit log.
+    pub name: String,
+    /// What the token may do.
+    pub role: Role,
+}
+
+impl Tokens {
+    /// Accepts `tokens`.
+    pub fn new(tokens: Vec<ApiToken>) -> Self {
+        Self { tokens }
+    }
+
+    /// The caller behind an `Authorization` header value (or its absence), if it may do
+    /// what `needed` allows.
+    pub fn authorize(
+        &self,
+        authorization: Option<&[u8]>,
+        needed: Role,
+    ) -> Result<Caller, ControlError> {
+        let Some(header) = authorization else {
+            return Err(ControlError::Unauthenticated);
+        };
+        let presented = std::str::from_utf8(header)
+            .ok()
+            .and_then(|value| {
+                let (scheme, token) = value.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            })
+            .ok_or(ControlError::Unauthenticated)?;
+        let mut found = None;
+        // Every token is compared, in constant time each, so timing tells nothing about
+        // which or how much of a token matched.
+        for token in &self.tokens {
+            if constant_time_eq(token.token.expose().as_bytes(), presented.as_bytes()) {
+                found = Some(token);
+            }
+        }
+        let token = found.ok_or(ControlError::BadToken)?;
+        if token.role < needed {
+            return Err(ControlError::Forbidden {
+                name: token.name.clone(),
+                role: token.role,
+                needed,
+            });
+        }
+        Ok(Caller {
+            name: token.name.clone(),
+            role: token.role,
+        })
+    }
+}
+
+/// The file in the data folder that keeps `callfleet up`'s admin token.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+/// The admin token of a single box: read from `dir`/[`ADMIN_TOKEN_FILE`], or created there
+/// (readable by the owner only) on first start. Returns whether it was created.
+pub fn admin_token(dir: &std::path::Path) -> std::io::Result<(ApiToken, bool)> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(ADMIN_TOKEN_FILE);
+    let token = |value: String| ApiToken {
+        name: "admin".to_owned(),
+        token: callfleet_core::config::Secret::new(value),
+        role: Role::Admin,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) if text.trim().len() >= 16 => return Ok((token(text.trim().to_owned()), false)),
+        Ok(_) => {
+            return Err(std::io::Error::other(format!(
+                "{} holds no token of 16 characters or more; delete it to have a new one made",
+                path.display()
+            )));
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err),
+    }
+    let mut random = [0u8; 24];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
+    let value: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::create_dir_all(dir)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    writeln!(file, "{value}")?;
+    Ok((token(value), true))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use callfleet_core::config::Secret;
+
+    use super::*;
+
+    fn tokens() -> Tokens {
+        Tokens::new(vec![
+            ApiToken {
+                name: "crm".into(),
+                token: Secret::new("write-token-0123456789"),
+                role: Role::Write,
+            },
+            ApiToken {
+                name: "wallboard".into(),
+                token: Secret::new("read-token-0123456789"),
+                role: Role::Read,
+            },
+        ])
+    }
+
+    #[test]
+    fn a_token_grants_its_role_and_the_ones_below() {
+        let tokens = tokens();
+        let header = Some(&b"Bearer write-token-0123456789"[..]);
+        let caller = tokens.authorize(header, Role::Read).expect("read");
+        assert_eq!(caller.name, "crm");
+        assert!(tokens.authorize(header, Role::Write).is_ok());
+        assert!(matches!(
+            tokens.authorize(header, Role::Admin),
+            Err(ControlError::Forbidden {
+                needed: Role::Admin,
+                ..
+            })
+        ));
+        // The scheme is case-insensitive (RFC 7235).
+        assert!(
+            tokens
+                .authorize(Some(b"bearer write-token-0123456789"), Role::Write)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn missing_malformed_and_unknown_tokens_are_refused() {
+        let tokens = tokens();
+        assert!(matches!(
+            tokens.authorize(None, Role::Read),
+            Err(ControlError::Unauthenticated)
+        ));
+        assert!(matches!(
+            tokens.authorize(Some(b"Basic dXNlcjpwYXNz"), Role::Read),
+            Err(ControlError::Unauthenticated)
+        ));
+        assert!(matches!(
+            tokens.authorize(Some(b"Bearer write-token-0123456788"), Role::Read),
+            Err(ControlError::BadToken)
+        ));
+        assert!(matches!(
+            tokens.authorize(Some(b"Bearer read-token-0123456789"), Role::Write),
+            Err(ControlError::Forbidden {
+                role: Role::Read,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn debug_output_names_tokens_without_showing_them() {
+        let shown = format!("{:?}", tokens());
+        assert!(shown.contains("crm"), "{shown}");
+        assert!(!shown.contains("write-token"), "{shown}");
+    }
+}

@@ -1,0 +1,88 @@
+//! The control plane: where CRMs tune agents, queues and priorities all day, supervisors
+//! drain nodes, and a website asks whether a queue is served.
+//!
+//! One listener serves three faces of the same operations ([`service::Control`]): REST
+//! under `/api/v1` ([`rest`]), XML-RPC at `/RPC2` ([`xmlrpc`], what the CRMs of the old
+//! system speak) and gRPC `callfleet.control.v1` ([`grpc`]), with gRPC health and
+//! reflection. Errors map to each face in one place ([`error`]).
+
+pub mod auth;
+pub mod error;
+pub mod grpc;
+pub mod openapi;
+pub mod rest;
+pub mod rpc2;
+pub mod service;
+pub mod xmlrpc;
+
+use std::sync::Arc;
+
+use callfleet_core::Store;
+use callfleet_core::config::ControlPlaneConfig;
+use callfleet_proto::control::v1::control_server::ControlServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use auth::{ADMIN_TOKEN_FILE, admin_token};
+pub use error::ControlError;
+pub use service::Control;
+
+/// Why the control plane cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlPlaneError {
+    /// The directory could not be read at start.
+    #[error("control plane: {0}")]
+    Start(#[from] ControlError),
+    /// Serving failed.
+    #[error("control plane stopped: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// REST, XML-RPC, gRPC (with health and reflection) in one router.
+pub fn router(control: Arc<Control>) -> axum::Router {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    // The service answers from memory once started; health follows the process.
+    drop(tokio::spawn(async move {
+        reporter
+            .set_serving::<ControlServer<grpc::ControlService>>()
+            .await;
+    }));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(callfleet_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor set is valid");
+    tonic::service::Routes::new(ControlServer::new(grpc::ControlService::new(
+        control.clone(),
+    )))
+    .add_service(health)
+    .add_service(reflection)
+    .prepare()
+    .into_axum_router()
+    .nest("/api/v1", rest::router(control.clone()))
+    .merge(rpc2::router(control))
+}
+
+/// Serves the control plane on `listener` until `shutdown`.
+pub async fn run(
+    config: &ControlPlaneConfig,
+    store: Store,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ControlPlaneError> {
+    let control = Arc::new(Control::start(store, config).await?);
+    let refresher = {
+        let (control, shutdown, every) = (control.clone(), shutdown.clone(), config.refresh);
+        tokio::spawn(async move { control.refresh_loop(every, shutdown).await })
+    };
+    let address = listener.local_addr()?;
+    info!(%address, tokens = config.tokens.len(), "control plane ready");
+    let served = axum::serve(listener, router(control))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+    shutdown.cancel();
+    let _ = refresher.await;
+    served?;
+    info!("control plane stopped");
+    Ok(())
+}

@@ -1,0 +1,427 @@
+//! REST/JSON under `/api/v1`, described by the OpenAPI document at `/api/v1/openapi.json`.
+//!
+//! Reads need a `read` token, changes a `write` token, node drains an `admin` token; only
+//! the public queue status is open, because a website polls it.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use callfleet_core::config::Role;
+use callfleet_core::store::{Agent, Device, Queue};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::auth::Caller;
+use crate::error::ControlError;
+use crate::service::Control;
+
+type Shared = State<Arc<Control>>;
+type Reply = Result<Response, ControlError>;
+
+fn caller(control: &Control, headers: &HeaderMap, role: Role) -> Result<Caller, ControlError> {
+    control.authorize(
+        headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
+        role,
+    )
+}
+
+fn ok(value: impl serde::Serialize) -> Reply {
+    Ok(Json(value).into_response())
+}
+
+fn done() -> Reply {
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The JSON body, or a 400 that names what is wrong with it.
+fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ControlError> {
+    serde_json::from_slice(bytes).map_err(|err| {
+        ControlError::invalid(
+            "body",
+            format!("{err}; send a JSON object as the OpenAPI document at /api/v1/openapi.json describes"),
+        )
+    })
+}
+
+/// The routes, to be nested under `/api/v1`.
+pub fn router(control: Arc<Control>) -> Router {
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .route("/agents", get(list_agents))
+        .route(
+            "/agents/{agent}",
+            get(get_agent).put(put_agent).delete(delete_agent),
+        )
+        .route("/agents/{agent}/tags", put(set_tags))
+        .route("/agents/{agent}/daily-cap", put(set_daily_cap))
+        .route("/agents/{agent}/sales", post(record_sale))
+        .route("/agents/{agent}/login", post(login))
+        .route("/agents/{agent}/logout", post(logout))
+        .route("/agents/{agent}/pause", post(pause))
+        .route("/agents/{agent}/unpause", post(unpause))
+        .route("/devices", get(list_devices))
+        .route("/devices/{device}", put(put_device).delete(delete_device))
+        .route("/queues", get(list_queues))
+        .route("/queues/{queue}", put(put_queue).delete(delete_queue))
+        .route("/queues/{queue}/members", get(list_members))
+        .route(
+            "/queues/{queue}/members/{agent}",
+            put(set_priority).delete(remove_member),
+        )
+        .route("/queues/{queue}/status", get(queue_status))
+        .route("/queues/{queue}/candidates", get(candidates))
+        .route("/nodes", get(list_nodes))
+        .route("/nodes/{node}/drain", post(drain))
+        .route("/nodes/{node}/undrain", post(undrain))
+        .route("/audit", get(audit))
+        .with_state(control)
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::DOCUMENT,
+    )
+        .into_response()
+}
+
+async fn list_agents(State(control): Shared, headers: HeaderMap) -> Reply {
+    caller(&control, &headers, Role::Read)?;
+    ok(control.list_agents())
+}
+
+async fn get_agent(State(control): Shared, headers: HeaderMap, Path(agent): Path<String>) -> Reply {
+    caller(&control, &headers, Role::Read)?;
+    ok(control.get_agent(&agent).await?)
+}
+
+/// The body of `PUT /agents/{agent}`: the id comes from the path.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentBody {
+    name: String,
+    #[serde(default)]
+    tags: BTreeSet<String>,
+    #[serde(default)]
+    daily_cap: Option<u32>,
+    #[serde(default = "yes")]
+    enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn put_agent(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path(agent): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Reply {
+    let caller = caller(&control, &headers, Role::Write)?;
+    let body: AgentBody = body(&bytes)?;
+    let agent = Agent {
+        id: agent,
+        name: body.name,
+        tags: body.tags,
+        daily_cap: body.daily_cap,
+        enabled: body.enabled,
+    };
+    ok(control.put_agent(&caller, &agent).await?)
+}
+
+async fn delete_agent(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path(agent): Path<String>,
+) -> Reply {
+    let caller = caller(&control, &headers, Role::Write)?;
+    control.delete_agent(&caller, &agent).await?;
+    done()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TagsBody {
+    tags: Vec<String>,
+}
+
+async fn set_tags(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path(agent): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Reply {
+    let caller = caller(&control, &headers, Role::Write)?;
+    let body: TagsBody = body(&bytes)?;
+    ok(control.set_tags(&caller, &agent, body.tags).await?)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CapBody {
+    daily_cap: Option<u32>,
+}
+
+async fn set_daily_cap(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path(agent): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Reply {
+    let caller = caller(&control, &headers, Role::Write)?;
+    let body: CapBody = body(&bytes)?;
+    ok(control
+        .set_daily_cap(&caller, &agent, body.daily_cap)
+        .await?)
+}
+
+async fn record_sale(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path(agent): Path<String>,
+) -> Reply {
+    let caller = caller(&control, &headers, Role::Write)?;
+    let sales = control.record_sale(&caller, &agent).await?;
+    ok(json!({ "agent": agent, "sales_today": sales }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginBody {
+    device: String,
+}
+
+async fn login(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path(agent): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Reply {
+    let caller = caller(&control, &headers, Role::Write)?;
+    let body: LoginBody = body(&bytes)?;
+    let (login, session) = control.login(&caller, &agent, &body.device).await?;
+    let mut reply = serde_json::to_value(&session).unwrap_or(Value::Null);
+    if let (Value::Object(map), Ok(Value::Object(extra))) =
+        (&mut reply, serde_json::to_value(&login))
+    {
+        map.extend(extra);
+    }
+    ok(reply)
+}
+
+async fn logout(State(control): Shared, headers: HeaderMap, Path(agent): Path<String>) -> Reply {
+    let caller = caller(&control, &headers, Role::Write)?;
+    let left = control.logout(&caller, &agent).await?;
+    ok(json!({ "agent": agent, "left_device": left }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PauseBody {
+    reason: String,
+}
+
+async fn pause(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path(agent): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Reply {
+    let caller = caller(&control, &headers, Role::Write)?;
+    let body: PauseBody = body(&bytes)?;
+    control.pause(&caller, &agent, &body.reason).await?;
+    done()
+}
+
+async fn unpause(State(control): Shared, headers: HeaderMap, Path(agent): Path<String>) -> Reply {
+    let caller = caller(&control, &headers, Role::Write)?;
+    control.unpause(&caller, &agent).await?;
+    done()
+}
+
+async fn list_devices(State(control): Shared, headers: HeaderMap) -> Reply {
+    caller(&control, &headers, Role::Read)?;
+    ok(control.list_devices().await?)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceBody {
+    endpoint: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+async fn put_device(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path(device): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Reply {
+    let caller = caller(&control, &headers, Role::Write)?;
+    let body: DeviceBody = body(&bytes)?;
+    let device = Device {
+        id: device,
+        endpoint: body.endpoint,
+        name: body.name,
+    };
+    ok(control.put_device(&caller, &device).await?)
+}
+
+async fn delete_device(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path(device): Path<String>,
+) -> Reply {
+    let caller = caller(&control, &headers, Role::Write)?;
+    control.delete_device(&caller, &device).await?;
+    done()
+}
+
+async fn list_queues(State(control): Shared, headers: HeaderMap) -> Reply {
+    caller(&control, &headers, Role::Read)?;
+    ok(control.list_queues().await?)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueueBody {
+    name: String,
+}
+
+async fn put_queue(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path(queue): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Reply {
+    let caller = caller(&control, &headers, Role::Write)?;
+    let body: QueueBody = body(&bytes)?;
+    let queue = Queue {
+        id: queue,
+        name: body.name,
+    };
+    ok(control.put_queue(&caller, &queue).await?)
+}
+
+async fn delete_queue(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path(queue): Path<String>,
+) -> Reply {
+    let caller = caller(&control, &headers, Role::Write)?;
+    control.delete_queue(&caller, &queue).await?;
+    done()
+}
+
+async fn list_members(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path(queue): Path<String>,
+) -> Reply {
+    caller(&control, &headers, Role::Read)?;
+    ok(control.list_members(&queue).await?)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PriorityBody {
+    priority: i32,
+}
+
+async fn set_priority(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path((queue, agent)): Path<(String, String)>,
+    bytes: axum::body::Bytes,
+) -> Reply {
+    let caller = caller(&control, &headers, Role::Write)?;
+    let body: PriorityBody = body(&bytes)?;
+    control
+        .set_priority(&caller, &agent, &queue, body.priority)
+        .await?;
+    ok(json!({ "queue": queue, "agent": agent, "priority": body.priority }))
+}
+
+async fn remove_member(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path((queue, agent)): Path<(String, String)>,
+) -> Reply {
+    let caller = caller(&control, &headers, Role::Write)?;
+    control.remove_member(&caller, &agent, &queue).await?;
+    done()
+}
+
+/// Public: no token. Served from memory.
+async fn queue_status(State(control): Shared, Path(queue): Path<String>) -> Reply {
+    ok(control.queue_status(&queue)?)
+}
+
+#[derive(Debug, Deserialize)]
+struct CandidatesQuery {
+    /// Comma-separated caller attributes, e.g. `vip,fr`.
+    #[serde(default)]
+    attributes: String,
+}
+
+async fn candidates(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path(queue): Path<String>,
+    Query(query): Query<CandidatesQuery>,
+) -> Reply {
+    caller(&control, &headers, Role::Read)?;
+    let attributes: Vec<String> = query
+        .attributes
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect();
+    ok(json!({ "queue": queue, "candidates": control.candidates(&queue, &attributes)? }))
+}
+
+async fn list_nodes(State(control): Shared, headers: HeaderMap) -> Reply {
+    caller(&control, &headers, Role::Read)?;
+    ok(control.list_nodes().await?)
+}
+
+async fn drain(State(control): Shared, headers: HeaderMap, Path(node): Path<String>) -> Reply {
+    let caller = caller(&control, &headers, Role::Admin)?;
+    let state = control.set_drain(&caller, &node, true).await?;
+    ok(json!({ "node": node, "state": state }))
+}
+
+async fn undrain(State(control): Shared, headers: HeaderMap, Path(node): Path<String>) -> Reply {
+    let caller = caller(&control, &headers, Role::Admin)?;
+    let state = control.set_drain(&caller, &node, false).await?;
+    ok(json!({ "node": node, "state": state }))
+}
+
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    #[serde(default = "hundred")]
+    limit: u32,
+    #[serde(default)]
+    before: Option<i64>,
+}
+
+fn hundred() -> u32 {
+    100
+}
+
+async fn audit(
+    State(control): Shared,
+    headers: HeaderMap,
+    Query(query): Query<AuditQuery>,
+) -> Reply {
+    caller(&control, &headers, Role::Read)?;
+    ok(control.audit(query.limit, query.before).await?)
+}

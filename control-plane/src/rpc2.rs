@@ -1,0 +1,228 @@
+//! `/RPC2`: the XML-RPC methods CRMs call, on top of the sans-IO codec in [`crate::xmlrpc`].
+//!
+//! Every answer is HTTP 200 with a `<methodResponse>`: a call that fails is a fault, never
+//! an HTTP error, because XML-RPC clients only read faults. The service's own errors keep
+//! the HTTP status as `faultCode` (401, 403, 404, 409, 400, 503) so a CRM can branch on
+//! them; the codec's codes (-32xxx) mean the call itself was malformed. The token is read
+//! from the HTTP `Authorization` header, as for REST.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use callfleet_core::config::Role;
+use serde_json::json;
+
+use crate::auth::Caller;
+use crate::error::ControlError;
+use crate::service::Control;
+use crate::xmlrpc::{self, Call, Fault, Value};
+
+/// Largest body accepted; a CRM's multicall of a few hundred priority changes fits.
+const MAX_BODY: usize = 1024 * 1024;
+/// Bodies above this are decoded off the async workers.
+const DECODE_INLINE: usize = 64 * 1024;
+
+/// The methods served, for `system.listMethods`.
+pub const METHODS: &[&str] = &[
+    "agent.setPriority",
+    "agent.setTags",
+    "agent.setDailyCap",
+    "agent.recordSale",
+    "agent.login",
+    "agent.logout",
+    "agent.pause",
+    "agent.unpause",
+    "queue.status",
+    "queue.candidates",
+    "node.drain",
+    "node.undrain",
+    xmlrpc::LIST_METHODS,
+    xmlrpc::MULTICALL,
+];
+
+/// The `/RPC2` route.
+pub fn router(control: Arc<Control>) -> Router {
+    Router::new()
+        .route("/RPC2", post(handle))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(control)
+}
+
+async fn handle(State(control): State<Arc<Control>>, headers: HeaderMap, body: Bytes) -> Response {
+    let decoded = if body.len() > DECODE_INLINE {
+        tokio::task::spawn_blocking(move || xmlrpc::decode_call(&body))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Fault::new(
+                    xmlrpc::fault_code::INTERNAL_ERROR,
+                    "internal error while decoding the call".to_owned(),
+                ))
+            })
+    } else {
+        xmlrpc::decode_call(&body)
+    };
+    let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    let bytes = match decoded {
+        Err(fault) => xmlrpc::encode_fault(fault.code(), fault.string()),
+        Ok(call) if call.method == xmlrpc::MULTICALL => match xmlrpc::decode_multicall(call) {
+            Err(fault) => xmlrpc::encode_fault(fault.code(), fault.string()),
+            Ok(calls) => {
+                let mut results = Vec::with_capacity(calls.len());
+                for call in calls {
+                    results.push(match call {
+                        Ok(call) => dispatch(&control, authorization, &call).await,
+                        Err(fault) => Err(fault),
+                    });
+                }
+                xmlrpc::encode_multicall_response(results)
+            }
+        },
+        Ok(call) => xmlrpc::encode_result(dispatch(&control, authorization, &call).await),
+    };
+    ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], bytes).into_response()
+}
+
+fn fault(err: ControlError) -> Fault {
+    Fault::new(i32::from(err.status().as_u16()), err.to_string())
+}
+
+fn reply(value: impl serde::Serialize) -> Result<Value, Fault> {
+    xmlrpc::value_from_serialize(&value)
+}
+
+async fn dispatch(
+    control: &Control,
+    authorization: Option<&[u8]>,
+    call: &Call,
+) -> Result<Value, Fault> {
+    let args = call.args();
+    let authorize = |role: Role| -> Result<Caller, Fault> {
+        control.authorize(authorization, role).map_err(fault)
+    };
+    match call.method.as_str() {
+        "agent.setPriority" => {
+            args.arity(&["agent", "queue", "priority"])?;
+            let (agent, queue) = (args.string(0, "agent")?, args.string(1, "queue")?);
+            let priority = args.int(2, "priority")?;
+            let caller = authorize(Role::Write)?;
+            control
+                .set_priority(&caller, &agent, &queue, priority)
+                .await
+                .map_err(fault)?;
+            reply(true)
+        }
+        "agent.setTags" => {
+            args.arity(&["agent", "tags"])?;
+            let (agent, tags) = (args.string(0, "agent")?, args.string_list(1, "tags")?);
+            let caller = authorize(Role::Write)?;
+            reply(
+                control
+                    .set_tags(&caller, &agent, tags)
+                    .await
+                    .map_err(fault)?,
+            )
+        }
+        "agent.setDailyCap" => {
+            args.arity(&["agent", "cap"])?;
+            let agent = args.string(0, "agent")?;
+            // XML-RPC has no portable null: a negative cap removes the cap.
+            let cap = u32::try_from(args.int(1, "cap")?).ok();
+            let caller = authorize(Role::Write)?;
+            reply(
+                control
+                    .set_daily_cap(&caller, &agent, cap)
+                    .await
+                    .map_err(fault)?,
+            )
+        }
+        "agent.recordSale" => {
+            args.arity(&["agent"])?;
+            let agent = args.string(0, "agent")?;
+            let caller = authorize(Role::Write)?;
+            let sales = control.record_sale(&caller, &agent).await.map_err(fault)?;
+            reply(sales)
+        }
+        "agent.login" => {
+            args.arity(&["agent", "device"])?;
+            let (agent, device) = (args.string(0, "agent")?, args.string(1, "device")?);
+            let caller = authorize(Role::Write)?;
+            let (_, session) = control
+                .login(&caller, &agent, &device)
+                .await
+                .map_err(fault)?;
+            reply(json!({
+                "agent": session.agent,
+                "device": session.device,
+                "endpoint": session.endpoint,
+            }))
+        }
+        "agent.logout" => {
+            args.arity(&["agent"])?;
+            let agent = args.string(0, "agent")?;
+            let caller = authorize(Role::Write)?;
+            control.logout(&caller, &agent).await.map_err(fault)?;
+            reply(true)
+        }
+        "agent.pause" => {
+            args.arity(&["agent", "reason"])?;
+            let (agent, reason) = (args.string(0, "agent")?, args.string(1, "reason")?);
+            let caller = authorize(Role::Write)?;
+            control
+                .pause(&caller, &agent, &reason)
+                .await
+                .map_err(fault)?;
+            reply(true)
+        }
+        "agent.unpause" => {
+            args.arity(&["agent"])?;
+            let agent = args.string(0, "agent")?;
+            let caller = authorize(Role::Write)?;
+            control.unpause(&caller, &agent).await.map_err(fault)?;
+            reply(true)
+        }
+        "queue.status" => {
+            args.arity(&["queue"])?;
+            let queue = args.string(0, "queue")?;
+            reply(control.queue_status(&queue).map_err(fault)?)
+        }
+        "queue.candidates" => {
+            // The attributes are optional: a call without them is an ordinary caller.
+            if args.len() != 1 {
+                args.arity(&["queue", "attributes"])?;
+            }
+            let queue = args.string(0, "queue")?;
+            let attributes: Vec<String> = if args.len() == 2 {
+                args.attributes(1, "attributes")?
+                    .into_iter()
+                    .filter_map(|(name, set)| set.then_some(name))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            authorize(Role::Read)?;
+            reply(control.candidates(&queue, &attributes).map_err(fault)?)
+        }
+        "node.drain" | "node.undrain" => {
+            args.arity(&["node"])?;
+            let node = args.string(0, "node")?;
+            let caller = authorize(Role::Admin)?;
+            let drain = call.method == "node.drain";
+            reply(
+                control
+                    .set_drain(&caller, &node, drain)
+                    .await
+                    .map_err(fault)?,
+            )
+        }
+        xmlrpc::LIST_METHODS => {
+            args.arity(&[])?;
+            Ok(xmlrpc::list_methods_value(METHODS))
+        }
+        other => Err(xmlrpc::method_not_found(other)),
+    }
+}

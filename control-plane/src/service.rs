@@ -1,0 +1,545 @@
+//! The operations behind every API face, and the in-memory directory they read.
+//!
+//! Writes go to the store in one transaction each (with their audit row) and are then
+//! followed by a refresh of the in-memory [`View`], so a CRM that changes a priority and
+//! asks for candidates next sees its change. Reads of routing and queue status never touch
+//! the store: a website polling a queue's status many times a second costs a map lookup.
+//! The view is also re-read every `refresh`, to see what other control-plane instances and
+//! the node-agents changed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use callfleet_core::config::{ControlPlaneConfig, Role};
+use callfleet_core::routing::{self, CallerAttributes, Day, Snapshot};
+use callfleet_core::store::{
+    Agent, AgentState, AuditEntry, Device, DirectorySnapshot, Login, Queue, QueueMember, Session,
+};
+use callfleet_core::{NodeId, NodeStatus, Store};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::auth::{Caller, Tokens};
+use crate::error::ControlError;
+
+/// The directory as last read from the store, ready for routing queries.
+#[derive(Debug)]
+pub struct View {
+    /// The rows as read.
+    pub directory: DirectorySnapshot,
+    /// The routing index built from them.
+    pub routing: Snapshot,
+    /// The day the counters belong to.
+    pub today: Day,
+    /// When the read finished, to advance the database clock without asking it.
+    read_at: Instant,
+}
+
+impl View {
+    /// The database clock now, estimated from the read's clock and the time since.
+    pub fn now_ms(&self) -> i64 {
+        self.directory.now_ms + i64::try_from(self.read_at.elapsed().as_millis()).unwrap_or(0)
+    }
+}
+
+/// An agent with what the directory knows of it now.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AgentView {
+    /// The agent's settings.
+    #[serde(flatten)]
+    pub agent: Agent,
+    /// `available`, `paused`, `on_call` or `wrap_up`.
+    pub state: &'static str,
+    /// Why the agent is paused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_reason: Option<String>,
+    /// The device the agent is logged in on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Sales counted today (configured time zone).
+    pub sales_today: u32,
+    /// Calls counted today.
+    pub calls_today: u32,
+}
+
+/// A routing candidate, owned.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Candidate {
+    /// The agent's personal extension.
+    pub agent: String,
+    /// The SIP endpoint to ring.
+    pub endpoint: String,
+    /// The membership's priority (lower rings first).
+    pub priority: i32,
+    /// Past the daily cap: rings after everyone else.
+    pub demoted: bool,
+}
+
+/// The control plane's operations.
+#[derive(Debug)]
+pub struct Control {
+    store: Store,
+    tokens: Tokens,
+    time_zone: jiff::tz::TimeZone,
+    view: RwLock<Arc<View>>,
+    /// Serialises refreshes; a write waits for one that started after it committed.
+    refreshing: tokio::sync::Mutex<()>,
+    writes: AtomicU64,
+    refreshed_through: AtomicU64,
+}
+
+impl Control {
+    /// Reads the directory once and returns the service.
+    pub async fn start(store: Store, config: &ControlPlaneConfig) -> Result<Self, ControlError> {
+        let time_zone = jiff::tz::TimeZone::get(&config.time_zone)
+            .map_err(|err| ControlError::invalid("control_plane.time_zone", err.to_string()))?;
+        let view = read_view(&store, &time_zone).await?;
+        Ok(Self {
+            store,
+            tokens: Tokens::new(config.tokens.clone()),
+            time_zone,
+            view: RwLock::new(Arc::new(view)),
+            refreshing: tokio::sync::Mutex::new(()),
+            writes: AtomicU64::new(0),
+            refreshed_through: AtomicU64::new(0),
+        })
+    }
+
+    /// The tokens the API accepts.
+    pub fn tokens(&self) -> &Tokens {
+        &self.tokens
+    }
+
+    /// Checks the `Authorization` header for an operation that needs `role`.
+    pub fn authorize(&self, header: Option<&[u8]>, role: Role) -> Result<Caller, ControlError> {
+        self.tokens.authorize(header, role)
+    }
+
+    /// The directory as last read.
+    pub fn view(&self) -> Arc<View> {
+        self.view.read().expect("view lock").clone()
+    }
+
+    /// Re-reads the directory every `every` until `shutdown`; logs a failing store once.
+    pub async fn refresh_loop(&self, every: Duration, shutdown: CancellationToken) {
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let _turn = self.refreshing.lock().await;
+            match read_view(&self.store, &self.time_zone).await {
+                Ok(view) => {
+                    *self.view.write().expect("view lock") = Arc::new(view);
+                    if failing {
+                        info!("store back: directory refreshed");
+                        failing = false;
+                    }
+                }
+                Err(err) => {
+                    if !failing {
+                        warn!(error = %err, "store unreachable: serving the last directory read");
+                        failing = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes the next reads see a write that just committed.
+    async fn after_write(&self) {
+        let wanted = self.writes.fetch_add(1, Ordering::AcqRel) + 1;
+        let _turn = self.refreshing.lock().await;
+        if self.refreshed_through.load(Ordering::Acquire) >= wanted {
+            return; // a refresh that started after this write has finished
+        }
+        let through = self.writes.load(Ordering::Acquire);
+        match read_view(&self.store, &self.time_zone).await {
+            Ok(view) => {
+                *self.view.write().expect("view lock") = Arc::new(view);
+                self.refreshed_through.store(through, Ordering::Release);
+            }
+            // The write is committed; the periodic refresh will show it.
+            Err(err) => warn!(error = %err, "cannot refresh the directory after a write"),
+        }
+    }
+
+    /// Today's date in the configured time zone, on the database clock.
+    fn today(&self) -> String {
+        day_string(self.view().now_ms(), &self.time_zone)
+    }
+
+    // ---- agents ------------------------------------------------------------------------
+
+    /// Every agent with its state.
+    pub fn list_agents(&self) -> Vec<AgentView> {
+        let view = self.view();
+        view.directory.agents.iter().map(agent_view).collect()
+    }
+
+    /// One agent with its state, read from the store so it is never stale.
+    pub async fn get_agent(&self, id: &str) -> Result<AgentView, ControlError> {
+        let agent = self.store.get_agent(id).await?;
+        let availability = self.store.availability(id).await?;
+        let session = self.store.session(id).await?;
+        let counts = self.store.daily_counts(id, &self.today()).await?;
+        let (state, pause_reason) = state_fields(&availability.state);
+        Ok(AgentView {
+            agent,
+            state,
+            pause_reason,
+            device: session.map(|s| s.device),
+            sales_today: counts.sales,
+            calls_today: counts.calls,
+        })
+    }
+
+    /// Creates or replaces an agent.
+    pub async fn put_agent(
+        &self,
+        caller: &Caller,
+        agent: &Agent,
+    ) -> Result<AgentView, ControlError> {
+        self.store.upsert_agent(agent, &caller.name).await?;
+        self.after_write().await;
+        self.get_agent(&agent.id).await
+    }
+
+    /// Deletes an agent, its memberships and its session.
+    pub async fn delete_agent(&self, caller: &Caller, id: &str) -> Result<(), ControlError> {
+        self.store.delete_agent(id, &caller.name).await?;
+        self.after_write().await;
+        Ok(())
+    }
+
+    /// Replaces an agent's tags.
+    pub async fn set_tags(
+        &self,
+        caller: &Caller,
+        id: &str,
+        tags: Vec<String>,
+    ) -> Result<AgentView, ControlError> {
+        let mut agent = self.store.get_agent(id).await?;
+        agent.tags = tags.into_iter().collect();
+        self.put_agent(caller, &agent).await
+    }
+
+    /// Sets or removes an agent's daily cap.
+    pub async fn set_daily_cap(
+        &self,
+        caller: &Caller,
+        id: &str,
+        cap: Option<u32>,
+    ) -> Result<AgentView, ControlError> {
+        let mut agent = self.store.get_agent(id).await?;
+        agent.daily_cap = cap;
+        self.put_agent(caller, &agent).await
+    }
+
+    /// Counts a sale today; returns today's sales.
+    pub async fn record_sale(&self, caller: &Caller, id: &str) -> Result<u32, ControlError> {
+        let sales = self
+            .store
+            .record_sale(id, &self.today(), &caller.name)
+            .await?;
+        self.after_write().await;
+        Ok(sales)
+    }
+
+    /// Logs the agent in on a device.
+    pub async fn login(
+        &self,
+        caller: &Caller,
+        agent: &str,
+        device: &str,
+    ) -> Result<(Login, Session), ControlError> {
+        let login = self.store.login(agent, device, &caller.name).await?;
+        self.after_write().await;
+        let session = self.store.session(agent).await?.ok_or_else(|| {
+            ControlError::Conflict(format!(
+                "agent `{agent}` was logged out again while logging in; retry"
+            ))
+        })?;
+        Ok((login, session))
+    }
+
+    /// Logs the agent out; returns the device they left.
+    pub async fn logout(
+        &self,
+        caller: &Caller,
+        agent: &str,
+    ) -> Result<Option<String>, ControlError> {
+        let left = self.store.logout(agent, &caller.name).await?;
+        self.after_write().await;
+        Ok(left)
+    }
+
+    /// Pauses the agent.
+    pub async fn pause(
+        &self,
+        caller: &Caller,
+        agent: &str,
+        reason: &str,
+    ) -> Result<(), ControlError> {
+        self.store.pause(agent, reason, &caller.name).await?;
+        self.after_write().await;
+        Ok(())
+    }
+
+    /// Makes the agent available again.
+    pub async fn unpause(&self, caller: &Caller, agent: &str) -> Result<(), ControlError> {
+        self.store.unpause(agent, &caller.name).await?;
+        self.after_write().await;
+        Ok(())
+    }
+
+    // ---- devices and queues ------------------------------------------------------------
+
+    /// Every device.
+    pub async fn list_devices(&self) -> Result<Vec<Device>, ControlError> {
+        Ok(self.store.list_devices().await?)
+    }
+
+    /// Creates or replaces a device.
+    pub async fn put_device(
+        &self,
+        caller: &Caller,
+        device: &Device,
+    ) -> Result<Device, ControlError> {
+        self.store.upsert_device(device, &caller.name).await?;
+        self.after_write().await;
+        Ok(self.store.get_device(&device.id).await?)
+    }
+
+    /// Deletes a device (logging out whoever is on it).
+    pub async fn delete_device(&self, caller: &Caller, id: &str) -> Result<(), ControlError> {
+        self.store.delete_device(id, &caller.name).await?;
+        self.after_write().await;
+        Ok(())
+    }
+
+    /// Every queue.
+    pub async fn list_queues(&self) -> Result<Vec<Queue>, ControlError> {
+        Ok(self.store.list_queues().await?)
+    }
+
+    /// Creates or replaces a queue.
+    pub async fn put_queue(&self, caller: &Caller, queue: &Queue) -> Result<Queue, ControlError> {
+        self.store.upsert_queue(queue, &caller.name).await?;
+        self.after_write().await;
+        Ok(self.store.get_queue(&queue.id).await?)
+    }
+
+    /// Deletes a queue and its memberships.
+    pub async fn delete_queue(&self, caller: &Caller, id: &str) -> Result<(), ControlError> {
+        self.store.delete_queue(id, &caller.name).await?;
+        self.after_write().await;
+        Ok(())
+    }
+
+    /// A queue's members, best priority first.
+    pub async fn list_members(&self, queue: &str) -> Result<Vec<QueueMember>, ControlError> {
+        Ok(self.store.list_members(queue).await?)
+    }
+
+    /// Adds the agent to the queue or changes its priority.
+    pub async fn set_priority(
+        &self,
+        caller: &Caller,
+        agent: &str,
+        queue: &str,
+        priority: i32,
+    ) -> Result<(), ControlError> {
+        self.store
+            .set_priority(queue, agent, priority, &caller.name)
+            .await?;
+        self.after_write().await;
+        Ok(())
+    }
+
+    /// Removes the agent from the queue.
+    pub async fn remove_member(
+        &self,
+        caller: &Caller,
+        agent: &str,
+        queue: &str,
+    ) -> Result<(), ControlError> {
+        self.store.remove_member(queue, agent, &caller.name).await?;
+        self.after_write().await;
+        Ok(())
+    }
+
+    // ---- routing ----------------------------------------------------------------------
+
+    /// The public status of a queue, from memory.
+    pub fn queue_status(&self, queue: &str) -> Result<routing::QueueStatus, ControlError> {
+        let view = self.view();
+        let now = u64::try_from(view.now_ms()).unwrap_or(0);
+        view.routing.queue_status(queue, now).map_err(routing_error)
+    }
+
+    /// The agents to ring for a call in `queue` from a caller with `attributes`, best first.
+    pub fn candidates(
+        &self,
+        queue: &str,
+        attributes: &[String],
+    ) -> Result<Vec<Candidate>, ControlError> {
+        let view = self.view();
+        let now = u64::try_from(view.now_ms()).unwrap_or(0);
+        let caller = CallerAttributes::new(attributes.iter().cloned());
+        let found = view
+            .routing
+            .candidates(queue, &caller, now, view.today)
+            .map_err(routing_error)?;
+        Ok(found
+            .into_iter()
+            .map(|c| Candidate {
+                agent: c.agent.to_owned(),
+                endpoint: c.endpoint.to_owned(),
+                priority: c.priority,
+                demoted: c.demoted,
+            })
+            .collect())
+    }
+
+    // ---- nodes and audit --------------------------------------------------------------
+
+    /// The fleet's nodes.
+    pub async fn list_nodes(&self) -> Result<Vec<NodeStatus>, ControlError> {
+        Ok(self.store.list_nodes().await?)
+    }
+
+    /// Asks a node to drain (or to take calls again).
+    pub async fn set_drain(
+        &self,
+        caller: &Caller,
+        node: &str,
+        drain: bool,
+    ) -> Result<String, ControlError> {
+        let id: NodeId = node
+            .parse()
+            .map_err(|err: callfleet_core::ids::InvalidId| {
+                ControlError::invalid("node", err.to_string())
+            })?;
+        let state = self
+            .store
+            .set_drain_audited(&id, drain, &caller.name)
+            .await?;
+        Ok(state.as_str().to_owned())
+    }
+
+    /// The audit log, newest first.
+    pub async fn audit(
+        &self,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<AuditEntry>, ControlError> {
+        Ok(self.store.list_audit(limit, before).await?)
+    }
+}
+
+fn routing_error(err: routing::RoutingError) -> ControlError {
+    match err {
+        routing::RoutingError::UnknownQueue { queue } => ControlError::NotFound(format!(
+            "no queue `{queue}`; list queues with GET /api/v1/queues"
+        )),
+    }
+}
+
+fn state_fields(state: &AgentState) -> (&'static str, Option<String>) {
+    let reason = match state {
+        AgentState::Paused { reason } => Some(reason.clone()),
+        _ => None,
+    };
+    (state.as_str(), reason)
+}
+
+fn agent_view(agent: &callfleet_core::store::AgentSnapshot) -> AgentView {
+    let (state, pause_reason) = state_fields(&agent.state);
+    AgentView {
+        agent: Agent {
+            id: agent.id.clone(),
+            name: agent.name.clone(),
+            tags: agent.tags.clone(),
+            daily_cap: agent.daily_cap,
+            enabled: agent.enabled,
+        },
+        state,
+        pause_reason,
+        device: agent.session.as_ref().map(|s| s.device.clone()),
+        sales_today: agent.sales_today,
+        calls_today: agent.calls_today,
+    }
+}
+
+/// `YYYY-MM-DD` of `unix_ms` in `time_zone`.
+fn day_string(unix_ms: i64, time_zone: &jiff::tz::TimeZone) -> String {
+    let timestamp =
+        jiff::Timestamp::from_millisecond(unix_ms).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+    timestamp.to_zoned(time_zone.clone()).date().to_string()
+}
+
+async fn read_view(store: &Store, time_zone: &jiff::tz::TimeZone) -> Result<View, ControlError> {
+    // The day comes from the database clock too; a read that straddles midnight reads the
+    // new day's counters at the next refresh.
+    let day = day_string(store.now_ms().await?, time_zone);
+    let directory = store.directory_snapshot(&day).await?;
+    let today = parse_day(&directory.day);
+    let routing = build_routing(&directory, today);
+    Ok(View {
+        directory,
+        routing,
+        today,
+        read_at: Instant::now(),
+    })
+}
+
+fn parse_day(day: &str) -> Day {
+    let mut parts = day.split('-').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (y, m, d) = (
+        parts.next().unwrap_or(1970),
+        parts.next().unwrap_or(1),
+        parts.next().unwrap_or(1),
+    );
+    Day::from_ymd(y, m, d).unwrap_or_default()
+}
+
+/// The routing index of a directory read.
+pub fn build_routing(directory: &DirectorySnapshot, today: Day) -> Snapshot {
+    let mut builder = Snapshot::builder();
+    for agent in &directory.agents {
+        let state = match agent.state {
+            AgentState::Available => routing::AgentState::Available,
+            AgentState::Paused { .. } => routing::AgentState::Paused,
+            AgentState::OnCall => routing::AgentState::OnCall,
+            AgentState::WrapUp { until_ms } => routing::AgentState::WrapUp {
+                until_ms: u64::try_from(until_ms).unwrap_or(0),
+            },
+        };
+        builder.agent(routing::Agent {
+            id: agent.id.clone(),
+            enabled: agent.enabled,
+            tags: agent.tags.iter().cloned().collect(),
+            state,
+            idle_since_ms: u64::try_from(agent.idle_since_ms).unwrap_or(0),
+            daily_cap: agent.daily_cap,
+            sales: routing::DailyCount {
+                day: today,
+                count: agent.sales_today,
+            },
+        });
+        if let Some(session) = &agent.session {
+            builder.device(session.device.clone(), session.endpoint.clone());
+            builder.session(agent.id.clone(), session.device.clone());
+        }
+    }
+    for queue in &directory.queues {
+        builder.queue(queue.id.clone());
+        for member in &queue.members {
+            builder.member(queue.id.clone(), member.agent.clone(), member.priority);
+        }
+    }
+    builder.build()
+}

@@ -1,0 +1,1561 @@
+//! The directory of the control plane in the fleet store: agents (personal extensions),
+//! devices (phones with their own extension), hot-desk sessions (agent logged in on a
+//! device), queues and their members with priorities, per-agent daily counters, agent
+//! availability, and the audit log of every change.
+//!
+//! Why it is written this way:
+//!
+//! - **One transaction per change, its audit row included.** Every write takes the actor (the
+//!   *name* of the API token or component, never a secret) and writes its audit row inside
+//!   the transaction that makes the change. CRMs that change the same agent at the same
+//!   moment therefore cannot leave a change without its audit row, an audit row for a change
+//!   that did not happen, or half a change (a session moved but the old one kept): an
+//!   operation that fails rolls everything back. Every successful write call adds exactly
+//!   one audit row, also when it found nothing to change (a logout of an agent who was not
+//!   logged in), so the log shows who asked for what.
+//! - **Lock order.** On MySQL a write first locks the rows it depends on, always in the order
+//!   agent, device, queue (`SELECT … FOR UPDATE`). Writers of one agent (two CRMs, the
+//!   node that reports its calls) thus wait for each other instead of deadlocking, and the
+//!   plain reads that follow inside the transaction see current rows, because sessions,
+//!   memberships and counters are only changed under their agent's lock, or under the lock
+//!   of the device or queue being deleted. The one crossing (a device deleted while its
+//!   agent moves to another) is caught by the row counts of the writes. SQLite has one
+//!   writer at a time (`BEGIN IMMEDIATE`). A MySQL deadlock that slips through anyway reruns
+//!   the whole transaction. The keys of `sessions` (agent primary, device unique) enforce one
+//!   device per agent and one agent per device even if a future write forgot a lock.
+//! - **The database clock only.** `idle_since_ms`, wrap-up `until_ms`, session `since_ms` and
+//!   audit `at_ms` are unix milliseconds computed by the database, like the heartbeats'
+//!   freshness; the snapshot carries the database's `now_ms`, so readers compare times of one
+//!   clock and never their own.
+//! - **Days come from the caller.** Counters are keyed by a `YYYY-MM-DD` day that the caller
+//!   computes in the configured time zone; the store knows no time zone.
+//! - **A cheap snapshot.** The routing query's refresh reads the whole directory with four
+//!   queries in one read transaction, whatever the number of agents and queues.
+//!
+//! Choices an operator sees:
+//!
+//! - Logging an agent in on a device while they are logged in on another *moves* them: the
+//!   agent has walked to another desk, and the phone they left cannot take their calls. An
+//!   error would leave them unreachable until someone logs the old desk out for them.
+//!   Logging in on a device that another agent holds is a [`StoreError::Conflict`] naming
+//!   that agent: taking a colleague's phone silently would cut them off.
+//! - Deleting an agent deletes their queue memberships, their session and their counters;
+//!   deleting a device ends the session on it; deleting a queue deletes its memberships.
+//!   The audit row of the deletion records what went with it.
+//! - A new agent is available; logging in restarts the idle time of an available agent,
+//!   so an agent who logs in in the morning does not outrank colleagues who have been
+//!   waiting since. Logging out leaves availability as it was (routing needs a session).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::{ColumnIndex, Decode, Row, SqlStr, Type};
+
+use super::dialect::{self, DirectorySql};
+use super::{Pool, Store, StoreError};
+use crate::ids::{NodeId, NodeState};
+
+/// Longest identifier of an agent, device or queue.
+pub const MAX_DIRECTORY_ID_LEN: usize = 32;
+/// Longest name of an agent, device or queue, and longest pause reason, in characters.
+pub const MAX_NAME_CHARS: usize = 200;
+/// Most tags an agent may carry.
+pub const MAX_TAGS: usize = 32;
+/// Longest tag.
+pub const MAX_TAG_LEN: usize = 32;
+/// Longest device endpoint (dial string).
+pub const MAX_ENDPOINT_LEN: usize = 128;
+/// Longest actor name.
+pub const MAX_ACTOR_CHARS: usize = 64;
+/// Longest wrap-up.
+pub const MAX_WRAP_UP: Duration = Duration::from_secs(24 * 3600);
+/// Most audit rows returned by one [`Store::list_audit`] call.
+pub const MAX_AUDIT_PAGE: u32 = 1000;
+
+/// How many times a transaction runs when MySQL resolves a deadlock by rolling it back.
+const MAX_ATTEMPTS: u32 = 3;
+
+/// An agent: a person, known by their personal extension.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Agent {
+    /// The personal extension (`1001`): 1–32 ASCII letters, digits, `-`, `_` or `.`.
+    pub id: String,
+    /// The name shown to supervisors: 1–200 characters.
+    pub name: String,
+    /// Short lowercase words (`vip`, `fr`) that routing can match: at most 32, each 1–32
+    /// of `a-z`, `0-9`, `-`, `_`, starting with a letter or digit.
+    pub tags: BTreeSet<String>,
+    /// After this many sales in a day the agent rings last; `None` means no cap.
+    pub daily_cap: Option<u32>,
+    /// A disabled agent keeps their settings and session but gets no calls.
+    pub enabled: bool,
+}
+
+/// A phone with its own extension.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    /// The device extension (`2001`), validated like an agent id.
+    pub id: String,
+    /// How Asterisk dials it: `TECH/resource`, such as `PJSIP/2001`; no spaces, `,`, `&`
+    /// or `|`, at most 128 characters.
+    pub endpoint: String,
+    /// An optional label (`desk 12, 2nd floor`): at most 200 characters.
+    pub name: Option<String>,
+}
+
+/// A call queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Queue {
+    /// The queue id (`sales`), validated like an agent id.
+    pub id: String,
+    /// The name shown to supervisors: 1–200 characters.
+    pub name: String,
+}
+
+/// An agent's membership of a queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueMember {
+    /// The member agent's id.
+    pub agent: String,
+    /// Lower rings first.
+    pub priority: i32,
+}
+
+/// Whether an agent can take a call, as the database last recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum AgentState {
+    /// Ready for a call.
+    Available,
+    /// Takes no calls until unpaused.
+    Paused {
+        /// Why, as the agent or supervisor gave it.
+        reason: String,
+    },
+    /// On a call.
+    OnCall,
+    /// Finishing the last call's paperwork; available again from `until_ms`.
+    WrapUp {
+        /// End of the wrap-up, unix ms of the database clock.
+        until_ms: i64,
+    },
+}
+
+impl AgentState {
+    /// The name stored in the database: `available`, `paused`, `on_call` or `wrap_up`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Available => "available",
+            Self::Paused { .. } => "paused",
+            Self::OnCall => "on_call",
+            Self::WrapUp { .. } => "wrap_up",
+        }
+    }
+
+    /// Whether the agent can take a call at `now_ms` (the database clock, e.g.
+    /// [`DirectorySnapshot::now_ms`]): available, or in a wrap-up that has ended.
+    pub fn is_available_at(&self, now_ms: i64) -> bool {
+        match self {
+            Self::Available => true,
+            Self::WrapUp { until_ms } => *until_ms <= now_ms,
+            Self::Paused { .. } | Self::OnCall => false,
+        }
+    }
+}
+
+/// An agent's availability with the database clock at the time of the read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Availability {
+    /// The recorded state.
+    pub state: AgentState,
+    /// When the agent last became available (in a wrap-up: when it ends), unix ms; the
+    /// longest-idle agent is the one with the smallest value.
+    pub idle_since_ms: i64,
+    /// The database clock when this was read, unix ms.
+    pub now_ms: i64,
+}
+
+/// A hot-desk session: an agent logged in on a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// The agent.
+    pub agent: String,
+    /// The device they are logged in on.
+    pub device: String,
+    /// The device's endpoint (dial string) as configured now.
+    pub endpoint: String,
+    /// When the agent logged in on this device, unix ms of the database clock.
+    pub since_ms: i64,
+}
+
+/// What a login did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "login", rename_all = "snake_case")]
+pub enum Login {
+    /// The agent was not logged in; now they are, on the device.
+    New,
+    /// The agent was already logged in on this device; nothing changed.
+    Unchanged,
+    /// The agent was logged in on another device and has moved; that device is free.
+    Moved {
+        /// The device the agent left.
+        from: String,
+    },
+}
+
+/// An agent's counters of one day.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DailyCounts {
+    /// Calls recorded with [`Store::record_call`].
+    pub calls: u32,
+    /// Sales recorded with [`Store::record_sale`].
+    pub sales: u32,
+}
+
+/// One row of the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Increasing id; pass the smallest one seen as `before_id` for the next page.
+    pub id: i64,
+    /// When the change's transaction wrote the row, unix ms of the database clock.
+    pub at_ms: i64,
+    /// Who made the change: an API token's name or a component (`node:pbx-1`).
+    pub actor: String,
+    /// What was done, `kind.verb` (`agent.set_priority`).
+    pub action: String,
+    /// What it was done to, `kind:id` (`agent:1001`).
+    pub subject: String,
+    /// The change's parameters and what it replaced or removed.
+    pub detail: serde_json::Value,
+}
+
+/// The whole directory at one instant, for the routing query's in-memory refresh.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DirectorySnapshot {
+    /// The database clock when the snapshot was read, unix ms. Compare `until_ms` and
+    /// `idle_since_ms` with this, never with the local clock.
+    pub now_ms: i64,
+    /// The day whose counters `calls_today` and `sales_today` hold (`YYYY-MM-DD`).
+    pub day: String,
+    /// Every agent, ordered by id.
+    pub agents: Vec<AgentSnapshot>,
+    /// Every queue, ordered by id.
+    pub queues: Vec<QueueSnapshot>,
+}
+
+impl DirectorySnapshot {
+    /// The agent with this id, if any.
+    pub fn agent(&self, id: &str) -> Option<&AgentSnapshot> {
+        self.agents
+            .binary_search_by(|agent| agent.id.as_str().cmp(id))
+            .ok()
+            .map(|index| &self.agents[index])
+    }
+
+    /// The queue with this id, if any.
+    pub fn queue(&self, id: &str) -> Option<&QueueSnapshot> {
+        self.queues
+            .binary_search_by(|queue| queue.id.as_str().cmp(id))
+            .ok()
+            .map(|index| &self.queues[index])
+    }
+}
+
+/// One agent in a [`DirectorySnapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentSnapshot {
+    /// The personal extension.
+    pub id: String,
+    /// The name shown to supervisors.
+    pub name: String,
+    /// Tags routing can match.
+    pub tags: BTreeSet<String>,
+    /// After this many sales in a day the agent rings last; `None` means no cap.
+    pub daily_cap: Option<u32>,
+    /// A disabled agent gets no calls.
+    pub enabled: bool,
+    /// The recorded state; see [`AgentState::is_available_at`].
+    pub state: AgentState,
+    /// When the agent last became available (in a wrap-up: when it ends), unix ms.
+    pub idle_since_ms: i64,
+    /// Calls recorded on the snapshot's day.
+    pub calls_today: u32,
+    /// Sales recorded on the snapshot's day.
+    pub sales_today: u32,
+    /// Where the agent is logged in; `None` when they are not (and cannot be rung).
+    pub session: Option<Session>,
+}
+
+impl AgentSnapshot {
+    /// Whether the agent has reached their daily cap of sales (and so rings last).
+    pub fn capped(&self) -> bool {
+        self.daily_cap.is_some_and(|cap| self.sales_today >= cap)
+    }
+}
+
+/// One queue in a [`DirectorySnapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// The queue id.
+    pub id: String,
+    /// The name shown to supervisors.
+    pub name: String,
+    /// Members ordered by priority (lowest first), then agent id.
+    pub members: Vec<QueueMember>,
+}
+
+// The statements that are the same text on both drivers.
+const GET_AGENT: &str = "SELECT id, name, tags, daily_cap, enabled FROM agents WHERE id = ?";
+const LIST_AGENTS: &str = "SELECT id, name, tags, daily_cap, enabled FROM agents ORDER BY id";
+const DELETE_AGENT: &str = "DELETE FROM agents WHERE id = ?";
+const GET_DEVICE: &str = "SELECT id, endpoint, name FROM devices WHERE id = ?";
+const LIST_DEVICES: &str = "SELECT id, endpoint, name FROM devices ORDER BY id";
+const DELETE_DEVICE: &str = "DELETE FROM devices WHERE id = ?";
+const GET_QUEUE_ID: &str = "SELECT id FROM queues WHERE id = ?";
+const GET_QUEUE: &str = "SELECT id, name FROM queues WHERE id = ?";
+const LIST_QUEUES: &str = "SELECT id, name FROM queues ORDER BY id";
+const DELETE_QUEUE: &str = "DELETE FROM queues WHERE id = ?";
+const AGENT_EXISTS: &str = "SELECT id FROM agents WHERE id = ?";
+const QUEUE_MEMBERS: &str =
+    "SELECT agent_id, priority FROM queue_members WHERE queue_id = ? ORDER BY priority, agent_id";
+const MEMBER_PRIORITY: &str =
+    "SELECT priority FROM queue_members WHERE queue_id = ? AND agent_id = ?";
+const DELETE_MEMBER: &str = "DELETE FROM queue_members WHERE queue_id = ? AND agent_id = ?";
+const DELETE_AGENT_MEMBERSHIPS: &str = "DELETE FROM queue_members WHERE agent_id = ?";
+const DELETE_QUEUE_MEMBERSHIPS: &str = "DELETE FROM queue_members WHERE queue_id = ?";
+const DELETE_AGENT_COUNTERS: &str = "DELETE FROM daily_counters WHERE agent_id = ?";
+const SESSION_OF_AGENT: &str = "SELECT device_id FROM sessions WHERE agent_id = ?";
+const SESSION_ON_DEVICE: &str = "SELECT agent_id FROM sessions WHERE device_id = ?";
+const DELETE_SESSION_OF_AGENT: &str = "DELETE FROM sessions WHERE agent_id = ?";
+const DELETE_SESSION_ON_DEVICE: &str = "DELETE FROM sessions WHERE device_id = ?";
+const LIST_SESSIONS: &str = "SELECT s.agent_id, s.device_id, d.endpoint, s.since_ms \
+     FROM sessions s JOIN devices d ON d.id = s.device_id ORDER BY s.agent_id";
+const GET_SESSION: &str = "SELECT s.agent_id, s.device_id, d.endpoint, s.since_ms \
+     FROM sessions s JOIN devices d ON d.id = s.device_id WHERE s.agent_id = ?";
+const ON_CALL: &str =
+    "UPDATE agents SET state = 'on_call', reason = NULL, until_ms = NULL WHERE id = ?";
+const COUNTS: &str = "SELECT calls, sales FROM daily_counters WHERE agent_id = ? AND day = ?";
+const LIST_AUDIT: &str = "SELECT id, at_ms, actor, action, subject, detail FROM audit_log \
+     WHERE id < ? ORDER BY id DESC LIMIT ?";
+/// Binds: day. One row per agent, with their session, device and counters of the day.
+const SNAPSHOT_AGENTS: &str = "SELECT a.id, a.name, a.tags, a.daily_cap, a.enabled, \
+     a.state, a.reason, a.until_ms, a.idle_since_ms, \
+     COALESCE(c.calls, 0), COALESCE(c.sales, 0), s.device_id, d.endpoint, s.since_ms \
+     FROM agents a \
+     LEFT JOIN sessions s ON s.agent_id = a.id \
+     LEFT JOIN devices d ON d.id = s.device_id \
+     LEFT JOIN daily_counters c ON c.agent_id = a.id AND c.day = ? \
+     ORDER BY a.id";
+const SNAPSHOT_MEMBERS: &str = "SELECT queue_id, agent_id, priority FROM queue_members \
+     ORDER BY queue_id, priority, agent_id";
+
+/// Runs `$body` in a write transaction bound to `$tx` on the native pool and commits it.
+/// `?` and `return Err(…)` inside `$body` roll the transaction back. A MySQL deadlock,
+/// which InnoDB resolves by rolling one transaction back, reruns the whole body.
+macro_rules! write_tx {
+    ($store:ident, $tx:ident => $body:block) => {{
+        let begin = $store.directory_sql().begin_write;
+        let mut attempt = 1;
+        loop {
+            let outcome = with_pool!($store, pool => async {
+                let mut $tx = pool.begin_with(SqlStr::from_static(begin)).await?;
+                let value = $body;
+                $tx.commit().await?;
+                Ok::<_, StoreError>(value)
+            }
+            .await);
+            match outcome {
+                Err(err) if attempt < MAX_ATTEMPTS && is_deadlock(&err) => {
+                    tracing::debug!(attempt, error = %err, "directory write deadlocked, retrying");
+                    attempt += 1;
+                }
+                outcome => break outcome,
+            }
+        }
+    }};
+}
+
+/// Locks the agent's row and reads its state, or ends the transaction with not-found.
+macro_rules! lock_agent_state {
+    ($tx:ident, $sql:ident, $agent:ident) => {{
+        let state: Option<String> = sqlx::query_scalar(q($sql.lock_agent))
+            .bind($agent)
+            .fetch_optional(&mut *$tx)
+            .await?;
+        state.ok_or_else(|| not_found("agent", $agent))?
+    }};
+}
+
+impl Store {
+    fn directory_sql(&self) -> &'static DirectorySql {
+        match self.pool {
+            Pool::MySql(_) => &dialect::MYSQL_DIRECTORY,
+            Pool::Sqlite(_) => &dialect::SQLITE_DIRECTORY,
+        }
+    }
+
+    /// Creates the agent or replaces its name, tags, cap and enabled flag; availability,
+    /// session, memberships and counters are kept. A new agent is available.
+    pub async fn upsert_agent(&self, agent: &Agent, actor: &str) -> Result<(), StoreError> {
+        check_id("agent id", &agent.id)?;
+        check_text("name", &agent.name, MAX_NAME_CHARS)?;
+        check_tags(&agent.tags)?;
+        check_actor(actor)?;
+        let tags = serde_json::to_string(&agent.tags).expect("tags serialize");
+        let cap = agent.daily_cap.map(i64::from);
+        let sql = self.directory_sql();
+        let detail = json!({
+            "name": agent.name,
+            "tags": agent.tags,
+            "daily_cap": agent.daily_cap,
+            "enabled": agent.enabled,
+        });
+        write_tx!(self, tx => {
+            sqlx::query(q(sql.upsert_agent))
+                .bind(&agent.id)
+                .bind(&agent.name)
+                .bind(&tags)
+                .bind(cap)
+                .bind(i32::from(agent.enabled))
+                .execute(&mut *tx)
+                .await?;
+            audit(sql, actor, "agent.upsert", &subject("agent", &agent.id), &detail)
+                .execute(&mut *tx)
+                .await?;
+        })
+    }
+
+    /// The agent's settings.
+    pub async fn get_agent(&self, id: &str) -> Result<Agent, StoreError> {
+        check_id("agent id", id)?;
+        let agent = with_pool!(self, pool => {
+            let row = sqlx::query(q(GET_AGENT)).bind(id).fetch_optional(pool).await?;
+            row.as_ref().map(agent_from_row).transpose()?
+        });
+        agent.ok_or_else(|| not_found("agent", id))
+    }
+
+    /// Every agent's settings, ordered by id.
+    pub async fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
+        with_pool!(self, pool => {
+            let rows = sqlx::query(q(LIST_AGENTS)).fetch_all(pool).await?;
+            Ok(rows.iter().map(agent_from_row).collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Deletes the agent with their queue memberships, session and counters, all in one
+    /// transaction; the audit row lists what went with them.
+    pub async fn delete_agent(&self, id: &str, actor: &str) -> Result<(), StoreError> {
+        check_id("agent id", id)?;
+        check_actor(actor)?;
+        let sql = self.directory_sql();
+        write_tx!(self, tx => {
+            lock_agent_state!(tx, sql, id);
+            let device: Option<String> = sqlx::query_scalar(q(SESSION_OF_AGENT))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let ended = sqlx::query(q(DELETE_SESSION_OF_AGENT))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            // A deletion of the device may have ended the session since the read above.
+            let device = device.filter(|_| ended == 1);
+            let memberships = sqlx::query(q(DELETE_AGENT_MEMBERSHIPS))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            let counters = sqlx::query(q(DELETE_AGENT_COUNTERS))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            sqlx::query(q(DELETE_AGENT)).bind(id).execute(&mut *tx).await?;
+            let detail = json!({
+                "logged_out_of": device,
+                "memberships_removed": memberships,
+                "counter_days_removed": counters,
+            });
+            audit(sql, actor, "agent.delete", &subject("agent", id), &detail)
+                .execute(&mut *tx)
+                .await?;
+        })
+    }
+
+    /// Creates the device or replaces its endpoint and name. A session on it stays, and
+    /// calls go to the new endpoint from the next snapshot on.
+    pub async fn upsert_device(&self, device: &Device, actor: &str) -> Result<(), StoreError> {
+        check_id("device id", &device.id)?;
+        check_endpoint(&device.endpoint)?;
+        if let Some(name) = &device.name {
+            check_text("name", name, MAX_NAME_CHARS)?;
+        }
+        check_actor(actor)?;
+        let sql = self.directory_sql();
+        let detail = json!({ "endpoint": device.endpoint, "name": device.name });
+        write_tx!(self, tx => {
+            sqlx::query(q(sql.upsert_device))
+                .bind(&device.id)
+                .bind(&device.endpoint)
+                .bind(&device.name)
+                .execute(&mut *tx)
+                .await?;
+            audit(sql, actor, "device.upsert", &subject("device", &device.id), &detail)
+                .execute(&mut *tx)
+                .await?;
+        })
+    }
+
+    /// The device.
+    pub async fn get_device(&self, id: &str) -> Result<Device, StoreError> {
+        check_id("device id", id)?;
+        let device = with_pool!(self, pool => {
+            let row = sqlx::query(q(GET_DEVICE)).bind(id).fetch_optional(pool).await?;
+            row.map(|row| -> Result<Device, sqlx::Error> {
+                Ok(Device {
+                    id: row.try_get(0)?,
+                    endpoint: row.try_get(1)?,
+                    name: row.try_get(2)?,
+                })
+            })
+            .transpose()?
+        });
+        device.ok_or_else(|| not_found("device", id))
+    }
+
+    /// Every device, ordered by id.
+    pub async fn list_devices(&self) -> Result<Vec<Device>, StoreError> {
+        with_pool!(self, pool => {
+            let rows = sqlx::query(q(LIST_DEVICES)).fetch_all(pool).await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(Device {
+                        id: row.try_get(0)?,
+                        endpoint: row.try_get(1)?,
+                        name: row.try_get(2)?,
+                    })
+                })
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(StoreError::from)
+        })
+    }
+
+    /// Deletes the device, logging out the agent on it; the audit row names that agent.
+    pub async fn delete_device(&self, id: &str, actor: &str) -> Result<(), StoreError> {
+        check_id("device id", id)?;
+        check_actor(actor)?;
+        let sql = self.directory_sql();
+        write_tx!(self, tx => {
+            let locked: Option<String> = sqlx::query_scalar(q(sql.lock_device))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            locked.ok_or_else(|| not_found("device", id))?;
+            let agent: Option<String> = sqlx::query_scalar(q(SESSION_ON_DEVICE))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let ended = sqlx::query(q(DELETE_SESSION_ON_DEVICE))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            // The agent's logout or move may have ended the session since the read above
+            // (they hold the agent's lock, not the device's).
+            let agent = agent.filter(|_| ended == 1);
+            sqlx::query(q(DELETE_DEVICE)).bind(id).execute(&mut *tx).await?;
+            let detail = json!({ "logged_out": agent });
+            audit(sql, actor, "device.delete", &subject("device", id), &detail)
+                .execute(&mut *tx)
+                .await?;
+        })
+    }
+
+    /// Creates the queue or renames it; its members stay.
+    pub async fn upsert_queue(&self, queue: &Queue, actor: &str) -> Result<(), StoreError> {
+        check_id("queue id", &queue.id)?;
+        check_text("name", &queue.name, MAX_NAME_CHARS)?;
+        check_actor(actor)?;
+        let sql = self.directory_sql();
+        let detail = json!({ "name": queue.name });
+        write_tx!(self, tx => {
+            sqlx::query(q(sql.upsert_queue))
+                .bind(&queue.id)
+                .bind(&queue.name)
+                .execute(&mut *tx)
+                .await?;
+            audit(sql, actor, "queue.upsert", &subject("queue", &queue.id), &detail)
+                .execute(&mut *tx)
+                .await?;
+        })
+    }
+
+    /// The queue.
+    pub async fn get_queue(&self, id: &str) -> Result<Queue, StoreError> {
+        check_id("queue id", id)?;
+        let queue = with_pool!(self, pool => {
+            let row = sqlx::query(q(GET_QUEUE)).bind(id).fetch_optional(pool).await?;
+            row.map(|row| -> Result<Queue, sqlx::Error> {
+                Ok(Queue { id: row.try_get(0)?, name: row.try_get(1)? })
+            })
+            .transpose()?
+        });
+        queue.ok_or_else(|| not_found("queue", id))
+    }
+
+    /// Every queue, ordered by id.
+    pub async fn list_queues(&self) -> Result<Vec<Queue>, StoreError> {
+        with_pool!(self, pool => {
+            let rows = sqlx::query(q(LIST_QUEUES)).fetch_all(pool).await?;
+            rows.iter()
+                .map(|row| Ok(Queue { id: row.try_get(0)?, name: row.try_get(1)? }))
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(StoreError::from)
+        })
+    }
+
+    /// Deletes the queue and its memberships; the audit row counts the members removed.
+    pub async fn delete_queue(&self, id: &str, actor: &str) -> Result<(), StoreError> {
+        check_id("queue id", id)?;
+        check_actor(actor)?;
+        let sql = self.directory_sql();
+        write_tx!(self, tx => {
+            let locked: Option<String> = sqlx::query_scalar(q(sql.lock_queue))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            locked.ok_or_else(|| not_found("queue", id))?;
+            let members = sqlx::query(q(DELETE_QUEUE_MEMBERSHIPS))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            sqlx::query(q(DELETE_QUEUE)).bind(id).execute(&mut *tx).await?;
+            let detail = json!({ "members_removed": members });
+            audit(sql, actor, "queue.delete", &subject("queue", id), &detail)
+                .execute(&mut *tx)
+                .await?;
+        })
+    }
+
+    /// Makes the agent a member of the queue with this priority (lower rings first), or
+    /// changes their priority; the audit row keeps the previous one.
+    pub async fn set_priority(
+        &self,
+        queue: &str,
+        agent: &str,
+        priority: i32,
+        actor: &str,
+    ) -> Result<(), StoreError> {
+        check_id("queue id", queue)?;
+        check_id("agent id", agent)?;
+        check_actor(actor)?;
+        let sql = self.directory_sql();
+        write_tx!(self, tx => {
+            lock_agent_state!(tx, sql, agent);
+            let kept: Option<String> = sqlx::query_scalar(q(sql.share_queue))
+                .bind(queue)
+                .fetch_optional(&mut *tx)
+                .await?;
+            kept.ok_or_else(|| not_found("queue", queue))?;
+            let previous: Option<i64> = sqlx::query_scalar(q(MEMBER_PRIORITY))
+                .bind(queue)
+                .bind(agent)
+                .fetch_optional(&mut *tx)
+                .await?;
+            sqlx::query(q(sql.upsert_member))
+                .bind(queue)
+                .bind(agent)
+                .bind(priority)
+                .execute(&mut *tx)
+                .await?;
+            let detail = json!({ "queue": queue, "priority": priority, "previous": previous });
+            audit(sql, actor, "agent.set_priority", &subject("agent", agent), &detail)
+                .execute(&mut *tx)
+                .await?;
+        })
+    }
+
+    /// Removes the agent from the queue; [`StoreError::NotMember`] when they were not in it.
+    pub async fn remove_member(
+        &self,
+        queue: &str,
+        agent: &str,
+        actor: &str,
+    ) -> Result<(), StoreError> {
+        check_id("queue id", queue)?;
+        check_id("agent id", agent)?;
+        check_actor(actor)?;
+        let sql = self.directory_sql();
+        write_tx!(self, tx => {
+            lock_agent_state!(tx, sql, agent);
+            let kept: Option<String> = sqlx::query_scalar(q(sql.share_queue))
+                .bind(queue)
+                .fetch_optional(&mut *tx)
+                .await?;
+            kept.ok_or_else(|| not_found("queue", queue))?;
+            let previous: Option<i64> = sqlx::query_scalar(q(MEMBER_PRIORITY))
+                .bind(queue)
+                .bind(agent)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(previous) = previous else {
+                return Err(StoreError::NotMember {
+                    queue: queue.to_owned(),
+                    agent: agent.to_owned(),
+                });
+            };
+            sqlx::query(q(DELETE_MEMBER))
+                .bind(queue)
+                .bind(agent)
+                .execute(&mut *tx)
+                .await?;
+            let detail = json!({ "queue": queue, "previous": previous });
+            audit(sql, actor, "agent.remove_from_queue", &subject("agent", agent), &detail)
+                .execute(&mut *tx)
+                .await?;
+        })
+    }
+
+    /// The queue's members, ordered by priority (lowest first), then agent id.
+    pub async fn list_members(&self, queue: &str) -> Result<Vec<QueueMember>, StoreError> {
+        check_id("queue id", queue)?;
+        with_pool!(self, pool => {
+            // One read transaction, so a queue deleted in between reads as not found rather
+            // than as empty.
+            let mut tx = pool.begin().await?;
+            let found: Option<String> = sqlx::query_scalar(q(GET_QUEUE_ID))
+                .bind(queue)
+                .fetch_optional(&mut *tx)
+                .await?;
+            found.ok_or_else(|| not_found("queue", queue))?;
+            let rows = sqlx::query(q(QUEUE_MEMBERS))
+                .bind(queue)
+                .fetch_all(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(QueueMember {
+                        agent: row.try_get(0)?,
+                        priority: i32_column(row, 1)?,
+                    })
+                })
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(StoreError::from)
+        })
+    }
+
+    /// Logs the agent in on the device. An agent logged in elsewhere moves here (see the
+    /// module docs); a device held by another agent is a [`StoreError::Conflict`] naming
+    /// them, and changes nothing. A new session of an available agent restarts their idle
+    /// time.
+    pub async fn login(&self, agent: &str, device: &str, actor: &str) -> Result<Login, StoreError> {
+        check_id("agent id", agent)?;
+        check_id("device id", device)?;
+        check_actor(actor)?;
+        let sql = self.directory_sql();
+        write_tx!(self, tx => {
+            lock_agent_state!(tx, sql, agent);
+            let endpoint: Option<String> = sqlx::query_scalar(q(sql.lock_device))
+                .bind(device)
+                .fetch_optional(&mut *tx)
+                .await?;
+            endpoint.ok_or_else(|| not_found("device", device))?;
+            let holder: Option<String> = sqlx::query_scalar(q(SESSION_ON_DEVICE))
+                .bind(device)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(holder) = holder.filter(|holder| holder != agent) {
+                return Err(StoreError::Conflict {
+                    device: device.to_owned(),
+                    holder,
+                });
+            }
+            let current: Option<String> = sqlx::query_scalar(q(SESSION_OF_AGENT))
+                .bind(agent)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let login = match current {
+                Some(current) if current == device => Login::Unchanged,
+                Some(from) => {
+                    let moved = sqlx::query(q(sql.move_session))
+                        .bind(device)
+                        .bind(agent)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    // No row: the old device was deleted (and the session with it) after
+                    // the read above, so this is a new session.
+                    if moved == 1 { Login::Moved { from } } else { Login::New }
+                }
+                None => Login::New,
+            };
+            if login == Login::New {
+                sqlx::query(q(sql.insert_session))
+                    .bind(agent)
+                    .bind(device)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(q(sql.idle_from_now))
+                    .bind(agent)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let from = match &login {
+                Login::Moved { from } => Some(from.as_str()),
+                Login::New | Login::Unchanged => None,
+            };
+            let detail = json!({ "device": device, "moved_from": from });
+            audit(sql, actor, "agent.login", &subject("agent", agent), &detail)
+                .execute(&mut *tx)
+                .await?;
+            login
+        })
+    }
+
+    /// Ends the agent's session; returns the device they were logged in on, `None` if they
+    /// were not logged in. Availability is left as it was.
+    pub async fn logout(&self, agent: &str, actor: &str) -> Result<Option<String>, StoreError> {
+        check_id("agent id", agent)?;
+        check_actor(actor)?;
+        let sql = self.directory_sql();
+        write_tx!(self, tx => {
+            lock_agent_state!(tx, sql, agent);
+            let device: Option<String> = sqlx::query_scalar(q(SESSION_OF_AGENT))
+                .bind(agent)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let ended = sqlx::query(q(DELETE_SESSION_OF_AGENT))
+                .bind(agent)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            // A deletion of the device may have ended the session since the read above.
+            let device = device.filter(|_| ended == 1);
+            let detail = json!({ "device": device });
+            audit(sql, actor, "agent.logout", &subject("agent", agent), &detail)
+                .execute(&mut *tx)
+                .await?;
+            device
+        })
+    }
+
+    /// The agent's session, `None` when they are not logged in.
+    pub async fn session(&self, agent: &str) -> Result<Option<Session>, StoreError> {
+        check_id("agent id", agent)?;
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let found: Option<String> = sqlx::query_scalar(q(AGENT_EXISTS))
+                .bind(agent)
+                .fetch_optional(&mut *tx)
+                .await?;
+            found.ok_or_else(|| not_found("agent", agent))?;
+            let row = sqlx::query(q(GET_SESSION))
+                .bind(agent)
+                .fetch_optional(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(row.as_ref().map(session_from_row).transpose()?)
+        })
+    }
+
+    /// Every session, ordered by agent id.
+    pub async fn list_sessions(&self) -> Result<Vec<Session>, StoreError> {
+        with_pool!(self, pool => {
+            let rows = sqlx::query(q(LIST_SESSIONS)).fetch_all(pool).await?;
+            Ok(rows.iter().map(session_from_row).collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Pauses the agent: no calls until [`Store::unpause`]. `reason` is required (1–200
+    /// characters), so supervisors see why.
+    pub async fn pause(&self, agent: &str, reason: &str, actor: &str) -> Result<(), StoreError> {
+        check_id("agent id", agent)?;
+        check_text("reason", reason, MAX_NAME_CHARS)?;
+        check_actor(actor)?;
+        let sql = self.directory_sql();
+        write_tx!(self, tx => {
+            let previous = lock_agent_state!(tx, sql, agent);
+            sqlx::query(q(sql.pause))
+                .bind(reason)
+                .bind(agent)
+                .execute(&mut *tx)
+                .await?;
+            let detail = json!({ "reason": reason, "previous": previous });
+            audit(sql, actor, "agent.pause", &subject("agent", agent), &detail)
+                .execute(&mut *tx)
+                .await?;
+        })
+    }
+
+    /// Makes the agent available: from a pause, at the end of a call without wrap-up, or
+    /// ending a wrap-up early. Their idle time starts now, except for an agent who was
+    /// already available (kept, so a repeated call costs them no place) or whose wrap-up had
+    /// already ended (idle since its end).
+    pub async fn unpause(&self, agent: &str, actor: &str) -> Result<(), StoreError> {
+        check_id("agent id", agent)?;
+        check_actor(actor)?;
+        let sql = self.directory_sql();
+        write_tx!(self, tx => {
+            let previous = lock_agent_state!(tx, sql, agent);
+            sqlx::query(q(sql.unpause)).bind(agent).execute(&mut *tx).await?;
+            let detail = json!({ "previous": previous });
+            audit(sql, actor, "agent.unpause", &subject("agent", agent), &detail)
+                .execute(&mut *tx)
+                .await?;
+        })
+    }
+
+    /// Records that the agent is on a call.
+    pub async fn set_on_call(&self, agent: &str, actor: &str) -> Result<(), StoreError> {
+        check_id("agent id", agent)?;
+        check_actor(actor)?;
+        let sql = self.directory_sql();
+        write_tx!(self, tx => {
+            let previous = lock_agent_state!(tx, sql, agent);
+            sqlx::query(q(ON_CALL)).bind(agent).execute(&mut *tx).await?;
+            let detail = json!({ "previous": previous });
+            audit(sql, actor, "agent.on_call", &subject("agent", agent), &detail)
+                .execute(&mut *tx)
+                .await?;
+        })
+    }
+
+    /// Puts the agent in wrap-up for `duration` (at most a day) from now by the database
+    /// clock. They count as available from its end, and as idle since then.
+    pub async fn wrap_up(
+        &self,
+        agent: &str,
+        duration: Duration,
+        actor: &str,
+    ) -> Result<(), StoreError> {
+        check_id("agent id", agent)?;
+        check_actor(actor)?;
+        if duration > MAX_WRAP_UP {
+            return Err(invalid(
+                "wrap-up duration",
+                format!("{} s is longer than a day", duration.as_secs()),
+            ));
+        }
+        let ms = i64::try_from(duration.as_millis()).expect("a day fits in i64 ms");
+        let sql = self.directory_sql();
+        write_tx!(self, tx => {
+            let previous = lock_agent_state!(tx, sql, agent);
+            sqlx::query(q(sql.wrap_up))
+                .bind(ms)
+                .bind(ms)
+                .bind(agent)
+                .execute(&mut *tx)
+                .await?;
+            let detail = json!({ "duration_ms": ms, "previous": previous });
+            audit(sql, actor, "agent.wrap_up", &subject("agent", agent), &detail)
+                .execute(&mut *tx)
+                .await?;
+        })
+    }
+
+    /// The agent's availability, with the database clock.
+    pub async fn availability(&self, agent: &str) -> Result<Availability, StoreError> {
+        check_id("agent id", agent)?;
+        let sql = self.directory_sql();
+        let availability = with_pool!(self, pool => {
+            let row = sqlx::query(q(sql.availability))
+                .bind(agent)
+                .fetch_optional(pool)
+                .await?;
+            row.map(|row| -> Result<Availability, sqlx::Error> {
+                Ok(Availability {
+                    state: state_from_row(&row, 0)?,
+                    idle_since_ms: row.try_get(3)?,
+                    now_ms: row.try_get(4)?,
+                })
+            })
+            .transpose()?
+        });
+        availability.ok_or_else(|| not_found("agent", agent))
+    }
+
+    /// Adds one call to the agent's counters of `day` (`YYYY-MM-DD` in the configured time
+    /// zone) and returns the day's new count.
+    pub async fn record_call(
+        &self,
+        agent: &str,
+        day: &str,
+        actor: &str,
+    ) -> Result<u32, StoreError> {
+        let sql = self.directory_sql();
+        self.count(agent, day, actor, sql.count_call, Counter::Calls)
+            .await
+    }
+
+    /// Adds one sale to the agent's counters of `day` (`YYYY-MM-DD` in the configured time
+    /// zone) and returns the day's new count; concurrent sales are all counted.
+    pub async fn record_sale(
+        &self,
+        agent: &str,
+        day: &str,
+        actor: &str,
+    ) -> Result<u32, StoreError> {
+        let sql = self.directory_sql();
+        self.count(agent, day, actor, sql.count_sale, Counter::Sales)
+            .await
+    }
+
+    async fn count(
+        &self,
+        agent: &str,
+        day: &str,
+        actor: &str,
+        increment: &'static str,
+        counter: Counter,
+    ) -> Result<u32, StoreError> {
+        check_id("agent id", agent)?;
+        check_day(day)?;
+        check_actor(actor)?;
+        let sql = self.directory_sql();
+        write_tx!(self, tx => {
+            lock_agent_state!(tx, sql, agent);
+            // The agent's row lock (MySQL) or the write lock (SQLite) is held, so the
+            // count read back is this increment's, not a concurrent one's.
+            sqlx::query(q(increment))
+                .bind(agent)
+                .bind(day)
+                .execute(&mut *tx)
+                .await?;
+            let row = sqlx::query(q(COUNTS))
+                .bind(agent)
+                .bind(day)
+                .fetch_one(&mut *tx)
+                .await?;
+            let value = u32_column(&row, counter.column())?;
+            let mut detail = json!({ "day": day });
+            detail[counter.name()] = json!(value);
+            audit(sql, actor, counter.action(), &subject("agent", agent), &detail)
+                .execute(&mut *tx)
+                .await?;
+            value
+        })
+    }
+
+    /// The agent's counters of `day`; zero for a day without calls.
+    pub async fn daily_counts(&self, agent: &str, day: &str) -> Result<DailyCounts, StoreError> {
+        check_id("agent id", agent)?;
+        check_day(day)?;
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let found: Option<String> = sqlx::query_scalar(q(AGENT_EXISTS))
+                .bind(agent)
+                .fetch_optional(&mut *tx)
+                .await?;
+            found.ok_or_else(|| not_found("agent", agent))?;
+            let row = sqlx::query(q(COUNTS))
+                .bind(agent)
+                .bind(day)
+                .fetch_optional(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            let Some(row) = row else {
+                return Ok(DailyCounts::default());
+            };
+            Ok(DailyCounts {
+                calls: u32_column(&row, 0)?,
+                sales: u32_column(&row, 1)?,
+            })
+        })
+    }
+
+    /// Asks a node to drain or to take calls again, like [`Store::set_drain`], with the
+    /// audit row in the same transaction (an operator's drain through the API is a change
+    /// like any other).
+    pub async fn set_drain_audited(
+        &self,
+        node: &NodeId,
+        drain: bool,
+        actor: &str,
+    ) -> Result<NodeState, StoreError> {
+        check_actor(actor)?;
+        let sql = self.directory_sql();
+        let flag = i32::from(drain);
+        let state: String = write_tx!(self, tx => {
+            sqlx::query(SqlStr::from_static(dialect::SET_DRAIN))
+                .bind(flag)
+                .bind(flag)
+                .bind(flag)
+                .bind(node.as_str())
+                .execute(&mut *tx)
+                .await?;
+            let state: Option<String> =
+                sqlx::query_scalar(SqlStr::from_static(dialect::NODE_STATE))
+                    .bind(node.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let state = state.ok_or_else(|| StoreError::UnknownNode(node.clone()))?;
+            let action = if drain { "node.drain" } else { "node.undrain" };
+            audit(sql, actor, action, &subject("node", node.as_str()), &json!({ "state": state }))
+                .execute(&mut *tx)
+                .await?;
+            state
+        })?;
+        state.parse().map_err(|reason| StoreError::CorruptRow {
+            node: node.to_string(),
+            reason,
+        })
+    }
+
+    /// The database clock, unix ms: what every freshness and day computation is based on.
+    pub async fn now_ms(&self) -> Result<i64, StoreError> {
+        let sql = self.directory_sql();
+        Ok(with_pool!(self, pool => sqlx::query_scalar(q(sql.now_ms)).fetch_one(pool).await?))
+    }
+
+    /// Up to `limit` audit rows (capped at 1000), newest first, older than `before_id` when
+    /// given: pass the last page's smallest id to get the next page.
+    pub async fn list_audit(
+        &self,
+        limit: u32,
+        before_id: Option<i64>,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        if limit == 0 {
+            return Err(invalid("limit", "must be at least 1".into()));
+        }
+        let limit = i64::from(limit.min(MAX_AUDIT_PAGE));
+        let before = before_id.unwrap_or(i64::MAX);
+        with_pool!(self, pool => {
+            let rows = sqlx::query(q(LIST_AUDIT))
+                .bind(before)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    let detail: String = row.try_get(5)?;
+                    Ok(AuditEntry {
+                        id: row.try_get(0)?,
+                        at_ms: row.try_get(1)?,
+                        actor: row.try_get(2)?,
+                        action: row.try_get(3)?,
+                        subject: row.try_get(4)?,
+                        detail: serde_json::from_str(&detail)
+                            .map_err(|err| bad_column(5, format!("detail is not JSON: {err}")))?,
+                    })
+                })
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(StoreError::from)
+        })
+    }
+
+    /// The whole directory in one consistent read (four queries, whatever its size): every
+    /// agent with their state, session and counters of `day` (`YYYY-MM-DD` in the
+    /// configured time zone), every queue with its members, and the database clock.
+    pub async fn directory_snapshot(&self, day: &str) -> Result<DirectorySnapshot, StoreError> {
+        check_day(day)?;
+        let sql = self.directory_sql();
+        let (now_ms, agents, queues) = with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let now_ms: i64 = sqlx::query_scalar(q(sql.now_ms)).fetch_one(&mut *tx).await?;
+            let agent_rows = sqlx::query(q(SNAPSHOT_AGENTS))
+                .bind(day)
+                .fetch_all(&mut *tx)
+                .await?;
+            let queue_rows = sqlx::query(q(LIST_QUEUES)).fetch_all(&mut *tx).await?;
+            let member_rows = sqlx::query(q(SNAPSHOT_MEMBERS)).fetch_all(&mut *tx).await?;
+            tx.commit().await?;
+            let agents = agent_rows
+                .iter()
+                .map(agent_snapshot_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut queues = queue_rows
+                .iter()
+                .map(|row| {
+                    Ok(QueueSnapshot {
+                        id: row.try_get(0)?,
+                        name: row.try_get(1)?,
+                        members: Vec::new(),
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            // Both lists are ordered by queue id, so members are attached in one pass.
+            let mut slot = 0;
+            for row in &member_rows {
+                let queue: String = row.try_get(0)?;
+                while slot < queues.len() && queues[slot].id < queue {
+                    slot += 1;
+                }
+                if let Some(target) = queues.get_mut(slot).filter(|found| found.id == queue) {
+                    target.members.push(QueueMember {
+                        agent: row.try_get(1)?,
+                        priority: i32_column(row, 2)?,
+                    });
+                }
+            }
+            (now_ms, agents, queues)
+        });
+        Ok(DirectorySnapshot {
+            now_ms,
+            day: day.to_owned(),
+            agents,
+            queues,
+        })
+    }
+}
+
+/// The per-day counters.
+#[derive(Clone, Copy)]
+enum Counter {
+    Calls,
+    Sales,
+}
+
+impl Counter {
+    /// Its column in `COUNTS`.
+    fn column(self) -> usize {
+        match self {
+            Self::Calls => 0,
+            Self::Sales => 1,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Calls => "calls",
+            Self::Sales => "sales",
+        }
+    }
+
+    fn action(self) -> &'static str {
+        match self {
+            Self::Calls => "agent.record_call",
+            Self::Sales => "agent.record_sale",
+        }
+    }
+}
+
+fn q(sql: &'static str) -> SqlStr {
+    SqlStr::from_static(sql)
+}
+
+/// The audit row of a change, to execute on the change's transaction.
+fn audit<DB>(
+    sql: &DirectorySql,
+    actor: &str,
+    action: &'static str,
+    subject: &str,
+    detail: &serde_json::Value,
+) -> sqlx::query::Query<'static, DB, DB::Arguments>
+where
+    DB: sqlx::Database,
+    String: for<'a> sqlx::Encode<'a, DB> + Type<DB>,
+{
+    sqlx::query(q(sql.insert_audit))
+        .bind(actor.to_owned())
+        .bind(action.to_owned())
+        .bind(subject.to_owned())
+        .bind(detail.to_string())
+}
+
+fn subject(kind: &str, id: &str) -> String {
+    format!("{kind}:{id}")
+}
+
+fn is_deadlock(err: &StoreError) -> bool {
+    // SQLSTATE 40001: InnoDB rolled this transaction back to break a deadlock.
+    matches!(err, StoreError::Query(sqlx::Error::Database(db)) if db.code().as_deref() == Some("40001"))
+}
+
+fn not_found(kind: &'static str, id: &str) -> StoreError {
+    StoreError::NotFound {
+        kind,
+        id: id.to_owned(),
+    }
+}
+
+fn invalid(field: &'static str, reason: String) -> StoreError {
+    StoreError::Invalid { field, reason }
+}
+
+/// `value` as shown in an error: quoted, cut after 40 characters.
+fn shown(value: &str) -> String {
+    match value.char_indices().nth(40) {
+        Some((cut, _)) => format!("`{}…`", &value[..cut]),
+        None => format!("`{value}`"),
+    }
+}
+
+/// An agent, device or queue id: 1–32 ASCII letters, digits, `-`, `_` or `.`.
+fn check_id(field: &'static str, value: &str) -> Result<(), StoreError> {
+    if value.is_empty() {
+        return Err(invalid(field, "must not be empty".into()));
+    }
+    if value.len() > MAX_DIRECTORY_ID_LEN {
+        return Err(invalid(
+            field,
+            format!("{} is longer than 32 characters", shown(value)),
+        ));
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(invalid(
+            field,
+            format!(
+                "{} may only contain ASCII letters, digits, '-', '_' and '.'",
+                shown(value)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A name or reason: not blank, at most `max` characters, no control characters.
+fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), StoreError> {
+    if value.trim().is_empty() {
+        return Err(invalid(field, "must not be empty".into()));
+    }
+    let chars = value.chars().count();
+    if chars > max {
+        return Err(invalid(
+            field,
+            format!("has {chars} characters, at most {max} are allowed"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(
+            field,
+            format!("{} contains a control character", shown(value)),
+        ));
+    }
+    Ok(())
+}
+
+fn check_actor(actor: &str) -> Result<(), StoreError> {
+    check_text("actor", actor, MAX_ACTOR_CHARS)
+}
+
+fn check_tags(tags: &BTreeSet<String>) -> Result<(), StoreError> {
+    if tags.len() > MAX_TAGS {
+        return Err(invalid(
+            "tags",
+            format!("{} tags, at most {MAX_TAGS} are allowed", tags.len()),
+        ));
+    }
+    for tag in tags {
+        let bytes = tag.as_bytes();
+        let valid = !bytes.is_empty()
+            && bytes.len() <= MAX_TAG_LEN
+            && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'));
+        if !valid {
+            return Err(invalid(
+                "tags",
+                format!(
+                    "tag {} must be 1–32 of a-z, 0-9, '-' and '_', starting with a letter or digit",
+                    shown(tag)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `TECH/resource` as Asterisk's `Dial()` takes it, without the characters that would make
+/// it dial something else (`&` rings several devices, `,` starts the options).
+fn check_endpoint(endpoint: &str) -> Result<(), StoreError> {
+    let reject = |reason: &str| Err(invalid("endpoint", format!("{} {reason}", shown(endpoint))));
+    if endpoint.len() > MAX_ENDPOINT_LEN {
+        return reject("is longer than 128 characters");
+    }
+    let Some((tech, resource)) = endpoint.split_once('/') else {
+        return reject("must be TECH/resource, such as PJSIP/2001");
+    };
+    let tech_ok = tech.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+        && tech.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !tech_ok || resource.is_empty() {
+        return reject("must be TECH/resource, such as PJSIP/2001");
+    }
+    if !endpoint
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && !matches!(b, b',' | b'&' | b'|'))
+    {
+        return reject("may not contain spaces, control characters, ',', '&' or '|'");
+    }
+    Ok(())
+}
+
+/// A calendar day, `YYYY-MM-DD`.
+fn check_day(day: &str) -> Result<(), StoreError> {
+    let reject = || {
+        Err(invalid(
+            "day",
+            format!("{} is not a date like 2025-01-31 (YYYY-MM-DD)", shown(day)),
+        ))
+    };
+    let bytes = day.as_bytes();
+    if bytes.len() != 10
+        || bytes[4] != b'-'
+        || bytes[7] != b'-'
+        || !bytes
+            .iter()
+            .enumerate()
+            .all(|(i, b)| i == 4 || i == 7 || b.is_ascii_digit())
+    {
+        return reject();
+    }
+    let number = |range: std::ops::Range<usize>| day[range].parse::<u32>().unwrap_or(0);
+    let (year, month, date) = (number(0..4), number(5..7), number(8..10));
+    let leap = year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400));
+    let days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return reject(),
+    };
+    if date == 0 || date > days {
+        return reject();
+    }
+    Ok(())
+}
+
+fn bad_column(index: usize, reason: String) -> sqlx::Error {
+    sqlx::Error::ColumnDecode {
+        index: index.to_string(),
+        source: reason.into(),
+    }
+}
+
+fn i32_column<'r, R>(row: &'r R, index: usize) -> Result<i32, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let value: i64 = row.try_get(index)?;
+    i32::try_from(value).map_err(|err| bad_column(index, err.to_string()))
+}
+
+fn u32_column<'r, R>(row: &'r R, index: usize) -> Result<u32, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    super::u32_column(row, index)
+}
+
+fn cap_column<'r, R>(row: &'r R, index: usize) -> Result<Option<u32>, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let value: Option<i64> = row.try_get(index)?;
+    value
+        .map(|cap| u32::try_from(cap).map_err(|err| bad_column(index, err.to_string())))
+        .transpose()
+}
+
+fn tags_column<'r, R>(row: &'r R, index: usize) -> Result<BTreeSet<String>, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let text: String = row.try_get(index)?;
+    serde_json::from_str(&text).map_err(|err| bad_column(index, format!("tags: {err}")))
+}
+
+/// The state from the columns `state, reason, until_ms` starting at `index`.
+fn state_from_row<'r, R>(row: &'r R, index: usize) -> Result<AgentState, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let state: String = row.try_get(index)?;
+    let reason: Option<String> = row.try_get(index + 1)?;
+    let until_ms: Option<i64> = row.try_get(index + 2)?;
+    match (state.as_str(), reason, until_ms) {
+        ("available", _, _) => Ok(AgentState::Available),
+        ("paused", reason, _) => Ok(AgentState::Paused {
+            reason: reason.unwrap_or_default(),
+        }),
+        ("on_call", _, _) => Ok(AgentState::OnCall),
+        ("wrap_up", _, Some(until_ms)) => Ok(AgentState::WrapUp { until_ms }),
+        (other, _, until) => Err(bad_column(
+            index,
+            format!("state `{other}` (until {until:?}) is not one this version knows"),
+        )),
+    }
+}
+
+fn agent_from_row<'r, R>(row: &'r R) -> Result<Agent, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(Agent {
+        id: row.try_get(0)?,
+        name: row.try_get(1)?,
+        tags: tags_column(row, 2)?,
+        daily_cap: cap_column(row, 3)?,
+        enabled: row.try_get::<i64, _>(4)? != 0,
+    })
+}
+
+fn session_from_row<'r, R>(row: &'r R) -> Result<Session, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(Session {
+        agent: row.try_get(0)?,
+        device: row.try_get(1)?,
+        endpoint: row.try_get(2)?,
+        since_ms: row.try_get(3)?,
+    })
+}
+
+fn agent_snapshot_from_row<'r, R>(row: &'r R) -> Result<AgentSnapshot, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let id: String = row.try_get(0)?;
+    let device: Option<String> = row.try_get(11)?;
+    let session = match device {
+        Some(device) => Some(Session {
+            agent: id.clone(),
+            device,
+            endpoint: row.try_get(12)?,
+            since_ms: row.try_get(13)?,
+        }),
+        None => None,
+    };
+    Ok(AgentSnapshot {
+        name: row.try_get(1)?,
+        tags: tags_column(row, 2)?,
+        daily_cap: cap_column(row, 3)?,
+        enabled: row.try_get::<i64, _>(4)? != 0,
+        state: state_from_row(row, 5)?,
+        idle_since_ms: row.try_get(8)?,
+        calls_today: u32_column(row, 9)?,
+        sales_today: u32_column(row, 10)?,
+        session,
+        id,
+    })
+}

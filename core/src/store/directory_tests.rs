@@ -1,0 +1,1242 @@
+//! The directory's behaviour on both backends: every test runs on SQLite and on MariaDB,
+//! and fails (never passes) when MariaDB is not configured.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use super::*;
+use crate::config::StoreConfig;
+use crate::testing;
+
+const CRM: &str = "crm-main";
+const DAY: &str = "2025-03-14";
+
+/// Runs `scenario` on a fresh SQLite file and on a fresh MariaDB database.
+async fn on_both<F, Fut>(scenario: F)
+where
+    F: Fn(Store) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    on_both_with_pool(StoreConfig::default().max_connections, scenario).await;
+}
+
+/// [`on_both`] with pools of `connections` connections.
+async fn on_both_with_pool<F, Fut>(connections: u32, scenario: F)
+where
+    F: Fn(Store) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("temp dir");
+    let configs: [StoreConfig; 2] = [
+        testing::sqlite_config(dir.path()),
+        testing::fresh_mysql_config().await,
+    ];
+    for config in configs {
+        let config = StoreConfig {
+            max_connections: connections,
+            ..config
+        };
+        let store = Store::connect(&config).await.expect("connect");
+        scenario(store.clone()).await;
+        store.close().await;
+    }
+}
+
+fn agent(id: &str, tags: &[&str], daily_cap: Option<u32>) -> Agent {
+    Agent {
+        id: id.into(),
+        name: format!("Agent {id}"),
+        tags: tags.iter().map(|tag| (*tag).to_owned()).collect(),
+        daily_cap,
+        enabled: true,
+    }
+}
+
+fn device(id: &str) -> Device {
+    Device {
+        id: id.into(),
+        endpoint: format!("PJSIP/{id}"),
+        name: None,
+    }
+}
+
+fn queue(id: &str) -> Queue {
+    Queue {
+        id: id.into(),
+        name: format!("Queue {id}"),
+    }
+}
+
+/// Agents 1001–1003, devices 2001–2002, queues `sales` and `support`.
+async fn seed(store: &Store) {
+    for id in ["1001", "1002", "1003"] {
+        store
+            .upsert_agent(&agent(id, &[], None), CRM)
+            .await
+            .expect("agent");
+    }
+    for id in ["2001", "2002"] {
+        store.upsert_device(&device(id), CRM).await.expect("device");
+    }
+    for id in ["sales", "support"] {
+        store.upsert_queue(&queue(id), CRM).await.expect("queue");
+    }
+}
+
+async fn audit(store: &Store) -> Vec<AuditEntry> {
+    store.list_audit(1000, None).await.expect("audit")
+}
+
+async fn state(store: &Store, agent: &str) -> Availability {
+    store.availability(agent).await.expect("availability")
+}
+
+#[tokio::test]
+async fn agents_devices_queues_and_members_round_trip() {
+    on_both(|store| async move {
+        let db = store.dialect();
+        let mut vip = agent("1001", &["vip", "fr"], Some(3));
+        store.upsert_agent(&vip, CRM).await.expect("create");
+        store
+            .upsert_agent(&agent("0999", &[], None), CRM)
+            .await
+            .expect("create");
+        assert_eq!(store.get_agent("1001").await.expect("get"), vip, "{db}");
+        let ids: Vec<String> = store
+            .list_agents()
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|a| a.id)
+            .collect();
+        assert_eq!(ids, ["0999", "1001"]);
+
+        // An update replaces the settings and keeps the availability.
+        store.pause("1001", "training", CRM).await.expect("pause");
+        vip.name = "Alice Martin".into();
+        vip.tags = BTreeSet::from(["gold".to_owned()]);
+        vip.daily_cap = None;
+        vip.enabled = false;
+        store.upsert_agent(&vip, CRM).await.expect("update");
+        assert_eq!(store.get_agent("1001").await.expect("get"), vip);
+        assert_eq!(
+            state(&store, "1001").await.state,
+            AgentState::Paused {
+                reason: "training".into()
+            }
+        );
+
+        let mut desk = device("2001");
+        store.upsert_device(&desk, CRM).await.expect("device");
+        assert_eq!(store.get_device("2001").await.expect("get"), desk);
+        desk.endpoint = "PJSIP/desk-12".into();
+        desk.name = Some("desk 12, 2nd floor".into());
+        store.upsert_device(&desk, CRM).await.expect("update");
+        store
+            .upsert_device(&device("2000"), CRM)
+            .await
+            .expect("device");
+        assert_eq!(
+            store.list_devices().await.expect("list"),
+            [device("2000"), desk]
+        );
+
+        store
+            .upsert_queue(&queue("sales"), CRM)
+            .await
+            .expect("queue");
+        let renamed = Queue {
+            id: "sales".into(),
+            name: "Sales FR".into(),
+        };
+        store.upsert_queue(&renamed, CRM).await.expect("rename");
+        store
+            .upsert_queue(&queue("Sales"), CRM)
+            .await
+            .expect("queue");
+        assert_eq!(store.get_queue("sales").await.expect("get"), renamed);
+        assert_eq!(
+            store.list_queues().await.expect("list"),
+            [queue("Sales"), renamed.clone()],
+            "ids are case-sensitive and ordered byte-wise on {db}"
+        );
+
+        store
+            .set_priority("sales", "1001", 5, CRM)
+            .await
+            .expect("add");
+        store
+            .set_priority("sales", "0999", 5, CRM)
+            .await
+            .expect("add");
+        store
+            .set_priority("sales", "1001", -1, CRM)
+            .await
+            .expect("change");
+        let member = |agent: &str, priority| QueueMember {
+            agent: agent.into(),
+            priority,
+        };
+        assert_eq!(
+            store.list_members("sales").await.expect("members"),
+            [member("1001", -1), member("0999", 5)]
+        );
+        store
+            .remove_member("sales", "1001", CRM)
+            .await
+            .expect("remove");
+        assert_eq!(
+            store.list_members("sales").await.expect("members"),
+            [member("0999", 5)]
+        );
+        let err = store
+            .remove_member("sales", "1001", CRM)
+            .await
+            .expect_err("no longer a member");
+        assert!(matches!(err, StoreError::NotMember { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("agent `1001` is not a member of queue `sales`"),
+            "{err}"
+        );
+
+        store.delete_queue("sales", CRM).await.expect("delete");
+        store.delete_device("2000", CRM).await.expect("delete");
+        store.delete_agent("0999", CRM).await.expect("delete");
+        assert!(matches!(
+            store.get_queue("sales").await,
+            Err(StoreError::NotFound { kind: "queue", .. })
+        ));
+        assert!(matches!(
+            store.get_device("2000").await,
+            Err(StoreError::NotFound { kind: "device", .. })
+        ));
+        assert!(matches!(
+            store.get_agent("0999").await,
+            Err(StoreError::NotFound { kind: "agent", .. })
+        ));
+        assert_eq!(store.list_agents().await.expect("list").len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn invalid_input_is_refused_naming_the_field_and_changes_nothing() {
+    on_both(|store| async move {
+        seed(&store).await;
+        let before = audit(&store).await.len();
+        let long = "x".repeat(201);
+        let checks: Vec<(Result<(), StoreError>, &str)> = vec![
+            (
+                store.upsert_agent(&agent("10 01", &[], None), CRM).await,
+                "agent id",
+            ),
+            (
+                store.upsert_agent(&agent("", &[], None), CRM).await,
+                "agent id",
+            ),
+            (
+                store
+                    .upsert_agent(&agent(&"1".repeat(33), &[], None), CRM)
+                    .await,
+                "agent id",
+            ),
+            (
+                store
+                    .upsert_agent(
+                        &Agent {
+                            name: " ".into(),
+                            ..agent("1004", &[], None)
+                        },
+                        CRM,
+                    )
+                    .await,
+                "name",
+            ),
+            (
+                store
+                    .upsert_agent(
+                        &Agent {
+                            name: long.clone(),
+                            ..agent("1004", &[], None)
+                        },
+                        CRM,
+                    )
+                    .await,
+                "name",
+            ),
+            (
+                store
+                    .upsert_agent(&agent("1004", &["VIP"], None), CRM)
+                    .await,
+                "tags",
+            ),
+            (
+                store
+                    .upsert_agent(&agent("1004", &["-vip"], None), CRM)
+                    .await,
+                "tags",
+            ),
+            (
+                store.upsert_agent(&agent("1004", &[], None), "").await,
+                "actor",
+            ),
+            (
+                store
+                    .upsert_device(
+                        &Device {
+                            endpoint: "2001".into(),
+                            ..device("2003")
+                        },
+                        CRM,
+                    )
+                    .await,
+                "endpoint",
+            ),
+            (
+                store
+                    .upsert_device(
+                        &Device {
+                            endpoint: "PJSIP/1&PJSIP/2".into(),
+                            ..device("2003")
+                        },
+                        CRM,
+                    )
+                    .await,
+                "endpoint",
+            ),
+            (
+                store
+                    .upsert_device(
+                        &Device {
+                            endpoint: "PJSIP/20 01".into(),
+                            ..device("2003")
+                        },
+                        CRM,
+                    )
+                    .await,
+                "endpoint",
+            ),
+            (
+                store.upsert_device(&device("2003/x"), CRM).await,
+                "device id",
+            ),
+            (
+                store.upsert_queue(&queue("sales fr"), CRM).await,
+                "queue id",
+            ),
+            (store.pause("1001", "", CRM).await, "reason"),
+            (store.pause("1001", &long, CRM).await, "reason"),
+            (
+                store
+                    .wrap_up("1001", Duration::from_secs(2 * 86_400), CRM)
+                    .await,
+                "wrap-up duration",
+            ),
+            (
+                store.record_sale("1001", "2025-13-01", CRM).await.map(drop),
+                "day",
+            ),
+            (
+                store.record_sale("1001", "2025-02-29", CRM).await.map(drop),
+                "day",
+            ),
+            (
+                store.record_call("1001", "20250314", CRM).await.map(drop),
+                "day",
+            ),
+            (store.list_audit(0, None).await.map(drop), "limit"),
+            (
+                store.login("1001", "20 01", CRM).await.map(drop),
+                "device id",
+            ),
+        ];
+        for (index, (result, field)) in checks.into_iter().enumerate() {
+            let err = result.expect_err("must be refused");
+            assert!(
+                matches!(&err, StoreError::Invalid { field: f, .. } if *f == field),
+                "check {index}: expected field {field}, got {err}"
+            );
+            assert!(
+                err.to_string().starts_with(&format!("invalid {field}: ")),
+                "{err}"
+            );
+        }
+        assert!(
+            store.record_sale("1001", "2024-02-29", CRM).await.is_ok(),
+            "a leap day is a day"
+        );
+        assert_eq!(
+            audit(&store).await.len(),
+            before + 1,
+            "refused input writes no audit row"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unknown_ids_are_not_found_naming_kind_and_id() {
+    on_both(|store| async move {
+        seed(&store).await;
+        let before = audit(&store).await.len();
+        let err = store.get_agent("1009").await.expect_err("unknown");
+        assert_eq!(
+            err.to_string(),
+            "no agent `1009`; list agents with GET /api/v1/agents"
+        );
+        let checks: Vec<(Result<(), StoreError>, &str, &str)> = vec![
+            (store.delete_agent("1009", CRM).await, "agent", "1009"),
+            (
+                store.login("1009", "2001", CRM).await.map(drop),
+                "agent",
+                "1009",
+            ),
+            (
+                store.login("1001", "2009", CRM).await.map(drop),
+                "device",
+                "2009",
+            ),
+            (store.logout("1009", CRM).await.map(drop), "agent", "1009"),
+            (store.pause("1009", "lunch", CRM).await, "agent", "1009"),
+            (store.unpause("1009", CRM).await, "agent", "1009"),
+            (store.set_on_call("1009", CRM).await, "agent", "1009"),
+            (
+                store.wrap_up("1009", Duration::from_secs(5), CRM).await,
+                "agent",
+                "1009",
+            ),
+            (store.availability("1009").await.map(drop), "agent", "1009"),
+            (
+                store.record_sale("1009", DAY, CRM).await.map(drop),
+                "agent",
+                "1009",
+            ),
+            (
+                store.record_call("1009", DAY, CRM).await.map(drop),
+                "agent",
+                "1009",
+            ),
+            (
+                store.daily_counts("1009", DAY).await.map(drop),
+                "agent",
+                "1009",
+            ),
+            (store.session("1009").await.map(drop), "agent", "1009"),
+            (
+                store.set_priority("nope", "1001", 1, CRM).await,
+                "queue",
+                "nope",
+            ),
+            (
+                store.set_priority("sales", "1009", 1, CRM).await,
+                "agent",
+                "1009",
+            ),
+            (
+                store.remove_member("nope", "1001", CRM).await,
+                "queue",
+                "nope",
+            ),
+            (store.list_members("nope").await.map(drop), "queue", "nope"),
+            (store.get_queue("nope").await.map(drop), "queue", "nope"),
+            (store.delete_queue("nope", CRM).await, "queue", "nope"),
+            (store.get_device("2009").await.map(drop), "device", "2009"),
+            (store.delete_device("2009", CRM).await, "device", "2009"),
+        ];
+        for (index, (result, kind, id)) in checks.into_iter().enumerate() {
+            let err = result.expect_err("must be not found");
+            assert!(
+                matches!(&err, StoreError::NotFound { kind: k, id: i } if *k == kind && i == id),
+                "check {index}: expected {kind} {id}, got {err}"
+            );
+            assert!(
+                err.to_string().starts_with(&format!("no {kind} `{id}`; ")),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            audit(&store).await.len(),
+            before,
+            "a failed change writes no audit row"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn login_on_a_held_device_is_a_conflict_naming_the_holder_and_changes_nothing() {
+    on_both(|store| async move {
+        seed(&store).await;
+        assert_eq!(
+            store.login("1001", "2001", CRM).await.expect("login"),
+            Login::New
+        );
+        assert_eq!(
+            store.login("1002", "2002", CRM).await.expect("login"),
+            Login::New
+        );
+        let before = audit(&store).await.len();
+        let sessions = store.list_sessions().await.expect("sessions");
+
+        let err = store
+            .login("1002", "2001", "crm-other")
+            .await
+            .expect_err("2001 is held by 1001");
+        assert!(
+            matches!(&err, StoreError::Conflict { device, holder } if device == "2001" && holder == "1001"),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("device `2001` is in use by agent `1001`"),
+            "{err}"
+        );
+        assert_eq!(
+            store.list_sessions().await.expect("sessions"),
+            sessions,
+            "1002 keeps its device: no half-applied move on {}",
+            store.dialect()
+        );
+        assert_eq!(audit(&store).await.len(), before, "no audit row");
+        let session = store.session("1002").await.expect("session").expect("on");
+        assert_eq!((session.device.as_str(), session.endpoint.as_str()), ("2002", "PJSIP/2002"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_agent_has_one_device_and_moves_when_logging_in_elsewhere() {
+    on_both(|store| async move {
+        seed(&store).await;
+        assert_eq!(
+            store.login("1001", "2001", CRM).await.expect("login"),
+            Login::New
+        );
+        assert_eq!(
+            store.login("1001", "2001", CRM).await.expect("again"),
+            Login::Unchanged
+        );
+        assert_eq!(
+            store.login("1001", "2002", CRM).await.expect("move"),
+            Login::Moved {
+                from: "2001".into()
+            }
+        );
+        let sessions = store.list_sessions().await.expect("sessions");
+        assert_eq!(sessions.len(), 1, "one device per agent");
+        assert_eq!(
+            (sessions[0].agent.as_str(), sessions[0].device.as_str()),
+            ("1001", "2002")
+        );
+        assert_eq!(
+            store
+                .login("1002", "2001", CRM)
+                .await
+                .expect("the old desk is free"),
+            Login::New
+        );
+        let last = &audit(&store).await[1];
+        assert_eq!(
+            (last.action.as_str(), last.subject.as_str()),
+            ("agent.login", "agent:1001")
+        );
+        assert_eq!(last.detail["moved_from"], "2001");
+        assert_eq!(last.detail["device"], "2002");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_logins_on_one_device_leave_exactly_one_session() {
+    on_both(|store| async move {
+        seed(&store).await;
+        let agents: Vec<String> = (0..10).map(|n| format!("31{n:02}")).collect();
+        for id in &agents {
+            store
+                .upsert_agent(&agent(id, &[], None), CRM)
+                .await
+                .expect("agent");
+        }
+        let before = audit(&store).await.len();
+        let mut logins = tokio::task::JoinSet::new();
+        for id in agents.clone() {
+            let store = store.clone();
+            logins.spawn(async move { (id.clone(), store.login(&id, "2001", CRM).await) });
+        }
+        let mut winners = Vec::new();
+        let mut holders = Vec::new();
+        while let Some(joined) = logins.join_next().await {
+            match joined.expect("task") {
+                (id, Ok(login)) => {
+                    assert_eq!(login, Login::New);
+                    winners.push(id);
+                }
+                (_, Err(StoreError::Conflict { holder, .. })) => holders.push(holder),
+                (id, Err(err)) => panic!("{id} on {}: {err}", store.dialect()),
+            }
+        }
+        assert_eq!(winners.len(), 1, "{winners:?} on {}", store.dialect());
+        assert_eq!(holders.len(), 9);
+        assert!(
+            holders.iter().all(|holder| *holder == winners[0]),
+            "{holders:?}"
+        );
+        let sessions = store.list_sessions().await.expect("sessions");
+        assert_eq!(sessions.len(), 1);
+        assert_eq!(sessions[0].agent, winners[0]);
+        assert_eq!(
+            audit(&store).await.len(),
+            before + 1,
+            "one audit row, the winner's"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn logout_ends_the_session_and_frees_the_device() {
+    on_both(|store| async move {
+        seed(&store).await;
+        store.login("1001", "2001", CRM).await.expect("login");
+        store.pause("1001", "lunch", CRM).await.expect("pause");
+        assert_eq!(
+            store.logout("1001", CRM).await.expect("logout").as_deref(),
+            Some("2001")
+        );
+        assert_eq!(store.session("1001").await.expect("session"), None);
+        assert_eq!(
+            store.logout("1001", CRM).await.expect("logout again"),
+            None,
+            "a logout of an agent who is not logged in is not an error"
+        );
+        assert!(
+            matches!(state(&store, "1001").await.state, AgentState::Paused { .. }),
+            "logout leaves availability alone"
+        );
+        assert_eq!(
+            store.login("1002", "2001", CRM).await.expect("free"),
+            Login::New
+        );
+        let rows = audit(&store).await;
+        assert_eq!(rows[1].action, "agent.logout");
+        assert_eq!(rows[1].detail["device"], serde_json::Value::Null);
+        assert_eq!(rows[2].detail["device"], "2001");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pause_needs_a_reason_and_unpause_moves_idle_since_forward() {
+    on_both(|store| async move {
+        seed(&store).await;
+        let fresh = state(&store, "1001").await;
+        assert_eq!(
+            fresh.state,
+            AgentState::Available,
+            "a new agent is available"
+        );
+        assert!(fresh.idle_since_ms <= fresh.now_ms);
+
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        store.login("1001", "2001", CRM).await.expect("login");
+        let logged_in = state(&store, "1001").await;
+        assert!(
+            logged_in.idle_since_ms >= fresh.idle_since_ms + 20,
+            "a login restarts the idle time: {fresh:?} {logged_in:?}"
+        );
+
+        store.pause("1001", "lunch", CRM).await.expect("pause");
+        let paused = state(&store, "1001").await;
+        assert_eq!(
+            paused.state,
+            AgentState::Paused {
+                reason: "lunch".into()
+            }
+        );
+        assert!(!paused.state.is_available_at(paused.now_ms));
+        assert_eq!(paused.idle_since_ms, logged_in.idle_since_ms);
+
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        store.unpause("1001", CRM).await.expect("unpause");
+        let back = state(&store, "1001").await;
+        assert_eq!(back.state, AgentState::Available);
+        assert!(
+            back.idle_since_ms >= paused.now_ms + 20 && back.idle_since_ms <= back.now_ms,
+            "idle since the unpause, by the database clock: {paused:?} {back:?}"
+        );
+
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        store.unpause("1001", CRM).await.expect("unpause again");
+        assert_eq!(
+            state(&store, "1001").await.idle_since_ms,
+            back.idle_since_ms,
+            "unpausing an available agent keeps their place"
+        );
+        let err = store.pause("1001", "  ", CRM).await.expect_err("no reason");
+        assert!(
+            matches!(
+                err,
+                StoreError::Invalid {
+                    field: "reason",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn wrap_up_ends_at_until_by_the_database_clock() {
+    on_both(|store| async move {
+        seed(&store).await;
+        store
+            .set_on_call("1001", "node:pbx-1")
+            .await
+            .expect("on call");
+        let on_call = state(&store, "1001").await;
+        assert_eq!(on_call.state, AgentState::OnCall);
+        assert!(!on_call.state.is_available_at(on_call.now_ms));
+
+        store
+            .wrap_up("1001", Duration::from_millis(300), "node:pbx-1")
+            .await
+            .expect("wrap up");
+        let wrapping = state(&store, "1001").await;
+        let AgentState::WrapUp { until_ms } = wrapping.state else {
+            panic!("in wrap-up: {wrapping:?}");
+        };
+        let left = until_ms - wrapping.now_ms;
+        assert!(
+            (200..=300).contains(&left),
+            "{left} ms left on {}",
+            store.dialect()
+        );
+        assert_eq!(
+            wrapping.idle_since_ms, until_ms,
+            "idle from the end of wrap-up"
+        );
+        assert!(!wrapping.state.is_available_at(wrapping.now_ms));
+
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let snapshot = store.directory_snapshot(DAY).await.expect("snapshot");
+        let seen = snapshot.agent("1001").expect("agent");
+        assert!(snapshot.now_ms >= until_ms);
+        assert!(
+            seen.state.is_available_at(snapshot.now_ms),
+            "wrap-up is over"
+        );
+
+        store.unpause("1001", "node:pbx-1").await.expect("unpause");
+        let after = state(&store, "1001").await;
+        assert_eq!(after.state, AgentState::Available);
+        assert_eq!(
+            after.idle_since_ms, until_ms,
+            "idle since the wrap-up ended"
+        );
+
+        // Ending a wrap-up early makes the agent idle from now.
+        store
+            .wrap_up("1001", Duration::from_secs(60), "node:pbx-1")
+            .await
+            .expect("wrap up");
+        store.unpause("1001", CRM).await.expect("unpause early");
+        let early = state(&store, "1001").await;
+        assert!(early.idle_since_ms <= early.now_ms && early.idle_since_ms > until_ms);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn counters_increment_per_agent_and_per_day() {
+    on_both(|store| async move {
+        seed(&store).await;
+        assert_eq!(
+            store
+                .record_call("1001", DAY, "node:pbx-1")
+                .await
+                .expect("call"),
+            1
+        );
+        assert_eq!(
+            store
+                .record_call("1001", DAY, "node:pbx-1")
+                .await
+                .expect("call"),
+            2
+        );
+        assert_eq!(store.record_sale("1001", DAY, CRM).await.expect("sale"), 1);
+        assert_eq!(
+            store
+                .record_sale("1001", "2025-03-15", CRM)
+                .await
+                .expect("sale"),
+            1
+        );
+        assert_eq!(store.record_sale("1002", DAY, CRM).await.expect("sale"), 1);
+        assert_eq!(
+            store.daily_counts("1001", DAY).await.expect("counts"),
+            DailyCounts { calls: 2, sales: 1 }
+        );
+        assert_eq!(
+            store
+                .daily_counts("1001", "2025-03-15")
+                .await
+                .expect("counts"),
+            DailyCounts { calls: 0, sales: 1 }
+        );
+        assert_eq!(
+            store.daily_counts("1003", DAY).await.expect("counts"),
+            DailyCounts::default()
+        );
+        let last = &audit(&store).await[0];
+        assert_eq!(
+            (last.action.as_str(), last.subject.as_str()),
+            ("agent.record_sale", "agent:1002")
+        );
+        assert_eq!(last.detail, serde_json::json!({ "day": DAY, "sales": 1 }));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_sales_are_all_counted() {
+    on_both(|store| async move {
+        seed(&store).await;
+        let mut sales = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let store = store.clone();
+            sales.spawn(async move { store.record_sale("1001", DAY, CRM).await });
+        }
+        let mut counts = Vec::new();
+        while let Some(joined) = sales.join_next().await {
+            counts.push(joined.expect("task").expect("sale"));
+        }
+        counts.sort_unstable();
+        assert_eq!(
+            counts,
+            (1..=20).collect::<Vec<u32>>(),
+            "{}",
+            store.dialect()
+        );
+        assert_eq!(
+            store.daily_counts("1001", DAY).await.expect("counts").sales,
+            20
+        );
+        let rows = audit(&store).await;
+        assert_eq!(
+            rows.iter()
+                .filter(|row| row.action == "agent.record_sale")
+                .count(),
+            20
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn every_change_writes_one_audit_row_and_pages_newest_first() {
+    on_both(|store| async move {
+        store
+            .upsert_agent(&agent("1001", &["vip"], Some(2)), "crm-main")
+            .await
+            .expect("agent");
+        store.upsert_queue(&queue("sales"), "crm-main").await.expect("queue");
+        store
+            .set_priority("sales", "1001", 3, "supervisor-ui")
+            .await
+            .expect("priority");
+        store
+            .set_priority("sales", "1001", 1, "supervisor-ui")
+            .await
+            .expect("priority");
+        let _ = store.login("1001", "2001", CRM).await.expect_err("no device");
+        let _ = store.pause("1001", "", CRM).await.expect_err("no reason");
+        store.pause("1001", "coffee", "softphone").await.expect("pause");
+
+        let rows = audit(&store).await;
+        let summary: Vec<(&str, &str, &str)> = rows
+            .iter()
+            .map(|row| (row.actor.as_str(), row.action.as_str(), row.subject.as_str()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("softphone", "agent.pause", "agent:1001"),
+                ("supervisor-ui", "agent.set_priority", "agent:1001"),
+                ("supervisor-ui", "agent.set_priority", "agent:1001"),
+                ("crm-main", "queue.upsert", "queue:sales"),
+                ("crm-main", "agent.upsert", "agent:1001"),
+            ],
+            "{}",
+            store.dialect()
+        );
+        assert_eq!(
+            rows[1].detail,
+            serde_json::json!({ "queue": "sales", "priority": 1, "previous": 3 })
+        );
+        assert_eq!(
+            rows[2].detail,
+            serde_json::json!({ "queue": "sales", "priority": 3, "previous": null })
+        );
+        assert_eq!(
+            rows[4].detail,
+            serde_json::json!({ "name": "Agent 1001", "tags": ["vip"], "daily_cap": 2, "enabled": true })
+        );
+        assert_eq!(rows[0].detail["reason"], "coffee");
+        assert_eq!(rows[0].detail["previous"], "available");
+        assert!(rows.windows(2).all(|pair| pair[0].id > pair[1].id));
+        assert!(rows.windows(2).all(|pair| pair[0].at_ms >= pair[1].at_ms));
+        let now = store.directory_snapshot(DAY).await.expect("snapshot").now_ms;
+        assert!(
+            rows.iter().all(|row| row.at_ms <= now && row.at_ms > now - 60_000),
+            "stamped by the database clock: {now} {rows:?}"
+        );
+
+        let first = store.list_audit(2, None).await.expect("page 1");
+        let second = store
+            .list_audit(2, Some(first[1].id))
+            .await
+            .expect("page 2");
+        let third = store
+            .list_audit(2, Some(second[1].id))
+            .await
+            .expect("page 3");
+        let paged: Vec<i64> = first.iter().chain(&second).chain(&third).map(|row| row.id).collect();
+        let all: Vec<i64> = rows.iter().map(|row| row.id).collect();
+        assert_eq!(paged, all);
+        assert_eq!(third.len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_snapshot_holds_agents_sessions_queues_and_the_day_s_sales() {
+    on_both(|store| async move {
+        seed(&store).await;
+        store
+            .upsert_agent(&agent("1001", &["vip", "fr"], Some(2)), CRM)
+            .await
+            .expect("agent");
+        store
+            .upsert_agent(
+                &Agent {
+                    enabled: false,
+                    ..agent("1003", &[], None)
+                },
+                CRM,
+            )
+            .await
+            .expect("agent");
+        store.login("1001", "2001", CRM).await.expect("login");
+        store.pause("1002", "meeting", CRM).await.expect("pause");
+        store
+            .set_priority("sales", "1002", 2, CRM)
+            .await
+            .expect("member");
+        store
+            .set_priority("sales", "1001", 1, CRM)
+            .await
+            .expect("member");
+        store
+            .set_priority("sales", "1003", 1, CRM)
+            .await
+            .expect("member");
+        store
+            .set_priority("support", "1002", 0, CRM)
+            .await
+            .expect("member");
+        store.record_sale("1001", DAY, CRM).await.expect("sale");
+        store.record_sale("1001", DAY, CRM).await.expect("sale");
+        store.record_call("1001", DAY, CRM).await.expect("call");
+        store
+            .record_sale("1001", "2025-03-13", CRM)
+            .await
+            .expect("sale");
+        store
+            .upsert_queue(&queue("empty"), CRM)
+            .await
+            .expect("queue");
+
+        let snapshot = store.directory_snapshot(DAY).await.expect("snapshot");
+        assert_eq!(snapshot.day, DAY);
+        let ids: Vec<&str> = snapshot.agents.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(ids, ["1001", "1002", "1003"]);
+
+        let alice = snapshot.agent("1001").expect("1001");
+        assert_eq!(
+            alice.tags,
+            BTreeSet::from(["fr".to_owned(), "vip".to_owned()])
+        );
+        assert_eq!(
+            (alice.daily_cap, alice.sales_today, alice.calls_today),
+            (Some(2), 2, 1)
+        );
+        assert!(alice.capped(), "two sales reach a cap of two");
+        assert!(alice.enabled);
+        assert_eq!(alice.state, AgentState::Available);
+        assert!(alice.idle_since_ms <= snapshot.now_ms);
+        let session = alice.session.as_ref().expect("logged in");
+        assert_eq!(
+            (
+                session.agent.as_str(),
+                session.device.as_str(),
+                session.endpoint.as_str()
+            ),
+            ("1001", "2001", "PJSIP/2001")
+        );
+        assert!(session.since_ms <= snapshot.now_ms);
+
+        let bob = snapshot.agent("1002").expect("1002");
+        assert_eq!(
+            bob.state,
+            AgentState::Paused {
+                reason: "meeting".into()
+            }
+        );
+        assert_eq!(
+            (bob.session.as_ref(), bob.sales_today, bob.capped()),
+            (None, 0, false)
+        );
+        assert!(!snapshot.agent("1003").expect("1003").enabled);
+        assert!(snapshot.agent("1004").is_none());
+
+        let ids: Vec<&str> = snapshot.queues.iter().map(|q| q.id.as_str()).collect();
+        assert_eq!(ids, ["empty", "sales", "support"]);
+        let member = |agent: &str, priority| QueueMember {
+            agent: agent.into(),
+            priority,
+        };
+        assert_eq!(
+            snapshot.queue("sales").expect("sales").members,
+            [member("1001", 1), member("1003", 1), member("1002", 2)]
+        );
+        assert_eq!(
+            snapshot.queue("support").expect("support").members,
+            [member("1002", 0)]
+        );
+        assert!(snapshot.queue("empty").expect("empty").members.is_empty());
+        assert_eq!(snapshot.queue("sales").expect("sales").name, "Queue sales");
+
+        // An endpoint changed while the agent is logged in is what the next snapshot dials.
+        store
+            .upsert_device(
+                &Device {
+                    endpoint: "PJSIP/desk-7".into(),
+                    ..device("2001")
+                },
+                CRM,
+            )
+            .await
+            .expect("device");
+        let later = store
+            .directory_snapshot("2025-03-13")
+            .await
+            .expect("snapshot");
+        let alice = later.agent("1001").expect("1001");
+        assert_eq!(alice.session.as_ref().expect("on").endpoint, "PJSIP/desk-7");
+        assert_eq!(
+            (alice.sales_today, alice.calls_today),
+            (1, 0),
+            "the other day's counters"
+        );
+        assert!(later.now_ms >= snapshot.now_ms);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn deleting_an_agent_removes_memberships_session_and_counters() {
+    on_both(|store| async move {
+        seed(&store).await;
+        store.login("1001", "2001", CRM).await.expect("login");
+        store
+            .set_priority("sales", "1001", 1, CRM)
+            .await
+            .expect("member");
+        store
+            .set_priority("support", "1001", 1, CRM)
+            .await
+            .expect("member");
+        store
+            .set_priority("sales", "1002", 2, CRM)
+            .await
+            .expect("member");
+        store.record_sale("1001", DAY, CRM).await.expect("sale");
+
+        store.delete_agent("1001", "admin").await.expect("delete");
+        assert!(matches!(
+            store.get_agent("1001").await,
+            Err(StoreError::NotFound { .. })
+        ));
+        assert_eq!(
+            store.list_members("sales").await.expect("members"),
+            [QueueMember {
+                agent: "1002".into(),
+                priority: 2
+            }]
+        );
+        assert!(
+            store
+                .list_members("support")
+                .await
+                .expect("members")
+                .is_empty()
+        );
+        assert!(store.list_sessions().await.expect("sessions").is_empty());
+        assert!(store.get_device("2001").await.is_ok(), "the device stays");
+        let row = &audit(&store).await[0];
+        assert_eq!(
+            (row.actor.as_str(), row.action.as_str()),
+            ("admin", "agent.delete")
+        );
+        assert_eq!(
+            row.detail,
+            serde_json::json!({
+                "logged_out_of": "2001",
+                "memberships_removed": 2,
+                "counter_days_removed": 1,
+            })
+        );
+
+        // A new agent with the same extension starts from nothing.
+        store
+            .upsert_agent(&agent("1001", &[], None), CRM)
+            .await
+            .expect("again");
+        assert_eq!(
+            store.daily_counts("1001", DAY).await.expect("counts"),
+            DailyCounts::default()
+        );
+        assert_eq!(
+            store.login("1001", "2001", CRM).await.expect("login"),
+            Login::New
+        );
+
+        // Deleting a device logs its agent out; deleting a queue removes its members.
+        store
+            .delete_device("2001", "admin")
+            .await
+            .expect("delete device");
+        assert_eq!(store.session("1001").await.expect("session"), None);
+        assert_eq!(audit(&store).await[0].detail["logged_out"], "1001");
+        store
+            .delete_queue("sales", "admin")
+            .await
+            .expect("delete queue");
+        assert_eq!(audit(&store).await[0].detail["members_removed"], 1);
+        assert!(store.get_agent("1002").await.is_ok(), "members stay agents");
+        let snapshot = store.directory_snapshot(DAY).await.expect("snapshot");
+        assert_eq!(snapshot.queues.len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_hot_desking_only_ever_ends_in_a_login_or_a_conflict() {
+    // Agents hop between desks while others pause, sell and change priorities: every call
+    // ends in a success or a conflict naming a holder, never in a deadlock or a duplicate
+    // key, and the sessions keep one agent per device. One connection per agent, so they
+    // all contend at once.
+    on_both_with_pool(12, |store| async move {
+        seed(&store).await;
+        let agents: Vec<String> = (0..12).map(|n| format!("40{n:02}")).collect();
+        for id in &agents {
+            store
+                .upsert_agent(&agent(id, &[], None), CRM)
+                .await
+                .expect("agent");
+        }
+        for n in 0..4 {
+            store
+                .upsert_device(&device(&format!("50{n:02}")), CRM)
+                .await
+                .expect("device");
+        }
+        let mut work = tokio::task::JoinSet::new();
+        for (index, id) in agents.iter().cloned().enumerate() {
+            let store = store.clone();
+            work.spawn(async move {
+                let mut conflicts = 0;
+                for round in 0..8 {
+                    let desk = format!("50{:02}", (index + round) % 4);
+                    match store.login(&id, &desk, CRM).await {
+                        Ok(_) => {}
+                        Err(StoreError::Conflict { .. }) => conflicts += 1,
+                        Err(err) => panic!("login {id} on {desk}: {err}"),
+                    }
+                    match round % 4 {
+                        0 => store.record_sale(&id, DAY, CRM).await.map(drop),
+                        1 => store.set_priority("sales", &id, round as i32, CRM).await,
+                        2 => store.pause(&id, "break", CRM).await,
+                        _ => store.logout(&id, CRM).await.map(drop),
+                    }
+                    .unwrap_or_else(|err| panic!("{id} round {round}: {err}"));
+                }
+                conflicts
+            });
+        }
+        while let Some(joined) = work.join_next().await {
+            joined.expect("every task ends cleanly");
+        }
+        let sessions = store.list_sessions().await.expect("sessions");
+        let devices: BTreeSet<&str> = sessions.iter().map(|s| s.device.as_str()).collect();
+        assert_eq!(
+            devices.len(),
+            sessions.len(),
+            "one agent per device: {sessions:?}"
+        );
+        let members = store.list_members("sales").await.expect("members");
+        assert_eq!(members.len(), agents.len());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_agent_moving_off_a_device_being_deleted_ends_up_on_the_new_one() {
+    on_both_with_pool(4, |store| async move {
+        seed(&store).await;
+        for round in 0..15 {
+            let old = format!("60{round:02}");
+            store
+                .upsert_device(&device(&old), CRM)
+                .await
+                .expect("device");
+            store.login("1001", &old, CRM).await.expect("login");
+            let target = if round % 2 == 0 { "2001" } else { "2002" };
+            let (moved, deleted) = tokio::join!(
+                store.login("1001", target, CRM),
+                store.delete_device(&old, "admin"),
+            );
+            let moved = moved.expect("login");
+            deleted.expect("delete");
+            assert!(
+                matches!(&moved, Login::New) || moved == Login::Moved { from: old.clone() },
+                "{moved:?}"
+            );
+            let session = store
+                .session("1001")
+                .await
+                .expect("session")
+                .expect("logged in");
+            assert_eq!(
+                session.device,
+                target,
+                "round {round} on {}",
+                store.dialect()
+            );
+            let deletion = audit(&store)
+                .await
+                .into_iter()
+                .find(|row| row.action == "device.delete")
+                .expect("audit row");
+            // The deletion logged the agent out only if it ran first, and then the login
+            // was a new session.
+            let logged_out = !deletion.detail["logged_out"].is_null();
+            assert_eq!(logged_out, moved == Login::New, "{deletion:?} {moved:?}");
+        }
+    })
+    .await;
+}
