@@ -206,9 +206,18 @@ fn drain_and_undrain_from_the_cli() {
 fn up_runs_a_single_box_cluster_that_status_sees() {
     let dir = tempfile::tempdir().expect("temp dir");
     let sip_port = free_port();
+    let api_port = free_port();
     let child = callfleet()
         .arg("up")
         .current_dir(dir.path())
+        .env(
+            "CALLFLEET_CONTROL_PLANE__LISTEN",
+            format!("127.0.0.1:{api_port}"),
+        )
+        .env(
+            "CALLFLEET_LOCK_SERVICE__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
         .env(
             "CALLFLEET_BALANCER__LISTEN",
             format!("127.0.0.1:{sip_port}"),
@@ -257,6 +266,44 @@ Content-Length: 0\r\n\r\n",
         },
     );
 
+    // The control plane runs too, with an admin token made on first start, kept for the
+    // owner only.
+    let token_file = dir.path().join("callfleet-data/admin-token");
+    let token = std::fs::read_to_string(&token_file).expect("admin token file");
+    let token = token.trim();
+    assert!(token.len() >= 32, "{token}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&token_file)
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "the token file is readable by others: {mode:o}"
+    );
+    let (code, body) = http(
+        api_port,
+        "PUT",
+        "/api/v1/queues/sales",
+        None,
+        r#"{"name":"Sales"}"#,
+    );
+    assert_eq!(code, 401, "{body}");
+    let (code, body) = http(
+        api_port,
+        "PUT",
+        "/api/v1/queues/sales",
+        Some(token),
+        r#"{"name":"Sales"}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = http(api_port, "GET", "/api/v1/queues/sales/status", None, "");
+    assert_eq!(code, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).expect("json status");
+    assert_eq!(status["served"], false, "{body}");
+    assert_eq!(status["queue"], "sales", "{body}");
+
     up.signal("TERM");
     wait_until("up exits on SIGTERM", Duration::from_secs(10), || {
         !up.alive()
@@ -279,6 +326,39 @@ Content-Length: 0\r\n\r\n",
         printed.contains("locks       gRPC and HTTP on 127.0.0.1:"),
         "{printed}"
     );
+    assert!(
+        printed.contains(&format!("REST http://127.0.0.1:{api_port}/api/v1")),
+        "{printed}"
+    );
+    assert!(
+        printed.contains(&format!(
+            "admin token (created, kept in callfleet-data/admin-token): {token}"
+        )),
+        "{printed}"
+    );
+}
+
+/// One HTTP/1.1 request on a fresh connection: (status, body).
+fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}\
+Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let code = response
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_owned());
+    (code, body)
 }
 
 /// The `<<<` bytes of the capture that answer the action with `action_id`.

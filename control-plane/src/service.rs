@@ -221,9 +221,11 @@ impl Control {
         id: &str,
         tags: Vec<String>,
     ) -> Result<AgentView, ControlError> {
-        let mut agent = self.store.get_agent(id).await?;
-        agent.tags = tags.into_iter().collect();
-        self.put_agent(caller, &agent).await
+        self.store
+            .set_tags(id, &tags.into_iter().collect(), &caller.name)
+            .await?;
+        self.after_write().await;
+        self.get_agent(id).await
     }
 
     /// Sets or removes an agent's daily cap.
@@ -233,9 +235,9 @@ impl Control {
         id: &str,
         cap: Option<u32>,
     ) -> Result<AgentView, ControlError> {
-        let mut agent = self.store.get_agent(id).await?;
-        agent.daily_cap = cap;
-        self.put_agent(caller, &agent).await
+        self.store.set_daily_cap(id, cap, &caller.name).await?;
+        self.after_write().await;
+        self.get_agent(id).await
     }
 
     /// Counts a sale today; returns today's sales.

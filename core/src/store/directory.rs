@@ -310,6 +310,8 @@ pub struct QueueSnapshot {
 const GET_AGENT: &str = "SELECT id, name, tags, daily_cap, enabled FROM agents WHERE id = ?";
 const LIST_AGENTS: &str = "SELECT id, name, tags, daily_cap, enabled FROM agents ORDER BY id";
 const DELETE_AGENT: &str = "DELETE FROM agents WHERE id = ?";
+const SET_TAGS: &str = "UPDATE agents SET tags = ? WHERE id = ?";
+const SET_DAILY_CAP: &str = "UPDATE agents SET daily_cap = ? WHERE id = ?";
 const GET_DEVICE: &str = "SELECT id, endpoint, name FROM devices WHERE id = ?";
 const LIST_DEVICES: &str = "SELECT id, endpoint, name FROM devices ORDER BY id";
 const DELETE_DEVICE: &str = "DELETE FROM devices WHERE id = ?";
@@ -422,6 +424,52 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             audit(sql, actor, "agent.upsert", &subject("agent", &agent.id), &detail)
+                .execute(&mut *tx)
+                .await?;
+        })
+    }
+
+    /// Replaces the agent's tags, leaving everything else as it is (one statement, so a
+    /// concurrent change of the cap or name is not undone).
+    pub async fn set_tags(
+        &self,
+        agent: &str,
+        tags: &BTreeSet<String>,
+        actor: &str,
+    ) -> Result<(), StoreError> {
+        check_id("agent id", agent)?;
+        check_tags(tags)?;
+        check_actor(actor)?;
+        let text = serde_json::to_string(tags).expect("tags serialize");
+        let sql = self.directory_sql();
+        write_tx!(self, tx => {
+            lock_agent_state!(tx, sql, agent);
+            sqlx::query(q(SET_TAGS)).bind(&text).bind(agent).execute(&mut *tx).await?;
+            audit(sql, actor, "agent.set_tags", &subject("agent", agent), &json!({ "tags": tags }))
+                .execute(&mut *tx)
+                .await?;
+        })
+    }
+
+    /// Sets (or with `None` removes) the agent's daily cap, leaving everything else.
+    pub async fn set_daily_cap(
+        &self,
+        agent: &str,
+        cap: Option<u32>,
+        actor: &str,
+    ) -> Result<(), StoreError> {
+        check_id("agent id", agent)?;
+        check_actor(actor)?;
+        let sql = self.directory_sql();
+        write_tx!(self, tx => {
+            lock_agent_state!(tx, sql, agent);
+            sqlx::query(q(SET_DAILY_CAP))
+                .bind(cap.map(i64::from))
+                .bind(agent)
+                .execute(&mut *tx)
+                .await?;
+            let detail = json!({ "daily_cap": cap });
+            audit(sql, actor, "agent.set_daily_cap", &subject("agent", agent), &detail)
                 .execute(&mut *tx)
                 .await?;
         })
