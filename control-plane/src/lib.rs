@@ -17,6 +17,7 @@ pub mod xmlrpc;
 
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use callfleet_core::Store;
 use callfleet_core::config::ControlPlaneConfig;
 use callfleet_proto::control::v1::control_server::ControlServer;
@@ -48,8 +49,14 @@ pub fn router(control: Arc<Control>) -> axum::Router {
             .set_serving::<ControlServer<grpc::ControlService>>()
             .await;
     }));
+    // Advertises exactly what this router serves: the descriptor set also holds the other
+    // components' services, and health brings its own descriptors.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(callfleet_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("callfleet.control.v1.Control")
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
         .build_v1()
         .expect("the embedded descriptor set is valid");
     tonic::service::Routes::new(ControlServer::new(grpc::ControlService::new(
@@ -77,6 +84,12 @@ pub async fn run(
     };
     let address = listener.local_addr()?;
     info!(%address, tokens = config.tokens.len(), "control plane ready");
+    // Small request/response exchanges: Nagle would hold a reply for the peer's delayed ACK.
+    let listener = listener.tap_io(|stream| {
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+        }
+    });
     let served = axum::serve(listener, router(control))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await;

@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use callfleet_core::config::Role;
@@ -53,7 +54,17 @@ pub fn router(control: Arc<Control>) -> Router {
         .with_state(control)
 }
 
-async fn handle(State(control): State<Arc<Control>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State(control): State<Arc<Control>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    // A body over the limit is a fault like any other bad call: an XML-RPC client reads
+    // faults, not HTTP error pages.
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return xml(unreadable(&rejection)),
+    };
     let decoded = if body.len() > DECODE_INLINE {
         tokio::task::spawn_blocking(move || xmlrpc::decode_call(&body))
             .await
@@ -72,19 +83,45 @@ async fn handle(State(control): State<Arc<Control>>, headers: HeaderMap, body: B
         Ok(call) if call.method == xmlrpc::MULTICALL => match xmlrpc::decode_multicall(call) {
             Err(fault) => xmlrpc::encode_fault(fault.code(), fault.string()),
             Ok(calls) => {
-                let mut results = Vec::with_capacity(calls.len());
-                for call in calls {
-                    results.push(match call {
-                        Ok(call) => dispatch(&control, authorization, &call).await,
-                        Err(fault) => Err(fault),
-                    });
-                }
+                // One directory refresh for the whole batch, not one per write.
+                let results = control
+                    .batch(async {
+                        let mut results = Vec::with_capacity(calls.len());
+                        for call in calls {
+                            results.push(match call {
+                                Ok(call) => dispatch(&control, authorization, &call).await,
+                                Err(fault) => Err(fault),
+                            });
+                        }
+                        results
+                    })
+                    .await;
                 xmlrpc::encode_multicall_response(results)
             }
         },
         Ok(call) => xmlrpc::encode_result(dispatch(&control, authorization, &call).await),
     };
+    xml(bytes)
+}
+
+fn xml(bytes: Vec<u8>) -> Response {
     ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], bytes).into_response()
+}
+
+/// The fault for a body that could not be read: too large, or cut off.
+fn unreadable(rejection: &BytesRejection) -> Vec<u8> {
+    let message = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        format!(
+            "the request body is larger than {MAX_BODY} bytes; send the calls in several \
+             smaller requests"
+        )
+    } else {
+        format!(
+            "the request body could not be read: {}",
+            rejection.body_text()
+        )
+    };
+    xmlrpc::encode_fault(xmlrpc::fault_code::INVALID_REQUEST, &message)
 }
 
 fn fault(err: ControlError) -> Fault {
@@ -188,6 +225,7 @@ async fn dispatch(
         "queue.status" => {
             args.arity(&["queue"])?;
             let queue = args.string(0, "queue")?;
+            control.settle().await;
             reply(control.queue_status(&queue).map_err(fault)?)
         }
         "queue.candidates" => {
@@ -205,6 +243,7 @@ async fn dispatch(
                 Vec::new()
             };
             authorize(Role::Read)?;
+            control.settle().await;
             reply(control.candidates(&queue, &attributes).map_err(fault)?)
         }
         "node.drain" | "node.undrain" => {

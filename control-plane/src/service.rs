@@ -23,6 +23,11 @@ use tracing::{info, warn};
 use crate::auth::{Caller, Tokens};
 use crate::error::ControlError;
 
+tokio::task_local! {
+    /// Set while a [`Control::batch`] runs: its writes leave the refresh to its end.
+    static DEFER_REFRESH: std::cell::Cell<bool>;
+}
+
 /// The directory as last read from the store, ready for routing queries.
 #[derive(Debug)]
 pub struct View {
@@ -148,8 +153,38 @@ impl Control {
         }
     }
 
+    /// Runs `work` (several writes, such as a `system.multicall`) with one refresh of the
+    /// view at the end instead of one per write.
+    pub async fn batch<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        let (result, dirty) = DEFER_REFRESH
+            .scope(std::cell::Cell::new(false), async {
+                let result = work.await;
+                (result, DEFER_REFRESH.with(std::cell::Cell::get))
+            })
+            .await;
+        if dirty {
+            self.refresh_after_write().await;
+        }
+        result
+    }
+
+    /// Inside a [`Control::batch`]: brings the view up to date with the batch's writes so
+    /// far, so a read that follows a write in the same batch sees it.
+    pub async fn settle(&self) {
+        if DEFER_REFRESH.try_with(|dirty| dirty.replace(false)) == Ok(true) {
+            self.refresh_after_write().await;
+        }
+    }
+
     /// Makes the next reads see a write that just committed.
     async fn after_write(&self) {
+        if DEFER_REFRESH.try_with(|dirty| dirty.set(true)).is_ok() {
+            return; // the batch refreshes when it reads or ends
+        }
+        self.refresh_after_write().await;
+    }
+
+    async fn refresh_after_write(&self) {
         let wanted = self.writes.fetch_add(1, Ordering::AcqRel) + 1;
         let _turn = self.refreshing.lock().await;
         if self.refreshed_through.load(Ordering::Acquire) >= wanted {
