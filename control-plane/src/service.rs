@@ -580,3 +580,23 @@ pub fn build_routing(directory: &DirectorySnapshot, today: Day) -> Snapshot {
     }
     builder.build()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_day_starts_at_midnight_in_the_configured_time_zone() {
+        let berlin = jiff::tz::TimeZone::get("Europe/Berlin").expect("tzdb");
+        let utc = jiff::tz::TimeZone::UTC;
+        // 2026-11-23 23:30 UTC is already the 24th in Berlin (UTC+1 in winter).
+        let late = 1_795_476_600_000;
+        assert_eq!(day_string(late, &utc), "2026-11-23");
+        assert_eq!(day_string(late, &berlin), "2026-11-24");
+        // 2026-07-01 22:30 UTC is the 2nd in Berlin (UTC+2 in summer), the 1st in UTC.
+        let summer = 1_782_945_000_000;
+        assert_eq!(day_string(summer, &utc), "2026-07-01");
+        assert_eq!(day_string(summer, &berlin), "2026-07-02");
+        assert_eq!(parse_day("2026-11-24"), Day::from_ymd(2026, 11, 24).expect("date"));
+    }
+}

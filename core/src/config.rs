@@ -908,6 +908,35 @@ mod tests {
     }
 
     #[test]
+    fn control_plane_tokens_and_time_zone_are_checked_and_tokens_never_shown() {
+        Jail::expect_with(|jail| {
+            let token = "[[control_plane.tokens]]\nname = \"crm\"\ntoken = \"0123456789abcdef-secret\"\nrole = \"write\"\n";
+            let config = load_in(jail, token).expect("a valid token");
+            assert_eq!(config.control_plane.tokens[0].role, Role::Write);
+            let shown = format!("{config:?}");
+            assert!(!shown.contains("0123456789abcdef-secret"), "{shown}");
+
+            let short = token.replace("0123456789abcdef-secret", "short");
+            let err = load_in(jail, &short).expect_err("too short").to_string();
+            assert!(err.contains("control_plane.tokens[0].token"), "{err}");
+            let twice = format!("{token}{token}");
+            let err = load_in(jail, &twice).expect_err("same name").to_string();
+            assert!(err.contains("control_plane.tokens[1].name"), "{err}");
+            let err = load_in(jail, "[control_plane]\ntime_zone = \"Mars/Olympus\"\n")
+                .expect_err("unknown zone")
+                .to_string();
+            assert!(
+                err.contains("control_plane.time_zone") && err.contains("Mars/Olympus"),
+                "{err}"
+            );
+            let berlin = load_in(jail, "[control_plane]\ntime_zone = \"Europe/Berlin\"\n")
+                .expect("a real zone");
+            assert_eq!(berlin.control_plane.time_zone, "Europe/Berlin");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn urls_are_redacted() {
         assert_eq!(
             redact_url("mysql://fleet:hunter2@db:3306/callfleet"),
