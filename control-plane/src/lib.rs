@@ -66,8 +66,42 @@ pub fn router(control: Arc<Control>) -> axum::Router {
     .add_service(reflection)
     .prepare()
     .into_axum_router()
+    // Before the nest, so that the nested REST router does not inherit tonic's fallback.
+    .fallback(no_route)
     .nest("/api/v1", rest::router(control.clone()))
     .merge(rpc2::router(control))
+}
+
+/// Unknown paths: a gRPC client gets `UNIMPLEMENTED`, anyone else a JSON 404, so a CRM
+/// that leaves out `/api/v1` is told so instead of reading the gRPC fallback's 200 as a
+/// success.
+async fn no_route(request: axum::extract::Request) -> axum::response::Response {
+    use axum::http::{HeaderValue, StatusCode, header};
+    use axum::response::IntoResponse;
+    let grpc = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        let mut response = StatusCode::OK.into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from_static("12"));
+        return response;
+    }
+    let message = format!(
+        "no route `{} {}`; the REST API is under /api/v1 (see /api/v1/openapi.json), XML-RPC at /RPC2",
+        request.method(),
+        request.uri().path()
+    );
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(serde_json::json!({ "error": message })),
+    )
+        .into_response()
 }
 
 /// Serves the control plane on `listener` until `shutdown`.

@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -48,6 +49,14 @@ fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ControlError>
     })
 }
 
+/// The query parameters, or a 400 that names the one at fault (axum's own rejection is
+/// plain text, and would come before the token check).
+fn parameters<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ControlError> {
+    query
+        .map(|Query(value)| value)
+        .map_err(|err| ControlError::invalid("query", err.body_text()))
+}
+
 /// The routes, to be nested under `/api/v1`.
 pub fn router(control: Arc<Control>) -> Router {
     Router::new()
@@ -79,7 +88,18 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/nodes/{node}/drain", post(drain))
         .route("/nodes/{node}/undrain", post(undrain))
         .route("/audit", get(audit))
+        // Without its own fallback the nest inherits the gRPC router's, which answers any
+        // unknown path `200 OK` with `grpc-status: 12`: a CRM with a typo in a path would
+        // read that as success.
+        .fallback(no_route)
         .with_state(control)
+}
+
+async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> ControlError {
+    ControlError::NotFound(format!(
+        "no route `{method} /api/v1{}`; the routes are listed in /api/v1/openapi.json",
+        uri.path()
+    ))
 }
 
 async fn openapi() -> Response {
@@ -165,6 +185,9 @@ async fn set_tags(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CapBody {
+    // Required: `null` removes the cap, but a body that forgot the field must not (serde
+    // reads a missing plain `Option` as `None`; with `deserialize_with` it is an error).
+    #[serde(deserialize_with = "Option::deserialize")]
     daily_cap: Option<u32>,
 }
 
@@ -375,9 +398,10 @@ async fn candidates(
     State(control): Shared,
     headers: HeaderMap,
     Path(queue): Path<String>,
-    Query(query): Query<CandidatesQuery>,
+    query: Result<Query<CandidatesQuery>, QueryRejection>,
 ) -> Reply {
     caller(&control, &headers, Role::Read)?;
+    let query = parameters(query)?;
     let attributes: Vec<String> = query
         .attributes
         .split(',')
@@ -420,8 +444,9 @@ fn hundred() -> u32 {
 async fn audit(
     State(control): Shared,
     headers: HeaderMap,
-    Query(query): Query<AuditQuery>,
+    query: Result<Query<AuditQuery>, QueryRejection>,
 ) -> Reply {
     caller(&control, &headers, Role::Read)?;
+    let query = parameters(query)?;
     ok(control.audit(query.limit, query.before).await?)
 }

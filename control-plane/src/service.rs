@@ -597,6 +597,9 @@ mod tests {
         let summer = 1_782_945_000_000;
         assert_eq!(day_string(summer, &utc), "2026-07-01");
         assert_eq!(day_string(summer, &berlin), "2026-07-02");
-        assert_eq!(parse_day("2026-11-24"), Day::from_ymd(2026, 11, 24).expect("date"));
+        assert_eq!(
+            parse_day("2026-11-24"),
+            Day::from_ymd(2026, 11, 24).expect("date")
+        );
     }
 }
