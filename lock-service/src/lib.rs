@@ -14,6 +14,7 @@ pub mod lease;
 
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use callfleet_core::config::{LockBackendKind, LockServiceConfig};
 use callfleet_proto::lock::v1::locks_server::LocksServer;
 use tokio::net::TcpListener;
@@ -59,8 +60,14 @@ pub fn router(
     >,
 ) -> axum::Router {
     let grpc = grpc::LocksService::new(locks.clone(), config.validity);
+    // Advertises exactly what this router serves: the descriptor set also holds other
+    // components' services (`callfleet.fleet.v1`), and health brings its own descriptors.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(callfleet_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("callfleet.lock.v1.Locks")
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
         .build_v1()
         .expect("the embedded descriptor set is valid");
     tonic::service::Routes::new(LocksServer::new(grpc))
@@ -131,6 +138,13 @@ pub async fn run(
     let (reporter, health) = tonic_health::server::health_reporter();
     let watcher = tokio::spawn(watch_health(locks.clone(), reporter, shutdown.clone()));
     info!(%address, backend = ?config.backend, "lock service ready");
+    // Without TCP_NODELAY a reply written while an earlier one is unacknowledged waits for
+    // the peer's delayed ACK (up to 40 ms on Linux): Nagle's algorithm, fatal to latency.
+    let listener = listener.tap_io(|stream| {
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+        }
+    });
     let served = axum::serve(listener, router(locks, config, health))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await;

@@ -395,3 +395,92 @@ async fn health_says_serving_only_while_leases_can_be_granted() {
     assert_eq!(refused.code(), Code::Unavailable);
     no_redis.stop().await;
 }
+
+/// The fields of a `google.protobuf.FileDescriptorProto` this test reads (prost skips the
+/// others), so it needs no descriptor crate of its own.
+#[derive(Clone, PartialEq, prost::Message)]
+struct FileDescriptor {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(string, tag = "2")]
+    package: String,
+    #[prost(message, repeated, tag = "6")]
+    service: Vec<ServiceDescriptor>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ServiceDescriptor {
+    #[prost(string, tag = "1")]
+    name: String,
+}
+
+#[tokio::test]
+async fn reflection_lists_the_services_and_serves_their_descriptors() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
+
+    let server = Server::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.address))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = ServerReflectionClient::new(channel);
+    // One request per stream: the answer is the stream's only message.
+    let mut ask = async |request: MessageRequest| -> MessageResponse {
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        };
+        let mut answers = client
+            .server_reflection_info(tonic::codegen::tokio_stream::iter([request]))
+            .await
+            .expect("reflection answers")
+            .into_inner();
+        let answer: ServerReflectionResponse = answers
+            .message()
+            .await
+            .expect("a message")
+            .expect("not the end");
+        answer.message_response.expect("a response")
+    };
+
+    let MessageResponse::ListServicesResponse(list) =
+        ask(MessageRequest::ListServices(String::new())).await
+    else {
+        panic!("ListServices gets a service list");
+    };
+    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for expected in ["callfleet.lock.v1.Locks", "grpc.health.v1.Health"] {
+        assert!(names.contains(&expected), "{expected} not in {names:?}");
+    }
+    assert!(
+        !names.contains(&"callfleet.fleet.v1.Fleet"),
+        "only what this server serves: {names:?}"
+    );
+
+    let answer = ask(MessageRequest::FileContainingSymbol(
+        "callfleet.lock.v1.Locks".into(),
+    ))
+    .await;
+    let MessageResponse::FileDescriptorResponse(files) = answer else {
+        panic!("the file declaring Locks, got {answer:?}");
+    };
+    let files: Vec<FileDescriptor> = files
+        .file_descriptor_proto
+        .iter()
+        .map(|bytes| prost::Message::decode(bytes.as_slice()).expect("a FileDescriptorProto"))
+        .collect();
+    let locks = files
+        .iter()
+        .find(|file| file.package == "callfleet.lock.v1")
+        .unwrap_or_else(|| panic!("no callfleet.lock.v1 file in {files:?}"));
+    assert_eq!(locks.name, "callfleet/lock/v1/lock.proto");
+    assert!(
+        locks.service.iter().any(|service| service.name == "Locks"),
+        "{locks:?}"
+    );
+    server.stop().await;
+}

@@ -18,9 +18,33 @@ struct Entry {
 
 #[derive(Debug, Default)]
 struct State {
+    /// Live leases, and expired ones not yet swept: every lookup goes through [`State::live`],
+    /// which sees only live ones, so sweeping is only about memory.
     leases: HashMap<String, Entry>,
     /// Last token per resource; kept after the lease goes, like Redis's `fence:` keys.
     fences: HashMap<String, u64>,
+    /// When expired leases are next dropped. Sweeping on every claim made each claim walk
+    /// every lease (thousands of agents on a call-center box); once a second it is noise.
+    next_sweep: Option<Instant>,
+}
+
+/// How often expired leases are dropped from memory.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+impl State {
+    /// The lease on `resource` if it is still live at `now`.
+    fn live(&self, resource: &str, now: Instant) -> Option<&Entry> {
+        self.leases
+            .get(resource)
+            .filter(|entry| entry.expires > now)
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        if self.next_sweep.is_none_or(|at| at <= now) {
+            self.leases.retain(|_, entry| entry.expires > now);
+            self.next_sweep = Some(now + SWEEP_EVERY);
+        }
+    }
 }
 
 /// The in-memory backend.
@@ -46,7 +70,7 @@ impl MemoryLocks {
     pub(super) fn acquire(&self, resource: &str, claim: &Claim<'_>) -> Result<Lease, LockError> {
         let mut state = self.state();
         let now = Instant::now();
-        state.leases.retain(|_, entry| entry.expires > now);
+        state.sweep(now);
         Self::claim_in(&mut state, resource, claim, now, self.guard)
     }
 
@@ -57,10 +81,10 @@ impl MemoryLocks {
     ) -> Result<Option<Lease>, LockError> {
         let mut state = self.state();
         let now = Instant::now();
-        state.leases.retain(|_, entry| entry.expires > now);
+        state.sweep(now);
         // A retried claim finds the lease it already got, wherever it is in the list.
         for resource in candidates {
-            if let Some(entry) = state.leases.get(*resource)
+            if let Some(entry) = state.live(resource, now)
                 && entry.holder == claim.holder
                 && entry.attempt == claim.attempt
             {
@@ -68,7 +92,7 @@ impl MemoryLocks {
             }
         }
         for resource in candidates {
-            if !state.leases.contains_key(*resource) {
+            if state.live(resource, now).is_none() {
                 return Self::claim_in(&mut state, resource, claim, now, self.guard).map(Some);
             }
         }
@@ -82,7 +106,7 @@ impl MemoryLocks {
         now: Instant,
         guard: Duration,
     ) -> Result<Lease, LockError> {
-        if let Some(entry) = state.leases.get(resource) {
+        if let Some(entry) = state.live(resource, now) {
             if entry.holder == claim.holder && entry.attempt == claim.attempt {
                 return Ok(lease_of(resource, entry));
             }
@@ -136,18 +160,14 @@ impl MemoryLocks {
     pub(super) fn get(&self, resource: &str) -> Option<Lease> {
         let state = self.state();
         let now = Instant::now();
-        state
-            .leases
-            .get(resource)
-            .filter(|entry| entry.expires > now)
-            .map(|entry| Lease {
-                // What is left of the validity, as Redis reports it.
-                validity: entry
-                    .expires
-                    .saturating_duration_since(now)
-                    .saturating_sub(self.guard),
-                ..lease_of(resource, entry)
-            })
+        state.live(resource, now).map(|entry| Lease {
+            // What is left of the validity, as Redis reports it.
+            validity: entry
+                .expires
+                .saturating_duration_since(now)
+                .saturating_sub(self.guard),
+            ..lease_of(resource, entry)
+        })
     }
 }
 

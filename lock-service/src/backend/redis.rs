@@ -5,11 +5,19 @@
 //! expires. A new token is `max(last + 1, Redis TIME in µs)`, so tokens keep increasing
 //! even when Redis restarts empty and the fence is lost. Numbers are printed with
 //! `%.0f` because Lua's numbers are doubles (µs since the epoch fit in their 53 bits).
+//!
+//! Connections go to one address (`redis://…`) or to whichever server the sentinels name
+//! master at the time (`redis+sentinel://…`, see [`RedisLocks::new`]). Either way every new
+//! connection passes the same boot check before a claim goes through it, so a failover,
+//! which brings a new run id, starts a quarantine like a restart does.
 
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
-use redis::{Client, Script};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Script,
+};
 use tokio::sync::Mutex;
 
 use crate::lease::{Claim, Lease, LockError};
@@ -63,11 +71,10 @@ return {1, cur[3]}
 /// The Redis backend.
 #[derive(Debug)]
 pub struct RedisLocks {
-    client: Client,
     /// The shared connection (multiplexed: one for all callers). Read on every call, so a
-    /// plain read lock; `connecting` serialises only the rare reconnects.
+    /// plain read lock; `connector` serialises only the rare reconnects.
     connection: std::sync::RwLock<Option<MultiplexedConnection>>,
-    connecting: Mutex<()>,
+    connector: Mutex<Connector>,
     /// Key whose absence means Redis lost its data (restarted empty, flushed).
     marker: String,
     /// The Redis `run_id` seen on our last connection: a new one means Redis restarted.
@@ -82,15 +89,20 @@ pub struct RedisLocks {
 }
 
 impl RedisLocks {
-    /// A backend for `url` (`redis://host:port/db`); connects on first use. Every call
-    /// fails with `Unavailable` after `deadline`; nothing is retried behind the caller.
+    /// A backend for `url`; connects on first use. Every call fails with `Unavailable`
+    /// after `deadline`; nothing is retried behind the caller.
+    ///
+    /// `url` is `redis://[user:password@]host:port/db`, or, to follow failovers,
+    /// `redis+sentinel://[user:password@]host[:port][,host[:port]…]/master[/db][?sentinel_username=…&sentinel_password=…]`:
+    /// the sentinels (port 26379 when none is given) are asked for the current master of
+    /// `master` on every (re)connect. `user:password` authenticate to the master, as in a
+    /// plain URL; the sentinels get credentials only from `sentinel_username` and
+    /// `sentinel_password`.
     pub fn new(url: &str, guard: Duration, deadline: Duration) -> Result<Self, LockError> {
-        let client = Client::open(url)
-            .map_err(|err| LockError::Invalid(format!("redis url is not valid: {err}")))?;
+        let connector = Connector::parse(url).map_err(LockError::Invalid)?;
         Ok(Self {
-            client,
             connection: std::sync::RwLock::new(None),
-            connecting: Mutex::new(()),
+            connector: Mutex::new(connector),
             marker: "callfleet:locks:boot".to_owned(),
             run_id: std::sync::Mutex::new(None),
             quarantined_until: std::sync::Mutex::new(None),
@@ -197,17 +209,15 @@ impl RedisLocks {
         if let Some(connection) = self.current_connection() {
             return Ok(connection);
         }
-        let _connecting = self.connecting.lock().await;
+        let mut connector = self.connector.lock().await;
         if let Some(connection) = self.current_connection() {
             return Ok(connection);
         }
-        let mut connection = tokio::time::timeout(
-            self.deadline,
-            self.client.get_multiplexed_async_connection(),
-        )
-        .await
-        .map_err(|_| LockError::Unavailable("redis did not accept a connection in time".into()))?
-        .map_err(unavailable)?;
+        let mut connection = tokio::time::timeout(self.deadline, connector.connect())
+            .await
+            .map_err(|_| {
+                LockError::Unavailable("redis did not accept a connection in time".into())
+            })??;
         // A restart always drops our connection, so every new one checks, before any
         // claim goes through it, whether this is still the Redis that granted our leases.
         self.check_boot(&mut connection).await?;
@@ -270,13 +280,13 @@ impl RedisLocks {
         Ok(())
     }
 
-    /// Runs `script` with a deadline; a failed connection is dropped so the next call
-    /// connects afresh.
+    /// Runs `script` on `connection` with a deadline; a failed connection is dropped so the
+    /// next call connects afresh.
     async fn run<T: redis::FromRedisValue>(
         &self,
+        mut connection: MultiplexedConnection,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<T, LockError> {
-        let mut connection = self.connection().await?;
         match tokio::time::timeout(self.deadline, invocation.invoke_async(&mut connection)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
@@ -299,7 +309,7 @@ impl RedisLocks {
         claim: &Claim<'_>,
     ) -> Result<(Option<Lease>, String), LockError> {
         // Connecting runs the boot check, which may start a quarantine: connect first.
-        self.connection().await?;
+        let connection = self.connection().await?;
         if self.quarantined() {
             return Err(LockError::Unavailable(
                 "quarantined: redis lost data recently; claims resume once every lease it may have lost has expired".into(),
@@ -315,16 +325,18 @@ impl RedisLocks {
             .arg(claim.holder)
             .arg(claim.attempt)
             .arg(expire_ms(claim.validity, self.guard));
-        let (index, token, busy): (i64, String, String) = self.run(invocation).await?;
+        let (index, token, busy): (i64, String, String) = self.run(connection, invocation).await?;
         if index < 0 {
             self.start_quarantine("boot marker missing: redis lost its data");
             let mut connection = self.connection().await?;
-            let _: Option<String> = redis::cmd("SET")
-                .arg(&self.marker)
-                .arg("1")
-                .arg("NX")
-                .query_async(&mut connection)
+            let mut restore = redis::cmd("SET");
+            restore.arg(&self.marker).arg("1").arg("NX");
+            let restore = restore.query_async::<Option<String>>(&mut connection);
+            tokio::time::timeout(self.deadline, restore)
                 .await
+                .map_err(|_| {
+                    LockError::Unavailable("redis did not answer the boot marker write".into())
+                })?
                 .map_err(unavailable)?;
             return Err(LockError::Unavailable(
                 "quarantined: redis lost its data; claims resume once every lease it may have lost has expired".into(),
@@ -362,7 +374,8 @@ impl RedisLocks {
             .arg(holder)
             .arg(token.to_string())
             .arg(validity.map_or(String::new(), |v| expire_ms(v, self.guard).to_string()));
-        match self.run::<(i64, String)>(invocation).await? {
+        let connection = self.connection().await?;
+        match self.run::<(i64, String)>(connection, invocation).await? {
             (1, attempt) => Ok(attempt),
             (0, _) => Err(LockError::Gone {
                 resource: resource.to_owned(),
@@ -406,6 +419,206 @@ impl RedisLocks {
             validity: left,
         }))
     }
+}
+
+/// How a new connection is made: straight to one address, or to the master the sentinels
+/// name at the time.
+enum Connector {
+    /// `redis://…`.
+    Direct(Client),
+    /// `redis+sentinel://…`.
+    Sentinel {
+        client: Box<SentinelClient>,
+        /// The master's name and the sentinels' addresses (no secrets), for logs.
+        master: String,
+        sentinels: Vec<String>,
+    },
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Direct(client) => f.debug_tuple("Direct").field(client).finish(),
+            Self::Sentinel {
+                master, sentinels, ..
+            } => f
+                .debug_struct("Sentinel")
+                .field("master", master)
+                .field("sentinels", sentinels)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+/// The scheme of a sentinel URL.
+const SENTINEL_SCHEME: &str = "redis+sentinel://";
+/// What a sentinel URL looks like, for error messages.
+const SENTINEL_FORM: &str = "redis+sentinel://[user:password@]host[:port][,host[:port]…]/master[/db][?sentinel_username=…&sentinel_password=…]";
+
+impl Connector {
+    /// Reads `url`; the error says what is wrong with it (never the password).
+    fn parse(url: &str) -> Result<Self, String> {
+        if url.starts_with(SENTINEL_SCHEME) {
+            return Self::parse_sentinel(url).map_err(|why| {
+                format!("redis sentinel url is not valid: {why}; expected {SENTINEL_FORM}")
+            });
+        }
+        Client::open(url)
+            .map(Self::Direct)
+            .map_err(|err| format!("redis url is not valid: {err}"))
+    }
+
+    fn parse_sentinel(url: &str) -> Result<Self, String> {
+        let rest = &url[SENTINEL_SCHEME.len()..];
+        if rest.contains('#') {
+            return Err("it has a fragment (`#…`)".into());
+        }
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => (Some(userinfo), hosts),
+            None => (None, authority),
+        };
+        if hosts.is_empty() {
+            return Err("it names no sentinel".into());
+        }
+        let mut addresses = Vec::new();
+        for host in hosts.split(',') {
+            addresses.push(sentinel_address(host)?);
+        }
+        let mut segments = path.split('/');
+        let master = segments.next().unwrap_or_default();
+        if master.is_empty() {
+            return Err(
+                "it names no master: add the name the sentinels monitor it under, e.g. `/mymaster`"
+                    .into(),
+            );
+        }
+        let db = match segments.next() {
+            None | Some("") => 0,
+            Some(db) => db
+                .parse::<i64>()
+                .ok()
+                .filter(|db| *db >= 0)
+                .ok_or_else(|| format!("database `{db}` after the master name is not a number"))?,
+        };
+        if let Some(extra) = segments.find(|segment| !segment.is_empty()) {
+            return Err(format!("`{extra}` follows /master/db; nothing may"));
+        }
+        let mut sentinel_auth = RedisConnectionInfo::default();
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            sentinel_auth = match key.as_ref() {
+                "sentinel_username" => sentinel_auth.set_username(value),
+                "sentinel_password" => sentinel_auth.set_password(value),
+                other => {
+                    return Err(format!(
+                        "unknown parameter `{other}` (known: sentinel_username, sentinel_password)"
+                    ));
+                }
+            };
+        }
+        // The master's credentials and database, decoded as a plain URL's would be.
+        let master_auth = match userinfo {
+            Some(userinfo) => format!("redis://{userinfo}@localhost/{db}")
+                .into_connection_info()
+                .map_err(|_| "the user:password before `@` is not valid".to_owned())?
+                .redis_settings()
+                .clone(),
+            None => RedisConnectionInfo::default().set_db(db),
+        };
+        let sentinels: Vec<String> = addresses
+            .iter()
+            .map(|(host, port)| format!("{host}:{port}"))
+            .collect();
+        let infos = addresses
+            .into_iter()
+            .map(|(host, port)| {
+                ConnectionAddr::Tcp(host, port)
+                    .into_connection_info()
+                    .map(|info| info.set_redis_settings(sentinel_auth.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| err.to_string())?;
+        let client = SentinelClient::build(
+            infos,
+            master.to_owned(),
+            Some(SentinelNodeConnectionInfo::default().set_redis_connection_info(master_auth)),
+            SentinelServerType::Master,
+        )
+        .map_err(|err| err.to_string())?;
+        Ok(Self::Sentinel {
+            client: Box::new(client),
+            master: master.to_owned(),
+            sentinels,
+        })
+    }
+
+    /// A new connection to the Redis that takes writes now.
+    async fn connect(&mut self) -> Result<MultiplexedConnection, LockError> {
+        // Every command is already bounded by the service's own deadline; the client's
+        // default 500 ms response timeout would cut calls short of a longer configured
+        // deadline, and costs a second timer per call.
+        let config = AsyncConnectionConfig::new().set_response_timeout(None);
+        match self {
+            Self::Direct(client) => client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .map_err(unavailable),
+            Self::Sentinel {
+                client,
+                master,
+                sentinels,
+            } => client
+                .get_async_connection_with_config(&config)
+                .await
+                .map_err(|err| {
+                    LockError::Unavailable(format!(
+                        "redis: no connection to master {master:?} through sentinels {}: {err}",
+                        sentinels.join(",")
+                    ))
+                }),
+        }
+    }
+}
+
+/// `host[:port]` or `[ipv6][:port]` of one sentinel; the port defaults to 26379.
+fn sentinel_address(text: &str) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(bracketed) = text.strip_prefix('[') {
+        let (host, after) = bracketed
+            .split_once(']')
+            .ok_or_else(|| format!("sentinel `{text}` opens `[` without closing it"))?;
+        match after {
+            "" => (host, None),
+            _ => match after.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return Err(format!("sentinel `{text}`: expected `:port` after `]`")),
+            },
+        }
+    } else {
+        match text.split_once(':') {
+            Some((_, port)) if port.contains(':') => {
+                return Err(format!(
+                    "sentinel `{text}`: write an IPv6 address in brackets, e.g. [::1]:26379"
+                ));
+            }
+            Some((host, port)) => (host, Some(port)),
+            None => (text, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!(
+            "sentinel `{text}` has no host (two commas in a row?)"
+        ));
+    }
+    let port = match port {
+        None => 26379,
+        Some(port) => port
+            .parse::<u16>()
+            .ok()
+            .filter(|port| *port != 0)
+            .ok_or_else(|| format!("sentinel `{text}` has port `{port}`, not a number 1–65535"))?,
+    };
+    Ok((host.to_owned(), port))
 }
 
 /// holder, attempt, token of an `lk:` hash.

@@ -346,6 +346,267 @@ async fn the_test_redis_is_configured_safely_for_leases() {
     assert!(problems.is_empty(), "{problems:?}");
 }
 
+#[test]
+fn a_malformed_sentinel_url_says_what_is_wrong() {
+    for (url, says) in [
+        ("redis+sentinel:///m", "names no sentinel"),
+        ("redis+sentinel://127.0.0.1:26379", "names no master"),
+        ("redis+sentinel://127.0.0.1:26379/", "names no master"),
+        ("redis+sentinel://127.0.0.1:port/m", "`port`"),
+        ("redis+sentinel://127.0.0.1:26379,,h2/m", "no host"),
+        ("redis+sentinel://::1:26379/m", "brackets"),
+        ("redis+sentinel://[::1/m", "without closing"),
+        ("redis+sentinel://h1/m/zero", "database `zero`"),
+        ("redis+sentinel://h1/m/0/x", "`x`"),
+        (
+            "redis+sentinel://h1/m?sentinel_pass=x",
+            "unknown parameter `sentinel_pass`",
+        ),
+        ("redis+sentinel://h1/m#x", "fragment"),
+    ] {
+        let err = RedisLocks::new(url, GUARD, Duration::from_secs(1)).expect_err(url);
+        assert!(
+            matches!(&err, LockError::Invalid(text)
+                if text.contains("sentinel url") && text.contains(says) && text.contains("expected redis+sentinel://")),
+            "{url}: {err}"
+        );
+    }
+    let secret = RedisLocks::new(
+        "redis+sentinel://u:hunter2@h1:port/m",
+        GUARD,
+        Duration::from_secs(1),
+    )
+    .expect_err("bad port");
+    assert!(!secret.to_string().contains("hunter2"), "{secret}");
+    for url in [
+        "redis+sentinel://h1/m",
+        "redis+sentinel://u:p%40ss@h1:26380,[::1]:26381,h3/mymaster/2?sentinel_password=s%26t",
+    ] {
+        RedisLocks::new(url, GUARD, Duration::from_secs(1))
+            .unwrap_or_else(|err| panic!("{url}: {err}"));
+    }
+}
+
+mod sentinel {
+    //! A real master, replica and sentinel of this test's own: claims go to whichever server
+    //! the sentinel names master, and a failover (a new run id) starts a quarantine.
+
+    use std::process::{Child, Command, Stdio};
+    use std::time::Instant;
+
+    use super::*;
+
+    /// A `redis-server` process, killed when dropped.
+    struct Server {
+        child: Child,
+        port: u16,
+    }
+
+    impl Server {
+        fn start(args: &[String]) -> Self {
+            let port = free_port();
+            let child = Command::new("redis-server")
+                .args(args)
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|err| {
+                    panic!("cannot start redis-server ({err}): run ./scripts/test once (it installs it) or apt-get install redis-server")
+                });
+            Self { child, port }
+        }
+
+        fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}/", self.port)
+        }
+
+        /// Waits until it answers `PING`.
+        async fn connection(&self) -> ::redis::aio::MultiplexedConnection {
+            let client = ::redis::Client::open(self.url()).expect("url");
+            let started = Instant::now();
+            loop {
+                if let Ok(mut connection) = client.get_multiplexed_async_connection().await
+                    && ::redis::cmd("PING")
+                        .query_async::<String>(&mut connection)
+                        .await
+                        .is_ok()
+                {
+                    return connection;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "redis-server on port {} never answered",
+                    self.port
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port()
+    }
+
+    fn data_node(dir: &tempfile::TempDir, name: &str, extra: &[String]) -> Server {
+        let mut args = vec![
+            "--save".to_owned(),
+            String::new(),
+            "--appendonly".to_owned(),
+            "no".to_owned(),
+            "--dir".to_owned(),
+            dir.path().display().to_string(),
+            "--dbfilename".to_owned(),
+            format!("{name}.rdb"),
+        ];
+        args.extend_from_slice(extra);
+        Server::start(&args)
+    }
+
+    #[tokio::test]
+    async fn claims_follow_the_master_the_sentinel_names_and_a_failover_starts_a_quarantine() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Without the delay the replica's first full sync waits 5 s for more replicas.
+        let master = data_node(
+            &dir,
+            "master",
+            &["--repl-diskless-sync-delay".into(), "0".into()],
+        );
+        let mut on_master = master.connection().await;
+        let replica = data_node(
+            &dir,
+            "replica",
+            &[
+                "--replicaof".into(),
+                "127.0.0.1".into(),
+                master.port.to_string(),
+            ],
+        );
+        replica.connection().await;
+        // Sentinel rewrites its configuration file, so it gets one of its own.
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "sentinel monitor m 127.0.0.1 {} 1\nsentinel down-after-milliseconds m 300\nsentinel failover-timeout m 3000\n",
+                master.port
+            ),
+        )
+        .expect("sentinel.conf");
+        let sentinel = Server::start(&[
+            conf.display().to_string(),
+            "--sentinel".into(),
+            "--dir".into(),
+            dir.path().display().to_string(),
+        ]);
+        sentinel.connection().await;
+
+        // The marker is there, as on a Redis that has served leases before.
+        let _: () = ::redis::cmd("SET")
+            .arg("callfleet:locks:boot")
+            .arg(1)
+            .query_async(&mut on_master)
+            .await
+            .expect("set marker");
+        let quarantine = Duration::from_millis(500);
+        let locks = Locks::Redis(Box::new(
+            RedisLocks::new(
+                &format!("redis+sentinel://127.0.0.1:{}/m", sentinel.port),
+                GUARD,
+                Duration::from_secs(1),
+            )
+            .expect("sentinel url")
+            .with_quarantine(quarantine),
+        ));
+        let first = locks
+            .acquire("agent:1", &claim("pbx-1/c1", "a1", 30_000))
+            .await
+            .expect("claimed on the master the sentinel names");
+        let holder: Option<String> = ::redis::cmd("HGET")
+            .arg("lk:{agent:1}")
+            .arg("holder")
+            .query_async(&mut on_master)
+            .await
+            .expect("hget");
+        assert_eq!(holder.as_deref(), Some("pbx-1/c1"), "written to the master");
+
+        // The replica has everything, then the master dies and the sentinel promotes it.
+        let mut on_replica = replica.connection().await;
+        let started = Instant::now();
+        loop {
+            let copied: Option<String> = ::redis::cmd("HGET")
+                .arg("lk:{agent:1}")
+                .arg("holder")
+                .query_async(&mut on_replica)
+                .await
+                .expect("hget");
+            if copied.is_some() {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the replica never caught up"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop((on_master, on_replica));
+        drop(master);
+        let started = Instant::now();
+        let refusal = loop {
+            match locks
+                .acquire("agent:2", &claim("pbx-2/c2", "a2", 30_000))
+                .await
+            {
+                Err(LockError::Unavailable(why)) if why.contains("quarantine") => break why,
+                Err(LockError::Unavailable(_)) => {}
+                other => panic!("no claim may pass before the quarantine: {other:?}"),
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the sentinel never promoted the replica"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(
+            refusal.contains("restarted") || refusal.contains("lost"),
+            "{refusal}"
+        );
+        tokio::time::sleep(quarantine).await;
+        let second = locks
+            .acquire("agent:2", &claim("pbx-2/c2", "a2", 30_000))
+            .await
+            .expect("claims resume on the new master");
+        // Sentinel closed the clients of the replica when it promoted it.
+        let holder: Option<String> = ::redis::cmd("HGET")
+            .arg("lk:{agent:2}")
+            .arg("holder")
+            .query_async(&mut replica.connection().await)
+            .await
+            .expect("hget");
+        assert_eq!(
+            holder.as_deref(),
+            Some("pbx-2/c2"),
+            "written to the new master"
+        );
+        let held = locks
+            .acquire("agent:1", &claim("pbx-3/c3", "a3", 30_000))
+            .await
+            .expect_err("the replicated lease survived the failover");
+        assert!(matches!(held, LockError::Held { .. }), "{held}");
+        assert!(second.token > first.token);
+    }
+}
+
 mod model_agreement {
     //! Random operation sequences run against the memory backend (the model) and the Redis
     //! scripts: both must give the same answers, and every new token must be larger than
