@@ -409,7 +409,18 @@ async fn candidates(
         .filter(|a| !a.is_empty())
         .map(str::to_owned)
         .collect();
-    ok(json!({ "queue": queue, "candidates": control.candidates(&queue, &attributes)? }))
+    /// Serialized straight from the candidates, without an intermediate JSON tree (the
+    /// answer for a big queue has thousands of entries).
+    #[derive(serde::Serialize)]
+    struct Candidates<'a> {
+        queue: &'a str,
+        candidates: Vec<crate::service::Candidate>,
+    }
+    let candidates = control.candidates(&queue, &attributes)?;
+    ok(Candidates {
+        queue: &queue,
+        candidates,
+    })
 }
 
 async fn list_nodes(State(control): Shared, headers: HeaderMap) -> Reply {

@@ -37,6 +37,8 @@ pub struct View {
     pub routing: Snapshot,
     /// The day the counters belong to.
     pub today: Day,
+    /// The store's directory version before the read (see `Store::directory_version`).
+    version: i64,
     /// When the read finished, to advance the database clock without asking it.
     read_at: Instant,
 }
@@ -135,9 +137,8 @@ impl Control {
                 _ = tokio::time::sleep(every) => {}
             }
             let _turn = self.refreshing.lock().await;
-            match read_view(&self.store, &self.time_zone).await {
-                Ok(view) => {
-                    *self.view.write().expect("view lock") = Arc::new(view);
+            match self.refresh_if_changed().await {
+                Ok(()) => {
                     if failing {
                         info!("store back: directory refreshed");
                         failing = false;
@@ -151,6 +152,20 @@ impl Control {
                 }
             }
         }
+    }
+
+    /// Re-reads the directory if a change was written (by any instance or node) or the
+    /// day turned since the last read; otherwise costs one small query.
+    async fn refresh_if_changed(&self) -> Result<(), ControlError> {
+        let current = self.view();
+        let version = self.store.directory_version().await?;
+        let day = day_string(current.now_ms(), &self.time_zone);
+        if version == current.version && parse_day(&day) == current.today {
+            return Ok(());
+        }
+        let view = read_view(&self.store, &self.time_zone).await?;
+        *self.view.write().expect("view lock") = Arc::new(view);
+        Ok(())
     }
 
     /// Runs `work` (several writes, such as a `system.multicall`) with one refresh of the
@@ -521,14 +536,25 @@ fn day_string(unix_ms: i64, time_zone: &jiff::tz::TimeZone) -> String {
 async fn read_view(store: &Store, time_zone: &jiff::tz::TimeZone) -> Result<View, ControlError> {
     // The day comes from the database clock too; a read that straddles midnight reads the
     // new day's counters at the next refresh.
+    // Read before the snapshot: a change that lands during the read moves the version
+    // past this one, so the next check reads again.
+    let version = store.directory_version().await?;
     let day = day_string(store.now_ms().await?, time_zone);
     let directory = store.directory_snapshot(&day).await?;
     let today = parse_day(&directory.day);
-    let routing = build_routing(&directory, today);
+    // Building the index is CPU work (milliseconds for thousands of agents): off the
+    // async workers that answer requests.
+    let (directory, routing) = tokio::task::spawn_blocking(move || {
+        let routing = build_routing(&directory, today);
+        (directory, routing)
+    })
+    .await
+    .map_err(|err| ControlError::Unavailable(format!("directory index build failed: {err}")))?;
     Ok(View {
         directory,
         routing,
         today,
+        version,
         read_at: Instant::now(),
     })
 }

@@ -1674,3 +1674,93 @@ async fn concurrent_crms(store: Store) {
         "every successful write left exactly one audit row"
     );
 }
+
+/// A change written by another control-plane instance (here: straight into the store)
+/// reaches this one's in-memory directory within a refresh, and an unchanged directory is
+/// not re-read.
+#[tokio::test]
+async fn changes_from_elsewhere_show_up_after_a_refresh() {
+    let (_dir, store) = sqlite_store().await;
+    store
+        .upsert_queue(
+            &callfleet_core::store::Queue {
+                id: "sales".into(),
+                name: "Sales".into(),
+            },
+            "setup",
+        )
+        .await
+        .expect("queue");
+    let control = Arc::new(
+        Control::start(store.clone(), &control_config())
+            .await
+            .expect("control plane starts"),
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let refresher = {
+        let (control, shutdown) = (control.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            control
+                .refresh_loop(Duration::from_millis(50), shutdown)
+                .await;
+        })
+    };
+    let before = control.view();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        Arc::ptr_eq(&before, &control.view()),
+        "nothing changed, yet the directory was read again"
+    );
+    assert_eq!(
+        control
+            .queue_status("sales")
+            .expect("status")
+            .logged_in_agents,
+        0
+    );
+
+    // Another instance seats an agent.
+    let agent = callfleet_core::store::Agent {
+        id: "1001".into(),
+        name: "Ana".into(),
+        tags: BTreeSet::new(),
+        daily_cap: None,
+        enabled: true,
+    };
+    store
+        .upsert_agent(&agent, "elsewhere")
+        .await
+        .expect("agent");
+    let device = callfleet_core::store::Device {
+        id: "2001".into(),
+        endpoint: "PJSIP/2001".into(),
+        name: None,
+    };
+    store
+        .upsert_device(&device, "elsewhere")
+        .await
+        .expect("device");
+    store
+        .login("1001", "2001", "elsewhere")
+        .await
+        .expect("login");
+    store
+        .set_priority("sales", "1001", 1, "elsewhere")
+        .await
+        .expect("member");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while control
+        .queue_status("sales")
+        .expect("status")
+        .available_agents
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change never reached the in-memory directory"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    refresher.await.expect("refresher stops");
+}

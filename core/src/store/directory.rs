@@ -310,6 +310,7 @@ pub struct QueueSnapshot {
 const GET_AGENT: &str = "SELECT id, name, tags, daily_cap, enabled FROM agents WHERE id = ?";
 const LIST_AGENTS: &str = "SELECT id, name, tags, daily_cap, enabled FROM agents ORDER BY id";
 const DELETE_AGENT: &str = "DELETE FROM agents WHERE id = ?";
+const DIRECTORY_VERSION: &str = "SELECT MAX(id) FROM audit_log";
 const SET_TAGS: &str = "UPDATE agents SET tags = ? WHERE id = ?";
 const SET_DAILY_CAP: &str = "UPDATE agents SET daily_cap = ? WHERE id = ?";
 const GET_DEVICE: &str = "SELECT id, endpoint, name FROM devices WHERE id = ?";
@@ -1153,6 +1154,16 @@ impl Store {
             node: node.to_string(),
             reason,
         })
+    }
+
+    /// A number that changes whenever the directory does: the newest audit row's id
+    /// (every change writes one in its transaction). Cheap, so readers can poll it and
+    /// re-read the directory only when it moved.
+    pub async fn directory_version(&self) -> Result<i64, StoreError> {
+        let version: Option<i64> = with_pool!(self, pool => {
+            sqlx::query_scalar(q(DIRECTORY_VERSION)).fetch_one(pool).await?
+        });
+        Ok(version.unwrap_or(0))
     }
 
     /// The database clock, unix ms: what every freshness and day computation is based on.
