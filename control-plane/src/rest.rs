@@ -41,12 +41,22 @@ fn done() -> Reply {
 
 /// The JSON body, or a 400 that names what is wrong with it.
 fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ControlError> {
-    serde_json::from_slice(bytes).map_err(|err| {
-        ControlError::invalid(
-            "body",
-            format!("{err}; send a JSON object as the OpenAPI document at /api/v1/openapi.json describes"),
-        )
-    })
+    let hint = "send a JSON object as the OpenAPI document at /api/v1/openapi.json describes";
+    let mut json = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut json).map_err(|err| {
+        // The path names the field at fault (`priority`, `tags[2]`); `.` is the body
+        // itself and `?` a place the parser never reached (truncated JSON).
+        let path = err.path().to_string();
+        let field = if path == "." || path.starts_with('?') {
+            "body".to_owned()
+        } else {
+            path
+        };
+        ControlError::invalid(field, format!("{}; {hint}", err.inner()))
+    })?;
+    json.end()
+        .map_err(|err| ControlError::invalid("body", format!("{err}; {hint}")))?;
+    Ok(value)
 }
 
 /// The query parameters, or a 400 that names the one at fault (axum's own rejection is

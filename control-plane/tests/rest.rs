@@ -804,7 +804,7 @@ async fn call_center_day(store: Store) {
         .expect_error(bad, &["daily_cap"]);
     api.put("/agents/1002/daily-cap", CRM, json!({ "daily_cap": -1 }))
         .await
-        .expect_error(bad, &["body"]);
+        .expect_error(bad, &["daily_cap"]);
     api.put("/devices/2006", CRM, json!({ "endpoint": "PJSIP 2006" }))
         .await
         .expect_error(bad, &["endpoint"]);
@@ -814,7 +814,7 @@ async fn call_center_day(store: Store) {
         json!({ "priority": "high" }),
     )
     .await
-    .expect_error(bad, &["body"]);
+    .expect_error(bad, &["invalid priority"]);
     api.get("/audit?limit=0", Some(WALLBOARD))
         .await
         .expect_error(bad, &["limit"]);
