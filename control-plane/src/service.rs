@@ -113,11 +113,6 @@ impl Control {
         })
     }
 
-    /// The tokens the API accepts.
-    pub fn tokens(&self) -> &Tokens {
-        &self.tokens
-    }
-
     /// Checks the `Authorization` header for an operation that needs `role`.
     pub fn authorize(&self, header: Option<&[u8]>, role: Role) -> Result<Caller, ControlError> {
         self.tokens.authorize(header, role)
