@@ -7,7 +7,6 @@
 //! The view is also re-read every `refresh`, to see what other control-plane instances and
 //! the node-agents changed.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -90,10 +89,8 @@ pub struct Control {
     tokens: Tokens,
     time_zone: jiff::tz::TimeZone,
     view: RwLock<Arc<View>>,
-    /// Serialises refreshes; a write waits for one that started after it committed.
+    /// Serialises refreshes, so writes that land together share one re-read.
     refreshing: tokio::sync::Mutex<()>,
-    writes: AtomicU64,
-    refreshed_through: AtomicU64,
 }
 
 impl Control {
@@ -108,8 +105,6 @@ impl Control {
             time_zone,
             view: RwLock::new(Arc::new(view)),
             refreshing: tokio::sync::Mutex::new(()),
-            writes: AtomicU64::new(0),
-            refreshed_through: AtomicU64::new(0),
         })
     }
 
@@ -194,20 +189,13 @@ impl Control {
         self.refresh_after_write().await;
     }
 
+    /// Waits for its turn and re-reads the directory unless a refresh that started after
+    /// this write (so its version already covers it) got there first.
     async fn refresh_after_write(&self) {
-        let wanted = self.writes.fetch_add(1, Ordering::AcqRel) + 1;
         let _turn = self.refreshing.lock().await;
-        if self.refreshed_through.load(Ordering::Acquire) >= wanted {
-            return; // a refresh that started after this write has finished
-        }
-        let through = self.writes.load(Ordering::Acquire);
-        match read_view(&self.store, &self.time_zone).await {
-            Ok(view) => {
-                *self.view.write().expect("view lock") = Arc::new(view);
-                self.refreshed_through.store(through, Ordering::Release);
-            }
-            // The write is committed; the periodic refresh will show it.
-            Err(err) => warn!(error = %err, "cannot refresh the directory after a write"),
+        // The write is committed either way; on failure the periodic refresh shows it.
+        if let Err(err) = self.refresh_if_changed().await {
+            warn!(error = %err, "cannot refresh the directory after a write");
         }
     }
 
