@@ -284,9 +284,7 @@ async fn bind_control(config: &Config) -> anyhow::Result<tokio::net::TcpListener
 fn data_dir(config: &Config) -> PathBuf {
     config
         .store
-        .url
-        .strip_prefix("sqlite://")
-        .map(|rest| rest.split_once('?').map_or(rest, |(path, _)| path))
+        .sqlite_path()
         .and_then(|path| std::path::Path::new(path).parent())
         .filter(|dir| !dir.as_os_str().is_empty())
         .map_or_else(

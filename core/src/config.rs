@@ -114,6 +114,14 @@ impl Default for StoreConfig {
     }
 }
 
+impl StoreConfig {
+    /// The database file of a `sqlite://` URL (without its `?options`); `None` for MySQL.
+    pub fn sqlite_path(&self) -> Option<&str> {
+        let rest = self.url.strip_prefix("sqlite://")?;
+        Some(rest.split_once('?').map_or(rest, |(path, _)| path))
+    }
+}
+
 impl fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StoreConfig")

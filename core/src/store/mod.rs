@@ -155,8 +155,7 @@ impl Store {
     /// folder when needed, and applies the embedded migrations.
     pub async fn connect(config: &StoreConfig) -> Result<Self, StoreError> {
         let shown = ShownUrl(redact_url(&config.url));
-        if let Some(rest) = config.url.strip_prefix("sqlite://") {
-            let path = rest.split_once('?').map_or(rest, |(path, _)| path);
+        if let Some(path) = config.sqlite_path() {
             if path.is_empty() {
                 return Err(shown.invalid("it names no database file"));
             }
