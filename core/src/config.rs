@@ -402,6 +402,10 @@ pub struct LockServiceConfig {
     /// Validity of a lease when the caller asks for none.
     #[serde(with = "humantime_serde")]
     pub validity: Duration,
+    /// The longest validity a claim or a renewal may ask for. The quarantine after Redis
+    /// lost data must outlast it, so it bounds how long claims stop after a loss.
+    #[serde(with = "humantime_serde")]
+    pub max_validity: Duration,
     /// How long a lease's resource stays claimed after its validity, so a holder whose
     /// clock runs late never overlaps the next holder.
     #[serde(with = "humantime_serde")]
@@ -409,13 +413,73 @@ pub struct LockServiceConfig {
     /// Deadline of every backend call; nothing is retried behind the caller.
     #[serde(with = "humantime_serde")]
     pub deadline: Duration,
-    /// How long claims are refused after Redis lost data (restart, flush); must outlast
-    /// any lease that may have been lost, i.e. validity + guard.
+    /// How long claims are refused after Redis lost data (restart, flush, failover) and
+    /// after the memory backend starts; must be longer than `max_validity + guard`, so
+    /// every lease that may have been lost has ended before an agent is leased again.
     #[serde(with = "humantime_serde")]
     pub quarantine: Duration,
     /// Refuse to start unless Redis runs with `maxmemory-policy noeviction` and
     /// persistence; otherwise only warn.
     pub strict: bool,
+    /// Protections switched off; never read from a file (see [`UnsafeLockSwitches`]).
+    #[serde(skip)]
+    pub unsafe_for_tests: UnsafeLockSwitches,
+}
+
+/// The lock service's protections that only tests switch off, so that the fault harness
+/// can show each one is what keeps its scenario safe. Never set from a configuration file:
+/// `CALLFLEET_TEST_UNSAFE_LOCKS` (comma-separated names) sets them, and the service logs
+/// an error for every one that is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UnsafeLockSwitches {
+    /// `local_quarantine`: each process keeps its own quarantine in memory and writes the
+    /// boot marker back, as before the quarantine lived in Redis.
+    pub local_quarantine: bool,
+    /// `unbounded_validity`: claims and renewals up to 1 h whatever `max_validity` says,
+    /// and `quarantine` need not outlast it.
+    pub unbounded_validity: bool,
+    /// `no_startup_quarantine`: the memory backend grants leases as soon as it starts.
+    pub no_startup_quarantine: bool,
+    /// `naive_retry`: a retried claim reports the full validity without extending the
+    /// lease, and leases another agent when its candidate list differs.
+    pub naive_retry: bool,
+}
+
+impl UnsafeLockSwitches {
+    /// The environment variable the tests set.
+    pub const VARIABLE: &'static str = "CALLFLEET_TEST_UNSAFE_LOCKS";
+
+    /// Reads a comma-separated list of switch names.
+    pub fn parse(names: &str) -> Result<Self, String> {
+        let mut switches = Self::default();
+        for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match name {
+                "local_quarantine" => switches.local_quarantine = true,
+                "unbounded_validity" => switches.unbounded_validity = true,
+                "no_startup_quarantine" => switches.no_startup_quarantine = true,
+                "naive_retry" => switches.naive_retry = true,
+                other => {
+                    return Err(format!(
+                        "unknown switch `{other}` (known: local_quarantine, unbounded_validity, no_startup_quarantine, naive_retry)"
+                    ));
+                }
+            }
+        }
+        Ok(switches)
+    }
+
+    /// The names of the switches that are on, for the log.
+    pub fn names(&self) -> Vec<&'static str> {
+        [
+            (self.local_quarantine, "local_quarantine"),
+            (self.unbounded_validity, "unbounded_validity"),
+            (self.no_startup_quarantine, "no_startup_quarantine"),
+            (self.naive_retry, "naive_retry"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
+    }
 }
 
 impl Default for LockServiceConfig {
@@ -425,11 +489,98 @@ impl Default for LockServiceConfig {
             backend: LockBackendKind::Memory,
             redis_url: "redis://127.0.0.1:6379/0".to_owned(),
             validity: Duration::from_secs(10),
+            max_validity: Duration::from_secs(30),
             guard: Duration::from_secs(5),
             deadline: Duration::from_secs(1),
-            quarantine: Duration::from_secs(15),
+            quarantine: Duration::from_secs(40),
             strict: false,
+            unsafe_for_tests: UnsafeLockSwitches::default(),
         }
+    }
+}
+
+/// The longest lease validity the lock service can be configured for.
+pub const LONGEST_LEASE: Duration = Duration::from_secs(3600);
+
+impl LockServiceConfig {
+    /// Checks what types alone cannot express; the lock service runs it again at start, so
+    /// a configuration built in code is held to the same rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| {
+            Err(ConfigError::Value {
+                key: format!("lock_service.{key}"),
+                reason,
+            })
+        };
+        let shown = |d: Duration| humantime::format_duration(d).to_string();
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad(
+                "listen",
+                format!("`{}` must be ip:port, e.g. 127.0.0.1:7070", self.listen),
+            );
+        }
+        if self.deadline.is_zero() {
+            return bad("deadline", "must be longer than 0s".into());
+        }
+        let shortest = Duration::from_millis(100);
+        if self.max_validity < shortest || self.max_validity > LONGEST_LEASE {
+            return bad(
+                "max_validity",
+                format!(
+                    "`{}` must be between 100ms and 1h",
+                    shown(self.max_validity)
+                ),
+            );
+        }
+        if self.validity < shortest || self.validity > self.max_validity {
+            return bad(
+                "validity",
+                format!(
+                    "`{}` must be between 100ms and max_validity ({})",
+                    shown(self.validity),
+                    shown(self.max_validity)
+                ),
+            );
+        }
+        if self.guard > LONGEST_LEASE {
+            return bad(
+                "guard",
+                format!("`{}` must be at most 1h", shown(self.guard)),
+            );
+        }
+        let longest_lost = self.max_validity + self.guard;
+        if self.quarantine <= longest_lost && !self.unsafe_for_tests.unbounded_validity {
+            return bad(
+                "quarantine",
+                format!(
+                    "`{}` must be longer than max_validity + guard ({}): a lease lost with Redis's data could still be live when claims resume; raise quarantine above {} or lower max_validity",
+                    shown(self.quarantine),
+                    shown(longest_lost),
+                    shown(longest_lost)
+                ),
+            );
+        }
+        if self.backend == LockBackendKind::Redis {
+            let url = &self.redis_url;
+            // Only the outline here (sentinels, then `/master`): the lock service reads the
+            // details at start and names what is wrong with them.
+            let outline = match url.strip_prefix("redis+sentinel://") {
+                Some(rest) => rest.split_once('/').is_some_and(|(hosts, master)| {
+                    !hosts.is_empty() && !master.is_empty() && !master.starts_with(['/', '?', '#'])
+                }),
+                None => url.starts_with("redis"),
+            };
+            if !outline {
+                return bad(
+                    "redis_url",
+                    format!(
+                        "`{}` must be redis://HOST:PORT/DB or redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER[/DB]",
+                        redact_url(url)
+                    ),
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -440,10 +591,12 @@ impl fmt::Debug for LockServiceConfig {
             .field("backend", &self.backend)
             .field("redis_url", &redact_url(&self.redis_url))
             .field("validity", &self.validity)
+            .field("max_validity", &self.max_validity)
             .field("guard", &self.guard)
             .field("deadline", &self.deadline)
             .field("quarantine", &self.quarantine)
             .field("strict", &self.strict)
+            .field("unsafe_for_tests", &self.unsafe_for_tests)
             .finish()
     }
 }
@@ -597,9 +750,16 @@ impl Config {
         for (key, value) in flags {
             figment = figment.merge(Serialized::default(key, value));
         }
-        let config: Config = figment
+        let mut config: Config = figment
             .extract()
             .map_err(|err| ConfigError::Invalid(err.to_string().replace('\n', "; ")))?;
+        if let Ok(names) = std::env::var(UnsafeLockSwitches::VARIABLE) {
+            config.lock_service.unsafe_for_tests =
+                UnsafeLockSwitches::parse(&names).map_err(|why| ConfigError::Value {
+                    key: UnsafeLockSwitches::VARIABLE.to_owned(),
+                    reason: why,
+                })?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -667,39 +827,7 @@ impl Config {
         }
         self.balancer.validate()?;
         self.control_plane.validate()?;
-        let locks = &self.lock_service;
-        if locks.listen.parse::<std::net::SocketAddr>().is_err() {
-            return bad(
-                "lock_service.listen",
-                format!("`{}` must be ip:port, e.g. 127.0.0.1:7070", locks.listen),
-            );
-        }
-        if locks.validity < Duration::from_millis(100) || locks.deadline.is_zero() {
-            return bad(
-                "lock_service.validity",
-                "validity must be at least 100ms and deadline longer than 0s".into(),
-            );
-        }
-        if locks.backend == LockBackendKind::Redis {
-            let url = &locks.redis_url;
-            // Only the outline here (sentinels, then `/master`): the lock service reads the
-            // details at start and names what is wrong with them.
-            let outline = match url.strip_prefix("redis+sentinel://") {
-                Some(rest) => rest.split_once('/').is_some_and(|(hosts, master)| {
-                    !hosts.is_empty() && !master.is_empty() && !master.starts_with(['/', '?', '#'])
-                }),
-                None => url.starts_with("redis"),
-            };
-            if !outline {
-                return bad(
-                    "lock_service.redis_url",
-                    format!(
-                        "`{}` must be redis://HOST:PORT/DB or redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER[/DB]",
-                        redact_url(url)
-                    ),
-                );
-            }
-        }
+        self.lock_service.validate()?;
         let mut names = HashSet::new();
         for (i, tier) in node.shed.iter().enumerate() {
             let key = format!("node.shed[{i}]");
@@ -911,6 +1039,61 @@ mod tests {
                 .expect_err("must fail")
                 .to_string();
             assert!(err.contains("missing.toml does not exist"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_lock_quarantine_must_outlast_the_longest_lease() {
+        Jail::expect_with(|jail| {
+            let defaults = Config::load(None, &[]).expect("defaults load");
+            let locks = &defaults.lock_service;
+            assert!(locks.quarantine > locks.max_validity + locks.guard);
+            for (toml, says) in [
+                (
+                    "[lock_service]\nquarantine = \"15s\"\n",
+                    "invalid configuration: `lock_service.quarantine` `15s` must be longer than max_validity + guard (35s): a lease lost with Redis's data could still be live when claims resume; raise quarantine above 35s or lower max_validity",
+                ),
+                (
+                    "[lock_service]\nmax_validity = \"1h\"\n",
+                    "`lock_service.quarantine` `40s` must be longer than max_validity + guard (1h 5s)",
+                ),
+                (
+                    "[lock_service]\nmax_validity = \"1h 1s\"\nquarantine = \"2h\"\n",
+                    "`lock_service.max_validity` `1h 1s` must be between 100ms and 1h",
+                ),
+                (
+                    "[lock_service]\nvalidity = \"31s\"\n",
+                    "`lock_service.validity` `31s` must be between 100ms and max_validity (30s)",
+                ),
+                (
+                    "[lock_service]\ndeadline = \"0s\"\n",
+                    "`lock_service.deadline` must be longer than 0s",
+                ),
+            ] {
+                let err = load_in(jail, toml).expect_err(toml).to_string();
+                assert!(err.contains(says), "{toml}: {err}");
+            }
+            // Exactly max_validity + guard is not enough: a lease may end at that instant.
+            let err = load_in(jail, "[lock_service]\nquarantine = \"35s\"\n")
+                .expect_err("equal is not longer")
+                .to_string();
+            assert!(err.contains("lock_service.quarantine"), "{err}");
+            load_in(jail, "[lock_service]\nquarantine = \"35001ms\"\n").expect("longer");
+
+            // The tests' switch: never from the file, and its names are checked.
+            jail.set_env(
+                UnsafeLockSwitches::VARIABLE,
+                "unbounded_validity,naive_retry",
+            );
+            let config = load_in(jail, "[lock_service]\nquarantine = \"1s\"\n").expect("loads");
+            assert_eq!(
+                config.lock_service.unsafe_for_tests.names(),
+                ["unbounded_validity", "naive_retry"]
+            );
+            jail.set_env(UnsafeLockSwitches::VARIABLE, "no_quarantine");
+            let err = load_in(jail, "").expect_err("unknown switch").to_string();
+            assert!(err.contains("unknown switch `no_quarantine`"), "{err}");
             Ok(())
         });
     }

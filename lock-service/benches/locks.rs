@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use callfleet_core::config::{LockBackendKind, LockServiceConfig};
+use callfleet_core::config::{LockBackendKind, LockServiceConfig, UnsafeLockSwitches};
 use callfleet_proto::lock::v1 as pb;
 use callfleet_proto::lock::v1::locks_client::LocksClient;
 use tokio_util::sync::CancellationToken;
@@ -431,10 +431,22 @@ fn main() {
     );
     let held: u64 = env("BENCH_HELD", 1_000);
     let wanted: String = env("BENCH_BACKENDS", "redis,memory".to_owned());
+    // The bench's servers are fresh: no lease predates them, so no quarantine is needed.
+    let no_quarantine = UnsafeLockSwitches {
+        unbounded_validity: true,
+        no_startup_quarantine: true,
+        ..UnsafeLockSwitches::default()
+    };
     let mut backends = Vec::new();
     for name in wanted.split(',') {
         match name.trim() {
-            "memory" => backends.push(("memory", LockServiceConfig::default())),
+            "memory" => backends.push((
+                "memory",
+                LockServiceConfig {
+                    unsafe_for_tests: no_quarantine,
+                    ..LockServiceConfig::default()
+                },
+            )),
             "redis" => match std::env::var("BENCH_REDIS_URL") {
                 Ok(url) => backends.push((
                     "redis",
@@ -442,6 +454,7 @@ fn main() {
                         backend: LockBackendKind::Redis,
                         redis_url: url,
                         quarantine: Duration::ZERO,
+                        unsafe_for_tests: no_quarantine,
                         ..LockServiceConfig::default()
                     },
                 )),

@@ -28,7 +28,7 @@ fn to_pb(lease: Lease) -> pb::Lease {
         holder: lease.holder,
         attempt: lease.attempt,
         token: lease.token,
-        validity_ms: lease.validity.as_millis() as u64,
+        validity_ms: u64::try_from(lease.validity.as_millis()).unwrap_or(u64::MAX),
     }
 }
 
@@ -78,14 +78,12 @@ impl pb::locks_server::Locks for LocksService {
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
         let request = request.into_inner();
+        // Without a validity a renewal keeps the lease's own, not the service default.
+        let validity =
+            (request.validity_ms != 0).then(|| Duration::from_millis(request.validity_ms));
         let lease = self
             .locks
-            .renew(
-                &request.resource,
-                &request.holder,
-                request.token,
-                self.validity(request.validity_ms),
-            )
+            .renew(&request.resource, &request.holder, request.token, validity)
             .await?;
         Ok(Response::new(to_pb(lease)))
     }

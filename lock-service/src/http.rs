@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::rejection::FormRejection;
 use axum::extract::{Form, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -30,11 +31,32 @@ pub struct HttpState {
 /// The routes under `/lock/`.
 pub fn router(state: HttpState) -> Router {
     Router::new()
-        .route("/lock/acquire", post(acquire))
-        .route("/lock/claim-first", post(claim_first))
-        .route("/lock/renew", post(renew))
-        .route("/lock/release", post(release))
+        .route("/lock/acquire", post(acquire).fallback(not_post))
+        .route("/lock/claim-first", post(claim_first).fallback(not_post))
+        .route("/lock/renew", post(renew).fallback(not_post))
+        .route("/lock/release", post(release).fallback(not_post))
         .with_state(state)
+}
+
+async fn not_post() -> Line {
+    Line(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "ERR send a form with POST (CURL(url,form) does)".into(),
+    )
+}
+
+/// A form, or the `ERR` line that says why the body is not one (the framework's own
+/// rejection text would reach the dialplan as if it were an answer).
+fn form<T>(form: Result<Form<T>, FormRejection>) -> Result<T, Line> {
+    form.map(|Form(form)| form).map_err(|rejection| {
+        Line(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "ERR the body is not a form this endpoint reads ({}); send application/x-www-form-urlencoded fields, each once",
+                one_line(&rejection.body_text())
+            ),
+        )
+    })
 }
 
 /// One answer line.
@@ -101,19 +123,23 @@ struct HeldForm {
 }
 
 // Fields arrive as text and are parsed here, so a malformed one gets an `ERR` line rather
-// than the framework's own rejection body.
-fn validity(ttl: Option<String>, default: Duration) -> Result<Duration, LockError> {
+// than the framework's own rejection body. The range is the backend's one check.
+fn validity(ttl: Option<String>) -> Result<Option<Duration>, LockError> {
     let Some(ttl) = ttl.filter(|t| !t.trim().is_empty()) else {
-        return Ok(default);
+        return Ok(None);
     };
-    match ttl.trim().parse::<f64>() {
-        Ok(seconds) if seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0 => {
-            Ok(Duration::from_secs_f64(seconds))
-        }
-        _ => Err(LockError::Invalid(
-            "`ttl` must be seconds between 0 and 3600".into(),
-        )),
-    }
+    ttl.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|seconds| *seconds > 0.0)
+        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            LockError::Invalid(format!(
+                "`ttl` must be a number of seconds above 0, not {:?}",
+                ttl.trim()
+            ))
+        })
 }
 
 fn token(token: Option<String>) -> Result<u64, LockError> {
@@ -122,12 +148,19 @@ fn token(token: Option<String>) -> Result<u64, LockError> {
         .ok_or_else(|| LockError::Invalid("`token` must be the number the claim returned".into()))
 }
 
-async fn acquire(State(state): State<HttpState>, Form(form): Form<ClaimForm>) -> Line {
+async fn acquire(
+    State(state): State<HttpState>,
+    body: Result<Form<ClaimForm>, FormRejection>,
+) -> Line {
+    let form = match form(body) {
+        Ok(form) => form,
+        Err(line) => return line,
+    };
     let result = async {
         let claim = Claim {
             holder: &form.holder,
             attempt: &form.attempt,
-            validity: validity(form.ttl, state.default_validity)?,
+            validity: validity(form.ttl)?.unwrap_or(state.default_validity),
         };
         state.locks.acquire(&form.resource, &claim).await
     }
@@ -138,7 +171,14 @@ async fn acquire(State(state): State<HttpState>, Form(form): Form<ClaimForm>) ->
     }
 }
 
-async fn claim_first(State(state): State<HttpState>, Form(form): Form<ClaimForm>) -> Line {
+async fn claim_first(
+    State(state): State<HttpState>,
+    body: Result<Form<ClaimForm>, FormRejection>,
+) -> Line {
+    let form = match form(body) {
+        Ok(form) => form,
+        Err(line) => return line,
+    };
     let result = async {
         let candidates: Vec<&str> = form
             .candidates
@@ -150,7 +190,7 @@ async fn claim_first(State(state): State<HttpState>, Form(form): Form<ClaimForm>
         let claim = Claim {
             holder: &form.holder,
             attempt: &form.attempt,
-            validity: validity(form.ttl, state.default_validity)?,
+            validity: validity(form.ttl)?.unwrap_or(state.default_validity),
         };
         state.locks.claim_first(&candidates, &claim).await
     }
@@ -166,9 +206,17 @@ async fn claim_first(State(state): State<HttpState>, Form(form): Form<ClaimForm>
     }
 }
 
-async fn renew(State(state): State<HttpState>, Form(form): Form<HeldForm>) -> Line {
+async fn renew(
+    State(state): State<HttpState>,
+    body: Result<Form<HeldForm>, FormRejection>,
+) -> Line {
+    let form = match form(body) {
+        Ok(form) => form,
+        Err(line) => return line,
+    };
     let result = async {
-        let validity = validity(form.ttl, state.default_validity)?;
+        // Without a ttl a renewal keeps the lease's own validity.
+        let validity = validity(form.ttl)?;
         state
             .locks
             .renew(&form.resource, &form.holder, token(form.token)?, validity)
@@ -181,7 +229,14 @@ async fn renew(State(state): State<HttpState>, Form(form): Form<HeldForm>) -> Li
     }
 }
 
-async fn release(State(state): State<HttpState>, Form(form): Form<HeldForm>) -> Line {
+async fn release(
+    State(state): State<HttpState>,
+    body: Result<Form<HeldForm>, FormRejection>,
+) -> Line {
+    let form = match form(body) {
+        Ok(form) => form,
+        Err(line) => return line,
+    };
     let result = async {
         state
             .locks

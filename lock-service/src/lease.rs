@@ -76,21 +76,25 @@ pub(crate) fn validate(resource: &str, holder: &str) -> Result<(), LockError> {
     Ok(())
 }
 
-/// Checks a claim's attempt and validity.
-pub(crate) fn validate_claim(claim: &Claim<'_>) -> Result<(), LockError> {
-    if claim.attempt.is_empty()
-        || claim.attempt.len() > 200
-        || claim.attempt.chars().any(char::is_whitespace)
-    {
+/// Checks a claim's attempt id.
+pub(crate) fn validate_attempt(attempt: &str) -> Result<(), LockError> {
+    if attempt.is_empty() || attempt.len() > 200 || attempt.chars().any(char::is_whitespace) {
         return Err(LockError::Invalid(
             "`attempt` must be 1–200 characters without spaces (one id per claim, reused on retries)"
                 .into(),
         ));
     }
-    if claim.validity < Duration::from_millis(100) || claim.validity > Duration::from_secs(3600) {
-        return Err(LockError::Invalid(
-            "`validity` must be between 100 ms and 1 h".into(),
-        ));
+    Ok(())
+}
+
+/// The one check of a validity asked for, by a claim or a renewal: a lease may never
+/// outlast `longest`, because the quarantine after Redis lost data is sized from it.
+pub(crate) fn validate_validity(validity: Duration, longest: Duration) -> Result<(), LockError> {
+    if validity < Duration::from_millis(100) || validity > longest {
+        return Err(LockError::Invalid(format!(
+            "`validity` must be between 100 ms and {} ms (lock_service.max_validity)",
+            longest.as_millis()
+        )));
     }
     Ok(())
 }

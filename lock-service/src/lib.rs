@@ -15,7 +15,7 @@ pub mod lease;
 use std::sync::Arc;
 
 use axum::serve::ListenerExt;
-use callfleet_core::config::{LockBackendKind, LockServiceConfig};
+use callfleet_core::config::{LockBackendKind, LockServiceConfig, UnsafeLockSwitches};
 use callfleet_proto::lock::v1::locks_server::LocksServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +27,9 @@ pub use lease::{Claim, Lease, LockError};
 /// Why the lock service cannot run.
 #[derive(Debug, thiserror::Error)]
 pub enum LockServiceError {
+    /// The configuration cannot work.
+    #[error(transparent)]
+    Config(callfleet_core::config::ConfigError),
     /// The backend cannot be set up from the configuration.
     #[error("lock_service: {0}")]
     Backend(LockError),
@@ -40,12 +43,28 @@ pub enum LockServiceError {
 
 /// The backend the configuration asks for.
 pub fn backend(config: &LockServiceConfig) -> Result<Locks, LockServiceError> {
+    config.validate().map_err(LockServiceError::Config)?;
+    let switches = config.unsafe_for_tests;
+    for name in switches.names() {
+        tracing::error!(
+            switch = name,
+            "a lock-service protection is switched off for a test ({}); never run like this in production",
+            UnsafeLockSwitches::VARIABLE
+        );
+    }
     Ok(match config.backend {
-        LockBackendKind::Memory => Locks::Memory(MemoryLocks::new(config.guard)),
+        LockBackendKind::Memory => Locks::Memory(
+            MemoryLocks::new(config.guard)
+                .with_max_validity(config.max_validity)
+                .with_startup_quarantine(config.quarantine)
+                .with_unsafe_switches(switches),
+        ),
         LockBackendKind::Redis => Locks::Redis(Box::new(
             RedisLocks::new(&config.redis_url, config.guard, config.deadline)
                 .map_err(LockServiceError::Backend)?
-                .with_quarantine(config.quarantine),
+                .with_quarantine(config.quarantine)
+                .with_max_validity(config.max_validity)
+                .with_unsafe_switches(switches),
         )),
     })
 }

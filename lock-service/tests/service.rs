@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use callfleet_core::config::LockServiceConfig;
+use callfleet_core::config::{LockServiceConfig, UnsafeLockSwitches};
 use callfleet_proto::lock::v1 as pb;
 use callfleet_proto::lock::v1::locks_client::LocksClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,8 +17,17 @@ struct Server {
 }
 
 impl Server {
+    /// A memory-backed service that grants leases at once (the startup quarantine has a
+    /// test of its own).
     async fn start() -> Self {
-        Self::start_with(LockServiceConfig::default()).await
+        Self::start_with(LockServiceConfig {
+            unsafe_for_tests: UnsafeLockSwitches {
+                no_startup_quarantine: true,
+                ..UnsafeLockSwitches::default()
+            },
+            ..LockServiceConfig::default()
+        })
+        .await
     }
 
     async fn start_with(config: LockServiceConfig) -> Self {

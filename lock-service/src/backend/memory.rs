@@ -1,8 +1,13 @@
 //! Leases in this process's memory: the single-box backend, with the same rules as Redis.
+//!
+//! A restart forgets every lease while the PBX may still ring the agents they were for, so
+//! a new backend refuses claims for the quarantine first, as Redis does after a data loss.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use callfleet_core::config::{LockServiceConfig, UnsafeLockSwitches};
 
 use crate::lease::{Claim, Lease, LockError};
 
@@ -23,6 +28,9 @@ struct State {
     leases: HashMap<String, Entry>,
     /// Last token per resource; kept after the lease goes, like Redis's `fence:` keys.
     fences: HashMap<String, u64>,
+    /// Which resource a claim (holder, attempt) got, so a retry finds it whatever its
+    /// candidate list; dropped with the lease.
+    attempts: HashMap<(String, String), String>,
     /// When expired leases are next dropped. Sweeping on every claim made each claim walk
     /// every lease (thousands of agents on a call-center box); once a second it is noise.
     next_sweep: Option<Instant>,
@@ -42,8 +50,27 @@ impl State {
     fn sweep(&mut self, now: Instant) {
         if self.next_sweep.is_none_or(|at| at <= now) {
             self.leases.retain(|_, entry| entry.expires > now);
+            let leases = &self.leases;
+            self.attempts.retain(|(holder, attempt), resource| {
+                leases
+                    .get(resource)
+                    .is_some_and(|e| &e.holder == holder && &e.attempt == attempt)
+            });
             self.next_sweep = Some(now + SWEEP_EVERY);
         }
+    }
+
+    /// The live lease a retried claim already got, extended to `validity` from now (so the
+    /// holder, which counts from its retry, never believes in more than the store keeps).
+    fn retry(&mut self, claim: &Claim<'_>, now: Instant, guard: Duration) -> Option<Lease> {
+        let key = (claim.holder.to_owned(), claim.attempt.to_owned());
+        let resource = self.attempts.get(&key)?.clone();
+        let entry = self.leases.get_mut(&resource).filter(|e| {
+            e.expires > now && e.holder == claim.holder && e.attempt == claim.attempt
+        })?;
+        entry.validity = claim.validity;
+        entry.expires = now + claim.validity + guard;
+        Some(lease_of(&resource, entry))
     }
 }
 
@@ -52,14 +79,64 @@ impl State {
 pub struct MemoryLocks {
     state: Mutex<State>,
     guard: Duration,
+    max_validity: Duration,
+    /// No claims before this: leases granted before a restart may still be acted on.
+    quarantined_until: Option<Instant>,
+    naive_retry: bool,
 }
 
 impl MemoryLocks {
-    /// Leases stay claimed `guard` past their validity.
+    /// Leases stay claimed `guard` past their validity; claims are granted at once (see
+    /// [`MemoryLocks::with_startup_quarantine`]).
     pub fn new(guard: Duration) -> Self {
         Self {
             state: Mutex::default(),
             guard,
+            max_validity: LockServiceConfig::default().max_validity,
+            quarantined_until: None,
+            naive_retry: false,
+        }
+    }
+
+    /// Refuses claims for `quarantine` from now: a process that starts cannot know which
+    /// leases its predecessor granted.
+    pub fn with_startup_quarantine(mut self, quarantine: Duration) -> Self {
+        self.quarantined_until = Instant::now().checked_add(quarantine);
+        self
+    }
+
+    /// The longest validity a claim or renewal may ask for.
+    pub fn with_max_validity(mut self, max_validity: Duration) -> Self {
+        self.max_validity = max_validity;
+        self
+    }
+
+    /// The protections a test switched off.
+    pub fn with_unsafe_switches(mut self, switches: UnsafeLockSwitches) -> Self {
+        self.naive_retry = switches.naive_retry;
+        if switches.no_startup_quarantine {
+            self.quarantined_until = None;
+        }
+        self
+    }
+
+    pub(super) fn max_validity(&self) -> Duration {
+        self.max_validity
+    }
+
+    /// Whether claims are refused right now.
+    pub fn quarantined(&self) -> bool {
+        self.quarantined_until
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    fn check_quarantine(&self, now: Instant) -> Result<(), LockError> {
+        match self.quarantined_until {
+            Some(until) if now < until => Err(LockError::Unavailable(format!(
+                "quarantined: the lock service restarted and leases granted before may still be in use; claims resume in {} ms",
+                until.duration_since(now).as_millis()
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -68,10 +145,19 @@ impl MemoryLocks {
     }
 
     pub(super) fn acquire(&self, resource: &str, claim: &Claim<'_>) -> Result<Lease, LockError> {
-        let mut state = self.state();
-        let now = Instant::now();
-        state.sweep(now);
-        Self::claim_in(&mut state, resource, claim, now, self.guard)
+        match self.claim_first(&[resource], claim)? {
+            Some(lease) => Ok(lease),
+            None => {
+                let state = self.state();
+                let holder = state
+                    .live(resource, Instant::now())
+                    .map_or_else(String::new, |entry| entry.holder.clone());
+                Err(LockError::Held {
+                    resource: resource.to_owned(),
+                    holder,
+                })
+            }
+        }
     }
 
     pub(super) fn claim_first(
@@ -79,21 +165,28 @@ impl MemoryLocks {
         candidates: &[&str],
         claim: &Claim<'_>,
     ) -> Result<Option<Lease>, LockError> {
-        let mut state = self.state();
         let now = Instant::now();
+        self.check_quarantine(now)?;
+        let mut state = self.state();
         state.sweep(now);
-        // A retried claim finds the lease it already got, wherever it is in the list.
-        for resource in candidates {
-            if let Some(entry) = state.live(resource, now)
-                && entry.holder == claim.holder
-                && entry.attempt == claim.attempt
-            {
-                return Ok(Some(lease_of(resource, entry)));
+        if self.naive_retry {
+            // Switched off for a test: only this list is searched, and nothing is extended.
+            for resource in candidates {
+                if let Some(entry) = state.live(resource, now)
+                    && entry.holder == claim.holder
+                    && entry.attempt == claim.attempt
+                {
+                    return Ok(Some(lease_of(resource, entry)));
+                }
             }
+        } else if let Some(lease) = state.retry(claim, now, self.guard) {
+            return Ok(Some(lease));
         }
         for resource in candidates {
             if state.live(resource, now).is_none() {
-                return Self::claim_in(&mut state, resource, claim, now, self.guard).map(Some);
+                return Ok(Some(Self::claim_in(
+                    &mut state, resource, claim, now, self.guard,
+                )));
             }
         }
         Ok(None)
@@ -105,18 +198,9 @@ impl MemoryLocks {
         claim: &Claim<'_>,
         now: Instant,
         guard: Duration,
-    ) -> Result<Lease, LockError> {
-        if let Some(entry) = state.live(resource, now) {
-            if entry.holder == claim.holder && entry.attempt == claim.attempt {
-                return Ok(lease_of(resource, entry));
-            }
-            return Err(LockError::Held {
-                resource: resource.to_owned(),
-                holder: entry.holder.clone(),
-            });
-        }
+    ) -> Lease {
         let last = state.fences.get(resource).copied().unwrap_or(0);
-        let token = (last + 1).max(wall_micros());
+        let token = last.saturating_add(1).max(wall_micros());
         state.fences.insert(resource.to_owned(), token);
         let entry = Entry {
             holder: claim.holder.to_owned(),
@@ -127,7 +211,11 @@ impl MemoryLocks {
         };
         let lease = lease_of(resource, &entry);
         state.leases.insert(resource.to_owned(), entry);
-        Ok(lease)
+        state.attempts.insert(
+            (claim.holder.to_owned(), claim.attempt.to_owned()),
+            resource.to_owned(),
+        );
+        lease
     }
 
     pub(super) fn renew(
@@ -135,11 +223,13 @@ impl MemoryLocks {
         resource: &str,
         holder: &str,
         token: u64,
-        validity: Duration,
+        validity: Option<Duration>,
     ) -> Result<Lease, LockError> {
         let mut state = self.state();
         let now = Instant::now();
         let entry = live_entry(&mut state, resource, holder, token, now)?;
+        // Without a validity the lease keeps its own (never beyond today's bound).
+        let validity = validity.unwrap_or(entry.validity.min(self.max_validity));
         entry.validity = validity;
         entry.expires = now + validity + self.guard;
         Ok(lease_of(resource, entry))
@@ -152,8 +242,10 @@ impl MemoryLocks {
         token: u64,
     ) -> Result<(), LockError> {
         let mut state = self.state();
-        live_entry(&mut state, resource, holder, token, Instant::now())?;
+        let entry = live_entry(&mut state, resource, holder, token, Instant::now())?;
+        let key = (entry.holder.clone(), entry.attempt.clone());
         state.leases.remove(resource);
+        state.attempts.remove(&key);
         Ok(())
     }
 

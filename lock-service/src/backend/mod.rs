@@ -11,10 +11,14 @@ use std::time::Duration;
 pub use memory::MemoryLocks;
 pub use redis::RedisLocks;
 
-use crate::lease::{Claim, Lease, LockError, validate, validate_claim};
+use crate::lease::{Claim, Lease, LockError, validate, validate_attempt, validate_validity};
 
 /// A lease store.
 #[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per process, built once: its size does not matter"
+)]
 pub enum Locks {
     /// In this process (single box).
     Memory(MemoryLocks),
@@ -26,17 +30,26 @@ impl Locks {
     /// Leases `resource` to `claim.holder`, or returns the lease this attempt already got.
     pub async fn acquire(&self, resource: &str, claim: &Claim<'_>) -> Result<Lease, LockError> {
         validate(resource, claim.holder)?;
-        validate_claim(claim)?;
-        match self {
-            Self::Memory(memory) => memory.acquire(resource, claim),
+        self.validate_claim(claim)?;
+        let lease = match self {
+            Self::Memory(memory) => memory.acquire(resource, claim)?,
             Self::Redis(redis) => match redis.claim_first(&[resource], claim).await? {
-                (Some(lease), _) => Ok(lease),
-                (None, holder) => Err(LockError::Held {
-                    resource: resource.to_owned(),
-                    holder,
-                }),
+                (Some(lease), _) => lease,
+                (None, holder) => {
+                    return Err(LockError::Held {
+                        resource: resource.to_owned(),
+                        holder,
+                    });
+                }
             },
+        };
+        if lease.resource != resource {
+            return Err(LockError::Invalid(format!(
+                "attempt `{}` already holds {}: one attempt (one call) leases one resource; use a new attempt id",
+                claim.attempt, lease.resource
+            )));
         }
+        Ok(lease)
     }
 
     /// Leases the first free resource of `candidates` (priority order) in one atomic step,
@@ -54,36 +67,29 @@ impl Locks {
         for resource in candidates {
             validate(resource, claim.holder)?;
         }
-        validate_claim(claim)?;
+        self.validate_claim(claim)?;
         match self {
             Self::Memory(memory) => memory.claim_first(candidates, claim),
             Self::Redis(redis) => Ok(redis.claim_first(candidates, claim).await?.0),
         }
     }
 
-    /// Extends a live lease held by `holder` with `token` to a new validity from now.
+    /// Extends a live lease held by `holder` with `token` to `validity` from now, or to
+    /// the lease's own validity when `validity` is `None`.
     pub async fn renew(
         &self,
         resource: &str,
         holder: &str,
         token: u64,
-        validity: Duration,
+        validity: Option<Duration>,
     ) -> Result<Lease, LockError> {
         validate(resource, holder)?;
+        if let Some(validity) = validity {
+            validate_validity(validity, self.max_validity())?;
+        }
         match self {
             Self::Memory(memory) => memory.renew(resource, holder, token, validity),
-            Self::Redis(redis) => {
-                let attempt = redis
-                    .renew_or_release(resource, holder, token, Some(validity))
-                    .await?;
-                Ok(Lease {
-                    resource: resource.to_owned(),
-                    holder: holder.to_owned(),
-                    attempt,
-                    token,
-                    validity,
-                })
-            }
+            Self::Redis(redis) => redis.renew(resource, holder, token, validity).await,
         }
     }
 
@@ -92,19 +98,29 @@ impl Locks {
         validate(resource, holder)?;
         match self {
             Self::Memory(memory) => memory.release(resource, holder, token),
-            Self::Redis(redis) => redis
-                .renew_or_release(resource, holder, token, None)
-                .await
-                .map(drop),
+            Self::Redis(redis) => redis.release(resource, holder, token).await,
         }
     }
 
     /// Whether leases can be granted now (for the health service).
     pub async fn serving(&self) -> bool {
         match self {
-            Self::Memory(_) => true,
+            Self::Memory(memory) => !memory.quarantined(),
             Self::Redis(redis) => redis.serving().await,
         }
+    }
+
+    /// The longest validity a claim or renewal may ask for.
+    pub fn max_validity(&self) -> Duration {
+        match self {
+            Self::Memory(memory) => memory.max_validity(),
+            Self::Redis(redis) => redis.max_validity(),
+        }
+    }
+
+    fn validate_claim(&self, claim: &Claim<'_>) -> Result<(), LockError> {
+        validate_attempt(claim.attempt)?;
+        validate_validity(claim.validity, self.max_validity())
     }
 
     /// The live lease on `resource`, with what is left of its validity.

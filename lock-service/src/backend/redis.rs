@@ -1,18 +1,27 @@
 //! Leases in Redis: every operation is one Lua script, so one round trip and atomic.
 //!
-//! Layout: `lk:{resource}` is a hash (holder, attempt, token) that expires validity + guard
-//! after the claim or renewal; `fence:{resource}` holds the last token issued and never
-//! expires. A new token is `max(last + 1, Redis TIME in µs)`, so tokens keep increasing
-//! even when Redis restarts empty and the fence is lost. Numbers are printed with
-//! `%.0f` because Lua's numbers are doubles (µs since the epoch fit in their 53 bits).
+//! Layout: `lk:{resource}` is a hash (holder, attempt, token, validity) that expires
+//! validity + guard after the claim or renewal; `fence:{resource}` holds the last token
+//! issued and never expires; `lka:{holder} {attempt}` names the resource a claim got, so a
+//! retry finds it whatever its candidate list, and lives as long as the lease. A new token
+//! is `max(last + 1, Redis TIME in µs)`, so tokens keep increasing even when Redis restarts
+//! empty and the fence is lost. Numbers are printed with `%.0f` because Lua's numbers are
+//! doubles (µs since the epoch fit in their 53 bits).
+//!
+//! The quarantine lives in Redis, in the boot marker (a hash: the run id of the Redis that
+//! wrote it, and `until`, no claims before that Redis `TIME`), and the claim script
+//! enforces it, so every lock-service instance, restarted or new, obeys it. It starts when
+//! the marker is missing (Redis lost its data), when it names another run id (Redis
+//! restarted, possibly on a file missing its last writes, or a replica took over), when
+//! Redis is younger than the quarantine, and when this process sees the server turn from
+//! replica to master. Every new connection and every health tick (500 ms) checks.
 //!
 //! Connections go to one address (`redis://…`) or to whichever server the sentinels name
-//! master at the time (`redis+sentinel://…`, see [`RedisLocks::new`]). Either way every new
-//! connection passes the same boot check before a claim goes through it, so a failover,
-//! which brings a new run id, starts a quarantine like a restart does.
+//! master at the time (`redis+sentinel://…`, see [`RedisLocks::new`]).
 
 use std::time::{Duration, Instant};
 
+use callfleet_core::config::{LockServiceConfig, UnsafeLockSwitches};
 use redis::aio::MultiplexedConnection;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{
@@ -23,50 +32,141 @@ use tokio::sync::Mutex;
 use crate::lease::{Claim, Lease, LockError};
 
 /// Claims the first free candidate, or returns the lease this attempt already holds.
-/// KEYS: the boot marker, then lk, fence pairs in priority order. ARGV: holder, attempt,
-/// expire-ms. Returns {index (1-based), token, ''}, {0, '', first holder} when all are
-/// held, or {-1, '', ''} when the boot marker is gone (Redis lost its data).
+/// KEYS: the boot marker, the attempt index, then lk, fence pairs in priority order.
+/// ARGV: holder, attempt, validity-ms, guard-ms, quarantine-µs, run id, shared quarantine
+/// ('1'/'0'), indexed retry ('1'/'0').
+/// Returns {1, resource, token}; {0, '', first holder} when all are held; {-1, '', µs left}
+/// when the marker was missing (Redis lost its data; the quarantine starts now); {-2, '',
+/// µs left} while quarantined.
 const CLAIM: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, '', ''} end
-local n = (#KEYS - 1) / 2
-for i = 1, n do
-  local cur = redis.call('HMGET', KEYS[2 * i], 'holder', 'attempt', 'token')
-  if cur[1] == ARGV[1] and cur[2] == ARGV[2] then
-    return {i, cur[3], ''}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if ARGV[7] == '1' then
+  local untl = redis.call('HGET', KEYS[1], 'until')
+  if not untl then
+    local fresh = now + tonumber(ARGV[5])
+    redis.call('HSET', KEYS[1], 'run_id', ARGV[6], 'until', string.format('%.0f', fresh))
+    return {-1, '', string.format('%.0f', fresh - now)}
+  end
+  if tonumber(untl) > now then
+    return {-2, '', string.format('%.0f', tonumber(untl) - now)}
+  end
+elseif redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'run_id', ARGV[6])
+  return {-1, '', '0'}
+end
+local n = (#KEYS - 2) / 2
+local expire = tonumber(ARGV[3]) + tonumber(ARGV[4])
+if ARGV[8] == '1' then
+  local prior = redis.call('GET', KEYS[2])
+  if prior then
+    local key = 'lk:{' .. prior .. '}'
+    local cur = redis.call('HMGET', key, 'holder', 'attempt', 'token')
+    if cur[1] == ARGV[1] and cur[2] == ARGV[2] then
+      redis.call('HSET', key, 'validity', ARGV[3])
+      redis.call('PEXPIRE', key, expire)
+      redis.call('PEXPIRE', KEYS[2], expire)
+      return {1, prior, cur[3]}
+    end
+  end
+else
+  for i = 1, n do
+    local key = KEYS[2 * i + 1]
+    local cur = redis.call('HMGET', key, 'holder', 'attempt', 'token')
+    if cur[1] == ARGV[1] and cur[2] == ARGV[2] then
+      return {1, string.sub(key, 5, -2), cur[3]}
+    end
   end
 end
 local busy = ''
 for i = 1, n do
-  local key = KEYS[2 * i]
+  local key = KEYS[2 * i + 1]
   local holder = redis.call('HGET', key, 'holder')
   if not holder then
-    local t = redis.call('TIME')
-    local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-    local last = tonumber(redis.call('GET', KEYS[2 * i + 1]) or '0')
+    local last = tonumber(redis.call('GET', KEYS[2 * i + 2]) or '0')
     local token = string.format('%.0f', math.max(last + 1, now))
-    redis.call('HSET', key, 'holder', ARGV[1], 'attempt', ARGV[2], 'token', token)
-    redis.call('PEXPIRE', key, ARGV[3])
-    redis.call('SET', KEYS[2 * i + 1], token)
-    return {i, token, ''}
+    local resource = string.sub(key, 5, -2)
+    redis.call('HSET', key, 'holder', ARGV[1], 'attempt', ARGV[2], 'token', token,
+      'validity', ARGV[3])
+    redis.call('PEXPIRE', key, expire)
+    redis.call('SET', KEYS[2 * i + 2], token)
+    if ARGV[8] == '1' then
+      redis.call('SET', KEYS[2], resource, 'PX', expire)
+    end
+    return {1, resource, token}
   end
   if busy == '' then busy = holder end
 end
 return {0, '', busy}
 "#;
 
-/// KEYS: lk. ARGV: holder, token, expire-ms (renew) or '' (release).
-/// Returns {1, attempt} done, {0, ''} gone, {-1, ''} someone else's.
-const RENEW_OR_RELEASE: &str = r#"
-local cur = redis.call('HMGET', KEYS[1], 'holder', 'token', 'attempt')
-if not cur[1] then return {0, ''} end
-if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return {-1, ''} end
-if ARGV[3] == '' then
-  redis.call('DEL', KEYS[1])
-else
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+/// KEYS: lk. ARGV: holder, token, validity-ms ('' keeps the lease's own), guard-ms,
+/// max-validity-ms, resource. Returns {1, attempt, validity-ms} renewed, {0, '', ''} gone,
+/// {-1, '', ''} someone else's.
+const RENEW: &str = r#"
+local cur = redis.call('HMGET', KEYS[1], 'holder', 'token', 'attempt', 'validity')
+if not cur[1] then return {0, '', ''} end
+if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return {-1, '', ''} end
+local validity = tonumber(ARGV[3])
+if not validity then
+  validity = math.min(tonumber(cur[4] or ARGV[5]), tonumber(ARGV[5]))
 end
-return {1, cur[3]}
+local expire = validity + tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'validity', string.format('%.0f', validity))
+redis.call('PEXPIRE', KEYS[1], expire)
+local index = 'lka:' .. cur[1] .. ' ' .. cur[3]
+if redis.call('GET', index) == ARGV[6] then redis.call('PEXPIRE', index, expire) end
+return {1, cur[3], string.format('%.0f', validity)}
 "#;
+
+/// KEYS: lk. ARGV: holder, token, resource. Returns {1} released, {0} gone, {-1} someone
+/// else's.
+const RELEASE: &str = r#"
+local cur = redis.call('HMGET', KEYS[1], 'holder', 'token', 'attempt')
+if not cur[1] then return 0 end
+if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return -1 end
+redis.call('DEL', KEYS[1])
+local index = 'lka:' .. cur[1] .. ' ' .. cur[3]
+if redis.call('GET', index) == ARGV[3] then redis.call('DEL', index) end
+return 1
+"#;
+
+/// The boot check, on every new connection and health tick. KEYS: the boot marker.
+/// ARGV: run id, uptime-s, quarantine-µs, '1' when this process saw the server turn from
+/// replica to master. Returns {why the quarantine was started or moved ('' if not),
+/// µs of quarantine left}.
+const BOOT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local q = tonumber(ARGV[3])
+local cur = redis.call('HMGET', KEYS[1], 'run_id', 'until')
+local untl = tonumber(cur[2] or '0') or 0
+local why = ''
+if not cur[2] then
+  why = 'the boot marker is missing: redis started empty or was flushed'
+elseif cur[1] ~= ARGV[1] then
+  why = 'redis run_id changed: it restarted (perhaps missing its last writes) or a replica took over'
+elseif ARGV[4] == '1' then
+  why = 'redis turned from replica to master'
+end
+if why ~= '' then untl = math.max(untl, now + q) end
+local young = now - tonumber(ARGV[2]) * 1000000 + q
+if young > untl then
+  untl = young
+  if why == '' then why = 'redis started less than a quarantine ago' end
+end
+if why ~= '' then
+  redis.call('HSET', KEYS[1], 'run_id', ARGV[1], 'until', string.format('%.0f', untl))
+end
+return {why, string.format('%.0f', math.max(untl - now, 0))}
+"#;
+
+/// What this process last saw of the server.
+#[derive(Debug, Default)]
+struct Seen {
+    run_id: Option<String>,
+    replica: bool,
+}
 
 /// The Redis backend.
 #[derive(Debug)]
@@ -75,17 +175,22 @@ pub struct RedisLocks {
     /// plain read lock; `connector` serialises only the rare reconnects.
     connection: std::sync::RwLock<Option<MultiplexedConnection>>,
     connector: Mutex<Connector>,
-    /// Key whose absence means Redis lost its data (restarted empty, flushed).
+    /// Key of the boot marker (see the module's documentation).
     marker: String,
-    /// The Redis `run_id` seen on our last connection: a new one means Redis restarted.
-    run_id: std::sync::Mutex<Option<String>>,
-    /// No claims are granted before this.
+    seen: std::sync::Mutex<Seen>,
+    /// The end of the quarantine as this process last learnt it from Redis (health only:
+    /// the claim script decides), or, with `local_quarantine` switched on for a test, the
+    /// only quarantine there is.
     quarantined_until: std::sync::Mutex<Option<Instant>>,
     quarantine: Duration,
     guard: Duration,
     deadline: Duration,
+    max_validity: Duration,
+    switches: UnsafeLockSwitches,
     claim: Script,
-    renew_or_release: Script,
+    renew: Script,
+    release: Script,
+    boot: Script,
 }
 
 impl RedisLocks {
@@ -100,24 +205,43 @@ impl RedisLocks {
     /// `sentinel_password`.
     pub fn new(url: &str, guard: Duration, deadline: Duration) -> Result<Self, LockError> {
         let connector = Connector::parse(url).map_err(LockError::Invalid)?;
+        let defaults = LockServiceConfig::default();
         Ok(Self {
             connection: std::sync::RwLock::new(None),
             connector: Mutex::new(connector),
-            marker: "callfleet:locks:boot".to_owned(),
-            run_id: std::sync::Mutex::new(None),
+            // A hash since the quarantine moved into it; the string marker of earlier
+            // versions (`callfleet:locks:boot`) is left alone, so an upgrade quarantines once.
+            marker: "callfleet:locks:marker".to_owned(),
+            seen: std::sync::Mutex::default(),
             quarantined_until: std::sync::Mutex::new(None),
-            quarantine: Duration::from_secs(15),
+            quarantine: defaults.quarantine,
             guard,
             deadline,
+            max_validity: defaults.max_validity,
+            switches: UnsafeLockSwitches::default(),
             claim: Script::new(CLAIM),
-            renew_or_release: Script::new(RENEW_OR_RELEASE),
+            renew: Script::new(RENEW),
+            release: Script::new(RELEASE),
+            boot: Script::new(BOOT),
         })
     }
 
     /// How long claims are refused after Redis lost data; longer than any lease that may
-    /// have been lost with it (validity + guard).
+    /// have been lost with it (max validity + guard).
     pub fn with_quarantine(mut self, quarantine: Duration) -> Self {
         self.quarantine = quarantine;
+        self
+    }
+
+    /// The longest validity a claim or renewal may ask for.
+    pub fn with_max_validity(mut self, max_validity: Duration) -> Self {
+        self.max_validity = max_validity;
+        self
+    }
+
+    /// The protections a test switched off.
+    pub fn with_unsafe_switches(mut self, switches: UnsafeLockSwitches) -> Self {
+        self.switches = switches;
         self
     }
 
@@ -127,36 +251,47 @@ impl RedisLocks {
         self
     }
 
+    pub(super) fn max_validity(&self) -> Duration {
+        self.max_validity
+    }
+
     /// What is wrong with the Redis configuration for locks (empty when all is well):
     /// an evicting `maxmemory-policy` silently drops live leases (their keys carry TTLs),
-    /// and without persistence a restart loses every lease at once.
+    /// without persistence a restart loses every lease at once, and behind sentinels a
+    /// master that accepts writes with no replica in reach loses them at the failover.
     pub async fn configuration_problems(&self) -> Result<Vec<String>, LockError> {
         let mut connection = self.connection().await?;
+        let sentinel = matches!(*self.connector.lock().await, Connector::Sentinel { .. });
         let mut problems = Vec::new();
         let query = async {
-            let policy: Vec<String> = redis::cmd("CONFIG")
-                .arg("GET")
-                .arg("maxmemory-policy")
-                .query_async(&mut connection)
-                .await?;
-            let aof: Vec<String> = redis::cmd("CONFIG")
-                .arg("GET")
-                .arg("appendonly")
-                .query_async(&mut connection)
-                .await?;
-            Ok::<_, redis::RedisError>((policy, aof))
+            let mut values = Vec::new();
+            for name in ["maxmemory-policy", "appendonly", "min-replicas-to-write"] {
+                let pair: Vec<String> = redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg(name)
+                    .query_async(&mut connection)
+                    .await?;
+                values.push(pair.get(1).cloned());
+            }
+            Ok::<_, redis::RedisError>(values)
         };
         match tokio::time::timeout(self.deadline, query).await {
-            Ok(Ok((policy, aof))) => {
-                if policy.get(1).is_none_or(|p| p != "noeviction") {
+            Ok(Ok(values)) => {
+                let policy = values[0].as_deref();
+                if policy != Some("noeviction") {
                     problems.push(format!(
                         "maxmemory-policy is {:?}, not noeviction: Redis may evict live leases; set `maxmemory-policy noeviction`",
-                        policy.get(1).map_or("unknown", String::as_str)
+                        policy.unwrap_or("unknown")
                     ));
                 }
-                if aof.get(1).is_none_or(|a| a != "yes") {
+                if values[1].as_deref() != Some("yes") {
                     problems.push(
                         "appendonly is off: a Redis restart loses every lease; set `appendonly yes`".to_owned(),
+                    );
+                }
+                if sentinel && values[2].as_deref().is_none_or(|n| n == "0") {
+                    problems.push(
+                        "min-replicas-to-write is 0: a master cut off from its replicas keeps granting leases that the failover then loses; set `min-replicas-to-write 1` and `min-replicas-max-lag 1` on every Redis behind the sentinels".to_owned(),
                     );
                 }
             }
@@ -168,23 +303,24 @@ impl RedisLocks {
         Ok(problems)
     }
 
-    /// Whether leases can be granted now: Redis answers and no quarantine runs.
+    /// Whether leases can be granted now: Redis answers as a master and no quarantine
+    /// runs. Runs the boot check, so a restart or failover is seen within one health tick
+    /// even by a process whose connection survived it.
     pub async fn serving(&self) -> bool {
         let Ok(mut connection) = self.connection().await else {
             return false;
         };
-        let command = redis::cmd("PING");
-        let ping = command.query_async::<String>(&mut connection);
-        match tokio::time::timeout(self.deadline, ping).await {
-            Ok(Ok(_)) => !self.quarantined(),
-            _ => {
+        match self.check_boot(&mut connection).await {
+            Ok(()) => !self.quarantined(),
+            Err(_) => {
                 self.forget_connection();
                 false
             }
         }
     }
 
-    /// Whether claims are refused right now because Redis lost its data.
+    /// Whether claims are refused right now because Redis lost its data, as far as this
+    /// process knows.
     pub fn quarantined(&self) -> bool {
         self.quarantined_until
             .lock()
@@ -192,17 +328,27 @@ impl RedisLocks {
             .is_some_and(|until| Instant::now() < until)
     }
 
-    fn start_quarantine(&self, why: &str) {
-        let until = Instant::now() + self.quarantine;
-        *self
-            .quarantined_until
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(until);
-        tracing::warn!(
-            quarantine = ?self.quarantine,
-            why,
-            "redis may have lost leases; refusing claims until every lost lease has run out"
+    /// Records that claims are refused for `left` from now.
+    fn note_quarantine(&self, left: Duration, why: &str) {
+        let until = Instant::now().checked_add(left);
+        let previous = std::mem::replace(
+            &mut *self
+                .quarantined_until
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            until,
         );
+        let was_running = previous.is_some_and(|p| Instant::now() < p);
+        // A young Redis moves the end a little on every tick (its uptime counts whole
+        // seconds); that is not news while the quarantine runs.
+        let routine = was_running && why.starts_with("redis started less");
+        if !why.is_empty() && !routine {
+            tracing::warn!(
+                left = ?left,
+                why,
+                "redis may have lost leases; refusing claims until every lost lease has run out"
+            );
+        }
     }
 
     async fn connection(&self) -> Result<MultiplexedConnection, LockError> {
@@ -243,39 +389,75 @@ impl RedisLocks {
     }
 
     async fn check_boot(&self, connection: &mut MultiplexedConnection) -> Result<(), LockError> {
-        let check = async {
-            let info: String = redis::cmd("INFO")
-                .arg("server")
-                .query_async(connection)
-                .await?;
-            let created: bool = redis::cmd("SET")
-                .arg(&self.marker)
-                .arg("1")
-                .arg("NX")
-                .query_async::<Option<String>>(connection)
-                .await?
-                .is_some();
-            Ok::<_, redis::RedisError>((info, created))
-        };
-        let (info, marker_was_missing) = tokio::time::timeout(self.deadline, check)
+        let mut command = redis::cmd("INFO");
+        command.arg("server").arg("replication");
+        let info = tokio::time::timeout(self.deadline, command.query_async::<String>(connection))
             .await
             .map_err(|_| LockError::Unavailable("redis did not answer the boot check".into()))?
             .map_err(unavailable)?;
-        let run_id = info
-            .lines()
-            .find_map(|line| line.strip_prefix("run_id:"))
-            .map(|id| id.trim().to_owned());
-        let previous = std::mem::replace(
-            &mut *self
-                .run_id
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                .map(|value| value.trim().to_owned())
+        };
+        let run_id = field("run_id").unwrap_or_default();
+        let uptime: u64 = field("uptime_in_seconds")
+            .and_then(|u| u.parse().ok())
+            .unwrap_or(0);
+        let replica = field("role").is_some_and(|role| role != "master");
+        let (previous_run_id, promoted) = {
+            let mut seen = self
+                .seen
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-            run_id.clone(),
-        );
-        if marker_was_missing {
-            self.start_quarantine("boot marker missing: redis started empty or was flushed");
-        } else if previous.is_some() && previous != run_id {
-            self.start_quarantine("redis run_id changed: it restarted and may miss recent writes");
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let promoted = seen.replica && !replica;
+            seen.replica = replica;
+            (seen.run_id.replace(run_id.clone()), promoted)
+        };
+        if replica {
+            return Err(LockError::Unavailable(
+                "redis is a replica now: claims wait for the master".into(),
+            ));
+        }
+        if self.switches.local_quarantine {
+            return self
+                .check_boot_locally(connection, previous_run_id, &run_id)
+                .await;
+        }
+        let mut invocation = self.boot.prepare_invoke();
+        invocation
+            .key(&self.marker)
+            .arg(&run_id)
+            .arg(uptime)
+            .arg(micros(self.quarantine))
+            .arg(if promoted { "1" } else { "0" });
+        let (why, left): (String, String) =
+            tokio::time::timeout(self.deadline, invocation.invoke_async(connection))
+                .await
+                .map_err(|_| LockError::Unavailable("redis did not answer the boot check".into()))?
+                .map_err(unavailable)?;
+        self.note_quarantine(from_micros(&left), &why);
+        Ok(())
+    }
+
+    /// The boot check as it was before the quarantine lived in Redis (a test switch): the
+    /// process compares the run id with the one it saw itself and writes the marker back.
+    async fn check_boot_locally(
+        &self,
+        connection: &mut MultiplexedConnection,
+        previous_run_id: Option<String>,
+        run_id: &str,
+    ) -> Result<(), LockError> {
+        let mut command = redis::cmd("HSETNX");
+        command.arg(&self.marker).arg("run_id").arg(run_id);
+        let created = tokio::time::timeout(self.deadline, command.query_async::<bool>(connection))
+            .await
+            .map_err(|_| LockError::Unavailable("redis did not answer the boot check".into()))?
+            .map_err(unavailable)?;
+        if created {
+            self.note_quarantine(self.quarantine, "boot marker missing (local quarantine)");
+        } else if previous_run_id.is_some_and(|previous| previous != run_id) {
+            self.note_quarantine(self.quarantine, "redis run_id changed (local quarantine)");
         }
         Ok(())
     }
@@ -310,13 +492,20 @@ impl RedisLocks {
     ) -> Result<(Option<Lease>, String), LockError> {
         // Connecting runs the boot check, which may start a quarantine: connect first.
         let connection = self.connection().await?;
-        if self.quarantined() {
-            return Err(LockError::Unavailable(
-                "quarantined: redis lost data recently; claims resume once every lease it may have lost has expired".into(),
-            ));
+        if self.switches.local_quarantine && self.quarantined() {
+            return Err(quarantined(None));
         }
+        let run_id = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .run_id
+            .clone()
+            .unwrap_or_default();
         let mut invocation = self.claim.prepare_invoke();
-        invocation.key(&self.marker);
+        invocation
+            .key(&self.marker)
+            .key(format!("lka:{} {}", claim.holder, claim.attempt));
         for resource in candidates {
             invocation.key(format!("lk:{{{resource}}}"));
             invocation.key(format!("fence:{{{resource}}}"));
@@ -324,63 +513,108 @@ impl RedisLocks {
         invocation
             .arg(claim.holder)
             .arg(claim.attempt)
-            .arg(expire_ms(claim.validity, self.guard));
-        let (index, token, busy): (i64, String, String) = self.run(connection, invocation).await?;
-        if index < 0 {
-            self.start_quarantine("boot marker missing: redis lost its data");
-            let mut connection = self.connection().await?;
-            let mut restore = redis::cmd("SET");
-            restore.arg(&self.marker).arg("1").arg("NX");
-            let restore = restore.query_async::<Option<String>>(&mut connection);
-            tokio::time::timeout(self.deadline, restore)
-                .await
-                .map_err(|_| {
-                    LockError::Unavailable("redis did not answer the boot marker write".into())
-                })?
-                .map_err(unavailable)?;
-            return Err(LockError::Unavailable(
-                "quarantined: redis lost its data; claims resume once every lease it may have lost has expired".into(),
-            ));
+            .arg(millis(claim.validity))
+            .arg(millis(self.guard))
+            .arg(micros(self.quarantine))
+            .arg(run_id)
+            .arg(if self.switches.local_quarantine {
+                "0"
+            } else {
+                "1"
+            })
+            .arg(if self.switches.naive_retry { "0" } else { "1" });
+        let (status, resource, detail): (i64, String, String) =
+            self.run(connection, invocation).await?;
+        match status {
+            1 => {
+                let token = detail.parse().map_err(|_| {
+                    LockError::Unavailable(format!("redis returned token {detail:?}"))
+                })?;
+                Ok((
+                    Some(Lease {
+                        resource,
+                        holder: claim.holder.to_owned(),
+                        attempt: claim.attempt.to_owned(),
+                        token,
+                        validity: claim.validity,
+                    }),
+                    String::new(),
+                ))
+            }
+            0 => Ok((None, detail)),
+            -1 => {
+                let left = if self.switches.local_quarantine {
+                    self.quarantine
+                } else {
+                    from_micros(&detail)
+                };
+                self.note_quarantine(left, "boot marker missing: redis lost its data");
+                Err(quarantined(Some(left)))
+            }
+            _ => {
+                let left = from_micros(&detail);
+                self.note_quarantine(left, "");
+                Err(quarantined(Some(left)))
+            }
         }
-        if index == 0 {
-            return Ok((None, busy));
-        }
-        let index = index as usize;
-        let token = token
-            .parse()
-            .map_err(|_| LockError::Unavailable(format!("redis returned token {token:?}")))?;
-        Ok((
-            Some(Lease {
-                resource: candidates[index - 1].to_owned(),
-                holder: claim.holder.to_owned(),
-                attempt: claim.attempt.to_owned(),
-                token,
-                validity: claim.validity,
-            }),
-            String::new(),
-        ))
     }
 
-    pub(super) async fn renew_or_release(
+    pub(super) async fn renew(
         &self,
         resource: &str,
         holder: &str,
         token: u64,
         validity: Option<Duration>,
-    ) -> Result<String, LockError> {
-        let mut invocation = self.renew_or_release.prepare_invoke();
+    ) -> Result<Lease, LockError> {
+        let mut invocation = self.renew.prepare_invoke();
         invocation
             .key(format!("lk:{{{resource}}}"))
             .arg(holder)
             .arg(token.to_string())
-            .arg(validity.map_or(String::new(), |v| expire_ms(v, self.guard).to_string()));
+            .arg(validity.map_or(String::new(), |v| millis(v).to_string()))
+            .arg(millis(self.guard))
+            .arg(millis(self.max_validity))
+            .arg(resource);
         let connection = self.connection().await?;
-        match self.run::<(i64, String)>(connection, invocation).await? {
-            (1, attempt) => Ok(attempt),
-            (0, _) => Err(LockError::Gone {
+        match self
+            .run::<(i64, String, String)>(connection, invocation)
+            .await?
+        {
+            (1, attempt, validity_ms) => Ok(Lease {
+                resource: resource.to_owned(),
+                holder: holder.to_owned(),
+                attempt,
+                token,
+                validity: Duration::from_millis(validity_ms.parse().unwrap_or(0)),
+            }),
+            (0, _, _) => Err(LockError::Gone {
                 resource: resource.to_owned(),
             }),
-            (_, _) => Err(LockError::NotYours {
+            _ => Err(LockError::NotYours {
+                resource: resource.to_owned(),
+            }),
+        }
+    }
+
+    pub(super) async fn release(
+        &self,
+        resource: &str,
+        holder: &str,
+        token: u64,
+    ) -> Result<(), LockError> {
+        let mut invocation = self.release.prepare_invoke();
+        invocation
+            .key(format!("lk:{{{resource}}}"))
+            .arg(holder)
+            .arg(token.to_string())
+            .arg(resource);
+        let connection = self.connection().await?;
+        match self.run::<i64>(connection, invocation).await? {
+            1 => Ok(()),
+            0 => Err(LockError::Gone {
+                resource: resource.to_owned(),
+            }),
+            _ => Err(LockError::NotYours {
                 resource: resource.to_owned(),
             }),
         }
@@ -419,6 +653,16 @@ impl RedisLocks {
             validity: left,
         }))
     }
+}
+
+/// The refusal while a quarantine runs, saying when it ends when known.
+fn quarantined(left: Option<Duration>) -> LockError {
+    let when = left.map_or_else(String::new, |left| {
+        format!("; claims resume in {} ms", left.as_millis())
+    });
+    LockError::Unavailable(format!(
+        "quarantined: redis lost data recently and leases it may have lost could still be in use{when}"
+    ))
 }
 
 /// How a new connection is made: straight to one address, or to the master the sentinels
@@ -624,8 +868,19 @@ fn sentinel_address(text: &str) -> Result<(String, u16), String> {
 /// holder, attempt, token of an `lk:` hash.
 type LeaseFields = (Option<String>, Option<String>, Option<String>);
 
-fn expire_ms(validity: Duration, guard: Duration) -> u64 {
-    (validity + guard).as_millis() as u64
+/// Whole milliseconds; durations are bounded by validation (at most hours), so this never
+/// saturates in practice, and if it did it would not wrap.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// A count of µs Redis printed; an unreadable one counts as none.
+fn from_micros(text: &str) -> Duration {
+    Duration::from_micros(text.parse().unwrap_or(0))
 }
 
 fn unavailable(err: redis::RedisError) -> LockError {

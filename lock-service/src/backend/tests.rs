@@ -48,7 +48,20 @@ async fn forget(keys: &[String]) {
         .expect("del");
 }
 
+/// A claim whose attempt id is unique to the calling test: attempt ids name one call, and
+/// the Redis backend indexes them, so tests running at once against one Redis must not
+/// share them (the same test asking twice gets the same id, as a retry does).
 fn claim<'a>(holder: &'a str, attempt: &'a str, validity_ms: u64) -> Claim<'a> {
+    let attempt = if attempt.is_empty() {
+        attempt
+    } else {
+        let unique = format!(
+            "{attempt}@{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        );
+        &*Box::leak(unique.into_boxed_str())
+    };
     Claim {
         holder,
         attempt,
@@ -106,7 +119,7 @@ async fn only_the_holder_with_its_token_renews_or_releases() {
             let agent = agent.clone();
             async move {
                 locks
-                    .renew(&agent, holder, token, Duration::from_secs(5))
+                    .renew(&agent, holder, token, Some(Duration::from_secs(5)))
                     .await
             }
         };
@@ -127,7 +140,8 @@ async fn only_the_holder_with_its_token_renews_or_releases() {
         let renewed = renew("pbx-1/c1", lease.token).await.expect("renew");
         assert_eq!(renewed.token, lease.token, "{name}");
         assert_eq!(
-            renewed.attempt, "t1",
+            renewed.attempt.split('@').next(),
+            Some("t1"),
             "{name}: the renewed lease names its claim"
         );
         assert_eq!(renewed.validity, Duration::from_secs(5), "{name}");
@@ -220,7 +234,12 @@ async fn an_expired_lease_frees_the_resource_after_the_guard() {
         assert!(
             matches!(
                 locks
-                    .renew(&agent, "pbx-1/c1", first.token, Duration::from_secs(1))
+                    .renew(
+                        &agent,
+                        "pbx-1/c1",
+                        first.token,
+                        Some(Duration::from_secs(1))
+                    )
                     .await,
                 Err(LockError::NotYours { .. })
             ),
@@ -511,13 +530,6 @@ mod sentinel {
         ]);
         sentinel.connection().await;
 
-        // The marker is there, as on a Redis that has served leases before.
-        let _: () = ::redis::cmd("SET")
-            .arg("callfleet:locks:boot")
-            .arg(1)
-            .query_async(&mut on_master)
-            .await
-            .expect("set marker");
         let quarantine = Duration::from_millis(500);
         let locks = Locks::Redis(Box::new(
             RedisLocks::new(
@@ -528,6 +540,17 @@ mod sentinel {
             .expect("sentinel url")
             .with_quarantine(quarantine),
         ));
+        // A Redis that never served leases has no marker: the first claim starts the
+        // quarantine, then claims go through.
+        let refused = locks
+            .acquire("agent:1", &claim("pbx-1/c1", "a1", 30_000))
+            .await
+            .expect_err("no marker yet");
+        assert!(
+            matches!(&refused, LockError::Unavailable(why) if why.contains("quarantine")),
+            "{refused}"
+        );
+        tokio::time::sleep(quarantine + Duration::from_millis(50)).await;
         let first = locks
             .acquire("agent:1", &claim("pbx-1/c1", "a1", 30_000))
             .await
@@ -683,6 +706,7 @@ mod model_agreement {
     struct Side {
         locks: Locks,
         names: Vec<String>,
+        prefix: String,
         tokens: HashMap<usize, u64>,
     }
 
@@ -700,10 +724,11 @@ mod model_agreement {
     }
 
     impl Side {
-        fn new(locks: Locks) -> Self {
+        fn new(locks: Locks, prefix: &str) -> Self {
             Self {
                 locks,
                 names: (0..3).map(|i| fresh(&format!("m{i}"))).collect(),
+                prefix: prefix.to_owned(),
                 tokens: HashMap::new(),
             }
         }
@@ -744,7 +769,9 @@ mod model_agreement {
         }
 
         async fn apply(&mut self, op: &Op) -> Outcome {
-            let holder = |h: usize| format!("pbx-{h}/call");
+            // Unique per case: attempt indexes outlive a case in the shared Redis.
+            let prefix = self.prefix.clone();
+            let holder = |h: usize| format!("pbx-{h}/{prefix}");
             let attempt = |a: usize| format!("attempt-{a}");
             match op {
                 Op::Acquire {
@@ -789,7 +816,7 @@ mod model_agreement {
                     let name = self.names[*resource].clone();
                     let result = if matches!(op, Op::Renew { .. }) {
                         self.locks
-                            .renew(&name, &holder(*h), token, Duration::from_secs(30))
+                            .renew(&name, &holder(*h), token, Some(Duration::from_secs(30)))
                             .await
                             .map(|_| ())
                     } else {
@@ -831,12 +858,13 @@ mod model_agreement {
         #[test]
         fn redis_scripts_agree_with_the_memory_model(ops in proptest::collection::vec(op(), 1..25)) {
             runtime().block_on(async {
-                let mut model = Side::new(Locks::Memory(MemoryLocks::new(GUARD)));
+                let prefix = fresh("case");
+                let mut model = Side::new(Locks::Memory(MemoryLocks::new(GUARD)), &prefix);
                 let mut redis = Side::new(Locks::Redis(Box::new(
                     RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(1))
                         .expect("url")
                         .with_quarantine(Duration::ZERO),
-                )));
+                )), &prefix);
                 for (step, op) in ops.iter().enumerate() {
                     let expected = model.apply(op).await;
                     let got = redis.apply(op).await;
