@@ -1,23 +1,31 @@
 //! Fault harness for the lock service: holders claim agents and ring them while Redis,
-//! the lock service or a holder fails, and a checker reads the ring history.
+//! the lock service or a holder fails, and a checker reads the history.
 //!
 //! Each scenario runs a dedicated `redis-server` (AOF, `appendfsync always`, noeviction)
-//! on a free loopback port, `callfleet lock-service` as a process in front of it, six
-//! holder tasks competing for four agents, and a ring "endpoint" standing for the phones.
-//! The endpoint checks what a PBX can check where the ring happens: a ring whose token is
-//! below one it has already seen for that agent, or whose lease deadline has passed, is
-//! refused. Every claim, ring and refusal goes to a JSONL history that
-//! `callfleet_lock_service::checker` judges: two rings of one agent with different tokens
-//! overlapping, tokens not increasing, a ring past its deadline plus the guard.
+//! on a free loopback port, one to three `callfleet lock-service` processes in front of it
+//! (or one on the memory backend), six holders competing for four agents, and a ring
+//! "endpoint" standing for the phones. Holders come in two kinds: the node-agent's, which
+//! renews through [`LeaseKeeper`], and the README dialplan's, which claims once with a
+//! `ttl` and rings at most until that runs out, never renewing. The endpoint checks what a
+//! PBX can check where the ring happens: a ring whose token is below one it has already
+//! seen for that agent, or whose lease deadline has passed, is refused. Every claim, ring
+//! and refusal goes to a JSONL history that `callfleet_lock_service::checker` judges:
+//! grants of one agent live at once, one call holding two agents, rings overlapping,
+//! tokens not increasing, rings past their deadline.
 //!
-//! The harness must be able to fail: the same scenarios run against a naive lock (plain
-//! `SET NX` + `INCR` tokens, no quarantine, no deadlines, client retries, renewals that
-//! trust any reply), the design the old system used, and those runs must be
-//! reported as violating.
+//! Every scenario of a data loss runs twice: with the protection that keeps it safe, and
+//! with that one protection switched off (`CALLFLEET_TEST_UNSAFE_LOCKS`, a switch only
+//! tests use) — which must be reported as violating, so the harness is shown to catch
+//! what the protection prevents. A naive lock (plain `SET NX` + `INCR` tokens, no
+//! quarantine, no deadlines, client retries) is the control of the scenarios that need no
+//! switch.
 //!
-//! Timings are shortened so that a scenario takes about 25 s: validity 2 s, guard 1 s,
-//! renew every 500 ms, quarantine 3.5 s (longer than validity + guard, as in production).
-//! Run one with its report: `cargo nextest run --test lock_faults --no-capture`.
+//! Timings are shortened so that a scenario takes about 35 s: the node-agent's validity
+//! 2 s renewed every 500 ms, the dialplan's `ttl` 6 s (the services' `max_validity`),
+//! guard 1 s, quarantine 7.5 s (longer than max_validity + guard, as the configuration
+//! demands); the holders start once the services' first quarantine is over. Run one with
+//! its report:
+//! `cargo nextest run --test lock_faults --no-capture flush`.
 
 mod support;
 
@@ -39,30 +47,49 @@ use tokio_util::sync::CancellationToken;
 
 const HOLDERS: usize = 6;
 const AGENTS: usize = 4;
+/// The validity of the node-agent's leases, which it renews.
 const VALIDITY: Duration = Duration::from_secs(2);
+/// The dialplan's `ttl`, which it never renews: the services' `max_validity`.
+const DIALPLAN_TTL: Duration = Duration::from_secs(6);
 const GUARD: Duration = Duration::from_secs(1);
 const RENEW_EVERY: Duration = Duration::from_millis(500);
 const RPC_DEADLINE: Duration = Duration::from_millis(400);
-const QUARANTINE: Duration = Duration::from_millis(3500);
+/// Longer than [`DIALPLAN_TTL`] + [`GUARD`], as the configuration demands.
+const QUARANTINE: Duration = Duration::from_millis(7500);
 /// The lock service's deadline on each Redis call.
 const REDIS_DEADLINE: Duration = Duration::from_millis(300);
 /// Rings last 1 s up to this long (a real ring lasts up to 20–30 s), renewed meanwhile.
 const RING_MAX_MS: u64 = 8000;
 /// When the fault strikes, and how long the holders keep going in all.
-const FAULT_AT: Duration = Duration::from_secs(4);
-const RUN_FOR: Duration = Duration::from_secs(22);
+const FAULT_AT: Duration = Duration::from_secs(6);
+const RUN_FOR: Duration = Duration::from_secs(26);
 /// Longer than validity + guard: every lease of the moment runs out during it.
 const OUTAGE: Duration = Duration::from_secs(4);
+/// How much of Redis's last writes a host reboot loses (`appendfsync everysec`, a disk
+/// cache that lies).
+const LOST_TAIL: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Fault {
+    /// Nothing fails (the holders' own trouble is the scenario).
+    None,
     /// SIGSTOP Redis for [`OUTAGE`], then SIGCONT.
     RedisPause,
-    /// kill -9 Redis; restart it a second later on its AOF.
-    RedisKill,
-    /// kill -9 Redis; restart it a second later with its data gone.
-    RedisEmpty,
-    /// kill -9 the lock service; restart it two seconds later.
+    /// `FLUSHALL`: every lease and the boot marker are gone at once.
+    RedisFlush,
+    /// kill -9 Redis; restart it 200 ms later with its data gone. The last lock-service
+    /// instance is killed with it and started again 600 ms after Redis is back, after the
+    /// others have seen the loss (a node that reboots).
+    RedisEmptyWithOneInstanceRestarting,
+    /// kill -9 Redis; restart it 200 ms later with its data gone; 300 ms into the
+    /// quarantine kill -9 the lock service and start it again at once.
+    ServiceRestartDuringQuarantine,
+    /// The host reboots: kill -9 Redis and the lock service; Redis comes back on its files
+    /// as they were [`LOST_TAIL`] earlier (the boot marker survives, the last claims and
+    /// renewals do not); the lock service starts again.
+    HostRebootLosingTail,
+    /// kill -9 the lock service (memory backend: every lease is gone) and start it again
+    /// at once, as a supervisor would.
     ServiceKill,
     /// One holder freezes for [`OUTAGE`] between its last look at the lease and its ring
     /// (a GC pause, a SIGSTOP), twice.
@@ -71,7 +98,7 @@ enum Fault {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Variant {
-    /// Holders use `callfleet lock-service` over gRPC with [`LeaseKeeper`].
+    /// Holders use `callfleet lock-service` over gRPC.
     Callfleet,
     /// Holders talk to Redis directly, the naive way.
     Naive,
@@ -82,6 +109,73 @@ enum Variant {
 enum Endpoint {
     Fenced,
     Unchecked,
+}
+
+/// Which holders run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Holders {
+    /// All renew through [`LeaseKeeper`].
+    Keepers,
+    /// Even holders renew; odd ones claim like the dialplan, with the services'
+    /// `max_validity`.
+    Mixed,
+    /// All claim like the dialplan with `validity`, ringing up to `ring_max_ms` (never
+    /// past the deadline); with `lose_replies`, every other claim's reply is lost and the
+    /// claim retried after up to validity + guard with the same attempt and a new
+    /// candidate order, as a node that timed out asks again.
+    Dialplan {
+        validity: Duration,
+        ring_max_ms: u64,
+        lose_replies: bool,
+    },
+}
+
+/// One run of the harness.
+#[derive(Debug, Clone)]
+struct Setup {
+    name: &'static str,
+    variant: Variant,
+    endpoint: Endpoint,
+    fault: Fault,
+    holders: Holders,
+    /// `redis` or `memory`.
+    backend: &'static str,
+    instances: usize,
+    max_validity: Duration,
+    quarantine: Duration,
+    /// `CALLFLEET_TEST_UNSAFE_LOCKS`: the protections switched off.
+    switches: &'static str,
+    run_for: Duration,
+    /// Liveness: at least this many rings in all.
+    min_rings: usize,
+}
+
+impl Setup {
+    fn new(name: &'static str, fault: Fault) -> Self {
+        Self {
+            name,
+            variant: Variant::Callfleet,
+            endpoint: Endpoint::Fenced,
+            fault,
+            holders: Holders::Mixed,
+            backend: "redis",
+            instances: 1,
+            max_validity: DIALPLAN_TTL,
+            quarantine: QUARANTINE,
+            switches: "",
+            run_for: RUN_FOR,
+            min_rings: 10,
+        }
+    }
+
+    /// The same run with `switch` off, under a name of its own.
+    fn without(&self, name: &'static str, switch: &'static str) -> Self {
+        Self {
+            name,
+            switches: switch,
+            ..self.clone()
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -134,7 +228,7 @@ impl Redis {
         self.process = Some(Running { child });
         let port = self.port;
         wait_until("redis answers PING", Duration::from_secs(20), || {
-            redis_ping(port)
+            redis_command(port, b"PING\r\n", b"+PONG\r\n")
         });
     }
 
@@ -153,9 +247,34 @@ impl Redis {
         }
     }
 
+    fn flush(&self) {
+        assert!(
+            redis_command(self.port, b"FLUSHALL\r\n", b"+OK\r\n"),
+            "FLUSHALL failed"
+        );
+    }
+
     /// Deletes the AOF and everything else Redis kept: a restart on a new, empty disk.
     fn lose_data(&self) {
         std::fs::remove_dir_all(&self.dir).expect("remove the redis folder");
+    }
+
+    /// Copies Redis's files as they are now (the AOF may be cut mid-command; Redis loads a
+    /// truncated AOF by default).
+    fn snapshot(&self, to: &Path) {
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(&self.dir)
+            .arg(to)
+            .status()
+            .expect("run cp");
+        assert!(status.success(), "copy the redis folder");
+    }
+
+    /// Puts back the files [`Redis::snapshot`] copied.
+    fn restore(&self, from: &Path) {
+        self.lose_data();
+        std::fs::rename(from, &self.dir).expect("restore the redis folder");
     }
 }
 
@@ -163,21 +282,21 @@ fn ms(duration: Duration) -> String {
     format!("{}ms", duration.as_millis())
 }
 
-fn redis_ping(port: u16) -> bool {
+/// Sends `command` (RESP inline) and says whether Redis answered `expect`.
+fn redis_command(port: u16, command: &[u8], expect: &[u8]) -> bool {
     use std::io::Read;
     let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut reply = [0u8; 7];
-    stream.write_all(b"PING\r\n").is_ok()
-        && stream.read_exact(&mut reply).is_ok()
-        && &reply == b"+PONG\r\n"
+    let mut reply = vec![0u8; expect.len()];
+    stream.write_all(command).is_ok() && stream.read_exact(&mut reply).is_ok() && reply == expect
 }
 
-/// `callfleet lock-service` on Redis with the harness's timings.
+/// `callfleet lock-service` with the harness's timings.
 struct Service {
     port: u16,
+    setup: Setup,
     redis_url: String,
     log: PathBuf,
     process: Option<Running>,
@@ -185,11 +304,12 @@ struct Service {
 }
 
 impl Service {
-    fn start(redis_url: String, dir: &Path) -> Self {
+    fn start(setup: &Setup, redis_url: String, dir: &Path, index: usize) -> Self {
         let mut service = Self {
             port: free_port(),
+            setup: setup.clone(),
             redis_url,
-            log: dir.join("lock-service.log"),
+            log: dir.join(format!("lock-service-{index}.log")),
             process: None,
             starts: 0,
         };
@@ -203,19 +323,25 @@ impl Service {
             .append(true)
             .open(&self.log)
             .expect("open the service log");
+        let setup = &self.setup;
         let child = callfleet()
             .arg("lock-service")
             .env(
                 "CALLFLEET_LOCK_SERVICE__LISTEN",
                 format!("127.0.0.1:{}", self.port),
             )
-            .env("CALLFLEET_LOCK_SERVICE__BACKEND", "redis")
+            .env("CALLFLEET_LOCK_SERVICE__BACKEND", setup.backend)
             .env("CALLFLEET_LOCK_SERVICE__REDIS_URL", &self.redis_url)
             .env("CALLFLEET_LOCK_SERVICE__VALIDITY", ms(VALIDITY))
+            .env(
+                "CALLFLEET_LOCK_SERVICE__MAX_VALIDITY",
+                ms(setup.max_validity),
+            )
             .env("CALLFLEET_LOCK_SERVICE__GUARD", ms(GUARD))
             .env("CALLFLEET_LOCK_SERVICE__DEADLINE", ms(REDIS_DEADLINE))
-            .env("CALLFLEET_LOCK_SERVICE__QUARANTINE", ms(QUARANTINE))
+            .env("CALLFLEET_LOCK_SERVICE__QUARANTINE", ms(setup.quarantine))
             .env("CALLFLEET_LOCK_SERVICE__STRICT", "true")
+            .env("CALLFLEET_TEST_UNSAFE_LOCKS", setup.switches)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -370,15 +496,19 @@ struct Shared {
     claims: AtomicU64,
 }
 
-/// Claims, rings and releases through the lock service until the harness stops.
-async fn callfleet_holder(index: usize, port: u16, shared: Arc<Shared>) {
-    let node = format!("node-{index}");
-    let mut rng = Rng::for_holder(index);
+fn client_for(port: u16) -> LocksClient<tonic::transport::Channel> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
         .expect("endpoint")
         .connect_timeout(RPC_DEADLINE)
         .connect_lazy();
-    let client = LocksClient::new(channel);
+    LocksClient::new(channel)
+}
+
+/// Claims, rings and releases through the lock service until the harness stops.
+async fn keeper_holder(index: usize, port: u16, shared: Arc<Shared>) {
+    let node = format!("node-{index}");
+    let mut rng = Rng::for_holder(index);
+    let mut client = client_for(port);
     let mut call = 0u64;
     while !shared.stop.is_cancelled() {
         call += 1;
@@ -397,6 +527,8 @@ async fn callfleet_holder(index: usize, port: u16, shared: Arc<Shared>) {
             Ok(Err(status)) => {
                 let outcome = format!("error: {:?}", status.code());
                 shared.history.record(&node, "claim", &outcome, None);
+                // A node reconnects at once rather than after the channel's backoff.
+                client = client_for(port);
                 pause(&shared, 100).await;
                 continue;
             }
@@ -404,6 +536,7 @@ async fn callfleet_holder(index: usize, port: u16, shared: Arc<Shared>) {
                 shared
                     .history
                     .record(&node, "claim", "error: timeout", None);
+                client = client_for(port);
                 pause(&shared, 100).await;
                 continue;
             }
@@ -455,6 +588,9 @@ async fn callfleet_holder(index: usize, port: u16, shared: Arc<Shared>) {
             .phones
             .ring(&shared.history, &node, &held, deadline_ms(&keeper))
         {
+            shared
+                .history
+                .record(&node, "release", "sent", Some((&held, 0.0)));
             let _ = keeper.release().await;
             continue;
         }
@@ -467,13 +603,132 @@ async fn callfleet_holder(index: usize, port: u16, shared: Arc<Shared>) {
         shared
             .phones
             .hang_up(&shared.history, &node, &held, deadline_ms(&keeper));
-        let outcome = match keeper.release().await {
-            Ok(()) => "ok".to_owned(),
-            Err(status) => format!("error: {:?}", status.code()),
-        };
+        // Recorded when sent: the holder has stopped acting on the lease by then.
         shared
             .history
-            .record(&node, "release", &outcome, Some((&held, 0.0)));
+            .record(&node, "release", "sent", Some((&held, 0.0)));
+        let _ = keeper.release().await;
+    }
+}
+
+/// Claims like the README's dialplan: once, with a `ttl`, no renewals; rings at most
+/// until that runs out, then releases.
+async fn dialplan_holder(
+    index: usize,
+    port: u16,
+    shared: Arc<Shared>,
+    validity: Duration,
+    ring_max_ms: u64,
+    lose_replies: bool,
+) {
+    let node = format!("node-{index}");
+    let mut rng = Rng::for_holder(index);
+    let mut client = client_for(port);
+    let claim = |client: &LocksClient<tonic::transport::Channel>,
+                 attempt: &str,
+                 candidates: Vec<String>| {
+        let mut client = client.clone();
+        let request = pb::ClaimFirstRequest {
+            candidates,
+            holder: format!("{node}/{attempt}"),
+            attempt: attempt.to_owned(),
+            validity_ms: validity.as_millis() as u64,
+        };
+        async move {
+            match tokio::time::timeout(RPC_DEADLINE, client.claim_first(request)).await {
+                Ok(Ok(reply)) => Ok(reply.into_inner().lease),
+                Ok(Err(status)) => Err(format!("error: {:?}", status.code())),
+                Err(_) => Err("error: timeout".to_owned()),
+            }
+        }
+    };
+    let held_of = |lease: &pb::Lease| Held {
+        resource: lease.resource.clone(),
+        attempt: lease.attempt.clone(),
+        token: lease.token,
+    };
+    // Calls arrive at random: holders that started together must not keep ringing in step.
+    let stagger = validity.min(Duration::from_secs(3)).as_millis() as u64;
+    pause(&shared, rng.between(0, stagger)).await;
+    let mut call = 0u64;
+    while !shared.stop.is_cancelled() {
+        call += 1;
+        let attempt = format!("{node}-{call}");
+        shared.requests.fetch_add(1, Ordering::Relaxed);
+        let mut sent = Instant::now();
+        let mut granted = match claim(&client, &attempt, rng.shuffled_agents()).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => {
+                pause(&shared, 20).await;
+                continue;
+            }
+            Err(outcome) => {
+                shared.history.record(&node, "claim", &outcome, None);
+                client = client_for(port);
+                pause(&shared, 100).await;
+                continue;
+            }
+        };
+        if lose_replies && rng.next() % 2 == 0 {
+            // The store granted this lease, so it counts as a grant; the holder never
+            // hears of it and asks again, with the same attempt, once it gave up waiting.
+            let deadline = shared
+                .history
+                .ms(sent + Duration::from_millis(granted.validity_ms));
+            shared
+                .history
+                .record(&node, "claim", "ok", Some((&held_of(&granted), deadline)));
+            shared.history.record(
+                &node,
+                "reply_lost",
+                "ok",
+                Some((&held_of(&granted), deadline)),
+            );
+            let wait = (validity + GUARD).as_millis() as u64 - 100;
+            pause(&shared, rng.between(0, wait)).await;
+            // The routing answer may have changed meanwhile: one agent fewer, perhaps the
+            // one the lost reply named.
+            let mut candidates = rng.shuffled_agents();
+            candidates.pop();
+            sent = Instant::now();
+            granted = match claim(&client, &attempt, candidates).await {
+                Ok(Some(lease)) => lease,
+                Ok(None) => continue,
+                Err(outcome) => {
+                    shared.history.record(&node, "claim", &outcome, None);
+                    continue;
+                }
+            };
+        }
+        shared.claims.fetch_add(1, Ordering::Relaxed);
+        let held = held_of(&granted);
+        // The reply says how long the lease is valid, counted from when it was asked for.
+        let until = sent + Duration::from_millis(granted.validity_ms);
+        let deadline = shared.history.ms(until);
+        shared
+            .history
+            .record(&node, "claim", "ok", Some((&held, deadline)));
+        if Instant::now() < until && shared.phones.ring(&shared.history, &node, &held, deadline) {
+            let ring_until =
+                (Instant::now() + Duration::from_millis(rng.between(1000, ring_max_ms))).min(until);
+            tokio::select! {
+                _ = tokio::time::sleep_until(ring_until.into()) => {}
+                _ = shared.stop.cancelled() => {}
+            }
+            shared
+                .phones
+                .hang_up(&shared.history, &node, &held, deadline);
+        }
+        shared
+            .history
+            .record(&node, "release", "sent", Some((&held, 0.0)));
+        let mut releaser = client.clone();
+        let release = pb::ReleaseRequest {
+            resource: held.resource.clone(),
+            holder: granted.holder.clone(),
+            token: held.token,
+        };
+        let _ = tokio::time::timeout(RPC_DEADLINE, releaser.release(release)).await;
     }
 }
 
@@ -581,6 +836,9 @@ async fn naive_holder(index: usize, redis_url: String, shared: Arc<Shared>) {
             .history
             .record(&node, "claim", "ok", Some((&held, deadline)));
         if !shared.phones.ring(&shared.history, &node, &held, deadline) {
+            shared
+                .history
+                .record(&node, "release", "sent", Some((&held, 0.0)));
             lock.release(&resource).await;
             continue;
         }
@@ -595,10 +853,10 @@ async fn naive_holder(index: usize, redis_url: String, shared: Arc<Shared>) {
         shared
             .phones
             .hang_up(&shared.history, &node, &held, deadline);
-        lock.release(&resource).await;
         shared
             .history
-            .record(&node, "release", "ok", Some((&held, 0.0)));
+            .record(&node, "release", "sent", Some((&held, 0.0)));
+        lock.release(&resource).await;
     }
 }
 
@@ -614,18 +872,26 @@ struct Report {
     violations: Vec<Violation>,
 }
 
-fn run_scenario(name: &str, variant: Variant, endpoint: Endpoint, fault: Fault) -> Report {
+fn run_scenario(setup: &Setup) -> Report {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut redis = Redis::start(dir.path());
-    let mut service =
-        (variant == Variant::Callfleet).then(|| Service::start(redis.url(), dir.path()));
+    let mut services: Vec<Service> = if setup.variant == Variant::Callfleet {
+        (0..setup.instances)
+            .map(|index| Service::start(setup, redis.url(), dir.path(), index))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    // A fresh service of the memory backend or on a fresh Redis starts in quarantine:
+    // the holders begin once it is over, so that the fault meets leases in use.
+    let ready = Instant::now() + setup.quarantine + Duration::from_millis(200);
     let shared = Arc::new(Shared {
         history: History {
             epoch: Instant::now(),
             events: Mutex::new(Vec::new()),
         },
         phones: Phones {
-            check: endpoint,
+            check: setup.endpoint,
             highest_token: Mutex::new(HashMap::new()),
             refused: AtomicU64::new(0),
         },
@@ -634,6 +900,9 @@ fn run_scenario(name: &str, variant: Variant, endpoint: Endpoint, fault: Fault) 
         requests: AtomicU64::new(0),
         claims: AtomicU64::new(0),
     });
+    if setup.variant == Variant::Callfleet {
+        std::thread::sleep(ready.saturating_duration_since(Instant::now()));
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -641,42 +910,99 @@ fn run_scenario(name: &str, variant: Variant, endpoint: Endpoint, fault: Fault) 
         .build()
         .expect("runtime");
     let holders: Vec<_> = (0..HOLDERS)
-        .map(|index| match variant {
-            Variant::Callfleet => runtime.spawn(callfleet_holder(
-                index,
-                service.as_ref().expect("service runs").port,
-                shared.clone(),
-            )),
-            Variant::Naive => runtime.spawn(naive_holder(index, redis.url(), shared.clone())),
+        .map(|index| {
+            let shared = shared.clone();
+            if setup.variant == Variant::Naive {
+                return runtime.spawn(naive_holder(index, redis.url(), shared));
+            }
+            let port = services[index % services.len()].port;
+            match setup.holders {
+                Holders::Keepers => runtime.spawn(keeper_holder(index, port, shared)),
+                Holders::Mixed if index % 2 == 0 => {
+                    runtime.spawn(keeper_holder(index, port, shared))
+                }
+                Holders::Mixed => runtime.spawn(dialplan_holder(
+                    index,
+                    port,
+                    shared,
+                    setup.max_validity,
+                    RING_MAX_MS,
+                    false,
+                )),
+                Holders::Dialplan {
+                    validity,
+                    ring_max_ms,
+                    lose_replies,
+                } => runtime.spawn(dialplan_holder(
+                    index,
+                    port,
+                    shared,
+                    validity,
+                    ring_max_ms,
+                    lose_replies,
+                )),
+            }
         })
         .collect();
 
     let started = Instant::now();
     let sleep_until = |at: Duration| std::thread::sleep(at.saturating_sub(started.elapsed()));
+    let snapshot = dir.path().join("redis-snapshot");
+    if setup.fault == Fault::HostRebootLosingTail {
+        sleep_until(FAULT_AT - LOST_TAIL);
+        redis.snapshot(&snapshot);
+    }
     sleep_until(FAULT_AT);
+    let fault = setup.fault;
     let fault_ms = shared.history.now_ms();
     shared
         .history
         .record("harness", "fault", &format!("{fault:?}"), None);
     match fault {
+        Fault::None => {}
         Fault::RedisPause => {
             redis.signal("STOP");
             std::thread::sleep(OUTAGE);
             redis.signal("CONT");
         }
-        Fault::RedisKill | Fault::RedisEmpty => {
+        Fault::RedisFlush => redis.flush(),
+        Fault::RedisEmptyWithOneInstanceRestarting => {
+            let last = services.last_mut().expect("an instance");
             redis.kill();
-            if fault == Fault::RedisEmpty {
-                redis.lose_data();
-            }
-            std::thread::sleep(Duration::from_secs(1));
+            last.kill();
+            redis.lose_data();
+            std::thread::sleep(Duration::from_millis(200));
             redis.spawn();
+            std::thread::sleep(Duration::from_millis(600));
+            services.last_mut().expect("an instance").spawn();
+        }
+        Fault::ServiceRestartDuringQuarantine => {
+            redis.kill();
+            redis.lose_data();
+            std::thread::sleep(Duration::from_millis(200));
+            redis.spawn();
+            std::thread::sleep(Duration::from_millis(300));
+            for service in &mut services {
+                service.kill();
+                service.spawn();
+            }
+        }
+        Fault::HostRebootLosingTail => {
+            redis.kill();
+            for service in &mut services {
+                service.kill();
+            }
+            redis.restore(&snapshot);
+            redis.spawn();
+            for service in &mut services {
+                service.spawn();
+            }
         }
         Fault::ServiceKill => {
-            let service = service.as_mut().expect("the service runs in this variant");
-            service.kill();
-            std::thread::sleep(Duration::from_secs(2));
-            service.spawn();
+            for service in &mut services {
+                service.kill();
+                service.spawn();
+            }
         }
         Fault::HolderPause => {
             shared.freeze_next.store(true, Ordering::Release);
@@ -687,7 +1013,7 @@ fn run_scenario(name: &str, variant: Variant, endpoint: Endpoint, fault: Fault) 
     shared
         .history
         .record("harness", "fault_over", &format!("{fault:?}"), None);
-    sleep_until(RUN_FOR);
+    sleep_until(setup.run_for);
     shared.stop.cancel();
     runtime.block_on(async {
         for holder in holders {
@@ -698,10 +1024,10 @@ fn run_scenario(name: &str, variant: Variant, endpoint: Endpoint, fault: Fault) 
         }
     });
     drop(runtime);
-    drop(service);
+    drop(services);
 
     let events = shared.history.events.lock().expect("history").clone();
-    let path = write_history(name, &events);
+    let path = write_history(setup.name, &events);
     let violations = checker::check(&events, GUARD.as_secs_f64() * 1000.0);
     let rings = checker::rings(&events);
     let report = Report {
@@ -715,8 +1041,12 @@ fn run_scenario(name: &str, variant: Variant, endpoint: Endpoint, fault: Fault) 
         refused: shared.phones.refused.load(Ordering::Relaxed),
         violations,
     };
+    let mut kinds: Vec<&str> = report.violations.iter().map(kind).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
     println!(
-        "{name}: {} claim requests, {} granted, {} rings ({} after the fault), {} rings refused by the endpoint, {} violations; history {}",
+        "{}: {} claim requests, {} granted, {} rings ({} after the fault), {} rings refused by the endpoint, {} violations {kinds:?}; history {}",
+        setup.name,
         report.requests,
         report.claims,
         report.rings,
@@ -729,6 +1059,18 @@ fn run_scenario(name: &str, variant: Variant, endpoint: Endpoint, fault: Fault) 
         println!("  {violation:?}");
     }
     report
+}
+
+fn kind(violation: &Violation) -> &'static str {
+    match violation {
+        Violation::Overlap(..) => "rings overlap",
+        Violation::TokenNotIncreasing(..) => "ring token not increasing",
+        Violation::PastDeadline(..) => "ring past deadline",
+        Violation::RingAfterDeadline(..) => "ring started after deadline",
+        Violation::GrantOverlap(..) => "grants overlap",
+        Violation::TwoAgentsForOneCall(..) => "two agents for one call",
+        Violation::GrantTokenNotIncreasing(..) => "grant token not increasing",
+    }
 }
 
 /// Keeps the history where a person can read it after the run.
@@ -744,14 +1086,15 @@ fn write_history(name: &str, events: &[Event]) -> PathBuf {
     path
 }
 
-fn assert_safe_and_live(report: &Report) {
+fn assert_safe_and_live(setup: &Setup, report: &Report) {
     assert!(
         report.violations.is_empty(),
-        "violations: {:#?}",
+        "{}: violations: {:#?}",
+        setup.name,
         report.violations
     );
     assert!(
-        report.rings >= 10,
+        report.rings >= setup.min_rings,
         "only {} rings: the harness did not exercise the locks",
         report.rings
     );
@@ -762,101 +1105,274 @@ fn assert_safe_and_live(report: &Report) {
     );
 }
 
+/// The control: with the protection off, the same scenario must be caught double-granting.
+fn assert_caught(setup: &Setup, report: &Report) {
+    assert!(
+        report.violations.iter().any(|v| matches!(
+            v,
+            Violation::GrantOverlap(..)
+                | Violation::Overlap(..)
+                | Violation::TwoAgentsForOneCall(..)
+        )),
+        "{} (with {} off) must be reported as leasing or ringing one agent twice: {:?}",
+        setup.name,
+        setup.switches,
+        report.violations
+    );
+}
+
 // ---------------------------------------------------------------------------------------
-// The scenarios
+// Data loss: each scenario with its protection, and with that protection off
+
+/// One lock service per core node, one Redis, flushed: the instance that notices the loss
+/// must not erase the evidence for the other.
+fn flush_two_instances() -> Setup {
+    Setup {
+        instances: 2,
+        ..Setup::new("flush-two-instances", Fault::RedisFlush)
+    }
+}
+
+#[test]
+fn redis_flushed_under_two_instances() {
+    let setup = flush_two_instances();
+    assert_safe_and_live(&setup, &run_scenario(&setup));
+}
+
+#[test]
+fn redis_flushed_under_two_instances_without_the_shared_quarantine() {
+    let setup = flush_two_instances().without("flush-two-instances-local", "local_quarantine");
+    assert_caught(&setup, &run_scenario(&setup));
+}
+
+fn flush_three_instances() -> Setup {
+    Setup {
+        instances: 3,
+        ..Setup::new("flush-three-instances", Fault::RedisFlush)
+    }
+}
+
+#[test]
+fn redis_flushed_under_three_instances() {
+    let setup = flush_three_instances();
+    assert_safe_and_live(&setup, &run_scenario(&setup));
+}
+
+#[test]
+fn redis_flushed_under_three_instances_without_the_shared_quarantine() {
+    let setup = flush_three_instances().without("flush-three-instances-local", "local_quarantine");
+    assert_caught(&setup, &run_scenario(&setup));
+}
+
+/// Redis restarts empty while one of three instances reboots with its node: the instance
+/// that comes back never saw the old Redis.
+fn empty_restart_three_instances() -> Setup {
+    Setup {
+        instances: 3,
+        ..Setup::new(
+            "empty-restart-three-instances",
+            Fault::RedisEmptyWithOneInstanceRestarting,
+        )
+    }
+}
+
+#[test]
+fn redis_restarted_empty_under_three_instances_one_rebooting() {
+    let setup = empty_restart_three_instances();
+    assert_safe_and_live(&setup, &run_scenario(&setup));
+}
+
+#[test]
+fn redis_restarted_empty_under_three_instances_one_rebooting_without_the_shared_quarantine() {
+    let setup = empty_restart_three_instances()
+        .without("empty-restart-three-instances-local", "local_quarantine");
+    assert_caught(&setup, &run_scenario(&setup));
+}
+
+fn service_restart_in_quarantine() -> Setup {
+    Setup::new(
+        "service-restart-during-quarantine",
+        Fault::ServiceRestartDuringQuarantine,
+    )
+}
+
+#[test]
+fn lock_service_restarted_during_a_quarantine() {
+    let setup = service_restart_in_quarantine();
+    assert_safe_and_live(&setup, &run_scenario(&setup));
+}
+
+#[test]
+fn lock_service_restarted_during_a_quarantine_without_the_shared_quarantine() {
+    let setup = service_restart_in_quarantine().without(
+        "service-restart-during-quarantine-local",
+        "local_quarantine",
+    );
+    assert_caught(&setup, &run_scenario(&setup));
+}
+
+/// Redis keeps its marker but loses its last writes, and the lock service that comes back
+/// with it is a new process: only what Redis itself says (a new run id) can tell.
+fn host_reboot() -> Setup {
+    Setup::new("host-reboot-losing-tail", Fault::HostRebootLosingTail)
+}
+
+#[test]
+fn host_rebooted_and_redis_lost_its_last_writes() {
+    let setup = host_reboot();
+    assert_safe_and_live(&setup, &run_scenario(&setup));
+}
+
+#[test]
+fn host_rebooted_and_redis_lost_its_last_writes_without_the_shared_quarantine() {
+    let setup = host_reboot().without("host-reboot-losing-tail-local", "local_quarantine");
+    assert_caught(&setup, &run_scenario(&setup));
+}
+
+/// The README's dialplan claims with `ttl=30` and never renews: a flush must keep claims
+/// away until such a lease is over, which the configuration enforces (quarantine longer
+/// than max_validity + guard).
+fn long_lease_flush() -> Setup {
+    let validity = Duration::from_secs(30);
+    Setup {
+        holders: Holders::Dialplan {
+            validity,
+            ring_max_ms: 25_000,
+            lose_replies: false,
+        },
+        max_validity: validity,
+        quarantine: validity + GUARD + Duration::from_millis(500),
+        run_for: FAULT_AT + validity + GUARD + Duration::from_secs(9),
+        min_rings: 6,
+        ..Setup::new("thirty-second-leases-across-a-flush", Fault::RedisFlush)
+    }
+}
+
+#[test]
+fn thirty_second_leases_across_a_flush() {
+    let setup = long_lease_flush();
+    assert_safe_and_live(&setup, &run_scenario(&setup));
+}
+
+/// The bug as it was: a quarantine sized for short leases (7.5 s here) while claims could
+/// ask for far longer.
+#[test]
+fn thirty_second_leases_across_a_flush_with_a_quarantine_shorter_than_the_lease() {
+    let setup = Setup {
+        quarantine: QUARANTINE,
+        run_for: RUN_FOR,
+        ..long_lease_flush().without(
+            "thirty-second-leases-across-a-flush-short-quarantine",
+            "unbounded_validity",
+        )
+    };
+    assert_caught(&setup, &run_scenario(&setup));
+}
+
+/// Replies lost on the way back: the retry (same attempt, new candidate order) must get
+/// the lease the store already granted, valid for as long as the holder now believes.
+fn lost_replies() -> Setup {
+    Setup {
+        holders: Holders::Dialplan {
+            validity: VALIDITY,
+            ring_max_ms: RING_MAX_MS,
+            lose_replies: true,
+        },
+        ..Setup::new("claims-retried-after-lost-replies", Fault::None)
+    }
+}
+
+#[test]
+fn claims_retried_after_lost_replies() {
+    let setup = lost_replies();
+    assert_safe_and_live(&setup, &run_scenario(&setup));
+}
+
+#[test]
+fn claims_retried_after_lost_replies_without_the_attempt_index() {
+    let setup = lost_replies().without("claims-retried-after-lost-replies-naive", "naive_retry");
+    assert_caught(&setup, &run_scenario(&setup));
+}
+
+/// `callfleet up` on the memory backend restarts while the PBX still rings agents.
+fn memory_service_kill() -> Setup {
+    Setup {
+        backend: "memory",
+        ..Setup::new("memory-service-kill", Fault::ServiceKill)
+    }
+}
+
+#[test]
+fn memory_lock_service_killed_and_restarted() {
+    let setup = memory_service_kill();
+    assert_safe_and_live(&setup, &run_scenario(&setup));
+}
+
+#[test]
+fn memory_lock_service_killed_and_restarted_without_the_startup_quarantine() {
+    let setup =
+        memory_service_kill().without("memory-service-kill-no-quarantine", "no_startup_quarantine");
+    assert_caught(&setup, &run_scenario(&setup));
+}
+
+// ---------------------------------------------------------------------------------------
+// Outages and frozen holders; the naive lock is their control
 
 #[test]
 fn redis_paused_past_every_lease() {
-    let report = run_scenario(
-        "callfleet-redis-pause",
-        Variant::Callfleet,
-        Endpoint::Fenced,
-        Fault::RedisPause,
-    );
-    assert_safe_and_live(&report);
+    let setup = Setup {
+        holders: Holders::Keepers,
+        ..Setup::new("callfleet-redis-pause", Fault::RedisPause)
+    };
+    assert_safe_and_live(&setup, &run_scenario(&setup));
 }
 
-#[test]
-fn redis_killed_and_restarted_on_its_aof() {
-    let report = run_scenario(
-        "callfleet-redis-kill-aof",
-        Variant::Callfleet,
-        Endpoint::Fenced,
-        Fault::RedisKill,
-    );
-    assert_safe_and_live(&report);
-}
-
-#[test]
-fn redis_restarted_empty() {
-    let report = run_scenario(
-        "callfleet-redis-empty",
-        Variant::Callfleet,
-        Endpoint::Fenced,
-        Fault::RedisEmpty,
-    );
-    assert_safe_and_live(&report);
-    // The quarantine keeps the tokens ahead of everything the phones saw: no refusals.
-    assert_eq!(report.refused, 0, "tokens went back after the data loss");
-}
-
-#[test]
-fn lock_service_killed_and_restarted() {
-    let report = run_scenario(
-        "callfleet-service-kill",
-        Variant::Callfleet,
-        Endpoint::Fenced,
-        Fault::ServiceKill,
-    );
-    assert_safe_and_live(&report);
+fn frozen_holder(name: &'static str, endpoint: Endpoint) -> Setup {
+    Setup {
+        holders: Holders::Keepers,
+        endpoint,
+        ..Setup::new(name, Fault::HolderPause)
+    }
 }
 
 #[test]
 fn a_frozen_holder_is_stopped_by_the_fenced_endpoint() {
-    let report = run_scenario(
-        "callfleet-holder-pause",
-        Variant::Callfleet,
-        Endpoint::Fenced,
-        Fault::HolderPause,
-    );
-    assert_safe_and_live(&report);
-    assert!(
-        report.refused >= 2,
-        "both frozen rings must be refused, refused {}",
-        report.refused
-    );
+    let setup = frozen_holder("callfleet-holder-pause", Endpoint::Fenced);
+    let report = run_scenario(&setup);
+    assert_safe_and_live(&setup, &report);
+    assert_eq!(report.refused, 2, "both frozen rings must be refused");
 }
 
 /// Why the token and deadline must be checked where the ring happens: the lock service
 /// cannot stop a holder that froze after its last look at the lease.
 #[test]
 fn a_frozen_holder_double_rings_when_the_endpoint_checks_nothing() {
-    let report = run_scenario(
-        "callfleet-holder-pause-unchecked",
-        Variant::Callfleet,
-        Endpoint::Unchecked,
-        Fault::HolderPause,
-    );
+    let setup = frozen_holder("callfleet-holder-pause-unchecked", Endpoint::Unchecked);
+    let report = run_scenario(&setup);
     assert!(
         report
             .violations
             .iter()
-            .any(|v| matches!(v, Violation::PastDeadline(_))),
-        "a frozen holder rang past its deadline, and the checker must say so: {:?}",
+            .any(|v| matches!(v, Violation::RingAfterDeadline(_))),
+        "a frozen holder rang after its deadline, and the checker must say so: {:?}",
         report.violations
     );
+}
+
+fn naive(name: &'static str, endpoint: Endpoint, fault: Fault) -> Setup {
+    Setup {
+        variant: Variant::Naive,
+        endpoint,
+        ..Setup::new(name, fault)
+    }
 }
 
 /// The checker catches the naive lock: a Redis pause lets every lease expire while the
 /// holders, waiting without a deadline, keep ringing and then take any reply as a renewal.
 #[test]
 fn the_naive_lock_double_rings_when_redis_pauses() {
-    let report = run_scenario(
-        "naive-redis-pause",
-        Variant::Naive,
-        Endpoint::Fenced,
-        Fault::RedisPause,
-    );
+    let setup = naive("naive-redis-pause", Endpoint::Fenced, Fault::RedisPause);
+    let report = run_scenario(&setup);
     assert!(
         report
             .violations
@@ -870,13 +1386,9 @@ fn the_naive_lock_double_rings_when_redis_pauses() {
 /// With its data gone, the naive lock's `INCR` starts again at 1: tokens go back, and
 /// only the endpoint's check can refuse them.
 #[test]
-fn the_naive_lock_reissues_old_tokens_after_redis_restarts_empty() {
-    let report = run_scenario(
-        "naive-redis-empty",
-        Variant::Naive,
-        Endpoint::Fenced,
-        Fault::RedisEmpty,
-    );
+fn the_naive_lock_reissues_old_tokens_after_redis_is_flushed() {
+    let setup = naive("naive-redis-flush", Endpoint::Fenced, Fault::RedisFlush);
+    let report = run_scenario(&setup);
     assert!(
         report.refused > 0,
         "tokens below those already seen must reach the endpoint"
@@ -886,13 +1398,13 @@ fn the_naive_lock_reissues_old_tokens_after_redis_restarts_empty() {
 /// The same loss with an endpoint that checks nothing: the lost keys are claimed again
 /// while their holders, whose renewals "succeed" on missing keys, still ring.
 #[test]
-fn the_naive_lock_double_rings_when_redis_restarts_empty() {
-    let report = run_scenario(
-        "naive-redis-empty-unchecked",
-        Variant::Naive,
+fn the_naive_lock_double_rings_when_redis_is_flushed() {
+    let setup = naive(
+        "naive-redis-flush-unchecked",
         Endpoint::Unchecked,
-        Fault::RedisEmpty,
+        Fault::RedisFlush,
     );
+    let report = run_scenario(&setup);
     assert!(
         report
             .violations

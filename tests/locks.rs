@@ -65,7 +65,7 @@ fn the_lock_service_binary_waits_out_its_startup_quarantine_then_grants_a_lease_
         "resource=agent:8&holder=pbx-1/c2&attempt=c2&ttl=30",
     );
     assert!(
-        too_long.contains("\r\n\r\nERR invalid request: `validity` must be between 100 ms and 1000 ms (lock_service.max_validity)\n"),
+        too_long.contains("\r\n\r\nERR `validity` must be between 100 ms and 1000 ms (lock_service.max_validity)\n"),
         "{too_long}"
     );
     service.signal("TERM");

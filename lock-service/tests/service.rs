@@ -80,6 +80,36 @@ Connection: close\r\n\r\n{form}",
         (status, body)
     }
 
+    /// Sends `method path` with `body` and, when given, `content_type`; returns (status,
+    /// body) as `post` does.
+    async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: &str,
+    ) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(self.address)
+            .await
+            .expect("connect");
+        let content_type =
+            content_type.map_or_else(String::new, |ct| format!("Content-Type: {ct}\r\n"));
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: */*\r\n\
+Content-Length: {}\r\n{content_type}Connection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        let status = response[9..12].parse().expect("status code");
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .expect("a body");
+        (status, body)
+    }
+
     async fn stop(self) {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(5), self.task)
@@ -245,6 +275,193 @@ async fn the_http_twin_answers_one_line_that_is_never_empty() {
     assert!(
         body.starts_with("ERR ") && body.contains("token"),
         "{body:?}"
+    );
+    server.stop().await;
+}
+
+/// The whole body is one `ERR …` line: nothing of the framework's own answer around it.
+fn assert_one_err_line(what: &str, body: &str) {
+    assert!(
+        body.starts_with("ERR ") && body.ends_with('\n') && body.lines().count() == 1,
+        "{what}: {body:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_a_form_answers_one_err_line() {
+    let server = Server::start().await;
+    let not_a_form = "ERR the body is not a form this endpoint reads (";
+    let cases = [
+        (
+            "a field given twice",
+            "/lock/acquire",
+            Some("application/x-www-form-urlencoded"),
+            "resource=agent:300&resource=agent:301&holder=h&attempt=x",
+        ),
+        (
+            "a field given twice (claim-first)",
+            "/lock/claim-first",
+            Some("application/x-www-form-urlencoded"),
+            "candidates=agent:300&holder=h&holder=g&attempt=x",
+        ),
+        (
+            "a field given twice (renew)",
+            "/lock/renew",
+            Some("application/x-www-form-urlencoded"),
+            "resource=agent:300&holder=h&token=1&token=2",
+        ),
+        (
+            "a field given twice (release)",
+            "/lock/release",
+            Some("application/x-www-form-urlencoded"),
+            "resource=agent:300&resource=agent:301&holder=h&token=1",
+        ),
+        (
+            "JSON",
+            "/lock/acquire",
+            Some("application/json"),
+            r#"{"resource":"agent:300","holder":"h","attempt":"x"}"#,
+        ),
+        (
+            "a form without Content-Type",
+            "/lock/acquire",
+            None,
+            "resource=agent:300&holder=h&attempt=x",
+        ),
+        (
+            "a form sent as text/plain",
+            "/lock/claim-first",
+            Some("text/plain"),
+            "candidates=agent:300&holder=h&attempt=x",
+        ),
+    ];
+    for (what, path, content_type, body) in cases {
+        let (status, answer) = server.request("POST", path, content_type, body).await;
+        assert_eq!(status, 400, "{what}: {answer:?}");
+        assert_one_err_line(what, &answer);
+        assert!(answer.starts_with(not_a_form), "{what}: {answer:?}");
+        assert!(
+            answer.ends_with("); send application/x-www-form-urlencoded fields, each once\n"),
+            "{what}: {answer:?}"
+        );
+    }
+    // Nothing was leased by the refused bodies; the control: the same form, each field
+    // once, is read.
+    let (status, answer) = server
+        .post("/lock/acquire", "resource=agent:300&holder=h&attempt=x")
+        .await;
+    assert_eq!(status, 200, "{answer:?}");
+    assert!(answer.starts_with("OK "), "{answer:?}");
+    let (status, answer) = server
+        .post("/lock/acquire", "resource=agent:301&holder=g&attempt=y")
+        .await;
+    assert_eq!(status, 200, "{answer:?}");
+    assert!(answer.starts_with("OK "), "{answer:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_method_other_than_post_answers_405_with_one_err_line() {
+    let server = Server::start().await;
+    for path in [
+        "/lock/acquire",
+        "/lock/claim-first",
+        "/lock/renew",
+        "/lock/release",
+    ] {
+        for method in ["GET", "PUT", "DELETE"] {
+            let (status, body) = server.request(method, path, None, "").await;
+            assert_eq!(
+                (status, body.as_str()),
+                (405, "ERR send a form with POST (CURL(url,form) does)\n"),
+                "{method} {path}"
+            );
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_ttl_that_is_not_a_positive_number_answers_err_invalid_request() {
+    let server = Server::start().await;
+    // Every answer is checked before the test fails, so a failure lists them all.
+    let mut wrong = Vec::new();
+    for ttl in ["-1", "abc", "0", "NaN", "inf"] {
+        for (path, form) in [
+            (
+                "/lock/acquire",
+                format!("resource=agent:400&holder=h&attempt=x&ttl={ttl}"),
+            ),
+            (
+                "/lock/claim-first",
+                format!("candidates=agent:400&holder=h&attempt=x&ttl={ttl}"),
+            ),
+            (
+                "/lock/renew",
+                format!("resource=agent:400&holder=h&token=1&ttl={ttl}"),
+            ),
+        ] {
+            let (status, body) = server.post(path, &form).await;
+            let expected = format!("ERR `ttl` must be a number of seconds above 0, not {ttl:?}\n");
+            if (status, body.as_str()) != (400, expected.as_str()) {
+                wrong.push(format!(
+                    "{path} ttl={ttl}: got {status} {body:?}, expected 400 {expected:?}"
+                ));
+            }
+        }
+    }
+    server.stop().await;
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[tokio::test]
+async fn a_ttl_above_max_validity_answers_err_naming_max_validity() {
+    let server = Server::start().await;
+    for (path, form) in [
+        (
+            "/lock/acquire",
+            "resource=agent:500&holder=h&attempt=x&ttl=3601",
+        ),
+        (
+            "/lock/claim-first",
+            "candidates=agent:500&holder=h&attempt=x&ttl=31",
+        ),
+    ] {
+        let (status, body) = server.post(path, form).await;
+        assert_eq!(status, 400, "{path}: {body:?}");
+        assert_one_err_line(path, &body);
+        assert!(
+            body.ends_with(
+                "`validity` must be between 100 ms and 30000 ms (lock_service.max_validity)\n"
+            ),
+            "{path}: {body:?}"
+        );
+    }
+    // The control: max_validity itself (30 s, the default) is granted.
+    let (status, body) = server
+        .post(
+            "/lock/acquire",
+            "resource=agent:500&holder=h&attempt=x&ttl=30",
+        )
+        .await;
+    assert_eq!(status, 200, "{body:?}");
+    let token = body
+        .strip_prefix("OK ")
+        .and_then(|t| t.trim_end().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("OK <token>, got {body:?}"));
+    let (status, body) = server
+        .post(
+            "/lock/renew",
+            &format!("resource=agent:500&holder=h&token={token}&ttl=30.001"),
+        )
+        .await;
+    assert_eq!(status, 400, "{body:?}");
+    assert_one_err_line("renew", &body);
+    assert!(
+        body.ends_with(
+            "`validity` must be between 100 ms and 30000 ms (lock_service.max_validity)\n"
+        ),
+        "renew: {body:?}"
     );
     server.stop().await;
 }

@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use callfleet_core::config::UnsafeLockSwitches;
 use callfleet_core::testing::redis_url;
 
 use super::*;
@@ -406,6 +407,521 @@ fn a_malformed_sentinel_url_says_what_is_wrong() {
     }
 }
 
+/// A connection of the test's own, behind the backend's back.
+async fn raw() -> ::redis::aio::MultiplexedConnection {
+    ::redis::Client::open(redis_url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
+/// Claims `resource` until a claim passes: a marker never seen starts a quarantine, and
+/// the first answer must be that refusal. Bounded, so a quarantine that never ends fails.
+async fn first_grant_after_the_quarantine(
+    locks: &Locks,
+    resource: &str,
+    claim: &Claim<'_>,
+) -> Lease {
+    let refused = locks
+        .acquire(resource, claim)
+        .await
+        .expect_err("a marker never seen quarantines");
+    assert!(
+        matches!(&refused, LockError::Unavailable(why) if why.contains("quarantine")),
+        "{refused}"
+    );
+    let started = std::time::Instant::now();
+    loop {
+        match locks.acquire(resource, claim).await {
+            Ok(lease) => return lease,
+            Err(LockError::Unavailable(why)) if why.contains("quarantine") => {}
+            Err(other) => panic!("only the quarantine may refuse: {other}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the quarantine never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A Redis backend sharing the boot marker `marker` (as lock-service instances on one
+/// Redis do).
+fn redis_sharing(marker: &str, quarantine: Duration, switches: UnsafeLockSwitches) -> Locks {
+    Locks::Redis(Box::new(
+        RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(1))
+            .expect("url")
+            .with_marker(marker)
+            .with_quarantine(quarantine)
+            .with_unsafe_switches(switches),
+    ))
+}
+
+const LOCAL_QUARANTINE: UnsafeLockSwitches = UnsafeLockSwitches {
+    local_quarantine: true,
+    unbounded_validity: false,
+    no_startup_quarantine: false,
+    naive_retry: false,
+};
+
+/// Two instances on one marker, both serving; then Redis loses the marker and agent X's
+/// lease (as FLUSHALL does) and instance 1 notices with a refused claim. Returns what
+/// instance 2 answers right after, for agent X and another holder, and the first lease.
+async fn second_instance_after_a_flush(
+    switches: UnsafeLockSwitches,
+) -> (Locks, Locks, String, Lease, Result<Lease, LockError>) {
+    let marker = fresh("shared-marker");
+    let quarantine = Duration::from_millis(600);
+    let one = redis_sharing(&marker, quarantine, switches);
+    let two = redis_sharing(&marker, quarantine, switches);
+    let x = fresh("x");
+    let first = first_grant_after_the_quarantine(&one, &x, &claim("pbx-1/c1", "t1", 10_000)).await;
+    // Instance 2 serves too (and has its connection) before the loss.
+    let y = fresh("y");
+    let other = two
+        .acquire(&y, &claim("pbx-2/c1", "t1", 10_000))
+        .await
+        .expect("instance 2 serves once the quarantine is over");
+    assert_eq!(other.resource, y);
+
+    forget(&[marker.clone(), format!("lk:{{{x}}}")]).await;
+    let refused = one
+        .acquire(&x, &claim("pbx-1/c2", "t2", 10_000))
+        .await
+        .expect_err("instance 1 sees the marker gone");
+    assert!(
+        matches!(&refused, LockError::Unavailable(why) if why.contains("quarantine")),
+        "{refused}"
+    );
+    let answer = two.acquire(&x, &claim("pbx-2/c2", "t2", 10_000)).await;
+    (one, two, x, first, answer)
+}
+
+#[tokio::test]
+async fn a_quarantine_one_redis_instance_started_stops_every_instance_on_the_marker() {
+    let (one, two, x, first, answer) =
+        second_instance_after_a_flush(UnsafeLockSwitches::default()).await;
+    let refused = answer.expect_err("instance 2 obeys the quarantine instance 1 started");
+    assert!(
+        matches!(&refused, LockError::Unavailable(why) if why.contains("quarantine")),
+        "{refused}"
+    );
+    tokio::time::sleep(Duration::from_millis(650)).await;
+    let second = two
+        .acquire(&x, &claim("pbx-2/c2", "t2", 10_000))
+        .await
+        .expect("instance 2 grants after the quarantine");
+    assert_eq!(
+        (second.resource.as_str(), second.holder.as_str()),
+        (x.as_str(), "pbx-2/c2")
+    );
+    assert!(
+        second.token > first.token,
+        "{} then {}",
+        first.token,
+        second.token
+    );
+    let z = fresh("z");
+    let third = one
+        .acquire(&z, &claim("pbx-1/c3", "t3", 10_000))
+        .await
+        .expect("instance 1 grants after the quarantine");
+    assert_eq!(third.resource, z);
+    assert_eq!(
+        one.acquire(&x, &claim("pbx-1/c4", "t4", 10_000)).await,
+        Err(LockError::Held {
+            resource: x.clone(),
+            holder: "pbx-2/c2".into()
+        }),
+        "both instances see the one lease on X"
+    );
+}
+
+#[tokio::test]
+async fn with_a_local_quarantine_another_instance_grants_an_agent_whose_lease_was_lost() {
+    // The negative control: what the shared quarantine prevents.
+    let (_one, _two, x, first, answer) = second_instance_after_a_flush(LOCAL_QUARANTINE).await;
+    let second = answer.expect("instance 2 knows nothing of instance 1's quarantine");
+    assert_eq!(
+        (second.resource.as_str(), second.holder.as_str()),
+        (x.as_str(), "pbx-2/c2"),
+        "X leased again while pbx-1/c1's lost lease may still ring it"
+    );
+    assert_ne!(second.token, first.token);
+}
+
+/// An instance with a live connection serving; then the marker names another run id
+/// (another Redis wrote it: a restart on an old file, a failover). Returns the instance,
+/// what the next health check says and what the next claim gets.
+async fn a_marker_of_another_run(
+    switches: UnsafeLockSwitches,
+    quarantine: Duration,
+) -> (Locks, String, bool, Result<Lease, LockError>) {
+    let marker = fresh("run-marker");
+    let locks = redis_sharing(&marker, quarantine, switches);
+    let agent = fresh("run");
+    first_grant_after_the_quarantine(&locks, &agent, &claim("pbx-1/c1", "t1", 10_000)).await;
+    assert!(locks.serving().await, "serving before the marker changes");
+    let _: () = ::redis::cmd("HSET")
+        .arg(&marker)
+        .arg("run_id")
+        .arg("other")
+        .arg("until")
+        .arg(0)
+        .query_async(&mut raw().await)
+        .await
+        .expect("hset");
+    let serving = locks.serving().await;
+    let answer = locks
+        .acquire(&fresh("run2"), &claim("pbx-1/c2", "t2", 10_000))
+        .await;
+    (locks, marker, serving, answer)
+}
+
+#[tokio::test]
+async fn a_marker_of_another_redis_run_quarantines_on_the_next_health_check() {
+    let quarantine = Duration::from_millis(300);
+    let (locks, marker, serving, answer) =
+        a_marker_of_another_run(UnsafeLockSwitches::default(), quarantine).await;
+    assert!(!serving, "the health check on the live connection saw it");
+    let refused = answer.expect_err("quarantined");
+    assert!(
+        matches!(&refused, LockError::Unavailable(why) if why.contains("quarantine")),
+        "{refused}"
+    );
+    let mut connection = raw().await;
+    let info: String = ::redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut connection)
+        .await
+        .expect("info");
+    let run_id = info
+        .lines()
+        .find_map(|line| line.strip_prefix("run_id:"))
+        .expect("run_id")
+        .trim()
+        .to_owned();
+    let written: Option<String> = ::redis::cmd("HGET")
+        .arg(&marker)
+        .arg("run_id")
+        .query_async(&mut connection)
+        .await
+        .expect("hget");
+    assert_eq!(
+        written.as_deref(),
+        Some(run_id.as_str()),
+        "the marker names this Redis again"
+    );
+    tokio::time::sleep(quarantine + Duration::from_millis(50)).await;
+    assert!(locks.serving().await, "serving after the quarantine");
+    locks
+        .acquire(&fresh("run3"), &claim("pbx-1/c3", "t3", 10_000))
+        .await
+        .expect("claims pass after the quarantine");
+}
+
+#[tokio::test]
+async fn with_a_local_quarantine_a_marker_of_another_redis_run_goes_unnoticed() {
+    // The negative control: the process compared only the run ids it saw itself.
+    let (_locks, _marker, serving, answer) =
+        a_marker_of_another_run(LOCAL_QUARANTINE, Duration::from_millis(300)).await;
+    assert!(serving);
+    answer.expect("granted");
+}
+
+/// claim [A, B] for 300 ms; 350 ms later (validity over, guard not) the same attempt is
+/// retried with [B] only. Returns A, B, the first lease and the retry's answer.
+async fn retry_with_other_candidates(
+    locks: &Locks,
+    holder: &str,
+) -> (String, String, Lease, Lease) {
+    let (a, b) = (fresh("ra"), fresh("rb"));
+    let first = locks
+        .claim_first(&[&a, &b], &claim(holder, "retried", 300))
+        .await
+        .expect("ok")
+        .expect("free");
+    assert_eq!(first.resource, a);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let retried = locks
+        .claim_first(&[&b], &claim(holder, "retried", 300))
+        .await
+        .expect("ok")
+        .expect("a lease");
+    (a, b, first, retried)
+}
+
+#[tokio::test]
+async fn a_retried_claim_gets_and_extends_its_lease_whatever_its_candidates() {
+    for (name, locks) in backends() {
+        let (a, b, first, retried) = retry_with_other_candidates(&locks, "pbx-1/retry").await;
+        assert_eq!(
+            (retried.resource.as_str(), retried.token, retried.validity),
+            (a.as_str(), first.token, Duration::from_millis(300)),
+            "{name}: the lease the attempt holds, not a second agent"
+        );
+        let seen = locks.get(&a).await.expect("get").expect("live");
+        assert_eq!(
+            (seen.holder.as_str(), seen.token),
+            ("pbx-1/retry", first.token),
+            "{name}"
+        );
+        assert!(
+            seen.validity > Duration::from_millis(200)
+                && seen.validity <= Duration::from_millis(300),
+            "{name}: extended to 300 ms from the retry: {seen:?}"
+        );
+        let other = locks
+            .claim_first(&[&b], &claim("pbx-2/other", "o1", 10_000))
+            .await
+            .expect("ok")
+            .expect("B is still free");
+        assert_eq!(
+            (other.resource.as_str(), other.holder.as_str()),
+            (b.as_str(), "pbx-2/other"),
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn with_naive_retries_a_retry_with_other_candidates_leases_a_second_agent() {
+    // The negative control: what the indexed, extending retry prevents.
+    let naive = UnsafeLockSwitches {
+        naive_retry: true,
+        ..UnsafeLockSwitches::default()
+    };
+    let locks = [
+        (
+            "memory",
+            Locks::Memory(MemoryLocks::new(GUARD).with_unsafe_switches(naive)),
+        ),
+        (
+            "redis",
+            Locks::Redis(Box::new(
+                RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(1))
+                    .expect("url")
+                    .with_quarantine(Duration::ZERO)
+                    .with_unsafe_switches(naive),
+            )),
+        ),
+    ];
+    for (name, locks) in locks {
+        let (a, b, first, retried) = retry_with_other_candidates(&locks, "pbx-1/naive").await;
+        assert_eq!(
+            (retried.resource.as_str(), retried.holder.as_str()),
+            (b.as_str(), "pbx-1/naive"),
+            "{name}: one call now holds two agents"
+        );
+        assert_ne!(retried.token, first.token, "{name}");
+        let seen = locks.get(&a).await.expect("get").expect("A in its guard");
+        assert_eq!(
+            (seen.token, seen.validity),
+            (first.token, Duration::ZERO),
+            "{name}: A was not extended"
+        );
+    }
+}
+
+fn backends_bounded_to_5s() -> Vec<(&'static str, Locks)> {
+    let most = Duration::from_secs(5);
+    vec![
+        (
+            "memory",
+            Locks::Memory(MemoryLocks::new(GUARD).with_max_validity(most)),
+        ),
+        (
+            "redis",
+            Locks::Redis(Box::new(
+                RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(1))
+                    .expect("url")
+                    .with_quarantine(Duration::ZERO)
+                    .with_max_validity(most),
+            )),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn a_renewal_without_validity_keeps_the_leases_own_and_max_validity_bounds_all() {
+    let too_long = LockError::Invalid(
+        "`validity` must be between 100 ms and 5000 ms (lock_service.max_validity)".into(),
+    );
+    for (name, locks) in backends_bounded_to_5s() {
+        assert_eq!(locks.max_validity(), Duration::from_secs(5), "{name}");
+        let agent = fresh("own");
+        let lease = locks
+            .acquire(&agent, &claim("pbx-1/own", "t1", 2000))
+            .await
+            .expect("free");
+        assert_eq!(lease.validity, Duration::from_millis(2000), "{name}");
+        let renewed = locks
+            .renew(&agent, "pbx-1/own", lease.token, None)
+            .await
+            .expect("renew");
+        assert_eq!(
+            (renewed.token, renewed.validity),
+            (lease.token, Duration::from_millis(2000)),
+            "{name}: the lease's own validity, not a default"
+        );
+        let seen = locks.get(&agent).await.expect("get").expect("live");
+        assert!(
+            seen.validity >= Duration::from_millis(1800)
+                && seen.validity <= Duration::from_millis(2000),
+            "{name}: {seen:?}"
+        );
+        // A renewal with a validity makes it the lease's own.
+        let longer = locks
+            .renew(
+                &agent,
+                "pbx-1/own",
+                lease.token,
+                Some(Duration::from_millis(3000)),
+            )
+            .await
+            .expect("renew");
+        assert_eq!(longer.validity, Duration::from_millis(3000), "{name}");
+        let kept = locks
+            .renew(&agent, "pbx-1/own", lease.token, None)
+            .await
+            .expect("renew");
+        assert_eq!(kept.validity, Duration::from_millis(3000), "{name}");
+        let seen = locks.get(&agent).await.expect("get").expect("live");
+        assert!(
+            seen.validity >= Duration::from_millis(2800)
+                && seen.validity <= Duration::from_millis(3000),
+            "{name}: {seen:?}"
+        );
+
+        assert_eq!(
+            locks
+                .renew(
+                    &agent,
+                    "pbx-1/own",
+                    lease.token,
+                    Some(Duration::from_millis(5001))
+                )
+                .await,
+            Err(too_long.clone()),
+            "{name}: a renewal beyond max_validity"
+        );
+        let most = locks
+            .renew(
+                &agent,
+                "pbx-1/own",
+                lease.token,
+                Some(Duration::from_millis(5000)),
+            )
+            .await
+            .expect("max_validity itself is allowed");
+        assert_eq!(most.validity, Duration::from_millis(5000), "{name}");
+
+        let other = fresh("own2");
+        assert_eq!(
+            locks.acquire(&other, &claim("pbx-2/own", "t2", 5001)).await,
+            Err(too_long.clone()),
+            "{name}: a claim beyond max_validity"
+        );
+        assert_eq!(
+            locks
+                .claim_first(&[&other], &claim("pbx-2/own", "t2", 5001))
+                .await,
+            Err(too_long.clone()),
+            "{name}: a claim_first beyond max_validity"
+        );
+        assert_eq!(locks.get(&other).await.expect("get"), None, "{name}");
+        let granted = locks
+            .acquire(&other, &claim("pbx-2/own", "t2", 5000))
+            .await
+            .expect("max_validity itself is allowed");
+        assert_eq!(granted.validity, Duration::from_millis(5000), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_new_memory_backend_refuses_claims_for_its_startup_quarantine() {
+    let locks =
+        Locks::Memory(MemoryLocks::new(GUARD).with_startup_quarantine(Duration::from_millis(300)));
+    let agent = fresh("start");
+    let refused = locks
+        .acquire(&agent, &claim("pbx-1/s", "t1", 1000))
+        .await
+        .expect_err("quarantined");
+    assert!(
+        matches!(&refused, LockError::Unavailable(why) if why.contains("quarantined")),
+        "{refused}"
+    );
+    let refused = locks
+        .claim_first(&[&agent], &claim("pbx-1/s", "t1", 1000))
+        .await
+        .expect_err("quarantined");
+    assert!(
+        matches!(&refused, LockError::Unavailable(why) if why.contains("quarantined")),
+        "{refused}"
+    );
+    assert!(!locks.serving().await);
+    tokio::time::sleep(Duration::from_millis(320)).await;
+    assert!(locks.serving().await);
+    let lease = locks
+        .acquire(&agent, &claim("pbx-1/s", "t1", 1000))
+        .await
+        .expect("after the quarantine");
+    assert_eq!(lease.resource, agent);
+}
+
+#[tokio::test]
+async fn without_the_startup_quarantine_a_new_memory_backend_grants_at_once() {
+    // The negative control.
+    let locks = Locks::Memory(
+        MemoryLocks::new(GUARD)
+            .with_startup_quarantine(Duration::from_millis(300))
+            .with_unsafe_switches(UnsafeLockSwitches {
+                no_startup_quarantine: true,
+                ..UnsafeLockSwitches::default()
+            }),
+    );
+    assert!(locks.serving().await);
+    let agent = fresh("start");
+    let lease = locks
+        .acquire(&agent, &claim("pbx-1/s", "t1", 1000))
+        .await
+        .expect("granted at once");
+    assert_eq!(lease.resource, agent);
+}
+
+#[tokio::test]
+async fn one_attempt_acquires_one_resource() {
+    for (name, locks) in backends() {
+        let (a, b) = (fresh("one-a"), fresh("one-b"));
+        let first = locks
+            .acquire(&a, &claim("pbx-1/one", "t1", 10_000))
+            .await
+            .expect("free");
+        let refused = locks
+            .acquire(&b, &claim("pbx-1/one", "t1", 10_000))
+            .await
+            .expect_err("the attempt holds A");
+        assert!(
+            matches!(&refused, LockError::Invalid(why) if why.contains("one attempt") && why.contains(&a)),
+            "{name}: {refused}"
+        );
+        assert_eq!(
+            locks.get(&b).await.expect("get"),
+            None,
+            "{name}: B untouched"
+        );
+        let seen = locks.get(&a).await.expect("get").expect("A still held");
+        assert_eq!(seen.token, first.token, "{name}");
+        // The control: a new attempt of the same holder gets B.
+        let second = locks
+            .acquire(&b, &claim("pbx-1/one", "t2", 10_000))
+            .await
+            .expect("a new attempt");
+        assert_eq!(second.resource, b, "{name}");
+    }
+}
+
 mod sentinel {
     //! A real master, replica and sentinel of this test's own: claims go to whichever server
     //! the sentinel names master, and a failover (a new run id) starts a quarantine.
@@ -562,6 +1078,33 @@ mod sentinel {
             .await
             .expect("hget");
         assert_eq!(holder.as_deref(), Some("pbx-1/c1"), "written to the master");
+
+        // Behind sentinels a master that accepts writes with no replica in reach loses them
+        // at the failover: the start-up check names the setting until it is made.
+        let Locks::Redis(redis) = &locks else {
+            panic!("a redis backend")
+        };
+        let min_replicas = |problems: &[String]| {
+            problems
+                .iter()
+                .filter(|p| p.starts_with("min-replicas-to-write is 0"))
+                .count()
+        };
+        let problems = redis.configuration_problems().await.expect("reachable");
+        assert_eq!(min_replicas(&problems), 1, "{problems:?}");
+        for value in ["1", "0"] {
+            let _: () = ::redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("min-replicas-to-write")
+                .arg(value)
+                .query_async(&mut on_master)
+                .await
+                .expect("config set");
+            if value == "1" {
+                let problems = redis.configuration_problems().await.expect("reachable");
+                assert_eq!(min_replicas(&problems), 0, "{problems:?}");
+            }
+        }
 
         // The replica has everything, then the master dies and the sentinel promotes it.
         let mut on_replica = replica.connection().await;
