@@ -669,7 +669,7 @@ async fn dialplan_holder(
                 continue;
             }
         };
-        if lose_replies && rng.next() % 2 == 0 {
+        if lose_replies && rng.next().is_multiple_of(2) {
             // The store granted this lease, so it counts as a grant; the holder never
             // hears of it and asks again, with the same attempt, once it gave up waiting.
             let deadline = shared
