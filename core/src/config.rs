@@ -548,6 +548,12 @@ impl LockServiceConfig {
                 format!("`{}` must be at most 1h", shown(self.guard)),
             );
         }
+        if self.quarantine > Duration::from_secs(86_400) {
+            return bad(
+                "quarantine",
+                format!("`{}` must be at most 1 day", shown(self.quarantine)),
+            );
+        }
         let longest_lost = self.max_validity + self.guard;
         if self.quarantine <= longest_lost && !self.unsafe_for_tests.unbounded_validity {
             return bad(
@@ -1069,6 +1075,10 @@ mod tests {
                 (
                     "[lock_service]\ndeadline = \"0s\"\n",
                     "`lock_service.deadline` must be longer than 0s",
+                ),
+                (
+                    "[lock_service]\nquarantine = \"2days\"\n",
+                    "`lock_service.quarantine` `2days` must be at most 1 day",
                 ),
             ] {
                 let err = load_in(jail, toml).expect_err(toml).to_string();

@@ -153,6 +153,14 @@ pub async fn run(
             Err(err) => tracing::warn!(error = %err, "cannot check redis at start"),
         }
     }
+    if let Locks::Memory(memory) = locks.as_ref()
+        && memory.quarantined()
+    {
+        info!(
+            quarantine = ?config.quarantine,
+            "claims wait out the quarantine after a start: leases granted before it may still be in use"
+        );
+    }
     let address = listener.local_addr()?;
     let (reporter, health) = tonic_health::server::health_reporter();
     let watcher = tokio::spawn(watch_health(locks.clone(), reporter, shutdown.clone()));
