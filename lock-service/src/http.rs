@@ -45,7 +45,7 @@ async fn not_post() -> Line {
     )
 }
 
-/// A form, or the `ERR` line that says why the body is not one (the framework's own
+/// A form, or the `ERR` line (as the handler's answer) that says why the body is not one (the framework's own
 /// rejection text would reach the dialplan as if it were an answer).
 fn form<T>(form: Result<Form<T>, FormRejection>) -> Result<T, Line> {
     form.map(|Form(form)| form).map_err(|rejection| {
@@ -151,11 +151,8 @@ fn token(token: Option<String>) -> Result<u64, LockError> {
 async fn acquire(
     State(state): State<HttpState>,
     body: Result<Form<ClaimForm>, FormRejection>,
-) -> Line {
-    let form = match form(body) {
-        Ok(form) => form,
-        Err(line) => return line,
-    };
+) -> Result<Line, Line> {
+    let form = form(body)?;
     let result = async {
         let claim = Claim {
             holder: &form.holder,
@@ -165,20 +162,17 @@ async fn acquire(
         state.locks.acquire(&form.resource, &claim).await
     }
     .await;
-    match result {
+    Ok(match result {
         Ok(lease) => Line(StatusCode::OK, format!("OK {}", lease.token)),
         Err(err) => err.into(),
-    }
+    })
 }
 
 async fn claim_first(
     State(state): State<HttpState>,
     body: Result<Form<ClaimForm>, FormRejection>,
-) -> Line {
-    let form = match form(body) {
-        Ok(form) => form,
-        Err(line) => return line,
-    };
+) -> Result<Line, Line> {
+    let form = form(body)?;
     let result = async {
         let candidates: Vec<&str> = form
             .candidates
@@ -195,7 +189,7 @@ async fn claim_first(
         state.locks.claim_first(&candidates, &claim).await
     }
     .await;
-    match result {
+    Ok(match result {
         Ok(Some(lease)) => Line(
             StatusCode::OK,
             format!("OK {} {}", lease.resource, lease.token),
@@ -203,17 +197,14 @@ async fn claim_first(
         // Every candidate is held; there is no single holder to name.
         Ok(None) => Line(StatusCode::CONFLICT, "BUSY all".into()),
         Err(err) => err.into(),
-    }
+    })
 }
 
 async fn renew(
     State(state): State<HttpState>,
     body: Result<Form<HeldForm>, FormRejection>,
-) -> Line {
-    let form = match form(body) {
-        Ok(form) => form,
-        Err(line) => return line,
-    };
+) -> Result<Line, Line> {
+    let form = form(body)?;
     let result = async {
         // Without a ttl a renewal keeps the lease's own validity.
         let validity = validity(form.ttl)?;
@@ -223,20 +214,17 @@ async fn renew(
             .await
     }
     .await;
-    match result {
+    Ok(match result {
         Ok(lease) => Line(StatusCode::OK, format!("OK {}", lease.token)),
         Err(err) => err.into(),
-    }
+    })
 }
 
 async fn release(
     State(state): State<HttpState>,
     body: Result<Form<HeldForm>, FormRejection>,
-) -> Line {
-    let form = match form(body) {
-        Ok(form) => form,
-        Err(line) => return line,
-    };
+) -> Result<Line, Line> {
+    let form = form(body)?;
     let result = async {
         state
             .locks
@@ -244,8 +232,8 @@ async fn release(
             .await
     }
     .await;
-    match result {
+    Ok(match result {
         Ok(()) => Line(StatusCode::OK, "OK released".into()),
         Err(err) => err.into(),
-    }
+    })
 }

@@ -60,24 +60,13 @@ impl Server {
 
     /// POSTs a form and returns (status, body) the way CURL() sees it.
     async fn post(&self, path: &str, form: &str) -> (u16, String) {
-        let mut stream = tokio::net::TcpStream::connect(self.address)
-            .await
-            .expect("connect");
-        let request = format!(
-            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: asterisk-libcurl-agent/1.0\r\n\
-Accept: */*\r\nContent-Length: {}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
-Connection: close\r\n\r\n{form}",
-            form.len()
-        );
-        stream.write_all(request.as_bytes()).await.expect("write");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.expect("read");
-        let status = response[9..12].parse().expect("status code");
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_owned())
-            .expect("a body");
-        (status, body)
+        self.request(
+            "POST",
+            path,
+            Some("application/x-www-form-urlencoded"),
+            form,
+        )
+        .await
     }
 
     /// Sends `method path` with `body` and, when given, `content_type`; returns (status,
@@ -95,8 +84,8 @@ Connection: close\r\n\r\n{form}",
         let content_type =
             content_type.map_or_else(String::new, |ct| format!("Content-Type: {ct}\r\n"));
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: */*\r\n\
-Content-Length: {}\r\n{content_type}Connection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: asterisk-libcurl-agent/1.0\r\n\
+Accept: */*\r\nContent-Length: {}\r\n{content_type}Connection: close\r\n\r\n{body}",
             body.len()
         );
         stream.write_all(request.as_bytes()).await.expect("write");
