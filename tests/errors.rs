@@ -42,6 +42,39 @@ fn unknown_config_key_names_the_key_and_the_file() {
     assert!(err.contains(&file.display().to_string()), "{err}");
 }
 
+/// Figment would show `../<dir>/callfleet.toml` from a sibling working folder; the user
+/// wrote an absolute path and must see it.
+#[test]
+fn a_config_error_names_the_file_as_given_from_any_working_folder() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let elsewhere = tempfile::tempdir().expect("another temp dir");
+    let file = dir.path().join("callfleet.toml");
+    std::fs::write(&file, "[node]\nheartbeat_intervall = \"1s\"\n").expect("write");
+    for (working, given) in [
+        (elsewhere.path(), file.clone()),
+        (dir.path(), std::path::PathBuf::from("callfleet.toml")),
+        (
+            dir.path().parent().expect("a parent"),
+            std::path::Path::new(dir.path().file_name().expect("a name")).join("callfleet.toml"),
+        ),
+    ] {
+        let output = callfleet()
+            .current_dir(working)
+            .arg("--config")
+            .arg(&given)
+            .arg("status")
+            .output()
+            .expect("run");
+        let err = one_line_error(&output);
+        assert_eq!(output.status.code(), Some(64), "EX_USAGE");
+        assert!(
+            err.contains(&format!(" in {} TOML file", given.display())),
+            "{}: {err}",
+            given.display()
+        );
+    }
+}
+
 #[test]
 fn malformed_store_url_says_what_a_good_one_looks_like() {
     let output = callfleet()

@@ -365,9 +365,9 @@ Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
 fn captured_reply(action_id: &str) -> String {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/asterisk/ami-login-and-coreshowchannels.jsonl"
+        "/fixtures/asterisk/ami-login-and-coreshowchannels.jsonl"
     );
-    let capture = std::fs::read_to_string(path).expect("the shared AMI capture is at ../shared");
+    let capture = std::fs::read_to_string(path).expect("the AMI capture is in fixtures/asterisk");
     capture
         .lines()
         .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("jsonl"))

@@ -758,7 +758,7 @@ impl Config {
         }
         let mut config: Config = figment
             .extract()
-            .map_err(|err| ConfigError::Invalid(err.to_string().replace('\n', "; ")))?;
+            .map_err(|err| ConfigError::Invalid(describe(err, file)))?;
         if let Ok(names) = std::env::var(UnsafeLockSwitches::VARIABLE) {
             config.lock_service.unsafe_for_tests =
                 UnsafeLockSwitches::parse(&names).map_err(|why| ConfigError::Value {
@@ -938,6 +938,31 @@ impl BalancerConfig {
             &self.advertise
         }
     }
+}
+
+/// Figment's message on one line, naming the file the way the user wrote it: figment shows
+/// a file relative to the working folder whenever that is shorter (`../.tmpX/callfleet.toml`
+/// for `/tmp/.tmpX/callfleet.toml`), which is not a path the user ever typed.
+fn describe(err: figment::Error, file: Option<&Path>) -> String {
+    let mut message = err.to_string().replace('\n', "; ");
+    let Some(file) = file else {
+        return message;
+    };
+    let as_given = file.display().to_string();
+    let mut shown: Vec<String> = err
+        .into_iter()
+        .filter_map(|error| match error.metadata?.source? {
+            figment::Source::File(read) => Some(figment::Source::File(read).to_string()),
+            _ => None,
+        })
+        .filter(|shown| *shown != as_given)
+        .collect();
+    shown.sort_unstable();
+    shown.dedup();
+    for shown in shown {
+        message = message.replace(&shown, &as_given);
+    }
+    message
 }
 
 #[cfg(test)]

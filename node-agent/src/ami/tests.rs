@@ -13,7 +13,7 @@ use self::fixture::Capture;
 use super::proto::{self, Message};
 use super::{AmiClient, AmiError};
 
-/// Captures from `/work/shared/fixtures/asterisk/`: one JSON object per line,
+/// Captures from the repository's `fixtures/asterisk/`: one JSON object per line,
 /// `{"t", "conn", "dir", "data"}`, where `dir` is `<<<` from Asterisk, `>>>` to Asterisk and
 /// `---` a note by whoever captured it.
 pub(super) mod fixture {
@@ -42,14 +42,14 @@ pub(super) mod fixture {
         /// `core show channels count` replies (6, 11 and 0 active calls).
         pub(crate) fn login_and_core_show_channels() -> Self {
             Self::parse(include_str!(
-                "../../../../shared/fixtures/asterisk/ami-login-and-coreshowchannels.jsonl"
+                "../../../fixtures/asterisk/ami-login-and-coreshowchannels.jsonl"
             ))
         }
 
         /// Failing originates (with an `OriginateResponse` event) and queue member changes.
         pub(crate) fn originate_failures_and_queue_members() -> Self {
             Self::parse(include_str!(
-                "../../../../shared/fixtures/asterisk/ami-originate-failures-and-queue-members.jsonl"
+                "../../../fixtures/asterisk/ami-originate-failures-and-queue-members.jsonl"
             ))
         }
 
