@@ -496,7 +496,9 @@ struct Shared {
     claims: AtomicU64,
 }
 
-fn client_for(port: u16) -> LocksClient<tonic::transport::Channel> {
+type Client = LocksClient<tonic::transport::Channel>;
+
+fn client_for(port: u16) -> Client {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
         .expect("endpoint")
         .connect_timeout(RPC_DEADLINE)
@@ -504,42 +506,74 @@ fn client_for(port: u16) -> LocksClient<tonic::transport::Channel> {
     LocksClient::new(channel)
 }
 
+/// The lock-service instances a holder may ask, its own first: a node lists every core
+/// node's instance and moves on when one refuses or does not answer.
+struct Instances {
+    ports: Vec<u16>,
+    clients: Vec<Client>,
+    home: usize,
+}
+
+/// An answer to a claim: the lease (if any agent was free), the instance that gave it, and
+/// when the request that got it was sent.
+type Answer = (Option<pb::Lease>, Client, Instant);
+
+impl Instances {
+    fn new(ports: &[u16], home: usize) -> Self {
+        Self {
+            ports: ports.to_vec(),
+            clients: ports.iter().map(|port| client_for(*port)).collect(),
+            home,
+        }
+    }
+
+    /// Asks each instance in turn, own first, until one answers; records every refusal.
+    async fn claim_first(
+        &mut self,
+        shared: &Shared,
+        node: &str,
+        request: pb::ClaimFirstRequest,
+    ) -> Option<Answer> {
+        for step in 0..self.ports.len() {
+            let at = (self.home + step) % self.ports.len();
+            let sent = Instant::now();
+            let mut client = self.clients[at].clone();
+            let reply = client.claim_first(request.clone());
+            let outcome = match tokio::time::timeout(RPC_DEADLINE, reply).await {
+                Ok(Ok(reply)) => {
+                    return Some((reply.into_inner().lease, self.clients[at].clone(), sent));
+                }
+                Ok(Err(status)) => format!("error: {:?}", status.code()),
+                Err(_) => "error: timeout".to_owned(),
+            };
+            shared.history.record(node, "claim", &outcome, None);
+            // A node reconnects at once rather than after the channel's backoff.
+            self.clients[at] = client_for(self.ports[at]);
+        }
+        None
+    }
+}
+
 /// Claims, rings and releases through the lock service until the harness stops.
-async fn keeper_holder(index: usize, port: u16, shared: Arc<Shared>) {
+async fn keeper_holder(index: usize, ports: Vec<u16>, shared: Arc<Shared>) {
     let node = format!("node-{index}");
     let mut rng = Rng::for_holder(index);
-    let mut client = client_for(port);
+    let mut instances = Instances::new(&ports, index % ports.len());
     let mut call = 0u64;
     while !shared.stop.is_cancelled() {
         call += 1;
         let attempt = format!("{node}-{call}");
         shared.requests.fetch_add(1, Ordering::Relaxed);
-        let sent = Instant::now();
         let request = pb::ClaimFirstRequest {
             candidates: rng.shuffled_agents(),
             holder: format!("{node}/{attempt}"),
             attempt: attempt.clone(),
             validity_ms: VALIDITY.as_millis() as u64,
         };
-        let reply = tokio::time::timeout(RPC_DEADLINE, client.clone().claim_first(request)).await;
-        let granted = match reply {
-            Ok(Ok(reply)) => reply.into_inner().lease,
-            Ok(Err(status)) => {
-                let outcome = format!("error: {:?}", status.code());
-                shared.history.record(&node, "claim", &outcome, None);
-                // A node reconnects at once rather than after the channel's backoff.
-                client = client_for(port);
-                pause(&shared, 100).await;
-                continue;
-            }
-            Err(_) => {
-                shared
-                    .history
-                    .record(&node, "claim", "error: timeout", None);
-                client = client_for(port);
-                pause(&shared, 100).await;
-                continue;
-            }
+        let Some((granted, client, sent)) = instances.claim_first(&shared, &node, request).await
+        else {
+            pause(&shared, 100).await;
+            continue;
         };
         let Some(granted) = granted else {
             pause(&shared, 20).await;
@@ -615,7 +649,7 @@ async fn keeper_holder(index: usize, port: u16, shared: Arc<Shared>) {
 /// until that runs out, then releases.
 async fn dialplan_holder(
     index: usize,
-    port: u16,
+    ports: Vec<u16>,
     shared: Arc<Shared>,
     validity: Duration,
     ring_max_ms: u64,
@@ -623,24 +657,12 @@ async fn dialplan_holder(
 ) {
     let node = format!("node-{index}");
     let mut rng = Rng::for_holder(index);
-    let mut client = client_for(port);
-    let claim = |client: &LocksClient<tonic::transport::Channel>,
-                 attempt: &str,
-                 candidates: Vec<String>| {
-        let mut client = client.clone();
-        let request = pb::ClaimFirstRequest {
-            candidates,
-            holder: format!("{node}/{attempt}"),
-            attempt: attempt.to_owned(),
-            validity_ms: validity.as_millis() as u64,
-        };
-        async move {
-            match tokio::time::timeout(RPC_DEADLINE, client.claim_first(request)).await {
-                Ok(Ok(reply)) => Ok(reply.into_inner().lease),
-                Ok(Err(status)) => Err(format!("error: {:?}", status.code())),
-                Err(_) => Err("error: timeout".to_owned()),
-            }
-        }
+    let mut instances = Instances::new(&ports, index % ports.len());
+    let request = |attempt: &str, candidates: Vec<String>| pb::ClaimFirstRequest {
+        candidates,
+        holder: format!("{node}/{attempt}"),
+        attempt: attempt.to_owned(),
+        validity_ms: validity.as_millis() as u64,
     };
     let held_of = |lease: &pb::Lease| Held {
         resource: lease.resource.clone(),
@@ -655,19 +677,16 @@ async fn dialplan_holder(
         call += 1;
         let attempt = format!("{node}-{call}");
         shared.requests.fetch_add(1, Ordering::Relaxed);
-        let mut sent = Instant::now();
-        let mut granted = match claim(&client, &attempt, rng.shuffled_agents()).await {
-            Ok(Some(lease)) => lease,
-            Ok(None) => {
-                pause(&shared, 20).await;
-                continue;
-            }
-            Err(outcome) => {
-                shared.history.record(&node, "claim", &outcome, None);
-                client = client_for(port);
-                pause(&shared, 100).await;
-                continue;
-            }
+        let first = request(&attempt, rng.shuffled_agents());
+        let Some((granted, mut client, mut sent)) =
+            instances.claim_first(&shared, &node, first).await
+        else {
+            pause(&shared, 100).await;
+            continue;
+        };
+        let Some(mut granted) = granted else {
+            pause(&shared, 20).await;
+            continue;
         };
         if lose_replies && rng.next().is_multiple_of(2) {
             // The store granted this lease, so it counts as a grant; the holder never
@@ -690,15 +709,12 @@ async fn dialplan_holder(
             // one the lost reply named.
             let mut candidates = rng.shuffled_agents();
             candidates.pop();
-            sent = Instant::now();
-            granted = match claim(&client, &attempt, candidates).await {
-                Ok(Some(lease)) => lease,
-                Ok(None) => continue,
-                Err(outcome) => {
-                    shared.history.record(&node, "claim", &outcome, None);
-                    continue;
-                }
+            let retry = request(&attempt, candidates);
+            let Some((Some(again), by, at)) = instances.claim_first(&shared, &node, retry).await
+            else {
+                continue;
             };
+            (granted, client, sent) = (again, by, at);
         }
         shared.claims.fetch_add(1, Ordering::Relaxed);
         let held = held_of(&granted);
@@ -915,15 +931,15 @@ fn run_scenario(setup: &Setup) -> Report {
             if setup.variant == Variant::Naive {
                 return runtime.spawn(naive_holder(index, redis.url(), shared));
             }
-            let port = services[index % services.len()].port;
+            let ports: Vec<u16> = services.iter().map(|service| service.port).collect();
             match setup.holders {
-                Holders::Keepers => runtime.spawn(keeper_holder(index, port, shared)),
+                Holders::Keepers => runtime.spawn(keeper_holder(index, ports, shared)),
                 Holders::Mixed if index % 2 == 0 => {
-                    runtime.spawn(keeper_holder(index, port, shared))
+                    runtime.spawn(keeper_holder(index, ports, shared))
                 }
                 Holders::Mixed => runtime.spawn(dialplan_holder(
                     index,
-                    port,
+                    ports,
                     shared,
                     setup.max_validity,
                     RING_MAX_MS,
@@ -935,7 +951,7 @@ fn run_scenario(setup: &Setup) -> Report {
                     lose_replies,
                 } => runtime.spawn(dialplan_holder(
                     index,
-                    port,
+                    ports,
                     shared,
                     validity,
                     ring_max_ms,
