@@ -45,6 +45,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write this node's Asterisk configuration folder (start it with
+    /// `asterisk -C DIR/asterisk.conf`).
+    AsteriskConfig {
+        /// The folder to write; created if missing. Asterisk's run, log and spool folders go
+        /// inside it.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Drain or undrain a node.
     Node {
         #[command(subcommand)]
@@ -82,6 +90,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let usage = err.downcast_ref::<ConfigError>().is_some()
+                || err
+                    .downcast_ref::<callfleet_node_agent::asterisk_config::AsteriskConfigError>()
+                    .is_some()
                 || matches!(
                     err.downcast_ref::<NodeAgentError>(),
                     Some(NodeAgentError::Config(_))
@@ -97,6 +108,9 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
+    if let Command::AsteriskConfig { out } = &command {
+        return write_asterisk_config(&config, out);
+    }
     if let Command::LockService = command {
         // Leases live in memory or Redis; the fleet store is not needed.
         let listener = bind_locks(&config).await?;
@@ -219,7 +233,9 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             shutdown::bounded("store", store.close()).await;
             result?;
         }
-        Command::LockService => unreachable!("served before the store is opened"),
+        Command::LockService | Command::AsteriskConfig { .. } => {
+            unreachable!("handled before the store is opened")
+        }
         Command::ControlPlane => {
             let listener = bind_control(&config).await?;
             let token = shutdown::on_signals();
@@ -291,6 +307,36 @@ fn data_dir(config: &Config) -> PathBuf {
             || PathBuf::from(callfleet_core::config::DEFAULT_DATA_DIR),
             std::path::Path::to_path_buf,
         )
+}
+
+/// Writes the Asterisk configuration folder `out` (the files, and the folders Asterisk
+/// writes to), replacing callfleet's files and leaving others (such as
+/// `pjsip.local.conf`) alone.
+fn write_asterisk_config(config: &Config, out: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    // Asterisk resolves its folders from where it runs: name them absolutely.
+    let absolute = out
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", out.display()))?;
+    let files = callfleet_node_agent::asterisk_config::render(config, &absolute)?;
+    for folder in ["run", "log", "lib", "spool", "agi-bin"] {
+        let path = absolute.join(folder);
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+    }
+    for (name, text) in &files {
+        let path = absolute.join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    println!(
+        "wrote {} files to {}; start Asterisk with: {}/sbin/asterisk -C {}/asterisk.conf",
+        files.len(),
+        out.display(),
+        config.asterisk.install.trim_end_matches('/'),
+        absolute.display()
+    );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -41,75 +41,29 @@ const AMI_USER: &str = "callfleet";
 const AMI_SECRET: &str = "callfleet-ami-secret";
 
 impl Asterisk {
-    /// Starts Asterisk in `dir` with a carrier trunk identified by its loopback address
-    /// (context `from-carrier`: any number rings `phone1`) and `phone1` on a static contact
-    /// at `phone_port`; returns once it is fully booted.
+    /// Writes the node's configuration with `callfleet asterisk-config` into `dir` (SIP on
+    /// a free loopback port, the carrier arriving from loopback, the node-agent's AMI
+    /// user), adds device `1001` on a static contact at `phone_port` (devices come from
+    /// realtime provisioning once that exists), starts Asterisk and waits until it is
+    /// fully booted.
     fn start(dir: &Path, phone_port: u16) -> Self {
         let prefix = prefix();
         let (sip_port, ami_port) = (free_port(), free_port());
-        for sub in ["run", "log", "lib", "spool", "agi"] {
-            std::fs::create_dir_all(dir.join(sub)).expect("create an Asterisk folder");
-        }
-        let path = |sub: &str| dir.join(sub).display().to_string();
-        let files = [
-            (
-                "asterisk.conf",
-                format!(
-                    "[directories]\nastetcdir => {etc}\nastmoddir => {prefix}/lib/asterisk/modules\n\
-astvarlibdir => {lib}\nastdbdir => {lib}\nastkeydir => {lib}\nastdatadir => {prefix}/var/lib/asterisk\n\
-astagidir => {agi}\nastspooldir => {spool}\nastrundir => {run}\nastlogdir => {log}\n\
-astsbindir => {prefix}/sbin\n\n[options]\ncache_media_frames = yes\n",
-                    etc = dir.display(),
-                    prefix = prefix.display(),
-                    lib = path("lib"),
-                    agi = path("agi"),
-                    spool = path("spool"),
-                    run = path("run"),
-                    log = path("log"),
-                ),
+        let output = callfleet()
+            .args(["asterisk-config", "--out"])
+            .arg(dir)
+            .envs(Self::node_env(&prefix, sip_port, ami_port))
+            .output()
+            .expect("run callfleet asterisk-config");
+        assert_success(&output);
+        std::fs::write(
+            dir.join("pjsip.local.conf"),
+            format!(
+                "[1001]\ntype = endpoint\ncontext = callfleet-from-device\ndisallow = all\nallow = ulaw\n\
+direct_media = no\naors = 1001\n\n[1001]\ntype = aor\ncontact = sip:1001@127.0.0.1:{phone_port}\n"
             ),
-            // Everything that binds a port of its own stays off, so instances can share
-            // the loopback.
-            (
-                "modules.conf",
-                "[modules]\nautoload = yes\nnoload => chan_iax2.so\nnoload => chan_skinny.so\n\
-noload => chan_mgcp.so\nnoload => chan_unistim.so\nnoload => pbx_dundi.so\nnoload => res_phoneprov.so\n\
-noload => res_hep.so\nnoload => res_statsd.so\nnoload => res_xmpp.so\nnoload => chan_motif.so\n\
-noload => res_pjsip_phoneprov_provider.so\nnoload => cdr_custom.so\nnoload => cdr_csv.so\n"
-                    .to_owned(),
-            ),
-            (
-                "logger.conf",
-                "[general]\n[logfiles]\nmessages.log => notice,warning,error\n".to_owned(),
-            ),
-            (
-                "pjsip.conf",
-                format!(
-                    "[transport-udp]\ntype = transport\nprotocol = udp\nbind = 127.0.0.1:{sip_port}\n\n\
-[carrier]\ntype = endpoint\ncontext = from-carrier\ndisallow = all\nallow = ulaw\ndirect_media = no\n\n\
-[carrier]\ntype = identify\nendpoint = carrier\nmatch = 127.0.0.1\n\n\
-[phone1]\ntype = endpoint\ncontext = from-phone\ndisallow = all\nallow = ulaw\ndirect_media = no\naors = phone1\n\n\
-[phone1]\ntype = aor\ncontact = sip:phone1@127.0.0.1:{phone_port}\n"
-                ),
-            ),
-            (
-                "extensions.conf",
-                "[from-carrier]\nexten => _X.,1,Dial(PJSIP/phone1,30)\n same => n,Hangup()\n\n\
-[from-phone]\n"
-                    .to_owned(),
-            ),
-            (
-                "manager.conf",
-                format!(
-                    "[general]\nenabled = yes\nport = {ami_port}\nbindaddr = 127.0.0.1\n\n\
-[{AMI_USER}]\nsecret = {AMI_SECRET}\ndeny = 0.0.0.0/0.0.0.0\npermit = 127.0.0.1/255.255.255.255\n\
-read = system,call\nwrite = command\n"
-                ),
-            ),
-        ];
-        for (name, text) in files {
-            std::fs::write(dir.join(name), text).expect("write an Asterisk configuration file");
-        }
+        )
+        .expect("write the device");
         let conf = dir.join("asterisk.conf");
         let binary = prefix.join("sbin/asterisk");
         let log = std::fs::File::create(dir.join("asterisk.out")).expect("Asterisk's output file");
@@ -135,6 +89,24 @@ read = system,call\nwrite = command\n"
                 .is_some_and(|out| out.contains("fully booted"))
         });
         asterisk
+    }
+
+    /// The callfleet configuration of this node, as environment variables.
+    fn node_env(prefix: &Path, sip_port: u16, ami_port: u16) -> Vec<(&'static str, String)> {
+        vec![
+            ("CALLFLEET_ASTERISK__INSTALL", prefix.display().to_string()),
+            (
+                "CALLFLEET_BALANCER__LOCAL_PBX",
+                format!("127.0.0.1:{sip_port}"),
+            ),
+            ("CALLFLEET_NODE__CALLS__SOURCE", "ami".to_owned()),
+            (
+                "CALLFLEET_NODE__CALLS__ADDRESS",
+                format!("127.0.0.1:{ami_port}"),
+            ),
+            ("CALLFLEET_NODE__CALLS__USERNAME", AMI_USER.to_owned()),
+            ("CALLFLEET_NODE__CALLS__SECRET", AMI_SECRET.to_owned()),
+        ]
     }
 
     /// Runs a CLI command on this instance (through its control socket).
@@ -167,9 +139,10 @@ fn answering_phone(dir: &Path, port: u16) -> Running {
     Running { child }
 }
 
-/// The first real call through Asterisk: a carrier's calls land on the node, ring the phone,
-/// are answered and bridged, and the node-agent reads the live count over Asterisk's own AMI
-/// (not a replayed transcript) into the store, where `callfleet status` shows it.
+/// The first real calls through Asterisk, configured by `callfleet asterisk-config`: a
+/// carrier's calls to extension 1001 land on the node, ring device 1001, are answered and
+/// bridged, and the node-agent reads the live count over Asterisk's own AMI (not a
+/// replayed transcript) into the store, where `callfleet status` shows it.
 #[test]
 #[ignore = "needs Asterisk: run ./scripts/test-asterisk"]
 fn calls_bridged_by_asterisk_are_counted_over_its_live_ami() {
@@ -182,16 +155,14 @@ fn calls_bridged_by_asterisk_are_counted_over_its_live_ami() {
     let url = format!("sqlite://{}/fleet.db", dir.path().display());
     let agent = callfleet()
         .arg("node-agent")
+        .envs(Asterisk::node_env(
+            &prefix(),
+            asterisk.sip_port,
+            asterisk.ami_port,
+        ))
         .env("CALLFLEET_STORE__URL", &url)
         .env("CALLFLEET_NODE__ID", "pbx-1")
         .env("CALLFLEET_NODE__HEARTBEAT_INTERVAL", "300ms")
-        .env("CALLFLEET_NODE__CALLS__SOURCE", "ami")
-        .env(
-            "CALLFLEET_NODE__CALLS__ADDRESS",
-            format!("127.0.0.1:{}", asterisk.ami_port),
-        )
-        .env("CALLFLEET_NODE__CALLS__USERNAME", AMI_USER)
-        .env("CALLFLEET_NODE__CALLS__SECRET", AMI_SECRET)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("agent.log")).expect("agent log"))
         .spawn()
@@ -214,7 +185,7 @@ fn calls_bridged_by_asterisk_are_counted_over_its_live_ami() {
     let mut carrier = Running {
         child: sipp()
             .current_dir(&carrier_dir)
-            .args(["-sn", "uac", "-s", "1000"])
+            .args(["-sn", "uac", "-s", "1001"])
             .arg(format!("127.0.0.1:{}", asterisk.sip_port))
             .args(["-i", "127.0.0.1", "-p", &free_port().to_string()])
             .args(["-mp", &free_port().to_string()])

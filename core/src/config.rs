@@ -81,6 +81,36 @@ pub struct Config {
     pub lock_service: LockServiceConfig,
     /// The API for CRMs, supervisors and the website.
     pub control_plane: ControlPlaneConfig,
+    /// This node's Asterisk, as `callfleet asterisk-config` writes its configuration.
+    pub asterisk: AsteriskConfig,
+}
+
+/// This node's Asterisk. The SIP transport listens on `balancer.local_pbx`, the manager
+/// interface on `node.calls.address` for the `node.calls.username` user; what is here is
+/// the rest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AsteriskConfig {
+    /// The Asterisk install (the folder holding `sbin/asterisk`, as
+    /// `./scripts/build-asterisk` prints it); empty: callfleet manages no PBX here.
+    pub install: String,
+    /// Addresses (IPs or CIDRs) of the balancers that proxy carrier calls to this PBX; with
+    /// the carriers' networks in `balancer.allow` they are what identifies the carrier.
+    /// Empty: this node's own balancer (the host of `balancer.advertise` or `listen`).
+    pub balancers: Vec<String>,
+    /// How long a device rings before the call gives up on it.
+    #[serde(with = "humantime_serde")]
+    pub ring_timeout: Duration,
+}
+
+impl Default for AsteriskConfig {
+    fn default() -> Self {
+        Self {
+            install: String::new(),
+            balancers: Vec::new(),
+            ring_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Where the fleet store lives and how history is kept.

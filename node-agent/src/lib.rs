@@ -6,6 +6,7 @@
 //! backoff, logs the outage once each way, and resumes heartbeats by itself.
 
 pub mod ami;
+pub mod asterisk_config;
 mod calls;
 pub mod sampler;
 pub mod shed;

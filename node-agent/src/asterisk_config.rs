@@ -1,0 +1,372 @@
+//! The Asterisk configuration folder of this node, written from callfleet's own
+//! configuration so that the box and the cluster run the same PBX setup
+//! (`callfleet asterisk-config --out DIR`, then `asterisk -C DIR/asterisk.conf`).
+//!
+//! Pure: [`render`] turns a configuration into file names and contents, the same bytes for
+//! the same input; the caller writes them.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use callfleet_core::config::{CallSourceKind, Config};
+
+/// Why no Asterisk configuration can be written.
+#[derive(Debug, thiserror::Error)]
+pub enum AsteriskConfigError {
+    /// A setting the configuration needs is missing or unusable.
+    #[error("cannot write the Asterisk configuration: `{key}` {reason}")]
+    Setting {
+        /// Dotted key of the setting.
+        key: &'static str,
+        /// What is wrong and what would be right.
+        reason: String,
+    },
+}
+
+/// The contexts callfleet's dialplan provides.
+pub mod context {
+    /// Where the carrier's calls enter.
+    pub const FROM_CARRIER: &str = "callfleet-from-carrier";
+    /// Dials the device whose extension is dialled.
+    pub const DIAL_DEVICE: &str = "callfleet-dial-device";
+    /// Where devices' own calls enter.
+    pub const FROM_DEVICE: &str = "callfleet-from-device";
+    /// Queued calls, routed to one free agent across the cluster (the queued-calls work).
+    pub const QUEUE: &str = "callfleet-queue";
+}
+
+/// The sections of an Asterisk configuration that name objects outside callfleet's care
+/// (devices until realtime provisioning serves them, site additions) go in this file of
+/// the folder, which the generated `pjsip.conf` includes when it exists.
+pub const LOCAL_PJSIP: &str = "pjsip.local.conf";
+
+/// Modules that bind ports of their own or serve nothing callfleet uses: never loaded, so
+/// that several nodes (or test instances) share one host and nothing listens unasked.
+const NOT_LOADED: &[&str] = &[
+    "cdr_csv.so",
+    "cdr_custom.so",
+    "chan_iax2.so",
+    "chan_mgcp.so",
+    "chan_motif.so",
+    "chan_skinny.so",
+    "chan_unistim.so",
+    "pbx_dundi.so",
+    "res_hep.so",
+    "res_phoneprov.so",
+    "res_pjsip_phoneprov_provider.so",
+    "res_statsd.so",
+    "res_xmpp.so",
+];
+
+/// Every file of the configuration folder `out` for `config`, in a fixed order.
+pub fn render(
+    config: &Config,
+    out: &Path,
+) -> Result<Vec<(&'static str, String)>, AsteriskConfigError> {
+    let install = config.asterisk.install.trim_end_matches('/');
+    if install.is_empty() {
+        return Err(AsteriskConfigError::Setting {
+            key: "asterisk.install",
+            reason: "is empty: set it to the Asterisk install (the folder holding sbin/asterisk, as ./scripts/build-asterisk prints it)".into(),
+        });
+    }
+    let sip: SocketAddr =
+        config
+            .balancer
+            .local_pbx
+            .parse()
+            .map_err(|_| AsteriskConfigError::Setting {
+                key: "balancer.local_pbx",
+                reason: format!(
+                    "`{}` must be ip:port: the PBX's SIP transport listens there",
+                    config.balancer.local_pbx
+                ),
+            })?;
+    let out = out.display();
+    let asterisk_conf = format!(
+        "; Written by `callfleet asterisk-config`; edit callfleet's configuration instead.\n\
+[directories]\n\
+astetcdir => {out}\n\
+astmoddir => {install}/lib/asterisk/modules\n\
+astvarlibdir => {out}/lib\n\
+astdbdir => {out}/lib\n\
+astkeydir => {out}/lib\n\
+astdatadir => {install}/var/lib/asterisk\n\
+astagidir => {out}/agi-bin\n\
+astspooldir => {out}/spool\n\
+astrundir => {out}/run\n\
+astlogdir => {out}/log\n\
+astsbindir => {install}/sbin\n\
+\n\
+[options]\n\
+cache_media_frames = yes\n"
+    );
+    let mut modules = String::from("[modules]\nautoload = yes\n");
+    for module in NOT_LOADED {
+        modules.push_str(&format!("noload => {module}\n"));
+    }
+    let logger = "[general]\n\n[logfiles]\nmessages.log => notice,warning,error\n".to_owned();
+    Ok(vec![
+        ("asterisk.conf", asterisk_conf),
+        ("modules.conf", modules),
+        ("logger.conf", logger),
+        ("pjsip.conf", pjsip(config, sip)),
+        ("extensions.conf", extensions(config)),
+        ("manager.conf", manager(config)?),
+    ])
+}
+
+/// The transport on `balancer.local_pbx` and the carrier, identified by the addresses its
+/// calls arrive from: the balancers that proxy them, and the carriers' own networks
+/// (`balancer.allow`), which call the node directly after a 302.
+fn pjsip(config: &Config, sip: SocketAddr) -> String {
+    let mut sources: Vec<String> = config.asterisk.balancers.clone();
+    if sources.is_empty() {
+        let balancer = config.balancer.advertised();
+        let host = balancer
+            .parse::<SocketAddr>()
+            .map(|address| address.ip().to_string())
+            .unwrap_or_else(|_| {
+                balancer
+                    .rsplit_once(':')
+                    .map_or(balancer, |(host, _)| host)
+                    .to_owned()
+            });
+        // A wildcard listen address names no source; the PBX then hears from its own host.
+        let host = if host == "0.0.0.0" || host == "::" {
+            sip.ip().to_string()
+        } else {
+            host
+        };
+        sources.push(host);
+    }
+    sources.extend(config.balancer.allow.iter().cloned());
+    sources.sort();
+    sources.dedup();
+    let mut text = format!(
+        "; Written by `callfleet asterisk-config`; edit callfleet's configuration instead.\n\
+[transport-udp]\ntype = transport\nprotocol = udp\nbind = {sip}\n\n\
+[transport-tcp]\ntype = transport\nprotocol = tcp\nbind = {sip}\n\n\
+[carrier]\ntype = endpoint\ncontext = {from_carrier}\ndisallow = all\nallow = ulaw,alaw\n\
+direct_media = no\n\n\
+[carrier]\ntype = identify\nendpoint = carrier\n",
+        from_carrier = context::FROM_CARRIER,
+    );
+    for source in sources {
+        text.push_str(&format!("match = {source}\n"));
+    }
+    text.push_str(&format!("\n#tryinclude {LOCAL_PJSIP}\n"));
+    text
+}
+
+fn extensions(config: &Config) -> String {
+    let ring = config.asterisk.ring_timeout.as_secs().max(1);
+    format!(
+        "; Written by `callfleet asterisk-config`; edit callfleet's configuration instead.\n\
+[{from_carrier}]\n\
+; A dialled number that is a device's extension rings that device.\n\
+exten => _X.,1,Goto({dial},${{EXTEN}},1)\n\n\
+[{dial}]\n\
+exten => _X.,1,Dial(PJSIP/${{EXTEN}},{ring})\n \
+same => n,Hangup()\n\n\
+[{from_device}]\n\
+exten => _X.,1,Goto({dial},${{EXTEN}},1)\n\n\
+[{queue}]\n\
+; Queued calls: the node-agent picks the one free agent across the cluster (next work).\n",
+        from_carrier = context::FROM_CARRIER,
+        dial = context::DIAL_DEVICE,
+        from_device = context::FROM_DEVICE,
+        queue = context::QUEUE,
+    )
+}
+
+/// The node-agent's manager user, least privilege: it reads the call count with the
+/// `Command` action (`write = command`) and events of calls and the system, from loopback
+/// only.
+fn manager(config: &Config) -> Result<String, AsteriskConfigError> {
+    let calls = &config.node.calls;
+    let mut text = String::from(
+        "; Written by `callfleet asterisk-config`; edit callfleet's configuration instead.\n[general]\n",
+    );
+    if calls.source != CallSourceKind::Ami {
+        text.push_str("enabled = no\n");
+        return Ok(text);
+    }
+    let address: SocketAddr = calls
+        .address
+        .parse()
+        .map_err(|_| AsteriskConfigError::Setting {
+            key: "node.calls.address",
+            reason: format!(
+                "`{}` must be ip:port: Asterisk's manager interface listens there",
+                calls.address
+            ),
+        })?;
+    if !address.ip().is_loopback() {
+        return Err(AsteriskConfigError::Setting {
+            key: "node.calls.address",
+            reason: format!(
+                "`{address}` is not a loopback address: the manager interface stays on this host"
+            ),
+        });
+    }
+    let secret = calls.secret.expose();
+    if secret.is_empty() || secret.contains(['\n', '\r', ';']) {
+        return Err(AsteriskConfigError::Setting {
+            key: "node.calls.secret",
+            reason: "must be set, on one line and without `;`".into(),
+        });
+    }
+    let host = address.ip();
+    let mask = if host.is_ipv4() {
+        "255.255.255.255"
+    } else {
+        "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+    };
+    text.push_str(&format!(
+        "enabled = yes\nport = {port}\nbindaddr = {host}\n\n\
+[{user}]\nsecret = {secret}\ndeny = 0.0.0.0/0.0.0.0\npermit = {host}/{mask}\n\
+read = system,call\nwrite = command\n",
+        port = address.port(),
+        user = calls.username,
+    ));
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use callfleet_core::config::Secret;
+
+    fn config() -> Config {
+        let mut config = Config::default();
+        config.asterisk.install = "/opt/asterisk/".into();
+        config.balancer.local_pbx = "127.0.0.1:5080".into();
+        config.balancer.listen = "0.0.0.0:5060".into();
+        config.balancer.allow = vec!["192.0.2.0/24".into(), "127.0.0.1".into()];
+        config.node.calls.source = CallSourceKind::Ami;
+        config.node.calls.address = "127.0.0.1:5038".into();
+        config.node.calls.username = "callfleet".into();
+        config.node.calls.secret = Secret::new("s3cret");
+        config
+    }
+
+    fn file<'a>(files: &'a [(&str, String)], name: &str) -> &'a str {
+        files
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, text)| text.as_str())
+            .unwrap_or_else(|| panic!("no {name}"))
+    }
+
+    #[test]
+    fn the_same_configuration_gives_the_same_bytes() {
+        let out = Path::new("/run/pbx");
+        let first = render(&config(), out).expect("renders");
+        assert_eq!(first, render(&config(), out).expect("renders"));
+        let names: Vec<&str> = first.iter().map(|(name, _)| *name).collect();
+        assert_eq!(
+            names,
+            [
+                "asterisk.conf",
+                "modules.conf",
+                "logger.conf",
+                "pjsip.conf",
+                "extensions.conf",
+                "manager.conf"
+            ]
+        );
+        let asterisk = file(&first, "asterisk.conf");
+        assert!(
+            asterisk.contains("\n[directories]\n"),
+            "not a template: {asterisk}"
+        );
+        assert!(asterisk.contains("astmoddir => /opt/asterisk/lib/asterisk/modules\n"));
+        assert!(asterisk.contains("astrundir => /run/pbx/run\n"));
+    }
+
+    #[test]
+    fn the_carrier_is_identified_by_the_balancers_and_the_allowed_networks_only() {
+        let files = render(&config(), Path::new("/x")).expect("renders");
+        let pjsip = file(&files, "pjsip.conf");
+        assert!(pjsip.contains("bind = 127.0.0.1:5080\n"), "{pjsip}");
+        let matches: Vec<&str> = pjsip
+            .lines()
+            .filter_map(|line| line.strip_prefix("match = "))
+            .collect();
+        // The wildcard listen names no host: the balancer on this box is the PBX's own.
+        assert_eq!(matches, ["127.0.0.1", "192.0.2.0/24"]);
+
+        let mut explicit = config();
+        explicit.asterisk.balancers = vec!["10.0.0.2".into(), "10.0.0.3".into()];
+        explicit.balancer.allow.clear();
+        let files = render(&explicit, Path::new("/x")).expect("renders");
+        let matches: Vec<String> = file(&files, "pjsip.conf")
+            .lines()
+            .filter_map(|line| line.strip_prefix("match = ").map(str::to_owned))
+            .collect();
+        assert_eq!(matches, ["10.0.0.2", "10.0.0.3"]);
+    }
+
+    #[test]
+    fn the_manager_user_may_read_calls_and_run_commands_from_loopback_only() {
+        let files = render(&config(), Path::new("/x")).expect("renders");
+        let manager = file(&files, "manager.conf");
+        assert!(
+            manager.contains("enabled = yes\nport = 5038\nbindaddr = 127.0.0.1\n"),
+            "{manager}"
+        );
+        assert!(
+            manager.contains("[callfleet]\nsecret = s3cret\n"),
+            "{manager}"
+        );
+        assert!(manager.contains("deny = 0.0.0.0/0.0.0.0\npermit = 127.0.0.1/255.255.255.255\n"));
+        assert!(
+            manager.ends_with("read = system,call\nwrite = command\n"),
+            "{manager}"
+        );
+
+        let mut remote = config();
+        remote.node.calls.address = "10.0.0.5:5038".into();
+        let err = render(&remote, Path::new("/x")).expect_err("not loopback");
+        assert!(err.to_string().contains("`node.calls.address`"), "{err}");
+
+        let mut no_ami = config();
+        no_ami.node.calls.source = CallSourceKind::Static;
+        let files = render(&no_ami, Path::new("/x")).expect("renders");
+        assert!(file(&files, "manager.conf").ends_with("[general]\nenabled = no\n"));
+    }
+
+    #[test]
+    fn missing_settings_say_what_to_set() {
+        let mut none = config();
+        none.asterisk.install.clear();
+        let err = render(&none, Path::new("/x")).expect_err("no install");
+        assert!(
+            err.to_string().contains("`asterisk.install` is empty"),
+            "{err}"
+        );
+        let mut bad = config();
+        bad.balancer.local_pbx = "pbx:5080".into();
+        let err = render(&bad, Path::new("/x")).expect_err("not ip:port");
+        assert!(err.to_string().contains("`balancer.local_pbx`"), "{err}");
+    }
+
+    #[test]
+    fn carrier_calls_ring_the_dialled_device_with_the_ring_timeout() {
+        let mut config = config();
+        config.asterisk.ring_timeout = std::time::Duration::from_secs(25);
+        let files = render(&config, Path::new("/x")).expect("renders");
+        let dialplan = file(&files, "extensions.conf");
+        assert!(
+            dialplan.contains(
+                "[callfleet-from-carrier]\n; A dialled number that is a device's extension rings that device.\nexten => _X.,1,Goto(callfleet-dial-device,${EXTEN},1)\n"
+            ),
+            "{dialplan}"
+        );
+        assert!(
+            dialplan.contains("exten => _X.,1,Dial(PJSIP/${EXTEN},25)\n"),
+            "{dialplan}"
+        );
+    }
+}
