@@ -174,9 +174,33 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             } else {
                 println!("              admin token in {}", token_file.display());
             }
+            let pbx = if config.asterisk.install.is_empty() {
+                None
+            } else {
+                let folder = callfleet_node_agent::pbx::folder(&data_dir);
+                let (folder, _) = callfleet_node_agent::asterisk_config::write(&config, &folder)?;
+                println!(
+                    "  asterisk    {}/sbin/asterisk -C {}/asterisk.conf, SIP on {}",
+                    config.asterisk.install.trim_end_matches('/'),
+                    folder.display(),
+                    balancer.local_pbx
+                );
+                Some(folder)
+            };
             println!("  watch it    callfleet status   (from another shell in this folder)");
             println!("Ctrl-C stops it.");
             let token = shutdown::on_signals();
+            let supervisor = pbx.map(|folder| {
+                let install = std::path::PathBuf::from(&config.asterisk.install);
+                let restarts = callfleet_node_agent::pbx::Restarts::new(
+                    config.asterisk.restart_limit,
+                    config.asterisk.restart_window,
+                );
+                let token = token.clone();
+                tokio::spawn(async move {
+                    callfleet_node_agent::pbx::supervise(&install, &folder, restarts, token).await;
+                })
+            });
             let (agent, balancer, locks, control) = tokio::join!(
                 async {
                     let result =
@@ -221,6 +245,11 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                     result
                 },
             );
+            if let Some(supervisor) = supervisor {
+                // Every other task has stopped: the PBX goes last, after its calls' routing.
+                token.cancel();
+                let _ = supervisor.await;
+            }
             shutdown::bounded("store", store.close()).await;
             agent?;
             balancer?;
@@ -309,29 +338,11 @@ fn data_dir(config: &Config) -> PathBuf {
         )
 }
 
-/// Writes the Asterisk configuration folder `out` (the files, and the folders Asterisk
-/// writes to), replacing callfleet's files and leaving others (such as
-/// `pjsip.local.conf`) alone.
+/// `callfleet asterisk-config --out DIR`.
 fn write_asterisk_config(config: &Config, out: &std::path::Path) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    // Asterisk resolves its folders from where it runs: name them absolutely.
-    let absolute = out
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", out.display()))?;
-    let files = callfleet_node_agent::asterisk_config::render(config, &absolute)?;
-    for folder in ["run", "log", "lib", "spool", "agi-bin"] {
-        let path = absolute.join(folder);
-        std::fs::create_dir_all(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-    }
-    for (name, text) in &files {
-        let path = absolute.join(name);
-        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
-    }
+    let (absolute, files) = callfleet_node_agent::asterisk_config::write(config, out)?;
     println!(
-        "wrote {} files to {}; start Asterisk with: {}/sbin/asterisk -C {}/asterisk.conf",
-        files.len(),
+        "wrote {files} files to {}; start Asterisk with: {}/sbin/asterisk -C {}/asterisk.conf",
         out.display(),
         config.asterisk.install.trim_end_matches('/'),
         absolute.display()

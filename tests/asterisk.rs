@@ -221,3 +221,164 @@ fn calls_bridged_by_asterisk_are_counted_over_its_live_ami() {
         calls_now() == Some(0)
     });
 }
+
+/// The status code the balancer at `port` answers an OPTIONS with (200 while it can route
+/// calls), if it answers within 500 ms.
+fn options_status(port: u16) -> Option<u16> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("read timeout");
+    let local = socket.local_addr().expect("local address");
+    let request = format!(
+        "OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-probe-{n}\r\n\
+From: <sip:probe@{local}>;tag=probe\r\nTo: <sip:127.0.0.1:{port}>\r\nCall-ID: probe-{n}@test\r\n\
+CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+        n = std::process::id()
+    );
+    socket
+        .send_to(request.as_bytes(), ("127.0.0.1", port))
+        .expect("send OPTIONS");
+    let mut buffer = [0u8; 4096];
+    let (length, _) = socket.recv_from(&mut buffer).ok()?;
+    std::str::from_utf8(&buffer[..length])
+        .ok()?
+        .strip_prefix("SIP/2.0 ")?
+        .get(..3)?
+        .parse()
+        .ok()
+}
+
+/// The pid Asterisk wrote into its run folder, once it is there.
+fn asterisk_pid(folder: &Path) -> Option<i32> {
+    std::fs::read_to_string(folder.join("run/asterisk.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// `callfleet up` with `asterisk.install` runs the node's PBX: carrier calls reach a device
+/// through the balancer and the supervised Asterisk; a killed Asterisk is started again;
+/// one that keeps dying is given up on after `restart_limit` restarts, and the node then
+/// reports its PBX down.
+#[test]
+#[ignore = "needs Asterisk: run ./scripts/test-asterisk"]
+fn up_runs_the_pbx_restarts_it_and_gives_up_on_one_that_keeps_dying() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let phone_port = free_port();
+    let _phone = answering_phone(dir.path(), phone_port);
+    let (sip_port, ami_port, balancer_port) = (free_port(), free_port(), free_port());
+    let folder = dir.path().join("callfleet-data/asterisk");
+    std::fs::create_dir_all(&folder).expect("the PBX folder");
+    std::fs::write(
+        folder.join("pjsip.local.conf"),
+        format!(
+            "[1001]\ntype = endpoint\ncontext = callfleet-from-device\ndisallow = all\nallow = ulaw\n\
+direct_media = no\naors = 1001\n\n[1001]\ntype = aor\ncontact = sip:1001@127.0.0.1:{phone_port}\n"
+        ),
+    )
+    .expect("write the device");
+    // `up` keeps the PBX's folder beside its store.
+    let url = format!("sqlite://{}/callfleet-data/fleet.db", dir.path().display());
+    let log = dir.path().join("up.log");
+    let up = callfleet()
+        .arg("up")
+        .current_dir(dir.path())
+        .envs(Asterisk::node_env(&prefix(), sip_port, ami_port))
+        .env("CALLFLEET_STORE__URL", &url)
+        .env("CALLFLEET_ASTERISK__RESTART_LIMIT", "2")
+        .env("CALLFLEET_ASTERISK__RESTART_WINDOW", "10min")
+        .env(
+            "CALLFLEET_BALANCER__LISTEN",
+            format!("127.0.0.1:{balancer_port}"),
+        )
+        .env(
+            "CALLFLEET_CONTROL_PLANE__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env(
+            "CALLFLEET_LOCK_SERVICE__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("CALLFLEET_NODE__ID", "box")
+        .env("CALLFLEET_NODE__HEARTBEAT_INTERVAL", "300ms")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("up's log"))
+        .spawn()
+        .expect("start callfleet up");
+    let _up = Running { child: up };
+    let pbx_up = || node(&status(&url), "box").map(|n| n["pbx_up"] == true && n["stale"] == false);
+    wait_until("the PBX is up", Duration::from_secs(60), || {
+        pbx_up() == Some(true)
+    });
+
+    // The carrier's calls go through the balancer (proxy to the local PBX) to device 1001,
+    // once the balancer has seen the node and its PBX answer the probes.
+    wait_until("the balancer routes calls", Duration::from_secs(30), || {
+        options_status(balancer_port) == Some(200)
+    });
+    let carrier_dir = dir.path().join("carrier");
+    std::fs::create_dir_all(&carrier_dir).expect("carrier folder");
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uac_call.xml");
+    let mut carrier = Running {
+        child: sipp()
+            .current_dir(&carrier_dir)
+            .arg("-sf")
+            .arg(&scenario)
+            .args(["-s", "1001"])
+            .arg(format!("127.0.0.1:{balancer_port}"))
+            .args(["-i", "127.0.0.1", "-p", &free_port().to_string()])
+            .args(["-mp", &free_port().to_string()])
+            .args([
+                "-m", "3", "-l", "1", "-r", "5", "-timeout", "30s", "-nostdin",
+            ])
+            .args(["-trace_err", "-error_file", "errors.log"])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(carrier_dir.join("out")).expect("carrier output"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the SIPp carrier"),
+    };
+    let finished = wait_exit("the carrier's calls", &mut carrier, Duration::from_secs(30));
+    let errors = std::fs::read_to_string(carrier_dir.join("errors.log")).unwrap_or_default();
+    let pbx_log = std::fs::read_to_string(folder.join("log/messages.log")).unwrap_or_default();
+    assert!(
+        finished.success(),
+        "3 calls answered and hung up: {errors}\nAsterisk's log:\n{pbx_log}"
+    );
+
+    // Killed twice: started again each time (restart_limit = 2).
+    let mut pid = asterisk_pid(&folder).expect("Asterisk wrote its pid");
+    for restart in 1..=2 {
+        let status = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill Asterisk");
+        wait_until(
+            &format!("Asterisk started again (restart {restart})"),
+            Duration::from_secs(60),
+            || asterisk_pid(&folder).is_some_and(|new| new != pid) && pbx_up() == Some(true),
+        );
+        pid = asterisk_pid(&folder).expect("the new pid");
+    }
+    // A third death within the window: given up, and the node says its PBX is down.
+    let status = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill Asterisk");
+    wait_until("the PBX reported down", Duration::from_secs(20), || {
+        pbx_up() == Some(false)
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        pbx_up(),
+        Some(false),
+        "given up: no restart after the limit"
+    );
+    let text = std::fs::read_to_string(&log).expect("up's log");
+    assert_eq!(text.matches("Asterisk started").count(), 3, "{text}");
+    assert_eq!(text.matches("giving up").count(), 1, "{text}");
+}

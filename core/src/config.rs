@@ -101,6 +101,13 @@ pub struct AsteriskConfig {
     /// How long a device rings before the call gives up on it.
     #[serde(with = "humantime_serde")]
     pub ring_timeout: Duration,
+    /// `callfleet up` runs Asterisk when `install` is set, restarting it when it dies, at
+    /// most this many times within `restart_window`; then it gives up and the node reports
+    /// its PBX down.
+    pub restart_limit: u32,
+    /// See `restart_limit`.
+    #[serde(with = "humantime_serde")]
+    pub restart_window: Duration,
 }
 
 impl Default for AsteriskConfig {
@@ -109,6 +116,8 @@ impl Default for AsteriskConfig {
             install: String::new(),
             balancers: Vec::new(),
             ring_timeout: Duration::from_secs(30),
+            restart_limit: 5,
+            restart_window: Duration::from_secs(600),
         }
     }
 }

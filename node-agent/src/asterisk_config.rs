@@ -13,6 +13,14 @@ use callfleet_core::config::{CallSourceKind, Config};
 /// Why no Asterisk configuration can be written.
 #[derive(Debug, thiserror::Error)]
 pub enum AsteriskConfigError {
+    /// The folder or a file cannot be written.
+    #[error("cannot write the Asterisk configuration: {path}: {source}")]
+    Io {
+        /// What could not be written.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A setting the configuration needs is missing or unusable.
     #[error("cannot write the Asterisk configuration: `{key}` {reason}")]
     Setting {
@@ -57,6 +65,32 @@ const NOT_LOADED: &[&str] = &[
     "res_statsd.so",
     "res_xmpp.so",
 ];
+
+/// Writes the configuration folder `out` (the files, and the folders Asterisk writes to),
+/// replacing callfleet's files and leaving others (such as [`LOCAL_PJSIP`]) alone. Returns
+/// the folder as an absolute path (Asterisk resolves its folders from where it runs) and
+/// the number of files written.
+pub fn write(
+    config: &Config,
+    out: &Path,
+) -> Result<(std::path::PathBuf, usize), AsteriskConfigError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| AsteriskConfigError::Io { path, source }
+    };
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let absolute = out.canonicalize().map_err(io(out))?;
+    let files = render(config, &absolute)?;
+    for folder in ["run", "log", "lib", "spool", "agi-bin"] {
+        let path = absolute.join(folder);
+        std::fs::create_dir_all(&path).map_err(io(&path))?;
+    }
+    for (name, text) in &files {
+        let path = absolute.join(name);
+        std::fs::write(&path, text).map_err(io(&path))?;
+    }
+    Ok((absolute, files.len()))
+}
 
 /// Every file of the configuration folder `out` for `config`, in a fixed order.
 pub fn render(

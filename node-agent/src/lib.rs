@@ -8,6 +8,7 @@
 pub mod ami;
 pub mod asterisk_config;
 mod calls;
+pub mod pbx;
 pub mod sampler;
 pub mod shed;
 
