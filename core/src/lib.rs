@@ -8,6 +8,7 @@ pub mod config;
 pub mod fleet;
 pub mod ids;
 pub mod net;
+pub mod realtime;
 pub mod routing;
 pub mod shutdown;
 pub mod store;
