@@ -151,6 +151,16 @@ fn calls_bridged_by_asterisk_are_counted_over_its_live_ami() {
     let phone_port = free_port();
     let _phone = answering_phone(dir.path(), phone_port);
     let asterisk = Asterisk::start(&dir.path().join("pbx"), phone_port);
+    // The generated configuration is complete: nothing Asterisk reads at start is missing.
+    let booted =
+        std::fs::read_to_string(dir.path().join("pbx/log/messages.log")).expect("Asterisk's log");
+    let errors: Vec<&str> = booted.lines().filter(|l| l.contains("ERROR[")).collect();
+    assert_eq!(errors, Vec::<&str>::new(), "errors at start");
+    let modules = asterisk.try_cli("module show").expect("the CLI answers");
+    assert!(
+        modules.contains("chan_pjsip.so") && !modules.contains("chan_iax2.so"),
+        "only the modules a node uses: {modules}"
+    );
 
     let url = format!("sqlite://{}/fleet.db", dir.path().display());
     let agent = callfleet()

@@ -48,22 +48,52 @@ pub mod context {
 /// the folder, which the generated `pjsip.conf` includes when it exists.
 pub const LOCAL_PJSIP: &str = "pjsip.local.conf";
 
-/// Modules that bind ports of their own or serve nothing callfleet uses: never loaded, so
-/// that several nodes (or test instances) share one host and nothing listens unasked.
-const NOT_LOADED: &[&str] = &[
-    "cdr_csv.so",
-    "cdr_custom.so",
-    "chan_iax2.so",
-    "chan_mgcp.so",
-    "chan_motif.so",
-    "chan_skinny.so",
-    "chan_unistim.so",
-    "pbx_dundi.so",
-    "res_hep.so",
-    "res_phoneprov.so",
-    "res_pjsip_phoneprov_provider.so",
-    "res_statsd.so",
-    "res_xmpp.so",
+/// The modules a node uses, and only those (`autoload = no`): PJSIP with its sorcery
+/// backends (files now, realtime over res_config_curl next), RTP, the dialplan and its
+/// bridges, μ-law/A-law, and CURL/AGI for callfleet's own services. Nothing that binds a
+/// port of its own is loaded, so several nodes (or test instances) share one host.
+const LOADED: &[&str] = &[
+    "app_dial.so",
+    "bridge_builtin_features.so",
+    "bridge_holding.so",
+    "bridge_native_rtp.so",
+    "bridge_simple.so",
+    "chan_bridge_media.so",
+    "chan_pjsip.so",
+    "codec_alaw.so",
+    "codec_ulaw.so",
+    "format_pcm.so",
+    "format_wav.so",
+    "func_curl.so",
+    "pbx_config.so",
+    "res_agi.so",
+    "res_speech.so",
+    "res_config_curl.so",
+    "res_curl.so",
+    "res_musiconhold.so",
+    "res_pjproject.so",
+    "res_pjsip.so",
+    "res_pjsip_acl.so",
+    "res_pjsip_authenticator_digest.so",
+    "res_pjsip_caller_id.so",
+    "res_pjsip_dtmf_info.so",
+    "res_pjsip_endpoint_identifier_ip.so",
+    "res_pjsip_endpoint_identifier_user.so",
+    "res_pjsip_nat.so",
+    "res_pjsip_outbound_authenticator_digest.so",
+    "res_pjsip_path.so",
+    "res_pjsip_pubsub.so",
+    "res_pjsip_registrar.so",
+    "res_pjsip_rfc3326.so",
+    "res_pjsip_sdp_rtp.so",
+    "res_pjsip_session.so",
+    "res_rtp_asterisk.so",
+    "res_sorcery_astdb.so",
+    "res_sorcery_config.so",
+    "res_sorcery_memory.so",
+    "res_sorcery_memory_cache.so",
+    "res_sorcery_realtime.so",
+    "res_timing_timerfd.so",
 ];
 
 /// Writes the configuration folder `out` (the files, and the folders Asterisk writes to),
@@ -135,11 +165,17 @@ astsbindir => {install}/sbin\n\
 [options]\n\
 cache_media_frames = yes\n"
     );
-    let mut modules = String::from("[modules]\nautoload = yes\n");
-    for module in NOT_LOADED {
-        modules.push_str(&format!("noload => {module}\n"));
+    let mut modules = String::from(
+        "; Written by `callfleet asterisk-config`; edit callfleet's configuration instead.\n[modules]\nautoload = no\n",
+    );
+    for module in LOADED {
+        modules.push_str(&format!("load => {module}\n"));
     }
     let logger = "[general]\n\n[logfiles]\nmessages.log => notice,warning,error\n".to_owned();
+    // Files the core reads at every start; without them it logs an error each time.
+    let header =
+        "; Written by `callfleet asterisk-config`; edit callfleet's configuration instead.\n";
+    let quiet = |body: &str| format!("{header}{body}");
     Ok(vec![
         ("asterisk.conf", asterisk_conf),
         ("modules.conf", modules),
@@ -147,6 +183,23 @@ cache_media_frames = yes\n"
         ("pjsip.conf", pjsip(config, sip)),
         ("extensions.conf", extensions(config)),
         ("manager.conf", manager(config)?),
+        // callfleet keeps its own call records; Asterisk's are off.
+        ("cdr.conf", quiet("[general]\nenable = no\n")),
+        ("cel.conf", quiet("[general]\nenable = no\n")),
+        ("features.conf", quiet("[general]\n")),
+        ("acl.conf", quiet("")),
+        ("udptl.conf", quiet("[general]\n")),
+        ("pjproject.conf", quiet("[startup]\n")),
+        ("ccss.conf", quiet("[general]\n")),
+        // Ringback for callers while a device rings (and while they wait in a queue).
+        (
+            "indications.conf",
+            quiet(
+                "[general]\ncountry = us\n\n[us]\ndescription = United States\n\
+ringcadence = 2000,4000\ndial = 350+440\nbusy = 480+620/500,0/500\n\
+ring = 440+480/2000,0/4000\ncongestion = 480+620/250,0/250\n",
+            ),
+        ),
     ])
 }
 
@@ -307,9 +360,21 @@ mod tests {
                 "logger.conf",
                 "pjsip.conf",
                 "extensions.conf",
-                "manager.conf"
+                "manager.conf",
+                "cdr.conf",
+                "cel.conf",
+                "features.conf",
+                "acl.conf",
+                "udptl.conf",
+                "pjproject.conf",
+                "ccss.conf",
+                "indications.conf"
             ]
         );
+        let modules = file(&first, "modules.conf");
+        assert!(modules.contains("\nautoload = no\n"), "{modules}");
+        assert_eq!(modules.matches("\nload => ").count(), LOADED.len());
+        assert!(!modules.contains("chan_iax2"), "binds a port of its own");
         let asterisk = file(&first, "asterisk.conf");
         assert!(
             asterisk.contains("\n[directories]\n"),
