@@ -270,8 +270,8 @@ fn asterisk_pid(folder: &Path) -> Option<i32> {
 
 /// `callfleet up` with `asterisk.install` runs the node's PBX: carrier calls reach a device
 /// through the balancer and the supervised Asterisk; a killed Asterisk is started again;
-/// one that keeps dying is given up on after `restart_limit` restarts, and the node then
-/// reports its PBX down.
+/// one that keeps dying is given up on after `restart_limit` restarts, the node then
+/// reports its PBX down and the balancer stops routing calls to it.
 #[test]
 #[ignore = "needs Asterisk: run ./scripts/test-asterisk"]
 fn up_runs_the_pbx_restarts_it_and_gives_up_on_one_that_keeps_dying() {
@@ -382,11 +382,22 @@ direct_media = no\naors = 1001\n\n[1001]\ntype = aor\ncontact = sip:1001@127.0.0
     wait_until("the PBX reported down", Duration::from_secs(20), || {
         pbx_up() == Some(false)
     });
+    // The node is out of routing: the balancer has no node to send a call to.
+    wait_until(
+        "the balancer stops routing",
+        Duration::from_secs(20),
+        || options_status(balancer_port) == Some(503),
+    );
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(
         pbx_up(),
         Some(false),
         "given up: no restart after the limit"
+    );
+    assert_eq!(
+        options_status(balancer_port),
+        Some(503),
+        "still out of routing"
     );
     let text = std::fs::read_to_string(&log).expect("up's log");
     assert_eq!(text.matches("Asterisk started").count(), 3, "{text}");
