@@ -216,3 +216,37 @@ fn balancer_port_in_use_or_bad_balancer_config_say_what_to_change() {
         "{err}"
     );
 }
+
+#[test]
+fn asterisk_config_without_an_install_says_what_to_set() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = callfleet()
+        .args(["asterisk-config", "--out"])
+        .arg(dir.path().join("pbx"))
+        .output()
+        .expect("run");
+    let err = one_line_error(&output);
+    assert_eq!(output.status.code(), Some(64), "EX_USAGE");
+    assert_eq!(
+        err,
+        "error: cannot write the Asterisk configuration: `asterisk.install` is empty: set it to the Asterisk install (the folder holding sbin/asterisk, as ./scripts/build-asterisk prints it)"
+    );
+    assert!(!dir.path().join("pbx").exists(), "nothing written");
+
+    let output = callfleet()
+        .args(["asterisk-config", "--out"])
+        .arg(dir.path().join("pbx"))
+        .env("CALLFLEET_ASTERISK__INSTALL", "/opt/asterisk")
+        .env("CALLFLEET_NODE__CALLS__SOURCE", "ami")
+        .env("CALLFLEET_NODE__CALLS__USERNAME", "callfleet")
+        .env("CALLFLEET_NODE__CALLS__ADDRESS", "10.1.2.3:5038")
+        .env("CALLFLEET_NODE__CALLS__SECRET", "x")
+        .output()
+        .expect("run");
+    let err = one_line_error(&output);
+    assert_eq!(output.status.code(), Some(64), "EX_USAGE");
+    assert!(
+        err.contains("`node.calls.address` `10.1.2.3:5038` is not a loopback address"),
+        "{err}"
+    );
+}

@@ -108,9 +108,10 @@ pub fn write(
         let path = path.to_owned();
         move |source| AsteriskConfigError::Io { path, source }
     };
-    std::fs::create_dir_all(out).map_err(io(out))?;
-    let absolute = out.canonicalize().map_err(io(out))?;
+    // Rendered first: a configuration that cannot work leaves nothing behind.
+    let absolute = std::path::absolute(out).map_err(io(out))?;
     let files = render(config, &absolute)?;
+    std::fs::create_dir_all(&absolute).map_err(io(&absolute))?;
     for folder in ["run", "log", "lib", "spool", "agi-bin"] {
         let path = absolute.join(folder);
         std::fs::create_dir_all(&path).map_err(io(&path))?;
