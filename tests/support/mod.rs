@@ -113,15 +113,46 @@ pub fn fresh_mysql_url() -> String {
 }
 
 /// A loopback port that is free for both UDP and TCP right now (SIP listens on both).
+///
+/// Taken outside the kernel's ephemeral range (above it, where Asterisk's RTP ports are
+/// not either): a port the kernel handed out for `:0` is also what it hands to the next
+/// outgoing connection of any process, so between this check and the server's bind a
+/// test's own gRPC or Redis client could take it. Outside the range only another test's
+/// choice can collide; the start is spread by process and time, and every port is checked
+/// before it is returned.
 pub fn free_port() -> u16 {
-    for _ in 0..100 {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket");
-        let port = udp.local_addr().expect("local address").port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral: Vec<u32> = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|bound| bound.parse().ok())
+        .collect();
+    let (ephemeral_low, ephemeral_high) = match ephemeral[..] {
+        [low, high] => (low, high),
+        _ => (32_768, 60_999),
+    };
+    let (low, high) = if ephemeral_high < 64_000 {
+        (ephemeral_high + 1, 65_536)
+    } else {
+        (10_000, ephemeral_low.max(10_001))
+    };
+    let span = high - low;
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    for _ in 0..span {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(low + (seed.wrapping_add(step.wrapping_mul(7919))) % span)
+            .expect("below 65536");
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        {
             return port;
         }
     }
-    panic!("no loopback port free for both UDP and TCP");
+    panic!("no loopback port free for both UDP and TCP in {low}–{high}");
 }
 
 /// Starts `callfleet node-agent` like [`start_agent`], with extra environment such as
