@@ -56,14 +56,7 @@ impl Asterisk {
             .output()
             .expect("run callfleet asterisk-config");
         assert_success(&output);
-        std::fs::write(
-            dir.join("pjsip.local.conf"),
-            format!(
-                "[1001]\ntype = endpoint\ncontext = callfleet-from-device\ndisallow = all\nallow = ulaw\n\
-direct_media = no\naors = 1001\n\n[1001]\ntype = aor\ncontact = sip:1001@127.0.0.1:{phone_port}\n"
-            ),
-        )
-        .expect("write the device");
+        add_device(dir, phone_port);
         let conf = dir.join("asterisk.conf");
         let binary = prefix.join("sbin/asterisk");
         let log = std::fs::File::create(dir.join("asterisk.out")).expect("Asterisk's output file");
@@ -123,6 +116,19 @@ direct_media = no\naors = 1001\n\n[1001]\ntype = aor\ncontact = sip:1001@127.0.0
             .success()
             .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
     }
+}
+
+/// Device `1001` on a static contact at the phone's `port`, in the PBX folder's
+/// `pjsip.local.conf` (devices come from realtime provisioning once that exists).
+fn add_device(folder: &Path, port: u16) {
+    std::fs::write(
+        folder.join("pjsip.local.conf"),
+        format!(
+            "[1001]\ntype = endpoint\ncontext = callfleet-from-device\ndisallow = all\nallow = ulaw\n\
+direct_media = no\naors = 1001\n\n[1001]\ntype = aor\ncontact = sip:1001@127.0.0.1:{port}\n"
+        ),
+    )
+    .expect("write the device");
 }
 
 /// A SIPp phone answering every call (SIPp's built-in `uas`), on `port`.
@@ -281,14 +287,7 @@ fn up_runs_the_pbx_restarts_it_and_gives_up_on_one_that_keeps_dying() {
     let (sip_port, ami_port, balancer_port) = (free_port(), free_port(), free_port());
     let folder = dir.path().join("callfleet-data/asterisk");
     std::fs::create_dir_all(&folder).expect("the PBX folder");
-    std::fs::write(
-        folder.join("pjsip.local.conf"),
-        format!(
-            "[1001]\ntype = endpoint\ncontext = callfleet-from-device\ndisallow = all\nallow = ulaw\n\
-direct_media = no\naors = 1001\n\n[1001]\ntype = aor\ncontact = sip:1001@127.0.0.1:{phone_port}\n"
-        ),
-    )
-    .expect("write the device");
+    add_device(&folder, phone_port);
     // `up` keeps the PBX's folder beside its store.
     let url = format!("sqlite://{}/callfleet-data/fleet.db", dir.path().display());
     let log = dir.path().join("up.log");
