@@ -149,11 +149,16 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                 balancer.local_pbx
             );
             println!(
-                "  locks       gRPC and HTTP on {} ({} backend)",
+                "  locks       gRPC and HTTP on {} ({})",
                 locks_listener.local_addr()?,
                 match config.lock_service.backend {
-                    LockBackendKind::Memory => "memory",
-                    LockBackendKind::Redis => "redis",
+                    // Leases granted before a restart are gone from memory but may still
+                    // ring: say why claims are refused at first.
+                    LockBackendKind::Memory => format!(
+                        "memory backend; claims start after a {} quarantine",
+                        humantime::format_duration(config.lock_service.quarantine)
+                    ),
+                    LockBackendKind::Redis => "redis backend".to_owned(),
                 }
             );
             println!(
