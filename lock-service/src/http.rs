@@ -45,8 +45,8 @@ async fn not_post() -> Line {
     )
 }
 
-/// A form, or the `ERR` line (as the handler's answer) that says why the body is not one (the framework's own
-/// rejection text would reach the dialplan as if it were an answer).
+/// A form, or the handler's answer: the `ERR` line that says why the body is not one (the
+/// framework's own rejection text would reach the dialplan as if it were an answer).
 fn form<T>(form: Result<Form<T>, FormRejection>) -> Result<T, Line> {
     form.map(|Form(form)| form).map_err(|rejection| {
         Line(

@@ -144,27 +144,13 @@ impl MemoryLocks {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(super) fn acquire(&self, resource: &str, claim: &Claim<'_>) -> Result<Lease, LockError> {
-        match self.claim_first(&[resource], claim)? {
-            Some(lease) => Ok(lease),
-            None => {
-                let state = self.state();
-                let holder = state
-                    .live(resource, Instant::now())
-                    .map_or_else(String::new, |entry| entry.holder.clone());
-                Err(LockError::Held {
-                    resource: resource.to_owned(),
-                    holder,
-                })
-            }
-        }
-    }
-
+    /// The lease, or `None` and the holder of the first candidate when all are held (as
+    /// the Redis backend answers).
     pub(super) fn claim_first(
         &self,
         candidates: &[&str],
         claim: &Claim<'_>,
-    ) -> Result<Option<Lease>, LockError> {
+    ) -> Result<(Option<Lease>, String), LockError> {
         let now = Instant::now();
         self.check_quarantine(now)?;
         let mut state = self.state();
@@ -176,20 +162,25 @@ impl MemoryLocks {
                     && entry.holder == claim.holder
                     && entry.attempt == claim.attempt
                 {
-                    return Ok(Some(lease_of(resource, entry)));
+                    return Ok((Some(lease_of(resource, entry)), String::new()));
                 }
             }
         } else if let Some(lease) = state.retry(claim, now, self.guard) {
-            return Ok(Some(lease));
+            return Ok((Some(lease), String::new()));
         }
+        let mut busy = None;
         for resource in candidates {
-            if state.live(resource, now).is_none() {
-                return Ok(Some(Self::claim_in(
-                    &mut state, resource, claim, now, self.guard,
-                )));
+            match state.live(resource, now) {
+                None => {
+                    let lease = Self::claim_in(&mut state, resource, claim, now, self.guard);
+                    return Ok((Some(lease), String::new()));
+                }
+                Some(entry) => {
+                    busy.get_or_insert_with(|| entry.holder.clone());
+                }
             }
         }
-        Ok(None)
+        Ok((None, busy.unwrap_or_default()))
     }
 
     fn claim_in(

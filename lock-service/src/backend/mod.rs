@@ -31,17 +31,12 @@ impl Locks {
     pub async fn acquire(&self, resource: &str, claim: &Claim<'_>) -> Result<Lease, LockError> {
         validate(resource, claim.holder)?;
         self.validate_claim(claim)?;
-        let lease = match self {
-            Self::Memory(memory) => memory.acquire(resource, claim)?,
-            Self::Redis(redis) => match redis.claim_first(&[resource], claim).await? {
-                (Some(lease), _) => lease,
-                (None, holder) => {
-                    return Err(LockError::Held {
-                        resource: resource.to_owned(),
-                        holder,
-                    });
-                }
-            },
+        let (lease, holder) = self.claim(&[resource], claim).await?;
+        let Some(lease) = lease else {
+            return Err(LockError::Held {
+                resource: resource.to_owned(),
+                holder,
+            });
         };
         if lease.resource != resource {
             return Err(LockError::Invalid(format!(
@@ -68,9 +63,18 @@ impl Locks {
             validate(resource, claim.holder)?;
         }
         self.validate_claim(claim)?;
+        Ok(self.claim(candidates, claim).await?.0)
+    }
+
+    /// The backend's claim: the lease, or `None` and the first candidate's holder.
+    async fn claim(
+        &self,
+        candidates: &[&str],
+        claim: &Claim<'_>,
+    ) -> Result<(Option<Lease>, String), LockError> {
         match self {
             Self::Memory(memory) => memory.claim_first(candidates, claim),
-            Self::Redis(redis) => Ok(redis.claim_first(candidates, claim).await?.0),
+            Self::Redis(redis) => redis.claim_first(candidates, claim).await,
         }
     }
 
