@@ -62,7 +62,7 @@ impl Tokens {
             }
         }
         let token = found.ok_or(ControlError::BadToken)?;
-        if token.role < needed {
+        if !token.role.allows(needed) {
             return Err(ControlError::Forbidden {
                 name: token.name.clone(),
                 role: token.role,
@@ -162,6 +162,39 @@ mod tests {
                 .authorize(Some(b"bearer write-token-0123456789"), Role::Write)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn a_node_token_reads_provisioning_and_nothing_else() {
+        let tokens = Tokens::new(vec![
+            ApiToken {
+                name: "node-a".into(),
+                token: Secret::new("node-token-0123456789"),
+                role: Role::Node,
+            },
+            ApiToken {
+                name: "ops".into(),
+                token: Secret::new("admin-token-0123456789"),
+                role: Role::Admin,
+            },
+        ]);
+        let node = Some(&b"Bearer node-token-0123456789"[..]);
+        assert_eq!(tokens.authorize(node, Role::Node).expect("node").name, "node-a");
+        for needed in [Role::Read, Role::Write, Role::Admin] {
+            assert!(
+                matches!(
+                    tokens.authorize(node, needed),
+                    Err(ControlError::Forbidden { role: Role::Node, .. })
+                ),
+                "{needed:?}"
+            );
+        }
+        let admin = Some(&b"Bearer admin-token-0123456789"[..]);
+        assert!(tokens.authorize(admin, Role::Node).is_ok());
+        assert!(matches!(
+            tokens().authorize(Some(b"Bearer write-token-0123456789"), Role::Node),
+            Err(ControlError::Forbidden { role: Role::Write, .. })
+        ));
     }
 
     #[test]

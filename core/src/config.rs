@@ -83,6 +83,111 @@ pub struct Config {
     pub control_plane: ControlPlaneConfig,
     /// This node's Asterisk, as `callfleet asterisk-config` writes its configuration.
     pub asterisk: AsteriskConfig,
+    /// The node-agent's local realtime endpoint for Asterisk's res_config_curl.
+    pub provisioning: ProvisioningConfig,
+}
+
+/// The node-agent's provisioning endpoint: Asterisk's `res_config_curl` asks it for
+/// devices (`ps_endpoints`, `ps_aors`, `ps_auths`) and registrations (`ps_contacts`); it asks
+/// the control plane within `deadline` and answers from its cache while the control plane
+/// cannot answer, so Asterisk never forgets a device because a server is down.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvisioningConfig {
+    /// `ip:port` the endpoint listens on (loopback: only the local Asterisk asks); empty:
+    /// no endpoint, and `callfleet asterisk-config` writes no realtime devices.
+    pub listen: String,
+    /// The control plane's base URL, e.g. `http://10.0.0.2:8080`; empty: the local one
+    /// (`control_plane.listen`).
+    pub control_plane: String,
+    /// A control-plane token with role `node` (reads provisioning, writes registrations,
+    /// nothing else). `callfleet up` uses its own.
+    pub token: Secret,
+    /// How long one request to the control plane may take before the cache answers.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+    /// How old a cached answer may be and still be served while the control plane is
+    /// unreachable; older answers are dropped and the request reads as "not found".
+    #[serde(with = "humantime_serde")]
+    pub stale_max: Duration,
+    /// After a failed request, how long the cache answers alone before the control plane is
+    /// asked again (so Asterisk does not wait `deadline` on every request of an outage).
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+    /// File keeping registrations written while the control plane was unreachable until
+    /// they are delivered, so a node-agent restart loses none; empty: kept in memory only.
+    pub pending_file: String,
+}
+
+impl Default for ProvisioningConfig {
+    fn default() -> Self {
+        Self {
+            listen: String::new(),
+            control_plane: String::new(),
+            token: Secret::default(),
+            deadline: Duration::from_millis(500),
+            stale_max: Duration::from_secs(24 * 3600),
+            retry_after: Duration::from_secs(2),
+            pending_file: String::new(),
+        }
+    }
+}
+
+impl ProvisioningConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| {
+            Err(ConfigError::Value {
+                key: format!("provisioning.{key}"),
+                reason,
+            })
+        };
+        if self.listen.is_empty() {
+            return Ok(());
+        }
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad(
+                "listen",
+                format!("`{}` must be ip:port, e.g. 127.0.0.1:8090", self.listen),
+            );
+        }
+        if !self.control_plane.is_empty()
+            && !(self.control_plane.starts_with("http://")
+                || self.control_plane.starts_with("https://"))
+        {
+            return bad(
+                "control_plane",
+                format!(
+                    "`{}` must be an http:// or https:// URL, e.g. http://10.0.0.2:8080",
+                    self.control_plane
+                ),
+            );
+        }
+        if self.token.expose().is_empty() {
+            return bad(
+                "token",
+                "must be a control-plane token with role \"node\" (control_plane.tokens)".into(),
+            );
+        }
+        if self.deadline < Duration::from_millis(10) || self.deadline > Duration::from_secs(10) {
+            return bad("deadline", "must be between 10ms and 10s".into());
+        }
+        if self.stale_max.is_zero() {
+            return bad("stale_max", "must be longer than 0s (e.g. 24h)".into());
+        }
+        if self.retry_after.is_zero() {
+            return bad("retry_after", "must be longer than 0s (e.g. 2s)".into());
+        }
+        Ok(())
+    }
+
+    /// The control plane's base URL without a trailing slash.
+    pub fn control_plane_url(&self, control_plane: &ControlPlaneConfig) -> String {
+        if self.control_plane.is_empty() {
+            format!("http://{}", control_plane.listen)
+        } else {
+            self.control_plane.trim_end_matches('/').to_owned()
+        }
+    }
 }
 
 /// This node's Asterisk. The SIP transport listens on `balancer.local_pbx`, the manager
@@ -697,16 +802,38 @@ pub struct ApiToken {
     pub role: Role,
 }
 
-/// What a token may do; each role includes the ones before it.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+/// What a token may do: `read` < `write` < `admin`, each including the ones before it;
+/// `node` stands apart.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// A node's Asterisk (through its node-agent): read provisioning (devices) and write
+    /// registrations, nothing else, so a token taken from a node cannot steer the center.
+    Node,
     /// Read agents, queues, routing, nodes and the audit log.
     Read,
     /// Change agents, devices, queues, priorities and sessions.
     Write,
-    /// Also drain and undrain nodes.
+    /// Also drain and undrain nodes, and everything `node` may do.
     Admin,
+}
+
+impl Role {
+    /// Whether a token of this role may do what `needed` allows.
+    pub fn allows(self, needed: Role) -> bool {
+        let rank = |role: Role| match role {
+            Role::Node => None,
+            Role::Read => Some(1),
+            Role::Write => Some(2),
+            Role::Admin => Some(3),
+        };
+        match (rank(self), rank(needed)) {
+            (Some(have), Some(need)) => have >= need,
+            (None, None) => true,
+            (Some(_), None) => self == Role::Admin,
+            (None, Some(_)) => false,
+        }
+    }
 }
 
 impl ControlPlaneConfig {
@@ -873,6 +1000,7 @@ impl Config {
         self.balancer.validate()?;
         self.control_plane.validate()?;
         self.lock_service.validate()?;
+        self.provisioning.validate()?;
         let mut names = HashSet::new();
         for (i, tier) in node.shed.iter().enumerate() {
             let key = format!("node.shed[{i}]");

@@ -195,6 +195,87 @@ pub fn print_count(changed: Option<u64>) -> String {
     }
 }
 
+/// One row: its columns and values in the order they were written.
+pub type Row = Vec<(String, String)>;
+
+/// Reads an answer of rows (`name=value&…`, one per line) back into rows, as Asterisk
+/// does; a line that is not valid percent-encoding is an error.
+pub fn parse_rows(body: &str) -> Result<Vec<Row>, RealtimeError> {
+    body.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            Ok(parse_fields(line)?
+                .into_iter()
+                .map(|field| (field.name, field.value))
+                .collect())
+        })
+        .collect()
+}
+
+/// The value of `column` in `row`.
+pub fn value<'a>(row: &'a [(String, String)], column: &str) -> Option<&'a str> {
+    row.iter()
+        .find(|(name, _)| name == column)
+        .map(|(_, value)| value.as_str())
+}
+
+/// Whether `row` meets every condition, read as a SQL backend of Asterisk reads them: no
+/// operator is equality, `LIKE` takes `%` (any run) and `_` (one character), `!=`, `<`,
+/// `<=`, `>`, `>=` compare numerically when both sides are integers and as text otherwise.
+/// A column the row lacks meets no condition (SQL's NULL). An operator Asterisk never sends
+/// meets nothing rather than everything, so an unknown filter can only hide rows.
+pub fn matches(row: &[(String, String)], conditions: &[Field]) -> bool {
+    conditions.iter().all(|condition| {
+        let Some(have) = value(row, &condition.name) else {
+            return false;
+        };
+        let want = condition.value.as_str();
+        let ordering = || match (have.trim().parse::<i64>(), want.trim().parse::<i64>()) {
+            (Ok(have), Ok(want)) => have.cmp(&want),
+            _ => have.cmp(want),
+        };
+        match condition.operator.as_deref().map(str::to_ascii_uppercase).as_deref() {
+            None | Some("=") => have == want,
+            Some("LIKE") => like(have.as_bytes(), want.as_bytes()),
+            Some("!=") | Some("<>") => have != want,
+            Some("<") => ordering().is_lt(),
+            Some("<=") => ordering().is_le(),
+            Some(">") => ordering().is_gt(),
+            Some(">=") => ordering().is_ge(),
+            Some(_) => false,
+        }
+    })
+}
+
+/// SQL `LIKE` on bytes, case-sensitive (the directory's ids are compared byte for byte).
+fn like(text: &[u8], pattern: &[u8]) -> bool {
+    // Iterative with one backtrack point: linear in practice, never exponential, whatever
+    // number of `%` a request carries.
+    let (mut t, mut p) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some(b'%') => {
+                star = Some((p, t));
+                p += 1;
+            }
+            Some(&c) if c == b'_' || c == text[t] => {
+                t += 1;
+                p += 1;
+            }
+            _ => match star {
+                Some((star_p, star_t)) => {
+                    p = star_p + 1;
+                    t = star_t + 1;
+                    star = Some((star_p, star_t + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'%')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +314,63 @@ mod tests {
             operator: operator.map(Into::into),
             value: value.into(),
         }
+    }
+
+    fn row(pairs: &[(&str, &str)]) -> Row {
+        pairs
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn conditions_match_as_a_sql_backend_reads_them() {
+        let contact = row(&[
+            ("id", "2001;@0f1e2d"),
+            ("uri", "sip:2001@127.0.0.1:5071"),
+            ("expiration_time", "1764000000"),
+        ]);
+        let holds = |name: &str, operator: Option<&str>, value: &str| {
+            matches(&contact, &[field(name, operator, value)])
+        };
+        // What sorcery's realtime wizard sends: by id, by prefix, everything, and the
+        // registrar's sweep of expired contacts.
+        assert!(holds("id", None, "2001;@0f1e2d"));
+        assert!(!holds("id", None, "2001"));
+        assert!(holds("id", Some("LIKE"), "2001;@%"));
+        assert!(!holds("id", Some("LIKE"), "200;@%"));
+        assert!(holds("id", Some("LIKE"), "%"));
+        assert!(holds("id", Some("LIKE"), "%;@%"));
+        assert!(holds("id", Some("LIKE"), "2001;@0f1e2_"));
+        assert!(!holds("id", Some("LIKE"), "2001;@0f1e2"));
+        assert!(holds("expiration_time", Some("<="), "1764000000"));
+        assert!(!holds("expiration_time", Some("<"), "1764000000"));
+        // Numbers compare as numbers, not as text ("999" > "1764000000" as text).
+        assert!(holds("expiration_time", Some(">"), "999"));
+        assert!(holds("uri", Some("!="), "sip:other"));
+        assert!(!holds("missing", Some("LIKE"), "%"));
+        assert!(!holds("id", Some("REGEXP"), ".*"));
+        assert!(matches(&contact, &[]));
+        assert!(!like(b"a", b""));
+        assert!(like(b"", b"%%"));
+        assert!(like(&[b'a'; 64], &[b'%', b'a', b'%', b'a', b'%', b'b'][..5]));
+    }
+
+    #[test]
+    fn printed_rows_read_back() {
+        let printed = [
+            print_row([("id", "2001"), ("callerid", "Desk <2001>")]),
+            print_row([("id", "2002"), ("callerid", "")]),
+        ]
+        .concat();
+        assert_eq!(
+            parse_rows(&printed).expect("reads"),
+            [
+                row(&[("id", "2001"), ("callerid", "Desk <2001>")]),
+                row(&[("id", "2002"), ("callerid", "")])
+            ]
+        );
+        assert_eq!(parse_rows("").expect("reads"), Vec::<Row>::new());
     }
 
     #[test]
