@@ -166,7 +166,7 @@ mod tests {
 
     #[test]
     fn a_node_token_reads_provisioning_and_nothing_else() {
-        let tokens = Tokens::new(vec![
+        let node_and_admin = Tokens::new(vec![
             ApiToken {
                 name: "node-a".into(),
                 token: Secret::new("node-token-0123456789"),
@@ -179,21 +179,33 @@ mod tests {
             },
         ]);
         let node = Some(&b"Bearer node-token-0123456789"[..]);
-        assert_eq!(tokens.authorize(node, Role::Node).expect("node").name, "node-a");
+        assert_eq!(
+            node_and_admin
+                .authorize(node, Role::Node)
+                .expect("node")
+                .name,
+            "node-a"
+        );
         for needed in [Role::Read, Role::Write, Role::Admin] {
             assert!(
                 matches!(
-                    tokens.authorize(node, needed),
-                    Err(ControlError::Forbidden { role: Role::Node, .. })
+                    node_and_admin.authorize(node, needed),
+                    Err(ControlError::Forbidden {
+                        role: Role::Node,
+                        ..
+                    })
                 ),
                 "{needed:?}"
             );
         }
         let admin = Some(&b"Bearer admin-token-0123456789"[..]);
-        assert!(tokens.authorize(admin, Role::Node).is_ok());
+        assert!(node_and_admin.authorize(admin, Role::Node).is_ok());
         assert!(matches!(
             tokens().authorize(Some(b"Bearer write-token-0123456789"), Role::Node),
-            Err(ControlError::Forbidden { role: Role::Write, .. })
+            Err(ControlError::Forbidden {
+                role: Role::Write,
+                ..
+            })
         ));
     }
 

@@ -234,7 +234,12 @@ pub fn matches(row: &[(String, String)], conditions: &[Field]) -> bool {
             (Ok(have), Ok(want)) => have.cmp(&want),
             _ => have.cmp(want),
         };
-        match condition.operator.as_deref().map(str::to_ascii_uppercase).as_deref() {
+        match condition
+            .operator
+            .as_deref()
+            .map(str::to_ascii_uppercase)
+            .as_deref()
+        {
             None | Some("=") => have == want,
             Some("LIKE") => like(have.as_bytes(), want.as_bytes()),
             Some("!=") | Some("<>") => have != want,
@@ -353,7 +358,10 @@ mod tests {
         assert!(matches(&contact, &[]));
         assert!(!like(b"a", b""));
         assert!(like(b"", b"%%"));
-        assert!(like(&[b'a'; 64], &[b'%', b'a', b'%', b'a', b'%', b'b'][..5]));
+        assert!(like(
+            &[b'a'; 64],
+            &[b'%', b'a', b'%', b'a', b'%', b'b'][..5]
+        ));
     }
 
     #[test]
