@@ -150,14 +150,12 @@ impl ProvisioningConfig {
                 format!("`{}` must be ip:port, e.g. 127.0.0.1:8090", self.listen),
             );
         }
-        if !self.control_plane.is_empty()
-            && !(self.control_plane.starts_with("http://")
-                || self.control_plane.starts_with("https://"))
-        {
+        // Plain HTTP, as the API itself serves (TLS belongs to the network in front of it).
+        if !self.control_plane.is_empty() && !self.control_plane.starts_with("http://") {
             return bad(
                 "control_plane",
                 format!(
-                    "`{}` must be an http:// or https:// URL, e.g. http://10.0.0.2:8080",
+                    "`{}` must be an http:// URL, e.g. http://10.0.0.2:8080",
                     self.control_plane
                 ),
             );
