@@ -11,7 +11,8 @@ use callfleet_proto::control::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::auth::Caller;
-use crate::service::{AgentView, Control};
+use crate::error::ControlError;
+use crate::service::{AgentView, Control, CredentialsInput};
 
 /// The gRPC face of [`Control`].
 #[derive(Debug, Clone)]
@@ -56,6 +57,12 @@ fn device_pb(device: store::Device) -> pb::Device {
         id: device.id,
         endpoint: device.endpoint,
         name: device.name.unwrap_or_default(),
+        contact: device.contact.unwrap_or_default(),
+        registers: device.registers,
+        password: None,
+        md5_cred: None,
+        realm: None,
+        remove_credentials: false,
     }
 }
 
@@ -191,9 +198,33 @@ impl pb::control_server::Control for ControlService {
             id: body.id,
             endpoint: body.endpoint,
             name: Some(body.name).filter(|n| !n.is_empty()),
+            contact: Some(body.contact).filter(|c| !c.is_empty()),
+            registers: false,
+        };
+        let credentials = CredentialsInput {
+            password: body.password.map(Some),
+            md5_cred: body.md5_cred.map(Some),
+            realm: body.realm,
+        };
+        let credentials = if body.remove_credentials {
+            if credentials.password.is_some() || credentials.md5_cred.is_some() {
+                return Err(ControlError::invalid(
+                    "remove_credentials",
+                    "cannot remove credentials and set them in one call",
+                )
+                .into());
+            }
+            CredentialsInput {
+                password: Some(None),
+                ..credentials
+            }
+        } else {
+            credentials
         };
         Ok(Response::new(device_pb(
-            self.control.put_device(&caller, &device).await?,
+            self.control
+                .put_device(&caller, &device, credentials)
+                .await?,
         )))
     }
 

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod error;
 pub mod grpc;
 pub mod openapi;
+pub mod realtime;
 pub mod rest;
 pub mod rpc2;
 pub mod service;
@@ -69,7 +70,8 @@ pub fn router(control: Arc<Control>) -> axum::Router {
     // Before the nest, so that the nested REST router does not inherit tonic's fallback.
     .fallback(no_route)
     .nest("/api/v1", rest::router(control.clone()))
-    .merge(rpc2::router(control))
+    .merge(rpc2::router(control.clone()))
+    .merge(realtime::router(control))
 }
 
 /// Unknown paths: a gRPC client gets `UNIMPLEMENTED`, anyone else a JSON 404, so a CRM

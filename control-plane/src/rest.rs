@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use crate::auth::Caller;
 use crate::error::ControlError;
-use crate::service::Control;
+use crate::service::{Control, CredentialsInput};
 
 type Shared = State<Arc<Control>>;
 type Reply = Result<Response, ControlError>;
@@ -283,12 +283,30 @@ async fn list_devices(State(control): Shared, headers: HeaderMap) -> Reply {
     ok(control.list_devices().await?)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DeviceBody {
     endpoint: String,
     #[serde(default)]
     name: Option<String>,
+    #[serde(default)]
+    contact: Option<String>,
+    /// Absent: keep the credentials; `null`: remove them; a string: set them.
+    #[serde(default, deserialize_with = "present")]
+    password: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    md5_cred: Option<Option<String>>,
+    #[serde(default)]
+    realm: Option<String>,
+}
+
+/// Tells a field sent as `null` (`Some(None)`) from one left out (`None`, the default).
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 async fn put_device(
@@ -303,8 +321,15 @@ async fn put_device(
         id: device,
         endpoint: body.endpoint,
         name: body.name,
+        contact: body.contact,
+        registers: false,
     };
-    ok(control.put_device(&caller, &device).await?)
+    let credentials = CredentialsInput {
+        password: body.password,
+        md5_cred: body.md5_cred,
+        realm: body.realm,
+    };
+    ok(control.put_device(&caller, &device, credentials).await?)
 }
 
 async fn delete_device(

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use callfleet_core::config::{ControlPlaneConfig, Role};
 use callfleet_core::routing::{self, CallerAttributes, Day, Snapshot};
 use callfleet_core::store::{
-    Agent, AgentState, AuditEntry, Device, DirectorySnapshot, Login, Queue, QueueMember, Session,
+    Agent, AgentState, AuditEntry, CredentialsChange, Device, DigestCredentials, DirectorySnapshot,
+    Login, Queue, QueueMember, Session,
 };
 use callfleet_core::{NodeId, NodeStatus, Store};
 use tokio_util::sync::CancellationToken;
@@ -82,12 +83,25 @@ pub struct Candidate {
     pub demoted: bool,
 }
 
+/// What a device write says about its credentials: each of `password` and `md5_cred` is
+/// absent (keep), `null` (remove) or a value (set); `realm` goes with a value.
+#[derive(Debug, Default, Clone)]
+pub struct CredentialsInput {
+    /// The password, hashed at once into the HA1.
+    pub password: Option<Option<String>>,
+    /// An HA1 computed by the caller (MD5 of `device:realm:password`).
+    pub md5_cred: Option<Option<String>>,
+    /// The realm; `control_plane.sip_realm` when absent.
+    pub realm: Option<String>,
+}
+
 /// The control plane's operations.
 #[derive(Debug)]
 pub struct Control {
     store: Store,
     tokens: Tokens,
     time_zone: jiff::tz::TimeZone,
+    sip_realm: String,
     view: RwLock<Arc<View>>,
     /// Serialises refreshes, so writes that land together share one re-read.
     refreshing: tokio::sync::Mutex<()>,
@@ -103,9 +117,15 @@ impl Control {
             store,
             tokens: Tokens::new(config.tokens.clone()),
             time_zone,
+            sip_realm: config.sip_realm.clone(),
             view: RwLock::new(Arc::new(view)),
             refreshing: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// The store, for what is served straight from it (realtime provisioning).
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Checks the `Authorization` header for an operation that needs `role`.
@@ -337,13 +357,37 @@ impl Control {
         Ok(self.store.list_devices().await?)
     }
 
-    /// Creates or replaces a device.
+    /// Creates or replaces a device, and sets, keeps or removes its credentials.
     pub async fn put_device(
         &self,
         caller: &Caller,
         device: &Device,
+        credentials: CredentialsInput,
     ) -> Result<Device, ControlError> {
-        self.store.upsert_device(device, &caller.name).await?;
+        let realm = credentials.realm.as_deref().unwrap_or(&self.sip_realm);
+        let change = match (credentials.password, credentials.md5_cred) {
+            (Some(_), Some(_)) => {
+                return Err(ControlError::invalid(
+                    "password",
+                    "send either password or md5_cred, not both",
+                ));
+            }
+            (Some(Some(password)), None) => CredentialsChange::Set(
+                DigestCredentials::from_password(&device.id, realm, &password)?,
+            ),
+            (None, Some(Some(ha1))) => {
+                CredentialsChange::Set(DigestCredentials::from_ha1(realm, &ha1)?)
+            }
+            (Some(None), None) | (None, Some(None)) => CredentialsChange::Remove,
+            (None, None) if credentials.realm.is_some() => {
+                return Err(ControlError::invalid(
+                    "realm",
+                    "a realm only goes with a password or md5_cred (the stored HA1 is bound to its realm)",
+                ));
+            }
+            (None, None) => CredentialsChange::Keep,
+        };
+        self.store.put_device(device, &change, &caller.name).await?;
         self.after_write().await;
         Ok(self.store.get_device(&device.id).await?)
     }

@@ -775,6 +775,9 @@ pub struct ControlPlaneConfig {
     /// How often the in-memory directory (queue status, routing) is re-read from the store.
     #[serde(with = "humantime_serde")]
     pub refresh: Duration,
+    /// The digest realm of devices' credentials when a write names none. The stored HA1 is
+    /// bound to its realm, so changing this affects only credentials set afterwards.
+    pub sip_realm: String,
 }
 
 impl Default for ControlPlaneConfig {
@@ -784,6 +787,7 @@ impl Default for ControlPlaneConfig {
             tokens: Vec::new(),
             time_zone: "UTC".to_owned(),
             refresh: Duration::from_secs(1),
+            sip_realm: "callfleet".to_owned(),
         }
     }
 }
@@ -859,6 +863,21 @@ impl ControlPlaneConfig {
         }
         if self.refresh.is_zero() {
             return bad("refresh", "must be above zero (e.g. 1s)".into());
+        }
+        if self.sip_realm.is_empty()
+            || self.sip_realm.len() > 128
+            || !self
+                .sip_realm
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\' | b':'))
+        {
+            return bad(
+                "sip_realm",
+                format!(
+                    "`{}` must be 1–128 printable ASCII characters without spaces, '\"', '\\' or ':' (e.g. callfleet)",
+                    self.sip_realm
+                ),
+            );
         }
         let mut names = HashSet::new();
         for (i, token) in self.tokens.iter().enumerate() {

@@ -4,6 +4,7 @@
 //! Component crates (node-agent, balancer, lock-service, control-plane) depend on this crate
 //! and never on each other, so a type defined here is the one definition of that concept.
 
+pub mod asterisk;
 pub mod config;
 pub mod fleet;
 pub mod ids;

@@ -31,17 +31,7 @@ pub enum AsteriskConfigError {
     },
 }
 
-/// The contexts callfleet's dialplan provides.
-pub mod context {
-    /// Where the carrier's calls enter.
-    pub const FROM_CARRIER: &str = "callfleet-from-carrier";
-    /// Dials the device whose extension is dialled.
-    pub const DIAL_DEVICE: &str = "callfleet-dial-device";
-    /// Where devices' own calls enter.
-    pub const FROM_DEVICE: &str = "callfleet-from-device";
-    /// Queued calls, routed to one free agent across the cluster (the queued-calls work).
-    pub const QUEUE: &str = "callfleet-queue";
-}
+pub use callfleet_core::asterisk::context;
 
 /// The sections of an Asterisk configuration that name objects outside callfleet's care
 /// (devices until realtime provisioning serves them, site additions) go in this file of

@@ -223,12 +223,14 @@ macro_rules! directory_sql {
                 $new!("enabled")
             ),
             upsert_device: concat!(
-                "INSERT INTO devices (id, endpoint, name) VALUES (?, ?, ?) ",
+                "INSERT INTO devices (id, endpoint, name, contact) VALUES (?, ?, ?, ?) ",
                 $upsert,
                 "endpoint = ",
                 $new!("endpoint"),
                 ", name = ",
-                $new!("name")
+                $new!("name"),
+                ", contact = ",
+                $new!("contact")
             ),
             upsert_queue: concat!(
                 "INSERT INTO queues (id, name) VALUES (?, ?) ",

@@ -103,6 +103,109 @@ pub struct Device {
     pub endpoint: String,
     /// An optional label (`desk 12, 2nd floor`): at most 200 characters.
     pub name: Option<String>,
+    /// A desk phone's fixed address (`sip:2001@10.0.3.12:5060`), rung without registering;
+    /// `None`: the phone registers (with credentials) on any node.
+    #[serde(default)]
+    pub contact: Option<String>,
+    /// Whether the phone has digest credentials to register with. Read-only here: they are
+    /// set with a [`CredentialsChange`] and never shown.
+    #[serde(default)]
+    pub registers: bool,
+}
+
+/// Digest credentials of a device as Asterisk checks them: the realm and HA1 (MD5 of
+/// `device:realm:password`). The password itself is never stored; HA1 is as good as a
+/// password for this realm, so it is never logged, shown or audited either.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DigestCredentials {
+    realm: String,
+    ha1: String,
+}
+
+impl std::fmt::Debug for DigestCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DigestCredentials")
+            .field("realm", &self.realm)
+            .field("ha1", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Longest digest realm.
+pub const MAX_REALM_LEN: usize = 128;
+/// Longest password accepted (it is hashed at once, never kept).
+pub const MAX_PASSWORD_LEN: usize = 128;
+
+impl DigestCredentials {
+    /// Credentials for `device` from its password, hashed here.
+    pub fn from_password(device: &str, realm: &str, password: &str) -> Result<Self, StoreError> {
+        check_realm(realm)?;
+        if password.is_empty() || password.len() > MAX_PASSWORD_LEN {
+            return Err(invalid(
+                "password",
+                format!("must be 1–{MAX_PASSWORD_LEN} bytes"),
+            ));
+        }
+        use md5::Digest as _;
+        let digest = md5::Md5::digest(format!("{device}:{realm}:{password}").as_bytes());
+        let ha1 = digest
+            .iter()
+            .fold(String::with_capacity(32), |mut hex, byte| {
+                use std::fmt::Write as _;
+                let _ = write!(hex, "{byte:02x}");
+                hex
+            });
+        Ok(Self {
+            realm: realm.to_owned(),
+            ha1,
+        })
+    }
+
+    /// Credentials from an HA1 computed elsewhere (32 hex digits).
+    pub fn from_ha1(realm: &str, ha1: &str) -> Result<Self, StoreError> {
+        check_realm(realm)?;
+        if ha1.len() != 32 || !ha1.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid(
+                "md5_cred",
+                "must be 32 hex digits: MD5 of `device:realm:password`".to_owned(),
+            ));
+        }
+        Ok(Self {
+            realm: realm.to_owned(),
+            ha1: ha1.to_ascii_lowercase(),
+        })
+    }
+
+    /// The realm the HA1 was computed for.
+    pub fn realm(&self) -> &str {
+        &self.realm
+    }
+
+    /// The HA1, lowercase hex. Only Asterisk's realtime answer may carry it.
+    pub fn ha1(&self) -> &str {
+        &self.ha1
+    }
+}
+
+/// What a device write does to its credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialsChange {
+    /// Leave them as they are (a rename or a new contact does not need the password).
+    Keep,
+    /// Set new ones.
+    Set(DigestCredentials),
+    /// Remove them: the phone can no longer register.
+    Remove,
+}
+
+impl CredentialsChange {
+    fn audited(&self) -> &'static str {
+        match self {
+            Self::Keep => "kept",
+            Self::Set(_) => "set",
+            Self::Remove => "removed",
+        }
+    }
 }
 
 /// A call queue.
@@ -313,8 +416,12 @@ const DELETE_AGENT: &str = "DELETE FROM agents WHERE id = ?";
 const DIRECTORY_VERSION: &str = "SELECT MAX(id) FROM audit_log";
 const SET_TAGS: &str = "UPDATE agents SET tags = ? WHERE id = ?";
 const SET_DAILY_CAP: &str = "UPDATE agents SET daily_cap = ? WHERE id = ?";
-const GET_DEVICE: &str = "SELECT id, endpoint, name FROM devices WHERE id = ?";
-const LIST_DEVICES: &str = "SELECT id, endpoint, name FROM devices ORDER BY id";
+const GET_DEVICE: &str = "SELECT id, endpoint, name, contact, digest_ha1 IS NOT NULL \
+     FROM devices WHERE id = ?";
+const LIST_DEVICES: &str = "SELECT id, endpoint, name, contact, digest_ha1 IS NOT NULL \
+     FROM devices ORDER BY id";
+const SET_DEVICE_CREDENTIALS: &str =
+    "UPDATE devices SET digest_realm = ?, digest_ha1 = ? WHERE id = ?";
 const DELETE_DEVICE: &str = "DELETE FROM devices WHERE id = ?";
 const GET_QUEUE_ID: &str = "SELECT id FROM queues WHERE id = ?";
 const GET_QUEUE: &str = "SELECT id, name FROM queues WHERE id = ?";
@@ -535,24 +642,60 @@ impl Store {
         })
     }
 
-    /// Creates the device or replaces its endpoint and name. A session on it stays, and
-    /// calls go to the new endpoint from the next snapshot on.
+    /// Creates the device or replaces its endpoint, name and contact, keeping its
+    /// credentials. A session on it stays, and calls go to the new endpoint from the next
+    /// snapshot on.
     pub async fn upsert_device(&self, device: &Device, actor: &str) -> Result<(), StoreError> {
+        self.put_device(device, &CredentialsChange::Keep, actor)
+            .await
+    }
+
+    /// [`Store::upsert_device`] that also sets or removes the device's credentials, in the
+    /// same transaction and audit row (which says what happened to them, never what they
+    /// are).
+    pub async fn put_device(
+        &self,
+        device: &Device,
+        credentials: &CredentialsChange,
+        actor: &str,
+    ) -> Result<(), StoreError> {
         check_id("device id", &device.id)?;
         check_endpoint(&device.endpoint)?;
         if let Some(name) = &device.name {
             check_text("name", name, MAX_NAME_CHARS)?;
         }
+        if let Some(contact) = &device.contact {
+            check_contact(contact)?;
+        }
         check_actor(actor)?;
         let sql = self.directory_sql();
-        let detail = json!({ "endpoint": device.endpoint, "name": device.name });
+        let detail = json!({
+            "endpoint": device.endpoint,
+            "name": device.name,
+            "contact": device.contact,
+            "credentials": credentials.audited(),
+        });
         write_tx!(self, tx => {
             sqlx::query(q(sql.upsert_device))
                 .bind(&device.id)
                 .bind(&device.endpoint)
                 .bind(&device.name)
+                .bind(&device.contact)
                 .execute(&mut *tx)
                 .await?;
+            let (realm, ha1) = match credentials {
+                CredentialsChange::Keep => (None, None),
+                CredentialsChange::Set(set) => (Some(set.realm()), Some(set.ha1())),
+                CredentialsChange::Remove => (None, None),
+            };
+            if *credentials != CredentialsChange::Keep {
+                sqlx::query(q(SET_DEVICE_CREDENTIALS))
+                    .bind(realm)
+                    .bind(ha1)
+                    .bind(&device.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             audit(sql, actor, "device.upsert", &subject("device", &device.id), &detail)
                 .execute(&mut *tx)
                 .await?;
@@ -569,6 +712,8 @@ impl Store {
                     id: row.try_get(0)?,
                     endpoint: row.try_get(1)?,
                     name: row.try_get(2)?,
+                    contact: row.try_get(3)?,
+                    registers: row.try_get::<i64, _>(4)? != 0,
                 })
             })
             .transpose()?
@@ -586,6 +731,8 @@ impl Store {
                         id: row.try_get(0)?,
                         endpoint: row.try_get(1)?,
                         name: row.try_get(2)?,
+                        contact: row.try_get(3)?,
+                        registers: row.try_get::<i64, _>(4)? != 0,
                     })
                 })
                 .collect::<Result<_, sqlx::Error>>()
@@ -1448,6 +1595,47 @@ fn check_endpoint(endpoint: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A SIP URI a PBX can send an INVITE to, with nothing that would break the realtime row
+/// or the header it ends up in.
+fn check_contact(contact: &str) -> Result<(), StoreError> {
+    let reject = |reason: &str| Err(invalid("contact", format!("{} {reason}", shown(contact))));
+    if contact.len() > 512 {
+        return reject("is longer than 512 characters");
+    }
+    let rest = contact
+        .strip_prefix("sip:")
+        .or_else(|| contact.strip_prefix("sips:"));
+    if rest.is_none_or(|rest| rest.is_empty()) {
+        return reject("must be a SIP URI such as sip:2001@10.0.3.12:5060");
+    }
+    if !contact
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && !matches!(b, b',' | b'<' | b'>' | b'"'))
+    {
+        return reject("may not contain spaces, control characters, ',', '<', '>' or '\"'");
+    }
+    Ok(())
+}
+
+/// A digest realm as it goes into a `WWW-Authenticate` header.
+fn check_realm(realm: &str) -> Result<(), StoreError> {
+    if realm.is_empty()
+        || realm.len() > MAX_REALM_LEN
+        || !realm
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\' | b':'))
+    {
+        return Err(invalid(
+            "realm",
+            format!(
+                "{} must be 1–{MAX_REALM_LEN} printable ASCII characters without spaces, '\"', '\\' or ':'",
+                shown(realm)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A calendar day, `YYYY-MM-DD`.
 fn check_day(day: &str) -> Result<(), StoreError> {
     let reject = || {
@@ -1618,3 +1806,6 @@ where
         id,
     })
 }
+
+mod provisioning;
+pub use provisioning::{MAX_CONTACT_BYTES, MAX_CONTACT_ID_LEN, SipDevice, aor_of};

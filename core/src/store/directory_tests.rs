@@ -57,6 +57,8 @@ fn device(id: &str) -> Device {
         id: id.into(),
         endpoint: format!("PJSIP/{id}"),
         name: None,
+        contact: None,
+        registers: false,
     }
 }
 
@@ -1237,6 +1239,154 @@ async fn an_agent_moving_off_a_device_being_deleted_ends_up_on_the_new_one() {
             let logged_out = !deletion.detail["logged_out"].is_null();
             assert_eq!(logged_out, moved == Login::New, "{deletion:?} {moved:?}");
         }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn credentials_are_set_kept_and_removed_and_never_audited() {
+    on_both(|store| async move {
+        let desk = Device {
+            contact: Some("sip:2001@127.0.0.1:5071".into()),
+            ..device("2001")
+        };
+        let set = DigestCredentials::from_password("2001", "callfleet", "s3cret").expect("valid");
+        store
+            .put_device(&desk, &CredentialsChange::Set(set.clone()), CRM)
+            .await
+            .expect("put with credentials");
+        let read = store.get_device("2001").await.expect("device");
+        assert_eq!(read.contact.as_deref(), Some("sip:2001@127.0.0.1:5071"));
+        assert!(read.registers);
+        // A rename keeps them.
+        store
+            .upsert_device(
+                &Device {
+                    name: Some("desk 12".into()),
+                    ..desk.clone()
+                },
+                CRM,
+            )
+            .await
+            .expect("rename");
+        let sip = store.sip_devices(Some("2001")).await.expect("sip device");
+        assert_eq!(sip.len(), 1);
+        assert_eq!(sip[0].credentials.as_ref(), Some(&set));
+        assert_eq!(sip[0].name.as_deref(), Some("desk 12"));
+        store
+            .put_device(&desk, &CredentialsChange::Remove, CRM)
+            .await
+            .expect("remove");
+        assert!(!store.get_device("2001").await.expect("device").registers);
+        assert_eq!(
+            store.sip_devices(Some("2001")).await.expect("read")[0].credentials,
+            None
+        );
+        assert_eq!(
+            store.sip_devices(Some("no such;id")).await.expect("read"),
+            []
+        );
+        let audit = store.list_audit(100, None).await.expect("audit");
+        let credentials: Vec<&str> = audit
+            .iter()
+            .rev()
+            .filter(|entry| entry.action == "device.upsert")
+            .map(|entry| entry.detail["credentials"].as_str().expect("said"))
+            .collect();
+        assert_eq!(credentials, ["set", "kept", "removed"]);
+        let everything = format!("{audit:?}");
+        assert!(!everything.contains(set.ha1()), "{everything}");
+        assert!(!everything.contains("s3cret"), "{everything}");
+
+        for (field, result) in [
+            (
+                "contact",
+                store
+                    .upsert_device(
+                        &Device {
+                            contact: Some("2001@10.0.0.1".into()),
+                            ..device("2002")
+                        },
+                        CRM,
+                    )
+                    .await,
+            ),
+            (
+                "md5_cred",
+                DigestCredentials::from_ha1("callfleet", "xyz").map(|_| ()),
+            ),
+            (
+                "realm",
+                DigestCredentials::from_password("2002", "a realm", "pw").map(|_| ()),
+            ),
+        ] {
+            assert!(
+                matches!(&result, Err(StoreError::Invalid { field: f, .. }) if *f == field),
+                "{field}: {result:?}"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn registrations_are_stored_updated_found_by_aor_and_deleted() {
+    on_both(|store| async move {
+        let row = |id: &str, uri: &str| -> crate::realtime::Row {
+            [("id", id), ("uri", uri), ("expiration_time", "1764000000")]
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        assert_eq!(
+            store
+                .store_sip_contact(&row("2001;@aaa", "sip:2001@127.0.0.1:5071"), "node-a")
+                .await
+                .expect("store"),
+            1
+        );
+        store
+            .store_sip_contact(&row("2002;@bbb", "sip:2002@127.0.0.1:5072"), "node-b")
+            .await
+            .expect("store");
+        let changed = store
+            .update_sip_contact(
+                "2001;@aaa",
+                &[("expiration_time".to_owned(), "1764000060".to_owned())],
+                "node-b",
+            )
+            .await
+            .expect("update");
+        assert_eq!(changed, 1);
+        assert_eq!(
+            store
+                .update_sip_contact("2009;@zzz", &[], "node-b")
+                .await
+                .expect("update of nothing"),
+            0
+        );
+        let of_2001 = store.sip_contacts(Some("2001")).await.expect("read");
+        assert_eq!(
+            of_2001,
+            [{
+                let mut updated = row("2001;@aaa", "sip:2001@127.0.0.1:5071");
+                updated[2].1 = "1764000060".into();
+                updated
+            }]
+        );
+        assert_eq!(store.sip_contacts(None).await.expect("all").len(), 2);
+        assert_eq!(
+            store
+                .delete_sip_contacts(&["2001;@aaa".into(), "2001;@aaa".into()])
+                .await
+                .expect("delete"),
+            1
+        );
+        assert_eq!(store.sip_contacts(Some("2001")).await.expect("read").len(), 0);
+        assert!(matches!(
+            store.store_sip_contact(&row("", "sip:x"), "node-a").await,
+            Err(StoreError::Invalid { field: "id", .. })
+        ));
     })
     .await;
 }

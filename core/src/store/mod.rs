@@ -498,6 +498,11 @@ fn migrator(sql: &Dialect) -> Migrator {
                 "directory",
                 include_str!("migrations/mysql/0002_directory.sql"),
             ),
+            (
+                3,
+                "provisioning",
+                include_str!("migrations/mysql/0003_provisioning.sql"),
+            ),
         ]
     } else {
         &[
@@ -506,6 +511,11 @@ fn migrator(sql: &Dialect) -> Migrator {
                 2,
                 "directory",
                 include_str!("migrations/sqlite/0002_directory.sql"),
+            ),
+            (
+                3,
+                "provisioning",
+                include_str!("migrations/sqlite/0003_provisioning.sql"),
             ),
         ]
     };
@@ -531,8 +541,9 @@ fn migrator(sql: &Dialect) -> Migrator {
 pub mod directory;
 
 pub use directory::{
-    Agent, AgentSnapshot, AgentState, AuditEntry, Availability, DailyCounts, Device,
-    DirectorySnapshot, Login, Queue, QueueMember, QueueSnapshot, Session,
+    Agent, AgentSnapshot, AgentState, AuditEntry, Availability, CredentialsChange, DailyCounts,
+    Device, DigestCredentials, DirectorySnapshot, Login, Queue, QueueMember, QueueSnapshot,
+    Session, SipDevice, aor_of,
 };
 
 #[cfg(test)]
