@@ -32,6 +32,7 @@ pub enum AsteriskConfigError {
 }
 
 pub use callfleet_core::asterisk::context;
+use callfleet_core::asterisk::family;
 
 /// The sections of an Asterisk configuration that name objects outside callfleet's care
 /// (devices until realtime provisioning serves them, site additions) go in this file of
@@ -167,7 +168,7 @@ cache_media_frames = yes\n"
     let header =
         "; Written by `callfleet asterisk-config`; edit callfleet's configuration instead.\n";
     let quiet = |body: &str| format!("{header}{body}");
-    Ok(vec![
+    let mut files = vec![
         ("asterisk.conf", asterisk_conf),
         ("modules.conf", modules),
         ("logger.conf", logger),
@@ -191,6 +192,64 @@ ringcadence = 2000,4000\ndial = 350+440\nbusy = 480+620/500,0/500\n\
 ring = 440+480/2000,0/4000\ncongestion = 480+620/250,0/250\n",
             ),
         ),
+    ];
+    files.extend(realtime(config)?);
+    Ok(files)
+}
+
+/// Devices from the node-agent's provisioning endpoint: PJSIP's endpoints, AORs and
+/// auths are looked up in `pjsip.conf` first (the carrier, local additions) and then over
+/// realtime; registrations live only in realtime, so every node sees every phone. No
+/// sorcery memory cache sits in front: a refresh during an outage would empty it, while the
+/// node-agent's cache answers through the outage and forwards changes at once. Without a
+/// provisioning endpoint (`provisioning.listen` empty) devices come from `pjsip.local.conf`.
+fn realtime(config: &Config) -> Result<Vec<(&'static str, String)>, AsteriskConfigError> {
+    let listen = &config.provisioning.listen;
+    if listen.is_empty() {
+        return Ok(Vec::new());
+    }
+    let endpoint: SocketAddr = listen.parse().map_err(|_| AsteriskConfigError::Setting {
+        key: "provisioning.listen",
+        reason: format!("`{listen}` must be ip:port (the node-agent's provisioning endpoint)"),
+    })?;
+    // Asterisk asks the node-agent on this host; a wildcard listen address is reached on
+    // loopback.
+    let host = match endpoint.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_owned(),
+        ip if ip.is_unspecified() => "[::1]".to_owned(),
+        ip if ip.is_ipv6() => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    let base = format!("http://{host}:{}/realtime", endpoint.port());
+    let header =
+        "; Written by `callfleet asterisk-config`; edit callfleet's configuration instead.\n";
+    let mut sorcery = format!("{header}[res_pjsip]\n");
+    for (object, family) in [
+        ("endpoint", family::ENDPOINTS),
+        ("aor", family::AORS),
+        ("auth", family::AUTHS),
+    ] {
+        sorcery.push_str(&format!(
+            "{object} = config,pjsip.conf,criteria=type={object}\n{object} = realtime,{family}\n"
+        ));
+    }
+    sorcery.push_str(&format!("contact = realtime,{}\n", family::CONTACTS));
+    let mut extconfig = format!("{header}[settings]\n");
+    for family in family::ALL {
+        extconfig.push_str(&format!("{family} => curl,{base}/{family}\n"));
+    }
+    // Seconds, as floats (func_curl multiplies by 1000). The node-agent answers within its
+    // deadline whatever the control plane does, so these only bound a node-agent that is
+    // gone; a dead one must not hold up Asterisk's threads.
+    let deadline = config.provisioning.deadline.as_secs_f64();
+    let res_curl = format!(
+        "{header}[globals]\nconntimeout = 0.5\nhttptimeout = {:.3}\n",
+        deadline + 0.5
+    );
+    Ok(vec![
+        ("sorcery.conf", sorcery),
+        ("extconfig.conf", extconfig),
+        ("res_curl.conf", res_curl),
     ])
 }
 
@@ -373,6 +432,42 @@ mod tests {
         );
         assert!(asterisk.contains("astmoddir => /opt/asterisk/lib/asterisk/modules\n"));
         assert!(asterisk.contains("astrundir => /run/pbx/run\n"));
+    }
+
+    #[test]
+    fn devices_come_from_the_node_agents_provisioning_endpoint_when_it_is_set() {
+        let out = Path::new("/run/pbx");
+        let without = render(&config(), out).expect("renders");
+        assert!(!without.iter().any(|(name, _)| *name == "extconfig.conf"));
+        let mut with = config();
+        with.provisioning.listen = "0.0.0.0:8090".into();
+        with.provisioning.token = callfleet_core::config::Secret::new("node-token-0123456789");
+        let files = render(&with, out).expect("renders");
+        assert_eq!(
+            file(&files, "extconfig.conf"),
+            "; Written by `callfleet asterisk-config`; edit callfleet's configuration instead.\n\
+[settings]\n\
+ps_endpoints => curl,http://127.0.0.1:8090/realtime/ps_endpoints\n\
+ps_aors => curl,http://127.0.0.1:8090/realtime/ps_aors\n\
+ps_auths => curl,http://127.0.0.1:8090/realtime/ps_auths\n\
+ps_contacts => curl,http://127.0.0.1:8090/realtime/ps_contacts\n"
+        );
+        let sorcery = file(&files, "sorcery.conf");
+        // pjsip.conf first (the carrier), then realtime; registrations only in realtime.
+        assert!(
+            sorcery.contains(
+                "endpoint = config,pjsip.conf,criteria=type=endpoint\nendpoint = realtime,ps_endpoints\n"
+            ),
+            "{sorcery}"
+        );
+        assert!(
+            sorcery.ends_with("contact = realtime,ps_contacts\n"),
+            "{sorcery}"
+        );
+        assert!(!sorcery.contains("memory_cache"), "{sorcery}");
+        assert!(
+            file(&files, "res_curl.conf").ends_with("conntimeout = 0.5\nhttptimeout = 1.000\n")
+        );
     }
 
     #[test]

@@ -1382,7 +1382,10 @@ async fn registrations_are_stored_updated_found_by_aor_and_deleted() {
                 .expect("delete"),
             1
         );
-        assert_eq!(store.sip_contacts(Some("2001")).await.expect("read").len(), 0);
+        assert_eq!(
+            store.sip_contacts(Some("2001")).await.expect("read").len(),
+            0
+        );
         assert!(matches!(
             store.store_sip_contact(&row("", "sip:x"), "node-a").await,
             Err(StoreError::Invalid { field: "id", .. })
