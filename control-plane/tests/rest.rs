@@ -1735,6 +1735,8 @@ async fn changes_from_elsewhere_show_up_after_a_refresh() {
         id: "2001".into(),
         endpoint: "PJSIP/2001".into(),
         name: None,
+        contact: None,
+        registers: false,
     };
     store
         .upsert_device(&device, "elsewhere")

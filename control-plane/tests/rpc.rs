@@ -115,6 +115,8 @@ async fn seed(store: &Store) {
             id: format!("200{n}"),
             endpoint: format!("PJSIP/200{n}"),
             name: Some(format!("desk {n}")),
+            contact: None,
+            registers: false,
         };
         store.upsert_device(&device, "setup").await.expect("device");
         let agent = Agent {
@@ -1249,6 +1251,7 @@ async fn grpc_scenario(backend: Backend) {
             id: format!("200{n}"),
             endpoint: format!("PJSIP/200{n}"),
             name: format!("desk {n}"),
+            ..pb::Device::default()
         };
         let put = client
             .put_device(crm(device.clone()))
@@ -1257,6 +1260,50 @@ async fn grpc_scenario(backend: Backend) {
             .into_inner();
         assert_eq!(put, device);
     }
+    // Credentials go in write-only and come back as `registers`; absent fields keep them.
+    let phone = pb::Device {
+        id: "2009".into(),
+        endpoint: "PJSIP/2009".into(),
+        password: Some("s3cret".into()),
+        ..pb::Device::default()
+    };
+    let put = client
+        .put_device(crm(phone))
+        .await
+        .expect("put")
+        .into_inner();
+    assert!(
+        put.registers && put.password.is_none() && put.md5_cred.is_none(),
+        "{put:?}"
+    );
+    let renamed = pb::Device {
+        id: "2009".into(),
+        endpoint: "PJSIP/2009".into(),
+        name: "hot desk".into(),
+        ..pb::Device::default()
+    };
+    let put = client
+        .put_device(crm(renamed.clone()))
+        .await
+        .expect("put")
+        .into_inner();
+    assert!(put.registers, "kept: {put:?}");
+    let removed = pb::Device {
+        remove_credentials: true,
+        ..renamed
+    };
+    let put = client
+        .put_device(crm(removed))
+        .await
+        .expect("put")
+        .into_inner();
+    assert!(!put.registers, "removed: {put:?}");
+    client
+        .delete_device(crm(pb::DeviceRef {
+            device: "2009".into(),
+        }))
+        .await
+        .expect("delete");
     let alice = client
         .put_agent(crm(pb::Agent {
             id: "1001".into(),
@@ -1534,7 +1581,7 @@ async fn grpc_scenario(backend: Backend) {
             .put_device(crm(pb::Device {
                 id: "2003".into(),
                 endpoint: "PJSIP 2003".into(),
-                name: String::new(),
+                ..pb::Device::default()
             }))
             .await,
     );
