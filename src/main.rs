@@ -107,7 +107,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
+async fn dispatch(command: Command, mut config: Config) -> anyhow::Result<()> {
     if let Command::AsteriskConfig { out } = &command {
         return write_asterisk_config(&config, out);
     }
@@ -129,6 +129,21 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             let data_dir = data_dir(&config);
             let (admin, created) = callfleet_control_plane::admin_token(&data_dir)?;
             control_config.tokens.push(admin);
+            if !config.asterisk.install.is_empty() {
+                // The box's Asterisk gets its devices from the box's control plane, through
+                // the node-agent, with a token that can do nothing else (made per run: both
+                // ends live in this process).
+                let provisioning = &mut config.provisioning;
+                if provisioning.listen.is_empty() {
+                    provisioning.listen = DEFAULT_PROVISIONING.to_owned();
+                }
+                if provisioning.token.expose().is_empty() {
+                    let node_token = callfleet_control_plane::node_token(&id)?;
+                    provisioning.token = node_token.token.clone();
+                    control_config.tokens.push(node_token);
+                }
+                config.validate()?;
+            }
             let balancer = &config.balancer;
             println!("callfleet up: a single-box cluster");
             println!(
@@ -172,7 +187,8 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                     token_file.display(),
                     control_config
                         .tokens
-                        .last()
+                        .iter()
+                        .find(|t| t.role == callfleet_core::config::Role::Admin)
                         .map(|t| t.token.expose())
                         .unwrap_or_default()
                 );
@@ -189,6 +205,10 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                     config.asterisk.install.trim_end_matches('/'),
                     folder.display(),
                     balancer.local_pbx
+                );
+                println!(
+                    "              devices from http://{}/realtime (node-agent, cached)",
+                    config.provisioning.listen
                 );
                 Some(folder)
             };
@@ -329,6 +349,9 @@ async fn bind_control(config: &Config) -> anyhow::Result<tokio::net::TcpListener
         )
     })
 }
+
+/// Where `callfleet up`'s node-agent answers its Asterisk's realtime requests by default.
+const DEFAULT_PROVISIONING: &str = "127.0.0.1:8090";
 
 /// The folder of the single-box store (where `up` keeps its admin token).
 fn data_dir(config: &Config) -> PathBuf {

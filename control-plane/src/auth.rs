@@ -114,6 +114,21 @@ pub fn admin_token(dir: &std::path::Path) -> std::io::Result<(ApiToken, bool)> {
     Ok((token(value), true))
 }
 
+/// A fresh token with role `node` for `node`, for a node-agent in the same process as the
+/// control plane (`callfleet up`); nothing keeps it.
+pub fn node_token(node: &callfleet_core::NodeId) -> std::io::Result<ApiToken> {
+    use std::io::Read;
+    let mut random = [0u8; 24];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
+    Ok(ApiToken {
+        name: format!("node:{node}"),
+        token: callfleet_core::config::Secret::new(
+            random.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        ),
+        role: Role::Node,
+    })
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;

@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-pub use auth::{ADMIN_TOKEN_FILE, admin_token};
+pub use auth::{ADMIN_TOKEN_FILE, admin_token, node_token};
 pub use error::ControlError;
 pub use service::Control;
 
