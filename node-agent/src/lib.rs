@@ -9,6 +9,7 @@ pub mod ami;
 pub mod asterisk_config;
 mod calls;
 pub mod pbx;
+pub mod provisioning;
 pub mod sampler;
 pub mod shed;
 
