@@ -39,6 +39,9 @@ pub enum NodeAgentError {
     /// The host cannot be sampled.
     #[error(transparent)]
     Sampler(#[from] sampler::SamplerError),
+    /// The realtime provisioning endpoint cannot run.
+    #[error(transparent)]
+    Provisioning(#[from] provisioning::ProvisioningError),
 }
 
 /// Runs the node-agent for the local node until `shutdown` is cancelled.
@@ -53,6 +56,19 @@ pub async fn run(
     let sampler = Sampler::new()?;
     let mut calls = CallCounter::start(&node.calls, interval).await?;
     let mut shedder = Shedder::new(&node.shed);
+    let provisioning = if config.provisioning.listen.is_empty() {
+        None
+    } else {
+        let control_plane = config.provisioning.control_plane_url(&config.control_plane);
+        Some(
+            provisioning::Provisioning::start(
+                &config.provisioning,
+                &control_plane,
+                shutdown.clone(),
+            )
+            .await?,
+        )
+    };
     tracing::info!(node = %id, store = store.dialect(), ?interval, "node-agent started");
 
     let mut store_up = true;
@@ -125,6 +141,11 @@ pub async fn run(
         }
     }
     callfleet_core::shutdown::bounded("shed commands", shedder.finish()).await;
+    if let Some(provisioning) = provisioning
+        && let Err(err) = provisioning.stopped().await
+    {
+        tracing::warn!(error = %err, "provisioning endpoint stopped with an error");
+    }
     tracing::info!(node = %id, "node-agent stopped");
     Ok(())
 }
