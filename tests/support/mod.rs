@@ -269,3 +269,125 @@ impl Relay {
         self.down.store(down, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// The Asterisk install `./scripts/test-asterisk` built and names in
+/// `CALLFLEET_ASTERISK_PREFIX`; missing, it fails the test and says how to get one.
+pub fn asterisk_prefix() -> std::path::PathBuf {
+    let prefix = std::env::var_os("CALLFLEET_ASTERISK_PREFIX")
+        .map(std::path::PathBuf::from)
+        .expect(
+            "CALLFLEET_ASTERISK_PREFIX is not set: run ./scripts/test-asterisk, which builds Asterisk and sets it",
+        );
+    assert!(
+        prefix.join("sbin/asterisk").is_file(),
+        "no sbin/asterisk under {}",
+        prefix.display()
+    );
+    prefix
+}
+
+/// Kamailio (Debian package kamailio, `/usr/sbin/kamailio`). Missing, it fails the test.
+pub fn kamailio() -> Command {
+    let installed = ["/usr/sbin/kamailio", "/usr/local/sbin/kamailio"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .chain(
+            std::env::var_os("PATH")
+                .iter()
+                .flat_map(std::env::split_paths)
+                .map(|dir| dir.join("kamailio")),
+        )
+        .find(|path| path.is_file());
+    match installed {
+        Some(path) => Command::new(path),
+        None => panic!(
+            "Kamailio is missing (/usr/sbin/kamailio): install the Debian package kamailio (apt-get install kamailio)"
+        ),
+    }
+}
+
+/// The cumulative counters of a SIPp run, from the last row of its `-trace_stat` file
+/// (SIPp writes a final row when it exits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SippStats {
+    /// Calls this SIPp started (a UAC).
+    pub outgoing: u64,
+    /// Calls that reached this SIPp (a UAS).
+    pub incoming: u64,
+    /// Calls that went through the whole scenario.
+    pub successful: u64,
+    /// Calls that did not.
+    pub failed: u64,
+    /// Retransmissions SIPp sent.
+    pub retransmissions: u64,
+}
+
+impl SippStats {
+    /// Reads the last row of the `-trace_stat` CSV file `path`; `None` while it has none.
+    pub fn read(path: &Path) -> Option<Self> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let mut rows = text.lines().filter(|line| !line.trim().is_empty());
+        let header: Vec<&str> = rows.next()?.split(';').collect();
+        let last: Vec<&str> = rows.next_back()?.split(';').collect();
+        let field = |name: &str| -> Option<u64> {
+            let index = header.iter().position(|column| *column == name)?;
+            last.get(index)?.trim().parse().ok()
+        };
+        Some(Self {
+            outgoing: field("OutgoingCall(C)")?,
+            incoming: field("IncomingCall(C)")?,
+            successful: field("SuccessfulCall(C)")?,
+            failed: field("FailedCall(C)")?,
+            retransmissions: field("Retransmissions(C)")?,
+        })
+    }
+}
+
+/// The status code a SIP server on UDP 127.0.0.1:`port` answers an OPTIONS with, if it
+/// answers within 500 ms (a balancer says 200 while it can route calls, 503 while not).
+pub fn sip_options_status(port: u16) -> Option<u16> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("read timeout");
+    let local = socket.local_addr().expect("local address");
+    let n = format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let request = format!(
+        "OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-probe-{n}\r\n\
+From: <sip:probe@{local}>;tag=probe\r\nTo: <sip:127.0.0.1:{port}>\r\nCall-ID: probe-{n}@test\r\n\
+CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+    );
+    socket
+        .send_to(request.as_bytes(), ("127.0.0.1", port))
+        .expect("send OPTIONS");
+    let mut buffer = [0u8; 4096];
+    let (length, _) = socket.recv_from(&mut buffer).ok()?;
+    std::str::from_utf8(&buffer[..length])
+        .ok()?
+        .strip_prefix("SIP/2.0 ")?
+        .get(..3)?
+        .parse()
+        .ok()
+}
+
+/// A [`free_port`] this test process has not handed out before. `free_port` only checks
+/// that nobody holds the port right now, so two servers of one test that are started side
+/// by side (and bind a while later) could otherwise be given the same port.
+pub fn unclaimed_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = free_port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}
