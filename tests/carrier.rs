@@ -1,0 +1,1118 @@
+//! A carrier in front of a two-node callfleet cluster, end to end: Kamailio 5.6 plays the
+//! carrier's SBC (`tests/kamailio/carrier.cfg`) with the two core nodes' balancers as its
+//! failover list; each node runs a real Asterisk 22 configured by `callfleet
+//! asterisk-config`, a `callfleet node-agent` heartbeating the Asterisk's live AMI call count
+//! into MariaDB, and a `callfleet balancer` whose local PBX is that Asterisk. SIPp places the
+//! calls on the carrier's side and plays each node's phone, so every call is accounted for:
+//! placed, answered by the phone of the node it should land on, or refused with a known code.
+//!
+//! Ignored in `./scripts/test` (it needs Asterisk); `./scripts/test-asterisk` builds
+//! Asterisk, starts MariaDB and runs them. Set `CALLFLEET_TEST_KEEP=1` to keep each test's
+//! folder (configurations, logs, SIPp statistics).
+//!
+//! The helpers ([`Fleet`], [`Node`], [`Carrier`], [`Calls`], [`Phone`]) are meant for more
+//! scenarios: a node is started from one configuration file shared by its Asterisk, agent
+//! and balancer; devices come from [`provision_device_statically`] until realtime
+//! provisioning replaces it.
+
+mod support;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+/// The manager user the node-agent reads call counts as (its secret is made per node, so
+/// an agent can never log in to another test's Asterisk that got hold of its port).
+const AMI_USER: &str = "callfleet";
+/// Heartbeats every 300 ms, so a change of calls or of the PBX shows within a second.
+const HEARTBEAT: &str = "300ms";
+/// The extension dialled on every call: each node's device, ringing that node's phone.
+const EXTENSION: &str = "1001";
+/// Every node's capacity. Small, so one call weighs 0.1 in the balancer's score.
+const MAX_CALLS: u64 = 10;
+
+// ---------------------------------------------------------------------------------------
+// The fleet: the store, a folder, the nodes
+// ---------------------------------------------------------------------------------------
+
+/// A fresh MariaDB database (the fleet store) and the test's folder.
+struct Fleet {
+    dir: tempfile::TempDir,
+    url: String,
+}
+
+impl Fleet {
+    fn new(name: &str) -> Self {
+        let keep = std::env::var_os("CALLFLEET_TEST_KEEP").is_some();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("callfleet-carrier-{name}-"))
+            .disable_cleanup(keep)
+            .tempdir()
+            .expect("temp dir");
+        if keep {
+            eprintln!("test files kept in {}", dir.path().display());
+        }
+        Self {
+            dir,
+            url: fresh_mysql_url(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts the nodes side by side (each Asterisk boots in a few seconds) and returns
+    /// them in the order of `ids`.
+    fn start_nodes<const N: usize>(&self, ids: [&str; N]) -> [Node; N] {
+        std::thread::scope(|scope| {
+            let starting = ids.map(|id| scope.spawn(move || Node::start(self, id)));
+            starting.map(|thread| thread.join().expect("a node failed to start"))
+        })
+    }
+
+    /// `callfleet status --json` against the store.
+    fn status(&self) -> Vec<Value> {
+        status(&self.url)
+    }
+
+    /// Polls the status until `check` holds; returns the nodes it held for.
+    fn wait_for(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut check: impl FnMut(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let mut seen = Vec::new();
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            seen = self.status();
+            if check(&seen) {
+                return seen;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "{what}: not reached within {limit:?}; last status:\n{}",
+            serde_json::to_string_pretty(&seen).unwrap_or_default()
+        );
+    }
+
+    /// Waits until every node heartbeats with its PBX up and no call, and every balancer
+    /// answers OPTIONS with 200 (it has a fleet view with a node to route to).
+    fn wait_routable(&self, nodes: &[&Node]) {
+        self.wait_for(
+            "every node fresh, its PBX up, no calls",
+            Duration::from_secs(30),
+            |status| {
+                nodes.iter().all(|n| {
+                    node(status, &n.id).is_some_and(|s| {
+                        s["stale"] == false
+                            && s["pbx_up"] == true
+                            && s["state"] == "active"
+                            && s["calls"] == 0
+                    })
+                })
+            },
+        );
+        for n in nodes {
+            wait_until(
+                &format!("balancer of {} routes calls", n.id),
+                Duration::from_secs(15),
+                || sip_options_status(n.balancer_port) == Some(200),
+            );
+        }
+        // The balancers re-read the store every 100 ms: let both see both nodes.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The `calls` a node reports in a status, if it is fresh.
+fn calls_of(status: &[Value], id: &str) -> Option<u64> {
+    node(status, id)
+        .filter(|n| n["stale"] == false)
+        .and_then(|n| n["calls"].as_u64())
+}
+
+/// A callfleet node: its Asterisk, node-agent and balancer, and the phone of its device.
+struct Node {
+    id: String,
+    dir: PathBuf,
+    /// The one configuration its Asterisk config, agent and balancer are made from.
+    config: PathBuf,
+    /// The PBX's SIP port (`balancer.local_pbx`, the node's `sip_uri`).
+    sip_port: u16,
+    balancer_port: u16,
+    // Dropped in this order: the balancer, the agent, the PBX, the phone.
+    balancer: Option<Running>,
+    _agent: Running,
+    asterisk: Option<Asterisk>,
+    phone: Option<Phone>,
+}
+
+impl Node {
+    /// Starts node `id` on free loopback ports: its phone, its Asterisk (configured by
+    /// `callfleet asterisk-config`, device [`EXTENSION`] ringing the phone), its node-agent
+    /// (calls over AMI) and its balancer (proxying its own calls to its Asterisk).
+    ///
+    /// A port can still be taken between its check and the bind by a test running in
+    /// another process; the node then starts again on other ports (at most 3 times).
+    fn start(fleet: &Fleet, id: &str) -> Self {
+        let mut taken = Vec::new();
+        for _ in 0..3 {
+            match Self::try_start(fleet, id) {
+                Ok(node) => return node,
+                Err(why) => {
+                    eprintln!("{id}: {why}; starting it again on other ports");
+                    taken.push(why);
+                }
+            }
+        }
+        panic!("{id} could not get free ports 3 times: {taken:?}");
+    }
+
+    /// One attempt of [`Node::start`]; `Err` when a port turned out to be taken.
+    fn try_start(fleet: &Fleet, id: &str) -> Result<Self, String> {
+        let dir = fleet.path(id);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).expect("remove the failed attempt");
+        }
+        std::fs::create_dir_all(&dir).expect("node folder");
+        let mut phone = Phone::start(&dir, unclaimed_port());
+        let (sip_port, ami_port, balancer_port) =
+            (unclaimed_port(), unclaimed_port(), unclaimed_port());
+        let config = dir.join("callfleet.toml");
+        std::fs::write(
+            &config,
+            node_config(&fleet.url, id, sip_port, ami_port, balancer_port),
+        )
+        .expect("write the node's configuration");
+
+        let pbx = dir.join("pbx");
+        let output = callfleet()
+            .arg("--config")
+            .arg(&config)
+            .args(["asterisk-config", "--out"])
+            .arg(&pbx)
+            .output()
+            .expect("run callfleet asterisk-config");
+        assert_success(&output);
+        provision_device_statically(&pbx, EXTENSION, phone.port);
+        let asterisk = Asterisk::start(&pbx)?;
+        if !phone.process.alive() {
+            let why = read(&dir.join("phone.err"));
+            assert!(
+                why.contains("already in use"),
+                "the phone of {id} died:\n{why}"
+            );
+            return Err(format!("the phone's port {} is taken", phone.port));
+        }
+
+        let agent = Running {
+            child: callfleet()
+                .arg("--config")
+                .arg(&config)
+                .arg("node-agent")
+                .stdout(Stdio::null())
+                .stderr(log_file(&dir.join("agent.log")))
+                .spawn()
+                .expect("start callfleet node-agent"),
+        };
+        let mut node = Self {
+            id: id.to_owned(),
+            dir,
+            config,
+            sip_port,
+            balancer_port,
+            balancer: None,
+            _agent: agent,
+            asterisk: Some(asterisk),
+            phone: Some(phone),
+        };
+        node.start_balancer()?;
+        Ok(node)
+    }
+
+    /// Starts the node's balancer (JSON logs, for its counters) and waits for `balancer
+    /// ready`; `Err` when its port is taken.
+    fn start_balancer(&mut self) -> Result<(), String> {
+        let log = self.dir.join("balancer.log");
+        let mut balancer = Running {
+            child: callfleet()
+                .arg("--config")
+                .arg(&self.config)
+                .args(["--log-format", "json", "balancer"])
+                .stdout(Stdio::null())
+                .stderr(log_file(&log))
+                .spawn()
+                .expect("start callfleet balancer"),
+        };
+        let start = Instant::now();
+        while !read(&log).contains("balancer ready") {
+            if !balancer.alive() {
+                let text = read(&log);
+                if text.contains("cannot listen for SIP") {
+                    return Err(format!(
+                        "the balancer's port {} is taken",
+                        self.balancer_port
+                    ));
+                }
+                panic!(
+                    "the balancer of {} exited before `balancer ready`:\n{text}",
+                    self.id
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no `balancer ready` from {} within 20 s:\n{}",
+                self.id,
+                read(&log)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.balancer = Some(balancer);
+        Ok(())
+    }
+
+    /// Kills the balancer (SIGKILL: a crashed process or a dead host, no goodbye).
+    fn kill_balancer(&mut self) {
+        let mut balancer = self.balancer.take().expect("the balancer runs");
+        balancer.signal("KILL");
+        wait_exit("the killed balancer", &mut balancer, Duration::from_secs(5));
+    }
+
+    /// Stops the balancer with SIGTERM and returns the counters of its `balancer stopped`
+    /// line (invites, redirected, local, unavailable, routed …).
+    fn stop_balancer(&mut self) -> BalancerCounters {
+        let mut balancer = self.balancer.take().expect("the balancer runs");
+        balancer.signal("TERM");
+        let exit = wait_exit(
+            "the balancer after SIGTERM",
+            &mut balancer,
+            Duration::from_secs(10),
+        );
+        let text = self.balancer_log();
+        assert!(
+            exit.success(),
+            "balancer of {} exit {exit:?}:\n{text}",
+            self.id
+        );
+        BalancerCounters::from_log(&self.id, &text)
+    }
+
+    /// Kills the node's Asterisk (SIGKILL: the PBX crashed).
+    fn kill_asterisk(&mut self) {
+        let mut asterisk = self.asterisk.take().expect("Asterisk runs");
+        asterisk.process.signal("KILL");
+        wait_exit(
+            "the killed Asterisk",
+            &mut asterisk.process,
+            Duration::from_secs(10),
+        );
+    }
+
+    /// Ends the phone (once every call is over) and returns what it saw.
+    fn phone_calls(&mut self) -> SippStats {
+        self.phone.take().expect("the phone runs").finish(&self.id)
+    }
+
+    fn balancer_log(&self) -> String {
+        read(&self.dir.join("balancer.log"))
+    }
+
+    /// The logs that tell what the node did, for failure messages.
+    fn logs(&self) -> String {
+        format!(
+            "--- {id} balancer:\n{}\n--- {id} agent:\n{}\n--- {id} Asterisk:\n{}",
+            tail(&self.balancer_log(), 40),
+            tail(&read(&self.dir.join("agent.log")), 20),
+            tail(&read(&self.dir.join("pbx/log/messages.log")), 20),
+            id = self.id
+        )
+    }
+}
+
+/// The configuration of one node, read by its `asterisk-config`, `node-agent` and
+/// `balancer` alike.
+fn node_config(url: &str, id: &str, sip_port: u16, ami_port: u16, balancer_port: u16) -> String {
+    let install = asterisk_prefix();
+    let secret = format!(
+        "{id}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+    );
+    format!(
+        r#"# Node {id}: one file for its Asterisk configuration, node-agent and balancer.
+[store]
+url = "{url}"
+
+[node]
+id = "{id}"
+# Where the other node's balancer redirects calls for this node: its PBX.
+sip_uri = "sip:127.0.0.1:{sip_port}"
+max_calls = {MAX_CALLS}
+heartbeat_interval = "{HEARTBEAT}"
+
+[node.calls]
+# The live call count of this node's Asterisk.
+source = "ami"
+address = "127.0.0.1:{ami_port}"
+username = "{AMI_USER}"
+secret = "{secret}"
+
+[balancer]
+listen = "127.0.0.1:{balancer_port}"
+# This node's own calls are forwarded to its Asterisk; the other node's get a 302.
+local_mode = "proxy"
+local_pbx = "127.0.0.1:{sip_port}"
+# The carrier (Kamailio on loopback) may call.
+allow = ["127.0.0.1"]
+refresh = "100ms"
+heartbeat_ttl = "3s"
+# Both nodes share this host's CPU; a momentary difference between their samples must not
+# outweigh a call (0.1 of the score at 10 max_calls). Choice by calls alone.
+cpu_weight = 0.0
+
+[asterisk]
+install = "{install}"
+# Calls reach the PBX from the balancers (proxied) and from the carrier (after a 302);
+# here all of them are on loopback.
+balancers = ["127.0.0.1"]
+ring_timeout = "10s"
+"#,
+        install = install.display(),
+    )
+}
+
+/// Device `extension` of the PBX in `folder`, on a static contact at the phone's `port`
+/// (`pjsip.local.conf`). Stand-in for realtime provisioning: swap this for a device
+/// created through the control plane once Asterisk reads devices over res_config_curl.
+fn provision_device_statically(folder: &Path, extension: &str, port: u16) {
+    std::fs::write(
+        folder.join("pjsip.local.conf"),
+        format!(
+            "[{extension}]\ntype = endpoint\ncontext = callfleet-from-device\ndisallow = all\n\
+allow = ulaw\ndirect_media = no\naors = {extension}\n\n[{extension}]\ntype = aor\n\
+contact = sip:{extension}@127.0.0.1:{port}\n"
+        ),
+    )
+    .expect("write the device");
+}
+
+/// A private Asterisk: its own configuration, run, log and spool folders, its own ports.
+struct Asterisk {
+    process: Running,
+}
+
+impl Asterisk {
+    /// Starts Asterisk on the configuration folder `folder` and waits until it is fully
+    /// booted; `Err` when one of its ports (SIP, AMI) is taken, any other error at start
+    /// fails the test.
+    fn start(folder: &Path) -> Result<Self, String> {
+        let binary = asterisk_prefix().join("sbin/asterisk");
+        let conf = folder.join("asterisk.conf");
+        let out = folder.join("asterisk.out");
+        let log = log_file(&out);
+        let process = Running {
+            child: Command::new(&binary)
+                .arg("-C")
+                .arg(&conf)
+                .args(["-f", "-n"])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("clone the output file"))
+                .stderr(log)
+                .spawn()
+                .expect("start asterisk"),
+        };
+        let booted = || {
+            Command::new(&binary)
+                .arg("-C")
+                .arg(&conf)
+                .args(["-rx", "core waitfullybooted"])
+                .stdin(Stdio::null())
+                .output()
+                .is_ok_and(|o| {
+                    o.status.success()
+                        && String::from_utf8_lossy(&o.stdout).contains("fully booted")
+                })
+        };
+        wait_until("Asterisk fully booted", Duration::from_secs(60), booted);
+        let messages = read(&folder.join("log/messages.log"));
+        let errors: Vec<&str> = messages.lines().filter(|l| l.contains("ERROR[")).collect();
+        if errors.iter().any(|l| l.contains("Address already in use")) {
+            return Err(format!("Asterisk's ports are taken: {errors:?}"));
+        }
+        assert_eq!(errors, Vec::<&str>::new(), "errors at Asterisk's start");
+        Ok(Self { process })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Phones and callers (SIPp)
+// ---------------------------------------------------------------------------------------
+
+/// A phone answering every call (SIPp's built-in `uas`), counting them.
+struct Phone {
+    port: u16,
+    stats: PathBuf,
+    process: Running,
+}
+
+impl Phone {
+    fn start(dir: &Path, port: u16) -> Self {
+        let stats = dir.join("phone.csv");
+        let process = Running {
+            child: sipp()
+                .current_dir(dir)
+                .args(["-sn", "uas", "-i", "127.0.0.1", "-p", &port.to_string()])
+                // No -mp: SIPp finds free media ports itself (from 6000 up, below the
+                // range test ports come from), so none is taken between check and bind.
+                .arg("-nostdin")
+                .arg("-trace_stat")
+                .arg("-stf")
+                .arg(&stats)
+                .args(["-fd", "1"])
+                .stdin(Stdio::null())
+                .stdout(log_file(&dir.join("phone.out")))
+                .stderr(log_file(&dir.join("phone.err")))
+                .spawn()
+                .expect("start the SIPp phone"),
+        };
+        Self {
+            port,
+            stats,
+            process,
+        }
+    }
+
+    /// SIGUSR1 (finish the calls under way, then exit) and the final statistics.
+    fn finish(mut self, node: &str) -> SippStats {
+        self.process.signal("USR1");
+        wait_exit(
+            &format!("the phone of {node}"),
+            &mut self.process,
+            Duration::from_secs(20),
+        );
+        SippStats::read(&self.stats)
+            .unwrap_or_else(|| panic!("no statistics from the phone of {node}"))
+    }
+}
+
+/// A SIPp UAC placing calls.
+struct Calls {
+    name: String,
+    dir: PathBuf,
+    process: Running,
+}
+
+impl Calls {
+    /// `count` calls to [`EXTENSION`] through the carrier's SBC, at most `concurrent` at a
+    /// time, each talking `talk` before the caller hangs up.
+    fn through_carrier(
+        dir: &Path,
+        carrier: &Carrier,
+        count: u64,
+        concurrent: u64,
+        talk: Duration,
+    ) -> Self {
+        let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kamailio/uac_carrier.xml");
+        let mut command = sipp();
+        command.arg("-sf").arg(scenario);
+        Self::spawn(
+            dir,
+            "caller",
+            command,
+            carrier.port,
+            count,
+            concurrent,
+            talk,
+        )
+    }
+
+    /// `count` calls straight into `node`'s PBX (SIPp's built-in `uac`), all at once, each
+    /// held `hold` before the caller hangs up: load on that node only.
+    fn straight_to_pbx(dir: &Path, node: &Node, count: u64, hold: Duration) -> Self {
+        let mut command = sipp();
+        command.args(["-sn", "uac"]);
+        Self::spawn(dir, "held", command, node.sip_port, count, count, hold)
+    }
+
+    fn spawn(
+        dir: &Path,
+        name: &str,
+        mut command: Command,
+        port: u16,
+        count: u64,
+        concurrent: u64,
+        talk: Duration,
+    ) -> Self {
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir).expect("SIPp folder");
+        let child = command
+            .current_dir(&dir)
+            .args(["-s", EXTENSION])
+            .arg(format!("127.0.0.1:{port}"))
+            // No -p, no -mp: SIPp binds the first free ports from 5060 and 6000 up itself.
+            .args(["-i", "127.0.0.1"])
+            .args(["-m", &count.to_string(), "-l", &concurrent.to_string()])
+            .args(["-r", "10", "-d", &talk.as_millis().to_string()])
+            .args(["-timeout", "80s", "-timeout_error", "-nostdin"])
+            .args(["-trace_stat", "-stf", "stats.csv"])
+            .args(["-trace_err", "-error_file", "errors.log"])
+            .stdin(Stdio::null())
+            .stdout(log_file(&dir.join("out")))
+            .stderr(log_file(&dir.join("stderr")))
+            .spawn()
+            .expect("start SIPp");
+        Self {
+            name: name.to_owned(),
+            dir,
+            process: Running { child },
+        }
+    }
+
+    /// Waits for SIPp to end its calls; its exit status and statistics.
+    fn finish(mut self, limit: Duration) -> (ExitStatus, SippStats, String) {
+        let exit = wait_exit(&self.name, &mut self.process, limit);
+        let stats = SippStats::read(&self.dir.join("stats.csv"))
+            .unwrap_or_else(|| panic!("no statistics from SIPp {}", self.name));
+        let errors = tail(&read(&self.dir.join("errors.log")), 40);
+        (exit, stats, errors)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The carrier's SBC (Kamailio)
+// ---------------------------------------------------------------------------------------
+
+/// Kamailio running `tests/kamailio/carrier.cfg` on a free loopback port, the balancers
+/// as its failover list.
+struct Carrier {
+    port: u16,
+    log: PathBuf,
+    child: Child,
+}
+
+impl Carrier {
+    /// Starts the SBC in `dir` with `balancers` (their ports) as its failover list, first
+    /// tried first, and waits until it answers. Its port can be taken between the check and
+    /// Kamailio's bind by a test in another process: then it starts on another (3 tries).
+    fn start(dir: &Path, balancers: &[u16]) -> Self {
+        std::fs::create_dir_all(dir.join("run")).expect("Kamailio's folders");
+        let list = dir.join("dispatcher.list");
+        // setid destination flags priority: the higher priority is tried first.
+        let mut text = String::from("# setid destination flags priority\n");
+        for (i, port) in balancers.iter().enumerate() {
+            text.push_str(&format!(
+                "1 sip:127.0.0.1:{port} 0 {}\n",
+                10 * (balancers.len() - i)
+            ));
+        }
+        std::fs::write(&list, text).expect("write the dispatcher list");
+        let log = dir.join("kamailio.log");
+        for _ in 0..3 {
+            let port = unclaimed_port();
+            let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kamailio/carrier.cfg");
+            let child = kamailio()
+                .arg("-f")
+                .arg(config)
+                .args(["-l", &format!("udp:127.0.0.1:{port}")])
+                .arg("-A")
+                .arg(format!("DISPATCHER_LIST=\"{}\"", list.display()))
+                .arg("-Y")
+                .arg(dir.join("run"))
+                .arg("-P")
+                .arg(dir.join("kamailio.pid"))
+                .arg("-w")
+                .arg(dir)
+                .args(["-DD", "-E", "-m", "32", "-M", "8"])
+                // Its own process group: Kamailio forks workers, and the group is what is
+                // stopped if the main process does not take them down.
+                .process_group(0)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log_file(&log))
+                .spawn()
+                .expect("start kamailio");
+            let mut carrier = Self {
+                port,
+                log: log.clone(),
+                child,
+            };
+            let start = Instant::now();
+            // Anything but an INVITE gets 405: an answer means it listens.
+            while sip_options_status(port) != Some(405) {
+                if carrier.child.try_wait().expect("try_wait").is_some() {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(15),
+                    "Kamailio does not answer within 15 s:\n{}",
+                    carrier.log_text()
+                );
+            }
+            if carrier.child.try_wait().expect("try_wait").is_none() {
+                return carrier;
+            }
+            let text = carrier.log_text();
+            assert!(
+                text.contains("Address already in use"),
+                "Kamailio exited at start:\n{text}"
+            );
+            eprintln!("the carrier's port {port} is taken; starting it on another");
+        }
+        panic!("Kamailio could not get a free port 3 times");
+    }
+
+    fn log_text(&self) -> String {
+        read(&self.log)
+    }
+
+    /// The `CARRIER-<kind>` lines the configuration logs, as their `key=value` fields.
+    fn events(&self, kind: &str) -> Vec<Event> {
+        let marker = format!("CARRIER-{kind} ");
+        self.log_text()
+            .lines()
+            .filter_map(|line| line.split_once(&marker).map(|(_, rest)| Event::parse(rest)))
+            .collect()
+    }
+}
+
+impl Drop for Carrier {
+    fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Whatever is left of its process group (workers of a main process that died).
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pid}")])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// One `CARRIER-…` log line's fields.
+#[derive(Debug, Clone)]
+struct Event {
+    fields: Vec<(String, String)>,
+}
+
+impl Event {
+    fn parse(text: &str) -> Self {
+        let fields = text
+            .split_whitespace()
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(key, value)| (key.to_owned(), value.to_owned()))
+            .collect();
+        Self { fields }
+    }
+
+    fn get(&self, key: &str) -> &str {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or("", |(_, v)| v.as_str())
+    }
+}
+
+/// How many events have each value of `key`, sorted by value.
+fn tally(events: &[Event], key: &str) -> Vec<(String, usize)> {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for event in events {
+        *counts.entry(event.get(key).to_owned()).or_default() += 1;
+    }
+    counts.into_iter().collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------
+
+/// The fields of a balancer's final `balancer stopped` JSON line.
+struct BalancerCounters {
+    node: String,
+    fields: Value,
+}
+
+impl BalancerCounters {
+    fn from_log(node: &str, text: &str) -> Self {
+        let fields = text
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .map(|line| match line.get("fields") {
+                Some(fields) if fields.is_object() => fields.clone(),
+                _ => line,
+            })
+            .find(|fields| fields["message"] == "balancer stopped")
+            .unwrap_or_else(|| panic!("no `balancer stopped` line from {node}:\n{text}"));
+        Self {
+            node: node.to_owned(),
+            fields,
+        }
+    }
+
+    /// Asserts each `(counter, value)` exactly.
+    fn assert(&self, expected: &[(&str, u64)]) {
+        for (name, value) in expected {
+            assert_eq!(
+                self.fields[name].as_u64(),
+                Some(*value),
+                "balancer of {}: counter `{name}` in {}",
+                self.node,
+                self.fields
+            );
+        }
+    }
+
+    /// Calls this balancer sent to each node (`node-a=3,node-b=0`).
+    fn routed(&self) -> &str {
+        self.fields["routed"].as_str().unwrap_or_default()
+    }
+}
+
+fn log_file(path: &Path) -> std::fs::File {
+    std::fs::File::create(path).unwrap_or_else(|err| panic!("create {}: {err}", path.display()))
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Everything that explains a failed scenario.
+fn report(carrier: &Carrier, nodes: &[&Node]) -> String {
+    let mut text = format!(
+        "--- carrier (Kamailio):\n{}\n",
+        tail(&carrier.log_text(), 60)
+    );
+    for node in nodes {
+        text.push_str(&node.logs());
+        text.push('\n');
+    }
+    text
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------------------
+
+/// Node A carries calls (its Asterisk counts them over AMI, its heartbeat says so); the
+/// carrier's calls reach balancer A first, which redirects each to node B, the one with
+/// fewer live calls; the carrier follows the 302 and node B's phone answers them all.
+#[test]
+#[ignore = "needs Asterisk and Kamailio: run ./scripts/test-asterisk"]
+fn calls_land_on_the_node_with_fewer_live_calls() {
+    const HELD: u64 = 4;
+    const CALLS: u64 = 3;
+    let begun = Instant::now();
+    let fleet = Fleet::new("least-loaded");
+    let [mut a, mut b] = fleet.start_nodes(["node-a", "node-b"]);
+    let carrier = Carrier::start(&fleet.path("carrier"), &[a.balancer_port, b.balancer_port]);
+    fleet.wait_routable(&[&a, &b]);
+    eprintln!("cluster up after {:?}", begun.elapsed());
+
+    // Load on node A only: calls straight into its PBX, held for the rest of the scenario.
+    let held = Calls::straight_to_pbx(&fleet.path("load"), &a, HELD, Duration::from_secs(12));
+    fleet.wait_for(
+        "node A's heartbeat carries its held calls, counted over AMI",
+        Duration::from_secs(10),
+        |s| calls_of(s, "node-a") == Some(HELD) && calls_of(s, "node-b") == Some(0),
+    );
+
+    let calls = Calls::through_carrier(
+        &fleet.path("carrier"),
+        &carrier,
+        CALLS,
+        CALLS,
+        Duration::from_secs(4),
+    );
+    // While every call is up, the store shows each node's real count.
+    let during = fleet.wait_for(
+        "both nodes report the calls they carry",
+        Duration::from_secs(10),
+        |s| calls_of(s, "node-a") == Some(HELD) && calls_of(s, "node-b") == Some(CALLS),
+    );
+    for (id, expected) in [("node-a", HELD), ("node-b", CALLS)] {
+        let n = node(&during, id).expect("listed");
+        assert_eq!(n["pbx_up"], true, "{n}");
+        assert_eq!(n["calls"], expected, "{n}");
+        assert_eq!(n["max_calls"], MAX_CALLS, "{n}");
+    }
+
+    let (exit, placed, errors) = calls.finish(Duration::from_secs(40));
+    let (held_exit, held_stats, _) = held.finish(Duration::from_secs(30));
+    let context = report(&carrier, &[&a, &b]);
+    assert!(exit.success(), "caller exit {exit:?}: {errors}\n{context}");
+    assert_eq!(
+        (placed.outgoing, placed.successful, placed.failed),
+        (CALLS, CALLS, 0),
+        "every call through the carrier answered and hung up\n{context}"
+    );
+    assert!(held_exit.success(), "held calls exit {held_exit:?}");
+    assert_eq!(
+        (
+            held_stats.outgoing,
+            held_stats.successful,
+            held_stats.failed
+        ),
+        (HELD, HELD, 0)
+    );
+
+    // Which phone answered: node A's had only the held calls, node B's every carrier call.
+    let (phone_a, phone_b) = (a.phone_calls(), b.phone_calls());
+    assert_eq!(
+        (phone_a.incoming, phone_a.successful),
+        (HELD, HELD),
+        "node A's phone\n{context}"
+    );
+    assert_eq!(
+        (phone_b.incoming, phone_b.successful),
+        (CALLS, CALLS),
+        "node B's phone\n{context}"
+    );
+
+    // The carrier: each call to balancer A, redirected once to node B's PBX, answered there.
+    let to_a = format!("127.0.0.1:{}", a.balancer_port);
+    let pbx_b = format!("127.0.0.1:{}", b.sip_port);
+    assert_eq!(
+        tally(&carrier.events("INVITE"), "to"),
+        [(to_a.clone(), CALLS as usize)],
+        "{context}"
+    );
+    assert_eq!(
+        tally(&carrier.events("REDIRECT"), "to"),
+        [(format!("sip:{EXTENSION}@{pbx_b}"), CALLS as usize)],
+        "{context}"
+    );
+    assert_eq!(
+        tally(&carrier.events("ANSWER"), "from"),
+        [(pbx_b, CALLS as usize)],
+        "{context}"
+    );
+    assert_eq!(carrier.events("FAILOVER").len(), 0, "{context}");
+    assert_eq!(carrier.events("FAILED").len(), 0, "{context}");
+
+    let counters_a = a.stop_balancer();
+    counters_a.assert(&[
+        ("invites", CALLS),
+        ("redirected", CALLS),
+        ("local", 0),
+        ("unavailable", 0),
+    ]);
+    assert_eq!(counters_a.routed(), format!("node-a=0,node-b={CALLS}"));
+    b.stop_balancer().assert(&[("invites", 0)]);
+    eprintln!("done after {:?}", begun.elapsed());
+}
+
+/// Balancer A, first on the carrier's list, dies: every call goes to it, times out once
+/// (no answer within the carrier's 2 s), moves to balancer B and is answered — exactly one
+/// failover per call, none lost.
+#[test]
+#[ignore = "needs Asterisk and Kamailio: run ./scripts/test-asterisk"]
+fn a_dead_balancer_costs_each_call_exactly_one_failover() {
+    const CALLS: u64 = 3;
+    let begun = Instant::now();
+    let fleet = Fleet::new("failover");
+    let [mut a, mut b] = fleet.start_nodes(["node-a", "node-b"]);
+    let carrier = Carrier::start(&fleet.path("carrier"), &[a.balancer_port, b.balancer_port]);
+    fleet.wait_routable(&[&a, &b]);
+    eprintln!("cluster up after {:?}", begun.elapsed());
+
+    a.kill_balancer();
+    // One call at a time: each finds both nodes idle, so balancer B keeps it (ties go to
+    // the local node) and proxies it to its own PBX.
+    let calls = Calls::through_carrier(
+        &fleet.path("carrier"),
+        &carrier,
+        CALLS,
+        1,
+        Duration::from_secs(1),
+    );
+    let (exit, placed, errors) = calls.finish(Duration::from_secs(40));
+    let context = report(&carrier, &[&a, &b]);
+    assert!(exit.success(), "caller exit {exit:?}: {errors}\n{context}");
+    assert_eq!(
+        (placed.outgoing, placed.successful, placed.failed),
+        (CALLS, CALLS, 0),
+        "every call answered and hung up\n{context}"
+    );
+
+    let to_a = format!("127.0.0.1:{}", a.balancer_port);
+    let to_b = format!("127.0.0.1:{}", b.balancer_port);
+    let invites = carrier.events("INVITE");
+    assert_eq!(tally(&invites, "to"), [(to_a, CALLS as usize)], "{context}");
+    let failovers = carrier.events("FAILOVER");
+    // Exactly one per call: each call id once, each after the 2 s timeout (408), to B.
+    let mut per_call = tally(&failovers, "call");
+    per_call.retain(|(_, n)| *n != 1);
+    assert_eq!(per_call, [], "a call failed over more than once\n{context}");
+    assert_eq!(
+        tally(&invites, "call").len(),
+        CALLS as usize,
+        "distinct calls\n{context}"
+    );
+    assert_eq!(failovers.len(), CALLS as usize, "{context}");
+    assert_eq!(
+        tally(&failovers, "code"),
+        [("408".to_owned(), CALLS as usize)],
+        "{context}"
+    );
+    assert_eq!(
+        tally(&failovers, "to"),
+        [(to_b.clone(), CALLS as usize)],
+        "{context}"
+    );
+    // Answered through balancer B, which proxied them.
+    assert_eq!(
+        tally(&carrier.events("ANSWER"), "from"),
+        [(to_b, CALLS as usize)],
+        "{context}"
+    );
+    assert_eq!(carrier.events("REDIRECT").len(), 0, "{context}");
+    assert_eq!(carrier.events("FAILED").len(), 0, "{context}");
+
+    let (phone_a, phone_b) = (a.phone_calls(), b.phone_calls());
+    assert_eq!(
+        (phone_a.incoming, phone_a.successful),
+        (0, 0),
+        "node A's phone"
+    );
+    assert_eq!(
+        (phone_b.incoming, phone_b.successful),
+        (CALLS, CALLS),
+        "node B's phone\n{context}"
+    );
+    let counters_b = b.stop_balancer();
+    counters_b.assert(&[
+        ("invites", CALLS),
+        ("local", CALLS),
+        ("redirected", 0),
+        ("unavailable", 0),
+    ]);
+    assert_eq!(counters_b.routed(), format!("node-a=0,node-b={CALLS}"));
+    eprintln!("done after {:?}", begun.elapsed());
+}
+
+/// Node B's Asterisk dies: its agent reports the PBX down, and from then on no call goes
+/// to node B even though node A is the busier one — balancer A keeps every call and node
+/// A's phone answers them all; node B's phone rings for none.
+#[test]
+#[ignore = "needs Asterisk and Kamailio: run ./scripts/test-asterisk"]
+fn a_node_whose_pbx_died_gets_no_calls() {
+    const HELD: u64 = 2;
+    const CALLS: u64 = 3;
+    let begun = Instant::now();
+    let fleet = Fleet::new("pbx-down");
+    let [mut a, mut b] = fleet.start_nodes(["node-a", "node-b"]);
+    let carrier = Carrier::start(&fleet.path("carrier"), &[a.balancer_port, b.balancer_port]);
+    fleet.wait_routable(&[&a, &b]);
+    eprintln!("cluster up after {:?}", begun.elapsed());
+
+    // Node A is the busier one, so on load alone the calls would go to node B.
+    let held = Calls::straight_to_pbx(&fleet.path("load"), &a, HELD, Duration::from_secs(12));
+    fleet.wait_for(
+        "node A reports its held calls",
+        Duration::from_secs(10),
+        |s| calls_of(s, "node-a") == Some(HELD) && calls_of(s, "node-b") == Some(0),
+    );
+
+    b.kill_asterisk();
+    let down = fleet.wait_for(
+        "node B reports its PBX down",
+        Duration::from_secs(15),
+        |s| node(s, "node-b").is_some_and(|n| n["pbx_up"] == false && n["stale"] == false),
+    );
+    let b_status = node(&down, "node-b").expect("listed");
+    assert_eq!(b_status["state"], "active", "down, not drained: {b_status}");
+    // The balancers re-read the store every 100 ms.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let calls = Calls::through_carrier(
+        &fleet.path("carrier"),
+        &carrier,
+        CALLS,
+        CALLS,
+        Duration::from_secs(3),
+    );
+    fleet.wait_for(
+        "node A carries the held and the new calls",
+        Duration::from_secs(10),
+        |s| {
+            calls_of(s, "node-a") == Some(HELD + CALLS)
+                && node(s, "node-b").is_some_and(|n| n["pbx_up"] == false)
+        },
+    );
+    let (exit, placed, errors) = calls.finish(Duration::from_secs(40));
+    let (held_exit, held_stats, _) = held.finish(Duration::from_secs(30));
+    let context = report(&carrier, &[&a, &b]);
+    assert!(exit.success(), "caller exit {exit:?}: {errors}\n{context}");
+    assert_eq!(
+        (placed.outgoing, placed.successful, placed.failed),
+        (CALLS, CALLS, 0),
+        "every call answered and hung up\n{context}"
+    );
+    assert!(held_exit.success(), "held calls exit {held_exit:?}");
+    assert_eq!(
+        (
+            held_stats.outgoing,
+            held_stats.successful,
+            held_stats.failed
+        ),
+        (HELD, HELD, 0)
+    );
+
+    let to_a = format!("127.0.0.1:{}", a.balancer_port);
+    assert_eq!(
+        tally(&carrier.events("INVITE"), "to"),
+        [(to_a.clone(), CALLS as usize)],
+        "{context}"
+    );
+    // Proxied by balancer A to its own PBX: no redirect, no failover.
+    assert_eq!(
+        tally(&carrier.events("ANSWER"), "from"),
+        [(to_a, CALLS as usize)],
+        "{context}"
+    );
+    assert_eq!(carrier.events("REDIRECT").len(), 0, "{context}");
+    assert_eq!(carrier.events("FAILOVER").len(), 0, "{context}");
+    assert_eq!(carrier.events("FAILED").len(), 0, "{context}");
+
+    let (phone_a, phone_b) = (a.phone_calls(), b.phone_calls());
+    assert_eq!(
+        (phone_a.incoming, phone_a.successful),
+        (HELD + CALLS, HELD + CALLS),
+        "node A's phone: the held calls and the carrier's\n{context}"
+    );
+    assert_eq!(
+        (phone_b.incoming, phone_b.successful),
+        (0, 0),
+        "node B's phone\n{context}"
+    );
+    let counters_a = a.stop_balancer();
+    counters_a.assert(&[
+        ("invites", CALLS),
+        ("local", CALLS),
+        ("redirected", 0),
+        ("unavailable", 0),
+    ]);
+    assert_eq!(counters_a.routed(), format!("node-a={CALLS},node-b=0"));
+    b.stop_balancer().assert(&[("invites", 0)]);
+    eprintln!("done after {:?}", begun.elapsed());
+}
