@@ -106,3 +106,12 @@ cf_servers_up() {
     cf_start_mariadb
     cf_start_redis
 }
+
+# MariaDB only, for suites that need the store but not Redis (./scripts/test-asterisk):
+# the same temporary folder, server and clean-up as cf_servers_up.
+cf_mariadb_up() {
+    CF_TMP=$(mktemp -d -t callfleet-test.XXXXXX)
+    trap cf_stop_servers EXIT
+    trap 'exit 130' INT TERM
+    cf_start_mariadb
+}
