@@ -43,20 +43,28 @@ const AMI_SECRET: &str = "callfleet-ami-secret";
 impl Asterisk {
     /// Writes the node's configuration with `callfleet asterisk-config` into `dir` (SIP on
     /// a free loopback port, the carrier arriving from loopback, the node-agent's AMI
-    /// user), adds device `1001` on a static contact at `phone_port` (devices come from
-    /// realtime provisioning once that exists), starts Asterisk and waits until it is
-    /// fully booted.
+    /// user), adds device `1001` on a static contact at `phone_port` in
+    /// `pjsip.local.conf`, starts Asterisk and waits until it is fully booted.
     fn start(dir: &Path, phone_port: u16) -> Self {
+        Self::start_with(dir, &[], Some(phone_port))
+    }
+
+    /// [`Asterisk::start`] with more of callfleet's configuration (`extra`, as environment
+    /// variables), and a `pjsip.local.conf` device only when `local_phone` names its port.
+    fn start_with(dir: &Path, extra: &[(&str, String)], local_phone: Option<u16>) -> Self {
         let prefix = prefix();
         let (sip_port, ami_port) = (free_port(), free_port());
         let output = callfleet()
             .args(["asterisk-config", "--out"])
             .arg(dir)
             .envs(Self::node_env(&prefix, sip_port, ami_port))
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
             .output()
             .expect("run callfleet asterisk-config");
         assert_success(&output);
-        add_device(dir, phone_port);
+        if let Some(port) = local_phone {
+            add_device(dir, port);
+        }
         let conf = dir.join("asterisk.conf");
         let binary = prefix.join("sbin/asterisk");
         let log = std::fs::File::create(dir.join("asterisk.out")).expect("Asterisk's output file");
@@ -401,4 +409,435 @@ fn up_runs_the_pbx_restarts_it_and_gives_up_on_one_that_keeps_dying() {
     let text = std::fs::read_to_string(&log).expect("up's log");
     assert_eq!(text.matches("Asterisk started").count(), 3, "{text}");
     assert_eq!(text.matches("giving up").count(), 1, "{text}");
+}
+
+/// One HTTP/1.1 exchange on loopback (`Connection: close`): the status and the body.
+fn http(port: u16, method: &str, path: &str, token: &str, body: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let content_type = if path.starts_with("/api/") {
+        "application/json"
+    } else {
+        "application/x-www-form-urlencoded"
+    };
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let status = answer.split(' ').nth(1)?.parse().ok()?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Some((status, body))
+}
+
+/// Where registering phones live (see [`registering_phone`]).
+const PHONES: &str = "127.0.0.2";
+
+const CRM_TOKEN: &str = "crm-token-0123456789abcdef";
+const NODE_TOKEN: &str = "node-token-0123456789abcdef";
+
+/// `callfleet control-plane` on `port` over the SQLite store `url`, with a CRM token and a
+/// node token.
+fn control_plane(url: &str, port: u16, log: &Path) -> Running {
+    let child = callfleet()
+        .arg("control-plane")
+        .env("CALLFLEET_STORE__URL", url)
+        .env("CALLFLEET_CONTROL_PLANE__LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "CALLFLEET_CONTROL_PLANE__TOKENS",
+            format!(
+                "[{{name=\"crm\",token=\"{CRM_TOKEN}\",role=\"write\"}},{{name=\"node-a\",token=\"{NODE_TOKEN}\",role=\"node\"}}]"
+            ),
+        )
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .expect("control plane log"),
+        )
+        .spawn()
+        .expect("start the control plane");
+    let running = Running { child };
+    wait_until("the control plane answers", Duration::from_secs(20), || {
+        http(port, "GET", "/api/v1/devices", CRM_TOKEN, "").is_some_and(|(s, _)| s == 200)
+    });
+    running
+}
+
+/// A phone that registers as `device` with `password` on the PBX at `pbx_port`, from
+/// `127.0.0.2:port`, answers the calls that reach it there, and stays registered for
+/// `stay`. Not from 127.0.0.1: that is where the carrier's calls come from, and Asterisk
+/// identifies the carrier by its address before it looks at user names.
+fn registering_phone(
+    dir: &Path,
+    device: &str,
+    password: &str,
+    pbx_port: u16,
+    port: u16,
+    stay: Duration,
+) -> Running {
+    let scenarios = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp");
+    std::fs::create_dir_all(dir).expect("phone folder");
+    let child = sipp()
+        .current_dir(dir)
+        .arg("-sf")
+        .arg(scenarios.join("phone_register.xml"))
+        .arg("-oocsf")
+        .arg(scenarios.join("phone_answer.xml"))
+        .args(["-s", device, "-au", device, "-ap", password])
+        .arg(format!("127.0.0.1:{pbx_port}"))
+        .args(["-i", PHONES, "-p", &port.to_string()])
+        .args(["-mp", &free_port().to_string()])
+        .args(["-m", "1", "-d", &stay.as_millis().to_string(), "-nostdin"])
+        .args([
+            "-trace_err",
+            "-error_file",
+            "errors.log",
+            "-trace_stat",
+            "-stf",
+            "stats.csv",
+        ])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.join("out")).expect("phone output"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the SIPp phone");
+    Running { child }
+}
+
+/// SIPp's built-in `uac` calling `extension` on the PBX at `pbx_port` `calls` times, one
+/// after the other, each held 1 s; returns how many were answered and how many failed.
+fn call(dir: &Path, extension: &str, pbx_port: u16, calls: u32) -> (u64, u64) {
+    std::fs::create_dir_all(dir).expect("carrier folder");
+    let mut carrier = Running {
+        child: sipp()
+            .current_dir(dir)
+            .args(["-sn", "uac", "-s", extension])
+            .arg(format!("127.0.0.1:{pbx_port}"))
+            .args(["-i", "127.0.0.1", "-p", &free_port().to_string()])
+            .args(["-mp", &free_port().to_string()])
+            .args(["-m", &calls.to_string(), "-l", "1", "-r", "5"])
+            .args([
+                "-d",
+                "1000",
+                "-timeout",
+                "30s",
+                "-recv_timeout",
+                "10000",
+                "-nostdin",
+            ])
+            .args(["-trace_stat", "-stf", "stats.csv"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the SIPp carrier"),
+    };
+    wait_exit("the carrier's calls", &mut carrier, Duration::from_secs(40));
+    let stats = std::fs::read_to_string(dir.join("stats.csv")).expect("SIPp's statistics");
+    let header: Vec<&str> = stats
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split(';')
+        .collect();
+    let last: Vec<&str> = stats
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .split(';')
+        .collect();
+    let column = |name: &str| -> u64 {
+        let index = header
+            .iter()
+            .position(|h| *h == name)
+            .unwrap_or_else(|| panic!("no {name} in {stats}"));
+        last[index].parse().expect("a count")
+    };
+    (column("SuccessfulCall(C)"), column("FailedCall(C)"))
+}
+
+/// The node-agent's provisioning counters.
+fn provisioning_stats(port: u16) -> serde_json::Value {
+    let (status, body) = http(port, "GET", "/stats", "", "").expect("the node-agent answers");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("stats are JSON")
+}
+
+/// The registrations of `device` as the control plane holds them (asked with the node
+/// token, as a node-agent asks).
+fn registrations(control_port: u16, device: &str) -> Option<String> {
+    let (status, body) = http(
+        control_port,
+        "POST",
+        "/asterisk/realtime/ps_contacts/multi",
+        NODE_TOKEN,
+        &format!("id%20LIKE={device}%3B%40%25"),
+    )?;
+    (status == 200).then_some(body)
+}
+
+/// Devices provisioned in the control plane reach Asterisk through the node-agent's
+/// realtime endpoint: a desk phone at a fixed contact and a phone that registers with
+/// digest credentials are rung. Then the control plane is stopped for 60 s: calls to both
+/// still ring from the node-agent's cache, and the phone registers again from a new address
+/// (the rings follow it); when the control plane is back, that registration is in it.
+#[test]
+#[ignore = "needs Asterisk: run ./scripts/test-asterisk"]
+fn devices_come_from_the_control_plane_and_outlive_its_outage() {
+    const OUTAGE: Duration = Duration::from_secs(60);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}/fleet.db", dir.path().display());
+    let control_port = free_port();
+    let control_log = dir.path().join("control.log");
+    let mut control = control_plane(&url, control_port, &control_log);
+    let desk_port = free_port();
+    let _desk = answering_phone(dir.path(), desk_port);
+    for (device, body) in [
+        (
+            "2001",
+            format!(r#"{{"endpoint":"PJSIP/2001","contact":"sip:2001@127.0.0.1:{desk_port}"}}"#),
+        ),
+        (
+            "2002",
+            r#"{"endpoint":"PJSIP/2002","password":"s3cret-2002"}"#.to_owned(),
+        ),
+    ] {
+        let answer = http(
+            control_port,
+            "PUT",
+            &format!("/api/v1/devices/{device}"),
+            CRM_TOKEN,
+            &body,
+        );
+        assert!(matches!(&answer, Some((200, _))), "{device}: {answer:?}");
+    }
+
+    let provisioning_port = free_port();
+    let provisioning = [
+        (
+            "CALLFLEET_PROVISIONING__LISTEN",
+            format!("127.0.0.1:{provisioning_port}"),
+        ),
+        (
+            "CALLFLEET_PROVISIONING__CONTROL_PLANE",
+            format!("http://127.0.0.1:{control_port}"),
+        ),
+        ("CALLFLEET_PROVISIONING__TOKEN", NODE_TOKEN.to_owned()),
+        ("CALLFLEET_PROVISIONING__DEADLINE", "300ms".to_owned()),
+        (
+            "CALLFLEET_PROVISIONING__PENDING_FILE",
+            dir.path().join("pending.jsonl").display().to_string(),
+        ),
+    ];
+    let asterisk = Asterisk::start_with(&dir.path().join("pbx"), &provisioning, None);
+    let agent_log = dir.path().join("agent.log");
+    let _agent = Running {
+        child: callfleet()
+            .arg("node-agent")
+            .envs(Asterisk::node_env(
+                &prefix(),
+                asterisk.sip_port,
+                asterisk.ami_port,
+            ))
+            .envs(provisioning.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("CALLFLEET_STORE__URL", &url)
+            .env("CALLFLEET_NODE__ID", "pbx-1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&agent_log).expect("agent log"))
+            .spawn()
+            .expect("start node-agent"),
+    };
+    wait_until(
+        "the provisioning endpoint answers",
+        Duration::from_secs(20),
+        || http(provisioning_port, "GET", "/stats", "", "").is_some_and(|(s, _)| s == 200),
+    );
+
+    let first_port = free_port();
+    let mut first = registering_phone(
+        &dir.path().join("phone-a"),
+        "2002",
+        "s3cret-2002",
+        asterisk.sip_port,
+        first_port,
+        Duration::from_secs(200),
+    );
+    wait_until(
+        "2002's registration reaches the control plane",
+        Duration::from_secs(20),
+        || {
+            registrations(control_port, "2002")
+                .is_some_and(|rows| rows.contains(&format!("{PHONES}%3A{first_port}")))
+        },
+    );
+    assert!(first.alive(), "the phone registered and waits for calls");
+    assert_eq!(
+        call(&dir.path().join("call-1"), "2001", asterisk.sip_port, 2),
+        (2, 0),
+        "the desk phone answers"
+    );
+    assert_eq!(
+        call(&dir.path().join("call-2"), "2002", asterisk.sip_port, 2),
+        (2, 0),
+        "the registered phone answers"
+    );
+
+    // The control plane goes away.
+    control.signal("KILL");
+    let _ = control.child.wait();
+    let outage = std::time::Instant::now();
+    assert_eq!(
+        call(&dir.path().join("call-3"), "2001", asterisk.sip_port, 2),
+        (2, 0),
+        "desk phone during the outage"
+    );
+    assert_eq!(
+        call(&dir.path().join("call-4"), "2002", asterisk.sip_port, 2),
+        (2, 0),
+        "registered phone during the outage"
+    );
+    // The phone moves to another address (a new registration) while the source is down.
+    drop(first);
+    let second_port = free_port();
+    let mut second = registering_phone(
+        &dir.path().join("phone-b"),
+        "2002",
+        "s3cret-2002",
+        asterisk.sip_port,
+        second_port,
+        Duration::from_secs(200),
+    );
+    wait_until(
+        "the new registration is answered",
+        Duration::from_secs(10),
+        || std::fs::read_to_string(dir.path().join("phone-b/out")).is_ok() && second.alive(),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(second.alive(), "registered during the outage");
+    let rung = call(&dir.path().join("call-5"), "2002", asterisk.sip_port, 2);
+    assert_eq!(rung, (2, 0), "the new address rings during the outage");
+    let stats = provisioning_stats(provisioning_port);
+    // The move is two writes Asterisk made meanwhile: the old contact removed, the new one
+    // stored; both kept for the control plane. Every read of the outage was answered.
+    assert_eq!(stats["pending"], 2, "{stats}");
+    assert_eq!(stats["delivered"], 0, "{stats}");
+    assert_eq!(stats["misses"], 0, "{stats}");
+    assert!(stats["stale"].as_u64().is_some_and(|n| n > 0), "{stats}");
+    if let Some(left) = OUTAGE.checked_sub(outage.elapsed()) {
+        std::thread::sleep(left);
+    }
+    assert_eq!(
+        call(&dir.path().join("call-6"), "2001", asterisk.sip_port, 1),
+        (1, 0),
+        "after 60 s without the control plane"
+    );
+
+    let _control = control_plane(&url, control_port, &control_log);
+    wait_until(
+        "the registration made during the outage is delivered",
+        Duration::from_secs(20),
+        || {
+            registrations(control_port, "2002").is_some_and(|rows| {
+                rows.contains(&format!("{PHONES}%3A{second_port}"))
+                    && !rows.contains(&format!("{PHONES}%3A{first_port}"))
+            })
+        },
+    );
+    let after = provisioning_stats(provisioning_port);
+    assert_eq!(
+        (after["pending"].as_u64(), after["delivered"].as_u64()),
+        (Some(0), Some(2)),
+        "{after}"
+    );
+    let agent = std::fs::read_to_string(&agent_log).expect("agent log");
+    println!("provisioning stats during the outage: {stats}\nafter: {after}");
+    assert_eq!(
+        agent.matches("control plane unreachable").count(),
+        1,
+        "{agent}"
+    );
+    assert_eq!(agent.matches("control plane back").count(), 1, "{agent}");
+}
+
+/// The negative control of the test above: the same devices and the same outage with a
+/// node-agent whose cache keeps nothing usable (`stale_max` of 1 ms). Asterisk then forgets
+/// the desk phone as soon as the control plane is gone, and the carrier's calls fail.
+#[test]
+#[ignore = "needs Asterisk: run ./scripts/test-asterisk"]
+fn without_the_cache_an_outage_of_the_control_plane_loses_the_devices() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}/fleet.db", dir.path().display());
+    let control_port = free_port();
+    let mut control = control_plane(&url, control_port, &dir.path().join("control.log"));
+    let desk_port = free_port();
+    let _desk = answering_phone(dir.path(), desk_port);
+    let body = format!(r#"{{"endpoint":"PJSIP/2001","contact":"sip:2001@127.0.0.1:{desk_port}"}}"#);
+    let answer = http(
+        control_port,
+        "PUT",
+        "/api/v1/devices/2001",
+        CRM_TOKEN,
+        &body,
+    );
+    assert!(matches!(&answer, Some((200, _))), "{answer:?}");
+    let provisioning_port = free_port();
+    let provisioning = [
+        (
+            "CALLFLEET_PROVISIONING__LISTEN",
+            format!("127.0.0.1:{provisioning_port}"),
+        ),
+        (
+            "CALLFLEET_PROVISIONING__CONTROL_PLANE",
+            format!("http://127.0.0.1:{control_port}"),
+        ),
+        ("CALLFLEET_PROVISIONING__TOKEN", NODE_TOKEN.to_owned()),
+        ("CALLFLEET_PROVISIONING__STALE_MAX", "1ms".to_owned()),
+    ];
+    let asterisk = Asterisk::start_with(&dir.path().join("pbx"), &provisioning, None);
+    let _agent = Running {
+        child: callfleet()
+            .arg("node-agent")
+            .envs(Asterisk::node_env(
+                &prefix(),
+                asterisk.sip_port,
+                asterisk.ami_port,
+            ))
+            .envs(provisioning.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("CALLFLEET_STORE__URL", &url)
+            .env("CALLFLEET_NODE__ID", "pbx-1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("agent.log")).expect("agent log"))
+            .spawn()
+            .expect("start node-agent"),
+    };
+    wait_until(
+        "the provisioning endpoint answers",
+        Duration::from_secs(20),
+        || http(provisioning_port, "GET", "/stats", "", "").is_some_and(|(s, _)| s == 200),
+    );
+    assert_eq!(
+        call(&dir.path().join("call-1"), "2001", asterisk.sip_port, 2),
+        (2, 0),
+        "with the control plane"
+    );
+    control.signal("KILL");
+    let _ = control.child.wait();
+    assert_eq!(
+        call(&dir.path().join("call-2"), "2001", asterisk.sip_port, 2),
+        (0, 2),
+        "the device is forgotten"
+    );
+    let stats = provisioning_stats(provisioning_port);
+    assert_eq!(stats["stale"], 0, "{stats}");
 }
