@@ -841,3 +841,133 @@ fn without_the_cache_an_outage_of_the_control_plane_loses_the_devices() {
     let stats = provisioning_stats(provisioning_port);
     assert_eq!(stats["stale"], 0, "{stats}");
 }
+
+/// A node: an Asterisk with its node-agent asking `control_port` for devices.
+struct RealtimeNode {
+    asterisk: Asterisk,
+    provisioning_port: u16,
+    _agent: Running,
+}
+
+impl RealtimeNode {
+    fn start(dir: &Path, id: &str, url: &str, control_port: u16) -> Self {
+        let provisioning_port = free_port();
+        let provisioning = [
+            (
+                "CALLFLEET_PROVISIONING__LISTEN",
+                format!("127.0.0.1:{provisioning_port}"),
+            ),
+            (
+                "CALLFLEET_PROVISIONING__CONTROL_PLANE",
+                format!("http://127.0.0.1:{control_port}"),
+            ),
+            ("CALLFLEET_PROVISIONING__TOKEN", NODE_TOKEN.to_owned()),
+        ];
+        let asterisk = Asterisk::start_with(&dir.join("pbx"), &provisioning, None);
+        let agent = Running {
+            child: callfleet()
+                .arg("node-agent")
+                .envs(Asterisk::node_env(
+                    &prefix(),
+                    asterisk.sip_port,
+                    asterisk.ami_port,
+                ))
+                .envs(provisioning.iter().map(|(k, v)| (*k, v.as_str())))
+                .env("CALLFLEET_STORE__URL", url)
+                .env("CALLFLEET_NODE__ID", id)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("agent.log")).expect("agent log"))
+                .spawn()
+                .expect("start node-agent"),
+        };
+        wait_until(
+            "the provisioning endpoint answers",
+            Duration::from_secs(20),
+            || http(provisioning_port, "GET", "/stats", "", "").is_some_and(|(s, _)| s == 200),
+        );
+        Self {
+            asterisk,
+            provisioning_port,
+            _agent: agent,
+        }
+    }
+}
+
+/// Registrations are the cluster's, not a node's: a phone registered on node A is rung for
+/// calls that land on node B, and when it registers again on node B instead, node A rings it
+/// at its new address.
+#[test]
+#[ignore = "needs Asterisk: run ./scripts/test-asterisk"]
+fn a_phone_registered_on_one_node_is_rung_from_the_other() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}/fleet.db", dir.path().display());
+    let control_port = free_port();
+    let _control = control_plane(&url, control_port, &dir.path().join("control.log"));
+    let answer = http(
+        control_port,
+        "PUT",
+        "/api/v1/devices/2002",
+        CRM_TOKEN,
+        r#"{"endpoint":"PJSIP/2002","password":"s3cret-2002"}"#,
+    );
+    assert!(matches!(&answer, Some((200, _))), "{answer:?}");
+    let a = RealtimeNode::start(&dir.path().join("a"), "pbx-a", &url, control_port);
+    let b = RealtimeNode::start(&dir.path().join("b"), "pbx-b", &url, control_port);
+
+    let on_a = free_port();
+    let phone = registering_phone(
+        &dir.path().join("phone-a"),
+        "2002",
+        "s3cret-2002",
+        a.asterisk.sip_port,
+        on_a,
+        Duration::from_secs(120),
+    );
+    wait_until(
+        "the registration on A reaches the control plane",
+        Duration::from_secs(20),
+        || {
+            registrations(control_port, "2002")
+                .is_some_and(|rows| rows.contains(&format!("{PHONES}%3A{on_a}")))
+        },
+    );
+    assert_eq!(
+        call(&dir.path().join("call-b"), "2002", b.asterisk.sip_port, 3),
+        (3, 0),
+        "rung from B"
+    );
+    // Switched off: only the new registration can answer from here on.
+    drop(phone);
+
+    let on_b = free_port();
+    let _moved = registering_phone(
+        &dir.path().join("phone-b"),
+        "2002",
+        "s3cret-2002",
+        b.asterisk.sip_port,
+        on_b,
+        Duration::from_secs(120),
+    );
+    wait_until(
+        "the registration on B replaces the one on A",
+        Duration::from_secs(20),
+        || {
+            registrations(control_port, "2002").is_some_and(|rows| {
+                rows.lines().count() == 1 && rows.contains(&format!("{PHONES}%3A{on_b}"))
+            })
+        },
+    );
+    assert_eq!(
+        call(&dir.path().join("call-a"), "2002", a.asterisk.sip_port, 3),
+        (3, 0),
+        "rung from A at its new address"
+    );
+    for node in [&a, &b] {
+        let stats = provisioning_stats(node.provisioning_port);
+        assert_eq!(
+            (stats["stale"].as_u64(), stats["pending"].as_u64()),
+            (Some(0), Some(0)),
+            "{stats}"
+        );
+    }
+}
