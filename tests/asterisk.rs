@@ -294,8 +294,7 @@ fn up_runs_the_pbx_restarts_it_and_gives_up_on_one_that_keeps_dying() {
     let _phone = answering_phone(dir.path(), phone_port);
     let (sip_port, ami_port, balancer_port) = (free_port(), free_port(), free_port());
     let folder = dir.path().join("callfleet-data/asterisk");
-    std::fs::create_dir_all(&folder).expect("the PBX folder");
-    add_device(&folder, phone_port);
+    let control_port = free_port();
     // `up` keeps the PBX's folder beside its store.
     let url = format!("sqlite://{}/callfleet-data/fleet.db", dir.path().display());
     let log = dir.path().join("up.log");
@@ -304,6 +303,10 @@ fn up_runs_the_pbx_restarts_it_and_gives_up_on_one_that_keeps_dying() {
         .current_dir(dir.path())
         .envs(Asterisk::node_env(&prefix(), sip_port, ami_port))
         .env("CALLFLEET_STORE__URL", &url)
+        .env(
+            "CALLFLEET_PROVISIONING__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
         .env("CALLFLEET_ASTERISK__RESTART_LIMIT", "2")
         .env("CALLFLEET_ASTERISK__RESTART_WINDOW", "10min")
         .env(
@@ -312,7 +315,7 @@ fn up_runs_the_pbx_restarts_it_and_gives_up_on_one_that_keeps_dying() {
         )
         .env(
             "CALLFLEET_CONTROL_PLANE__LISTEN",
-            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{control_port}"),
         )
         .env(
             "CALLFLEET_LOCK_SERVICE__LISTEN",
@@ -329,6 +332,25 @@ fn up_runs_the_pbx_restarts_it_and_gives_up_on_one_that_keeps_dying() {
     wait_until("the PBX is up", Duration::from_secs(60), || {
         pbx_up() == Some(true)
     });
+
+    // Device 1001 exists only in the box's control plane: its PBX learns it through the
+    // node-agent (`up` wires both with a token of its own).
+    let admin = std::fs::read_to_string(dir.path().join("callfleet-data/admin-token"))
+        .expect("up's admin token");
+    let body =
+        format!(r#"{{"endpoint":"PJSIP/1001","contact":"sip:1001@127.0.0.1:{phone_port}"}}"#);
+    let answer = http(
+        control_port,
+        "PUT",
+        "/api/v1/devices/1001",
+        admin.trim(),
+        &body,
+    );
+    assert!(matches!(&answer, Some((200, _))), "{answer:?}");
+    assert!(
+        !folder.join(LOCAL_PJSIP_FILE).exists(),
+        "no device from a file"
+    );
 
     // The carrier's calls go through the balancer (proxy to the local PBX) to device 1001,
     // once the balancer has seen the node and its PBX answer the probes.
@@ -437,6 +459,9 @@ Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{
         .to_owned();
     Some((status, body))
 }
+
+/// The file of devices outside realtime, which the box must not need.
+const LOCAL_PJSIP_FILE: &str = "pjsip.local.conf";
 
 /// Where registering phones live (see [`registering_phone`]).
 const PHONES: &str = "127.0.0.2";
