@@ -38,7 +38,11 @@ struct Asterisk {
 
 /// What an instance needs besides its ports: the AMI user callfleet logs in as.
 const AMI_USER: &str = "callfleet";
-const AMI_SECRET: &str = "callfleet-ami-secret";
+/// The AMI secret of the instance whose manager listens on `ami_port`: another test's
+/// node-agent that reached this instance by a port collision is refused, not fooled.
+fn ami_secret(ami_port: u16) -> String {
+    format!("callfleet-ami-secret-{ami_port}")
+}
 
 impl Asterisk {
     /// Writes the node's configuration with `callfleet asterisk-config` into `dir` (SIP on
@@ -89,6 +93,13 @@ impl Asterisk {
                 .try_cli("core waitfullybooted")
                 .is_some_and(|out| out.contains("fully booted"))
         });
+        // Asterisk boots even when a port of its own is taken; the test would then talk to
+        // whoever holds it.
+        let log = std::fs::read_to_string(dir.join("log/messages.log")).unwrap_or_default();
+        assert!(
+            !log.contains("Unable to bind"),
+            "a port of this instance was taken (rerun): {log}"
+        );
         asterisk
     }
 
@@ -106,7 +117,7 @@ impl Asterisk {
                 format!("127.0.0.1:{ami_port}"),
             ),
             ("CALLFLEET_NODE__CALLS__USERNAME", AMI_USER.to_owned()),
-            ("CALLFLEET_NODE__CALLS__SECRET", AMI_SECRET.to_owned()),
+            ("CALLFLEET_NODE__CALLS__SECRET", ami_secret(ami_port)),
         ]
     }
 
@@ -144,7 +155,7 @@ fn answering_phone(dir: &Path, port: u16) -> Running {
     let child = sipp()
         .current_dir(dir)
         .args(["-sn", "uas", "-i", "127.0.0.1", "-p", &port.to_string()])
-        .args(["-mp", &free_port().to_string(), "-nostdin"])
+        .arg("-nostdin")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(dir.join("phone.out")).expect("phone output file"))
         .stderr(Stdio::null())
@@ -212,7 +223,6 @@ fn calls_bridged_by_asterisk_are_counted_over_its_live_ami() {
             .args(["-sn", "uac", "-s", "1001"])
             .arg(format!("127.0.0.1:{}", asterisk.sip_port))
             .args(["-i", "127.0.0.1", "-p", &free_port().to_string()])
-            .args(["-mp", &free_port().to_string()])
             .args(["-m", &CALLS.to_string(), "-l", &CALLS.to_string()])
             .args(["-r", "10", "-d", "8000", "-timeout", "40s", "-nostdin"])
             .args(["-trace_stat", "-stf", "stats.csv"])
@@ -368,7 +378,6 @@ fn up_runs_the_pbx_restarts_it_and_gives_up_on_one_that_keeps_dying() {
             .args(["-s", "1001"])
             .arg(format!("127.0.0.1:{balancer_port}"))
             .args(["-i", "127.0.0.1", "-p", &free_port().to_string()])
-            .args(["-mp", &free_port().to_string()])
             .args([
                 "-m", "3", "-l", "1", "-r", "5", "-timeout", "30s", "-nostdin",
             ])
@@ -522,7 +531,6 @@ fn registering_phone(
         .args(["-s", device, "-au", device, "-ap", password])
         .arg(format!("127.0.0.1:{pbx_port}"))
         .args(["-i", PHONES, "-p", &port.to_string()])
-        .args(["-mp", &free_port().to_string()])
         .args(["-m", "1", "-d", &stay.as_millis().to_string(), "-nostdin"])
         .args([
             "-trace_err",
@@ -550,7 +558,6 @@ fn call(dir: &Path, extension: &str, pbx_port: u16, calls: u32) -> (u64, u64) {
             .args(["-sn", "uac", "-s", extension])
             .arg(format!("127.0.0.1:{pbx_port}"))
             .args(["-i", "127.0.0.1", "-p", &free_port().to_string()])
-            .args(["-mp", &free_port().to_string()])
             .args(["-m", &calls.to_string(), "-l", "1", "-r", "5"])
             .args([
                 "-d",

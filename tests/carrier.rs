@@ -182,9 +182,8 @@ impl Node {
             std::fs::remove_dir_all(&dir).expect("remove the failed attempt");
         }
         std::fs::create_dir_all(&dir).expect("node folder");
-        let mut phone = Phone::start(&dir, unclaimed_port());
-        let (sip_port, ami_port, balancer_port) =
-            (unclaimed_port(), unclaimed_port(), unclaimed_port());
+        let mut phone = Phone::start(&dir, free_port());
+        let (sip_port, ami_port, balancer_port) = (free_port(), free_port(), free_port());
         let config = dir.join("callfleet.toml");
         std::fs::write(
             &config,
@@ -617,7 +616,7 @@ impl Carrier {
         std::fs::write(&list, text).expect("write the dispatcher list");
         let log = dir.join("kamailio.log");
         for _ in 0..3 {
-            let port = unclaimed_port();
+            let port = free_port();
             let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kamailio/carrier.cfg");
             let child = kamailio()
                 .arg("-f")

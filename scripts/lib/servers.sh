@@ -6,8 +6,13 @@
 
 cf_log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
+# Installs what the tests need and is missing; extra `PATH-TO-CHECK=PACKAGE` arguments add
+# more (./scripts/test-asterisk adds Kamailio).
 cf_install_packages() {
-    local missing=()
+    local missing=() extra
+    for extra in "$@"; do
+        [ -e "${extra%%=*}" ] || missing+=("${extra#*=}")
+    done
     command -v mariadbd >/dev/null || missing+=(mariadb-server mariadb-client)
     command -v redis-server >/dev/null || missing+=(redis-server)
     command -v sipp >/dev/null || missing+=(sip-tester)

@@ -142,10 +142,20 @@ pub fn free_port() -> u16 {
         ^ std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
+    // Servers of one test started side by side bind a while after their ports were chosen:
+    // a port is handed out once per process, whatever is bound at the moment.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for _ in 0..span {
         let step = NEXT.fetch_add(1, Ordering::Relaxed);
         let port = u16::try_from(low + (seed.wrapping_add(step.wrapping_mul(7919))) % span)
             .expect("below 65536");
+        if given.contains(&port) {
+            continue;
+        }
+        given.push(port);
         if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
             && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
         {
@@ -373,21 +383,4 @@ CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
         .get(..3)?
         .parse()
         .ok()
-}
-
-/// A [`free_port`] this test process has not handed out before. `free_port` only checks
-/// that nobody holds the port right now, so two servers of one test that are started side
-/// by side (and bind a while later) could otherwise be given the same port.
-pub fn unclaimed_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    loop {
-        let port = free_port();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
 }
