@@ -117,6 +117,10 @@ pub struct ProvisioningConfig {
     /// File keeping registrations written while the control plane was unreachable until
     /// they are delivered, so a node-agent restart loses none; empty: kept in memory only.
     pub pending_file: String,
+    /// How often every family is read whole, so that through an outage this node knows
+    /// every device and registration, not only those it asked for before; `0s`: never.
+    #[serde(with = "humantime_serde")]
+    pub prefetch: Duration,
 }
 
 impl Default for ProvisioningConfig {
@@ -129,6 +133,7 @@ impl Default for ProvisioningConfig {
             stale_max: Duration::from_secs(24 * 3600),
             retry_after: Duration::from_secs(2),
             pending_file: String::new(),
+            prefetch: Duration::from_secs(30),
         }
     }
 }

@@ -235,6 +235,7 @@ impl Provisioning {
                 deadline: config.deadline,
                 stale_max: config.stale_max,
                 retry_after: config.retry_after,
+                prefetch: config.prefetch,
             },
             state: Mutex::new(memory),
             counters: service::Counters::default(),
@@ -248,6 +249,7 @@ impl Provisioning {
         });
         tasks.spawn(shared.clone().deliver(shutdown.clone()));
         tasks.spawn(shared.clone().maintain(shutdown.clone()));
+        tasks.spawn(shared.clone().warm(shutdown.clone()));
         // Small request/answer exchanges: Nagle would hold an answer for a delayed ACK.
         let listener = listener.tap_io(|stream| {
             if let Err(err) = stream.set_nodelay(true) {

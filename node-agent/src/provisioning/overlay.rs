@@ -17,6 +17,25 @@ struct Overlaid {
     touched: bool,
 }
 
+/// The rows of `rows` (a whole family) that meet `read`'s conditions; a `single` answers
+/// its first. `None` when `rows` is not rows.
+pub(super) fn narrowed(rows: &str, read: &Request) -> Option<String> {
+    let limit = if read.operation == Operation::Single {
+        1
+    } else {
+        usize::MAX
+    };
+    Some(
+        realtime::parse_rows(rows)
+            .ok()?
+            .iter()
+            .filter(|row| realtime::matches(row, &read.fields))
+            .take(limit)
+            .map(|row| realtime::print_row(row.iter().map(|(n, v)| (n.as_str(), v.as_str()))))
+            .collect(),
+    )
+}
+
 /// The answer to `read` (a `single` or `multi`) from `base`, the control plane's answer to
 /// the same request, with `writes` applied in order. Rows no write touched are the control
 /// plane's and pass as they are (its matching is the authority, e.g. on case); rows a write

@@ -24,12 +24,20 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// How often old answers and delivered writes no answer needs are dropped.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(1);
 
+/// The form body of a read of a whole family, as sorcery itself asks for all objects.
+const WHOLE_FAMILY: &[u8] = b"id%20LIKE=%25";
+
 /// The timings of [`ProvisioningConfig`](callfleet_core::config::ProvisioningConfig).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Settings {
     pub deadline: Duration,
     pub stale_max: Duration,
     pub retry_after: Duration,
+    /// How often every family is read whole (`provisioning.prefetch`). A node answers from
+    /// its cache only what it asked before an outage; without the whole families a phone
+    /// that never registered here, or a device never dialled here, would be unknown on this
+    /// node for the whole outage.
+    pub prefetch: Duration,
 }
 
 /// Monotonic counters, read without the lock.
@@ -201,12 +209,60 @@ impl Shared {
                     plan
                 }
                 None => {
-                    bump(&self.counters.misses);
-                    state.missed(family, empty_answer(request.operation), overlay)
+                    // Not asked before: answered from the family read whole, if it is.
+                    let whole = cache_key(family, Operation::Multi, "", WHOLE_FAMILY);
+                    let from_whole = realtime::parse_request("whole/multi", WHOLE_FAMILY)
+                        .ok()
+                        .zip(state.cached(
+                            &whole,
+                            Instant::now(),
+                            self.settings.stale_max,
+                            overlay,
+                        ));
+                    match from_whole {
+                        Some((whole_request, plan)) => {
+                            bump(&self.counters.stale);
+                            drop(state);
+                            let rows = self.render(&whole, plan, &whole_request);
+                            return std::str::from_utf8(&rows)
+                                .ok()
+                                .and_then(|rows| overlay::narrowed(rows, &request))
+                                .map_or_else(|| empty_answer(request.operation), Bytes::from);
+                        }
+                        None => {
+                            bump(&self.counters.misses);
+                            state.missed(family, empty_answer(request.operation), overlay)
+                        }
+                    }
                 }
             }
         };
         self.render(&key, plan, &request)
+    }
+
+    /// Reads every family whole now and every `prefetch`, through [`Shared::read`] (so the
+    /// breaker and the cache apply as to Asterisk's own reads).
+    pub(super) async fn warm(self: Arc<Self>, shutdown: CancellationToken) {
+        if self.settings.prefetch.is_zero() {
+            return;
+        }
+        loop {
+            for family in super::FAMILIES {
+                let Ok(request) =
+                    realtime::parse_request(&format!("{}/multi", family.name()), WHOLE_FAMILY)
+                else {
+                    continue;
+                };
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = self.read(family, Method::POST, request, String::new(), Bytes::from_static(WHOLE_FAMILY)) => {}
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = sleep(self.settings.prefetch) => {}
+            }
+        }
     }
 
     /// The bytes of a plan; an overlay is computed here, outside the lock.

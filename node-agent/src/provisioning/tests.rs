@@ -188,6 +188,8 @@ fn config(deadline: Duration, retry_after: Duration) -> ProvisioningConfig {
         stale_max: Duration::from_secs(3600),
         retry_after,
         pending_file: String::new(),
+        // Off: the tests count every request the stand-in sees.
+        prefetch: Duration::ZERO,
     }
 }
 
@@ -980,4 +982,55 @@ fn the_write_log_keeps_only_what_cached_answers_need() {
     memory.prune(now, LONG);
     assert_eq!(memory.logged(Family::Contacts), 1);
     assert_eq!(memory.logged(Family::Endpoints), 0);
+}
+
+/// Every family is read whole at start (and every `prefetch`): through an outage, a device
+/// this node never asked for (a phone that registered elsewhere, never dialled here) is
+/// answered from the whole family, counted stale; without the prefetch it is a miss.
+#[tokio::test]
+async fn the_whole_families_answer_what_was_never_asked_before_an_outage() {
+    const ENDPOINTS: &str = "id=2001&aors=2001\nid=2002&aors=2002&auth=2002\n";
+    for prefetch in [Duration::from_secs(3600), Duration::ZERO] {
+        let stand_in = StandIn::start().await;
+        stand_in
+            .seen
+            .answer("ps_endpoints/multi id%20LIKE=%25", ENDPOINTS);
+        let config = ProvisioningConfig {
+            prefetch,
+            ..config(DEADLINE, LONG)
+        };
+        let (provisioning, shutdown) = start(&config, &stand_in.url()).await;
+        let asterisk = Asterisk::of(&provisioning);
+        let families = if prefetch.is_zero() { 0 } else { 4 };
+        let started = tokio::time::Instant::now();
+        while stand_in.seen.attempts() < families {
+            assert!(started.elapsed() < Duration::from_secs(5), "no prefetch");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stand_in.stop().await;
+        let single = asterisk.post("ps_endpoints/single", "id=2002").await;
+        let multi = asterisk
+            .post("ps_endpoints/multi", "id%20LIKE=200%25")
+            .await;
+        let unknown = asterisk.post("ps_endpoints/single", "id=2009").await;
+        if prefetch.is_zero() {
+            assert_eq!(
+                (single.as_str(), multi.as_str(), unknown.as_str()),
+                ("", "", "")
+            );
+            assert_eq!(provisioning.stats().misses, 3);
+        } else {
+            assert_eq!(single, "id=2002&aors=2002&auth=2002\n");
+            assert_eq!(multi, ENDPOINTS);
+            assert_eq!(unknown, "");
+            let stats = provisioning.stats();
+            assert_eq!(
+                (stats.upstream, stats.stale, stats.misses),
+                (4, 3, 0),
+                "{stats:?}"
+            );
+        }
+        shutdown.cancel();
+        provisioning.stopped().await.expect("stops");
+    }
 }
