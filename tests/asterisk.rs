@@ -442,112 +442,6 @@ fn up_runs_the_pbx_restarts_it_and_gives_up_on_one_that_keeps_dying() {
     assert_eq!(text.matches("giving up").count(), 1, "{text}");
 }
 
-/// One HTTP/1.1 exchange on loopback (`Connection: close`): the status and the body.
-fn http(port: u16, method: &str, path: &str, token: &str, body: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let content_type = if path.starts_with("/api/") {
-        "application/json"
-    } else {
-        "application/x-www-form-urlencoded"
-    };
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
-Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).ok()?;
-    let status = answer.split(' ').nth(1)?.parse().ok()?;
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    Some((status, body))
-}
-
-/// The file of devices outside realtime, which the box must not need.
-const LOCAL_PJSIP_FILE: &str = "pjsip.local.conf";
-
-/// Where registering phones live (see [`registering_phone`]).
-const PHONES: &str = "127.0.0.2";
-
-const CRM_TOKEN: &str = "crm-token-0123456789abcdef";
-const NODE_TOKEN: &str = "node-token-0123456789abcdef";
-
-/// `callfleet control-plane` on `port` over the SQLite store `url`, with a CRM token and a
-/// node token.
-fn control_plane(url: &str, port: u16, log: &Path) -> Running {
-    let child = callfleet()
-        .arg("control-plane")
-        .env("CALLFLEET_STORE__URL", url)
-        .env("CALLFLEET_CONTROL_PLANE__LISTEN", format!("127.0.0.1:{port}"))
-        .env(
-            "CALLFLEET_CONTROL_PLANE__TOKENS",
-            format!(
-                "[{{name=\"crm\",token=\"{CRM_TOKEN}\",role=\"write\"}},{{name=\"node-a\",token=\"{NODE_TOKEN}\",role=\"node\"}}]"
-            ),
-        )
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .expect("control plane log"),
-        )
-        .spawn()
-        .expect("start the control plane");
-    let running = Running { child };
-    wait_until("the control plane answers", Duration::from_secs(20), || {
-        http(port, "GET", "/api/v1/devices", CRM_TOKEN, "").is_some_and(|(s, _)| s == 200)
-    });
-    running
-}
-
-/// A phone that registers as `device` with `password` on the PBX at `pbx_port`, from
-/// `127.0.0.2:port`, answers the calls that reach it there, and stays registered for
-/// `stay`. Not from 127.0.0.1: that is where the carrier's calls come from, and Asterisk
-/// identifies the carrier by its address before it looks at user names.
-fn registering_phone(
-    dir: &Path,
-    device: &str,
-    password: &str,
-    pbx_port: u16,
-    port: u16,
-    stay: Duration,
-) -> Running {
-    let scenarios = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp");
-    std::fs::create_dir_all(dir).expect("phone folder");
-    let child = sipp()
-        .current_dir(dir)
-        .arg("-sf")
-        .arg(scenarios.join("phone_register.xml"))
-        .arg("-oocsf")
-        .arg(scenarios.join("phone_answer.xml"))
-        .args(["-s", device, "-au", device, "-ap", password])
-        .arg(format!("127.0.0.1:{pbx_port}"))
-        .args(["-i", PHONES, "-p", &port.to_string()])
-        .args(["-m", "1", "-d", &stay.as_millis().to_string(), "-nostdin"])
-        .args([
-            "-trace_err",
-            "-error_file",
-            "errors.log",
-            "-trace_stat",
-            "-stf",
-            "stats.csv",
-        ])
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(dir.join("out")).expect("phone output"))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the SIPp phone");
-    Running { child }
-}
-
 /// SIPp's built-in `uac` calling `extension` on the PBX at `pbx_port` `calls` times, one
 /// after the other, each held 1 s; returns how many were answered and how many failed.
 fn call(dir: &Path, extension: &str, pbx_port: u16, calls: u32) -> (u64, u64) {
@@ -599,25 +493,8 @@ fn call(dir: &Path, extension: &str, pbx_port: u16, calls: u32) -> (u64, u64) {
     (column("SuccessfulCall(C)"), column("FailedCall(C)"))
 }
 
-/// The node-agent's provisioning counters.
-fn provisioning_stats(port: u16) -> serde_json::Value {
-    let (status, body) = http(port, "GET", "/stats", "", "").expect("the node-agent answers");
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).expect("stats are JSON")
-}
-
-/// The registrations of `device` as the control plane holds them (asked with the node
-/// token, as a node-agent asks).
-fn registrations(control_port: u16, device: &str) -> Option<String> {
-    let (status, body) = http(
-        control_port,
-        "POST",
-        "/asterisk/realtime/ps_contacts/multi",
-        NODE_TOKEN,
-        &format!("id%20LIKE={device}%3B%40%25"),
-    )?;
-    (status == 200).then_some(body)
-}
+/// The file of devices outside realtime, which the box must not need.
+const LOCAL_PJSIP_FILE: &str = "pjsip.local.conf";
 
 /// Devices provisioned in the control plane reach Asterisk through the node-agent's
 /// realtime endpoint: a desk phone at a fixed contact and a phone that registers with

@@ -12,8 +12,10 @@
 //!
 //! The helpers ([`Fleet`], [`Node`], [`Carrier`], [`Calls`], [`Phone`]) are meant for more
 //! scenarios: a node is started from one configuration file shared by its Asterisk, agent
-//! and balancer; devices come from [`provision_device_statically`] until realtime
-//! provisioning replaces it.
+//! and balancer. The routing scenarios give each node a phone of its own on extension
+//! [`EXTENSION`] ([`provision_device_statically`]), so which phone rang tells where a call
+//! landed; the realtime scenario adds a control plane ([`Fleet::start_control_plane`]) whose
+//! devices every node reads through its node-agent.
 
 mod support;
 
@@ -43,6 +45,9 @@ const MAX_CALLS: u64 = 10;
 struct Fleet {
     dir: tempfile::TempDir,
     url: String,
+    /// The control plane's port, when the nodes' devices come from it (realtime).
+    control_port: Option<u16>,
+    control: Option<Running>,
 }
 
 impl Fleet {
@@ -59,7 +64,28 @@ impl Fleet {
         Self {
             dir,
             url: fresh_mysql_url(),
+            control_port: None,
+            control: None,
         }
+    }
+
+    /// Starts (or starts again) `callfleet control-plane` on the fleet's store; nodes
+    /// started afterwards read devices from it through their node-agents.
+    fn start_control_plane(&mut self) -> u16 {
+        let port = *self.control_port.get_or_insert_with(free_port);
+        self.control = Some(control_plane(&self.url, port, &self.path("control.log")));
+        port
+    }
+
+    /// Kills the control plane (SIGKILL: its host is gone).
+    fn kill_control_plane(&mut self) {
+        let mut control = self.control.take().expect("the control plane runs");
+        control.signal("KILL");
+        wait_exit(
+            "the killed control plane",
+            &mut control,
+            Duration::from_secs(5),
+        );
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -147,6 +173,8 @@ struct Node {
     /// The PBX's SIP port (`balancer.local_pbx`, the node's `sip_uri`).
     sip_port: u16,
     balancer_port: u16,
+    /// The node-agent's realtime endpoint, when the fleet has a control plane.
+    provisioning_port: Option<u16>,
     // Dropped in this order: the balancer, the agent, the PBX, the phone.
     balancer: Option<Running>,
     _agent: Running,
@@ -184,12 +212,17 @@ impl Node {
         std::fs::create_dir_all(&dir).expect("node folder");
         let mut phone = Phone::start(&dir, free_port());
         let (sip_port, ami_port, balancer_port) = (free_port(), free_port(), free_port());
+        let provisioning = fleet.control_port.map(|control| (free_port(), control));
         let config = dir.join("callfleet.toml");
-        std::fs::write(
-            &config,
-            node_config(&fleet.url, id, sip_port, ami_port, balancer_port),
-        )
-        .expect("write the node's configuration");
+        let mut text = node_config(&fleet.url, id, sip_port, ami_port, balancer_port);
+        if let Some((listen, control)) = provisioning {
+            text.push_str(&format!(
+                "\n[provisioning]\n# Devices from the control plane, through this node-agent's cache.\n\
+listen = \"127.0.0.1:{listen}\"\ncontrol_plane = \"http://127.0.0.1:{control}\"\n\
+token = \"{NODE_TOKEN}\"\ndeadline = \"300ms\"\n"
+            ));
+        }
+        std::fs::write(&config, text).expect("write the node's configuration");
 
         let pbx = dir.join("pbx");
         let output = callfleet()
@@ -227,6 +260,7 @@ impl Node {
             config,
             sip_port,
             balancer_port,
+            provisioning_port: provisioning.map(|(listen, _)| listen),
             balancer: None,
             _agent: agent,
             asterisk: Some(asterisk),
@@ -389,9 +423,10 @@ ring_timeout = "10s"
     )
 }
 
-/// Device `extension` of the PBX in `folder`, on a static contact at the phone's `port`
-/// (`pjsip.local.conf`). Stand-in for realtime provisioning: swap this for a device
-/// created through the control plane once Asterisk reads devices over res_config_curl.
+/// Device `extension` of the PBX in `folder` only, on a static contact at the phone's
+/// `port` (`pjsip.local.conf`): the same extension rings another phone on each node, which
+/// is what the routing scenarios need to see where a call landed (a realtime device is the
+/// same on every node).
 fn provision_device_statically(folder: &Path, extension: &str, port: u16) {
     std::fs::write(
         folder.join("pjsip.local.conf"),
@@ -520,14 +555,27 @@ impl Calls {
         concurrent: u64,
         talk: Duration,
     ) -> Self {
+        Self::through_carrier_to(dir, "caller", carrier, EXTENSION, count, concurrent, talk)
+    }
+
+    /// [`Calls::through_carrier`] to `extension`, in the folder `name`.
+    fn through_carrier_to(
+        dir: &Path,
+        name: &str,
+        carrier: &Carrier,
+        extension: &str,
+        count: u64,
+        concurrent: u64,
+        talk: Duration,
+    ) -> Self {
         let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kamailio/uac_carrier.xml");
         let mut command = sipp();
         command.arg("-sf").arg(scenario);
         Self::spawn(
             dir,
-            "caller",
+            name,
             command,
-            carrier.port,
+            (carrier.port, extension),
             count,
             concurrent,
             talk,
@@ -539,14 +587,22 @@ impl Calls {
     fn straight_to_pbx(dir: &Path, node: &Node, count: u64, hold: Duration) -> Self {
         let mut command = sipp();
         command.args(["-sn", "uac"]);
-        Self::spawn(dir, "held", command, node.sip_port, count, count, hold)
+        Self::spawn(
+            dir,
+            "held",
+            command,
+            (node.sip_port, EXTENSION),
+            count,
+            count,
+            hold,
+        )
     }
 
     fn spawn(
         dir: &Path,
         name: &str,
         mut command: Command,
-        port: u16,
+        (port, extension): (u16, &str),
         count: u64,
         concurrent: u64,
         talk: Duration,
@@ -555,13 +611,16 @@ impl Calls {
         std::fs::create_dir_all(&dir).expect("SIPp folder");
         let child = command
             .current_dir(&dir)
-            .args(["-s", EXTENSION])
+            .args(["-s", extension])
             .arg(format!("127.0.0.1:{port}"))
             // No -p, no -mp: SIPp binds the first free ports from 5060 and 6000 up itself.
             .args(["-i", "127.0.0.1"])
             .args(["-m", &count.to_string(), "-l", &concurrent.to_string()])
             .args(["-r", "10", "-d", &talk.as_millis().to_string()])
-            .args(["-timeout", "80s", "-timeout_error", "-nostdin"])
+            // SIPp's own limit on the whole run: past the longest call, never before it.
+            .arg("-timeout")
+            .arg(format!("{}s", 80.max(talk.as_secs() + 60)))
+            .args(["-timeout_error", "-nostdin"])
             .args(["-trace_stat", "-stf", "stats.csv"])
             .args(["-trace_err", "-error_file", "errors.log"])
             .stdin(Stdio::null())
@@ -1114,4 +1173,164 @@ fn a_node_whose_pbx_died_gets_no_calls() {
     assert_eq!(counters_a.routed(), format!("node-a={CALLS},node-b=0"));
     b.stop_balancer().assert(&[("invites", 0)]);
     eprintln!("done after {:?}", begun.elapsed());
+}
+
+/// Devices from the control plane, through a carrier and a control-plane outage. Phone 2002
+/// registers (digest) on node A; node A carries held calls, so the carrier's calls to 2002
+/// are redirected to node B, whose Asterisk rings the phone at the registration node A
+/// wrote. Then the control plane is down for 60 s: calls keep ringing it from node B's
+/// cache, and the phone registers again, now on node B, which rings the new address at
+/// once and delivers the registration when the control plane is back; node A then rings
+/// the new address too.
+#[test]
+#[ignore = "needs Asterisk and Kamailio: run ./scripts/test-asterisk"]
+fn a_phone_registered_on_one_node_answers_through_a_control_plane_outage() {
+    const DEVICE: &str = "2002";
+    const PASSWORD: &str = "s3cret-2002";
+    const OUTAGE: Duration = Duration::from_secs(60);
+    let begun = Instant::now();
+    let mut fleet = Fleet::new("realtime-outage");
+    let control = fleet.start_control_plane();
+    let body = format!(r#"{{"endpoint":"PJSIP/{DEVICE}","password":"{PASSWORD}"}}"#);
+    let answer = http(
+        control,
+        "PUT",
+        &format!("/api/v1/devices/{DEVICE}"),
+        CRM_TOKEN,
+        &body,
+    );
+    assert!(matches!(&answer, Some((200, _))), "{answer:?}");
+    let [a, b] = fleet.start_nodes(["node-a", "node-b"]);
+    let carrier = Carrier::start(&fleet.path("carrier"), &[a.balancer_port, b.balancer_port]);
+    fleet.wait_routable(&[&a, &b]);
+
+    let on_a = free_port();
+    let phone = registering_phone(
+        &fleet.path("phone-on-a"),
+        DEVICE,
+        PASSWORD,
+        a.sip_port,
+        on_a,
+        Duration::from_secs(300),
+    );
+    wait_until(
+        "the registration on node A reaches the control plane",
+        Duration::from_secs(20),
+        || {
+            registrations(control, DEVICE)
+                .is_some_and(|rows| rows.contains(&format!("{PHONES}%3A{on_a}")))
+        },
+    );
+    // Node A carries calls for the whole scenario: the carrier's calls go to node B.
+    let held = Calls::straight_to_pbx(&fleet.path("load"), &a, 2, OUTAGE + Duration::from_secs(40));
+    fleet.wait_for(
+        "node A carries its held calls",
+        Duration::from_secs(10),
+        |s| calls_of(s, "node-a") == Some(2),
+    );
+
+    let mut placed = 0;
+    let calls_dir = fleet.path("calls");
+    let mut through = |name: &str, count: u64| {
+        let (exit, stats, errors) = Calls::through_carrier_to(
+            &calls_dir,
+            name,
+            &carrier,
+            DEVICE,
+            count,
+            1,
+            Duration::from_secs(1),
+        )
+        .finish(Duration::from_secs(60));
+        assert!(
+            exit.success(),
+            "{name}: exit {exit:?}: {errors}\n{}",
+            report(&carrier, &[&a, &b])
+        );
+        assert_eq!(
+            (stats.outgoing, stats.successful, stats.failed),
+            (count, count, 0),
+            "{name}"
+        );
+        placed += count;
+    };
+    through("before", 2);
+
+    fleet.kill_control_plane();
+    let outage = Instant::now();
+    through("outage-1", 1);
+    // The phone moves: switched off at A, registers on B while the control plane is away.
+    drop(phone);
+    let on_b = free_port();
+    let mut moved = registering_phone(
+        &fleet.path("phone-on-b"),
+        DEVICE,
+        PASSWORD,
+        b.sip_port,
+        on_b,
+        Duration::from_secs(300),
+    );
+    let provisioning_b = b
+        .provisioning_port
+        .expect("node B reads devices from the control plane");
+    wait_until(
+        "node B keeps the registration for the control plane",
+        Duration::from_secs(10),
+        || provisioning_stats(provisioning_b)["pending"] == 2,
+    );
+    assert!(
+        moved.alive(),
+        "the phone registered on node B during the outage"
+    );
+    through("outage-2", 2);
+    for round in 3.. {
+        if outage.elapsed() >= OUTAGE {
+            break;
+        }
+        through(&format!("outage-{round}"), 1);
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    let stats_b = provisioning_stats(provisioning_b);
+    assert_eq!(stats_b["misses"], 0, "{stats_b}");
+
+    fleet.start_control_plane();
+    wait_until(
+        "node B delivers the registration made during the outage",
+        Duration::from_secs(20),
+        || {
+            registrations(control, DEVICE).is_some_and(|rows| {
+                rows.lines().count() == 1 && rows.contains(&format!("{PHONES}%3A{on_b}"))
+            })
+        },
+    );
+    let after = provisioning_stats(provisioning_b);
+    assert_eq!(
+        (after["pending"].as_u64(), after["delivered"].as_u64()),
+        (Some(0), Some(2)),
+        "{after}"
+    );
+    let (held_exit, held_stats, _) = held.finish(Duration::from_secs(60));
+    assert!(held_exit.success());
+    assert_eq!((held_stats.successful, held_stats.failed), (2, 0));
+    // Both nodes idle again: balancer A keeps this call on node A, which rings the phone at
+    // the address node B learnt during the outage.
+    fleet.wait_for("node A is idle", Duration::from_secs(10), |s| {
+        calls_of(s, "node-a") == Some(0)
+    });
+    through("after", 1);
+
+    let context = report(&carrier, &[&a, &b]);
+    let pbx_b = format!("127.0.0.1:{}", b.sip_port);
+    let redirected = tally(&carrier.events("REDIRECT"), "to");
+    assert_eq!(
+        redirected,
+        [(format!("sip:{DEVICE}@{pbx_b}"), placed as usize - 1)],
+        "{context}"
+    );
+    assert_eq!(carrier.events("FAILED").len(), 0, "{context}");
+    assert!(moved.alive());
+    eprintln!(
+        "{placed} calls through the carrier, all answered; done after {:?}",
+        begun.elapsed()
+    );
 }

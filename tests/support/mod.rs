@@ -384,3 +384,128 @@ CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
         .parse()
         .ok()
 }
+
+// ---- the control plane and realtime devices -------------------------------------------
+
+/// One HTTP/1.1 exchange on loopback (`Connection: close`): the status and the body.
+pub fn http(port: u16, method: &str, path: &str, token: &str, body: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let content_type = if path.starts_with("/api/") {
+        "application/json"
+    } else {
+        "application/x-www-form-urlencoded"
+    };
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let status = answer.split(' ').nth(1)?.parse().ok()?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Some((status, body))
+}
+
+/// Where registering phones live (see [`registering_phone`]).
+pub const PHONES: &str = "127.0.0.2";
+
+pub const CRM_TOKEN: &str = "crm-token-0123456789abcdef";
+pub const NODE_TOKEN: &str = "node-token-0123456789abcdef";
+
+/// `callfleet control-plane` on `port` over the SQLite store `url`, with a CRM token and a
+/// node token.
+pub fn control_plane(url: &str, port: u16, log: &Path) -> Running {
+    let child = callfleet()
+        .arg("control-plane")
+        .env("CALLFLEET_STORE__URL", url)
+        .env("CALLFLEET_CONTROL_PLANE__LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "CALLFLEET_CONTROL_PLANE__TOKENS",
+            format!(
+                "[{{name=\"crm\",token=\"{CRM_TOKEN}\",role=\"write\"}},{{name=\"node-a\",token=\"{NODE_TOKEN}\",role=\"node\"}}]"
+            ),
+        )
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .expect("control plane log"),
+        )
+        .spawn()
+        .expect("start the control plane");
+    let running = Running { child };
+    wait_until("the control plane answers", Duration::from_secs(20), || {
+        http(port, "GET", "/api/v1/devices", CRM_TOKEN, "").is_some_and(|(s, _)| s == 200)
+    });
+    running
+}
+
+/// A phone that registers as `device` with `password` on the PBX at `pbx_port`, from
+/// `127.0.0.2:port`, answers the calls that reach it there, and stays registered for
+/// `stay`. Not from 127.0.0.1: that is where the carrier's calls come from, and Asterisk
+/// identifies the carrier by its address before it looks at user names.
+pub fn registering_phone(
+    dir: &Path,
+    device: &str,
+    password: &str,
+    pbx_port: u16,
+    port: u16,
+    stay: Duration,
+) -> Running {
+    let scenarios = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp");
+    std::fs::create_dir_all(dir).expect("phone folder");
+    let child = sipp()
+        .current_dir(dir)
+        .arg("-sf")
+        .arg(scenarios.join("phone_register.xml"))
+        .arg("-oocsf")
+        .arg(scenarios.join("phone_answer.xml"))
+        .args(["-s", device, "-au", device, "-ap", password])
+        .arg(format!("127.0.0.1:{pbx_port}"))
+        .args(["-i", PHONES, "-p", &port.to_string()])
+        .args(["-m", "1", "-d", &stay.as_millis().to_string(), "-nostdin"])
+        .args([
+            "-trace_err",
+            "-error_file",
+            "errors.log",
+            "-trace_stat",
+            "-stf",
+            "stats.csv",
+        ])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.join("out")).expect("phone output"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the SIPp phone");
+    Running { child }
+}
+
+/// The node-agent's provisioning counters.
+pub fn provisioning_stats(port: u16) -> serde_json::Value {
+    let (status, body) = http(port, "GET", "/stats", "", "").expect("the node-agent answers");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("stats are JSON")
+}
+
+/// The registrations of `device` as the control plane holds them (asked with the node
+/// token, as a node-agent asks).
+pub fn registrations(control_port: u16, device: &str) -> Option<String> {
+    let (status, body) = http(
+        control_port,
+        "POST",
+        "/asterisk/realtime/ps_contacts/multi",
+        NODE_TOKEN,
+        &format!("id%20LIKE={device}%3B%40%25"),
+    )?;
+    (status == 200).then_some(body)
+}
