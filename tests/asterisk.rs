@@ -804,7 +804,8 @@ impl RealtimeNode {
 
 /// Registrations are the cluster's, not a node's: a phone registered on node A is rung for
 /// calls that land on node B, and when it registers again on node B instead, node A rings it
-/// at its new address.
+/// at its new address. New credentials hold on both nodes at once: the old password is
+/// refused everywhere, the new one accepted.
 #[test]
 #[ignore = "needs Asterisk: run ./scripts/test-asterisk"]
 fn a_phone_registered_on_one_node_is_rung_from_the_other() {
@@ -871,6 +872,41 @@ fn a_phone_registered_on_one_node_is_rung_from_the_other() {
         (3, 0),
         "rung from A at its new address"
     );
+
+    // New credentials: no node keeps the old ones.
+    let answer = http(
+        control_port,
+        "PUT",
+        "/api/v1/devices/2002",
+        CRM_TOKEN,
+        r#"{"endpoint":"PJSIP/2002","password":"n3w-s3cret"}"#,
+    );
+    assert!(matches!(&answer, Some((200, _))), "{answer:?}");
+    for (node, password, accepted) in [
+        (&a, "s3cret-2002", false),
+        (&b, "s3cret-2002", false),
+        (&a, "n3w-s3cret", true),
+        (&b, "n3w-s3cret", true),
+    ] {
+        let folder = dir
+            .path()
+            .join(format!("phone-{password}-{}", node.asterisk.sip_port));
+        let mut phone = registering_phone(
+            &folder,
+            "2002",
+            password,
+            node.asterisk.sip_port,
+            free_port(),
+            Duration::from_millis(200),
+        );
+        let exit = wait_exit("the registration", &mut phone, Duration::from_secs(20));
+        assert_eq!(
+            exit.success(),
+            accepted,
+            "{password} on port {}",
+            node.asterisk.sip_port
+        );
+    }
     for node in [&a, &b] {
         let stats = provisioning_stats(node.provisioning_port);
         assert_eq!(
