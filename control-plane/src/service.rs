@@ -95,6 +95,9 @@ pub struct CredentialsInput {
     pub realm: Option<String>,
 }
 
+/// How often the directory is read whole even when its version did not move.
+const FULL_READ_EVERY: Duration = Duration::from_secs(60);
+
 /// The control plane's operations.
 #[derive(Debug)]
 pub struct Control {
@@ -138,16 +141,26 @@ impl Control {
         self.view.read().expect("view lock").clone()
     }
 
-    /// Re-reads the directory every `every` until `shutdown`; logs a failing store once.
+    /// Re-reads the directory every `every` until `shutdown` when its version moved, and
+    /// whole every [`FULL_READ_EVERY`] whatever the version says (a safety net: a change
+    /// written around the version, by hand in SQL say, still shows); logs a failing store
+    /// once.
     pub async fn refresh_loop(&self, every: Duration, shutdown: CancellationToken) {
         let mut failing = false;
+        let mut full_read = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
             let _turn = self.refreshing.lock().await;
-            match self.refresh_if_changed().await {
+            let refreshed = if full_read.elapsed() >= FULL_READ_EVERY {
+                full_read = tokio::time::Instant::now();
+                self.reread().await
+            } else {
+                self.refresh_if_changed().await
+            };
+            match refreshed {
                 Ok(()) => {
                     if failing {
                         info!("store back: directory refreshed");
@@ -173,6 +186,11 @@ impl Control {
         if version == current.version && parse_day(&day) == current.today {
             return Ok(());
         }
+        self.reread().await
+    }
+
+    /// Reads the whole directory and serves it from now on.
+    async fn reread(&self) -> Result<(), ControlError> {
         let view = read_view(&self.store, &self.time_zone).await?;
         *self.view.write().expect("view lock") = Arc::new(view);
         Ok(())

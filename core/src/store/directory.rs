@@ -413,7 +413,9 @@ pub struct QueueSnapshot {
 const GET_AGENT: &str = "SELECT id, name, tags, daily_cap, enabled FROM agents WHERE id = ?";
 const LIST_AGENTS: &str = "SELECT id, name, tags, daily_cap, enabled FROM agents ORDER BY id";
 const DELETE_AGENT: &str = "DELETE FROM agents WHERE id = ?";
-const DIRECTORY_VERSION: &str = "SELECT MAX(id) FROM audit_log";
+const DIRECTORY_VERSION: &str = "SELECT version FROM directory_version WHERE id = 1";
+/// The last statement of every directory write (see the migration's comment).
+const BUMP_VERSION: &str = "UPDATE directory_version SET version = version + 1 WHERE id = 1";
 const SET_TAGS: &str = "UPDATE agents SET tags = ? WHERE id = ?";
 const SET_DAILY_CAP: &str = "UPDATE agents SET daily_cap = ? WHERE id = ?";
 const GET_DEVICE: &str = "SELECT id, endpoint, name, contact, digest_ha1 IS NOT NULL \
@@ -472,6 +474,8 @@ macro_rules! write_tx {
             let outcome = with_pool!($store, pool => async {
                 let mut $tx = pool.begin_with(SqlStr::from_static(begin)).await?;
                 let value = $body;
+                // Last, so the row lock on the version is held only through the commit.
+                sqlx::query(q(BUMP_VERSION)).execute(&mut *$tx).await?;
                 $tx.commit().await?;
                 Ok::<_, StoreError>(value)
             }
@@ -1303,9 +1307,10 @@ impl Store {
         })
     }
 
-    /// A number that changes whenever the directory does: the newest audit row's id
-    /// (every change writes one in its transaction). Cheap, so readers can poll it and
-    /// re-read the directory only when it moved.
+    /// A number that moves whenever a directory write commits, only then, and in the order
+    /// of commits (every write bumps it last in its transaction). Cheap, so readers can
+    /// poll it and re-read the directory only when it moved: a read that saw version `v`
+    /// and then read the directory has every change up to `v`.
     pub async fn directory_version(&self) -> Result<i64, StoreError> {
         let version: Option<i64> = with_pool!(self, pool => {
             sqlx::query_scalar(q(DIRECTORY_VERSION)).fetch_one(pool).await?

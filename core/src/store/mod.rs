@@ -503,6 +503,11 @@ fn migrator(sql: &Dialect) -> Migrator {
                 "provisioning",
                 include_str!("migrations/mysql/0003_provisioning.sql"),
             ),
+            (
+                4,
+                "directory version",
+                include_str!("migrations/mysql/0004_directory_version.sql"),
+            ),
         ]
     } else {
         &[
@@ -516,6 +521,11 @@ fn migrator(sql: &Dialect) -> Migrator {
                 3,
                 "provisioning",
                 include_str!("migrations/sqlite/0003_provisioning.sql"),
+            ),
+            (
+                4,
+                "directory version",
+                include_str!("migrations/sqlite/0004_directory_version.sql"),
             ),
         ]
     };
