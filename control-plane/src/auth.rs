@@ -123,7 +123,10 @@ pub fn node_token(node: &callfleet_core::NodeId) -> std::io::Result<ApiToken> {
     Ok(ApiToken {
         name: format!("node:{node}"),
         token: callfleet_core::config::Secret::new(
-            random.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            random
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>(),
         ),
         role: Role::Node,
     })
