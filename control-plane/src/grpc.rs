@@ -43,7 +43,7 @@ fn agent_pb(view: AgentView) -> pb::Agent {
         name: view.agent.name,
         tags: view.agent.tags.into_iter().collect(),
         daily_cap: view.agent.daily_cap,
-        enabled: view.agent.enabled,
+        enabled: Some(view.agent.enabled),
         state: view.state.to_owned(),
         pause_reason: view.pause_reason.unwrap_or_default(),
         device: view.device.unwrap_or_default(),
@@ -100,7 +100,7 @@ impl pb::control_server::Control for ControlService {
             name: agent.name,
             tags: agent.tags.into_iter().collect(),
             daily_cap: agent.daily_cap,
-            enabled: agent.enabled,
+            enabled: agent.enabled.unwrap_or(true),
         };
         Ok(Response::new(agent_pb(
             self.control.put_agent(&caller, &agent).await?,

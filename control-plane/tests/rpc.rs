@@ -1304,12 +1304,29 @@ async fn grpc_scenario(backend: Backend) {
         }))
         .await
         .expect("delete");
+    // Left out, `enabled` is true as over REST: a new agent takes calls.
+    let defaulted = client
+        .put_agent(crm(pb::Agent {
+            id: "1009".into(),
+            name: "Dana".into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("put agent")
+        .into_inner();
+    assert_eq!(defaulted.enabled, Some(true));
+    client
+        .delete_agent(crm(pb::AgentRef {
+            agent: "1009".into(),
+        }))
+        .await
+        .expect("delete");
     let alice = client
         .put_agent(crm(pb::Agent {
             id: "1001".into(),
             name: "Alice".into(),
             daily_cap: Some(1),
-            enabled: true,
+            enabled: Some(true),
             ..Default::default()
         }))
         .await
@@ -1321,7 +1338,7 @@ async fn grpc_scenario(backend: Backend) {
             id: "1001".into(),
             name: "Alice".into(),
             daily_cap: Some(1),
-            enabled: true,
+            enabled: Some(true),
             state: "available".into(),
             ..Default::default()
         }
@@ -1330,7 +1347,7 @@ async fn grpc_scenario(backend: Backend) {
         .put_agent(crm(pb::Agent {
             id: "1002".into(),
             name: "Bob".into(),
-            enabled: true,
+            enabled: Some(true),
             ..Default::default()
         }))
         .await
@@ -1520,7 +1537,7 @@ async fn grpc_scenario(backend: Backend) {
                 pb::Agent {
                     id: "1003".into(),
                     name: "Carol".into(),
-                    enabled: true,
+                    enabled: Some(true),
                     ..Default::default()
                 },
             ))
@@ -1569,7 +1586,7 @@ async fn grpc_scenario(backend: Backend) {
             .put_agent(crm(pb::Agent {
                 id: "10 04".into(),
                 name: "Dave".into(),
-                enabled: true,
+                enabled: Some(true),
                 ..Default::default()
             }))
             .await,

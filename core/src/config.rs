@@ -881,11 +881,29 @@ impl ControlPlaneConfig {
             );
         }
         let mut names = HashSet::new();
+        let mut values = HashSet::new();
         for (i, token) in self.tokens.iter().enumerate() {
             if token.name.trim().is_empty() || !names.insert(token.name.as_str()) {
                 return bad(
                     &format!("tokens[{i}].name"),
                     "must be non-empty and unique".into(),
+                );
+            }
+            // The audit log records the name; a longer one would fail every write.
+            if token.name.chars().count() > crate::store::directory::MAX_ACTOR_CHARS {
+                return bad(
+                    &format!("tokens[{i}].name"),
+                    format!(
+                        "is longer than {} characters (the audit log keeps the name of who changed what)",
+                        crate::store::directory::MAX_ACTOR_CHARS
+                    ),
+                );
+            }
+            // Two roles for one secret: whichever came last would win, silently.
+            if !values.insert(token.token.expose()) {
+                return bad(
+                    &format!("tokens[{i}].token"),
+                    "is the same secret as an earlier token's; give every token its own".into(),
                 );
             }
             if token.token.expose().len() < 16 || token.token.expose().contains(char::is_whitespace)
@@ -1333,6 +1351,28 @@ mod tests {
             let twice = format!("{token}{token}");
             let err = load_in(jail, &twice).expect_err("same name").to_string();
             assert!(err.contains("control_plane.tokens[1].name"), "{err}");
+            let same_secret = format!("{token}{}", token.replace("\"crm\"", "\"wallboard\""));
+            let err = load_in(jail, &same_secret)
+                .expect_err("same secret")
+                .to_string();
+            assert!(
+                err.contains("control_plane.tokens[1].token") && err.contains("same secret"),
+                "{err}"
+            );
+            assert!(!err.contains("0123456789abcdef-secret"), "{err}");
+            let long_name = token.replace("\"crm\"", &format!("\"{}\"", "n".repeat(65)));
+            let err = load_in(jail, &long_name)
+                .expect_err("long name")
+                .to_string();
+            assert!(
+                err.contains("control_plane.tokens[0].name") && err.contains("64"),
+                "{err}"
+            );
+            load_in(
+                jail,
+                &token.replace("\"crm\"", &format!("\"{}\"", "n".repeat(64))),
+            )
+            .expect("64 characters fit");
             let err = load_in(jail, "[control_plane]\ntime_zone = \"Mars/Olympus\"\n")
                 .expect_err("unknown zone")
                 .to_string();
