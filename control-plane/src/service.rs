@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use callfleet_core::config::{ControlPlaneConfig, Role};
 use callfleet_core::routing::{self, CallerAttributes, Day, Snapshot};
+use callfleet_core::store::directory::MAX_TAGS;
 use callfleet_core::store::{
     Agent, AgentState, AuditEntry, CredentialsChange, Device, DigestCredentials, DirectorySnapshot,
     Login, Queue, QueueMember, Session,
@@ -483,9 +484,23 @@ impl Control {
         queue: &str,
         attributes: &[String],
     ) -> Result<Vec<Candidate>, ControlError> {
+        // Each distinct attribute costs a check per member: copies count once, and more
+        // than an agent can carry as tags can match no one anyway.
+        let mut distinct: Vec<&String> = attributes.iter().collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if distinct.len() > MAX_TAGS {
+            return Err(ControlError::invalid(
+                "attributes",
+                format!(
+                    "{} different attributes; at most {MAX_TAGS} (an agent carries at most {MAX_TAGS} tags)",
+                    distinct.len()
+                ),
+            ));
+        }
         let view = self.view();
         let now = u64::try_from(view.now_ms()).unwrap_or(0);
-        let caller = CallerAttributes::new(attributes.iter().cloned());
+        let caller = CallerAttributes::new(distinct.into_iter().cloned());
         let found = view
             .routing
             .candidates(queue, &caller, now, view.today)

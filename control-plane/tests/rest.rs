@@ -598,6 +598,23 @@ async fn call_center_day(store: Store) {
         .expect(ok);
     assert_eq!(dave.json["tags"], json!(["fr", "vip"]));
     assert_eq!(api.ring_order("sales", "vip").await, ["1004", "1002"]);
+    // Copies of an attribute count once; more distinct attributes than an agent can carry
+    // as tags are refused, whatever they would cost.
+    let copies = vec!["vip"; 5_000].join(",");
+    assert_eq!(api.ring_order("sales", &copies).await, ["1004", "1002"]);
+    let too_many = (0..33).map(|n| format!("a{n}")).collect::<Vec<_>>().join(",");
+    let refused = api
+        .get(
+            &format!("/queues/sales/candidates?attributes={too_many}"),
+            Some(WALLBOARD),
+        )
+        .await
+        .expect(StatusCode::BAD_REQUEST);
+    assert!(
+        refused.error().contains("33 different attributes; at most 32"),
+        "{}",
+        refused.error()
+    );
 
     // A disabled agent keeps desk, membership and place but gets no calls.
     let disabled = api
