@@ -25,8 +25,11 @@ use crate::xmlrpc::{self, Call, Fault, Value};
 
 /// Largest body accepted; a CRM's multicall of a few hundred priority changes fits.
 const MAX_BODY: usize = 1024 * 1024;
-/// Bodies above this are decoded off the async workers.
+/// Bodies above this are decoded, and answers above it encoded, off the async workers.
 const DECODE_INLINE: usize = 64 * 1024;
+/// About the largest answer to one `system.multicall`: once the answers reach it, the
+/// remaining calls are not run (each gets a fault saying so).
+const MAX_MULTICALL_RESPONSE: usize = 8 * 1024 * 1024;
 
 /// The methods served, for `system.listMethods`.
 pub const METHODS: &[&str] = &[
@@ -84,19 +87,44 @@ async fn handle(
             Err(fault) => xmlrpc::encode_fault(fault.code(), fault.string()),
             Ok(calls) => {
                 // One directory refresh for the whole batch, not one per write.
-                let results = control
+                let (results, size) = control
                     .batch(async {
                         let mut results = Vec::with_capacity(calls.len());
+                        let mut size = 0;
                         for call in calls {
-                            results.push(match call {
+                            // Past the bound, the rest is not run at all: each call says
+                            // so, and a CRM can resend exactly those.
+                            if size > MAX_MULTICALL_RESPONSE {
+                                results.push(Err(Fault::new(
+                                    xmlrpc::fault_code::INTERNAL_ERROR,
+                                    format!(
+                                        "not run: the answers before it already fill {MAX_MULTICALL_RESPONSE} bytes; send this call again in another request"
+                                    ),
+                                )));
+                                continue;
+                            }
+                            let result = match call {
                                 Ok(call) => dispatch(&control, authorization, &call).await,
                                 Err(fault) => Err(fault),
-                            });
+                            };
+                            size += result.as_ref().map_or(200, xmlrpc::encoded_size);
+                            results.push(result);
                         }
-                        results
+                        (results, size)
                     })
                     .await;
-                xmlrpc::encode_multicall_response(results)
+                if size > DECODE_INLINE {
+                    tokio::task::spawn_blocking(move || xmlrpc::encode_multicall_response(results))
+                        .await
+                        .unwrap_or_else(|_| {
+                            xmlrpc::encode_fault(
+                                xmlrpc::fault_code::INTERNAL_ERROR,
+                                "internal error while encoding the answer",
+                            )
+                        })
+                } else {
+                    xmlrpc::encode_multicall_response(results)
+                }
             }
         },
         Ok(call) => xmlrpc::encode_result(dispatch(&control, authorization, &call).await),

@@ -90,6 +90,10 @@ pub mod fault_code {
 /// The method name of the batch call of the de-facto multicall specification.
 pub const MULTICALL: &str = "system.multicall";
 
+/// Most calls in one `system.multicall`: a CRM's batch of a few hundred priority changes
+/// fits; ten thousand status probes in one request do not.
+pub const MAX_MULTICALL_CALLS: usize = 1000;
+
 /// The method name of the introspection call that lists the server's methods.
 pub const LIST_METHODS: &str = "system.listMethods";
 
@@ -457,6 +461,17 @@ pub fn decode_multicall(call: Call) -> Result<Vec<Result<Call, Fault>>, Fault> {
             first,
         ));
     }
+    if let Value::Array(entries) = first
+        && entries.len() > MAX_MULTICALL_CALLS
+    {
+        return Err(Fault::new(
+            fault_code::INVALID_PARAMS,
+            format!(
+                "{MULTICALL} takes at most {MAX_MULTICALL_CALLS} calls, got {}; send them in several requests",
+                entries.len()
+            ),
+        ));
+    }
     let Some(Value::Array(entries)) = call.params.into_iter().next() else {
         return Ok(Vec::new());
     };
@@ -509,6 +524,23 @@ fn multicall_entry(n: usize, entry: Value) -> Result<Call, Fault> {
         }
     };
     Ok(Call { method, params })
+}
+
+/// About how many bytes `value` takes encoded (tags included, escaping not): enough to
+/// bound a response before it is encoded.
+pub fn encoded_size(value: &Value) -> usize {
+    // `<value><TYPE>…</TYPE></value>`: about 30 bytes around every value.
+    const WRAP: usize = 30;
+    WRAP + match value {
+        Value::String(text) => text.len(),
+        Value::Base64(bytes) => bytes.len().div_ceil(3) * 4,
+        Value::Struct(members) => members
+            .iter()
+            .map(|(name, member)| 30 + name.len() + encoded_size(member))
+            .sum(),
+        Value::Array(items) => 20 + items.iter().map(encoded_size).sum::<usize>(),
+        _ => 24,
+    }
 }
 
 /// Builds the result value of `system.multicall` from the outcome of each sub-call, in

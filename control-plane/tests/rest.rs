@@ -602,7 +602,10 @@ async fn call_center_day(store: Store) {
     // as tags are refused, whatever they would cost.
     let copies = vec!["vip"; 5_000].join(",");
     assert_eq!(api.ring_order("sales", &copies).await, ["1004", "1002"]);
-    let too_many = (0..33).map(|n| format!("a{n}")).collect::<Vec<_>>().join(",");
+    let too_many = (0..33)
+        .map(|n| format!("a{n}"))
+        .collect::<Vec<_>>()
+        .join(",");
     let refused = api
         .get(
             &format!("/queues/sales/candidates?attributes={too_many}"),
@@ -611,7 +614,9 @@ async fn call_center_day(store: Store) {
         .await
         .expect(StatusCode::BAD_REQUEST);
     assert!(
-        refused.error().contains("33 different attributes; at most 32"),
+        refused
+            .error()
+            .contains("33 different attributes; at most 32"),
         "{}",
         refused.error()
     );

@@ -18,7 +18,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use callfleet_control_plane::xmlrpc::{Fault, Value};
+use callfleet_control_plane::xmlrpc::{self, Fault, Value};
 use callfleet_control_plane::{Control, router};
 use callfleet_core::config::{ApiToken, ControlPlaneConfig, Role, Secret};
 use callfleet_core::store::{Agent, AgentState, Device, Queue};
@@ -1121,6 +1121,87 @@ async fn xmlrpc_oversized_body_is_a_fault() {
         " ".repeat(2 * 1024 * 1024)
     );
     fault(rpc(&app, None, &body).await, -32600, &["bytes"]);
+}
+
+/// One request cannot make an unbounded answer: a multicall of more than 1000 calls is a
+/// fault, and once the answers of a multicall fill about 8 MiB the remaining calls are not
+/// run and say so (here 1000 candidate lists of 80 agents, about 10 MB unbounded).
+#[tokio::test]
+async fn a_multicall_is_bounded_in_calls_and_answer_bytes() {
+    let (store, _dir) = open(Backend::Sqlite).await;
+    seed(&store).await;
+    for n in 0..80 {
+        let (agent, device) = (format!("3{n:03}"), format!("4{n:03}"));
+        store
+            .upsert_device(
+                &Device {
+                    id: device.clone(),
+                    endpoint: format!("PJSIP/{device}"),
+                    name: None,
+                    contact: None,
+                    registers: false,
+                },
+                "setup",
+            )
+            .await
+            .expect("device");
+        store
+            .upsert_agent(
+                &Agent {
+                    id: agent.clone(),
+                    name: format!("Agent number {n} with a long enough name"),
+                    tags: Default::default(),
+                    daily_cap: None,
+                    enabled: true,
+                },
+                "setup",
+            )
+            .await
+            .expect("agent");
+        store.login(&agent, &device, "setup").await.expect("login");
+        store
+            .set_priority("sales", &agent, n, "setup")
+            .await
+            .expect("member");
+    }
+    let control = Arc::new(Control::start(store, &config()).await.expect("start"));
+    let app = router(control.clone());
+    let multicall = |calls: usize| {
+        let entry = "<value><struct><member><name>methodName</name><value><string>queue.candidates</string></value></member>\
+<member><name>params</name><value><array><data><value><string>sales</string></value></data></array></value></member></struct></value>";
+        format!(
+            "<?xml version='1.0'?><methodCall><methodName>system.multicall</methodName><params><param><value><array><data>{}</data></array></value></param></params></methodCall>",
+            entry.repeat(calls)
+        )
+    };
+    fault(
+        rpc(&app, Some(WALLBOARD), &multicall(1001)).await,
+        -32602,
+        &["at most 1000 calls, got 1001"],
+    );
+
+    let Ok(xmlrpc::Value::Array(answers)) = rpc(&app, Some(WALLBOARD), &multicall(1000)).await
+    else {
+        panic!("a multicall answers an array");
+    };
+    assert_eq!(answers.len(), 1000);
+    // Every candidate list is the same, so the bound falls after a computable number.
+    let one = xmlrpc::encoded_size(&answers[0]);
+    let one_list = match &answers[0] {
+        xmlrpc::Value::Array(wrapped) => xmlrpc::encoded_size(&wrapped[0]),
+        other => panic!("a success is a one-element array: {other:?}"),
+    };
+    assert!(one > one_list, "the wrapper counts too");
+    let ran = (8 * 1024 * 1024) / one_list + 1;
+    let not_run = answers
+        .iter()
+        .filter(|answer| {
+            matches!(answer, xmlrpc::Value::Struct(fault)
+                if matches!(fault.get("faultString"), Some(xmlrpc::Value::String(text)) if text.starts_with("not run:")))
+        })
+        .count();
+    assert_eq!((1000 - not_run, not_run), (ran, 1000 - ran));
+    assert!(ran < 1000, "the bound is reached in this scenario");
 }
 
 // ---- gRPC ----------------------------------------------------------------------------------
