@@ -46,6 +46,10 @@ pub enum ControlError {
     /// The store cannot be reached or failed; nothing was changed.
     #[error("the store is unavailable, nothing was changed; retry later ({0})")]
     Unavailable(String),
+    /// The change was sent to the store but its commit was not confirmed: it may or may
+    /// not have been made.
+    #[error("{0}")]
+    OutcomeUnknown(String),
 }
 
 impl ControlError {
@@ -66,6 +70,8 @@ impl ControlError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Invalid { .. } => StatusCode::BAD_REQUEST,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            // Not 503: that says nothing was changed.
+            Self::OutcomeUnknown(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -79,6 +85,7 @@ impl ControlError {
             Self::Conflict(_) => tonic::Status::already_exists(message),
             Self::Invalid { .. } => tonic::Status::invalid_argument(message),
             Self::Unavailable(_) => tonic::Status::unavailable(message),
+            Self::OutcomeUnknown(_) => tonic::Status::unknown(message),
         }
     }
 }
@@ -92,6 +99,7 @@ impl From<StoreError> for ControlError {
             }
             StoreError::UnknownNode(_) => Self::NotFound(err.to_string()),
             StoreError::Conflict { .. } => Self::Conflict(err.to_string()),
+            StoreError::OutcomeUnknown(_) => Self::OutcomeUnknown(err.to_string()),
             other => Self::Unavailable(other.to_string()),
         }
     }

@@ -135,11 +135,16 @@ impl pb::control_server::Control for ControlService {
         Ok(Response::new(agent_pb(view)))
     }
 
-    async fn record_sale(&self, request: Request<pb::AgentRef>) -> Reply<pb::RecordSaleResponse> {
+    async fn record_sale(
+        &self,
+        request: Request<pb::RecordSaleRequest>,
+    ) -> Reply<pb::RecordSaleResponse> {
         let caller = self.caller(&request, Role::Write)?;
+        let body = request.get_ref();
+        let request_id = Some(body.request_id.as_str()).filter(|id| !id.is_empty());
         let sales_today = self
             .control
-            .record_sale(&caller, &request.get_ref().agent)
+            .record_sale(&caller, &body.agent, request_id)
             .await?;
         Ok(Response::new(pb::RecordSaleResponse { sales_today }))
     }

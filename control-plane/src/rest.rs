@@ -220,7 +220,14 @@ async fn record_sale(
     Path(agent): Path<String>,
 ) -> Reply {
     let caller = caller(&control, &headers, Role::Write)?;
-    let sales = control.record_sale(&caller, &agent).await?;
+    // With an `Idempotency-Key`, a retry (after a lost answer) counts once.
+    let request_id = match headers.get("idempotency-key") {
+        Some(value) => Some(value.to_str().map_err(|_| {
+            ControlError::invalid("Idempotency-Key", "must be printable ASCII (a UUID fits)")
+        })?),
+        None => None,
+    };
+    let sales = control.record_sale(&caller, &agent, request_id).await?;
     ok(json!({ "agent": agent, "sales_today": sales }))
 }
 

@@ -206,10 +206,21 @@ async fn dispatch(
             )
         }
         "agent.recordSale" => {
-            args.arity(&["agent"])?;
+            // The request id is optional: with it, a retry counts once.
+            if args.len() != 1 {
+                args.arity(&["agent", "request_id"])?;
+            }
             let agent = args.string(0, "agent")?;
+            let request_id = if args.len() == 2 {
+                Some(args.string(1, "request_id")?)
+            } else {
+                None
+            };
             let caller = authorize(Role::Write)?;
-            let sales = control.record_sale(&caller, &agent).await.map_err(fault)?;
+            let sales = control
+                .record_sale(&caller, &agent, request_id.as_deref())
+                .await
+                .map_err(fault)?;
             reply(sales)
         }
         "agent.login" => {

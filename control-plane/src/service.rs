@@ -96,6 +96,9 @@ pub struct CredentialsInput {
     pub realm: Option<String>,
 }
 
+/// The longest a write waits for the directory re-read that shows it, before answering.
+const REFRESH_WAIT: Duration = Duration::from_secs(2);
+
 /// How often the directory is read whole even when its version did not move.
 const FULL_READ_EVERY: Duration = Duration::from_secs(60);
 
@@ -231,10 +234,20 @@ impl Control {
     /// Waits for its turn and re-reads the directory unless a refresh that started after
     /// this write (so its version already covers it) got there first.
     async fn refresh_after_write(&self) {
-        let _turn = self.refreshing.lock().await;
-        // The write is committed either way; on failure the periodic refresh shows it.
-        if let Err(err) = self.refresh_if_changed().await {
-            warn!(error = %err, "cannot refresh the directory after a write");
+        // The write is committed either way: a refresh that fails or takes longer than
+        // REFRESH_WAIT is left to the periodic one, and the caller gets its answer.
+        let refreshed = tokio::time::timeout(REFRESH_WAIT, async {
+            let _turn = self.refreshing.lock().await;
+            self.refresh_if_changed().await
+        })
+        .await;
+        match refreshed {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => warn!(error = %err, "cannot refresh the directory after a write"),
+            Err(_) => warn!(
+                wait = ?REFRESH_WAIT,
+                "the directory refresh after a write is slow; answering, the next refresh shows the change"
+            ),
         }
     }
 
@@ -312,12 +325,23 @@ impl Control {
         self.get_agent(id).await
     }
 
-    /// Counts a sale today; returns today's sales.
-    pub async fn record_sale(&self, caller: &Caller, id: &str) -> Result<u32, ControlError> {
-        let sales = self
-            .store
-            .record_sale(id, &self.today(), &caller.name)
-            .await?;
+    /// Counts a sale today; returns today's sales. With a `request_id`, a retry of the same
+    /// request answers the same count and counts nothing.
+    pub async fn record_sale(
+        &self,
+        caller: &Caller,
+        id: &str,
+        request_id: Option<&str>,
+    ) -> Result<u32, ControlError> {
+        let today = self.today();
+        let sales = match request_id {
+            Some(request) => {
+                self.store
+                    .record_sale_once(id, &today, &caller.name, request)
+                    .await?
+            }
+            None => self.store.record_sale(id, &today, &caller.name).await?,
+        };
         self.after_write().await;
         Ok(sales)
     }

@@ -525,6 +525,18 @@ async fn xmlrpc_scenario(backend: Backend) {
     )
     .await;
     assert_eq!(ok(sale), json!(1));
+    // With a request id, the same sale sent twice (its answer lost) counts once.
+    let with_id = "<?xml version='1.0'?>
+<methodCall>
+<methodName>agent.recordSale</methodName>
+<params>
+<param><value><string>1003</string></value></param>
+<param><value><string>crm-sale-42</string></value></param>
+</params>
+</methodCall>
+";
+    assert_eq!(ok(rpc(&app, Some(CRM), with_id).await), json!(1));
+    assert_eq!(ok(rpc(&app, Some(CRM), with_id).await), json!(1));
     let ranked = candidates(&app).await;
     assert_eq!(order(&ranked), ["1002", "1003", "1001"]);
     assert_eq!(
@@ -1520,13 +1532,19 @@ async fn grpc_scenario(backend: Backend) {
         ]
     );
 
-    // One sale reaches Alice's cap of 1: she rings last.
-    let sale = client
-        .record_sale(crm(agent_ref("1001")))
-        .await
-        .expect("record sale")
-        .into_inner();
-    assert_eq!(sale.sales_today, 1);
+    // One sale reaches Alice's cap of 1: she rings last. Sent twice with its request id
+    // (the CRM lost the first answer), it counts once.
+    for _ in 0..2 {
+        let sale = client
+            .record_sale(crm(pb::RecordSaleRequest {
+                agent: "1001".into(),
+                request_id: "sale-7f3a".into(),
+            }))
+            .await
+            .expect("record sale")
+            .into_inner();
+        assert_eq!(sale.sales_today, 1);
+    }
     let ranked = client
         .candidates(ask(&[]))
         .await
@@ -1593,7 +1611,14 @@ async fn grpc_scenario(backend: Backend) {
     );
     assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
     assert!(missing.message().contains("9999"), "{missing:?}");
-    let missing = status_of(client.record_sale(crm(agent_ref("9999"))).await);
+    let missing = status_of(
+        client
+            .record_sale(crm(pb::RecordSaleRequest {
+                agent: "9999".into(),
+                request_id: String::new(),
+            }))
+            .await,
+    );
     assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
     assert!(missing.message().contains("9999"), "{missing:?}");
 

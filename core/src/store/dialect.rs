@@ -169,6 +169,10 @@ pub(crate) struct DirectorySql {
     pub count_call: &'static str,
     /// Binds: agent id, day. Adds one sale.
     pub count_sale: &'static str,
+    /// Binds: actor, request id, action, subject, result.
+    pub remember_request: &'static str,
+    /// Binds: actor, age in ms. Deletes the actor's request ids older than that.
+    pub forget_requests: &'static str,
     /// Binds: agent id, device id.
     pub insert_session: &'static str,
     /// Binds: device id, agent id.
@@ -294,6 +298,17 @@ macro_rules! directory_sql {
                 "SELECT state, reason, until_ms, idle_since_ms, ",
                 $now,
                 " FROM agents WHERE id = ?"
+            ),
+            remember_request: concat!(
+                "INSERT INTO request_ids (actor, request_id, action, subject, result, at_ms) ",
+                "VALUES (?, ?, ?, ?, ?, ",
+                $now,
+                ")"
+            ),
+            forget_requests: concat!(
+                "DELETE FROM request_ids WHERE actor = ? AND at_ms < ",
+                $now,
+                " - ?"
             ),
             insert_audit: concat!(
                 "INSERT INTO audit_log (at_ms, actor, action, subject, detail) VALUES (",

@@ -414,6 +414,13 @@ const GET_AGENT: &str = "SELECT id, name, tags, daily_cap, enabled FROM agents W
 const LIST_AGENTS: &str = "SELECT id, name, tags, daily_cap, enabled FROM agents ORDER BY id";
 const DELETE_AGENT: &str = "DELETE FROM agents WHERE id = ?";
 const DIRECTORY_VERSION: &str = "SELECT version FROM directory_version WHERE id = 1";
+/// Binds: actor, request id. Columns: action, subject, result.
+const REQUEST_SEEN: &str =
+    "SELECT action, subject, result FROM request_ids WHERE actor = ? AND request_id = ?";
+/// How long a request id is remembered.
+const REQUEST_ID_KEPT_MS: i64 = 7 * 24 * 3600 * 1000;
+/// Longest request id.
+pub const MAX_REQUEST_ID_LEN: usize = 64;
 /// The last statement of every directory write (see the migration's comment).
 const BUMP_VERSION: &str = "UPDATE directory_version SET version = version + 1 WHERE id = 1";
 const SET_TAGS: &str = "UPDATE agents SET tags = ? WHERE id = ?";
@@ -476,7 +483,7 @@ macro_rules! write_tx {
                 let value = $body;
                 // Last, so the row lock on the version is held only through the commit.
                 sqlx::query(q(BUMP_VERSION)).execute(&mut *$tx).await?;
-                $tx.commit().await?;
+                $tx.commit().await.map_err(StoreError::OutcomeUnknown)?;
                 Ok::<_, StoreError>(value)
             }
             .await);
@@ -1206,6 +1213,30 @@ impl Store {
             .await
     }
 
+    /// [`Store::record_sale`] that counts once per `request_id` of `actor`: a retry with
+    /// the same id (after a lost answer, say) answers the count the first call answered and
+    /// counts nothing. An id used for another agent is a conflict.
+    pub async fn record_sale_once(
+        &self,
+        agent: &str,
+        day: &str,
+        actor: &str,
+        request_id: &str,
+    ) -> Result<u32, StoreError> {
+        if request_id.is_empty()
+            || request_id.len() > MAX_REQUEST_ID_LEN
+            || !request_id.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(invalid(
+                "request id",
+                format!("must be 1–{MAX_REQUEST_ID_LEN} printable ASCII characters (a UUID fits)"),
+            ));
+        }
+        let sql = self.directory_sql();
+        self.count_with(agent, day, actor, sql.count_sale, Counter::Sales, Some(request_id))
+            .await
+    }
+
     async fn count(
         &self,
         agent: &str,
@@ -1214,12 +1245,46 @@ impl Store {
         increment: &'static str,
         counter: Counter,
     ) -> Result<u32, StoreError> {
+        self.count_with(agent, day, actor, increment, counter, None).await
+    }
+
+    async fn count_with(
+        &self,
+        agent: &str,
+        day: &str,
+        actor: &str,
+        increment: &'static str,
+        counter: Counter,
+        request_id: Option<&str>,
+    ) -> Result<u32, StoreError> {
         check_id("agent id", agent)?;
         check_day(day)?;
         check_actor(actor)?;
         let sql = self.directory_sql();
+        let agent_subject = subject("agent", agent);
         write_tx!(self, tx => {
             lock_agent_state!(tx, sql, agent);
+            if let Some(request_id) = request_id {
+                // Under the agent's lock: two copies of one request cannot both count.
+                let earlier = sqlx::query(q(REQUEST_SEEN))
+                    .bind(actor)
+                    .bind(request_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if let Some(earlier) = earlier {
+                    let action: String = earlier.try_get(0)?;
+                    let subject: String = earlier.try_get(1)?;
+                    let result: i64 = earlier.try_get(2)?;
+                    if action != counter.action() || subject != agent_subject {
+                        return Err(invalid(
+                            "request id",
+                            format!("`{request_id}` was used for {action} of {subject}; send a new id for every new request"),
+                        ));
+                    }
+                    // Nothing to write: the transaction is dropped (rolled back).
+                    return Ok(u32::try_from(result).unwrap_or(u32::MAX));
+                }
+            }
             // The agent's row lock (MySQL) or the write lock (SQLite) is held, so the
             // count read back is this increment's, not a concurrent one's.
             sqlx::query(q(increment))
@@ -1235,9 +1300,24 @@ impl Store {
             let value = u32_column(&row, counter.column())?;
             let mut detail = json!({ "day": day });
             detail[counter.name()] = json!(value);
-            audit(sql, actor, counter.action(), &subject("agent", agent), &detail)
+            audit(sql, actor, counter.action(), &agent_subject, &detail)
                 .execute(&mut *tx)
                 .await?;
+            if let Some(request_id) = request_id {
+                sqlx::query(q(sql.remember_request))
+                    .bind(actor)
+                    .bind(request_id)
+                    .bind(counter.action())
+                    .bind(&agent_subject)
+                    .bind(i64::from(value))
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(q(sql.forget_requests))
+                    .bind(actor)
+                    .bind(REQUEST_ID_KEPT_MS)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             value
         })
     }

@@ -1393,3 +1393,49 @@ async fn registrations_are_stored_updated_found_by_aor_and_deleted() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_sale_retried_with_its_request_id_counts_once() {
+    on_both(|store| async move {
+        store
+            .upsert_agent(&agent("1001", &[], Some(5)), CRM)
+            .await
+            .expect("agent");
+        store
+            .upsert_agent(&agent("1002", &[], None), CRM)
+            .await
+            .expect("agent");
+        let sale = |id: &'static str, actor: &'static str, request: &'static str| {
+            let store = store.clone();
+            async move { store.record_sale_once(id, DAY, actor, request).await }
+        };
+        assert_eq!(sale("1001", CRM, "r-1").await.expect("sale"), 1);
+        // The CRM lost the answer and sends the same request again: answered, not counted.
+        assert_eq!(sale("1001", CRM, "r-1").await.expect("retry"), 1);
+        assert_eq!(sale("1001", CRM, "r-2").await.expect("sale"), 2);
+        // Request ids are the CRM's own: another token's `r-1` is another request.
+        assert_eq!(sale("1001", "crm-other", "r-1").await.expect("sale"), 3);
+        assert!(matches!(
+            sale("1002", CRM, "r-1").await,
+            Err(StoreError::Invalid { field: "request id", .. })
+        ));
+        assert_eq!(
+            store.daily_counts("1001", DAY).await.expect("counts").sales,
+            3
+        );
+        assert_eq!(store.daily_counts("1002", DAY).await.expect("counts").sales, 0);
+        let sales_audited = store
+            .list_audit(100, None)
+            .await
+            .expect("audit")
+            .iter()
+            .filter(|entry| entry.action == "agent.record_sale")
+            .count();
+        assert_eq!(sales_audited, 3, "a retry writes nothing");
+        assert!(matches!(
+            store.record_sale_once("1001", DAY, CRM, "").await,
+            Err(StoreError::Invalid { field: "request id", .. })
+        ));
+    })
+    .await;
+}

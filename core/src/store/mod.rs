@@ -60,6 +60,12 @@ pub enum StoreError {
     /// A query failed (connection lost, timeout, constraint).
     #[error("store query failed: {0}")]
     Query(#[from] sqlx::Error),
+    /// The commit of a change was sent but not confirmed (the connection was lost): the
+    /// change may or may not have been made.
+    #[error(
+        "the store did not confirm the change ({0}): it may or may not have been made; retry with the same request id to make it count once"
+    )]
+    OutcomeUnknown(#[source] sqlx::Error),
     /// A row holds a value this version cannot read.
     #[error("store row for node `{node}` is unreadable: {reason}")]
     CorruptRow {
@@ -508,6 +514,11 @@ fn migrator(sql: &Dialect) -> Migrator {
                 "directory version",
                 include_str!("migrations/mysql/0004_directory_version.sql"),
             ),
+            (
+                5,
+                "request ids",
+                include_str!("migrations/mysql/0005_request_ids.sql"),
+            ),
         ]
     } else {
         &[
@@ -526,6 +537,11 @@ fn migrator(sql: &Dialect) -> Migrator {
                 4,
                 "directory version",
                 include_str!("migrations/sqlite/0004_directory_version.sql"),
+            ),
+            (
+                5,
+                "request ids",
+                include_str!("migrations/sqlite/0005_request_ids.sql"),
             ),
         ]
     };
