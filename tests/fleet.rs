@@ -448,6 +448,62 @@ fn the_call_count_comes_from_asterisk_over_ami() {
     });
 }
 
+/// A PBX that accepts the manager connection and then says nothing (hung, or a firewall
+/// that swallows packets): every AMI exchange waits out its 2 s timeout. Heartbeats must go
+/// on at their interval regardless, saying the PBX is down, or the node blinks out of
+/// routing (TTL 6 s) while its host is fine.
+#[test]
+fn heartbeats_keep_their_interval_while_the_pbx_says_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}/fleet.db", dir.path().display());
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("address").port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let held = held.clone();
+        std::thread::spawn(move || {
+            for connection in silent.incoming().flatten() {
+                held.lock().expect("held").push(connection);
+            }
+        });
+    }
+    let child = callfleet()
+        .arg("node-agent")
+        .env("CALLFLEET_STORE__URL", &url)
+        .env("CALLFLEET_NODE__ID", "pbx-silent")
+        .env("CALLFLEET_NODE__HEARTBEAT_INTERVAL", "300ms")
+        .env("CALLFLEET_NODE__CALLS__SOURCE", "ami")
+        .env(
+            "CALLFLEET_NODE__CALLS__ADDRESS",
+            format!("127.0.0.1:{port}"),
+        )
+        .env("CALLFLEET_NODE__CALLS__USERNAME", "callfleet")
+        .env("CALLFLEET_NODE__CALLS__SECRET", "secret")
+        .env("CALLFLEET_NODE__CALLS__TIMEOUT", "2s")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start node-agent");
+    let _agent = Running { child };
+    wait_until("the node heartbeats", Duration::from_secs(20), || {
+        node(&status(&url), "pbx-silent").is_some()
+    });
+    // Six seconds of heartbeats: their age never reaches the AMI timeout.
+    let mut oldest = 0;
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(6) {
+        let nodes = status(&url);
+        let seen = node(&nodes, "pbx-silent").expect("listed");
+        assert_eq!(seen["pbx_up"], false, "{seen}");
+        oldest = oldest.max(seen["age_ms"].as_u64().expect("an age"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        oldest < 1_000,
+        "a heartbeat waited for the PBX: {oldest} ms old"
+    );
+}
+
 #[test]
 fn status_beside_a_busy_single_box_agent_never_finds_the_store_locked() {
     // `callfleet up` creates, switches to WAL and migrates a new SQLite file and then writes

@@ -54,7 +54,11 @@ pub async fn run(
     let id = node.resolved_id()?;
     let interval = node.heartbeat_interval;
     let sampler = Sampler::new()?;
-    let mut calls = CallCounter::start(&node.calls, interval).await?;
+    let calls = CallCounter::start(&node.calls, interval).await?;
+    // The PBX is asked on its own schedule: a reconnecting AMI (seconds per attempt) must
+    // never hold a heartbeat back, or a healthy node blinks out of routing.
+    let pbx = spawn_call_sampling(calls, interval, node.calls.timeout, shutdown.clone()).await;
+    let mut history: Option<tokio::task::JoinHandle<()>> = None;
     let mut shedder = Shedder::new(&node.shed);
     let provisioning = if config.provisioning.listen.is_empty() {
         None
@@ -83,7 +87,7 @@ pub async fn run(
         }
         let tick = Instant::now();
         let host = sampler.sample().await;
-        let (call_count, pbx_up) = calls.sample().await;
+        let (call_count, pbx_up) = pbx.current();
         shedder.update(host.load_fraction());
         let beat = Heartbeat {
             id: id.clone(),
@@ -118,16 +122,26 @@ pub async fn run(
                 first_of_run = false;
                 retry = FIRST_RETRY;
                 next = tick + interval;
-                if last_history.is_none_or(|at| at.elapsed() >= config.store.history_interval) {
+                // Written beside the heartbeats, one at a time, never in their way.
+                let idle = history
+                    .as_ref()
+                    .is_none_or(tokio::task::JoinHandle::is_finished);
+                if idle
+                    && last_history.is_none_or(|at| at.elapsed() >= config.store.history_interval)
+                {
                     last_history = Some(tick);
-                    let history = store.record_sample(&beat, config.store.history_retention);
-                    match timeout(interval, history).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(err)) => {
-                            tracing::debug!(node = %id, error = %err, "history sample not written")
+                    let (store, retention, id) =
+                        (store.clone(), config.store.history_retention, id.clone());
+                    history = Some(tokio::spawn(async move {
+                        let sample = store.record_sample(&beat, retention);
+                        match timeout(interval, sample).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(err)) => {
+                                tracing::debug!(node = %id, error = %err, "history sample not written")
+                            }
+                            Err(_) => tracing::debug!(node = %id, "history sample timed out"),
                         }
-                        Err(_) => tracing::debug!(node = %id, "history sample timed out"),
-                    }
+                    }));
                 }
             }
             Err(error) => {
@@ -140,6 +154,9 @@ pub async fn run(
             }
         }
     }
+    if let Some(history) = history {
+        history.abort();
+    }
     callfleet_core::shutdown::bounded("shed commands", shedder.finish()).await;
     if let Some(provisioning) = provisioning
         && let Err(err) = provisioning.stopped().await
@@ -148,4 +165,57 @@ pub async fn run(
     }
     tracing::info!(node = %id, "node-agent stopped");
     Ok(())
+}
+
+/// The latest call count read from the PBX, by a task of its own.
+struct PbxReading {
+    latest: tokio::sync::watch::Receiver<(u32, bool, Instant)>,
+    /// A reading older than this says nothing about the PBX now.
+    fresh_for: Duration,
+}
+
+impl PbxReading {
+    /// The count and whether the PBX answered; a sampler stuck longer than `fresh_for`
+    /// (a PBX that accepts connections and then says nothing) reports the PBX down with the
+    /// last count.
+    fn current(&self) -> (u32, bool) {
+        let (calls, up, at) = *self.latest.borrow();
+        (calls, up && at.elapsed() <= self.fresh_for)
+    }
+}
+
+/// Reads the PBX once (the first heartbeat then carries a real count), then every
+/// `interval` in a task of its own.
+async fn spawn_call_sampling(
+    mut calls: CallCounter,
+    interval: Duration,
+    ami_timeout: Duration,
+    shutdown: CancellationToken,
+) -> PbxReading {
+    let first = Instant::now();
+    let (count, up) = calls.sample().await;
+    let (publish, latest) = tokio::sync::watch::channel((count, up, Instant::now()));
+    tokio::spawn(async move {
+        let mut started = first;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = sleep_until(started + interval) => {}
+            }
+            started = Instant::now();
+            let (count, up) = tokio::select! {
+                () = shutdown.cancelled() => return,
+                reading = calls.sample() => reading,
+            };
+            if publish.send((count, up, Instant::now())).is_err() {
+                return;
+            }
+        }
+    });
+    PbxReading {
+        latest,
+        // One exchange may take the AMI timeout; two missed intervals beyond it is a PBX
+        // that does not answer.
+        fresh_for: ami_timeout + interval * 2,
+    }
 }
