@@ -5,6 +5,8 @@
 //! Request-URI); [`print`] writes responses and forwarded messages. Everything borrows from
 //! the received bytes, so the hot path copies only what it sends.
 
+#[cfg(test)]
+mod oracle;
 mod parse;
 pub mod print;
 #[cfg(test)]
@@ -37,9 +39,20 @@ pub enum ParseError {
     /// A header the request needs is missing or unreadable; the field names it.
     #[error("missing or malformed {0} header")]
     BadHeader(&'static str),
-    /// The Request-URI cannot be read.
+    /// The Request-URI cannot be read, or breaks RFC 3261's URI grammar (§25.1) somewhere,
+    /// e.g. a `>` in the user part.
     #[error("malformed Request-URI")]
     BadUri,
+    /// A well-formed Request-URI of a scheme other than `sip`, `sips` and `tel` (RFC 3261
+    /// §8.2.2.1 asks for 416 Unsupported URI Scheme).
+    #[error("unsupported Request-URI scheme")]
+    UnsupportedScheme,
+    /// The CSeq number is not below 2**31 (RFC 3261 §8.1.1.5).
+    #[error("CSeq number of 2**31 or more")]
+    CSeqOutOfRange,
+    /// The CSeq method differs from the request line's (RFC 3261 §8.1.1.5, §20.16).
+    #[error("CSeq method is not the request's method")]
+    CSeqMethodMismatch,
 }
 
 /// Header names we act on; compact forms (RFC 3261 §7.3.3) map to the same variant.
@@ -381,12 +394,19 @@ pub fn tag(value: &[u8]) -> Option<&[u8]> {
         .filter(|v| !v.is_empty())
 }
 
-/// The parts of a `sip:` or `sips:` URI a balancer routes on.
+/// The parts of a `sip:`, `sips:` or `tel:` URI a balancer routes on.
+///
+/// Parsing checks the whole URI against RFC 3261's grammar (§25.1), not only the parts
+/// kept: the user part ends up in a redirect's Contact and the Request-URI in forwarded
+/// requests, so a `>`, a quote or a stray `@` must never get through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Uri<'a> {
     /// `sips` instead of `sip`.
     pub secure: bool,
-    /// The user part (the dialled number), if any.
+    /// A `tel:` URI (RFC 3966): `user` is the number with its parameters, `host` is empty.
+    pub tel: bool,
+    /// The user part (the dialled number), if any; a valid RFC 3261 `user`, escapes as
+    /// written.
     pub user: Option<&'a [u8]>,
     /// The host (IPv6 without brackets).
     pub host: &'a [u8],
@@ -399,55 +419,260 @@ pub struct Uri<'a> {
 }
 
 impl<'a> Uri<'a> {
-    /// Parses a SIP URI; other schemes (e.g. `tel:`) are an error.
+    /// Parses a `sip:`, `sips:` or `tel:` URI. Another scheme is
+    /// [`ParseError::UnsupportedScheme`] when the rest could be a URI at all, else
+    /// [`ParseError::BadUri`].
     pub fn parse(uri: &'a [u8]) -> Result<Self, ParseError> {
         let uri = trim(uri);
-        let (secure, rest) = if uri.len() > 4 && uri[..4].eq_ignore_ascii_case(b"sip:") {
-            (false, &uri[4..])
-        } else if uri.len() > 5 && uri[..5].eq_ignore_ascii_case(b"sips:") {
-            (true, &uri[5..])
+        let colon = memchr::memchr(b':', uri).ok_or(ParseError::BadUri)?;
+        let (scheme, rest) = (&uri[..colon], &uri[colon + 1..]);
+        if scheme.eq_ignore_ascii_case(b"sip") {
+            Self::parse_sip(rest, false)
+        } else if scheme.eq_ignore_ascii_case(b"sips") {
+            Self::parse_sip(rest, true)
+        } else if scheme.eq_ignore_ascii_case(b"tel") {
+            Self::parse_tel(rest)
+        } else if is_scheme(scheme) && !rest.is_empty() && escaped_of(rest, URIC) {
+            Err(ParseError::UnsupportedScheme)
         } else {
-            return Err(ParseError::BadUri);
-        };
-        // Headers (`?…`) end the URI; the userinfo ends at the last `@` before them.
-        let rest = &rest[..rest.iter().position(|b| *b == b'?').unwrap_or(rest.len())];
-        let (user, hostpart) = match rest.iter().rposition(|b| *b == b'@') {
+            Err(ParseError::BadUri)
+        }
+    }
+
+    /// `[ user [ ":" password ] "@" ] hostport *( ";" param ) [ "?" headers ]`.
+    fn parse_sip(rest: &'a [u8], secure: bool) -> Result<Self, ParseError> {
+        let bad = ParseError::BadUri;
+        // No part after the userinfo may hold an unescaped `@`, so the first one ends it
+        // (and a user part may hold `?` and `;`, so it is split off first).
+        let (user, rest) = match memchr::memchr(b'@', rest) {
             Some(at) => {
                 let userinfo = &rest[..at];
-                let user = &userinfo[..userinfo
-                    .iter()
-                    .position(|b| *b == b':')
-                    .unwrap_or(userinfo.len())];
+                let (user, password) = match memchr::memchr(b':', userinfo) {
+                    Some(colon) => (&userinfo[..colon], &userinfo[colon + 1..]),
+                    None => (userinfo, &b""[..]),
+                };
+                if !is_user(user) || !escaped_of(password, PASSWORD) {
+                    return Err(bad);
+                }
                 (Some(user), &rest[at + 1..])
             }
             None => (None, rest),
         };
-        let params_at = hostpart
-            .iter()
-            .position(|b| *b == b';')
-            .unwrap_or(hostpart.len());
-        let (host, port) = split_host_port(&hostpart[..params_at]).ok_or(ParseError::BadUri)?;
-        if host.is_empty() || host.iter().any(|b| is_space(*b)) {
-            return Err(ParseError::BadUri);
+        let (rest, headers) = match memchr::memchr(b'?', rest) {
+            Some(q) => (&rest[..q], Some(&rest[q + 1..])),
+            None => (rest, None),
+        };
+        if let Some(headers) = headers
+            && (headers.is_empty() || !escaped_of(headers, HNV | HEADER_SEPARATOR))
+        {
+            return Err(bad);
+        }
+        let params_at = memchr::memchr(b';', rest).unwrap_or(rest.len());
+        let hostport = &rest[..params_at];
+        let (host, port) = split_host_port(hostport).ok_or(bad)?;
+        let valid_host = if hostport.first() == Some(&b'[') {
+            !host.is_empty()
+                && host
+                    .iter()
+                    .all(|b| b.is_ascii_hexdigit() || b":.".contains(b))
+        } else {
+            !host.is_empty() && host.iter().all(|b| CLASS[usize::from(*b)] & HOST != 0)
+        };
+        if !valid_host || hostport.iter().any(|b| is_space(*b)) {
+            return Err(bad);
         }
         let mut lr = false;
         let mut transport = None;
-        for (name, value) in Params::new(&hostpart[params_at..]) {
-            if name.eq_ignore_ascii_case(b"lr") {
-                lr = true;
-            } else if name.eq_ignore_ascii_case(b"transport") {
-                transport = value;
+        if params_at < rest.len() {
+            for param in rest[params_at + 1..].split(|b| *b == b';') {
+                let (name, value) = match memchr::memchr(b'=', param) {
+                    Some(eq) => (&param[..eq], Some(&param[eq + 1..])),
+                    None => (param, None),
+                };
+                if name.is_empty()
+                    || !escaped_of(name, PARAM)
+                    || value.is_some_and(|v| v.is_empty() || !escaped_of(v, PARAM))
+                {
+                    return Err(bad);
+                }
+                if name.eq_ignore_ascii_case(b"lr") {
+                    lr = true;
+                } else if name.eq_ignore_ascii_case(b"transport") {
+                    transport = value;
+                }
             }
         }
         Ok(Self {
             secure,
-            user: user.filter(|u| !u.is_empty()),
+            tel: false,
+            user,
             host,
             port,
             lr,
             transport,
         })
     }
+
+    /// `telephone-subscriber` (RFC 3966 §3): a number, then `;name[=value]` parameters.
+    /// In a redirect the whole of it becomes the user part of a SIP URI (RFC 3261
+    /// §19.1.6), so what a SIP user part cannot hold unescaped (`#`, `[`, `:`…) is refused.
+    fn parse_tel(subscriber: &'a [u8]) -> Result<Self, ParseError> {
+        let bad = ParseError::BadUri;
+        let number_end = memchr::memchr(b';', subscriber).unwrap_or(subscriber.len());
+        let number = &subscriber[..number_end];
+        let digits = number.strip_prefix(b"+").unwrap_or(number);
+        let phone_digit = |b: &u8| b.is_ascii_hexdigit() || b"*-.()".contains(b);
+        if !digits.iter().any(u8::is_ascii_alphanumeric)
+            || !digits.iter().all(phone_digit)
+            || !is_user(subscriber)
+        {
+            return Err(bad);
+        }
+        if number_end < subscriber.len() {
+            for param in subscriber[number_end + 1..].split(|b| *b == b';') {
+                let name_end = memchr::memchr(b'=', param).unwrap_or(param.len());
+                if name_end == 0 || name_end + 1 == param.len() {
+                    return Err(bad);
+                }
+            }
+        }
+        Ok(Self {
+            secure: false,
+            tel: true,
+            user: Some(subscriber),
+            host: b"",
+            port: None,
+            lr: false,
+            transport: None,
+        })
+    }
+}
+
+/// Character classes of RFC 3261 §25.1, as bits of [`CLASS`].
+const UNRESERVED: u8 = 1;
+/// `user-unreserved`.
+const USER_EXTRA: u8 = 2;
+/// What a password may hold besides `unreserved`.
+const PASSWORD_EXTRA: u8 = 4;
+/// `param-unreserved`.
+const PARAM_EXTRA: u8 = 8;
+/// `hnv-unreserved`.
+const HNV_EXTRA: u8 = 16;
+/// `reserved`.
+const RESERVED: u8 = 32;
+/// Host names: letters, digits, `-`, `.` and (leniently, they are common) `_`.
+const HOST: u8 = 64;
+/// `&` and `=` between URI headers.
+const HEADER_SEPARATOR: u8 = 128;
+
+const USER: u8 = UNRESERVED | USER_EXTRA;
+const PASSWORD: u8 = UNRESERVED | PASSWORD_EXTRA;
+const PARAM: u8 = UNRESERVED | PARAM_EXTRA;
+const HNV: u8 = UNRESERVED | HNV_EXTRA;
+const URIC: u8 = UNRESERVED | RESERVED;
+
+/// The classes of every byte: a URI is checked byte by byte on every request.
+static CLASS: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let c = i as u8;
+        let mut class = 0;
+        if c.is_ascii_alphanumeric() {
+            class |= UNRESERVED | HOST;
+        }
+        let marks: &[u8] = b"-_.!~*'()";
+        let classes: [(&[u8], u8); 6] = [
+            (b"&=+$,;?/", USER_EXTRA),
+            (b"&=+$,", PASSWORD_EXTRA),
+            (b"[]/:&+$", PARAM_EXTRA),
+            (b"[]/?:+$", HNV_EXTRA),
+            (b";/?:@&=+$,", RESERVED),
+            (b"-._", HOST),
+        ];
+        let mut m = 0;
+        while m < marks.len() {
+            if marks[m] == c {
+                class |= UNRESERVED;
+            }
+            m += 1;
+        }
+        let mut k = 0;
+        while k < classes.len() {
+            let (chars, bit) = classes[k];
+            let mut j = 0;
+            while j < chars.len() {
+                if chars[j] == c {
+                    class |= bit;
+                }
+                j += 1;
+            }
+            k += 1;
+        }
+        if c == b'&' || c == b'=' {
+            class |= HEADER_SEPARATOR;
+        }
+        table[i] = class;
+        i += 1;
+    }
+    table
+};
+
+/// Whether `text` consists of bytes of `class` and `%HH` escapes.
+fn escaped_of(text: &[u8], class: u8) -> bool {
+    let mut i = 0;
+    while i < text.len() {
+        let b = text[i];
+        if b == b'%' {
+            let hex = |at: usize| text.get(at).is_some_and(u8::is_ascii_hexdigit);
+            if !(hex(i + 1) && hex(i + 2)) {
+                return false;
+            }
+            i += 3;
+        } else if CLASS[usize::from(b)] & class == 0 {
+            return false;
+        } else {
+            i += 1;
+        }
+    }
+    true
+}
+
+/// RFC 3261 `user`: `1*( unreserved / escaped / user-unreserved )`.
+pub fn is_user(text: &[u8]) -> bool {
+    !text.is_empty() && escaped_of(text, USER)
+}
+
+/// Writes `user` as an RFC 3261 `user`: valid escapes and user characters as they are,
+/// every other byte as `%HH`.
+pub(crate) fn write_user(user: &[u8], out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut i = 0;
+    while i < user.len() {
+        let b = user[i];
+        let escape = b == b'%'
+            && user.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+            && user.get(i + 2).is_some_and(u8::is_ascii_hexdigit);
+        if escape {
+            out.extend_from_slice(&user[i..i + 3]);
+            i += 3;
+            continue;
+        }
+        if CLASS[usize::from(b)] & USER != 0 {
+            out.push(b);
+        } else {
+            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+        }
+        i += 1;
+    }
+}
+
+/// RFC 3986 `scheme`: `ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )`.
+fn is_scheme(text: &[u8]) -> bool {
+    text.first().is_some_and(u8::is_ascii_alphabetic)
+        && text
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(b))
 }
 
 /// What a request carries that is needed to answer it, borrowed from its message.
@@ -473,14 +698,17 @@ pub struct Request<'a> {
     pub from_tag: Option<&'a [u8]>,
     /// Call-ID value.
     pub call_id: &'a [u8],
-    /// CSeq number.
+    /// CSeq number (`u32::MAX` when larger; then `defect` says so).
     pub cseq: u32,
+    /// CSeq number as written, copied into responses (whatever it is when `defect` is set).
+    pub cseq_number: &'a [u8],
     /// CSeq method.
     pub cseq_method: &'a [u8],
     /// Max-Forwards, if present and a number.
     pub max_forwards: Option<u32>,
-    /// A fault that allows answering 400 but not processing: from the framing, or an
-    /// unreadable Max-Forwards.
+    /// A fault that allows answering 400 but not processing: from the framing, a
+    /// malformed or unsupported Request-URI, an unreadable CSeq, a CSeq number of 2**31 or
+    /// more, a CSeq method other than the request's, or an unreadable Max-Forwards.
     pub defect: Option<ParseError>,
 }
 
@@ -510,16 +738,36 @@ impl<'a> Request<'a> {
         let to = single(HeaderName::To, "To")?;
         let call_id = single(HeaderName::CallId, "Call-ID")?;
         let cseq_value = single(HeaderName::CSeq, "CSeq")?;
-        let split = cseq_value
-            .iter()
-            .position(|b| is_space(*b))
-            .ok_or(ParseError::BadHeader("CSeq"))?;
-        let cseq = parse_u32(&cseq_value[..split]).ok_or(ParseError::BadHeader("CSeq"))?;
-        let cseq_method = trim(&cseq_value[split..]);
-        if cseq_method.is_empty() || !cseq_method.iter().all(|b| is_token(*b)) {
-            return Err(ParseError::BadHeader("CSeq"));
-        }
+        // A CSeq we cannot read is still answered (400), copied as written: the sender can
+        // be addressed, and a response must carry its CSeq (RFC 3261 §8.2.6.2).
+        let (cseq_number, cseq_method) = match cseq_value.iter().position(|b| is_space(*b)) {
+            Some(split) => (&cseq_value[..split], trim(&cseq_value[split..])),
+            None => (cseq_value, &b""[..]),
+        };
         let mut defect = message.defect;
+        let readable = cseq_number.iter().all(u8::is_ascii_digit)
+            && !cseq_method.is_empty()
+            && cseq_method.iter().all(|b| is_token(*b));
+        if !readable {
+            defect = defect.or(Some(ParseError::BadHeader("CSeq")));
+        }
+        // Any number of digits is read, so one too large is answered (400), not dropped.
+        let cseq = cseq_number
+            .iter()
+            .filter(|b| b.is_ascii_digit())
+            .fold(0u64, |acc, digit| {
+                acc.saturating_mul(10)
+                    .saturating_add(u64::from(digit - b'0'))
+            });
+        if readable && cseq >= 1 << 31 {
+            defect = defect.or(Some(ParseError::CSeqOutOfRange));
+        }
+        if readable && cseq_method != method {
+            defect = defect.or(Some(ParseError::CSeqMethodMismatch));
+        }
+        if let Err(fault) = Uri::parse(uri) {
+            defect = defect.or(Some(fault));
+        }
         let max_forwards = match message.header(HeaderName::MaxForwards) {
             None => None,
             Some(header) => {
@@ -540,7 +788,8 @@ impl<'a> Request<'a> {
             to_tag: tag(to),
             from_tag: tag(from),
             call_id,
-            cseq,
+            cseq: u32::try_from(cseq).unwrap_or(u32::MAX),
+            cseq_number,
             cseq_method,
             max_forwards,
             defect,

@@ -9,7 +9,7 @@
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
-use super::{HeaderName, Message, Params, Request, StartLine, Via, split_values};
+use super::{HeaderName, Message, Params, Request, StartLine, Uri, Via, split_values};
 
 /// Writes a response to `request`, received from `source`.
 ///
@@ -46,11 +46,52 @@ pub fn response(
     }
     out.extend_from_slice(b"\r\n");
     line(out, b"Call-ID: ", request.call_id);
-    let _ = write!(out, "CSeq: {} ", request.cseq);
+    out.extend_from_slice(b"CSeq: ");
+    out.extend_from_slice(request.cseq_number);
+    out.push(b' ');
     out.extend_from_slice(request.cseq_method);
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(extra);
     out.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+}
+
+/// Writes a redirect's `Contact: <sip:USER@TARGET PARAMS>;q=…` line for the dialled
+/// Request-URI `dialled`.
+///
+/// The scheme follows the dialled URI: `sips` stays `sips`, a `tel` number becomes the user
+/// of a `sip` URI with `;user=phone` (RFC 3261 §19.1.6). The user part is written as an
+/// RFC 3261 `user` whatever it holds (other bytes escaped as `%HH`), so it can never end the
+/// URI or the header. `target` is `host:port`, `params` URI parameters such as
+/// `;transport=tcp`; `q` (a rank from 10 down) gives `;q=1.0`, `;q=0.9`….
+pub fn contact(
+    out: &mut Vec<u8>,
+    dialled: Option<&Uri<'_>>,
+    target: &str,
+    params: &str,
+    q: Option<usize>,
+) {
+    let secure = dialled.is_some_and(|uri| uri.secure);
+    out.extend_from_slice(if secure {
+        b"Contact: <sips:"
+    } else {
+        b"Contact: <sip:"
+    });
+    if let Some(user) = dialled.and_then(|uri| uri.user) {
+        super::write_user(user, out);
+        out.push(b'@');
+    }
+    out.extend_from_slice(target.as_bytes());
+    if dialled.is_some_and(|uri| uri.tel) {
+        out.extend_from_slice(b";user=phone");
+    }
+    out.extend_from_slice(params.as_bytes());
+    out.push(b'>');
+    match q {
+        Some(10..) => out.extend_from_slice(b";q=1.0"),
+        Some(q) => out.extend_from_slice(&[b';', b'q', b'=', b'0', b'.', b'0' + q as u8]),
+        None => {}
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes `request` forwarded by a stateless proxy.
@@ -187,20 +228,37 @@ fn write_received_via(value: &[u8], top: &Via<'_>, source: SocketAddr, out: &mut
     out.extend_from_slice(rest);
 }
 
-/// Writes `via` with a filled `rport` and, when needed, `received`.
+/// Writes `via` with `rport` and `received` set to where it really came from.
+///
+/// Values the sender put there are overwritten, as Kamailio does: a forged
+/// `received=203.0.113.66;rport=9` would otherwise send the PBX's responses (routed back
+/// by this Via) anywhere. `received` is added when the host is not the source address or
+/// `rport` asks for it (RFC 3261 §18.2.1, RFC 3581 §4); `rport` only when asked for.
 fn write_received(via: &Via<'_>, source: SocketAddr, out: &mut Vec<u8>) {
     out.extend_from_slice(&via.raw[..via.params_at]);
+    let (mut wrote_rport, mut wrote_received) = (false, false);
     for (name, param) in Params::new(&via.raw[via.params_at..]) {
+        if name.eq_ignore_ascii_case(b"rport") {
+            // A repeated one says nothing more.
+            if !std::mem::replace(&mut wrote_rport, true) {
+                let _ = write!(out, ";rport={}", source.port());
+            }
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"received") {
+            if !std::mem::replace(&mut wrote_received, true) {
+                let _ = write!(out, ";received={}", source.ip());
+            }
+            continue;
+        }
         out.push(b';');
         out.extend_from_slice(name);
-        if name.eq_ignore_ascii_case(b"rport") && param.is_none_or(<[u8]>::is_empty) {
-            let _ = write!(out, "={}", source.port());
-        } else if let Some(param) = param {
+        if let Some(param) = param {
             out.push(b'=');
             out.extend_from_slice(param);
         }
     }
-    if via.received.is_none() && (via.rport.is_some() || !host_is(via.host, source.ip())) {
+    if !wrote_received && (via.rport.is_some() || !host_is(via.host, source.ip())) {
         let _ = write!(out, ";received={}", source.ip());
     }
 }

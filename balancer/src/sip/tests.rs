@@ -2,6 +2,7 @@ use std::net::SocketAddr;
 
 use proptest::prelude::*;
 
+use super::oracle;
 use super::*;
 
 /// An INVITE exactly as SIPp's `uac_302.xml` scenario sends it (captured with -trace_msg).
@@ -177,6 +178,13 @@ Content-Length: 0\r\n\r\n"
             reason: b"Moved Temporarily"
         }
     );
+    let read = oracle::read(text.as_bytes()).unwrap_or_else(|e| panic!("{e}:\n{text}"));
+    assert_eq!(read.status, Some(302));
+    assert_eq!(read.contacts.len(), 1);
+    assert_eq!(
+        oracle::user(&read.contacts[0].uri.uri).as_deref(),
+        Some("5551234")
+    );
 }
 
 #[test]
@@ -219,6 +227,10 @@ fn stateless_forward_and_response_pop() {
         false,
         &mut out,
     );
+    let read =
+        oracle::read(&out).unwrap_or_else(|e| panic!("{e}:\n{}", String::from_utf8_lossy(&out)));
+    assert_eq!(read.vias.len(), 2);
+    assert_eq!(read.max_forwards, Some(69));
     let forwarded = parse(&out, Framing::Datagram)
         .expect("parses")
         .expect("complete");
@@ -310,11 +322,88 @@ fn uris_split_into_user_host_port() {
     assert_eq!(uri.host, b"2001:db8::1");
     assert_eq!(uri.port, Some(5070));
     assert_eq!(uri.transport, Some(&b"tcp"[..]));
-    assert!(Uri::parse(b"tel:+4930123").is_err());
+    let tel = Uri::parse(b"tel:+49-30-123;phone-context=example.com").expect("tel uri");
+    assert_eq!(
+        (tel.tel, tel.user, tel.host),
+        (
+            true,
+            Some(&b"+49-30-123;phone-context=example.com"[..]),
+            &b""[..]
+        )
+    );
+    let with_password = Uri::parse(b"sip:alice:secret@example.com").expect("uri");
+    assert_eq!(with_password.user, Some(&b"alice"[..]));
+    assert!(Uri::parse(b"SIPS:%41lice@EXAMPLE.com").expect("uri").secure);
+    for (bad, fault) in [
+        (&b"sip:evil.example>@lb"[..], ParseError::BadUri),
+        (b"sip:@lb", ParseError::BadUri),
+        (b"sip:a@b@lb", ParseError::BadUri),
+        (b"sip:lb;;lr", ParseError::BadUri),
+        (b"sip:lb?", ParseError::BadUri),
+        (b"sip:[2001:db8::1", ParseError::BadUri),
+        (b"tel:", ParseError::BadUri),
+        (b"tel:+49#1", ParseError::BadUri),
+        (b"tel:+49;=x", ParseError::BadUri),
+        (b"5551234", ParseError::BadUri),
+        (b"http://lb/5551234", ParseError::UnsupportedScheme),
+        (b"urn:service:sos", ParseError::UnsupportedScheme),
+        (b"http://lb/<x>", ParseError::BadUri),
+    ] {
+        assert_eq!(
+            Uri::parse(bad),
+            Err(fault),
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
+    }
     let bare = Uri::parse(b"sip:pbx.example.com").expect("uri");
     assert_eq!(
         (bare.user, bare.host, bare.port),
         (None, &b"pbx.example.com"[..], None)
+    );
+}
+
+#[test]
+fn redirect_contacts_keep_the_scheme_and_number_and_escape_the_rest() {
+    let contact = |uri: Option<Uri<'_>>, q| {
+        let mut out = Vec::new();
+        print::contact(&mut out, uri.as_ref(), "10.0.0.2:5060", ";transport=tcp", q);
+        String::from_utf8(out).expect("utf8")
+    };
+    let parsed = |text: &'static [u8]| Some(Uri::parse(text).expect("uri"));
+    assert_eq!(
+        contact(parsed(b"sips:5551234@lb"), None),
+        "Contact: <sips:5551234@10.0.0.2:5060;transport=tcp>\r\n"
+    );
+    assert_eq!(
+        contact(parsed(b"tel:+4930123;phone-context=x.example"), Some(10)),
+        "Contact: <sip:+4930123;phone-context=x.example@10.0.0.2:5060;user=phone;transport=tcp>;q=1.0\r\n"
+    );
+    assert_eq!(
+        contact(None, Some(9)),
+        "Contact: <sip:10.0.0.2:5060;transport=tcp>;q=0.9\r\n"
+    );
+    // A user part that did not come through Uri::parse is escaped, never copied raw.
+    let hostile = Uri {
+        user: Some(b"evil.example>@x\r\nX: %4 %41"),
+        ..Uri::parse(b"sip:lb").expect("uri")
+    };
+    let line = contact(Some(hostile), None);
+    assert_eq!(
+        line,
+        "Contact: <sip:evil.example%3E%40x%0D%0AX%3A%20%254%20%41@10.0.0.2:5060;transport=tcp>\r\n"
+    );
+    let message = format!(
+        "SIP/2.0 302 Moved Temporarily\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1\r\n\
+From: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: x\r\nCSeq: 1 INVITE\r\n{line}\
+Content-Length: 0\r\n\r\n"
+    );
+    let read = oracle::read(message.as_bytes()).unwrap_or_else(|e| panic!("{e}:\n{message}"));
+    assert_eq!(read.contacts.len(), 1);
+    assert_eq!(
+        oracle::user(&read.contacts[0].uri.uri).as_deref(),
+        Some("evil.example>@x\r\nX: %4 A"),
+        "the same user, once unescaped"
     );
 }
 
@@ -336,9 +425,21 @@ proptest! {
         if let Ok(Some(message)) = parse(&bytes, Framing::Datagram)
             && let Ok(request) = Request::from_message(message)
         {
-            let mut out = Vec::new();
-            print::response(&request, source(), 302, "Moved Temporarily", b"t", b"", &mut out);
-            print::forward_request(&request, source(), b"SIP/2.0/UDP 127.0.0.1:5060", b"z9hG4bKx", None, true, &mut out);
+            let mut response = Vec::new();
+            print::response(&request, source(), 302, "Moved Temporarily", b"t", b"", &mut response);
+            let mut forwarded = Vec::new();
+            print::forward_request(&request, source(), b"SIP/2.0/UDP 127.0.0.1:5060", b"z9hG4bKx", None, true, &mut forwarded);
+            // What the independent parser can read, we must not make unreadable.
+            if oracle::read(&bytes).is_ok() {
+                for out in [response, forwarded] {
+                    prop_assert!(
+                        oracle::read(&out).is_ok(),
+                        "{:?}:\n{}",
+                        oracle::read(&out).err(),
+                        String::from_utf8_lossy(&out)
+                    );
+                }
+            }
         }
     }
 
@@ -366,5 +467,390 @@ From: <sip:a@x>;tag=f\r\nTo: <sip:100@lb>\r\nCall-ID: {call_id}\r\nCSeq: {cseq} 
         let expected_cseq = format!("{cseq} INVITE");
         prop_assert_eq!(message.header(HeaderName::CSeq).expect("cseq").value, expected_cseq.as_bytes());
         prop_assert_eq!(tag(message.header(HeaderName::To).expect("to").value), Some(&b"t1"[..]));
+        let read = oracle::read(&out).map_err(TestCaseError::fail)?;
+        prop_assert_eq!(read.cseq.cseq, cseq);
+        prop_assert_eq!(read.top_via_param("rport"), Some("5061".to_owned()));
+        prop_assert_eq!(read.top_via_param("received"), Some("127.0.0.1".to_owned()));
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Hostile and unusual requests, through the whole engine, read back by an independent
+// parser (ezk-sip-types, `oracle.rs`) rather than ours.
+// ---------------------------------------------------------------------------------------
+
+mod hostile {
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+
+    use callfleet_core::config::BalancerConfig;
+    use callfleet_core::testing::node_status;
+    use callfleet_core::{NodeId, NodeStatus};
+    use proptest::prelude::*;
+
+    use super::super::oracle;
+    use super::super::*;
+    use crate::engine::{Action, Engine};
+    use crate::route::FleetView;
+
+    const CARRIER: &str = "198.51.100.7:5062";
+    /// Where the balancer proxies the local node's calls (`local_pbx`).
+    const PBX: &str = "127.0.0.1:5080";
+
+    fn carrier() -> SocketAddr {
+        CARRIER.parse().expect("addr")
+    }
+
+    /// A balancer at 192.0.2.10:5060 whose fleet view holds `node-a` (127.0.0.1:5071) and,
+    /// with `local`, itself (`lb`, whose PBX is [`PBX`]) as the only node.
+    fn engine(local: bool) -> Engine {
+        let config = BalancerConfig {
+            listen: "192.0.2.10:5060".into(),
+            local_pbx: PBX.into(),
+            ..BalancerConfig::default()
+        };
+        let id = NodeId::new("lb").expect("id");
+        let engine = Engine::new(&config, id.clone()).expect("engine");
+        let node = if local {
+            node_status("lb", "sip:127.0.0.1:5080")
+        } else {
+            node_status("node-a", "sip:127.0.0.1:5071")
+        };
+        let node = NodeStatus {
+            max_calls: u32::MAX,
+            age_ms: 0,
+            ..node
+        };
+        engine.set_view(FleetView::from_nodes(vec![node], &id, None, Instant::now()));
+        engine
+    }
+
+    fn handle(engine: &Engine, bytes: &[u8]) -> Vec<Action> {
+        let mut actions = Vec::new();
+        engine.handle(
+            bytes,
+            carrier(),
+            Transport::Udp,
+            Instant::now(),
+            Duration::ZERO,
+            &mut actions,
+        );
+        actions
+    }
+
+    /// The one reply `bytes` get, as text; panics on anything else.
+    fn reply(engine: &Engine, bytes: &[u8]) -> String {
+        match &handle(engine, bytes)[..] {
+            [Action::Reply { bytes, .. }] => String::from_utf8_lossy(bytes).into_owned(),
+            other => panic!(
+                "expected one reply to\n{}\ngot {other:?}",
+                String::from_utf8_lossy(bytes)
+            ),
+        }
+    }
+
+    fn counter(engine: &Engine, name: &str) -> u64 {
+        engine
+            .counters
+            .snapshot()
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("no counter {name}"))
+    }
+
+    fn status_line(text: &str) -> &str {
+        text.split("\r\n").next().unwrap_or("")
+    }
+
+    /// A carrier's request; `cseq` is the whole CSeq value.
+    fn req(method: &str, uri: &str, cseq: &str) -> Vec<u8> {
+        req_via(method, uri, cseq, "")
+    }
+
+    /// Like [`req`], with `via_params` appended to the top Via after its branch.
+    fn req_via(method: &str, uri: &str, cseq: &str, via_params: &str) -> Vec<u8> {
+        format!(
+            "{method} {uri} SIP/2.0\r\n\
+Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-h1{via_params}\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:carrier@198.51.100.7>;tag=c1\r\n\
+To: <sip:5551234@192.0.2.10>\r\n\
+Call-ID: hostile-1@198.51.100.7\r\n\
+CSeq: {cseq}\r\n\
+Content-Length: 0\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn cseq_numbers_below_2_31_are_read_and_copied_as_written() {
+        // 2**31 - 1: ten digits, the largest CSeq number RFC 3261 §8.1.1.5 allows.
+        let bytes = req("INVITE", "sip:5551234@192.0.2.10", "2147483647 INVITE");
+        let message = parse(&bytes, Framing::Datagram)
+            .expect("parses")
+            .expect("complete");
+        let request = Request::from_message(message).expect("a ten-digit CSeq is readable");
+        assert_eq!(request.cseq, 2_147_483_647);
+        assert_eq!(request.defect, None);
+        let moved = reply(&engine(false), &bytes);
+        assert_eq!(status_line(&moved), "SIP/2.0 302 Moved Temporarily");
+        let read = oracle::read(moved.as_bytes()).unwrap_or_else(|e| panic!("{e}:\n{moved}"));
+        assert_eq!(read.cseq_number, "2147483647");
+        assert_eq!(read.cseq.cseq, 2_147_483_647);
+    }
+
+    #[test]
+    fn malformed_requests_get_400_and_never_a_routing_decision() {
+        let too_large = "SIP/2.0 400 Bad Request (CSeq number of 2**31 or more)";
+        let mismatch = "SIP/2.0 400 Bad Request (CSeq method is not the request's method)";
+        let bad_uri = "SIP/2.0 400 Bad Request (malformed Request-URI)";
+        let scheme = "SIP/2.0 400 Bad Request (unsupported Request-URI scheme)";
+        let bad_cseq = "SIP/2.0 400 Bad Request (missing or malformed CSeq header)";
+        let corpus: &[(&str, &str, &str, &str)] = &[
+            (
+                "INVITE",
+                "sip:5551234@192.0.2.10",
+                "2147483648 INVITE",
+                too_large,
+            ),
+            (
+                "INVITE",
+                "sip:5551234@192.0.2.10",
+                "4294967296 INVITE",
+                too_large,
+            ),
+            (
+                "INVITE",
+                "sip:5551234@192.0.2.10",
+                "99999999999999999999 INVITE",
+                too_large,
+            ),
+            ("OPTIONS", "sip:192.0.2.10", "2147483648 OPTIONS", too_large),
+            ("INVITE", "sip:5551234@192.0.2.10", "1 OPTIONS", mismatch),
+            ("INVITE", "sip:5551234@192.0.2.10", "1 invite", mismatch),
+            ("OPTIONS", "sip:192.0.2.10", "1 INVITE", mismatch),
+            ("CANCEL", "sip:5551234@192.0.2.10", "1 INVITE", mismatch),
+            ("INVITE", "5551234", "1 INVITE", bad_uri),
+            (
+                "INVITE",
+                "sip:evil.example>@192.0.2.10",
+                "1 INVITE",
+                bad_uri,
+            ),
+            ("INVITE", "sip:a\"b@192.0.2.10", "1 INVITE", bad_uri),
+            ("INVITE", "sip:5551234@", "1 INVITE", bad_uri),
+            ("INVITE", "sip:5551234@192.0.2.10>", "1 INVITE", bad_uri),
+            (
+                "INVITE",
+                "sip:5551234@192.0.2.10;x=<y>",
+                "1 INVITE",
+                bad_uri,
+            ),
+            ("INVITE", "sip:55%2@192.0.2.10", "1 INVITE", bad_uri),
+            ("INVITE", "sip:a@b@192.0.2.10", "1 INVITE", bad_uri),
+            ("INVITE", "tel:+49<30", "1 INVITE", bad_uri),
+            ("INVITE", "http://192.0.2.10/5551234", "1 INVITE", scheme),
+            ("INVITE", "sip:5551234@192.0.2.10", "-1 INVITE", bad_cseq),
+            ("INVITE", "sip:5551234@192.0.2.10", "abc INVITE", bad_cseq),
+            ("INVITE", "sip:5551234@192.0.2.10", "1 INV<ITE", bad_cseq),
+        ];
+        let engine = engine(false);
+        for (method, uri, cseq, expected) in corpus {
+            let bytes = req(method, uri, cseq);
+            let answer = reply(&engine, &bytes);
+            assert_eq!(status_line(&answer), *expected, "{method} {uri} / {cseq}");
+            assert!(!answer.contains("Contact:"), "{answer}");
+            // The number is copied as written, whatever its size.
+            assert!(
+                answer.contains(&format!("\r\nCSeq: {cseq}\r\n")),
+                "{answer}"
+            );
+        }
+        // An ACK is never answered: a malformed one is dropped.
+        let ack = req("ACK", "sip:5551234@192.0.2.10", "1 INVITE");
+        assert_eq!(handle(&engine, &ack), Vec::new());
+        let decisions = ["invites", "redirected", "local", "unavailable", "forwarded"];
+        for name in decisions {
+            assert_eq!(counter(&engine, name), 0, "{name}");
+        }
+        assert_eq!(counter(&engine, "malformed"), corpus.len() as u64 + 1);
+    }
+
+    #[test]
+    fn tel_request_uris_keep_their_number_in_the_contact() {
+        for (uri, contact) in [
+            ("tel:+4930123", "<sip:+4930123@127.0.0.1:5071>"),
+            (
+                "tel:030123;phone-context=+49",
+                "<sip:030123;phone-context=+49@127.0.0.1:5071>",
+            ),
+        ] {
+            let moved = reply(&engine(false), &req("INVITE", uri, "1 INVITE"));
+            assert_eq!(
+                status_line(&moved),
+                "SIP/2.0 302 Moved Temporarily",
+                "{uri}"
+            );
+            assert!(
+                moved.contains(&format!("\r\nContact: {contact}\r\n")),
+                "{uri}:\n{moved}"
+            );
+            oracle::read(moved.as_bytes()).unwrap_or_else(|e| panic!("{e}:\n{moved}"));
+        }
+    }
+
+    #[test]
+    fn forged_received_and_rport_are_overwritten_in_responses_and_forwarded_requests() {
+        let forged = ";rport=9;received=203.0.113.66";
+        let bytes = req_via("OPTIONS", "sip:192.0.2.10", "1 OPTIONS", forged);
+        let ok = reply(&engine(false), &bytes);
+        assert!(
+            ok.contains(
+                "\r\nVia: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-h1;rport=5062;received=198.51.100.7\r\n"
+            ),
+            "{ok}"
+        );
+        let read = oracle::read(ok.as_bytes()).unwrap_or_else(|e| panic!("{e}:\n{ok}"));
+        assert_eq!(read.top_via_param_count("received"), 1, "{ok}");
+        assert_eq!(read.top_via_param_count("rport"), 1, "{ok}");
+        assert_eq!(
+            read.top_via_param("received").as_deref(),
+            Some("198.51.100.7")
+        );
+        assert_eq!(read.top_via_param("rport").as_deref(), Some("5062"));
+
+        // Without rport and with the source's own address as host, a received that is
+        // present is still rewritten (Kamailio does the same), never kept.
+        let bytes = req_via(
+            "INVITE",
+            "sip:5551234@192.0.2.10",
+            "1 INVITE",
+            ";received=203.0.113.66",
+        );
+        let engine = engine(true);
+        let forwarded = match &handle(&engine, &bytes)[..] {
+            [Action::Forward { to, bytes, .. }] => {
+                assert_eq!(*to, PBX.parse::<SocketAddr>().expect("addr"));
+                String::from_utf8_lossy(bytes).into_owned()
+            }
+            other => panic!("expected the INVITE proxied to the PBX, got {other:?}"),
+        };
+        let read =
+            oracle::read(forwarded.as_bytes()).unwrap_or_else(|e| panic!("{e}:\n{forwarded}"));
+        assert_eq!(read.vias.len(), 2, "{forwarded}");
+        let carrier_via = read.values(&ezk_sip_types::Name::VIA)[1];
+        assert_eq!(
+            carrier_via,
+            "SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK-h1;received=198.51.100.7"
+        );
+    }
+
+    #[test]
+    fn a_forged_via_does_not_send_the_pbx_s_answers_elsewhere() {
+        let engine = engine(true);
+        let bytes = req_via(
+            "INVITE",
+            "sip:5551234@192.0.2.10",
+            "1 INVITE",
+            ";rport=9;received=203.0.113.66",
+        );
+        let forwarded = match &handle(&engine, &bytes)[..] {
+            [Action::Forward { bytes, .. }] => bytes.clone(),
+            other => panic!("expected the INVITE proxied to the PBX, got {other:?}"),
+        };
+        // The PBX rings: its 180 echoes the Vias it got, ours on top.
+        let message = parse(&forwarded, Framing::Datagram)
+            .expect("parses")
+            .expect("complete");
+        let mut ringing = b"SIP/2.0 180 Ringing\r\n".to_vec();
+        for via in message.headers_named(HeaderName::Via) {
+            ringing.extend_from_slice(b"Via: ");
+            ringing.extend_from_slice(via.value);
+            ringing.extend_from_slice(b"\r\n");
+        }
+        ringing.extend_from_slice(
+            b"From: <sip:carrier@198.51.100.7>;tag=c1\r\nTo: <sip:5551234@192.0.2.10>;tag=p1\r\n\
+Call-ID: hostile-1@198.51.100.7\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n",
+        );
+        let mut actions = Vec::new();
+        engine.handle(
+            &ringing,
+            PBX.parse().expect("addr"),
+            Transport::Udp,
+            Instant::now(),
+            Duration::ZERO,
+            &mut actions,
+        );
+        match &actions[..] {
+            [Action::Forward { to, .. }] => assert_eq!(*to, carrier(), "the 180 goes back"),
+            other => panic!("expected the 180 forwarded, got {other:?}"),
+        }
+    }
+
+    /// RFC 3261 §25.1: `user = 1*( unreserved / escaped / user-unreserved )`.
+    fn is_sip_user(user: &[u8]) -> bool {
+        let mut i = 0;
+        while i < user.len() {
+            let b = user[i];
+            if b == b'%' {
+                let hex = |at: usize| user.get(at).is_some_and(u8::is_ascii_hexdigit);
+                if !(hex(i + 1) && hex(i + 2)) {
+                    return false;
+                }
+                i += 3;
+                continue;
+            }
+            let unreserved = b.is_ascii_alphanumeric() || b"-_.!~*'()".contains(&b);
+            let user_unreserved = b"&=+$,;?/".contains(&b);
+            if !(unreserved || user_unreserved) {
+                return false;
+            }
+            i += 1;
+        }
+        !user.is_empty()
+    }
+
+    proptest! {
+        /// Whatever the dialled user part, the 302's Contact reads as one URI with that user,
+        /// or there is no 302: a user part that is not one per RFC 3261 gets a 400.
+        #[test]
+        fn the_dialled_user_reaches_the_contact_intact_or_not_at_all(
+            // Not `:`, which would start a password (never copied to the Contact).
+            user in "[a-zA-Z0-9%<>@\"' ,.;=+?/&$!~*()_#{}|^`\\[\\]\\\\-]{1,12}",
+        ) {
+            let engine = engine(false);
+            let bytes = req("INVITE", &format!("sip:{user}@192.0.2.10"), "1 INVITE");
+            let answers = handle(&engine, &bytes);
+            let answer = match &answers[..] {
+                [Action::Reply { bytes, .. }] => String::from_utf8_lossy(bytes).into_owned(),
+                [] => {
+                    // Only a user with a space splits the request line: not SIP at all.
+                    prop_assert!(user.contains(' '), "no answer to {user:?}");
+                    return Ok(());
+                }
+                other => panic!("{other:?}"),
+            };
+            if is_sip_user(user.as_bytes()) {
+                prop_assert_eq!(status_line(&answer), "SIP/2.0 302 Moved Temporarily");
+                let read = oracle::read(answer.as_bytes())
+                    .map_err(|e| TestCaseError::fail(format!("{e}:\n{answer}")))?;
+                prop_assert_eq!(read.contacts.len(), 1, "{}", answer);
+                let contact = oracle::user(&read.contacts[0].uri.uri);
+                let dialled = ezk_sip_types::uri::SipUri::from_str(&format!("sip:{user}@h"))
+                    .map(|uri| oracle::user(&uri))
+                    .map_err(|e| TestCaseError::fail(format!("{e}")))?;
+                prop_assert_eq!(contact, dialled, "{}", answer);
+            } else {
+                prop_assert_eq!(
+                    status_line(&answer),
+                    "SIP/2.0 400 Bad Request (malformed Request-URI)",
+                    "{:?}", user
+                );
+                prop_assert_eq!(oracle::contacts(answer.as_bytes()).map(|c| c.len()), Ok(0));
+            }
+        }
+    }
+
+    use std::str::FromStr as _;
 }
