@@ -51,13 +51,24 @@ impl CallCounter {
                     backoff: min_backoff,
                     retry_at: None,
                 };
-                match source.connect().await {
-                    Ok(client) => {
-                        tracing::info!(address = %config.address, "connected to the asterisk manager");
+                // A first count proves the user may run what it must: a refused login or a
+                // refused command is a configuration error that no retry fixes.
+                let first = match source.connect().await {
+                    Ok(mut client) => client.active_calls().await.map(|calls| (client, calls)),
+                    Err(err) => Err(err),
+                };
+                match first {
+                    Ok((client, calls)) => {
+                        tracing::info!(address = %config.address, calls, "connected to the asterisk manager");
                         source.client = Some(client);
                         source.up = true;
+                        source.last_calls = calls;
                     }
-                    Err(err @ AmiError::AuthFailed { .. }) => return Err(err),
+                    Err(
+                        err @ (AmiError::AuthFailed { .. } | AmiError::PermissionDenied { .. }),
+                    ) => {
+                        return Err(err);
+                    }
                     Err(err) => {
                         tracing::warn!(error = %err, "pbx unreachable; reporting pbx_up=false and retrying");
                         source.retry_at = Some(Instant::now() + source.backoff);
@@ -105,6 +116,13 @@ impl AmiSource {
                     self.backoff = self.min_backoff;
                     self.retry_at = None;
                     self.last_calls = calls;
+                }
+                Err(err @ AmiError::PermissionDenied { .. }) => {
+                    // Taken away while running: said loudly, and retried (an operator may
+                    // give it back without restarting the agent).
+                    tracing::error!(error = %err, "pbx refuses the call count");
+                    self.client = None;
+                    self.failed(err);
                 }
                 Err(err) => {
                     self.client = None;

@@ -36,6 +36,18 @@ pub enum AmiError {
         /// Asterisk's `Message`, e.g. `Authentication failed`.
         message: String,
     },
+    /// The user may log in but not run the `Command` action the call count needs.
+    /// Retrying will not help either.
+    #[error(
+        "asterisk manager at {address} lets user {username} log in but refuses it `core show channels count` \
+         (permission denied); give the user `write = command` in manager.conf, as `callfleet asterisk-config` writes it"
+    )]
+    PermissionDenied {
+        /// `host:port` of the manager.
+        address: String,
+        /// The manager user.
+        username: String,
+    },
     /// No connection, or the connection broke or was closed.
     #[error("asterisk manager at {address}: {source}")]
     Io {
@@ -71,6 +83,7 @@ pub enum AmiError {
 /// actions. After an error the connection may be mid-message; drop it and connect again.
 pub struct AmiClient {
     address: String,
+    username: String,
     stream: TcpStream,
     buffer: BytesMut,
     timeout: Duration,
@@ -106,6 +119,7 @@ impl AmiClient {
                 .map_err(|source| io_error(address, source))?;
             let mut client = Self {
                 address: address.to_owned(),
+                username: username.to_owned(),
                 stream,
                 buffer: BytesMut::with_capacity(4096),
                 timeout,
@@ -137,14 +151,16 @@ impl AmiClient {
                     .request("Command", &[("Command", CHANNELS_COUNT)])
                     .await?;
                 if reply.response() != Some("Success") {
-                    let mut detail = format!("refused `{CHANNELS_COUNT}`: {}", reply.summary(200));
                     if reply
                         .get("Message")
                         .is_some_and(|m| m.eq_ignore_ascii_case("Permission denied"))
                     {
-                        detail
-                            .push_str("; the manager user needs `write = command` in manager.conf");
+                        return Err(AmiError::PermissionDenied {
+                            address: self.address.clone(),
+                            username: self.username.clone(),
+                        });
                     }
+                    let detail = format!("refused `{CHANNELS_COUNT}`: {}", reply.summary(200));
                     return Err(self.protocol(detail));
                 }
                 proto::active_calls(&reply).ok_or_else(|| {

@@ -408,6 +408,62 @@ async fn cli_error_is_a_protocol_error_quoting_the_reply() {
     server.await.expect("server script");
 }
 
+/// What Asterisk's manager.c answers (`astman_send_error(s, m, "Permission denied")`) when
+/// the user lacks the class an action needs.
+#[tokio::test]
+async fn a_refused_command_is_a_permission_error_naming_the_fix() {
+    let capture = Capture::login_and_core_show_channels();
+    let greeting = capture.greeting("conn-main");
+    let accepted = capture.reply("conn-main", "1");
+    let (address, server) = serve_once(move |mut peer| async move {
+        peer.send(&greeting).await;
+        peer.answer(&accepted, "1").await;
+        let denied = "Response: Error\r\nActionID: cmd\r\nMessage: Permission denied\r\n\r\n";
+        peer.answer(denied, "cmd").await;
+    })
+    .await;
+    let mut client = AmiClient::connect(&address, "refadmin", "refsecret", PATIENT)
+        .await
+        .expect("login accepted");
+    let err = client.active_calls().await.expect_err("denied");
+    assert!(matches!(err, AmiError::PermissionDenied { .. }), "{err:?}");
+    let shown = err.to_string();
+    assert!(
+        shown.contains("user refadmin") && shown.contains("write = command"),
+        "{shown}"
+    );
+    server.await.expect("server script");
+}
+
+/// The agent refuses to start on such a user, as on a wrong secret: no retry fixes it.
+#[tokio::test]
+async fn a_user_without_the_command_right_stops_the_agent_at_start() {
+    let capture = Capture::login_and_core_show_channels();
+    let greeting = capture.greeting("conn-main");
+    let accepted = capture.reply("conn-main", "1");
+    let (address, server) = serve_once(move |mut peer| async move {
+        peer.send(&greeting).await;
+        peer.answer(&accepted, "1").await;
+        let denied = "Response: Error\r\nActionID: cmd\r\nMessage: Permission denied\r\n\r\n";
+        peer.answer(denied, "cmd").await;
+    })
+    .await;
+    let config = callfleet_core::config::CallsConfig {
+        source: callfleet_core::config::CallSourceKind::Ami,
+        address,
+        username: "refadmin".into(),
+        secret: callfleet_core::config::Secret::new("refsecret"),
+        timeout: PATIENT,
+        ..callfleet_core::config::CallsConfig::default()
+    };
+    let started = crate::calls::CallCounter::start(&config, Duration::from_millis(100)).await;
+    assert!(
+        matches!(started, Err(AmiError::PermissionDenied { .. })),
+        "{started:?}"
+    );
+    server.await.expect("server script");
+}
+
 #[tokio::test]
 async fn reply_without_a_count_is_a_protocol_error() {
     let capture = Capture::login_and_core_show_channels();
