@@ -5,6 +5,12 @@
 //! Besides "never panics": a framed message never claims more bytes than it was given, a
 //! strict prefix of a framed message never parses as a complete one, and every response
 //! or forwarded message the engine prints parses again.
+//!
+//! Parsing again with our own parser cannot see what our parser gets wrong (it read
+//! `Contact: <sip:evil.example>@node>` as one URI), so an independent one
+//! (ezk-sip-types, through `balancer/src/sip/oracle.rs`) reads the output too: every
+//! Contact we print reads whole, whatever came in, and when the input itself reads as SIP
+//! to it, so does everything we print in answer.
 
 #![no_main]
 
@@ -19,6 +25,10 @@ use callfleet_core::config::BalancerConfig;
 use callfleet_core::testing::node_status;
 use callfleet_core::{NodeId, NodeStatus};
 use libfuzzer_sys::fuzz_target;
+
+#[path = "../../balancer/src/sip/oracle.rs"]
+#[allow(dead_code)]
+mod oracle;
 
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
@@ -57,16 +67,32 @@ fuzz_target!(|data: &[u8]| {
         rest = &rest[message.len..];
     }
     let source: SocketAddr = "192.0.2.1:5060".parse().expect("addr");
+    let input_reads = oracle::read(data).is_ok();
     let mut actions = Vec::new();
     for transport in [Transport::Udp, Transport::Tcp] {
         engine().handle(data, source, transport, Instant::now(), Duration::ZERO, &mut actions);
         for action in actions.drain(..) {
             if let Action::Reply { bytes, .. } | Action::Forward { bytes, .. } = action {
+                let text = String::from_utf8_lossy(&bytes);
                 assert!(
                     matches!(parse(&bytes, Framing::Datagram), Ok(Some(_))),
-                    "we printed something we cannot parse: {}",
-                    String::from_utf8_lossy(&bytes)
+                    "we printed something we cannot parse: {text}"
                 );
+                let lines = text.lines().filter(|l| l.starts_with("Contact:")).count();
+                match oracle::contacts(&bytes) {
+                    Ok(contacts) => assert_eq!(
+                        contacts.len(),
+                        lines,
+                        "one Contact per Contact line we print: {text}"
+                    ),
+                    Err(e) => panic!("a Contact we printed does not read: {e}\n{text}"),
+                }
+                if input_reads && let Err(e) = oracle::read(&bytes) {
+                    panic!(
+                        "SIP that ezk-sip-types reads got an answer it does not: {e}\n{}\n----\n{text}",
+                        String::from_utf8_lossy(data)
+                    );
+                }
             }
         }
     }

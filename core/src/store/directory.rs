@@ -1233,8 +1233,15 @@ impl Store {
             ));
         }
         let sql = self.directory_sql();
-        self.count_with(agent, day, actor, sql.count_sale, Counter::Sales, Some(request_id))
-            .await
+        self.count_with(
+            agent,
+            day,
+            actor,
+            sql.count_sale,
+            Counter::Sales,
+            Some(request_id),
+        )
+        .await
     }
 
     async fn count(
@@ -1245,7 +1252,8 @@ impl Store {
         increment: &'static str,
         counter: Counter,
     ) -> Result<u32, StoreError> {
-        self.count_with(agent, day, actor, increment, counter, None).await
+        self.count_with(agent, day, actor, increment, counter, None)
+            .await
     }
 
     async fn count_with(

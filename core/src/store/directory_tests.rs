@@ -1417,13 +1417,19 @@ async fn a_sale_retried_with_its_request_id_counts_once() {
         assert_eq!(sale("1001", "crm-other", "r-1").await.expect("sale"), 3);
         assert!(matches!(
             sale("1002", CRM, "r-1").await,
-            Err(StoreError::Invalid { field: "request id", .. })
+            Err(StoreError::Invalid {
+                field: "request id",
+                ..
+            })
         ));
         assert_eq!(
             store.daily_counts("1001", DAY).await.expect("counts").sales,
             3
         );
-        assert_eq!(store.daily_counts("1002", DAY).await.expect("counts").sales, 0);
+        assert_eq!(
+            store.daily_counts("1002", DAY).await.expect("counts").sales,
+            0
+        );
         let sales_audited = store
             .list_audit(100, None)
             .await
@@ -1434,7 +1440,10 @@ async fn a_sale_retried_with_its_request_id_counts_once() {
         assert_eq!(sales_audited, 3, "a retry writes nothing");
         assert!(matches!(
             store.record_sale_once("1001", DAY, CRM, "").await,
-            Err(StoreError::Invalid { field: "request id", .. })
+            Err(StoreError::Invalid {
+                field: "request id",
+                ..
+            })
         ));
     })
     .await;
