@@ -426,7 +426,14 @@ async fn remove_member(
 
 /// Public: no token. Served from memory.
 async fn queue_status(State(control): Shared, Path(queue): Path<String>) -> Reply {
-    ok(control.queue_status(&queue)?)
+    let mut response = ok(control.queue_status(&queue)?)?;
+    // A website's visitors all ask the same: a cache in front (or the browser) may answer
+    // for a second, which is also how often the directory is re-read.
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("public, max-age=1"),
+    );
+    Ok(response)
 }
 
 #[derive(Debug, Deserialize)]

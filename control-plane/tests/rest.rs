@@ -211,6 +211,11 @@ impl Api {
             .get(&format!("/queues/{queue}/status"), None)
             .await
             .expect(StatusCode::OK);
+        assert_eq!(
+            reply.headers.get(header::CACHE_CONTROL).map(|v| v.as_bytes()),
+            Some(&b"public, max-age=1"[..]),
+            "a cache in front may answer for a second"
+        );
         let keys: BTreeSet<&str> = reply
             .json
             .as_object()
