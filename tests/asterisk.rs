@@ -532,46 +532,21 @@ fn devices_come_from_the_control_plane_and_outlive_its_outage() {
         assert!(matches!(&answer, Some((200, _))), "{device}: {answer:?}");
     }
 
-    let provisioning_port = free_port();
-    let provisioning = [
-        (
-            "CALLFLEET_PROVISIONING__LISTEN",
-            format!("127.0.0.1:{provisioning_port}"),
-        ),
-        (
-            "CALLFLEET_PROVISIONING__CONTROL_PLANE",
-            format!("http://127.0.0.1:{control_port}"),
-        ),
-        ("CALLFLEET_PROVISIONING__TOKEN", NODE_TOKEN.to_owned()),
-        ("CALLFLEET_PROVISIONING__DEADLINE", "300ms".to_owned()),
-        (
-            "CALLFLEET_PROVISIONING__PENDING_FILE",
-            dir.path().join("pending.jsonl").display().to_string(),
-        ),
-    ];
-    let asterisk = Asterisk::start_with(&dir.path().join("pbx"), &provisioning, None);
-    let agent_log = dir.path().join("agent.log");
-    let _agent = Running {
-        child: callfleet()
-            .arg("node-agent")
-            .envs(Asterisk::node_env(
-                &prefix(),
-                asterisk.sip_port,
-                asterisk.ami_port,
-            ))
-            .envs(provisioning.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("CALLFLEET_STORE__URL", &url)
-            .env("CALLFLEET_NODE__ID", "pbx-1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&agent_log).expect("agent log"))
-            .spawn()
-            .expect("start node-agent"),
-    };
-    wait_until(
-        "the provisioning endpoint answers",
-        Duration::from_secs(20),
-        || http(provisioning_port, "GET", "/stats", "", "").is_some_and(|(s, _)| s == 200),
+    let node = RealtimeNode::start_with(
+        dir.path(),
+        "pbx-1",
+        &url,
+        control_port,
+        &[
+            ("DEADLINE", "300ms".to_owned()),
+            (
+                "PENDING_FILE",
+                dir.path().join("pending.jsonl").display().to_string(),
+            ),
+        ],
     );
+    let (asterisk, provisioning_port) = (&node.asterisk, node.provisioning_port);
+    let agent_log = dir.path().join("agent.log");
 
     let first_port = free_port();
     let mut first = registering_phone(
@@ -700,41 +675,14 @@ fn without_the_cache_an_outage_of_the_control_plane_loses_the_devices() {
         &body,
     );
     assert!(matches!(&answer, Some((200, _))), "{answer:?}");
-    let provisioning_port = free_port();
-    let provisioning = [
-        (
-            "CALLFLEET_PROVISIONING__LISTEN",
-            format!("127.0.0.1:{provisioning_port}"),
-        ),
-        (
-            "CALLFLEET_PROVISIONING__CONTROL_PLANE",
-            format!("http://127.0.0.1:{control_port}"),
-        ),
-        ("CALLFLEET_PROVISIONING__TOKEN", NODE_TOKEN.to_owned()),
-        ("CALLFLEET_PROVISIONING__STALE_MAX", "1ms".to_owned()),
-    ];
-    let asterisk = Asterisk::start_with(&dir.path().join("pbx"), &provisioning, None);
-    let _agent = Running {
-        child: callfleet()
-            .arg("node-agent")
-            .envs(Asterisk::node_env(
-                &prefix(),
-                asterisk.sip_port,
-                asterisk.ami_port,
-            ))
-            .envs(provisioning.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("CALLFLEET_STORE__URL", &url)
-            .env("CALLFLEET_NODE__ID", "pbx-1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("agent.log")).expect("agent log"))
-            .spawn()
-            .expect("start node-agent"),
-    };
-    wait_until(
-        "the provisioning endpoint answers",
-        Duration::from_secs(20),
-        || http(provisioning_port, "GET", "/stats", "", "").is_some_and(|(s, _)| s == 200),
+    let node = RealtimeNode::start_with(
+        dir.path(),
+        "pbx-1",
+        &url,
+        control_port,
+        &[("STALE_MAX", "1ms".to_owned())],
     );
+    let (asterisk, provisioning_port) = (&node.asterisk, node.provisioning_port);
     assert_eq!(
         call(&dir.path().join("call-1"), "2001", asterisk.sip_port, 2),
         (2, 0),
@@ -760,19 +708,42 @@ struct RealtimeNode {
 
 impl RealtimeNode {
     fn start(dir: &Path, id: &str, url: &str, control_port: u16) -> Self {
+        Self::start_with(dir, id, url, control_port, &[])
+    }
+
+    /// [`RealtimeNode::start`] with more `[provisioning]` settings (`KEY`, value), and the
+    /// node-agent's log in `dir/agent.log`.
+    fn start_with(
+        dir: &Path,
+        id: &str,
+        url: &str,
+        control_port: u16,
+        more: &[(&str, String)],
+    ) -> Self {
         let provisioning_port = free_port();
-        let provisioning = [
+        let mut provisioning = vec![
             (
-                "CALLFLEET_PROVISIONING__LISTEN",
+                "CALLFLEET_PROVISIONING__LISTEN".to_owned(),
                 format!("127.0.0.1:{provisioning_port}"),
             ),
             (
-                "CALLFLEET_PROVISIONING__CONTROL_PLANE",
+                "CALLFLEET_PROVISIONING__CONTROL_PLANE".to_owned(),
                 format!("http://127.0.0.1:{control_port}"),
             ),
-            ("CALLFLEET_PROVISIONING__TOKEN", NODE_TOKEN.to_owned()),
+            (
+                "CALLFLEET_PROVISIONING__TOKEN".to_owned(),
+                NODE_TOKEN.to_owned(),
+            ),
         ];
-        let asterisk = Asterisk::start_with(&dir.join("pbx"), &provisioning, None);
+        provisioning.extend(
+            more.iter()
+                .map(|(key, value)| (format!("CALLFLEET_PROVISIONING__{key}"), value.clone())),
+        );
+        let env: Vec<(&str, String)> = provisioning
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.clone()))
+            .collect();
+        let asterisk = Asterisk::start_with(&dir.join("pbx"), &env, None);
         let agent = Running {
             child: callfleet()
                 .arg("node-agent")
@@ -781,7 +752,7 @@ impl RealtimeNode {
                     asterisk.sip_port,
                     asterisk.ami_port,
                 ))
-                .envs(provisioning.iter().map(|(k, v)| (*k, v.as_str())))
+                .envs(provisioning.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                 .env("CALLFLEET_STORE__URL", url)
                 .env("CALLFLEET_NODE__ID", id)
                 .stdout(Stdio::null())
