@@ -212,7 +212,10 @@ impl Api {
             .await
             .expect(StatusCode::OK);
         assert_eq!(
-            reply.headers.get(header::CACHE_CONTROL).map(|v| v.as_bytes()),
+            reply
+                .headers
+                .get(header::CACHE_CONTROL)
+                .map(|v| v.as_bytes()),
             Some(&b"public, max-age=1"[..]),
             "a cache in front may answer for a second"
         );
