@@ -3,7 +3,8 @@
 //! The parser borrows from the input and allocates only the header index. It is lenient
 //! where RFC 3261 asks receivers to be (bare LF line ends, folded header lines, any case in
 //! header names, compact names, whitespace around `:`), and strict where a mistake would
-//! make us answer the wrong party or mis-frame a TCP stream.
+//! make us answer the wrong party, mis-frame a TCP stream, or copy a line break another
+//! parser reads (a bare CR) into what we send.
 
 use super::{HeaderName, ParseError};
 
@@ -137,6 +138,12 @@ pub fn parse(input: &[u8], framing: Framing) -> Result<Option<Message<'_>>, Pars
         });
         pos = next;
     };
+    // A CR is only ever half of a line end here. Left inside a value, it would be copied
+    // into our responses and forwarded requests, where parsers that end lines at a bare CR
+    // (many do) would read the rest as a header line of its own.
+    if memchr::memchr_iter(b'\r', &buf[..head_len]).any(|i| buf.get(i + 1) != Some(&b'\n')) {
+        return Err(ParseError::BadHeaderLine);
+    }
     for header in &headers {
         if header.name == HeaderName::ContentLength {
             match parse_u32(header.value) {
