@@ -2,8 +2,10 @@
 //!
 //! UDP runs on plain threads because the work per datagram is a few microseconds: an async
 //! wake-up would cost as much as the request itself. TCP connections are few and long-lived
-//! (carrier trunks), so they live on the runtime.
+//! (carrier trunks), so they live on the runtime; [`frame`] finds the messages in their
+//! byte streams without I/O, [`tcp`] bounds what each connection may hold.
 
+pub mod frame;
 pub mod tcp;
 pub mod udp;
 
