@@ -1,26 +1,124 @@
-//! TCP: one task per connection, messages framed by Content-Length.
+//! TCP: one task per connection, messages framed by Content-Length ([`super::frame`]).
+//!
+//! Carrier trunks are few and long-lived, so they live on the runtime. What a broken or
+//! hostile peer could otherwise hold is bounded ([`Limits`]):
+//! - addresses outside `balancer.allow` are closed at accept, before a byte is read;
+//! - connections are capped in all and per address; past a cap a connection is closed at
+//!   once (the carrier's next balancer gets the call), never left in the accept queue;
+//! - a connection must complete a message within `message_timeout` of opening, each
+//!   message within `message_timeout` of its first byte (slow drips), and an idle one is
+//!   closed after `idle_timeout`;
+//! - a peer that does not read its answers stops being read (the answer queue is bounded)
+//!   and is closed once a write makes no progress for `write_timeout`;
+//! - at shutdown, answers already queued get at most `drain` to leave.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use callfleet_core::ConfigError;
+use callfleet_core::config::BalancerConfig;
+use callfleet_core::net::Cidr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::TcpRoutes;
+use super::frame::{Frame, Framer};
 use crate::engine::{Action, Engine};
-use crate::sip::{self, Framing, Transport};
+use crate::sip::Transport;
 
-/// Connections served at once; more wait in the kernel's accept queue.
-const MAX_CONNECTIONS: usize = 4096;
-/// Responses queued per connection before new ones are dropped (the peer is not reading).
-const QUEUE: usize = 256;
+/// What one connection, and all of them, may hold. The defaults are built in until they
+/// become `balancer.tcp_*` configuration keys.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest message, in bytes (`balancer.max_message`).
+    pub max_message: usize,
+    /// Networks that may connect (`balancer.allow`); empty = anyone.
+    pub allow: Vec<Cidr>,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Connections served at once from one IP address.
+    pub per_address: usize,
+    /// How long a message may take from its first byte, and a new connection to its first
+    /// message.
+    pub message_timeout: Duration,
+    /// How long a connection may carry nothing either way.
+    pub idle_timeout: Duration,
+    /// How long one answer may take to be written.
+    pub write_timeout: Duration,
+    /// How long queued answers may take to leave once shutdown begins.
+    pub drain: Duration,
+    /// Answers queued per connection; when full, the connection is not read.
+    pub queue: usize,
+}
 
-/// Accepts connections until `shutdown`.
+impl Limits {
+    /// The built-in limits for messages of at most `max_message` bytes, open to anyone.
+    pub fn new(max_message: usize) -> Self {
+        Self {
+            max_message,
+            allow: Vec::new(),
+            // Each holds at most about max_message + READ_CHUNK of buffer.
+            max_connections: 4096,
+            // A carrier's SBC opens one or a few; 64 leaves room for many SBCs behind one
+            // NAT address while one address cannot take the whole table.
+            per_address: 64,
+            // What OpenSIPS allows a message by default (tcp_max_msg_time, 4 s), rounded up.
+            message_timeout: Duration::from_secs(5),
+            // Above the 120 s at most between RFC 5626 keep-alives (§4.4.1), and above the
+            // 30–60 s OPTIONS pings carriers send on trunks.
+            idle_timeout: Duration::from_secs(180),
+            write_timeout: Duration::from_secs(10),
+            // Well inside the 10 s drain `callfleet` gives every component.
+            drain: Duration::from_secs(2),
+            queue: 256,
+        }
+    }
+
+    /// The built-in limits with `balancer.max_message` and `balancer.allow`.
+    pub fn from_config(config: &BalancerConfig) -> Result<Self, ConfigError> {
+        let allow = config
+            .allow
+            .iter()
+            .map(|entry| Cidr::parse(entry))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|reason| ConfigError::Value {
+                key: "balancer.allow".into(),
+                reason,
+            })?;
+        Ok(Self {
+            allow,
+            ..Self::new(config.max_message)
+        })
+    }
+
+    /// Whether `peer` may connect: the engine's rule for messages (the local PBX's
+    /// address, anyone when the list is empty, else the listed networks), so nothing the
+    /// engine would serve is closed at accept. It must follow the engine's rule when that
+    /// changes.
+    fn allows(&self, peer: SocketAddr, local_pbx: SocketAddr) -> bool {
+        peer == local_pbx
+            || self.allow.is_empty()
+            || self.allow.iter().any(|net| net.contains(peer.ip()))
+    }
+}
+
+/// Bytes asked of the kernel per read.
+const READ_CHUNK: usize = 16 * 1024;
+/// The answer to a keep-alive ping (RFC 5626 §4.4.1).
+const PONG: &[u8] = b"\r\n";
+/// A failing accept (out of file descriptors) is retried after this.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Accepts connections until `shutdown` with the built-in [`Limits`], open to anyone
+/// (the engine still drops requests from outside `balancer.allow`).
 pub async fn serve(
     listener: TcpListener,
     engine: Arc<Engine>,
@@ -29,118 +127,391 @@ pub async fn serve(
     max_message: usize,
     shutdown: CancellationToken,
 ) {
+    serve_with(
+        listener,
+        engine,
+        udp,
+        routes,
+        Limits::new(max_message),
+        shutdown,
+    )
+    .await;
+}
+
+/// Accepts connections until `shutdown`, within `limits`; returns once every connection
+/// has closed, at most `limits.drain` (and a little) after `shutdown`.
+pub async fn serve_with(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    udp: Arc<std::net::UdpSocket>,
+    routes: Arc<TcpRoutes>,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let limits = Arc::new(limits);
     let tracker = TaskTracker::new();
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let peers = Arc::new(Peers::default());
+    let mut full = false;
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            permit = limit.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
                     warn!(error = %err, "tcp accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },
         };
-        let (engine, udp, routes, shutdown) = (
-            engine.clone(),
-            udp.clone(),
-            routes.clone(),
-            shutdown.clone(),
-        );
+        // Each refusal below drops the stream: closed before anything is read.
+        if !limits.allows(peer, engine.local_pbx()) {
+            engine.counters.denied.fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, "tcp connection from outside balancer.allow; closed");
+            continue;
+        }
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            if !full {
+                full = true;
+                warn!(
+                    limit = limits.max_connections,
+                    "tcp connection table full; closing new connections"
+                );
+            }
+            continue;
+        };
+        if full {
+            full = false;
+            info!("tcp connection table has room again");
+        }
+        let slot = match Peers::take(&peers, peer.ip(), limits.per_address) {
+            Ok(slot) => slot,
+            Err(first) => {
+                if first {
+                    warn!(address = %peer.ip(), limit = limits.per_address, "tcp connections per address at the limit; closing new ones from it");
+                }
+                continue;
+            }
+        };
+        let connection = Connection {
+            peer,
+            engine: engine.clone(),
+            udp: udp.clone(),
+            routes: routes.clone(),
+            limits: limits.clone(),
+            shutdown: shutdown.clone(),
+        };
         tracker.spawn(async move {
-            let _permit = permit;
-            connection(stream, peer, &engine, &udp, &routes, max_message, shutdown).await;
-            routes.remove(peer);
+            let _held = (permit, slot);
+            connection.serve(stream).await;
         });
     }
     tracker.close();
-    tracker.wait().await;
+    // Every connection stops reading at once and flushes for at most `drain`; the margin
+    // only covers scheduling.
+    let bound = limits.drain + Duration::from_secs(1);
+    if tokio::time::timeout(bound, tracker.wait()).await.is_err() {
+        warn!(timeout = ?bound, open = tracker.len(), "tcp connections did not close in time; leaving them");
+    }
 }
 
-async fn connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    engine: &Engine,
-    udp: &std::net::UdpSocket,
-    routes: &TcpRoutes,
-    max_message: usize,
-    shutdown: CancellationToken,
-) {
-    let _ = stream.set_nodelay(true);
-    let (mut reader, mut writer) = stream.into_split();
-    let (sender, mut outgoing) = mpsc::channel::<Vec<u8>>(QUEUE);
-    routes.insert(peer, sender.clone());
-    let write_task = tokio::spawn(async move {
-        while let Some(bytes) = outgoing.recv().await {
-            if writer.write_all(&bytes).await.is_err() {
-                break;
-            }
+/// Open connections per IP address.
+#[derive(Debug, Default)]
+struct Peers {
+    open: Mutex<HashMap<IpAddr, PeerCount>>,
+}
+
+#[derive(Debug, Default)]
+struct PeerCount {
+    open: usize,
+    /// A connection was refused since the count was last below the limit (logged once).
+    refused: bool,
+}
+
+/// One connection's share of its address's count; given back on drop.
+#[derive(Debug)]
+struct PeerSlot {
+    peers: Arc<Peers>,
+    ip: IpAddr,
+}
+
+impl Peers {
+    /// A slot for `ip`, or `Err(first)` when it holds `limit` already (`first`: the first
+    /// refusal since it was below the limit).
+    fn take(peers: &Arc<Self>, ip: IpAddr, limit: usize) -> Result<PeerSlot, bool> {
+        let mut open = peers.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.entry(ip).or_default();
+        if count.open >= limit {
+            let first = !count.refused;
+            count.refused = true;
+            return Err(first);
         }
-        let _ = writer.shutdown().await;
-    });
-    let mut buffer = Vec::with_capacity(8192);
-    let mut actions = Vec::new();
-    'read: loop {
-        let read = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            read = reader.read_buf(&mut buffer) => read,
-        };
-        match read {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        loop {
-            let framed = match sip::parse(&buffer, Framing::Stream) {
-                Ok(Some(message)) if message.defect.is_some() => message.head_len,
-                Ok(Some(message)) => message.len,
-                Ok(None) if buffer.len() > max_message + 65_536 => {
-                    debug!(%peer, "tcp message never ends; closing");
-                    break 'read;
-                }
-                Ok(None) => break,
-                Err(_) => {
-                    engine
-                        .counters
-                        .malformed
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    break 'read;
-                }
-            };
-            engine.handle(
-                &buffer[..framed],
-                peer,
-                Transport::Tcp,
-                Instant::now(),
-                Duration::ZERO,
-                &mut actions,
-            );
-            buffer.drain(..framed);
-            let mut close = false;
-            for action in actions.drain(..) {
-                match action {
-                    Action::Reply { bytes, .. } => {
-                        if sender.try_send(bytes).is_err() {
-                            close = true;
-                        }
-                    }
-                    Action::Close => close = true,
-                    forward => super::udp::perform(udp, routes, forward),
-                }
-            }
-            if close {
-                break 'read;
+        count.open += 1;
+        count.refused = false;
+        Ok(PeerSlot {
+            peers: peers.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .peers
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.ip) {
+            count.open -= 1;
+            if count.open == 0 {
+                open.remove(&self.ip);
             }
         }
     }
-    routes.remove(peer);
-    drop(sender);
-    let _ = write_task.await;
 }
+
+/// One accepted connection and what it needs.
+struct Connection {
+    peer: SocketAddr,
+    engine: Arc<Engine>,
+    udp: Arc<std::net::UdpSocket>,
+    routes: Arc<TcpRoutes>,
+    limits: Arc<Limits>,
+    shutdown: CancellationToken,
+}
+
+/// Why a connection's read loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closed {
+    /// The peer closed, or the socket failed.
+    Peer,
+    /// Shutdown.
+    Shutdown,
+    /// The writer gave up (a write made no progress in time).
+    Writer,
+    /// No complete message within `message_timeout`.
+    MessageTimeout,
+    /// Nothing either way for `idle_timeout`.
+    Idle,
+    /// The stream cannot be framed any more, or the engine asked to close.
+    Framing,
+}
+
+impl Connection {
+    async fn serve(self, stream: TcpStream) {
+        let opened = Instant::now();
+        let _ = stream.set_nodelay(true);
+        let (mut reader, writer) = stream.into_split();
+        let (sender, outgoing) = mpsc::channel::<Vec<u8>>(self.limits.queue);
+        self.routes.insert(self.peer, sender.clone());
+        // Milliseconds after `opened` of the last completed write.
+        let written = Arc::new(AtomicU64::new(0));
+        let writer_done = CancellationToken::new();
+        let write_task = tokio::spawn(write_loop(
+            writer,
+            outgoing,
+            self.peer,
+            opened,
+            written.clone(),
+            self.limits.clone(),
+            self.shutdown.clone(),
+            writer_done.clone(),
+        ));
+        let closed = self
+            .read_loop(&mut reader, &sender, opened, &written, &writer_done)
+            .await;
+        debug!(peer = %self.peer, reason = ?closed, "tcp connection closing");
+        self.routes.remove(self.peer);
+        drop(sender);
+        let _ = write_task.await;
+    }
+
+    async fn read_loop(
+        &self,
+        reader: &mut tokio::net::tcp::OwnedReadHalf,
+        sender: &mpsc::Sender<Vec<u8>>,
+        opened: Instant,
+        written: &AtomicU64,
+        writer_done: &CancellationToken,
+    ) -> Closed {
+        let limits = &*self.limits;
+        let mut framer = Framer::new(limits.max_message);
+        let mut buffer = Vec::with_capacity(READ_CHUNK);
+        // When the message being waited for began: the connection's opening until the
+        // first message is complete, then the first byte of each.
+        let mut message_since = Some(opened);
+        // A message has been handed to the engine: from then on, waiting between messages
+        // is idling.
+        let mut served = false;
+        let mut last_read = opened;
+        let mut actions = Vec::new();
+        loop {
+            let deadline = match message_since {
+                Some(since) => since + limits.message_timeout,
+                None => {
+                    let wrote = opened + Duration::from_millis(written.load(Ordering::Relaxed));
+                    last_read.max(wrote) + limits.idle_timeout
+                }
+            };
+            if buffer.capacity() - buffer.len() < READ_CHUNK / 4 {
+                buffer.reserve(READ_CHUNK);
+            }
+            let read = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Closed::Shutdown,
+                _ = writer_done.cancelled() => return Closed::Writer,
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    if message_since.is_some() {
+                        return Closed::MessageTimeout;
+                    }
+                    // A write since the deadline was set moves it.
+                    let wrote = opened + Duration::from_millis(written.load(Ordering::Relaxed));
+                    if last_read.max(wrote) + limits.idle_timeout <= Instant::now() {
+                        return Closed::Idle;
+                    }
+                    continue;
+                }
+                read = reader.read_buf(&mut buffer) => read,
+            };
+            match read {
+                Ok(0) | Err(_) => return Closed::Peer,
+                Ok(_) => {}
+            }
+            last_read = Instant::now();
+            let mut used = 0;
+            let mut done = None;
+            while done.is_none() {
+                let frame = framer.next(&buffer[used..]);
+                let (len, honor_close) = match frame {
+                    Frame::Incomplete => break,
+                    Frame::Lost => {
+                        self.engine
+                            .counters
+                            .malformed
+                            .fetch_add(1, Ordering::Relaxed);
+                        done = Some(Closed::Framing);
+                        break;
+                    }
+                    Frame::Ping(len) => {
+                        if let Some(closed) = self.queue(sender, PONG.to_vec(), writer_done).await {
+                            return closed;
+                        }
+                        used += len;
+                        continue;
+                    }
+                    Frame::Skip(len) => {
+                        used += len;
+                        continue;
+                    }
+                    Frame::Message(len) => {
+                        message_since = None;
+                        (len, true)
+                    }
+                    // We framed it and will skip its body: the stream is intact, whatever
+                    // the engine thinks of a message this large. The skipping is timed as
+                    // part of the message.
+                    Frame::TooLarge(len) => (len, false),
+                    Frame::BadLength(len) => {
+                        done = Some(Closed::Framing);
+                        (len, true)
+                    }
+                };
+                self.engine.handle(
+                    &buffer[used..used + len],
+                    self.peer,
+                    Transport::Tcp,
+                    Instant::now(),
+                    Duration::ZERO,
+                    &mut actions,
+                );
+                used += len;
+                for action in actions.drain(..) {
+                    match action {
+                        Action::Reply { bytes, .. } => {
+                            if let Some(closed) = self.queue(sender, bytes, writer_done).await {
+                                return closed;
+                            }
+                        }
+                        Action::Close if honor_close => done = Some(Closed::Framing),
+                        Action::Close => {}
+                        forward => super::udp::perform(&self.udp, &self.routes, forward),
+                    }
+                }
+                served = true;
+            }
+            if let Some(closed) = done {
+                return closed;
+            }
+            buffer.drain(..used);
+            if framer.mid_message() {
+                message_since = message_since.or(Some(last_read));
+            } else if served {
+                message_since = None;
+            }
+        }
+    }
+
+    /// Queues an answer; waits while the queue is full (the peer is slow to read, so it
+    /// is not read either). `Some` when the connection must close instead.
+    async fn queue(
+        &self,
+        sender: &mpsc::Sender<Vec<u8>>,
+        bytes: Vec<u8>,
+        writer_done: &CancellationToken,
+    ) -> Option<Closed> {
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => Some(Closed::Shutdown),
+            _ = writer_done.cancelled() => Some(Closed::Writer),
+            sent = sender.send(bytes) => sent.err().map(|_| Closed::Writer),
+        }
+    }
+}
+
+/// Writes queued answers until the queue closes, a write makes no progress for
+/// `write_timeout`, or `drain` has passed since shutdown; then cancels `done`.
+#[allow(clippy::too_many_arguments)] // one call site, each argument distinct
+async fn write_loop(
+    mut writer: OwnedWriteHalf,
+    mut outgoing: mpsc::Receiver<Vec<u8>>,
+    peer: SocketAddr,
+    opened: Instant,
+    written: Arc<AtomicU64>,
+    limits: Arc<Limits>,
+    shutdown: CancellationToken,
+    done: CancellationToken,
+) {
+    let write_timeout = limits.write_timeout;
+    let work = async {
+        while let Some(bytes) = outgoing.recv().await {
+            match tokio::time::timeout(write_timeout, writer.write_all(&bytes)).await {
+                Ok(Ok(())) => {
+                    let ms = opened.elapsed().as_millis();
+                    written.store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+                }
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    debug!(%peer, timeout = ?write_timeout, "tcp peer does not read; closing");
+                    return;
+                }
+            }
+        }
+        let _ = tokio::time::timeout(write_timeout, writer.shutdown()).await;
+    };
+    let flushed = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(limits.drain).await;
+    };
+    tokio::select! {
+        _ = work => {}
+        _ = flushed => debug!(%peer, "tcp answers still unsent at shutdown; dropped"),
+    }
+    done.cancel();
+}
+
+#[cfg(test)]
+#[path = "tcp_tests.rs"]
+mod tests;
