@@ -41,9 +41,20 @@ pub struct NodeEntry {
     pub routed: AtomicU64,
     /// This balancer's own node.
     pub local: bool,
+    /// Breaks ties between equally loaded nodes: a hash of this balancer's and the node's
+    /// ids, so each balancer prefers a different node where they all look alike (idle
+    /// nodes after a heartbeat) instead of every balancer sending its next call to the
+    /// first one in the store's order.
+    pub tie: u64,
 }
 
 impl NodeEntry {
+    /// Whether it has room for one more call.
+    fn has_room(&self) -> bool {
+        u64::from(self.calls) + u64::from(self.pending.load(Ordering::Relaxed))
+            < u64::from(self.max_calls)
+    }
+
     /// Heartbeat age as far as this balancer can tell, `elapsed` after the read.
     fn age(&self, trust: Trust, elapsed: Duration) -> Duration {
         match trust {
@@ -135,6 +146,7 @@ impl FleetView {
                     seq: node.seq,
                     pending: AtomicU32::new(pending),
                     routed: AtomicU64::new(routed),
+                    tie: tie_break(local, &node.id),
                     id: node.id,
                 }
             })
@@ -153,31 +165,25 @@ impl FleetView {
         out: &mut [Choice],
     ) -> usize {
         let elapsed = now.saturating_duration_since(self.read_at);
-        let mut best: [(f64, bool, usize); 9] = [(f64::INFINITY, false, usize::MAX); 9];
+        let mut best: [Candidate; 9] = [Candidate::NONE; 9];
         let limit = out.len().min(best.len());
         let mut found = 0;
         for (index, node) in self.nodes.iter().enumerate() {
-            let usable = match trust {
-                Trust::Full | Trust::LastKnown => {
-                    node.accepting
-                        && &node.pool == pool
-                        && node.age(trust, elapsed) <= scoring.heartbeat_ttl
-                }
-                Trust::LocalOnly { pbx_alive } => node.local && pbx_alive && node.accepting,
-            };
-            if !usable {
+            if !self.usable(node, pool, scoring, trust, elapsed) || !node.has_room() {
                 continue;
             }
             let load = u64::from(node.calls) + u64::from(node.pending.load(Ordering::Relaxed));
-            if load >= u64::from(node.max_calls) {
-                continue;
-            }
             let score =
                 load as f64 / f64::from(node.max_calls) + scoring.cpu_weight * node.load.min(2.0);
-            let candidate = (score, node.local, index);
-            // Insertion into the short sorted list; ties go to the local node.
+            let candidate = Candidate {
+                score,
+                local: node.local,
+                tie: node.tie,
+                index,
+            };
+            // Insertion into the short sorted list.
             let mut slot = found.min(limit);
-            while slot > 0 && better(candidate, best[slot - 1]) {
+            while slot > 0 && candidate.better(&best[slot - 1]) {
                 slot -= 1;
             }
             if slot < limit {
@@ -186,15 +192,48 @@ impl FleetView {
                 found = (found + 1).min(limit);
             }
         }
-        for (choice, (_, _, index)) in out.iter_mut().zip(best.iter()).take(found) {
-            *choice = Choice { index: *index };
+        for (choice, candidate) in out.iter_mut().zip(best.iter()).take(found) {
+            *choice = Choice {
+                index: candidate.index,
+            };
         }
         if found > 0 {
-            let chosen = &self.nodes[best[0].2];
+            let chosen = &self.nodes[best[0].index];
             chosen.pending.fetch_add(1, Ordering::Relaxed);
             chosen.routed.fetch_add(1, Ordering::Relaxed);
         }
         found
+    }
+
+    /// Whether `pool` has nodes that could take calls but all are at capacity: the callee
+    /// is busy, not the balancer unable to route.
+    pub fn pool_full(&self, pool: &PoolName, scoring: Scoring, trust: Trust, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.read_at);
+        let mut usable = self
+            .nodes
+            .iter()
+            .filter(|node| self.usable(node, pool, scoring, trust, elapsed))
+            .peekable();
+        usable.peek().is_some() && usable.all(|node| !node.has_room())
+    }
+
+    /// Whether `node` may take calls of `pool` (capacity aside).
+    fn usable(
+        &self,
+        node: &NodeEntry,
+        pool: &PoolName,
+        scoring: Scoring,
+        trust: Trust,
+        elapsed: Duration,
+    ) -> bool {
+        match trust {
+            Trust::Full | Trust::LastKnown => {
+                node.accepting
+                    && &node.pool == pool
+                    && node.age(trust, elapsed) <= scoring.heartbeat_ttl
+            }
+            Trust::LocalOnly { pbx_alive } => node.local && pbx_alive && node.accepting,
+        }
     }
 
     /// Whether any node could take a call in any pool (for OPTIONS).
@@ -205,16 +244,56 @@ impl FleetView {
                 Trust::Full | Trust::LastKnown => node.age(trust, elapsed) <= scoring.heartbeat_ttl,
                 Trust::LocalOnly { pbx_alive } => node.local && pbx_alive,
             };
-            fresh
-                && node.accepting
-                && u64::from(node.calls) + u64::from(node.pending.load(Ordering::Relaxed))
-                    < u64::from(node.max_calls)
+            fresh && node.accepting && node.has_room()
         })
     }
 }
 
-fn better(a: (f64, bool, usize), b: (f64, bool, usize)) -> bool {
-    a.0 < b.0 || (a.0 == b.0 && a.1 && !b.1)
+/// A node in the running for a call.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    score: f64,
+    local: bool,
+    tie: u64,
+    index: usize,
+}
+
+impl Candidate {
+    const NONE: Self = Self {
+        score: f64::INFINITY,
+        local: false,
+        tie: u64::MAX,
+        index: usize::MAX,
+    };
+
+    /// Lower score first; on a tie the local node, then the lower tie-break hash.
+    fn better(&self, other: &Self) -> bool {
+        if self.score != other.score {
+            return self.score < other.score;
+        }
+        if self.local != other.local {
+            return self.local;
+        }
+        self.tie < other.tie
+    }
+}
+
+/// A hash of the balancer's and the node's ids that is the same in every run and on every
+/// machine (FNV-1a, then a SplitMix64 finish so short ids spread over all bits).
+fn tie_break(balancer: &NodeId, node: &NodeId) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in balancer
+        .as_str()
+        .bytes()
+        .chain([0xff])
+        .chain(node.as_str().bytes())
+    {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^ (hash >> 31)
 }
 
 /// `host:port` of a node's `sip:` URI (port 5060 when absent).

@@ -237,3 +237,54 @@ fn pools_match_domains_then_prefixes() {
     assert_eq!(map.pool_for(b"lb", Some(b"3312")).as_str(), "default");
     assert_eq!(map.pool_for(b"lb", None).as_str(), "default");
 }
+
+#[test]
+fn ties_spread_across_balancers() {
+    // Four idle nodes just after a heartbeat, as 1,000 balancers see them: each balancer's
+    // first call goes to the node its own tie-break prefers, not all to the first one.
+    let nodes: Vec<NodeStatus> = (1..=4).map(|i| node(&format!("n{i}"), 0, 100)).collect();
+    let mut first_calls: HashMap<String, usize> = HashMap::new();
+    for b in 0..1000 {
+        let balancer = NodeId::new(format!("lb-{b}")).expect("id");
+        let view = FleetView::from_nodes(nodes.clone(), &balancer, None, Instant::now());
+        let chosen = first_choice(&view).expect("an idle node");
+        *first_calls.entry(chosen).or_insert(0) += 1;
+    }
+    let mut shares: Vec<(String, usize)> = first_calls.into_iter().collect();
+    shares.sort();
+    // The tie-break is a fixed function of the two ids: these are its exact shares.
+    assert_eq!(
+        shares,
+        [
+            ("n1".to_owned(), 257),
+            ("n2".to_owned(), 255),
+            ("n3".to_owned(), 240),
+            ("n4".to_owned(), 248),
+        ]
+    );
+    // One balancer still spreads its own burst by `pending`.
+    let view = view(nodes);
+    let landed = burst(&view, 400);
+    assert_eq!(landed.values().copied().collect::<Vec<_>>(), [100; 4]);
+}
+
+#[test]
+fn a_pool_is_full_only_when_its_live_nodes_are_at_capacity() {
+    let full = view(vec![node("a", 10, 10), node("b", 5, 5)]);
+    assert!(full.pool_full(&default_pool(), SCORING, Trust::Full, full.read_at));
+    let room = view(vec![node("a", 10, 10), node("b", 4, 5)]);
+    assert!(!room.pool_full(&default_pool(), SCORING, Trust::Full, room.read_at));
+    // A pool without a live node is not "full": nobody there could take the call.
+    let stale = FleetView::from_nodes(
+        vec![NodeStatus {
+            age_ms: 60_000,
+            ..node("a", 10, 10)
+        }],
+        &local(),
+        None,
+        Instant::now(),
+    );
+    assert!(!stale.pool_full(&default_pool(), SCORING, Trust::Full, stale.read_at));
+    let elsewhere = PoolName::new("germany").expect("pool");
+    assert!(!full.pool_full(&elsewhere, SCORING, Trust::Full, full.read_at));
+}
