@@ -462,6 +462,16 @@ pub struct BalancerConfig {
     /// Request-URI domains or number prefixes that select a node pool; unmatched calls go
     /// to the `default` pool.
     pub pools: Vec<PoolRule>,
+    /// Addresses (IPs or CIDRs) the local PBX sends from, on any port: its messages pass
+    /// `allow`, its in-dialog requests are forwarded to carriers, its answers to our probes
+    /// count. Empty: the address of `local_pbx` and, when that is a loopback or wildcard
+    /// address (a PBX on this host), every address of this host.
+    pub pbx_addresses: Vec<String>,
+    /// INVITE transactions held at once (each keeps its response for retransmission until
+    /// the ACK, at most 32 s; a proxied one its decision). A new INVITE beyond it gets 503
+    /// with `Retry-After` and no state, so a flood of INVITEs that are never ACKed costs
+    /// bounded memory and bounded retransmissions.
+    pub max_transactions: usize,
 }
 
 impl Default for BalancerConfig {
@@ -484,6 +494,9 @@ impl Default for BalancerConfig {
             recv_buffer: 4 * 1024 * 1024,
             overload_delay: Duration::from_millis(200),
             pools: Vec::new(),
+            pbx_addresses: Vec::new(),
+            // 1,500 calls/s proxied for 32 s; about 35 MB when all are unACKed 302s.
+            max_transactions: 50_000,
         }
     }
 }
@@ -1112,6 +1125,17 @@ impl BalancerConfig {
                 return bad(&format!("allow[{i}]"), reason);
             }
         }
+        for (i, entry) in self.pbx_addresses.iter().enumerate() {
+            if let Err(reason) = crate::net::Cidr::parse(entry) {
+                return bad(&format!("pbx_addresses[{i}]"), reason);
+            }
+        }
+        if self.max_transactions == 0 {
+            return bad(
+                "max_transactions",
+                "must be at least 1 (the default is 50000)".into(),
+            );
+        }
         for (i, pool) in self.pools.iter().enumerate() {
             if pool.domains.is_empty() && pool.prefixes.is_empty() {
                 return bad(
@@ -1131,6 +1155,88 @@ impl BalancerConfig {
             }
         }
         Ok(())
+    }
+
+    /// What must hold for the balancer to serve (checked when it starts, not when the file
+    /// is read: every command reads the same file, and only the balancer sends these
+    /// addresses to anyone): carriers and the PBX must be able to reach what we put in Via
+    /// and Record-Route, and, in redirect mode, the PBX address we give carriers in a 302.
+    pub fn validate_for_serving(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| {
+            Err(ConfigError::Value {
+                key: format!("balancer.{key}"),
+                reason,
+            })
+        };
+        let advertised_ip = self
+            .advertised()
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|address| address.ip());
+        if advertised_ip.is_some_and(|ip| ip.is_unspecified()) {
+            let (key, what) = if self.advertise.is_empty() {
+                (
+                    "advertise",
+                    format!("is not set and listen `{}` is a wildcard", self.listen),
+                )
+            } else {
+                ("advertise", format!("`{}` is a wildcard", self.advertise))
+            };
+            return bad(
+                key,
+                format!(
+                    "{what}: our Via and Record-Route would name an address no carrier or PBX can reach; \
+                     set balancer.advertise (CALLFLEET_BALANCER__ADVERTISE) to this node's address as carriers reach it, e.g. 192.0.2.10:5060"
+                ),
+            );
+        }
+        if self.local_mode == LocalMode::Redirect {
+            let pbx = self
+                .local_pbx
+                .parse::<std::net::SocketAddr>()
+                .map(|address| address.ip());
+            let unreachable = match pbx {
+                Ok(ip) if ip.is_unspecified() => Some("a wildcard address"),
+                Ok(ip) if ip.is_loopback() && !self.carriers_are_local() => {
+                    Some("a loopback address, while carriers call from other hosts")
+                }
+                _ => None,
+            };
+            if let Some(why) = unreachable {
+                return bad(
+                    "local_pbx",
+                    format!(
+                        "`{}` is {why}, and local_mode = \"redirect\" sends carriers there in a 302; \
+                         set balancer.local_pbx (CALLFLEET_BALANCER__LOCAL_PBX) to the PBX's address as carriers reach it, \
+                         or use local_mode = \"proxy\"",
+                        self.local_pbx
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every carrier that can reach the balancer is on this host: it listens on a
+    /// loopback address, or `allow` lists loopback networks only.
+    fn carriers_are_local(&self) -> bool {
+        let loopback = |entry: &str| {
+            let (ip, prefix) = entry.split_once('/').unwrap_or((entry, "128"));
+            match (
+                ip.trim().parse::<std::net::IpAddr>(),
+                prefix.trim().parse::<u8>(),
+            ) {
+                (Ok(std::net::IpAddr::V4(ip)), Ok(prefix)) => ip.is_loopback() && prefix >= 8,
+                (Ok(std::net::IpAddr::V6(ip)), Ok(prefix)) => ip.is_loopback() && prefix == 128,
+                _ => false,
+            }
+        };
+        let listen_loopback = self
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|address| address.ip().is_loopback());
+        listen_loopback
+            || (!self.allow.is_empty() && self.allow.iter().all(|entry| loopback(entry)))
     }
 
     /// The address written into Via and Record-Route headers.
