@@ -67,8 +67,11 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds `config.listen` for UDP (with the configured receive buffer) and TCP.
+    /// Binds `config.listen` for UDP (with the configured receive buffer) and TCP, once
+    /// the addresses we would give carriers are ones they can reach (refused before a port
+    /// is taken).
     pub fn bind(config: &BalancerConfig) -> Result<Self, BalancerError> {
+        config.validate_for_serving()?;
         let address: SocketAddr = config.listen.parse().map_err(|_| ConfigError::Value {
             key: "balancer.listen".into(),
             reason: format!("`{}` must be ip:port", config.listen),
@@ -120,6 +123,39 @@ impl Listeners {
     }
 }
 
+/// The `balancer.advertise` a single box can use when none is set and `listen` is a
+/// wildcard (what `callfleet up` runs with): the address this host sends from towards the
+/// rest of the network (its default route), or loopback on a host without one, with the
+/// port of `listen`. `None` when `advertise` is set, or `listen` names an address or
+/// port 0.
+pub fn default_advertise(config: &BalancerConfig) -> Option<String> {
+    let listen: SocketAddr = config.listen.parse().ok()?;
+    if !config.advertise.is_empty() || !listen.ip().is_unspecified() || listen.port() == 0 {
+        return None;
+    }
+    // Connecting a UDP socket sends nothing: the kernel only picks the route and with it
+    // the source address (TEST-NET addresses, never used by anyone).
+    let (wildcard, probe): (SocketAddr, SocketAddr) = if listen.is_ipv4() {
+        ("0.0.0.0:0".parse().ok()?, "192.0.2.1:5060".parse().ok()?)
+    } else {
+        ("[::]:0".parse().ok()?, "[2001:db8::1]:5060".parse().ok()?)
+    };
+    let ip = UdpSocket::bind(wildcard)
+        .and_then(|socket| {
+            socket.connect(probe)?;
+            socket.local_addr()
+        })
+        .map(|local| local.ip())
+        .ok()
+        .filter(|ip| !ip.is_unspecified())
+        .unwrap_or(if listen.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    Some(SocketAddr::new(ip, listen.port()).to_string())
+}
+
 /// Runs the balancer on `listeners` until `shutdown` is cancelled.
 pub async fn run(
     config: &Config,
@@ -164,12 +200,6 @@ pub async fn run(
             "balancer.allow is empty: answering SIP from any address; list the carriers' networks"
         );
     }
-    if address.ip().is_unspecified() && balancer.advertise.is_empty() {
-        warn!(
-            %address,
-            "balancer.advertise is not set and balancer.listen is a wildcard: proxied calls carry an unroutable Record-Route; set balancer.advertise to this node's address"
-        );
-    }
     info!(%address, workers, local_node = %engine.local_node(), "balancer ready");
     shutdown.cancelled().await;
     stop.store(true, Ordering::Relaxed);
@@ -191,6 +221,7 @@ fn log_counters(engine: &Engine) {
         (_, redirected),
         (_, local),
         (_, unavailable),
+        (_, busy),
         (_, retransmissions),
         (_, resent),
         (_, acks),
@@ -200,6 +231,7 @@ fn log_counters(engine: &Engine) {
         (_, malformed),
         (_, denied),
         (_, overload),
+        (_, table_full),
     ] = engine.counters.snapshot();
     let per_node = engine.view().map_or_else(String::new, |view| {
         view.nodes
@@ -213,6 +245,7 @@ fn log_counters(engine: &Engine) {
         redirected,
         local,
         unavailable,
+        busy,
         retransmissions,
         resent,
         acks,
@@ -222,6 +255,8 @@ fn log_counters(engine: &Engine) {
         malformed,
         denied,
         overload,
+        table_full,
+        transactions = engine.transactions.len(),
         routed = %per_node,
         "balancer stopped"
     );
@@ -280,5 +315,32 @@ async fn refresh(
             probes += 1;
             let _ = udp.send_to(&engine.probe(probes), engine.local_pbx());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wildcard_listen_gets_this_host_s_address_for_up() {
+        let config = BalancerConfig::default();
+        assert!(config.validate_for_serving().is_err());
+        let advertise = default_advertise(&config).expect("an address");
+        let address: SocketAddr = advertise.parse().expect("ip:port");
+        assert!(!address.ip().is_unspecified(), "{advertise}");
+        assert_eq!(address.port(), 5060);
+        let usable = BalancerConfig {
+            advertise,
+            ..config.clone()
+        };
+        assert!(usable.validate_for_serving().is_ok());
+        // Nothing to do when an address is set or listened on.
+        assert_eq!(default_advertise(&usable), None);
+        let named = BalancerConfig {
+            listen: "192.0.2.10:5060".into(),
+            ..config
+        };
+        assert_eq!(default_advertise(&named), None);
     }
 }

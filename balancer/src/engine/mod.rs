@@ -3,6 +3,15 @@
 //! [`Engine::handle`] turns bytes from a source into [`Action`]s (a reply, a forwarded
 //! message) that the UDP and TCP adapters carry out. It reads the fleet view and the
 //! transaction table and never waits on anything else.
+//!
+//! As a proxy (`local_mode = "proxy"`) it is stateless (RFC 3261 §16.11): the local PBX is
+//! the only place an INVITE is forwarded to, so a CANCEL or the ACK of a non-2xx response
+//! that matches no live transaction (its INVITE's entry ended at Timer H while the PBX
+//! kept ringing) is relayed there too, with the branch the INVITE got: our branch is a
+//! hash of the request's transaction identity that is the same in every run. When the
+//! carrier came over TCP, the PBX leg stays on UDP and we record-route twice (RFC 5658):
+//! the PBX sees our UDP address first, the carrier our `transport=tcp` one, which names
+//! the carrier's connection so in-dialog requests from the PBX go back over it.
 
 use std::fmt::Write as _;
 use std::hash::BuildHasher;
@@ -17,18 +26,21 @@ use callfleet_core::{ConfigError, NodeId};
 
 use crate::route::{Choice, FleetView, PoolMap, Scoring, Trust};
 use crate::sip::{
-    self, Framing, HeaderName, Message, Method, Request, StartLine, Transport, Uri, Via, addr_uri,
-    print, split_values,
+    self, Framing, Header, HeaderName, Message, Method, Request, StartLine, Transport, Uri, Via,
+    addr_uri, print, split_values,
 };
-use crate::transaction::{Kind, Transaction, Transactions};
+use crate::transaction::{Acked, Existing, Id, Kind, Room, Transaction, Transactions};
 
 /// Branches of requests we forward start with this, so responses to them are recognised.
 const OUR_BRANCH: &[u8] = b"z9hG4bKcf";
 /// Branches of our OPTIONS probes to the local PBX.
 const PROBE_BRANCH: &[u8] = b"z9hG4bKcfprobe";
-/// Parameter of our Via naming the TCP connection a proxied request came in on.
+/// Parameter of our Via, and of our carrier-side Record-Route, naming the TCP connection a
+/// request came in on.
 const CONN_PARAM: &str = "cfconn";
 const ALLOW: &[u8] = b"Allow: INVITE, ACK, CANCEL, OPTIONS, BYE\r\n";
+/// How long an answer to a probe keeps the local PBX counted alive (three probes).
+const PBX_ALIVE_FOR: Duration = Duration::from_secs(6);
 
 /// Something a transport must do.
 #[derive(Debug, PartialEq, Eq)]
@@ -42,9 +54,9 @@ pub enum Action {
     },
     /// Send a forwarded message.
     Forward {
-        /// Destination.
+        /// Destination; with `tcp`, the peer address of the connection to send it on.
         to: SocketAddr,
-        /// Over a TCP connection from that address, if one is open (else UDP).
+        /// Over the TCP connection from `to`.
         tcp: bool,
         /// The message.
         bytes: Vec<u8>,
@@ -64,7 +76,9 @@ pub struct Counters {
     pub local: AtomicU64,
     /// 503 because no node could take the call.
     pub unavailable: AtomicU64,
-    /// Retransmitted requests absorbed by a live transaction.
+    /// 486 because every node of the call's pool was at capacity.
+    pub busy: AtomicU64,
+    /// Retransmitted requests absorbed by a live or confirmed transaction.
     pub retransmissions: AtomicU64,
     /// Responses resent on Timer G.
     pub resent: AtomicU64,
@@ -82,6 +96,8 @@ pub struct Counters {
     pub denied: AtomicU64,
     /// Requests answered 503 because the balancer was behind.
     pub overload: AtomicU64,
+    /// INVITEs answered 503 without state because the transaction table was full.
+    pub table_full: AtomicU64,
 }
 
 impl Counters {
@@ -90,13 +106,14 @@ impl Counters {
     }
 
     /// `(name, value)` of every counter.
-    pub fn snapshot(&self) -> [(&'static str, u64); 13] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 15] {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("invites", get(&self.invites)),
             ("redirected", get(&self.redirected)),
             ("local", get(&self.local)),
             ("unavailable", get(&self.unavailable)),
+            ("busy", get(&self.busy)),
             ("retransmissions", get(&self.retransmissions)),
             ("resent", get(&self.resent)),
             ("acks", get(&self.acks)),
@@ -106,6 +123,7 @@ impl Counters {
             ("malformed", get(&self.malformed)),
             ("denied", get(&self.denied)),
             ("overload", get(&self.overload)),
+            ("table_full", get(&self.table_full)),
         ]
     }
 }
@@ -116,9 +134,15 @@ struct Settings {
     local: NodeId,
     local_mode: LocalMode,
     local_pbx: SocketAddr,
+    /// Where the local PBX's messages may come from (any port).
+    pbx: Vec<Cidr>,
     /// `host:port` we put in Via and Record-Route.
     advertise: String,
-    our_via: Vec<u8>,
+    /// `SIP/2.0/UDP host:port`: our Via on what we send over UDP.
+    via_udp: Vec<u8>,
+    /// `SIP/2.0/TCP host:port`: our Via on what we send over TCP.
+    via_tcp: Vec<u8>,
+    /// `<sip:host:port;lr>`: our Record-Route towards the PBX (and a UDP carrier).
     record_route: Vec<u8>,
     contacts: usize,
     retry_after: Vec<u8>,
@@ -149,9 +173,11 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Prepares the engine; fails on configuration it cannot use.
+    /// Prepares the engine; fails on configuration it cannot use, or that would send
+    /// carriers or the PBX an address they cannot reach.
     pub fn new(config: &BalancerConfig, local: NodeId) -> Result<Self, ConfigError> {
-        let local_pbx = config.local_pbx.parse().map_err(|_| ConfigError::Value {
+        config.validate_for_serving()?;
+        let local_pbx: SocketAddr = config.local_pbx.parse().map_err(|_| ConfigError::Value {
             key: "balancer.local_pbx".into(),
             reason: format!("`{}` must be ip:port", config.local_pbx),
         })?;
@@ -164,13 +190,16 @@ impl Engine {
                 key: "balancer.allow".into(),
                 reason,
             })?;
+        let pbx = pbx_networks(config, local_pbx)?;
         let advertise = config.advertised().to_owned();
         Ok(Self {
             settings: Settings {
                 local,
                 local_mode: config.local_mode,
                 local_pbx,
-                our_via: format!("SIP/2.0/UDP {advertise}").into_bytes(),
+                pbx,
+                via_udp: format!("SIP/2.0/UDP {advertise}").into_bytes(),
+                via_tcp: format!("SIP/2.0/TCP {advertise}").into_bytes(),
                 record_route: format!("<sip:{advertise};lr>").into_bytes(),
                 advertise,
                 contacts: config.contacts as usize,
@@ -190,7 +219,7 @@ impl Engine {
             store_down: AtomicBool::new(false),
             pbx_alive_until_ms: AtomicU64::new(0),
             started: Instant::now(),
-            transactions: Transactions::default(),
+            transactions: Transactions::new(config.max_transactions),
             counters: Counters::default(),
             tags: std::hash::RandomState::new(),
         })
@@ -219,9 +248,17 @@ impl Engine {
         &self.settings.local
     }
 
-    /// Where OPTIONS probes go.
+    /// Where OPTIONS probes and proxied calls go.
     pub fn local_pbx(&self) -> SocketAddr {
         self.settings.local_pbx
+    }
+
+    /// Whether `ip` is one the local PBX sends from (`balancer.pbx_addresses`): its
+    /// messages pass the allow-list, its in-dialog requests may go to carriers, its answers
+    /// to our probes count. Any port: a PBX answers from another transport, and over TCP
+    /// from an ephemeral port.
+    pub fn is_pbx(&self, ip: IpAddr) -> bool {
+        self.settings.pbx.iter().any(|net| net.contains(ip))
     }
 
     /// An OPTIONS probe for the local PBX; its answer keeps the PBX counted alive, which
@@ -273,10 +310,9 @@ impl Engine {
         actions: &mut Vec<Action>,
     ) {
         let settings = &self.settings;
-        let from_pbx = source == settings.local_pbx;
-        let allowed = from_pbx
-            || settings.allow.is_empty()
-            || settings.allow.iter().any(|net| net.contains(source.ip()));
+        let allowed = settings.allow.is_empty()
+            || settings.allow.iter().any(|net| net.contains(source.ip()))
+            || self.is_pbx(source.ip());
         let message = match sip::parse(bytes, Framing::Datagram) {
             Ok(Some(message)) => message,
             Ok(None) | Err(_) => {
@@ -367,17 +403,15 @@ impl Engine {
             return;
         };
         if ours.branch.is_some_and(|b| b.starts_with(PROBE_BRANCH)) {
-            if source == self.settings.local_pbx {
-                self.mark_pbx_alive(now, Duration::from_secs(6));
+            // A PBX that answers 5xx (503 while it shuts down or is overloaded) cannot take
+            // calls; any 2xx–4xx says its SIP stack is up and serving.
+            let serving = matches!(message.start, StartLine::Response { code, .. } if (200..500).contains(&code));
+            if serving && self.is_pbx(source.ip()) {
+                self.mark_pbx_alive(now, PBX_ALIVE_FOR);
             }
             return;
         }
-        let connection = sip::Params::new(&ours.raw[ours.params_at..])
-            .find(|(name, _)| name.eq_ignore_ascii_case(CONN_PARAM.as_bytes()))
-            .and_then(|(_, value)| value)
-            .and_then(|value| std::str::from_utf8(value).ok())
-            .and_then(|value| value.trim_matches('"').parse::<SocketAddr>().ok());
-        if let Some(to) = connection {
+        if let Some(to) = conn_param(&ours.raw[ours.params_at..]) {
             let mut bytes = Vec::new();
             print::forward_response(message, &mut bytes);
             Counters::bump(&self.counters.forwarded);
@@ -405,6 +439,61 @@ impl Engine {
             bytes,
         });
     }
+
+    fn is_us(&self, uri: &Uri<'_>) -> bool {
+        let advertise = self.settings.advertise.as_bytes();
+        let Some((host, port)) = sip::split_host_port(advertise) else {
+            return false;
+        };
+        uri.host.eq_ignore_ascii_case(host) && uri.port.unwrap_or(5060) == port.unwrap_or(5060)
+    }
+}
+
+/// The networks the local PBX sends from: `balancer.pbx_addresses`, or by default the
+/// address of `local_pbx` and, when that is a loopback or wildcard address (a PBX on this
+/// host), every address of this host: such a PBX answers from whichever of them routes
+/// towards us (our advertised address, for instance), not from the one we send to.
+fn pbx_networks(config: &BalancerConfig, local_pbx: SocketAddr) -> Result<Vec<Cidr>, ConfigError> {
+    if !config.pbx_addresses.is_empty() {
+        return config
+            .pbx_addresses
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| {
+                Cidr::parse(entry).map_err(|reason| ConfigError::Value {
+                    key: format!("balancer.pbx_addresses[{i}]"),
+                    reason,
+                })
+            })
+            .collect();
+    }
+    let ip = local_pbx.ip();
+    let mut addresses = vec![ip];
+    if ip.is_loopback() || ip.is_unspecified() {
+        addresses.extend(host_addresses());
+    }
+    addresses.sort();
+    addresses.dedup();
+    Ok(addresses
+        .into_iter()
+        .filter_map(|ip| Cidr::parse(&ip.to_string()).ok())
+        .collect())
+}
+
+/// The addresses of this host's interfaces (none if they cannot be listed).
+pub fn host_addresses() -> Vec<IpAddr> {
+    let Ok(interfaces) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    interfaces
+        .filter_map(|interface| {
+            let address = interface.address?;
+            if let Some(v4) = address.as_sockaddr_in() {
+                return Some(IpAddr::V4(v4.ip()));
+            }
+            address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        })
+        .collect()
 }
 
 /// One request being handled.
@@ -421,47 +510,60 @@ impl Ctx<'_, '_, '_> {
     fn dispatch(&mut self, now: Instant, behind: bool) {
         let engine = self.engine;
         let request = self.request;
-        let key = engine.transactions.key(
-            request.via.branch.unwrap_or(request.call_id),
-            request.via.sent_by(),
-        );
-        let route_is_ours = self.top_route_is_ours();
+        let id = Id {
+            branch: request.via.branch,
+            sent_by: request.via.sent_by(),
+            call_id: request.call_id,
+            from_tag: request.from_tag,
+            cseq: request.cseq,
+        };
+        let key = engine.transactions.key(&id);
+        let ours = self.our_routes();
         match request.method {
             Method::Ack => {
-                if engine.transactions.ack(key) {
-                    Counters::bump(&engine.counters.acks);
-                } else if engine.transactions.kind(key) == Some(Kind::Proxied) {
-                    self.forward(key, engine.settings.local_pbx, false, route_is_ours);
-                } else if request.to_tag.is_some() && route_is_ours {
-                    self.forward_in_dialog(key);
-                } else {
-                    // An ACK never gets a response; one we cannot place is dropped.
-                    Counters::bump(&engine.counters.acks);
+                let timer_i = self.transport == Transport::Udp;
+                match engine.transactions.ack(key, now, timer_i) {
+                    Acked::Ours => Counters::bump(&engine.counters.acks),
+                    Acked::Proxied => self.forward_to_pbx(&id, ours),
+                    Acked::Unknown if request.to_tag.is_some() && ours > 0 => {
+                        self.forward_in_dialog(&id, ours);
+                    }
+                    // The ACK of a non-2xx answer from the PBX after its INVITE's entry
+                    // ended: a stateless proxy relays it where the INVITE went.
+                    Acked::Unknown
+                        if engine.proxies_calls()
+                            && !self.to_tag_is_ours()
+                            && request.max_forwards != Some(0) =>
+                    {
+                        self.forward_to_pbx(&id, ours);
+                    }
+                    // An ACK never gets a response; one for our own answer whose
+                    // transaction has ended, or one we cannot place, is dropped.
+                    Acked::Unknown => Counters::bump(&engine.counters.acks),
                 }
             }
-            _ if request.to_tag.is_some() && route_is_ours => {
+            _ if request.to_tag.is_some() && ours > 0 => {
                 if request.max_forwards == Some(0) {
                     self.reply(483, "Too Many Hops", b"");
                 } else {
-                    self.forward_in_dialog(key);
+                    self.forward_in_dialog(&id, ours);
                 }
             }
             Method::Cancel => {
                 Counters::bump(&engine.counters.cancels);
                 match engine.transactions.kind(key) {
                     Some(Kind::Answered { .. }) => self.reply(200, "OK", b""),
-                    Some(Kind::Proxied) => {
-                        self.forward(key, engine.settings.local_pbx, false, false)
-                    }
+                    // Relayed like its INVITE, without our Route (RFC 3261 §9.1: a CANCEL's
+                    // Route is its INVITE's): the PBX matches it by our branch, or answers
+                    // 481 if it never had the call.
+                    Some(Kind::Proxied) => self.relay_cancel(&id, ours),
+                    None if engine.proxies_calls() => self.relay_cancel(&id, ours),
                     None => self.reply(481, "Call/Transaction Does Not Exist", b""),
                 }
             }
             Method::Options => {
                 Counters::bump(&engine.counters.options);
-                let routable = engine.view().is_some_and(|view| {
-                    view.can_route(engine.settings.scoring, engine.trust(&view, now), now)
-                });
-                if routable {
+                if engine.can_route(now) {
                     self.reply(200, "OK", ALLOW);
                 } else {
                     self.reply(503, "Service Unavailable", &engine.settings.retry_after);
@@ -474,26 +576,39 @@ impl Ctx<'_, '_, '_> {
                 if request.max_forwards == Some(0) {
                     self.reply(483, "Too Many Hops", b"");
                 } else {
-                    self.invite(key, now, behind, route_is_ours);
+                    self.invite(&id, key, now, behind, ours);
                 }
             }
             Method::Bye | Method::Other => self.reply(405, "Method Not Allowed", ALLOW),
         }
     }
 
-    fn invite(&mut self, key: u64, now: Instant, behind: bool, drop_top_route: bool) {
+    fn invite(&mut self, id: &Id<'_>, key: u64, now: Instant, behind: bool, ours: usize) {
         let engine = self.engine;
         let retransmit = self.transport == Transport::Udp;
         let destination = self.reply_to;
         let counters = &engine.counters;
-        let (replay, decided) = engine.transactions.invite(
+        let outcome = engine.transactions.invite(
             key,
             now,
             |existing| {
                 Counters::bump(&counters.retransmissions);
-                (Some((existing.kind, existing.response.to_vec())), None)
+                match existing {
+                    Existing::Live(t) if t.kind == Kind::Proxied => Decision::Local,
+                    Existing::Live(t) => Decision::Reply(t.response.to_vec()),
+                    // ACKed: the INVITE is a late copy of one already answered.
+                    Existing::Confirmed => Decision::Absorb,
+                }
             },
-            || {
+            |room| {
+                if room == Room::Full {
+                    // No state, no retransmissions: the carrier is told once to go
+                    // elsewhere, as when the balancer is behind.
+                    Counters::bump(&counters.table_full);
+                    let refusal =
+                        self.response(503, "Service Unavailable", &engine.settings.retry_after);
+                    return (None, Decision::Reply(refusal));
+                }
                 Counters::bump(&counters.invites);
                 let decision = if behind {
                     // Sending the carrier elsewhere now beats a late answer after its
@@ -508,27 +623,22 @@ impl Ctx<'_, '_, '_> {
                     self.decide(now)
                 };
                 let (kind, response) = match &decision {
-                    Decision::Local => (Kind::Proxied, Box::default()),
-                    Decision::Reply(bytes) => (
-                        Kind::Answered { retransmit },
-                        bytes.clone().into_boxed_slice(),
-                    ),
+                    Decision::Reply(bytes) => {
+                        (Kind::Answered { retransmit }, Arc::from(&bytes[..]))
+                    }
+                    Decision::Local | Decision::Absorb => (Kind::Proxied, Arc::default()),
                 };
                 let transaction = Transaction::new(response, destination, kind, now);
-                (Some(transaction), (None, Some(decision)))
+                (Some(transaction), decision)
             },
         );
-        match (replay, decided) {
-            (Some((Kind::Proxied, _)), _) | (_, Some(Decision::Local)) => {
-                self.forward(key, engine.settings.local_pbx, false, drop_top_route);
-            }
-            (Some((Kind::Answered { .. }, bytes)), _) | (_, Some(Decision::Reply(bytes))) => {
-                self.actions.push(Action::Reply {
-                    to: self.reply_to,
-                    bytes,
-                });
-            }
-            (None, None) => {}
+        match outcome {
+            Decision::Local => self.forward_to_pbx(id, ours),
+            Decision::Reply(bytes) => self.actions.push(Action::Reply {
+                to: self.reply_to,
+                bytes,
+            }),
+            Decision::Absorb => {}
         }
     }
 
@@ -542,15 +652,7 @@ impl Ctx<'_, '_, '_> {
             .pool_for(uri.map_or(&b""[..], |u| u.host), uri.and_then(|u| u.user));
         let mut chosen = [Choice { index: 0 }; 9];
         let wanted = settings.contacts.min(chosen.len());
-        let (found, view) = match engine.view() {
-            Some(view) => {
-                let trust = engine.trust(&view, now);
-                let found = view.choose(pool, settings.scoring, trust, now, &mut chosen[..wanted]);
-                (found, Some(view))
-            }
-            None => (0, None),
-        };
-        let Some(view) = view.filter(|_| found > 0) else {
+        let Some(view) = engine.view() else {
             Counters::bump(&engine.counters.unavailable);
             return Decision::Reply(self.response(
                 503,
@@ -558,6 +660,11 @@ impl Ctx<'_, '_, '_> {
                 &settings.retry_after,
             ));
         };
+        let trust = engine.trust(&view, now);
+        let found = view.choose(pool, settings.scoring, trust, now, &mut chosen[..wanted]);
+        if found == 0 {
+            return self.refuse(&view, pool, trust, now);
+        }
         let first = &view.nodes[chosen[0].index];
         let user = uri.and_then(|u| u.user);
         let transport_param = if self.transport == Transport::Tcp {
@@ -584,21 +691,59 @@ impl Ctx<'_, '_, '_> {
         Decision::Reply(self.response(302, "Moved Temporarily", &contacts))
     }
 
-    fn response(&self, code: u16, reason: &str, extra: &[u8]) -> Vec<u8> {
+    /// The answer when no node of `pool` can take the call. `Retry-After` on a 503 tells
+    /// an RFC 3261 client (§21.5.4) to send this balancer nothing at all for that long, so
+    /// it is only given when the balancer could not serve any call (what OPTIONS answers
+    /// 503 to). Nodes of the pool that are up but at capacity are the callee being busy:
+    /// 486, which no client takes as a verdict on the server. A pool with no node up while
+    /// others can take calls gets 503 without Retry-After: this call may be tried at the
+    /// next balancer, the next call comes here again.
+    fn refuse(
+        &self,
+        view: &FleetView,
+        pool: &callfleet_core::PoolName,
+        trust: Trust,
+        now: Instant,
+    ) -> Decision {
+        let engine = self.engine;
+        let settings = &engine.settings;
+        if view.pool_full(pool, settings.scoring, trust, now) {
+            Counters::bump(&engine.counters.busy);
+            return Decision::Reply(self.response(486, "Busy Here", b""));
+        }
+        Counters::bump(&engine.counters.unavailable);
+        let retry_after: &[u8] = if view.can_route(settings.scoring, trust, now) {
+            b""
+        } else {
+            &settings.retry_after
+        };
+        Decision::Reply(self.response(503, "Service Unavailable", retry_after))
+    }
+
+    /// The To-tag we put in our responses to this request's transaction.
+    fn our_tag(&self) -> [u8; 16] {
         let request = self.request;
         let tag =
             self.engine
                 .tags
                 .hash_one((request.call_id, request.from_tag, request.via.branch));
-        let mut tag_text = [0u8; 16];
-        hex(tag, &mut tag_text);
+        let mut text = [0u8; 16];
+        hex(tag, &mut text);
+        text
+    }
+
+    fn to_tag_is_ours(&self) -> bool {
+        self.request.to_tag == Some(&self.our_tag()[..])
+    }
+
+    fn response(&self, code: u16, reason: &str, extra: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         print::response(
-            request,
+            self.request,
             self.source,
             code,
             reason,
-            &tag_text,
+            &self.our_tag(),
             extra,
             &mut out,
         );
@@ -613,65 +758,124 @@ impl Ctx<'_, '_, '_> {
         });
     }
 
-    /// Whether the first Route names this balancer.
-    fn top_route_is_ours(&self) -> bool {
-        let Some(route) = self.request.message.header(HeaderName::Route) else {
-            return false;
-        };
-        let Some(first) = split_values(route.value).next() else {
-            return false;
-        };
-        Uri::parse(addr_uri(first)).is_ok_and(|uri| self.engine.is_us(&uri))
-    }
-
-    /// An in-dialog request routed through us: from the PBX it goes to the next Route or
-    /// the Request-URI (the carrier); from anywhere else to the local PBX, never further,
-    /// so the balancer cannot be used as an open relay.
-    fn forward_in_dialog(&mut self, key: u64) {
-        let engine = self.engine;
-        if self.source != engine.settings.local_pbx {
-            self.forward(key, engine.settings.local_pbx, false, true);
-            return;
-        }
-        let next_route = self
-            .request
+    /// How many of the first Route values name this balancer: 0, 1, or 2 when we
+    /// record-routed twice (RFC 5658).
+    fn our_routes(&self) -> usize {
+        self.request
             .message
             .headers_named(HeaderName::Route)
             .flat_map(|h| split_values(h.value))
-            .nth(1)
-            .map(addr_uri);
-        let target = next_route.unwrap_or(self.request.uri);
-        match Uri::parse(target)
-            .ok()
-            .and_then(|uri| uri_destination(&uri))
-        {
-            Some((to, tcp)) => self.forward(key, to, tcp, true),
+            .take(2)
+            .take_while(|value| {
+                Uri::parse(addr_uri(value)).is_ok_and(|uri| self.engine.is_us(&uri))
+            })
+            .count()
+    }
+
+    /// An in-dialog request routed through us: from the PBX it goes to the next Route or
+    /// the Request-URI (the carrier), over the carrier's TCP connection when our Route
+    /// names one; from anywhere else to the local PBX, never further, so the balancer
+    /// cannot be used as an open relay. When we record-routed twice, the order of our two
+    /// values says which way the request goes, whatever its source: a carrier on the
+    /// PBX's host puts our carrier-side value (the one naming its connection) first.
+    fn forward_in_dialog(&mut self, id: &Id<'_>, ours: usize) {
+        let engine = self.engine;
+        let mut routes = self
+            .request
+            .message
+            .headers_named(HeaderName::Route)
+            .flat_map(|h| split_values(h.value));
+        let mut our_values = routes.by_ref().take(ours).map(|v| conn_param(addr_uri(v)));
+        let carrier_side_first = our_values.next().flatten().is_some();
+        let connection = our_values.flatten().next();
+        if carrier_side_first || !engine.is_pbx(self.source.ip()) {
+            self.forward_to_pbx(id, ours);
+            return;
+        }
+        if let Some(connection) = connection {
+            self.forward(id, connection, true, ours);
+            return;
+        }
+        let target = routes.next().map_or(self.request.uri, addr_uri);
+        let target = Uri::parse(target).ok();
+        if target.is_some_and(|uri| engine.is_us(&uri)) {
+            // Addressed to us: from a carrier on the PBX's host (the ACK of a non-2xx
+            // answer keeps the INVITE's Request-URI, ours), on its way to the PBX.
+            self.forward_to_pbx(id, ours);
+            return;
+        }
+        match target.and_then(|uri| uri_destination(&uri)) {
+            Some((to, tcp)) => self.forward(id, to, tcp, ours),
             None => self.reply(502, "Bad Gateway (next hop is not an IP address)", b""),
         }
     }
 
-    /// Forwards the request statelessly; `key` (its transaction key) seeds our branch, so a
-    /// retransmission or a CANCEL gets the same one.
-    fn forward(&mut self, key: u64, to: SocketAddr, tcp: bool, drop_top_route: bool) {
+    fn relay_cancel(&mut self, id: &Id<'_>, ours: usize) {
+        if self.request.max_forwards == Some(0) {
+            self.reply(483, "Too Many Hops", b"");
+        } else {
+            self.forward_to_pbx(id, ours);
+        }
+    }
+
+    fn forward_to_pbx(&mut self, id: &Id<'_>, ours: usize) {
+        self.forward(id, self.engine.settings.local_pbx, false, ours);
+    }
+
+    /// Forwards the request statelessly to `to` (over the TCP connection from `to` when
+    /// `tcp`), without its first `ours` Route values. Our branch is a stable hash of the
+    /// request's transaction identity, so a retransmission, the CANCEL and the ACK of a
+    /// non-2xx answer get the INVITE's branch, in this run or the next.
+    fn forward(&mut self, id: &Id<'_>, to: SocketAddr, tcp: bool, ours: usize) {
         let engine = self.engine;
+        let settings = &engine.settings;
         let request = self.request;
         let mut branch = Vec::with_capacity(OUR_BRANCH.len() + 48);
         branch.extend_from_slice(OUR_BRANCH);
         let mut digits = [0u8; 16];
-        hex(key, &mut digits);
+        hex(id.stable_hash(), &mut digits);
         branch.extend_from_slice(&digits);
         if self.transport == Transport::Tcp {
             // Stateless, we remember nothing: our Via carries the carrier's connection so
             // the PBX's responses, which echo it, find their way back onto it.
             let _ = write!(Bytes(&mut branch), ";{CONN_PARAM}=\"{}\"", self.source);
         }
-        let record_route = (request.method == Method::Invite && request.to_tag.is_none())
-            .then_some(engine.settings.record_route.as_slice());
+        let initial_invite = request.method == Method::Invite && request.to_tag.is_none();
+        let tcp_record_route;
+        let record_route = match (initial_invite, self.transport) {
+            (false, _) => None,
+            (true, Transport::Tcp) => {
+                // RFC 5658: the PBX (first in its route set) reaches us over UDP, the
+                // carrier (ours is first in its reversed set) over TCP, and in-dialog
+                // requests from the PBX go back on the connection named here.
+                tcp_record_route = format!(
+                    "{}, <sip:{};transport=tcp;lr;{CONN_PARAM}={}>",
+                    String::from_utf8_lossy(&settings.record_route),
+                    settings.advertise,
+                    self.source
+                );
+                Some(tcp_record_route.as_bytes())
+            }
+            (true, _) => Some(settings.record_route.as_slice()),
+        };
+        let stripped;
+        let (request, drop_top_route) = match ours {
+            0 => (request, false),
+            1 => (request, true),
+            _ => {
+                stripped = without_first_route(request);
+                (&stripped, true)
+            }
+        };
         let mut bytes = Vec::new();
         print::forward_request(
             request,
             self.source,
-            &engine.settings.our_via,
+            if tcp {
+                &settings.via_tcp
+            } else {
+                &settings.via_udp
+            },
             &branch,
             record_route,
             drop_top_route,
@@ -683,21 +887,32 @@ impl Ctx<'_, '_, '_> {
 }
 
 impl Engine {
-    fn is_us(&self, uri: &Uri<'_>) -> bool {
-        let advertise = self.settings.advertise.as_bytes();
-        let Some((host, port)) = sip::split_host_port(advertise) else {
-            return false;
-        };
-        uri.host.eq_ignore_ascii_case(host) && uri.port.unwrap_or(5060) == port.unwrap_or(5060)
+    /// Whether this balancer forwards calls to a PBX (proxy mode, and its own node is in
+    /// the fleet): then a CANCEL or ACK that matches nothing may belong to a call it
+    /// proxied longer ago than Timer H. A balancer whose node is no PBX node has proxied
+    /// nothing, and answers such a CANCEL 481 itself.
+    fn proxies_calls(&self) -> bool {
+        self.settings.local_mode == LocalMode::Proxy
+            && self
+                .view()
+                .is_some_and(|view| view.nodes.iter().any(|node| node.local))
+    }
+
+    /// Whether any call could be routed now (OPTIONS answers 200).
+    fn can_route(&self, now: Instant) -> bool {
+        self.view()
+            .is_some_and(|view| view.can_route(self.settings.scoring, self.trust(&view, now), now))
     }
 }
 
 /// Where a new call goes.
 enum Decision {
-    /// Send this response (302 or 503).
+    /// Send this response (302, 486 or 503).
     Reply(Vec<u8>),
     /// Proxy to the local PBX (only in `local_mode = "proxy"`).
     Local,
+    /// Nothing: a retransmission of an INVITE already answered and ACKed.
+    Absorb,
 }
 
 /// Appends `Contact: <sip:USER@TARGET PARAMS>;q=…` (q from 1.0 down by rank).
@@ -722,6 +937,38 @@ fn push_contact(
         None => {}
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// `request` with its first Route value removed (the first of two of ours; the printer
+/// drops the second).
+fn without_first_route<'a>(request: &Request<'a>) -> Request<'a> {
+    let mut request = request.clone();
+    let headers: &mut Vec<Header<'a>> = &mut request.message.headers;
+    if let Some(at) = headers.iter().position(|h| h.name == HeaderName::Route) {
+        let value = headers[at].value;
+        let rest = split_values(value).nth(1).and_then(|second| {
+            let offset = (second.as_ptr() as usize).wrapping_sub(value.as_ptr() as usize);
+            value.get(offset..)
+        });
+        match rest {
+            Some(rest) => headers[at].value = rest,
+            None => {
+                headers.remove(at);
+            }
+        }
+    }
+    request
+}
+
+/// The connection named by our `cfconn` parameter among `;`-parameters in `text` (a Via's
+/// or a Route URI's).
+fn conn_param(text: &[u8]) -> Option<SocketAddr> {
+    let params = &text[memchr::memchr(b';', text)?..];
+    sip::Params::new(params)
+        .find(|(name, _)| name.eq_ignore_ascii_case(CONN_PARAM.as_bytes()))
+        .and_then(|(_, value)| value)
+        .and_then(|value| std::str::from_utf8(value).ok())
+        .and_then(|value| value.trim_matches('"').parse::<SocketAddr>().ok())
 }
 
 /// Where a UDP response goes: the source address, and the source port only when the client
