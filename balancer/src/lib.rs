@@ -180,12 +180,12 @@ pub async fn run(
     let stop = Arc::new(AtomicBool::new(false));
     let threads = transport::udp::spawn(&engine, &udp, &routes, workers, &stop)?;
     let tcp = tokio::net::TcpListener::from_std(listeners.tcp)?;
-    let tcp_task = tokio::spawn(transport::tcp::serve(
+    let tcp_task = tokio::spawn(transport::tcp::serve_with(
         tcp,
         engine.clone(),
         udp.clone(),
         routes,
-        balancer.max_message,
+        transport::tcp::Limits::from_config(balancer)?,
         shutdown.clone(),
     ));
     let refresh_task = tokio::spawn(refresh(
