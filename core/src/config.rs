@@ -1174,16 +1174,13 @@ impl BalancerConfig {
             .ok()
             .map(|address| address.ip());
         if advertised_ip.is_some_and(|ip| ip.is_unspecified()) {
-            let (key, what) = if self.advertise.is_empty() {
-                (
-                    "advertise",
-                    format!("is not set and listen `{}` is a wildcard", self.listen),
-                )
+            let what = if self.advertise.is_empty() {
+                format!("is not set and listen `{}` is a wildcard", self.listen)
             } else {
-                ("advertise", format!("`{}` is a wildcard", self.advertise))
+                format!("`{}` is a wildcard", self.advertise)
             };
             return bad(
-                key,
+                "advertise",
                 format!(
                     "{what}: our Via and Record-Route would name an address no carrier or PBX can reach; \
                      set balancer.advertise (CALLFLEET_BALANCER__ADVERTISE) to this node's address as carriers reach it, e.g. 192.0.2.10:5060"
