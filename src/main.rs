@@ -122,6 +122,11 @@ async fn dispatch(command: Command, mut config: Config) -> anyhow::Result<()> {
     match command {
         Command::Up => {
             let id = config.node.resolved_id()?;
+            // The balancer refuses to put a wildcard into Via and Record-Route; a single box
+            // listening on every address advertises the one it routes from.
+            if let Some(advertise) = callfleet_balancer::default_advertise(&config.balancer) {
+                config.balancer.advertise = advertise;
+            }
             let listeners = Listeners::bind(&config.balancer)?;
             let locks_listener = bind_locks(&config).await?;
             let control_listener = bind_control(&config).await?;
@@ -155,8 +160,9 @@ async fn dispatch(command: Command, mut config: Config) -> anyhow::Result<()> {
                 config.node.heartbeat_interval
             );
             println!(
-                "  balancer    SIP on {} (UDP and TCP); local calls {} to {}",
+                "  balancer    SIP on {} (UDP and TCP, advertised as {}); local calls {} to {}",
                 listeners.local_addr()?,
+                balancer.advertised(),
                 match balancer.local_mode {
                     LocalMode::Proxy => "proxied",
                     LocalMode::Redirect => "redirected",
