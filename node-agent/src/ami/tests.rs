@@ -408,20 +408,25 @@ async fn cli_error_is_a_protocol_error_quoting_the_reply() {
     server.await.expect("server script");
 }
 
-/// What Asterisk's manager.c answers (`astman_send_error(s, m, "Permission denied")`) when
-/// the user lacks the class an action needs.
-#[tokio::test]
-async fn a_refused_command_is_a_permission_error_naming_the_fix() {
+/// A manager that accepts the captured login, then refuses the command as Asterisk's
+/// manager.c does (`astman_send_error(s, m, "Permission denied")`) when the user lacks the
+/// class an action needs.
+async fn serve_login_then_permission_denied() -> (String, JoinHandle<()>) {
     let capture = Capture::login_and_core_show_channels();
     let greeting = capture.greeting("conn-main");
     let accepted = capture.reply("conn-main", "1");
-    let (address, server) = serve_once(move |mut peer| async move {
+    serve_once(move |mut peer| async move {
         peer.send(&greeting).await;
         peer.answer(&accepted, "1").await;
         let denied = "Response: Error\r\nActionID: cmd\r\nMessage: Permission denied\r\n\r\n";
         peer.answer(denied, "cmd").await;
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_refused_command_is_a_permission_error_naming_the_fix() {
+    let (address, server) = serve_login_then_permission_denied().await;
     let mut client = AmiClient::connect(&address, "refadmin", "refsecret", PATIENT)
         .await
         .expect("login accepted");
@@ -438,16 +443,7 @@ async fn a_refused_command_is_a_permission_error_naming_the_fix() {
 /// The agent refuses to start on such a user, as on a wrong secret: no retry fixes it.
 #[tokio::test]
 async fn a_user_without_the_command_right_stops_the_agent_at_start() {
-    let capture = Capture::login_and_core_show_channels();
-    let greeting = capture.greeting("conn-main");
-    let accepted = capture.reply("conn-main", "1");
-    let (address, server) = serve_once(move |mut peer| async move {
-        peer.send(&greeting).await;
-        peer.answer(&accepted, "1").await;
-        let denied = "Response: Error\r\nActionID: cmd\r\nMessage: Permission denied\r\n\r\n";
-        peer.answer(denied, "cmd").await;
-    })
-    .await;
+    let (address, server) = serve_login_then_permission_denied().await;
     let config = callfleet_core::config::CallsConfig {
         source: callfleet_core::config::CallSourceKind::Ami,
         address,
