@@ -256,33 +256,6 @@ fn calls_bridged_by_asterisk_are_counted_over_its_live_ami() {
     });
 }
 
-/// The status code the balancer at `port` answers an OPTIONS with (200 while it can route
-/// calls), if it answers within 500 ms.
-fn options_status(port: u16) -> Option<u16> {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket");
-    socket
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .expect("read timeout");
-    let local = socket.local_addr().expect("local address");
-    let request = format!(
-        "OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-probe-{n}\r\n\
-From: <sip:probe@{local}>;tag=probe\r\nTo: <sip:127.0.0.1:{port}>\r\nCall-ID: probe-{n}@test\r\n\
-CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
-        n = std::process::id()
-    );
-    socket
-        .send_to(request.as_bytes(), ("127.0.0.1", port))
-        .expect("send OPTIONS");
-    let mut buffer = [0u8; 4096];
-    let (length, _) = socket.recv_from(&mut buffer).ok()?;
-    std::str::from_utf8(&buffer[..length])
-        .ok()?
-        .strip_prefix("SIP/2.0 ")?
-        .get(..3)?
-        .parse()
-        .ok()
-}
-
 /// The pid Asterisk wrote into its run folder, once it is there.
 fn asterisk_pid(folder: &Path) -> Option<i32> {
     std::fs::read_to_string(folder.join("run/asterisk.pid"))
@@ -365,7 +338,7 @@ fn up_runs_the_pbx_restarts_it_and_gives_up_on_one_that_keeps_dying() {
     // The carrier's calls go through the balancer (proxy to the local PBX) to device 1001,
     // once the balancer has seen the node and its PBX answer the probes.
     wait_until("the balancer routes calls", Duration::from_secs(30), || {
-        options_status(balancer_port) == Some(200)
+        sip_options_status(balancer_port) == Some(200)
     });
     let carrier_dir = dir.path().join("carrier");
     std::fs::create_dir_all(&carrier_dir).expect("carrier folder");
@@ -424,7 +397,7 @@ fn up_runs_the_pbx_restarts_it_and_gives_up_on_one_that_keeps_dying() {
     wait_until(
         "the balancer stops routing",
         Duration::from_secs(20),
-        || options_status(balancer_port) == Some(503),
+        || sip_options_status(balancer_port) == Some(503),
     );
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(
@@ -433,7 +406,7 @@ fn up_runs_the_pbx_restarts_it_and_gives_up_on_one_that_keeps_dying() {
         "given up: no restart after the limit"
     );
     assert_eq!(
-        options_status(balancer_port),
+        sip_options_status(balancer_port),
         Some(503),
         "still out of routing"
     );
