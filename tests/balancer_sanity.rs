@@ -301,8 +301,10 @@ fn corpus() -> Vec<Case> {
                 ..invite()
             },
             Some(400),
-            Some(400),
-            "",
+            Some(416),
+            "a well-formed URI of a scheme we do not route gets 416 (RFC 3261 §8.2.2.1), \
+             which tells the sender to retry with a sip: URI; Kamailio's URI parser \
+             refuses the scheme outright",
         ),
         case(
             "Request-URI urn:service:sos",
@@ -311,9 +313,9 @@ fn corpus() -> Vec<Case> {
                 ..invite()
             },
             Some(200),
-            Some(400),
-            "the balancer routes sip:, sips: and tel: only; RFC 3261 §8.2.2.1 would have \
-             416 for another scheme (the engine answers every parse fault 400 today)",
+            Some(416),
+            "the balancer routes sip:, sips: and tel: only and says so (RFC 3261 §8.2.2.1); \
+             sanity_check() does not look at the scheme",
         ),
         case(
             "SIP/3.0",
@@ -429,8 +431,9 @@ fn corpus() -> Vec<Case> {
             },
             Some(420),
             Some(302),
-            "Proxy-Require binds proxies (RFC 3261 §16.3 step 6); a 302 is the answer of a \
-             redirect server, a UAS",
+            "Proxy-Require binds proxies (RFC 3261 §16.3 step 5); a 302 is the answer of a \
+             redirect server, a UAS. Proxied to the local PBX, it gets 420 (engine test \
+             a_proxy_refuses_proxy_require_and_a_redirect_server_ignores_it)",
         ),
         case(
             "forged Via received=203.0.113.66;rport=9",

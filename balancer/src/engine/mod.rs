@@ -26,8 +26,8 @@ use callfleet_core::{ConfigError, NodeId};
 
 use crate::route::{Choice, FleetView, PoolMap, Scoring, Trust};
 use crate::sip::{
-    self, Framing, Header, HeaderName, Message, Method, Request, StartLine, Transport, Uri, Via,
-    addr_uri, print, split_values,
+    self, Framing, Header, HeaderName, Message, Method, ParseError, Request, StartLine, Transport,
+    Uri, Via, addr_uri, print, split_values,
 };
 use crate::transaction::{Acked, Existing, Id, Kind, Room, Transaction, Transactions};
 
@@ -371,7 +371,12 @@ impl Engine {
         }
         if let Some(defect) = request.defect {
             Counters::bump(&self.counters.malformed);
-            if request.method != Method::Ack {
+            if request.method == Method::Ack {
+                // Never answered.
+            } else if defect == ParseError::UnsupportedScheme {
+                // RFC 3261 §8.2.2.1: the sender may retry with a sip: URI.
+                ctx.reply(416, "Unsupported URI Scheme", b"");
+            } else {
                 let reason = format!("Bad Request ({defect})");
                 ctx.reply(400, &reason, b"");
             }
@@ -522,19 +527,20 @@ impl Ctx<'_, '_, '_> {
         match request.method {
             Method::Ack => {
                 let timer_i = self.transport == Transport::Udp;
-                match engine.transactions.ack(key, now, timer_i) {
+                let acked = engine.transactions.ack(key, now, timer_i);
+                // An ACK that may travel no further is dropped: it gets no 483
+                // (RFC 3261 §16.3 step 3, and an ACK is never answered).
+                let spent = request.max_forwards == Some(0);
+                match acked {
                     Acked::Ours => Counters::bump(&engine.counters.acks),
+                    _ if spent => Counters::bump(&engine.counters.acks),
                     Acked::Proxied => self.forward_to_pbx(&id, ours),
                     Acked::Unknown if request.to_tag.is_some() && ours > 0 => {
                         self.forward_in_dialog(&id, ours);
                     }
                     // The ACK of a non-2xx answer from the PBX after its INVITE's entry
                     // ended: a stateless proxy relays it where the INVITE went.
-                    Acked::Unknown
-                        if engine.proxies_calls()
-                            && !self.to_tag_is_ours()
-                            && request.max_forwards != Some(0) =>
-                    {
+                    Acked::Unknown if engine.proxies_calls() && !self.to_tag_is_ours() => {
                         self.forward_to_pbx(&id, ours);
                     }
                     // An ACK never gets a response; one for our own answer whose
@@ -545,6 +551,8 @@ impl Ctx<'_, '_, '_> {
             _ if request.to_tag.is_some() && ours > 0 => {
                 if request.max_forwards == Some(0) {
                     self.reply(483, "Too Many Hops", b"");
+                } else if let Some(unsupported) = self.proxy_require() {
+                    self.reply(420, "Bad Extension", &unsupported);
                 } else {
                     self.forward_in_dialog(&id, ours);
                 }
@@ -666,7 +674,6 @@ impl Ctx<'_, '_, '_> {
             return self.refuse(&view, pool, trust, now);
         }
         let first = &view.nodes[chosen[0].index];
-        let user = uri.and_then(|u| u.user);
         let transport_param = if self.transport == Transport::Tcp {
             ";transport=tcp"
         } else {
@@ -676,16 +683,27 @@ impl Ctx<'_, '_, '_> {
         if first.local {
             Counters::bump(&engine.counters.local);
             if settings.local_mode == LocalMode::Proxy {
-                return Decision::Local;
+                return match self.proxy_require() {
+                    Some(unsupported) => {
+                        Decision::Reply(self.response(420, "Bad Extension", &unsupported))
+                    }
+                    None => Decision::Local,
+                };
             }
             let pbx = settings.local_pbx.to_string();
-            push_contact(&mut contacts, user, &pbx, transport_param, None);
+            print::contact(&mut contacts, uri.as_ref(), &pbx, transport_param, None);
         } else {
             Counters::bump(&engine.counters.redirected);
             for (rank, choice) in chosen[..found].iter().enumerate() {
                 let node = &view.nodes[choice.index];
                 let q = (found > 1).then(|| 10 - rank.min(9));
-                push_contact(&mut contacts, user, &node.target, transport_param, q);
+                print::contact(
+                    &mut contacts,
+                    uri.as_ref(),
+                    &node.target,
+                    transport_param,
+                    q,
+                );
             }
         }
         Decision::Reply(self.response(302, "Moved Temporarily", &contacts))
@@ -734,6 +752,35 @@ impl Ctx<'_, '_, '_> {
 
     fn to_tag_is_ours(&self) -> bool {
         self.request.to_tag == Some(&self.our_tag()[..])
+    }
+
+    /// The `Unsupported` header a proxy owes a request whose `Proxy-Require` names
+    /// extensions (RFC 3261 §16.3 step 5): this balancer forwards statelessly and
+    /// implements none. Option tags that are not tokens are left out, never echoed.
+    fn proxy_require(&self) -> Option<Vec<u8>> {
+        let mut tags = self
+            .request
+            .message
+            .headers_named(HeaderName::ProxyRequire)
+            .flat_map(|h| h.value.split(|b| *b == b','))
+            .map(sip::trim)
+            .filter(|tag| !tag.is_empty())
+            .peekable();
+        tags.peek()?;
+        let mut out = b"Unsupported: ".to_vec();
+        let mut first = true;
+        for tag in tags.filter(|tag| tag.iter().all(|b| sip::is_token(*b))) {
+            if !first {
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(tag);
+            first = false;
+        }
+        if first {
+            return Some(Vec::new());
+        }
+        out.extend_from_slice(b"\r\n");
+        Some(out)
     }
 
     fn response(&self, code: u16, reason: &str, extra: &[u8]) -> Vec<u8> {
@@ -913,30 +960,6 @@ enum Decision {
     Local,
     /// Nothing: a retransmission of an INVITE already answered and ACKed.
     Absorb,
-}
-
-/// Appends `Contact: <sip:USER@TARGET PARAMS>;q=…` (q from 1.0 down by rank).
-fn push_contact(
-    out: &mut Vec<u8>,
-    user: Option<&[u8]>,
-    target: &str,
-    params: &str,
-    q: Option<usize>,
-) {
-    out.extend_from_slice(b"Contact: <sip:");
-    if let Some(user) = user {
-        out.extend_from_slice(user);
-        out.push(b'@');
-    }
-    out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(params.as_bytes());
-    out.push(b'>');
-    match q {
-        Some(10..) => out.extend_from_slice(b";q=1.0"),
-        Some(q) => out.extend_from_slice(&[b';', b'q', b'=', b'0', b'.', b'0' + q as u8]),
-        None => {}
-    }
-    out.extend_from_slice(b"\r\n");
 }
 
 /// `request` with its first Route value removed (the first of two of ours; the printer

@@ -13,7 +13,8 @@ pub mod print;
 mod tests;
 
 pub use parse::{Framing, Header, Message, StartLine, parse};
-use parse::{is_space, is_token, parse_u32, trim};
+use parse::{is_space, parse_u32};
+pub(crate) use parse::{is_token, trim};
 
 /// Why bytes are not a SIP message we can work with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -78,6 +79,8 @@ pub enum HeaderName {
     Route,
     /// `Record-Route`
     RecordRoute,
+    /// `Proxy-Require`
+    ProxyRequire,
     /// Anything else; see [`Header::raw_name`].
     Other,
 }
@@ -105,6 +108,7 @@ impl HeaderName {
             7 if is("contact") => Self::Contact,
             12 if is("max-forwards") => Self::MaxForwards,
             12 if is("record-route") => Self::RecordRoute,
+            13 if is("proxy-require") => Self::ProxyRequire,
             14 if is("content-length") => Self::ContentLength,
             _ => Self::Other,
         }

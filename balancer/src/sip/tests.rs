@@ -630,7 +630,7 @@ Content-Length: 0\r\n\r\n"
         let too_large = "SIP/2.0 400 Bad Request (CSeq number of 2**31 or more)";
         let mismatch = "SIP/2.0 400 Bad Request (CSeq method is not the request's method)";
         let bad_uri = "SIP/2.0 400 Bad Request (malformed Request-URI)";
-        let scheme = "SIP/2.0 400 Bad Request (unsupported Request-URI scheme)";
+        let scheme = "SIP/2.0 416 Unsupported URI Scheme";
         let bad_cseq = "SIP/2.0 400 Bad Request (missing or malformed CSeq header)";
         let corpus: &[(&str, &str, &str, &str)] = &[
             (
@@ -676,6 +676,8 @@ Content-Length: 0\r\n\r\n"
             ("INVITE", "sip:a@b@192.0.2.10", "1 INVITE", bad_uri),
             ("INVITE", "tel:+49<30", "1 INVITE", bad_uri),
             ("INVITE", "http://192.0.2.10/5551234", "1 INVITE", scheme),
+            ("INVITE", "urn:service:sos", "1 INVITE", scheme),
+            ("OPTIONS", "im:alice@192.0.2.10", "1 OPTIONS", scheme),
             ("INVITE", "sip:5551234@192.0.2.10", "-1 INVITE", bad_cseq),
             ("INVITE", "sip:5551234@192.0.2.10", "abc INVITE", bad_cseq),
             ("INVITE", "sip:5551234@192.0.2.10", "1 INV<ITE", bad_cseq),
@@ -705,11 +707,13 @@ Content-Length: 0\r\n\r\n"
     #[test]
     fn tel_request_uris_keep_their_number_in_the_contact() {
         for (uri, contact) in [
-            ("tel:+4930123", "<sip:+4930123@127.0.0.1:5071>"),
+            // RFC 3261 §19.1.6: a telephone number in a sip URI is marked `user=phone`.
+            ("tel:+4930123", "<sip:+4930123@127.0.0.1:5071;user=phone>"),
             (
                 "tel:030123;phone-context=+49",
-                "<sip:030123;phone-context=+49@127.0.0.1:5071>",
+                "<sip:030123;phone-context=+49@127.0.0.1:5071;user=phone>",
             ),
+            ("sips:5551234@192.0.2.10", "<sips:5551234@127.0.0.1:5071>"),
         ] {
             let moved = reply(&engine(false), &req("INVITE", uri, "1 INVITE"));
             assert_eq!(
@@ -811,6 +815,86 @@ Call-ID: hostile-1@198.51.100.7\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n",
             [Action::Forward { to, .. }] => assert_eq!(*to, carrier(), "the 180 goes back"),
             other => panic!("expected the 180 forwarded, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_proxy_refuses_proxy_require_and_a_redirect_server_ignores_it() {
+        // Each request is a new transaction: its own branch.
+        let branch = std::cell::Cell::new(0);
+        let with = |extra: &str| {
+            branch.set(branch.get() + 1);
+            let plain = String::from_utf8(req("INVITE", "sip:5551234@192.0.2.10", "1 INVITE"))
+                .expect("utf8");
+            let headers = if extra.is_empty() {
+                String::new()
+            } else {
+                format!("{extra}\r\n")
+            };
+            plain
+                .replacen(
+                    "Content-Length: 0",
+                    &format!("{headers}Content-Length: 0"),
+                    1,
+                )
+                .replacen(
+                    "branch=z9hG4bK-h1",
+                    &format!("branch=z9hG4bK-p{}", branch.get()),
+                    1,
+                )
+                .into_bytes()
+        };
+        let proxy = engine(true);
+        let refused = reply(
+            &proxy,
+            &with("Proxy-Require: foo, 100rel\r\nproxy-require: bar"),
+        );
+        assert_eq!(status_line(&refused), "SIP/2.0 420 Bad Extension");
+        assert!(
+            refused.contains("\r\nUnsupported: foo, 100rel, bar\r\n"),
+            "{refused}"
+        );
+        oracle::read(refused.as_bytes()).unwrap_or_else(|e| panic!("{e}:\n{refused}"));
+        // An option tag that is no token is not echoed into our answer.
+        let hostile = reply(&proxy, &with("Proxy-Require: a\"b, ok"));
+        assert_eq!(status_line(&hostile), "SIP/2.0 420 Bad Extension");
+        assert!(hostile.contains("\r\nUnsupported: ok\r\n"), "{hostile}");
+        assert_eq!(counter(&proxy, "forwarded"), 0);
+        // Negative control: the same INVITE without the header is proxied.
+        assert!(matches!(
+            &handle(&proxy, &with(""))[..],
+            [Action::Forward { .. }]
+        ));
+        // A 302 is a redirect server's (a UAS's) answer: Proxy-Require binds proxies only.
+        let moved = reply(&engine(false), &with("Proxy-Require: foo"));
+        assert_eq!(status_line(&moved), "SIP/2.0 302 Moved Temporarily");
+    }
+
+    #[test]
+    fn an_ack_that_may_travel_no_further_is_dropped() {
+        let proxy = engine(true);
+        let invite = req("INVITE", "sip:5551234@192.0.2.10", "1 INVITE");
+        assert!(matches!(
+            &handle(&proxy, &invite)[..],
+            [Action::Forward { .. }]
+        ));
+        let ack = |hops: &str| {
+            String::from_utf8(req("ACK", "sip:5551234@192.0.2.10", "1 ACK"))
+                .expect("utf8")
+                .replace("Max-Forwards: 70", &format!("Max-Forwards: {hops}"))
+                .into_bytes()
+        };
+        assert_eq!(handle(&proxy, &ack("0")), Vec::new());
+        // Negative control: with a hop left, the ACK of the PBX's answer is relayed.
+        match &handle(&proxy, &ack("1"))[..] {
+            [Action::Forward { to, bytes, .. }] => {
+                assert_eq!(*to, PBX.parse::<SocketAddr>().expect("addr"));
+                let text = String::from_utf8_lossy(bytes);
+                assert!(text.contains("\r\nMax-Forwards: 0\r\n"), "{text}");
+            }
+            other => panic!("expected the ACK relayed, got {other:?}"),
+        }
+        assert_eq!(counter(&proxy, "forwarded"), 2);
+        assert_eq!(counter(&proxy, "acks"), 1);
     }
 
     /// RFC 3261 §25.1: `user = 1*( unreserved / escaped / user-unreserved )`.
