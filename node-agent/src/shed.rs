@@ -4,7 +4,22 @@
 //! The gap between the two thresholds (hysteresis) keeps a tier from flapping when the load
 //! hovers around one value. Commands run in the background so a slow `systemctl` never
 //! delays a heartbeat; a tier's state flips at once and its `command_ok` follows when the
-//! command ends. Commands of one tier run one after another, never concurrently.
+//! command ends. Commands of one tier run one after another, never concurrently; how one
+//! command runs on the host is in the `command` module.
+//!
+//! The agent keeps no record of what it shed: a restart (or crash) while a tier is shed must
+//! not leave its service stopped for good, and a record on disk can be lost or stale in the
+//! same ways. So the first load reading after start *reconciles* every tier: a tier the load
+//! calls for (at or above `above`) runs its stop command, every other tier runs its start
+//! command, whatever state a previous run left. Start and stop commands must therefore be
+//! safe to repeat, as `systemctl start`/`stop` are. Between `below` and `above` a tier
+//! starts restored, as on a freshly booted node.
+//!
+//! At shutdown, commands not yet begun are dropped (the next start reconciles their tier)
+//! and a running one gets [`Limits::shutdown_grace`] before its process group is killed, so
+//! [`Shedder::finish`] ends well within the agent's drain bound.
+
+mod command;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,11 +27,47 @@ use std::time::Duration;
 
 use callfleet_core::ShedTierState;
 use callfleet_core::config::ShedTier;
+use callfleet_core::shutdown::DRAIN_TIMEOUT;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// How long a stop/start command may run before it is killed and counted as failed.
+use self::command::{Action, KILL_BOUND};
+
+/// How long a stop/start command may run before its process group is killed and the command
+/// counted as failed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a command still running at shutdown may go on before its process group is
+/// killed.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+// The agent's shutdown waits at most DRAIN_TIMEOUT for `finish`: the grace and the kill
+// must fit in it, or a slow command would outlive the agent.
+const _: () = assert!(
+    SHUTDOWN_GRACE.as_millis() + KILL_BOUND.as_millis() < DRAIN_TIMEOUT.as_millis(),
+    "shed commands must end within the agent's drain timeout"
+);
+
+/// Time limits of the shed commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// A command running longer has its process group killed and counts as failed.
+    pub command_timeout: Duration,
+    /// After [`Shedder::finish`] is called, a running command gets this long before its
+    /// process group is killed. Keep it well below the drain timeout of the agent.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            command_timeout: COMMAND_TIMEOUT,
+            shutdown_grace: SHUTDOWN_GRACE,
+        }
+    }
+}
 
 #[derive(Debug)]
 struct Tier {
@@ -31,12 +82,20 @@ struct Tier {
 #[derive(Debug)]
 pub struct Shedder {
     tiers: Vec<Tier>,
-    tasks: TaskTracker,
+    /// False until the first load reading has reconciled every tier.
+    reconciled: bool,
+    runner: Runner,
 }
 
 impl Shedder {
-    /// Tiers start restored (services running), as they are when a node boots.
+    /// Tiers with the default [`Limits`]. They report restored until the first
+    /// [`Shedder::update`] reconciles them.
     pub fn new(tiers: &[ShedTier]) -> Self {
+        Self::with_limits(tiers, Limits::default())
+    }
+
+    /// Tiers whose commands run within `limits`.
+    pub fn with_limits(tiers: &[ShedTier], limits: Limits) -> Self {
         Self {
             tiers: tiers
                 .iter()
@@ -47,46 +106,43 @@ impl Shedder {
                     last_command: None,
                 })
                 .collect(),
-            tasks: TaskTracker::new(),
+            reconciled: false,
+            runner: Runner {
+                tasks: TaskTracker::new(),
+                shutdown: CancellationToken::new(),
+                pending: Arc::new(watch::Sender::new(0)),
+                limits,
+            },
         }
     }
 
     /// Applies a new load fraction: flips the tiers that cross a threshold and starts their
     /// commands. Returns the names of the tiers that changed, with their new `shed` state.
+    ///
+    /// The first call reconciles: every tier runs the command of the state the load calls
+    /// for, and all of them are returned.
     pub fn update(&mut self, load_fraction: f64) -> Vec<(String, bool)> {
+        let reconcile = !self.reconciled;
+        self.reconciled = true;
         let mut changed = Vec::new();
         for tier in &mut self.tiers {
-            let next = next_state(tier.shed, load_fraction, &tier.config);
-            if next == tier.shed {
+            let next = if reconcile {
+                load_fraction >= tier.config.above
+            } else {
+                next_state(tier.shed, load_fraction, &tier.config)
+            };
+            if next == tier.shed && !reconcile {
                 continue;
             }
             tier.shed = next;
-            let command = if next {
-                &tier.config.stop
+            let action = Action::for_shed(next);
+            if reconcile {
+                tracing::info!(tier = %tier.config.name, load_fraction, %action, "load shedding tier reconciled at start");
             } else {
-                &tier.config.start
-            };
-            tracing::warn!(
-                tier = %tier.config.name,
-                load_fraction,
-                action = if next { "stop" } else { "start" },
-                "load shedding tier changed"
-            );
-            changed.push((tier.config.name.clone(), next));
-            if command.is_empty() {
-                continue;
+                tracing::warn!(tier = %tier.config.name, load_fraction, %action, "load shedding tier changed");
             }
-            let command = command.clone();
-            let ok = Arc::clone(&tier.command_ok);
-            let previous = tier.last_command.take();
-            let name = tier.config.name.clone();
-            tier.last_command = Some(self.tasks.spawn(async move {
-                if let Some(previous) = previous {
-                    let _ = previous.await;
-                }
-                let succeeded = run_command(&name, &command).await;
-                ok.store(succeeded, Ordering::Relaxed);
-            }));
+            changed.push((tier.config.name.clone(), next));
+            self.runner.queue(tier, action);
         }
         changed
     }
@@ -108,10 +164,77 @@ impl Shedder {
         self.tiers.iter().any(|t| t.shed && t.config.refuse_calls)
     }
 
-    /// Waits for the commands still running (bounded by [`COMMAND_TIMEOUT`] each).
+    /// Waits until every command started so far has ended; `command_ok` then tells how.
+    pub async fn settled(&self) {
+        let mut pending = self.runner.pending.subscribe();
+        // The sender lives in `self`, so the wait cannot fail.
+        let _ = pending.wait_for(|n| *n == 0).await;
+    }
+
+    /// Stops shedding for shutdown: commands not yet begun are dropped, a running one gets
+    /// [`Limits::shutdown_grace`] and then its process group is killed. Returns within the
+    /// grace plus a few seconds at most.
     pub async fn finish(&self) {
-        self.tasks.close();
-        self.tasks.wait().await;
+        self.runner.shutdown.cancel();
+        self.runner.tasks.close();
+        self.runner.tasks.wait().await;
+    }
+}
+
+/// Starts the commands of the tiers in the background, one tier's after another's.
+#[derive(Debug)]
+struct Runner {
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    /// How many commands are queued or running.
+    pending: Arc<watch::Sender<usize>>,
+    limits: Limits,
+}
+
+impl Runner {
+    fn queue(&self, tier: &mut Tier, action: Action) {
+        let command = match action {
+            Action::Stop => &tier.config.stop,
+            Action::Start => &tier.config.start,
+        };
+        if command.is_empty() {
+            return;
+        }
+        let command = command.clone();
+        let name = tier.config.name.clone();
+        let ok = Arc::clone(&tier.command_ok);
+        let previous = tier.last_command.take();
+        let pending = Pending::count(Arc::clone(&self.pending));
+        let shutdown = self.shutdown.clone();
+        let limits = self.limits;
+        tier.last_command = Some(self.tasks.spawn(async move {
+            let _pending = pending;
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            if shutdown.is_cancelled() {
+                tracing::info!(tier = %name, %action, "shed command not run: shutting down (the next start reconciles the tier)");
+                return;
+            }
+            let succeeded = command::run(&name, action, &command, limits, &shutdown).await;
+            ok.store(succeeded, Ordering::Relaxed);
+        }));
+    }
+}
+
+/// One queued or running command, counted in [`Runner::pending`] until dropped.
+struct Pending(Arc<watch::Sender<usize>>);
+
+impl Pending {
+    fn count(pending: Arc<watch::Sender<usize>>) -> Self {
+        pending.send_modify(|n| *n += 1);
+        Self(pending)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
     }
 }
 
@@ -121,31 +244,6 @@ fn next_state(shed: bool, load_fraction: f64, tier: &ShedTier) -> bool {
         load_fraction >= tier.below
     } else {
         load_fraction >= tier.above
-    }
-}
-
-async fn run_command(tier: &str, command: &str) -> bool {
-    let child = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .kill_on_drop(true)
-        .stdin(std::process::Stdio::null())
-        .output();
-    match tokio::time::timeout(COMMAND_TIMEOUT, child).await {
-        Ok(Ok(output)) if output.status.success() => true,
-        Ok(Ok(output)) => {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            tracing::error!(tier, command, status = %output.status, stderr = %stderr.trim(), "shed command failed");
-            false
-        }
-        Ok(Err(err)) => {
-            tracing::error!(tier, command, error = %err, "cannot run shed command");
-            false
-        }
-        Err(_) => {
-            tracing::error!(tier, command, timeout = ?COMMAND_TIMEOUT, "shed command timed out and was killed");
-            false
-        }
     }
 }
 
@@ -205,6 +303,15 @@ mod tests {
             calls_tier,
         ]);
 
+        assert_eq!(
+            shedder.update(0.5),
+            vec![
+                ("reports".to_owned(), false),
+                ("recording".to_owned(), false),
+                ("calls".to_owned(), false)
+            ],
+            "the first reading reconciles every tier"
+        );
         assert_eq!(shedder.update(0.5), vec![]);
         assert_eq!(
             shedder.update(0.9),
@@ -221,7 +328,7 @@ mod tests {
                 ("calls".to_owned(), false)
             ]
         );
-        shedder.finish().await;
+        shedder.settled().await;
 
         let states = shedder.states();
         assert!(states.iter().all(|s| !s.shed));
@@ -236,15 +343,24 @@ mod tests {
         );
         let ran = std::fs::read_to_string(dir.path().join("log")).expect("commands ran");
         let lines: Vec<&str> = ran.lines().collect();
-        let position = |line: &str| lines.iter().position(|l| *l == line).expect(line);
-        assert_eq!(lines.len(), 4, "{lines:?}");
-        assert!(
-            position("stop-reports") < position("start-reports"),
-            "{lines:?}"
+        let of = |name: &str| -> Vec<&str> {
+            lines
+                .iter()
+                .copied()
+                .filter(|l| l.ends_with(name))
+                .collect()
+        };
+        assert_eq!(lines.len(), 6, "{lines:?}");
+        assert_eq!(
+            of("-reports"),
+            ["start-reports", "stop-reports", "start-reports"],
+            "one tier's commands run in order"
         );
-        assert!(
-            position("stop-calls") < position("start-calls"),
-            "{lines:?}"
+        assert_eq!(
+            of("-calls"),
+            ["start-calls", "stop-calls", "start-calls"],
+            "one tier's commands run in order"
         );
+        shedder.finish().await;
     }
 }
