@@ -523,7 +523,6 @@ fn an_oversized_message_gets_513_and_the_connection_keeps_serving() {
 }
 
 #[test]
-#[ignore = "needs balancer/src/lib.rs to pass balancer.allow to the TCP transport: transport::tcp::serve_with(.., Limits::from_config(balancer)?, ..)"]
 fn a_denied_address_is_closed_at_accept() {
     let fleet = Fleet::new();
     let balancer = Balancer::start_probing_from(
@@ -531,7 +530,10 @@ fn a_denied_address_is_closed_at_accept() {
         "balancer",
         &[],
         // The PBX elsewhere: its address passes the allow list whatever it says.
-        Some("[balancer]\nallow = [\"127.0.0.2\"]\nlocal_pbx = \"192.0.2.1:5080\"\n"),
+        Some(
+            "[balancer]\nallow = [\"127.0.0.2\"]\nlocal_pbx = \"192.0.2.1:5080\"\n\
+             pbx_addresses = [\"192.0.2.1\", \"127.0.0.3\"]\n",
+        ),
         "127.0.0.2",
     );
     let log = || balancer.log_text();
@@ -550,10 +552,17 @@ fn a_denied_address_is_closed_at_accept() {
     let answer = carrier.answer("listed", "OPTIONS from 127.0.0.2", &log);
     assert_eq!(answer.code, 200, "{}", answer.raw);
 
+    // A PBX address is served whatever the allow list says, from any port: the engine
+    // takes its requests, so the transport must not close them at accept.
+    let mut pbx = Conn::connect_from("127.0.0.3", balancer.addr);
+    pbx.send(&options("pbx", pbx.local, balancer.addr, "TCP", ""));
+    let answer = pbx.answer("pbx", "OPTIONS from the PBX's address 127.0.0.3", &log);
+    assert_eq!(answer.code, 200, "{}", answer.raw);
+
     let probes = balancer.probes;
     let (_, counters) = balancer.stop_within(Duration::from_secs(5));
     assert_eq!(counters["denied"], 1, "{counters}");
-    assert_eq!(counters["options"], probes + 1, "{counters}");
+    assert_eq!(counters["options"], probes + 2, "{counters}");
 }
 
 #[test]

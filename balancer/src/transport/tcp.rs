@@ -99,14 +99,13 @@ impl Limits {
         })
     }
 
-    /// Whether `peer` may connect: the engine's rule for messages (the local PBX's
-    /// address, anyone when the list is empty, else the listed networks), so nothing the
-    /// engine would serve is closed at accept. It must follow the engine's rule when that
-    /// changes.
-    fn allows(&self, peer: SocketAddr, local_pbx: SocketAddr) -> bool {
-        peer == local_pbx
-            || self.allow.is_empty()
+    /// Whether `peer` may connect: the engine's rule for messages (the PBX's addresses,
+    /// anyone when the list is empty, else the listed networks), so nothing the engine
+    /// would serve is closed at accept.
+    fn allows(&self, peer: SocketAddr, engine: &Engine) -> bool {
+        self.allow.is_empty()
             || self.allow.iter().any(|net| net.contains(peer.ip()))
+            || engine.is_pbx(peer.ip())
     }
 }
 
@@ -116,27 +115,6 @@ const READ_CHUNK: usize = 16 * 1024;
 const PONG: &[u8] = b"\r\n";
 /// A failing accept (out of file descriptors) is retried after this.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-
-/// Accepts connections until `shutdown` with the built-in [`Limits`], open to anyone
-/// (the engine still drops requests from outside `balancer.allow`).
-pub async fn serve(
-    listener: TcpListener,
-    engine: Arc<Engine>,
-    udp: Arc<std::net::UdpSocket>,
-    routes: Arc<TcpRoutes>,
-    max_message: usize,
-    shutdown: CancellationToken,
-) {
-    serve_with(
-        listener,
-        engine,
-        udp,
-        routes,
-        Limits::new(max_message),
-        shutdown,
-    )
-    .await;
-}
 
 /// Accepts connections until `shutdown`, within `limits`; returns once every connection
 /// has closed, at most `limits.drain` (and a little) after `shutdown`.
@@ -167,7 +145,7 @@ pub async fn serve_with(
             },
         };
         // Each refusal below drops the stream: closed before anything is read.
-        if !limits.allows(peer, engine.local_pbx()) {
+        if !limits.allows(peer, &engine) {
             engine.counters.denied.fetch_add(1, Ordering::Relaxed);
             debug!(%peer, "tcp connection from outside balancer.allow; closed");
             continue;
