@@ -269,13 +269,16 @@ fn pjsip(config: &Config, sip: SocketAddr) -> String {
                     .map_or(balancer, |(host, _)| host)
                     .to_owned()
             });
-        // A wildcard listen address names no source; the PBX then hears from its own host.
-        let host = if host == "0.0.0.0" || host == "::" {
-            sip.ip().to_string()
-        } else {
-            host
-        };
-        sources.push(host);
+        // The balancer on this host reaches a PBX on this host from the PBX's own address
+        // (the kernel's source for a local destination), whatever it advertises to
+        // carriers; `callfleet up` advertises the host's routed address while the PBX
+        // listens on loopback.
+        if !sip.ip().is_unspecified() {
+            sources.push(sip.ip().to_string());
+        }
+        if host != "0.0.0.0" && host != "::" {
+            sources.push(host);
+        }
     }
     sources.extend(config.balancer.allow.iter().cloned());
     sources.sort();
@@ -481,6 +484,17 @@ ps_contacts => curl,http://127.0.0.1:8090/realtime/ps_contacts\n"
             .collect();
         // The wildcard listen names no host: the balancer on this box is the PBX's own.
         assert_eq!(matches, ["127.0.0.1", "192.0.2.0/24"]);
+
+        // Advertised to carriers under the host's address (as `callfleet up` does), the
+        // balancer still reaches the PBX on loopback from loopback.
+        let mut advertised = config();
+        advertised.balancer.advertise = "198.51.100.20:5060".into();
+        let files = render(&advertised, Path::new("/x")).expect("renders");
+        let matches: Vec<String> = file(&files, "pjsip.conf")
+            .lines()
+            .filter_map(|line| line.strip_prefix("match = ").map(str::to_owned))
+            .collect();
+        assert_eq!(matches, ["127.0.0.1", "192.0.2.0/24", "198.51.100.20"]);
 
         let mut explicit = config();
         explicit.asterisk.balancers = vec!["10.0.0.2".into(), "10.0.0.3".into()];
