@@ -792,6 +792,33 @@ pub struct ControlPlaneConfig {
     /// The digest realm of devices' credentials when a write names none. The stored HA1 is
     /// bound to its realm, so changing this affects only credentials set afterwards.
     pub sip_realm: String,
+    /// Connections served at once; beyond it a new connection is closed as it is accepted.
+    /// Keep it well below the process's file limit (`ulimit -n`).
+    pub max_connections: usize,
+    /// Connections served at once from one client address (an IPv6 client's /64); beyond
+    /// it that address's new connections are closed as they are accepted. Behind a reverse
+    /// proxy every client shares the proxy's address.
+    pub max_connections_per_address: usize,
+    /// The longest an HTTP/1 client may take to send a request's header, counted from
+    /// the connection's start or the end of its previous answer.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A connection without a request in progress for this long is closed (HTTP/2 with a
+    /// GOAWAY). An HTTP/1 connection waiting for its next request is also bounded by
+    /// `header_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// When the control plane stops (or closes an idle connection), requests in progress
+    /// get this long to finish; then their connections are dropped.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Public queue status: requests per second allowed per client address (an IPv6
+    /// client's /64), refilled continuously; beyond it the answer is 429 with
+    /// `Retry-After`. Behind a reverse proxy every client shares the proxy's address.
+    pub status_rate: f64,
+    /// Public queue status: requests one client address may send at once before
+    /// `status_rate` applies.
+    pub status_burst: u32,
 }
 
 impl Default for ControlPlaneConfig {
@@ -802,6 +829,13 @@ impl Default for ControlPlaneConfig {
             time_zone: "UTC".to_owned(),
             refresh: Duration::from_secs(1),
             sip_realm: "callfleet".to_owned(),
+            max_connections: 4096,
+            max_connections_per_address: 256,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(10),
+            status_rate: 20.0,
+            status_burst: 40,
         }
     }
 }
@@ -892,6 +926,41 @@ impl ControlPlaneConfig {
                     self.sip_realm
                 ),
             );
+        }
+        if self.max_connections == 0 || self.max_connections > 1_000_000 {
+            return bad(
+                "max_connections",
+                "must be 1 to 1000000, and below the file limit (ulimit -n); e.g. 4096".into(),
+            );
+        }
+        if self.max_connections_per_address == 0
+            || self.max_connections_per_address > self.max_connections
+        {
+            return bad(
+                "max_connections_per_address",
+                format!(
+                    "must be 1 to max_connections ({}), e.g. 256",
+                    self.max_connections
+                ),
+            );
+        }
+        if self.header_timeout.is_zero() {
+            return bad("header_timeout", "must be above zero (e.g. 10s)".into());
+        }
+        if self.idle_timeout.is_zero() {
+            return bad("idle_timeout", "must be above zero (e.g. 60s)".into());
+        }
+        if !(self.status_rate.is_finite() && self.status_rate > 0.0) {
+            return bad(
+                "status_rate",
+                format!(
+                    "`{}` must be a number of requests per second above zero (e.g. 20)",
+                    self.status_rate
+                ),
+            );
+        }
+        if self.status_burst == 0 {
+            return bad("status_burst", "must be at least 1 (e.g. 40)".into());
         }
         let mut names = HashSet::new();
         let mut values = HashSet::new();
@@ -1486,6 +1555,61 @@ mod tests {
             let berlin = load_in(jail, "[control_plane]\ntime_zone = \"Europe/Berlin\"\n")
                 .expect("a real zone");
             assert_eq!(berlin.control_plane.time_zone, "Europe/Berlin");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn control_plane_listener_limits_have_defaults_and_are_checked() {
+        Jail::expect_with(|jail| {
+            let defaults = load_in(jail, "").expect("defaults load");
+            let cp = &defaults.control_plane;
+            assert_eq!(
+                (cp.max_connections, cp.max_connections_per_address),
+                (4096, 256)
+            );
+            assert_eq!(
+                (cp.header_timeout, cp.idle_timeout, cp.shutdown_grace),
+                (
+                    Duration::from_secs(10),
+                    Duration::from_secs(60),
+                    Duration::from_secs(10)
+                )
+            );
+            assert_eq!((cp.status_rate, cp.status_burst), (20.0, 40));
+
+            // A whole number of requests per second is written without a fraction.
+            let tuned = load_in(
+                jail,
+                "[control_plane]\nstatus_rate = 5\nstatus_burst = 10\nshutdown_grace = \"0s\"\n",
+            )
+            .expect("tuned limits load");
+            assert_eq!(tuned.control_plane.status_rate, 5.0);
+            assert_eq!(tuned.control_plane.shutdown_grace, Duration::ZERO);
+
+            for (toml, key) in [
+                ("max_connections = 0", "control_plane.max_connections"),
+                ("max_connections = 1000001", "control_plane.max_connections"),
+                (
+                    "max_connections = 10\nmax_connections_per_address = 11",
+                    "control_plane.max_connections_per_address",
+                ),
+                (
+                    "max_connections_per_address = 0",
+                    "control_plane.max_connections_per_address",
+                ),
+                ("header_timeout = \"0s\"", "control_plane.header_timeout"),
+                ("idle_timeout = \"0s\"", "control_plane.idle_timeout"),
+                ("status_rate = 0", "control_plane.status_rate"),
+                ("status_rate = -1.5", "control_plane.status_rate"),
+                ("status_rate = nan", "control_plane.status_rate"),
+                ("status_burst = 0", "control_plane.status_burst"),
+            ] {
+                let err = load_in(jail, &format!("[control_plane]\n{toml}\n"))
+                    .expect_err(toml)
+                    .to_string();
+                assert!(err.contains(key), "{toml}: {err}");
+            }
             Ok(())
         });
     }
