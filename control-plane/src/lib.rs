@@ -4,12 +4,16 @@
 //! One listener serves three faces of the same operations ([`service::Control`]): REST
 //! under `/api/v1` ([`rest`]), XML-RPC at `/RPC2` ([`xmlrpc`], what the CRMs of the old
 //! system speak) and gRPC `callfleet.control.v1` ([`grpc`]), with gRPC health and
-//! reflection. Errors map to each face in one place ([`error`]).
+//! reflection. Errors map to each face in one place ([`error`]). The listener
+//! ([`listener`]) caps connections, times out slow and silent clients and bounds the
+//! shutdown; the public queue status is rate-limited per client address ([`ratelimit`]).
 
 pub mod auth;
 pub mod error;
 pub mod grpc;
+pub mod listener;
 pub mod openapi;
+pub mod ratelimit;
 pub mod realtime;
 pub mod rest;
 pub mod rpc2;
@@ -18,7 +22,6 @@ pub mod xmlrpc;
 
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use callfleet_core::Store;
 use callfleet_core::config::ControlPlaneConfig;
 use callfleet_proto::control::v1::control_server::ControlServer;
@@ -41,8 +44,15 @@ pub enum ControlPlaneError {
     Io(#[from] std::io::Error),
 }
 
-/// REST, XML-RPC, gRPC (with health and reflection) in one router.
+/// REST, XML-RPC, gRPC (with health and reflection) in one router, with the default
+/// rate limit of the public status.
 pub fn router(control: Arc<Control>) -> axum::Router {
+    router_with(control, &ControlPlaneConfig::default())
+}
+
+/// [`router`] with the public status's rate limit of `config`.
+pub fn router_with(control: Arc<Control>, config: &ControlPlaneConfig) -> axum::Router {
+    let status_limit = Arc::new(ratelimit::RateLimit::public_status(config));
     let (reporter, health) = tonic_health::server::health_reporter();
     // The service answers from memory once started; health follows the process.
     drop(tokio::spawn(async move {
@@ -69,7 +79,7 @@ pub fn router(control: Arc<Control>) -> axum::Router {
     .into_axum_router()
     // Before the nest, so that the nested REST router does not inherit tonic's fallback.
     .fallback(no_route)
-    .nest("/api/v1", rest::router(control.clone()))
+    .nest("/api/v1", rest::router(control.clone(), status_limit))
     .merge(rpc2::router(control.clone()))
     .merge(realtime::router(control))
 }
@@ -106,7 +116,8 @@ async fn no_route(request: axum::extract::Request) -> axum::response::Response {
         .into_response()
 }
 
-/// Serves the control plane on `listener` until `shutdown`.
+/// Serves the control plane on `listener` until `shutdown`, then lets requests in
+/// progress finish for at most `config.shutdown_grace`.
 pub async fn run(
     config: &ControlPlaneConfig,
     store: Store,
@@ -120,18 +131,16 @@ pub async fn run(
     };
     let address = listener.local_addr()?;
     info!(%address, tokens = config.tokens.len(), "control plane ready");
-    // Small request/response exchanges: Nagle would hold a reply for the peer's delayed ACK.
-    let listener = listener.tap_io(|stream| {
-        if let Err(err) = stream.set_nodelay(true) {
-            tracing::debug!(error = %err, "cannot set TCP_NODELAY");
-        }
-    });
-    let served = axum::serve(listener, router(control))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+    let limits = listener::Limits::from_config(config);
+    listener::serve(
+        listener,
+        router_with(control, config),
+        limits,
+        shutdown.clone(),
+    )
+    .await;
     shutdown.cancel();
     let _ = refresher.await;
-    served?;
     info!("control plane stopped");
     Ok(())
 }

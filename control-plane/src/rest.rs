@@ -1,7 +1,8 @@
 //! REST/JSON under `/api/v1`, described by the OpenAPI document at `/api/v1/openapi.json`.
 //!
 //! Reads need a `read` token, changes a `write` token, node drains an `admin` token; only
-//! the public queue status is open, because a website polls it.
+//! the public queue status is open, because a website polls it (rate-limited per client
+//! address, [`crate::ratelimit`]).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use serde_json::{Value, json};
 
 use crate::auth::Caller;
 use crate::error::ControlError;
+use crate::ratelimit::{self, RateLimit};
 use crate::service::{Control, CredentialsInput};
 
 type Shared = State<Arc<Control>>;
@@ -67,8 +69,8 @@ fn parameters<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ControlEr
         .map_err(|err| ControlError::invalid("query", err.body_text()))
 }
 
-/// The routes, to be nested under `/api/v1`.
-pub fn router(control: Arc<Control>) -> Router {
+/// The routes, to be nested under `/api/v1`; `status_limit` limits the public status.
+pub fn router(control: Arc<Control>, status_limit: Arc<RateLimit>) -> Router {
     Router::new()
         .route("/openapi.json", get(openapi))
         .route("/agents", get(list_agents))
@@ -92,7 +94,13 @@ pub fn router(control: Arc<Control>) -> Router {
             "/queues/{queue}/members/{agent}",
             put(set_priority).delete(remove_member),
         )
-        .route("/queues/{queue}/status", get(queue_status))
+        .route(
+            "/queues/{queue}/status",
+            get(queue_status).route_layer(axum::middleware::from_fn_with_state(
+                status_limit,
+                ratelimit::limit,
+            )),
+        )
         .route("/queues/{queue}/candidates", get(candidates))
         .route("/nodes", get(list_nodes))
         .route("/nodes/{node}/drain", post(drain))
