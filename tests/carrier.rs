@@ -190,9 +190,15 @@ impl Node {
     /// A port can still be taken between its check and the bind by a test running in
     /// another process; the node then starts again on other ports (at most 3 times).
     fn start(fleet: &Fleet, id: &str) -> Self {
+        Self::start_with(fleet, id, Addressing::LOOPBACK)
+    }
+
+    /// [`Node::start`] with its balancer's addresses and its carrier's identification
+    /// set by `addressing`.
+    fn start_with(fleet: &Fleet, id: &str, addressing: Addressing) -> Self {
         let mut taken = Vec::new();
         for _ in 0..3 {
-            match Self::try_start(fleet, id) {
+            match Self::try_start(fleet, id, addressing) {
                 Ok(node) => return node,
                 Err(why) => {
                     eprintln!("{id}: {why}; starting it again on other ports");
@@ -204,7 +210,7 @@ impl Node {
     }
 
     /// One attempt of [`Node::start`]; `Err` when a port turned out to be taken.
-    fn try_start(fleet: &Fleet, id: &str) -> Result<Self, String> {
+    fn try_start(fleet: &Fleet, id: &str, addressing: Addressing) -> Result<Self, String> {
         let dir = fleet.path(id);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).expect("remove the failed attempt");
@@ -214,7 +220,8 @@ impl Node {
         let (sip_port, ami_port, balancer_port) = (free_port(), free_port(), free_port());
         let provisioning = fleet.control_port.map(|control| (free_port(), control));
         let config = dir.join("callfleet.toml");
-        let mut text = node_config(&fleet.url, id, sip_port, ami_port, balancer_port);
+        let ports = (sip_port, ami_port, balancer_port);
+        let mut text = node_config(&fleet.url, id, ports, addressing);
         if let Some((listen, control)) = provisioning {
             text.push_str(&format!(
                 "\n[provisioning]\n# Devices from the control plane, through this node-agent's cache.\n\
@@ -357,6 +364,32 @@ token = \"{NODE_TOKEN}\"\ndeadline = \"300ms\"\n"
         read(&self.dir.join("balancer.log"))
     }
 
+    /// The output of an Asterisk CLI command (`asterisk -rx`) on the node's PBX.
+    fn asterisk_cli(&self, command: &str) -> String {
+        let output = Command::new(asterisk_prefix().join("sbin/asterisk"))
+            .arg("-C")
+            .arg(self.dir.join("pbx/asterisk.conf"))
+            .args(["-rx", command])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run asterisk -rx");
+        assert!(
+            output.status.success(),
+            "asterisk -rx '{command}' on {}: {output:?}",
+            self.id
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The `match` lines of the carrier's identify in the pjsip.conf `asterisk-config`
+    /// wrote: the source addresses Asterisk takes for the carrier.
+    fn carrier_matches(&self) -> Vec<String> {
+        read(&self.dir.join("pbx/pjsip.conf"))
+            .lines()
+            .filter_map(|line| line.strip_prefix("match = ").map(str::to_owned))
+            .collect()
+    }
+
     /// The logs that tell what the node did, for failure messages.
     fn logs(&self) -> String {
         format!(
@@ -369,10 +402,84 @@ token = \"{NODE_TOKEN}\"\ndeadline = \"300ms\"\n"
     }
 }
 
+/// Where a node's balancer listens and what it advertises, and what its Asterisk takes
+/// for the carrier (IPs only: the ports are the node's).
+#[derive(Clone, Copy)]
+struct Addressing {
+    /// The IP of `balancer.listen`.
+    listen: &'static str,
+    /// The IP of `balancer.advertise`, on the balancer's port; `None` leaves it out (the
+    /// listen address is advertised).
+    advertise: Option<&'static str>,
+    /// `balancer.allow`, which `asterisk-config` also adds to the carrier's match list.
+    allow: &'static [&'static str],
+    /// `asterisk.balancers`; `None` leaves the key out, so `asterisk-config` derives the
+    /// balancer's addresses itself.
+    balancers: Option<&'static [&'static str]>,
+}
+
+impl Addressing {
+    /// Everything on 127.0.0.1: the carrier (Kamailio on loopback) is allowed and
+    /// identified by that address.
+    const LOOPBACK: Self = Self {
+        listen: "127.0.0.1",
+        advertise: None,
+        allow: &["127.0.0.1"],
+        balancers: Some(&["127.0.0.1"]),
+    };
+
+    /// A balancer as `callfleet up` runs it: on the wildcard, advertising the host's
+    /// routed address (127.0.0.2 stands in for it), no `asterisk.balancers`. Anyone may
+    /// call: the carriers' networks of a real `allow` are not this host's, and 127.0.0.1
+    /// there would identify the carrier whatever `asterisk-config` derives.
+    const WILDCARD: Self = Self {
+        listen: "0.0.0.0",
+        advertise: Some("127.0.0.2"),
+        allow: &[],
+        balancers: None,
+    };
+}
+
+/// A TOML array of strings.
+fn toml_list(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|item| format!("\"{item}\"")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
 /// The configuration of one node, read by its `asterisk-config`, `node-agent` and
 /// `balancer` alike.
-fn node_config(url: &str, id: &str, sip_port: u16, ami_port: u16, balancer_port: u16) -> String {
+fn node_config(
+    url: &str,
+    id: &str,
+    (sip_port, ami_port, balancer_port): (u16, u16, u16),
+    addressing: Addressing,
+) -> String {
     let install = asterisk_prefix();
+    let listen = addressing.listen;
+    let advertise = addressing.advertise.map_or_else(String::new, |ip| {
+        format!(
+            "# Put in Via and Record-Route: the address carriers call.\n\
+advertise = \"{ip}:{balancer_port}\"\n"
+        )
+    });
+    let allow = if addressing.allow.is_empty() {
+        "# Anyone may call.\nallow = []".to_owned()
+    } else {
+        format!(
+            "# The carrier (Kamailio on loopback) may call.\nallow = {}",
+            toml_list(addressing.allow)
+        )
+    };
+    let balancers = addressing.balancers.map_or_else(
+        || "# No `balancers`: asterisk-config derives this node's own balancer.\n".to_owned(),
+        |list| {
+            format!(
+                "# Calls reach the PBX from the balancers (proxied) and from the carrier \
+                 (after a 302);\n# here all of them are on loopback.\nbalancers = {}\n",
+                toml_list(list)
+            )
+        },
+    );
     let secret = format!(
         "{id}-{}-{}",
         std::process::id(),
@@ -400,12 +507,11 @@ username = "{AMI_USER}"
 secret = "{secret}"
 
 [balancer]
-listen = "127.0.0.1:{balancer_port}"
-# This node's own calls are forwarded to its Asterisk; the other node's get a 302.
+listen = "{listen}:{balancer_port}"
+{advertise}# This node's own calls are forwarded to its Asterisk; the other node's get a 302.
 local_mode = "proxy"
 local_pbx = "127.0.0.1:{sip_port}"
-# The carrier (Kamailio on loopback) may call.
-allow = ["127.0.0.1"]
+{allow}
 refresh = "100ms"
 heartbeat_ttl = "3s"
 # Both nodes share this host's CPU; a momentary difference between their samples must not
@@ -414,10 +520,7 @@ cpu_weight = 0.0
 
 [asterisk]
 install = "{install}"
-# Calls reach the PBX from the balancers (proxied) and from the carrier (after a 302);
-# here all of them are on loopback.
-balancers = ["127.0.0.1"]
-ring_timeout = "10s"
+{balancers}ring_timeout = "10s"
 "#,
         install = install.display(),
     )
@@ -1333,4 +1436,141 @@ fn a_phone_registered_on_one_node_answers_through_a_control_plane_outage() {
         "{placed} calls through the carrier, all answered; done after {:?}",
         begun.elapsed()
     );
+}
+
+/// A balancer as `callfleet up` runs it — listening on the wildcard, advertising another
+/// address of the host, no `asterisk.balancers` — proxies the carrier's call to its PBX on
+/// loopback, from loopback (the kernel's source for a local destination). Asterisk takes
+/// it for the carrier (its identify matches the PBX's own address) and the node's phone
+/// answers. The control: the same node with the match list the rule before c7c3c14 wrote
+/// (the advertised address only) gets the call refused by Asterisk, which finds no
+/// endpoint for 127.0.0.1.
+#[test]
+#[ignore = "needs Asterisk and Kamailio: run ./scripts/test-asterisk"]
+fn a_balancer_on_a_wildcard_advertising_another_address_gets_its_calls_into_asterisk() {
+    const TALK: Duration = Duration::from_secs(3);
+    let begun = Instant::now();
+    let fleet = Fleet::new("wildcard");
+    let old = Fleet::new("wildcard-old-match");
+    let old_rule = Addressing {
+        balancers: Some(&["127.0.0.2"]),
+        ..Addressing::WILDCARD
+    };
+    let (mut node, mut control) = std::thread::scope(|scope| {
+        let node = scope.spawn(|| Node::start_with(&fleet, "node-a", Addressing::WILDCARD));
+        let control = scope.spawn(|| Node::start_with(&old, "node-a", old_rule));
+        (
+            node.join().expect("the node failed to start"),
+            control.join().expect("the control node failed to start"),
+        )
+    });
+    // What is under test: the PBX's own address is what identifies the proxied calls.
+    assert_eq!(node.carrier_matches(), ["127.0.0.1", "127.0.0.2"]);
+    assert_eq!(control.carrier_matches(), ["127.0.0.2"]);
+    let carrier = Carrier::start(&fleet.path("carrier"), &[node.balancer_port]);
+    let old_carrier = Carrier::start(&old.path("carrier"), &[control.balancer_port]);
+    fleet.wait_routable(&[&node]);
+    old.wait_routable(&[&control]);
+    eprintln!("nodes up after {:?}", begun.elapsed());
+
+    let calls = Calls::through_carrier(&fleet.path("carrier"), &carrier, 1, 1, TALK);
+    // While the call is up, Asterisk shows whose it is: the carrier endpoint's channel,
+    // bridged to the device's.
+    let mut channels = Vec::new();
+    wait_until("Asterisk carries the call", Duration::from_secs(10), || {
+        channels = node
+            .asterisk_cli("core show channels concise")
+            .lines()
+            .filter_map(|line| line.split_once('!'))
+            .filter_map(|(channel, _)| channel.rsplit_once('-'))
+            .map(|(endpoint, _)| endpoint.to_owned())
+            .collect();
+        channels.sort();
+        channels.len() == 2
+    });
+    let (exit, placed, errors) = calls.finish(Duration::from_secs(30));
+    let context = report(&carrier, &[&node]);
+    assert_eq!(
+        channels,
+        ["PJSIP/1001", "PJSIP/carrier"],
+        "the call's channels\n{context}"
+    );
+    assert!(exit.success(), "caller exit {exit:?}: {errors}\n{context}");
+    assert_eq!(
+        (placed.outgoing, placed.successful, placed.failed),
+        (1, 1, 0),
+        "the call answered and hung up\n{context}"
+    );
+    let phone = node.phone_calls();
+    assert_eq!(
+        (phone.incoming, phone.successful),
+        (1, 1),
+        "the node's phone\n{context}"
+    );
+    // Sent to the wildcard socket on 127.0.0.1, answered through the proxying balancer.
+    let to_balancer = format!("127.0.0.1:{}", node.balancer_port);
+    assert_eq!(
+        tally(&carrier.events("INVITE"), "to"),
+        [(to_balancer.clone(), 1)],
+        "{context}"
+    );
+    assert_eq!(
+        tally(&carrier.events("ANSWER"), "from"),
+        [(to_balancer, 1)],
+        "{context}"
+    );
+    for kind in ["REDIRECT", "FAILOVER", "FAILED"] {
+        assert_eq!(carrier.events(kind).len(), 0, "{kind}\n{context}");
+    }
+    let messages = read(&node.dir.join("pbx/log/messages.log"));
+    assert!(
+        !messages.contains("No matching endpoint found"),
+        "{messages}"
+    );
+    node.stop_balancer().assert(&[
+        ("invites", 1),
+        ("local", 1),
+        ("redirected", 0),
+        ("unavailable", 0),
+    ]);
+
+    // The control: the same call, proxied the same way, is refused by Asterisk.
+    let calls = Calls::through_carrier(&old.path("carrier"), &old_carrier, 1, 1, TALK);
+    let (exit, placed, errors) = calls.finish(Duration::from_secs(30));
+    let context = report(&old_carrier, &[&control]);
+    assert_eq!(exit.code(), Some(1), "caller exit: {errors}\n{context}");
+    assert_eq!(
+        (placed.outgoing, placed.successful, placed.failed),
+        (1, 0, 1),
+        "the call refused\n{context}"
+    );
+    assert_eq!(
+        tally(&old_carrier.events("FAILED"), "code"),
+        [("401".to_owned(), 1)],
+        "Asterisk's answer, relayed by the balancer\n{context}"
+    );
+    assert_eq!(old_carrier.events("ANSWER").len(), 0, "{context}");
+    let messages = read(&control.dir.join("pbx/log/messages.log"));
+    // (The balancer's OPTIONS probes of its PBX are refused the same way.)
+    let refusals: Vec<&str> = messages
+        .lines()
+        .filter(|line| {
+            line.contains("Request 'INVITE'") && line.contains("No matching endpoint found")
+        })
+        .collect();
+    assert_eq!(refusals.len(), 1, "{messages}");
+    assert!(
+        refusals[0].contains("failed for '127.0.0.1:"),
+        "the proxied INVITE came from loopback: {}",
+        refusals[0]
+    );
+    let phone = control.phone_calls();
+    assert_eq!((phone.incoming, phone.successful), (0, 0), "{context}");
+    control.stop_balancer().assert(&[
+        ("invites", 1),
+        ("local", 1),
+        ("redirected", 0),
+        ("unavailable", 0),
+    ]);
+    eprintln!("done after {:?}", begun.elapsed());
 }
