@@ -862,3 +862,61 @@ fn a_crlf_ping_gets_a_crlf_pong() {
     assert_eq!(counters["options"], probes + 2, "{counters}");
     assert_eq!(counters["malformed"], 0, "{counters}");
 }
+
+#[test]
+fn the_tcp_limits_follow_the_configuration() {
+    let fleet = Fleet::new();
+    let balancer = Balancer::start(
+        &fleet,
+        "balancer",
+        &[],
+        Some(
+            "[balancer]\ntcp_max_connections_per_address = 2\ntcp_message_timeout = \"1s\"\n\
+             tcp_idle_timeout = \"2s\"\n",
+        ),
+    );
+    let log = || balancer.log_text();
+
+    // Two served from 127.0.0.1, the third closed at accept.
+    let mut served = Vec::new();
+    let mut first_answered = None;
+    for n in 0..2 {
+        let mut conn = Conn::connect(balancer.addr);
+        let id = format!("cap-{n}");
+        conn.send(&options(&id, conn.local, balancer.addr, "TCP", ""));
+        assert_eq!(conn.answer(&id, "OPTIONS below the cap", &log).code, 200);
+        first_answered.get_or_insert_with(Instant::now);
+        served.push(conn);
+    }
+    let first_answered = first_answered.expect("answered");
+    let mut third = Conn::connect(balancer.addr);
+    let (_, got) = third
+        .closed_within(Duration::from_millis(900))
+        .unwrap_or_else(|e| panic!("the third connection from one address is open ({e:?})"));
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+
+    // A silent new connection waits for its first message 1 s, not 5.
+    let mut silent = Conn::connect_from("127.0.0.2", balancer.addr);
+    let (silent_after, _) = silent
+        .closed_within(Duration::from_secs(3))
+        .unwrap_or_else(|e| panic!("a silent connection outlived tcp_message_timeout ({e:?})"));
+    assert!(
+        (Duration::from_millis(800)..Duration::from_millis(2500)).contains(&silent_after),
+        "closed after {silent_after:?}"
+    );
+
+    // A connection that was served and then carries nothing is closed 2 s after its
+    // answer, not 180 s.
+    let got = served[0]
+        .closed_within(Duration::from_secs(5))
+        .map(|(_, got)| got)
+        .unwrap_or_else(|e| panic!("an idle connection outlived tcp_idle_timeout ({e:?})"));
+    let idle_total = first_answered.elapsed();
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        (Duration::from_millis(1800)..Duration::from_millis(3500)).contains(&idle_total),
+        "idle connection closed {idle_total:?} after its answer"
+    );
+    eprintln!("silent connection closed after {silent_after:?}, idle one after {idle_total:?}");
+    balancer.stop_within(Duration::from_secs(5));
+}

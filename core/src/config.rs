@@ -472,6 +472,25 @@ pub struct BalancerConfig {
     /// with `Retry-After` and no state, so a flood of INVITEs that are never ACKed costs
     /// bounded memory and bounded retransmissions.
     pub max_transactions: usize,
+    /// TCP connections served at once; beyond it a new one is closed at accept. Each holds
+    /// at most about `max_message` + 16 KiB of buffer.
+    pub tcp_max_connections: usize,
+    /// TCP connections served at once from one IP address: a carrier's SBC opens one or a
+    /// few, and the default leaves room for many SBCs behind one NAT address while one
+    /// address cannot take the whole table.
+    pub tcp_max_connections_per_address: usize,
+    /// How long a TCP message may take from its first byte, and a new connection to its
+    /// first message (OpenSIPS allows 4 s by default).
+    #[serde(with = "humantime_serde")]
+    pub tcp_message_timeout: Duration,
+    /// How long a TCP connection may carry nothing either way before it is closed: above
+    /// the 120 s at most between RFC 5626 keep-alives and the 30–60 s OPTIONS pings
+    /// carriers send on trunks.
+    #[serde(with = "humantime_serde")]
+    pub tcp_idle_timeout: Duration,
+    /// How long one answer may take to be written to a TCP peer that does not read.
+    #[serde(with = "humantime_serde")]
+    pub tcp_write_timeout: Duration,
 }
 
 impl Default for BalancerConfig {
@@ -497,6 +516,11 @@ impl Default for BalancerConfig {
             pbx_addresses: Vec::new(),
             // 1,500 calls/s proxied for 32 s; about 35 MB when all are unACKed 302s.
             max_transactions: 50_000,
+            tcp_max_connections: 4096,
+            tcp_max_connections_per_address: 64,
+            tcp_message_timeout: Duration::from_secs(5),
+            tcp_idle_timeout: Duration::from_secs(180),
+            tcp_write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -1205,6 +1229,30 @@ impl BalancerConfig {
                 "must be at least 1 (the default is 50000)".into(),
             );
         }
+        if !(1..=1_000_000).contains(&self.tcp_max_connections) {
+            return bad(
+                "tcp_max_connections",
+                "must be between 1 and 1000000 (the default is 4096)".into(),
+            );
+        }
+        if !(1..=self.tcp_max_connections).contains(&self.tcp_max_connections_per_address) {
+            return bad(
+                "tcp_max_connections_per_address",
+                format!(
+                    "must be between 1 and tcp_max_connections ({}); the default is 64",
+                    self.tcp_max_connections
+                ),
+            );
+        }
+        for (key, timeout) in [
+            ("tcp_message_timeout", self.tcp_message_timeout),
+            ("tcp_idle_timeout", self.tcp_idle_timeout),
+            ("tcp_write_timeout", self.tcp_write_timeout),
+        ] {
+            if timeout.is_zero() {
+                return bad(key, "must be above 0 (e.g. \"5s\")".into());
+            }
+        }
         for (i, pool) in self.pools.iter().enumerate() {
             if pool.domains.is_empty() && pool.prefixes.is_empty() {
                 return bad(
@@ -1445,6 +1493,24 @@ mod tests {
                 .expect_err("must fail")
                 .to_string();
             assert!(err.contains("missing.toml does not exist"), "{err}");
+            for (text, key) in [
+                ("tcp_max_connections = 0", "balancer.tcp_max_connections"),
+                (
+                    "tcp_max_connections = 10\ntcp_max_connections_per_address = 11",
+                    "balancer.tcp_max_connections_per_address",
+                ),
+                ("tcp_idle_timeout = \"0s\"", "balancer.tcp_idle_timeout"),
+                (
+                    "tcp_message_timeout = \"0s\"",
+                    "balancer.tcp_message_timeout",
+                ),
+                ("tcp_write_timeout = \"0s\"", "balancer.tcp_write_timeout"),
+            ] {
+                let err = load_in(jail, &format!("[balancer]\n{text}\n"))
+                    .expect_err(text)
+                    .to_string();
+                assert!(err.contains(key), "{text}: {err}");
+            }
             Ok(())
         });
     }

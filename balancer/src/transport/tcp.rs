@@ -34,8 +34,8 @@ use super::frame::{Frame, Framer};
 use crate::engine::{Action, Engine};
 use crate::sip::Transport;
 
-/// What one connection, and all of them, may hold. The defaults are built in until they
-/// become `balancer.tcp_*` configuration keys.
+/// What one connection, and all of them, may hold (`balancer.tcp_*`, `balancer.allow`,
+/// `balancer.max_message`).
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Largest message, in bytes (`balancer.max_message`).
@@ -60,29 +60,16 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The built-in limits for messages of at most `max_message` bytes, open to anyone.
+    /// The default limits for messages of at most `max_message` bytes, open to anyone.
     pub fn new(max_message: usize) -> Self {
-        Self {
+        let config = BalancerConfig {
             max_message,
-            allow: Vec::new(),
-            // Each holds at most about max_message + READ_CHUNK of buffer.
-            max_connections: 4096,
-            // A carrier's SBC opens one or a few; 64 leaves room for many SBCs behind one
-            // NAT address while one address cannot take the whole table.
-            per_address: 64,
-            // What OpenSIPS allows a message by default (tcp_max_msg_time, 4 s), rounded up.
-            message_timeout: Duration::from_secs(5),
-            // Above the 120 s at most between RFC 5626 keep-alives (§4.4.1), and above the
-            // 30–60 s OPTIONS pings carriers send on trunks.
-            idle_timeout: Duration::from_secs(180),
-            write_timeout: Duration::from_secs(10),
-            // Well inside the 10 s drain `callfleet` gives every component.
-            drain: Duration::from_secs(2),
-            queue: 256,
-        }
+            ..BalancerConfig::default()
+        };
+        Self::from_config(&config).expect("the default configuration is valid")
     }
 
-    /// The built-in limits with `balancer.max_message` and `balancer.allow`.
+    /// The limits `config` sets.
     pub fn from_config(config: &BalancerConfig) -> Result<Self, ConfigError> {
         let allow = config
             .allow
@@ -94,8 +81,16 @@ impl Limits {
                 reason,
             })?;
         Ok(Self {
+            max_message: config.max_message,
             allow,
-            ..Self::new(config.max_message)
+            max_connections: config.tcp_max_connections,
+            per_address: config.tcp_max_connections_per_address,
+            message_timeout: config.tcp_message_timeout,
+            idle_timeout: config.tcp_idle_timeout,
+            write_timeout: config.tcp_write_timeout,
+            // Well inside the 10 s drain `callfleet` gives every component.
+            drain: Duration::from_secs(2),
+            queue: 256,
         })
     }
 
