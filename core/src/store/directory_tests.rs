@@ -1137,14 +1137,21 @@ async fn deleting_an_agent_removes_memberships_session_and_counters() {
 }
 
 #[tokio::test]
-async fn concurrent_hot_desking_only_ever_ends_in_a_login_or_a_conflict() {
-    // Agents hop between desks while others pause, sell and change priorities: every call
-    // ends in a success or a conflict naming a holder, never in a deadlock or a duplicate
-    // key, and the sessions keep one agent per device. One connection per agent, so they
-    // all contend at once.
-    on_both_with_pool(12, |store| async move {
+async fn concurrent_hot_desking_gives_every_call_its_exact_outcome() {
+    // Agents hop between desks while others pause, sell and change priorities, one
+    // connection per agent (and one for an observer) so they all contend at once. Only an
+    // agent changes their own session here, so every outcome is exact whatever the
+    // interleaving: a login moves the agent from the desk they hold (or is new after a
+    // logout), or is a conflict that names the desk and another agent and leaves their
+    // session as it was; a logout returns the desk they held; a sale returns the day's
+    // count; every success writes one audit row and a conflict none. Everyone logs out
+    // last, so the one-agent-per-device check runs while they work, not on the end state.
+    const AGENTS: usize = 12;
+    const ROUNDS: usize = 8;
+    on_both_with_pool(AGENTS as u32 + 1, |store| async move {
+        let db = store.dialect();
         seed(&store).await;
-        let agents: Vec<String> = (0..12).map(|n| format!("40{n:02}")).collect();
+        let agents: Vec<String> = (0..AGENTS).map(|n| format!("40{n:02}")).collect();
         for id in &agents {
             store
                 .upsert_agent(&agent(id, &[], None), CRM)
@@ -1157,41 +1164,237 @@ async fn concurrent_hot_desking_only_ever_ends_in_a_login_or_a_conflict() {
                 .await
                 .expect("device");
         }
+        let audited_before = audit(&store).await.len();
         let mut work = tokio::task::JoinSet::new();
         for (index, id) in agents.iter().cloned().enumerate() {
             let store = store.clone();
+            let agents = agents.clone();
             work.spawn(async move {
-                let mut conflicts = 0;
-                for round in 0..8 {
+                let (mut logins, mut conflicts) = (0, 0);
+                // The desk this agent holds, as only this agent's own calls change it.
+                let mut held: Option<String> = None;
+                for round in 0..ROUNDS {
                     let desk = format!("50{:02}", (index + round) % 4);
+                    let asked = format!("{db}: {id} round {round} on {desk}");
                     match store.login(&id, &desk, CRM).await {
-                        Ok(_) => {}
-                        Err(StoreError::Conflict { .. }) => conflicts += 1,
-                        Err(err) => panic!("login {id} on {desk}: {err}"),
+                        Ok(login) => {
+                            let expected = match held.take() {
+                                Some(from) if from == desk => Login::Unchanged,
+                                Some(from) => Login::Moved { from },
+                                None => Login::New,
+                            };
+                            assert_eq!(login, expected, "{asked}");
+                            held = Some(desk.clone());
+                            logins += 1;
+                        }
+                        Err(StoreError::Conflict { device, holder }) => {
+                            assert_eq!(device, desk, "{asked}");
+                            assert_ne!(holder, id, "{asked}: a conflict with oneself");
+                            assert!(agents.contains(&holder), "{asked}: holder {holder}");
+                            conflicts += 1;
+                        }
+                        Err(err) => panic!("{asked}: {err}"),
                     }
+                    let session = store.session(&id).await.expect("session");
+                    assert_eq!(session.map(|s| s.device), held, "{asked}: the session");
                     match round % 4 {
-                        0 => store.record_sale(&id, DAY, CRM).await.map(drop),
-                        1 => store.set_priority("sales", &id, round as i32, CRM).await,
-                        2 => store.pause(&id, "break", CRM).await,
-                        _ => store.logout(&id, CRM).await.map(drop),
+                        0 => assert_eq!(
+                            store.record_sale(&id, DAY, CRM).await.expect("sale"),
+                            round as u32 / 4 + 1,
+                            "{asked}: sales of the day"
+                        ),
+                        1 => store
+                            .set_priority("sales", &id, round as i32, CRM)
+                            .await
+                            .expect("priority"),
+                        2 => store.pause(&id, "break", CRM).await.expect("pause"),
+                        _ => assert_eq!(
+                            store.logout(&id, CRM).await.expect("logout"),
+                            held.take(),
+                            "{asked}: logout returns the desk held"
+                        ),
                     }
-                    .unwrap_or_else(|err| panic!("{id} round {round}: {err}"));
                 }
-                conflicts
+                (logins, conflicts)
             });
         }
+        // Meanwhile: every read of the sessions has one agent per device.
+        let observer = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for _ in 0..50 {
+                    let sessions = store.list_sessions().await.expect("sessions");
+                    let devices: BTreeSet<&str> =
+                        sessions.iter().map(|s| s.device.as_str()).collect();
+                    assert_eq!(devices.len(), sessions.len(), "{db}: {sessions:?}");
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        let mut logins = 0;
         while let Some(joined) = work.join_next().await {
-            joined.expect("every task ends cleanly");
+            let (ok, conflicts) = joined.expect("every task ends cleanly");
+            assert_eq!(
+                ok + conflicts,
+                ROUNDS,
+                "{db}: every login is one or the other"
+            );
+            logins += ok;
         }
-        let sessions = store.list_sessions().await.expect("sessions");
-        let devices: BTreeSet<&str> = sessions.iter().map(|s| s.device.as_str()).collect();
+        observer.await.expect("the observer ends cleanly");
+
+        assert_eq!(store.list_sessions().await.expect("sessions"), []);
+        let mut members = store.list_members("sales").await.expect("members");
+        members.sort_by(|a, b| a.agent.cmp(&b.agent));
+        let expected: Vec<QueueMember> = agents
+            .iter()
+            .map(|id| QueueMember {
+                agent: id.clone(),
+                // The last priority set: round 5.
+                priority: 5,
+            })
+            .collect();
+        assert_eq!(members, expected, "{db}");
+        for id in &agents {
+            let counts = store.daily_counts(id, DAY).await.expect("counts");
+            assert_eq!(counts.sales, 2, "{db}: {id}");
+            assert_eq!(
+                state(&store, id).await.state,
+                AgentState::Paused {
+                    reason: "break".into()
+                },
+                "{db}: {id}"
+            );
+        }
+        // One audit row per successful call, none for a conflict.
+        let log = audit(&store).await;
+        let mut actions = std::collections::BTreeMap::new();
+        for row in &log[..log.len() - audited_before] {
+            *actions.entry(row.action.as_str()).or_insert(0) += 1;
+        }
+        let per_agent = AGENTS * ROUNDS / 4;
         assert_eq!(
-            devices.len(),
-            sessions.len(),
-            "one agent per device: {sessions:?}"
+            actions,
+            std::collections::BTreeMap::from([
+                ("agent.login", logins),
+                ("agent.logout", per_agent),
+                ("agent.pause", per_agent),
+                ("agent.record_sale", per_agent),
+                ("agent.set_priority", per_agent),
+            ]),
+            "{db}"
         );
-        let members = store.list_members("sales").await.expect("members");
-        assert_eq!(members.len(), agents.len());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn agents_claiming_one_device_at_once_get_one_login_and_conflicts_naming_the_winner() {
+    // CLAIMS agents log in on one free device at the same instant (one connection each,
+    // released together): exactly one gets the device, every other call is a conflict
+    // naming that winner, the session and the audit log name only the winner. Then the
+    // control: the same agents on a device each all log in, so the conflicts above come
+    // from sharing the device and not from the contention itself.
+    const CLAIMS: usize = 8;
+    on_both_with_pool(CLAIMS as u32, |store| async move {
+        let db = store.dialect();
+        let agents: Vec<String> = (0..CLAIMS).map(|n| format!("41{n:02}")).collect();
+        let desks: Vec<String> = (0..CLAIMS).map(|n| format!("51{n:02}")).collect();
+        for id in &agents {
+            store
+                .upsert_agent(&agent(id, &[], None), CRM)
+                .await
+                .expect("agent");
+        }
+        for id in &desks {
+            store.upsert_device(&device(id), CRM).await.expect("device");
+        }
+        let claim_together = |claims: Vec<(String, String)>| {
+            let store = store.clone();
+            async move {
+                let start = std::sync::Arc::new(tokio::sync::Barrier::new(claims.len()));
+                let mut work = tokio::task::JoinSet::new();
+                for (id, desk) in claims {
+                    let (store, start) = (store.clone(), start.clone());
+                    work.spawn(async move {
+                        start.wait().await;
+                        let outcome = store.login(&id, &desk, CRM).await;
+                        (id, outcome)
+                    });
+                }
+                let mut outcomes = Vec::new();
+                while let Some(joined) = work.join_next().await {
+                    outcomes.push(joined.expect("every claim ends cleanly"));
+                }
+                outcomes.sort_by(|a, b| a.0.cmp(&b.0));
+                outcomes
+            }
+        };
+        let pairs = |sessions: Vec<Session>| -> Vec<(String, String)> {
+            sessions.into_iter().map(|s| (s.agent, s.device)).collect()
+        };
+
+        // Four rounds, each on a fresh desk, so more than one agent gets to win.
+        for desk in &desks[..4] {
+            let audited_before = audit(&store).await.len();
+            let outcomes =
+                claim_together(agents.iter().map(|id| (id.clone(), desk.clone())).collect()).await;
+            let winners: Vec<&str> = outcomes
+                .iter()
+                .filter(|(_, outcome)| matches!(outcome, Ok(Login::New)))
+                .map(|(id, _)| id.as_str())
+                .collect();
+            assert_eq!(winners.len(), 1, "{db} {desk}: {outcomes:?}");
+            let winner = winners[0].to_owned();
+            for (id, outcome) in &outcomes {
+                if *id == winner {
+                    continue;
+                }
+                match outcome {
+                    Err(StoreError::Conflict { device, holder }) => {
+                        assert_eq!((device, holder), (desk, &winner), "{db}: {id}");
+                    }
+                    other => panic!("{db}: {id} on {desk} got {other:?}, not a conflict"),
+                }
+            }
+            assert_eq!(
+                pairs(store.list_sessions().await.expect("sessions")),
+                [(winner.clone(), desk.clone())],
+                "{db}"
+            );
+            let log = audit(&store).await;
+            assert_eq!(log.len(), audited_before + 1, "{db}: one audit row");
+            assert_eq!(
+                (log[0].action.as_str(), log[0].subject.clone()),
+                ("agent.login", format!("agent:{winner}")),
+                "{db}"
+            );
+            assert_eq!(
+                log[0].detail,
+                serde_json::json!({ "device": desk, "moved_from": null })
+            );
+            assert_eq!(
+                store.logout(&winner, CRM).await.expect("logout"),
+                Some(desk.clone())
+            );
+        }
+
+        // The control: a device each, the same contention, no conflict.
+        let audited_before = audit(&store).await.len();
+        let outcomes = claim_together(agents.iter().cloned().zip(desks.clone()).collect()).await;
+        for (id, outcome) in &outcomes {
+            assert!(matches!(outcome, Ok(Login::New)), "{db} {id}: {outcome:?}");
+        }
+        assert_eq!(
+            pairs(store.list_sessions().await.expect("sessions")),
+            agents
+                .iter()
+                .cloned()
+                .zip(desks.clone())
+                .collect::<Vec<_>>(),
+            "{db}"
+        );
+        assert_eq!(audit(&store).await.len(), audited_before + CLAIMS, "{db}");
     })
     .await;
 }
