@@ -2,9 +2,16 @@
 //!
 //! The token travels in the `authorization` metadata (`Bearer …`), as HTTP/2 carries the
 //! REST header; errors become gRPC codes through [`ControlError::grpc`].
+//!
+//! `QueueStatus` is public, as over REST, and takes from the same per-address bucket
+//! ([`crate::ratelimit`]); beyond it the answer is `RESOURCE_EXHAUSTED` with `retry-after`
+//! metadata. The peer's address is the one the listener put in the HTTP request's
+//! extensions, which tonic hands on.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::extract::ConnectInfo;
 use callfleet_core::config::Role;
 use callfleet_core::store;
 use callfleet_proto::control::v1 as pb;
@@ -12,18 +19,23 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Caller;
 use crate::error::ControlError;
+use crate::ratelimit::RateLimit;
 use crate::service::{AgentView, Control, CredentialsInput};
 
 /// The gRPC face of [`Control`].
 #[derive(Debug, Clone)]
 pub struct ControlService {
     control: Arc<Control>,
+    status_limit: Arc<RateLimit>,
 }
 
 impl ControlService {
-    /// Serves `control`.
-    pub fn new(control: Arc<Control>) -> Self {
-        Self { control }
+    /// Serves `control`; `status_limit` limits `QueueStatus`.
+    pub fn new(control: Arc<Control>, status_limit: Arc<RateLimit>) -> Self {
+        Self {
+            control,
+            status_limit,
+        }
     }
 
     fn caller<T>(&self, request: &Request<T>, role: Role) -> Result<Caller, Status> {
@@ -316,6 +328,8 @@ impl pb::control_server::Control for ControlService {
     }
 
     async fn queue_status(&self, request: Request<pb::QueueRef>) -> Reply<pb::QueueStatusResponse> {
+        self.status_limit
+            .admit(request.extensions().get::<ConnectInfo<SocketAddr>>())?;
         let status = self.control.queue_status(&request.get_ref().queue)?;
         Ok(Response::new(pb::QueueStatusResponse {
             queue: status.queue,

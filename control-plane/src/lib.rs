@@ -72,6 +72,7 @@ pub fn router_with(control: Arc<Control>, config: &ControlPlaneConfig) -> axum::
         .expect("the embedded descriptor set is valid");
     tonic::service::Routes::new(ControlServer::new(grpc::ControlService::new(
         control.clone(),
+        status_limit.clone(),
     )))
     .add_service(health)
     .add_service(reflection)
@@ -79,8 +80,12 @@ pub fn router_with(control: Arc<Control>, config: &ControlPlaneConfig) -> axum::
     .into_axum_router()
     // Before the nest, so that the nested REST router does not inherit tonic's fallback.
     .fallback(no_route)
-    .nest("/api/v1", rest::router(control.clone(), status_limit))
-    .merge(rpc2::router(control.clone()))
+    // One limit for the status's three faces: switching API does not multiply the rate.
+    .nest(
+        "/api/v1",
+        rest::router(control.clone(), status_limit.clone()),
+    )
+    .merge(rpc2::router(control.clone(), status_limit))
     .merge(realtime::router(control))
 }
 

@@ -1,13 +1,21 @@
-//! A token bucket per client address, for the one route anyone may call: the public queue
-//! status a website polls.
+//! A token bucket per client address, for the one operation anyone may call: the public
+//! queue status a website polls.
 //!
 //! Each address (an IPv6 client's /64, since one host commonly holds a whole /64) gets
-//! `burst` requests at once and `rate` more per second after that; beyond it the answer is
-//! 429 with `Retry-After`. Memory is bounded: at most [`MAX_TRACKED`] addresses are kept.
-//! When a new address finds the table full, the buckets that have refilled (which say
-//! nothing a fresh bucket would not) are dropped first, then the older half by last use;
-//! an evicted address starts again with a full burst, which only ever errs on the side of
-//! answering.
+//! `burst` requests at once and `rate` more per second after that; beyond it the caller is
+//! refused ([`Limited`]) with the wait until its next request. Memory is bounded: at most
+//! [`MAX_TRACKED`] addresses are kept. When a new address finds the table full, the buckets
+//! that have refilled (which say nothing a fresh bucket would not) are dropped first, then
+//! the older half by last use; an evicted address starts again with a full burst, which
+//! only ever errs on the side of answering.
+//!
+//! The status has three faces (REST `GET /api/v1/queues/{queue}/status`, XML-RPC
+//! `queue.status`, gRPC `QueueStatus`) and one [`RateLimit`] serves them all, so a poller
+//! does not get three times the rate by switching API; each `queue.status` inside a
+//! `system.multicall` counts as one request. Every caller is counted, with a token or
+//! without. A refusal is answered here, once per face: REST 429 with `Retry-After`, XML-RPC
+//! a fault with code 429 (the service's faults carry the HTTP status), gRPC
+//! `RESOURCE_EXHAUSTED` with `retry-after` metadata.
 //!
 //! The address is the TCP peer's. Behind a reverse proxy every client shares the proxy's
 //! address and so one bucket; `X-Forwarded-For` is not read, since without a list of
@@ -24,6 +32,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use callfleet_core::config::ControlPlaneConfig;
 use tokio::time::Instant;
+
+use crate::xmlrpc::Fault;
 
 /// The most client addresses whose buckets are kept (about 4 MiB).
 pub const MAX_TRACKED: usize = 65_536;
@@ -80,6 +90,22 @@ impl RateLimit {
         Self::new(config.status_rate, config.status_burst, MAX_TRACKED)
     }
 
+    /// Takes one request from the bucket of the peer the listener recorded. A request that
+    /// did not come through the control plane's listener (an in-process `oneshot`) has no
+    /// peer address and is not limited.
+    ///
+    /// # Errors
+    ///
+    /// [`Limited`] when the peer's bucket is empty.
+    pub fn admit(&self, peer: Option<&ConnectInfo<SocketAddr>>) -> Result<(), Limited> {
+        match peer {
+            Some(ConnectInfo(address)) => self
+                .check(address.ip(), Instant::now())
+                .map_err(Limited::new),
+            None => Ok(()),
+        }
+    }
+
     /// Takes one request from `client`'s bucket, or says how long until one is there.
     pub fn check(&self, client: IpAddr, now: Instant) -> Result<(), Duration> {
         let key = client_key(client);
@@ -125,41 +151,72 @@ impl RateLimit {
     }
 }
 
-/// Middleware for the public status: 429 with `Retry-After` (whole seconds, rounded up)
-/// once the caller's address has used its bucket. A request that did not come through the
-/// control plane's listener (an in-process `oneshot`) has no peer address and is not
-/// limited.
+/// Middleware for the public status over REST: 429 with `Retry-After` once the caller's
+/// address has used its bucket (see [`RateLimit::admit`]).
 pub async fn limit(State(limit): State<Arc<RateLimit>>, request: Request, next: Next) -> Response {
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(address)| address.ip());
-    let Some(peer) = peer else {
-        return next.run(request).await;
-    };
-    match limit.check(peer, Instant::now()) {
+    match limit.admit(request.extensions().get()) {
         Ok(()) => next.run(request).await,
-        Err(wait) => too_many(wait),
+        Err(limited) => limited.into_response(),
     }
 }
 
-fn too_many(wait: Duration) -> Response {
-    let seconds = wait
-        .as_secs()
-        .saturating_add(u64::from(wait.subsec_nanos() > 0))
-        .max(1);
-    let message = format!(
-        "too many queue status requests from this address; retry after {seconds} s (a cache in front of the control plane may answer for a second)"
-    );
-    let mut response = (
-        StatusCode::TOO_MANY_REQUESTS,
-        axum::Json(serde_json::json!({ "error": message })),
-    )
-        .into_response();
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-    response
+/// A public status request refused because its address used its bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "too many queue status requests from this address (REST, XML-RPC and gRPC count together); retry after {retry_after} s, or cache the status for a second"
+)]
+pub struct Limited {
+    /// Whole seconds until the next request is answered, rounded up (at least 1).
+    pub retry_after: u64,
+}
+
+impl Limited {
+    /// The refusal of a request whose bucket has a token again after `wait`.
+    pub fn new(wait: Duration) -> Self {
+        let retry_after = wait
+            .as_secs()
+            .saturating_add(u64::from(wait.subsec_nanos() > 0))
+            .max(1);
+        Self { retry_after }
+    }
+}
+
+/// REST: 429 with `Retry-After` and the usual `{"error": ...}` body.
+impl IntoResponse for Limited {
+    fn into_response(self) -> Response {
+        let mut response = (
+            StatusCode::TOO_MANY_REQUESTS,
+            axum::Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(self.retry_after));
+        response
+    }
+}
+
+/// gRPC: `RESOURCE_EXHAUSTED`, with the wait also as `retry-after` metadata (seconds).
+impl From<Limited> for tonic::Status {
+    fn from(limited: Limited) -> Self {
+        let mut status = tonic::Status::resource_exhausted(limited.to_string());
+        status.metadata_mut().insert(
+            "retry-after",
+            tonic::metadata::MetadataValue::from(limited.retry_after),
+        );
+        status
+    }
+}
+
+/// XML-RPC: a fault whose code is the HTTP status REST answers (429), as for the service's
+/// other errors ([`crate::error`]).
+impl From<Limited> for Fault {
+    fn from(limited: Limited) -> Self {
+        Fault::new(
+            i32::from(StatusCode::TOO_MANY_REQUESTS.as_u16()),
+            limited.to_string(),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -253,7 +310,8 @@ mod tests {
     #[test]
     fn retry_after_is_whole_seconds_rounded_up() {
         let header = |wait| {
-            too_many(wait)
+            Limited::new(wait)
+                .into_response()
                 .headers()
                 .get(header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
@@ -263,5 +321,39 @@ mod tests {
         assert_eq!(header(Duration::from_secs(1)).as_deref(), Some("1"));
         assert_eq!(header(Duration::from_millis(1001)).as_deref(), Some("2"));
         assert_eq!(header(Duration::from_secs(10)).as_deref(), Some("10"));
+    }
+
+    #[test]
+    fn each_face_answers_the_same_refusal() {
+        let limited = Limited::new(Duration::from_millis(2500));
+        let fault = Fault::from(limited);
+        assert_eq!(fault.code(), 429);
+        assert!(
+            fault.string().contains("retry after 3 s"),
+            "{}",
+            fault.string()
+        );
+        let status = tonic::Status::from(limited);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(status.message(), fault.string());
+        assert_eq!(
+            status
+                .metadata()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()),
+            Some("3")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_without_a_peer_is_not_limited() {
+        let limit = RateLimit::new(1.0, 1, 8);
+        let peer = ConnectInfo(SocketAddr::from(([192, 0, 2, 1], 5000)));
+        assert_eq!(limit.admit(Some(&peer)), Ok(()));
+        assert!(limit.admit(Some(&peer)).is_err());
+        for _ in 0..3 {
+            assert_eq!(limit.admit(None), Ok(()));
+        }
+        assert_eq!(limit.tracked(), 1);
     }
 }

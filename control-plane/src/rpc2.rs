@@ -2,24 +2,31 @@
 //!
 //! Every answer is HTTP 200 with a `<methodResponse>`: a call that fails is a fault, never
 //! an HTTP error, because XML-RPC clients only read faults. The service's own errors keep
-//! the HTTP status as `faultCode` (401, 403, 404, 409, 400, 503) so a CRM can branch on
+//! the HTTP status as `faultCode` (401, 403, 404, 409, 400, 429, 503) so a CRM can branch on
 //! them; the codec's codes (-32xxx) mean the call itself was malformed. The token is read
 //! from the HTTP `Authorization` header, as for REST.
+//!
+//! `queue.status` is public, as over REST, and takes from the same per-address bucket
+//! ([`crate::ratelimit`]): each call counts, also inside a `system.multicall` (whose limited
+//! entries get fault 429 while the earlier ones are answered), so a batch of status probes
+//! costs what the same probes sent one by one would.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use axum::{Extension, Router};
 use callfleet_core::config::Role;
 use serde_json::json;
 
 use crate::auth::Caller;
 use crate::error::ControlError;
+use crate::ratelimit::RateLimit;
 use crate::service::Control;
 use crate::xmlrpc::{self, Call, Fault, Value};
 
@@ -49,16 +56,38 @@ pub const METHODS: &[&str] = &[
     xmlrpc::MULTICALL,
 ];
 
-/// The `/RPC2` route.
-pub fn router(control: Arc<Control>) -> Router {
+/// The `/RPC2` route; `status_limit` limits `queue.status`.
+pub fn router(control: Arc<Control>, status_limit: Arc<RateLimit>) -> Router {
     Router::new()
         .route("/RPC2", post(handle))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(control)
+        .with_state(Rpc2 {
+            control,
+            status_limit,
+        })
+}
+
+/// What `/RPC2` answers from.
+#[derive(Debug, Clone)]
+struct Rpc2 {
+    control: Arc<Control>,
+    status_limit: Arc<RateLimit>,
+}
+
+/// Who is calling: what each call of a request is authorized and counted by.
+#[derive(Debug, Clone, Copy)]
+struct Origin<'a> {
+    authorization: Option<&'a [u8]>,
+    /// The TCP peer, absent when the router is called in-process.
+    peer: Option<&'a ConnectInfo<SocketAddr>>,
 }
 
 async fn handle(
-    State(control): State<Arc<Control>>,
+    State(Rpc2 {
+        control,
+        status_limit,
+    }): State<Rpc2>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -80,7 +109,10 @@ async fn handle(
     } else {
         xmlrpc::decode_call(&body)
     };
-    let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    let origin = Origin {
+        authorization: headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
+        peer: peer.as_ref().map(|Extension(peer)| peer),
+    };
     let bytes = match decoded {
         Err(fault) => xmlrpc::encode_fault(fault.code(), fault.string()),
         Ok(call) if call.method == xmlrpc::MULTICALL => match xmlrpc::decode_multicall(call) {
@@ -104,7 +136,7 @@ async fn handle(
                                 continue;
                             }
                             let result = match call {
-                                Ok(call) => dispatch(&control, authorization, &call).await,
+                                Ok(call) => dispatch(&control, &status_limit, origin, &call).await,
                                 Err(fault) => Err(fault),
                             };
                             size += result.as_ref().map_or(200, xmlrpc::encoded_size);
@@ -127,7 +159,7 @@ async fn handle(
                 }
             }
         },
-        Ok(call) => xmlrpc::encode_result(dispatch(&control, authorization, &call).await),
+        Ok(call) => xmlrpc::encode_result(dispatch(&control, &status_limit, origin, &call).await),
     };
     xml(bytes)
 }
@@ -162,12 +194,13 @@ fn reply(value: impl serde::Serialize) -> Result<Value, Fault> {
 
 async fn dispatch(
     control: &Control,
-    authorization: Option<&[u8]>,
+    status_limit: &RateLimit,
+    origin: Origin<'_>,
     call: &Call,
 ) -> Result<Value, Fault> {
     let args = call.args();
     let authorize = |role: Role| -> Result<Caller, Fault> {
-        control.authorize(authorization, role).map_err(fault)
+        control.authorize(origin.authorization, role).map_err(fault)
     };
     match call.method.as_str() {
         "agent.setPriority" => {
@@ -262,6 +295,9 @@ async fn dispatch(
             reply(true)
         }
         "queue.status" => {
+            // Every call counts, with a token or without and before its arguments are
+            // read, as a REST request to the status route does.
+            status_limit.admit(origin.peer)?;
             args.arity(&["queue"])?;
             let queue = args.string(0, "queue")?;
             control.settle().await;
