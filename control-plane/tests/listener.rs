@@ -15,19 +15,17 @@
 //!
 //! Every limit is set small here so that the tests take a second or two.
 
-use std::net::SocketAddr;
+mod support;
+
 use std::time::Duration;
 
-use callfleet_control_plane::ControlPlaneError;
-use callfleet_core::config::{ApiToken, ControlPlaneConfig, Role, Secret};
-use callfleet_core::{Store, testing};
+use callfleet_core::config::ControlPlaneConfig;
 use callfleet_proto::control::v1 as pb;
 use callfleet_proto::control::v1::control_client::ControlClient;
+use support::{REST_STATUS, Server, connect_from, crm_token, exchange, read_answer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 /// Write token of a CRM.
 const CRM: &str = "crm-listener-secret-0123456789";
@@ -35,11 +33,7 @@ const CRM: &str = "crm-listener-secret-0123456789";
 /// Limits no test reaches unless it sets them lower.
 fn config() -> ControlPlaneConfig {
     ControlPlaneConfig {
-        tokens: vec![ApiToken {
-            name: "crm".to_owned(),
-            token: Secret::new(CRM),
-            role: Role::Write,
-        }],
+        tokens: vec![crm_token(CRM)],
         max_connections: 64,
         max_connections_per_address: 64,
         header_timeout: Duration::from_secs(30),
@@ -51,136 +45,17 @@ fn config() -> ControlPlaneConfig {
     }
 }
 
-/// The control plane, served by `run` on a loopback port.
-struct Server {
-    address: SocketAddr,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), ControlPlaneError>>,
-    _dir: tempfile::TempDir,
+/// The server with `config` and the queue the status tests ask about, created from
+/// 127.0.0.1 like every connection here that names no other address.
+async fn start(config: ControlPlaneConfig) -> Server {
+    Server::start(config, CRM, "127.0.0.1").await
 }
 
 impl Server {
-    async fn start(config: ControlPlaneConfig) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::connect(&testing::sqlite_config(dir.path()))
-            .await
-            .expect("sqlite store");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address");
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        let task = tokio::spawn(async move {
-            callfleet_control_plane::run(&config, store, listener, token).await
-        });
-        let server = Self {
-            address,
-            shutdown,
-            task,
-            _dir: dir,
-        };
-        // The queue the status tests ask about.
-        let mut crm = server.connect().await;
-        let answer = exchange(
-            &mut crm,
-            &format!(
-                "PUT /api/v1/queues/sales HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {CRM}\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n{{\"name\":\"Sales\"}}"
-            ),
-        )
-        .await;
-        assert_eq!(answer.status, 200, "PUT queue: {}", answer.body);
-        server
-    }
-
+    /// A connection from 127.0.0.1, the address these tests use unless they say otherwise.
     async fn connect(&self) -> TcpStream {
         connect_from("127.0.0.1", self.address).await
     }
-}
-
-/// A connection to `server` from the loopback address `from` (any of 127.0.0.0/8).
-async fn connect_from(from: &str, server: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(format!("{from}:0").parse().expect("loopback address"))
-        .expect("bind the client's address");
-    socket.connect(server).await.expect("connect")
-}
-
-/// An HTTP/1.1 answer.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    /// Header names in lowercase.
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Sends `request` and reads one answer with a `Content-Length` body.
-async fn exchange(stream: &mut TcpStream, request: &str) -> Answer {
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("send the request");
-    tokio::time::timeout(Duration::from_secs(5), read_answer(stream))
-        .await
-        .expect("an answer within 5 s")
-        .unwrap_or_else(|| panic!("the connection closed without an answer to {request:?}"))
-}
-
-/// One answer, or `None` when the connection ends (closed or reset) before a whole one.
-async fn read_answer(stream: &mut TcpStream) -> Option<Answer> {
-    let mut buffer = Vec::new();
-    let end = loop {
-        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at;
-        }
-        let mut chunk = [0u8; 4096];
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-        }
-    };
-    let head = String::from_utf8(buffer[..end].to_vec()).expect("an ASCII head");
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().expect("a status line");
-    let status = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("a status line: {status_line:?}"));
-    let headers: Vec<(String, String)> = lines
-        .map(|line| {
-            let (name, value) = line.split_once(':').expect("name: value");
-            (name.to_ascii_lowercase(), value.trim().to_owned())
-        })
-        .collect();
-    let length: usize = headers
-        .iter()
-        .find(|(n, _)| n == "content-length")
-        .map_or(0, |(_, v)| v.parse().expect("a length"));
-    let mut body = buffer[end + 4..].to_vec();
-    while body.len() < length {
-        let mut chunk = [0u8; 4096];
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => body.extend_from_slice(&chunk[..n]),
-        }
-    }
-    Some(Answer {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
 }
 
 /// Reads until the server closes (or resets) the connection; the bytes received and how
@@ -210,12 +85,10 @@ async fn closed_within(
     (received, start.elapsed())
 }
 
-const STATUS: &str = "GET /api/v1/queues/sales/status HTTP/1.1\r\nHost: cp\r\n\r\n";
-
 #[tokio::test]
 async fn a_client_that_sends_half_a_header_is_closed_after_the_header_timeout() {
     let header_timeout = Duration::from_millis(400);
-    let server = Server::start(ControlPlaneConfig {
+    let server = start(ControlPlaneConfig {
         header_timeout,
         ..config()
     })
@@ -268,7 +141,7 @@ async fn a_client_that_sends_half_a_header_is_closed_after_the_header_timeout() 
 
     // A whole request on a fresh connection is answered.
     let mut whole = server.connect().await;
-    assert_eq!(exchange(&mut whole, STATUS).await.status, 200);
+    assert_eq!(exchange(&mut whole, REST_STATUS).await.status, 200);
 }
 
 /// Holds `n` connections from `from`, each after one answered request.
@@ -276,7 +149,7 @@ async fn hold(server: &Server, from: &str, n: usize) -> Vec<TcpStream> {
     let mut held = Vec::new();
     for _ in 0..n {
         let mut stream = connect_from(from, server.address).await;
-        assert_eq!(exchange(&mut stream, STATUS).await.status, 200);
+        assert_eq!(exchange(&mut stream, REST_STATUS).await.status, 200);
         held.push(stream);
     }
     held
@@ -286,7 +159,7 @@ async fn hold(server: &Server, from: &str, n: usize) -> Vec<TcpStream> {
 async fn assert_refused(server: &Server, from: &str, what: &str) {
     let mut stream = connect_from(from, server.address).await;
     // The request may or may not reach the server before it closes: either is a refusal.
-    let _ = stream.write_all(STATUS.as_bytes()).await;
+    let _ = stream.write_all(REST_STATUS.as_bytes()).await;
     let (received, _) = closed_within(&mut stream, Duration::from_secs(3), what).await;
     assert!(
         received.is_empty(),
@@ -301,7 +174,7 @@ async fn served_again(server: &Server, from: &str) {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let mut stream = connect_from(from, server.address).await;
-        let _ = stream.write_all(STATUS.as_bytes()).await;
+        let _ = stream.write_all(REST_STATUS.as_bytes()).await;
         if let Some(answer) = read_answer(&mut stream).await {
             assert_eq!(answer.status, 200);
             return;
@@ -316,7 +189,7 @@ async fn served_again(server: &Server, from: &str) {
 
 #[tokio::test]
 async fn beyond_max_connections_a_new_connection_is_closed_at_accept() {
-    let server = Server::start(ControlPlaneConfig {
+    let server = start(ControlPlaneConfig {
         max_connections: 4,
         max_connections_per_address: 4,
         ..config()
@@ -328,7 +201,7 @@ async fn beyond_max_connections_a_new_connection_is_closed_at_accept() {
     assert_refused(&server, "127.0.0.2", "the 5th connection, from 127.0.0.2").await;
     // The held connections are still served.
     for stream in &mut held {
-        assert_eq!(exchange(stream, STATUS).await.status, 200);
+        assert_eq!(exchange(stream, REST_STATUS).await.status, 200);
     }
     drop(held.pop());
     served_again(&server, "127.0.0.2").await;
@@ -336,7 +209,7 @@ async fn beyond_max_connections_a_new_connection_is_closed_at_accept() {
 
 #[tokio::test]
 async fn beyond_max_connections_per_address_only_that_address_is_refused() {
-    let server = Server::start(ControlPlaneConfig {
+    let server = start(ControlPlaneConfig {
         max_connections: 16,
         max_connections_per_address: 2,
         ..config()
@@ -354,7 +227,7 @@ async fn beyond_max_connections_per_address_only_that_address_is_refused() {
 #[tokio::test]
 async fn a_connection_without_a_request_in_progress_is_closed_after_the_idle_timeout() {
     let idle_timeout = Duration::from_millis(400);
-    let server = Server::start(ControlPlaneConfig {
+    let server = start(ControlPlaneConfig {
         idle_timeout,
         shutdown_grace: Duration::from_millis(500),
         ..config()
@@ -371,7 +244,7 @@ async fn a_connection_without_a_request_in_progress_is_closed_after_the_idle_tim
 
     // HTTP/1 kept alive after an answer (the header timeout is 30 s here).
     let mut kept = server.connect().await;
-    assert_eq!(exchange(&mut kept, STATUS).await.status, 200);
+    assert_eq!(exchange(&mut kept, REST_STATUS).await.status, 200);
     let (received, after) = closed_within(
         &mut kept,
         Duration::from_secs(3),
@@ -439,7 +312,7 @@ fn frame_types(mut bytes: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn shutdown_with_a_stuck_request_and_a_client_that_never_reads_ends_within_the_grace() {
     let grace = Duration::from_secs(1);
-    let server = Server::start(ControlPlaneConfig {
+    let server = start(ControlPlaneConfig {
         shutdown_grace: grace,
         ..config()
     })
@@ -534,7 +407,7 @@ async fn shutdown_with_a_stuck_request_and_a_client_that_never_reads_ends_within
 #[tokio::test]
 async fn the_public_status_answers_the_burst_then_429_per_address() {
     let burst = 8;
-    let server = Server::start(ControlPlaneConfig {
+    let server = start(ControlPlaneConfig {
         // One request every 10 s after the burst: none comes back during the test.
         status_rate: 0.1,
         status_burst: burst,
@@ -544,7 +417,7 @@ async fn the_public_status_answers_the_burst_then_429_per_address() {
     let mut first = server.connect().await;
     let started = Instant::now();
     for i in 1..=burst {
-        let answer = exchange(&mut first, STATUS).await;
+        let answer = exchange(&mut first, REST_STATUS).await;
         assert_eq!(
             answer.status, 200,
             "request {i} from 127.0.0.1: {}",
@@ -552,7 +425,7 @@ async fn the_public_status_answers_the_burst_then_429_per_address() {
         );
         assert_eq!(answer.header("cache-control"), Some("public, max-age=1"));
     }
-    let limited = exchange(&mut first, STATUS).await;
+    let limited = exchange(&mut first, REST_STATUS).await;
     assert_eq!(
         limited.status,
         429,
@@ -575,11 +448,11 @@ async fn the_public_status_answers_the_burst_then_429_per_address() {
 
     // The limit is the address's, not the connection's.
     let mut again = server.connect().await;
-    assert_eq!(exchange(&mut again, STATUS).await.status, 429);
+    assert_eq!(exchange(&mut again, REST_STATUS).await.status, 429);
 
     // Another address has its own bucket.
     let mut other = connect_from("127.0.0.2", server.address).await;
-    let answer = exchange(&mut other, STATUS).await;
+    let answer = exchange(&mut other, REST_STATUS).await;
     assert_eq!(answer.status, 200, "127.0.0.2: {}", answer.body);
 
     // Only the public status is limited: an authenticated read from the limited address
@@ -598,7 +471,7 @@ async fn grpc_and_rest_share_the_listener() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
 
-    let server = Server::start(config()).await;
+    let server = start(config()).await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.address))
         .expect("endpoint")
         .connect()
@@ -647,10 +520,5 @@ async fn grpc_and_rest_share_the_listener() {
 
     drop(client);
     drop(health);
-    server.shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), server.task)
-        .await
-        .expect("run returns")
-        .expect("the server task")
-        .expect("run ends cleanly");
+    server.stop().await;
 }

@@ -20,19 +20,14 @@
 //! The rate is one request per 10 s after a burst of 8, so no token comes back while a
 //! test runs.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+mod support;
 
-use callfleet_control_plane::ControlPlaneError;
 use callfleet_control_plane::xmlrpc::{Fault, Value};
-use callfleet_core::config::{ApiToken, ControlPlaneConfig, Role, Secret};
-use callfleet_core::{Store, testing};
+use callfleet_core::config::ControlPlaneConfig;
 use callfleet_proto::control::v1 as pb;
 use callfleet_proto::control::v1::control_client::ControlClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use support::{REST_STATUS, Server, connect_from, crm_token, exchange};
+use tokio::net::TcpStream;
 use tonic::transport::Channel;
 
 /// Write token of a CRM.
@@ -44,11 +39,7 @@ const LIMITED: &str = "too many queue status requests";
 
 fn config() -> ControlPlaneConfig {
     ControlPlaneConfig {
-        tokens: vec![ApiToken {
-            name: "crm".to_owned(),
-            token: Secret::new(CRM),
-            role: Role::Write,
-        }],
+        tokens: vec![crm_token(CRM)],
         // One request every 10 s after the burst: none comes back during a test.
         status_rate: 0.1,
         status_burst: BURST,
@@ -56,49 +47,13 @@ fn config() -> ControlPlaneConfig {
     }
 }
 
-/// The control plane, served by `run` on a loopback port, with the queue `sales`.
-struct Server {
-    address: SocketAddr,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), ControlPlaneError>>,
-    _dir: tempfile::TempDir,
+/// The server with the queue `sales`, written from 127.0.0.9, an address no test asks the
+/// status from.
+async fn start() -> Server {
+    Server::start(config(), CRM, "127.0.0.9").await
 }
 
 impl Server {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::connect(&testing::sqlite_config(dir.path()))
-            .await
-            .expect("sqlite store");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address");
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        let config = config();
-        let task = tokio::spawn(async move {
-            callfleet_control_plane::run(&config, store, listener, token).await
-        });
-        let server = Self {
-            address,
-            shutdown,
-            task,
-            _dir: dir,
-        };
-        // Written from 127.0.0.9, an address no test asks the status from.
-        let mut crm = connect_from("127.0.0.9", server.address).await;
-        let answer = exchange(
-            &mut crm,
-            &format!(
-                "PUT /api/v1/queues/sales HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {CRM}\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n{{\"name\":\"Sales\"}}"
-            ),
-        )
-        .await;
-        assert_eq!(answer.status, 200, "PUT queue: {}", answer.body);
-        server
-    }
-
     /// A gRPC channel from the loopback address `from`.
     async fn grpc_from(&self, from: &str) -> ControlClient<Channel> {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.address))
@@ -109,103 +64,7 @@ impl Server {
             .expect("connect over HTTP/2");
         ControlClient::new(channel)
     }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("run returns")
-            .expect("the server task")
-            .expect("run ends cleanly");
-    }
 }
-
-/// A connection to `server` from the loopback address `from` (any of 127.0.0.0/8).
-async fn connect_from(from: &str, server: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(format!("{from}:0").parse().expect("loopback address"))
-        .expect("bind the client's address");
-    socket.connect(server).await.expect("connect")
-}
-
-/// An HTTP/1.1 answer.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    /// Header names in lowercase.
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Sends `request` and reads one answer with a `Content-Length` body.
-async fn exchange(stream: &mut TcpStream, request: &str) -> Answer {
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("send the request");
-    tokio::time::timeout(Duration::from_secs(5), read_answer(stream))
-        .await
-        .expect("an answer within 5 s")
-        .unwrap_or_else(|| panic!("the connection closed without an answer to {request:?}"))
-}
-
-/// One answer, or `None` when the connection ends before a whole one.
-async fn read_answer(stream: &mut TcpStream) -> Option<Answer> {
-    let mut buffer = Vec::new();
-    let end = loop {
-        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at;
-        }
-        let mut chunk = [0u8; 4096];
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-        }
-    };
-    let head = String::from_utf8(buffer[..end].to_vec()).expect("an ASCII head");
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().expect("a status line");
-    let status = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("a status line: {status_line:?}"));
-    let headers: Vec<(String, String)> = lines
-        .map(|line| {
-            let (name, value) = line.split_once(':').expect("name: value");
-            (name.to_ascii_lowercase(), value.trim().to_owned())
-        })
-        .collect();
-    let length: usize = headers
-        .iter()
-        .find(|(n, _)| n == "content-length")
-        .map_or(0, |(_, v)| v.parse().expect("a length"));
-    let mut body = buffer[end + 4..].to_vec();
-    while body.len() < length {
-        let mut chunk = [0u8; 4096];
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => body.extend_from_slice(&chunk[..n]),
-        }
-    }
-    Some(Answer {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
-}
-
-const REST_STATUS: &str = "GET /api/v1/queues/sales/status HTTP/1.1\r\nHost: cp\r\n\r\n";
 
 /// `queue.status("sales")` as Python's `xmlrpc.client` writes it.
 const XMLRPC_STATUS: &str = "<?xml version='1.0'?>\n<methodCall>\n<methodName>queue.status</methodName>\n<params>\n<param>\n<value><string>sales</string></value>\n</param>\n</params>\n</methodCall>\n";
@@ -300,7 +159,7 @@ fn is_exhausted(
 
 #[tokio::test]
 async fn xmlrpc_queue_status_answers_the_burst_then_a_429_fault_per_address() {
-    let server = Server::start().await;
+    let server = start().await;
     let mut client = connect_from("127.0.0.1", server.address).await;
     for i in 1..=BURST {
         let answer = xmlrpc(&mut client, None, XMLRPC_STATUS).await;
@@ -327,7 +186,7 @@ async fn xmlrpc_queue_status_answers_the_burst_then_a_429_fault_per_address() {
 
 #[tokio::test]
 async fn each_queue_status_in_a_multicall_counts_as_one_request() {
-    let server = Server::start().await;
+    let server = start().await;
     let entry = "<value><struct><member><name>methodName</name><value><string>queue.status</string></value></member><member><name>params</name><value><array><data><value><string>sales</string></value></data></array></value></member></struct></value>";
     let list_methods = "<value><struct><member><name>methodName</name><value><string>system.listMethods</string></value></member><member><name>params</name><value><array><data></data></array></value></member></struct></value>";
     let calls = BURST as usize + 3;
@@ -383,7 +242,7 @@ async fn each_queue_status_in_a_multicall_counts_as_one_request() {
 
 #[tokio::test]
 async fn grpc_queue_status_answers_the_burst_then_resource_exhausted_per_address() {
-    let server = Server::start().await;
+    let server = start().await;
     let mut client = server.grpc_from("127.0.0.1").await;
     for i in 1..=BURST {
         let answer = client
@@ -412,7 +271,7 @@ async fn grpc_queue_status_answers_the_burst_then_resource_exhausted_per_address
 
 #[tokio::test]
 async fn rest_grpc_and_xmlrpc_take_from_one_bucket_per_address() {
-    let server = Server::start().await;
+    let server = start().await;
     let half = BURST / 2;
     let mut rest = connect_from("127.0.0.1", server.address).await;
     for i in 1..=half {

@@ -1,0 +1,179 @@
+//! What the network tests of the control plane share: the whole service
+//! (`callfleet_control_plane::run` on SQLite) on a loopback port with the queue `sales`, and
+//! a raw HTTP/1.1 client that connects from a chosen loopback address.
+//!
+//! The tests speak bytes rather than use an HTTP client so that they see what a client on
+//! the network sees (a connection closed at accept, a 429 with its `Retry-After`), and
+//! connect from chosen addresses in 127.0.0.0/8 because the service's limits are per
+//! address.
+//!
+//! Each test crate compiles its own copy of this module (`mod support;`), so an item here
+//! that one of them does not use warns there as dead code: what only one test file needs
+//! stays in that file.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use callfleet_control_plane::ControlPlaneError;
+use callfleet_core::config::{ApiToken, ControlPlaneConfig, Role, Secret};
+use callfleet_core::{Store, testing};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The public status of the queue `sales` over REST, which needs no token.
+pub const REST_STATUS: &str = "GET /api/v1/queues/sales/status HTTP/1.1\r\nHost: cp\r\n\r\n";
+
+/// A CRM's write token, named `crm`, for a config's `tokens`; the tests pass the same
+/// `token` to [`Server::start`] so that it can create the queue `sales`.
+pub fn crm_token(token: &str) -> ApiToken {
+    ApiToken {
+        name: "crm".to_owned(),
+        token: Secret::new(token),
+        role: Role::Write,
+    }
+}
+
+/// The control plane, served by `run` on a loopback port, with the queue `sales`.
+pub struct Server {
+    pub address: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<Result<(), ControlPlaneError>>,
+    /// The SQLite store's directory, removed when the server is dropped.
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts `run` with `config` on a fresh SQLite store, then creates the queue `sales`
+    /// with the write token `crm` (which `config` must hold) over a connection from the
+    /// loopback address `from`. The address matters to tests of per-address limits: the
+    /// set-up request must not take from a bucket that a test counts on.
+    pub async fn start(config: ControlPlaneConfig, crm: &str, from: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::connect(&testing::sqlite_config(dir.path()))
+            .await
+            .expect("sqlite store");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            callfleet_control_plane::run(&config, store, listener, token).await
+        });
+        let server = Self {
+            address,
+            shutdown,
+            task,
+            _dir: dir,
+        };
+        let mut setup = connect_from(from, server.address).await;
+        let answer = exchange(
+            &mut setup,
+            &format!(
+                "PUT /api/v1/queues/sales HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {crm}\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n{{\"name\":\"Sales\"}}"
+            ),
+        )
+        .await;
+        assert_eq!(answer.status, 200, "PUT queue: {}", answer.body);
+        server
+    }
+
+    /// Shuts the server down and checks that `run` returns cleanly within 10 s.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("run returns")
+            .expect("the server task")
+            .expect("run ends cleanly");
+    }
+}
+
+/// A connection to `server` from the loopback address `from` (any of 127.0.0.0/8).
+pub async fn connect_from(from: &str, server: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{from}:0").parse().expect("loopback address"))
+        .expect("bind the client's address");
+    socket.connect(server).await.expect("connect")
+}
+
+/// An HTTP/1.1 answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    /// Header names in lowercase.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Answer {
+    /// The value of the header `name` (in lowercase), if the answer has it.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends `request` and reads one answer with a `Content-Length` body.
+pub async fn exchange(stream: &mut TcpStream, request: &str) -> Answer {
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send the request");
+    tokio::time::timeout(Duration::from_secs(5), read_answer(stream))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap_or_else(|| panic!("the connection closed without an answer to {request:?}"))
+}
+
+/// One answer, or `None` when the connection ends (closed or reset) before a whole one.
+pub async fn read_answer(stream: &mut TcpStream) -> Option<Answer> {
+    let mut buffer = Vec::new();
+    let end = loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at;
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8(buffer[..end].to_vec()).expect("an ASCII head");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().expect("a status line");
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("a status line: {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .map(|line| {
+            let (name, value) = line.split_once(':').expect("name: value");
+            (name.to_ascii_lowercase(), value.trim().to_owned())
+        })
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .map_or(0, |(_, v)| v.parse().expect("a length"));
+    let mut body = buffer[end + 4..].to_vec();
+    while body.len() < length {
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Some(Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
