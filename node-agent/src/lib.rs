@@ -5,6 +5,7 @@
 //! The agent never stops because the store is away: it keeps sampling, retries with
 //! backoff, logs the outage once each way, and resumes heartbeats by itself.
 
+pub mod agi;
 pub mod ami;
 pub mod asterisk_config;
 mod calls;
