@@ -3,7 +3,7 @@
 //!
 //! - **Connections at once** are capped twice, with a [`Semaphore`] for the whole listener
 //!   (`max_connections`) and a count per client address (`max_connections_per_address`, an
-//!   IPv6 client's /64, as [`ratelimit::client_key`] counts it). Beyond a cap a new
+//!   IPv6 client's /64, as [`client_key`] counts it). Beyond a cap a new
 //!   connection is closed as soon as it is accepted, rather than left unaccepted: a
 //!   connection left in the kernel's backlog waits without a word, once the backlog is full
 //!   new clients' SYNs are dropped and they retry after 1, 3, 7 s, and which of them gets in

@@ -146,7 +146,7 @@ impl Control {
     }
 
     /// Re-reads the directory every `every` until `shutdown` when its version moved, and
-    /// whole every [`FULL_READ_EVERY`] whatever the version says (a safety net: a change
+    /// whole every `FULL_READ_EVERY` (60 s) whatever the version says (a safety net: a change
     /// written around the version, by hand in SQL say, still shows); logs a failing store
     /// once.
     pub async fn refresh_loop(&self, every: Duration, shutdown: CancellationToken) {
