@@ -315,6 +315,8 @@ pub struct NodeConfig {
     pub calls: CallsConfig,
     /// Load-shedding tiers, each a service stopped above a load and restarted below another.
     pub shed: Vec<ShedTier>,
+    /// The FastAGI server through which this node's dialplan hands calls to the node-agent.
+    pub agi: AgiConfig,
 }
 
 impl Default for NodeConfig {
@@ -328,6 +330,7 @@ impl Default for NodeConfig {
             heartbeat_interval: Duration::from_secs(2),
             calls: CallsConfig::default(),
             shed: Vec::new(),
+            agi: AgiConfig::default(),
         }
     }
 }
@@ -348,6 +351,112 @@ impl NodeConfig {
                 "is not set and the host name cannot serve as one ({err}); set node.id in the config"
             ),
         })
+    }
+}
+
+/// The node-agent's FastAGI server: the dialplan's `AGI(agi://127.0.0.1:4573/<script>?…)`
+/// opens one connection per call, and the node-agent drives that call until it closes the
+/// connection (Asterisk then goes on with the dialplan).
+///
+/// FastAGI has no authentication: whoever can connect can pose as Asterisk and feed the
+/// node-agent made-up calls. The listener is therefore loopback by default, and another
+/// address is refused unless `allow_remote` says so.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgiConfig {
+    /// `ip:port` of the FastAGI listener; empty: no FastAGI server.
+    pub listen: String,
+    /// Allows a `listen` address other than loopback (e.g. Asterisk on another host, with
+    /// the port firewalled to it): anyone who reaches the port can drive calls.
+    pub allow_remote: bool,
+    /// Sessions served at once; beyond it a new connection is closed as it is accepted
+    /// (the dialplan then takes its fallback). Keep it below the file limit (`ulimit -n`).
+    pub max_sessions: usize,
+    /// How long Asterisk may take to send a session's environment after connecting; a
+    /// connection that has not sent it by then is closed.
+    #[serde(with = "humantime_serde")]
+    pub environment_timeout: Duration,
+    /// How long a command that Asterisk answers at once (`GET VARIABLE`, `SET VARIABLE`,
+    /// `VERBOSE`…) may wait for its reply before the session is closed. Commands that block
+    /// on the caller (`EXEC`, `STREAM FILE`, `GET DATA`…) have no such bound unless the
+    /// script gives one.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// When the node-agent stops, sessions in progress get this long to end; then their
+    /// connections are closed and Asterisk goes on with the dialplan.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for AgiConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:4573".to_owned(),
+            allow_remote: false,
+            max_sessions: 4096,
+            environment_timeout: Duration::from_secs(2),
+            command_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl AgiConfig {
+    /// The longest `environment_timeout`: Asterisk writes the environment as soon as it is
+    /// connected, so anything near this is a peer that is not Asterisk.
+    pub const MAX_ENVIRONMENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+    /// The listener's address, or `None` when `listen` is empty (no FastAGI server).
+    /// Valid after [`Config::validate`].
+    pub fn address(&self) -> Option<std::net::SocketAddr> {
+        self.listen.parse().ok()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| {
+            Err(ConfigError::Value {
+                key: format!("node.agi.{key}"),
+                reason,
+            })
+        };
+        if !self.listen.is_empty() {
+            let Ok(address) = self.listen.parse::<std::net::SocketAddr>() else {
+                return bad(
+                    "listen",
+                    format!(
+                        "`{}` must be ip:port (e.g. 127.0.0.1:4573), or empty for no FastAGI server",
+                        self.listen
+                    ),
+                );
+            };
+            if !address.ip().is_loopback() && !self.allow_remote {
+                return bad(
+                    "listen",
+                    format!(
+                        "`{}` is not a loopback address; FastAGI has no authentication, so anyone who reaches the port could drive calls. Use 127.0.0.1, or set node.agi.allow_remote = true with the port firewalled to Asterisk",
+                        self.listen
+                    ),
+                );
+            }
+        }
+        if self.max_sessions == 0 || self.max_sessions > 1_000_000 {
+            return bad(
+                "max_sessions",
+                "must be 1 to 1000000, and below the file limit (ulimit -n); e.g. 4096".into(),
+            );
+        }
+        if self.environment_timeout.is_zero()
+            || self.environment_timeout > Self::MAX_ENVIRONMENT_TIMEOUT
+        {
+            return bad(
+                "environment_timeout",
+                "must be above zero and at most 60s (e.g. 2s)".into(),
+            );
+        }
+        if self.command_timeout.is_zero() {
+            return bad("command_timeout", "must be above zero (e.g. 10s)".into());
+        }
+        Ok(())
     }
 }
 
@@ -1139,6 +1248,7 @@ impl Config {
                 return bad("node.calls.timeout", "must be longer than 0s".into());
             }
         }
+        node.agi.validate()?;
         self.balancer.validate()?;
         self.control_plane.validate()?;
         self.lock_service.validate()?;
@@ -1672,6 +1782,79 @@ mod tests {
                 ("status_burst = 0", "control_plane.status_burst"),
             ] {
                 let err = load_in(jail, &format!("[control_plane]\n{toml}\n"))
+                    .expect_err(toml)
+                    .to_string();
+                assert!(err.contains(key), "{toml}: {err}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn node_agi_listens_on_loopback_by_default_and_is_checked() {
+        Jail::expect_with(|jail| {
+            let defaults = load_in(jail, "").expect("defaults load");
+            let agi = &defaults.node.agi;
+            assert_eq!(agi.listen, "127.0.0.1:4573");
+            assert_eq!(agi.address(), Some("127.0.0.1:4573".parse().expect("addr")));
+            assert!(!agi.allow_remote);
+            assert_eq!(agi.max_sessions, 4096);
+            assert_eq!(
+                (
+                    agi.environment_timeout,
+                    agi.command_timeout,
+                    agi.shutdown_grace
+                ),
+                (
+                    Duration::from_secs(2),
+                    Duration::from_secs(10),
+                    Duration::from_secs(5)
+                )
+            );
+
+            let off = load_in(jail, "[node.agi]\nlisten = \"\"\n").expect("empty: no server");
+            assert_eq!(off.node.agi.address(), None);
+            let v6 =
+                load_in(jail, "[node.agi]\nlisten = \"[::1]:4573\"\n").expect("::1 is loopback");
+            assert_eq!(
+                v6.node.agi.address(),
+                Some("[::1]:4573".parse().expect("addr"))
+            );
+
+            // Not loopback: refused, unless allowed explicitly (the control).
+            let err = load_in(jail, "[node.agi]\nlisten = \"0.0.0.0:4573\"\n")
+                .expect_err("wildcard without allow_remote")
+                .to_string();
+            assert!(
+                err.contains("node.agi.listen") && err.contains("no authentication"),
+                "{err}"
+            );
+            let remote = load_in(
+                jail,
+                "[node.agi]\nlisten = \"0.0.0.0:4573\"\nallow_remote = true\n",
+            )
+            .expect("allowed explicitly");
+            assert_eq!(remote.node.agi.listen, "0.0.0.0:4573");
+            jail.set_env("CALLFLEET_NODE__AGI__SHUTDOWN_GRACE", "0s");
+            let env = load_in(jail, "").expect("env layer");
+            assert_eq!(env.node.agi.shutdown_grace, Duration::ZERO);
+
+            for (toml, key) in [
+                ("listen = \"localhost:4573\"", "node.agi.listen"),
+                ("max_sessions = 0", "node.agi.max_sessions"),
+                ("max_sessions = 1000001", "node.agi.max_sessions"),
+                (
+                    "environment_timeout = \"0s\"",
+                    "node.agi.environment_timeout",
+                ),
+                (
+                    "environment_timeout = \"61s\"",
+                    "node.agi.environment_timeout",
+                ),
+                ("command_timeout = \"0s\"", "node.agi.command_timeout"),
+                ("max_session = 5", "max_session"),
+            ] {
+                let err = load_in(jail, &format!("[node.agi]\n{toml}\n"))
                     .expect_err(toml)
                     .to_string();
                 assert!(err.contains(key), "{toml}: {err}");
