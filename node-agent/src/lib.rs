@@ -1,6 +1,7 @@
 //! The node-agent runs on every PBX node: it samples the host and the PBX's call count,
 //! sheds less important services under load, and heartbeats all of it into the fleet store
-//! so balancers and the autoscaler see the node.
+//! so balancers and the autoscaler see the node. It also serves its Asterisk: realtime
+//! provisioning, and the FastAGI server ([`agi`]) through which the dialplan hands it calls.
 //!
 //! The agent never stops because the store is away: it keeps sampling, retries with
 //! backoff, logs the outage once each way, and resumes heartbeats by itself.
@@ -43,6 +44,9 @@ pub enum NodeAgentError {
     /// The realtime provisioning endpoint cannot run.
     #[error(transparent)]
     Provisioning(#[from] provisioning::ProvisioningError),
+    /// The FastAGI server cannot listen.
+    #[error(transparent)]
+    Agi(#[from] agi::AgiError),
 }
 
 /// Runs the node-agent for the local node until `shutdown` is cancelled.
@@ -73,6 +77,18 @@ pub async fn run(
             )
             .await?,
         )
+    };
+    let agi = match node.agi.address() {
+        None => None,
+        Some(address) => Some(
+            agi::AgiServer::bind(
+                address,
+                agi::Settings::from_config(&node.agi),
+                agi::Scripts::builtin(),
+                shutdown.clone(),
+            )
+            .await?,
+        ),
     };
     tracing::info!(node = %id, store = store.dialect(), ?interval, "node-agent started");
 
@@ -163,6 +179,10 @@ pub async fn run(
         && let Err(err) = provisioning.stopped().await
     {
         tracing::warn!(error = %err, "provisioning endpoint stopped with an error");
+    }
+    // Bounded by node.agi.shutdown_grace, which started with the shutdown.
+    if let Some(agi) = agi {
+        agi.stopped().await;
     }
     tracing::info!(node = %id, "node-agent stopped");
     Ok(())
