@@ -6,7 +6,7 @@ use std::time::Duration;
 use callfleet_proto::lock::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::backend::Locks;
+use crate::backend::{Locks, Next, Place};
 use crate::lease::{Claim, Lease, LockError};
 
 impl From<LockError> for Status {
@@ -16,6 +16,8 @@ impl From<LockError> for Status {
             LockError::Held { .. } => Status::already_exists(message),
             LockError::NotYours { .. } => Status::failed_precondition(message),
             LockError::Gone { .. } => Status::not_found(message),
+            LockError::NotWaiting { .. } => Status::failed_precondition(message),
+            LockError::QueueFull { .. } => Status::resource_exhausted(message),
             LockError::Unavailable(_) => Status::unavailable(message),
             LockError::Invalid(_) => Status::invalid_argument(message),
         }
@@ -29,6 +31,13 @@ fn to_pb(lease: Lease) -> pb::Lease {
         attempt: lease.attempt,
         token: lease.token,
         validity_ms: u64::try_from(lease.validity.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+fn place_to_pb(place: Place) -> pb::Place {
+    pb::Place {
+        position: place.position,
+        enqueued_at_us: place.enqueued_at_us,
     }
 }
 
@@ -123,6 +132,78 @@ impl pb::locks_server::Locks for LocksService {
         let lease = self.locks.claim_first(&candidates, &claim).await?;
         Ok(Response::new(pb::ClaimFirstResponse {
             lease: lease.map(to_pb),
+        }))
+    }
+
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::Place>, Status> {
+        let request = request.into_inner();
+        let place = self
+            .locks
+            .join(
+                &request.queue,
+                &request.waiter,
+                request.band,
+                Duration::from_millis(request.ttl_ms),
+            )
+            .await?;
+        Ok(Response::new(place_to_pb(place)))
+    }
+
+    async fn touch(
+        &self,
+        request: Request<pb::TouchRequest>,
+    ) -> Result<Response<pb::Place>, Status> {
+        let request = request.into_inner();
+        // Without a TTL the entry keeps its own.
+        let ttl = (request.ttl_ms != 0).then(|| Duration::from_millis(request.ttl_ms));
+        let place = self
+            .locks
+            .touch(&request.queue, &request.waiter, ttl)
+            .await?;
+        Ok(Response::new(place_to_pb(place)))
+    }
+
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let request = request.into_inner();
+        self.locks.leave(&request.queue, &request.waiter).await?;
+        Ok(Response::new(pb::LeaveResponse {}))
+    }
+
+    async fn requeue(
+        &self,
+        request: Request<pb::RequeueRequest>,
+    ) -> Result<Response<pb::Place>, Status> {
+        let request = request.into_inner();
+        let place = self.locks.requeue(&request.queue, &request.waiter).await?;
+        Ok(Response::new(place_to_pb(place)))
+    }
+
+    async fn claim_next(
+        &self,
+        request: Request<pb::ClaimNextRequest>,
+    ) -> Result<Response<pb::ClaimNextResponse>, Status> {
+        use pb::claim_next_response::Outcome;
+        let request = request.into_inner();
+        let candidates: Vec<&str> = request.candidates.iter().map(String::as_str).collect();
+        let claim = Claim {
+            holder: &request.holder,
+            attempt: &request.attempt,
+            validity: self.validity(request.validity_ms),
+        };
+        let next = self
+            .locks
+            .claim_next(&request.queue, &request.waiter, &candidates, &claim)
+            .await?;
+        let outcome = match next {
+            Next::Granted(lease) => Outcome::Lease(to_pb(lease)),
+            Next::NotFirst { position } => Outcome::NotFirst(pb::NotFirst { position }),
+            Next::Busy => Outcome::Busy(pb::Busy {}),
+        };
+        Ok(Response::new(pb::ClaimNextResponse {
+            outcome: Some(outcome),
         }))
     }
 }

@@ -75,12 +75,21 @@ impl IntoResponse for Line {
 
 impl From<LockError> for Line {
     fn from(err: LockError) -> Self {
+        let err_text = err.to_string();
         match err {
             LockError::Held { holder, .. } => Line(StatusCode::CONFLICT, format!("BUSY {holder}")),
             LockError::Gone { .. } => Line(StatusCode::GONE, "GONE".into()),
             LockError::NotYours { resource } => Line(
                 StatusCode::CONFLICT,
                 format!("ERR {resource} is leased to another holder or token"),
+            ),
+            // The HTTP twin serves no order operation; these are here to be complete.
+            LockError::NotWaiting { .. } => {
+                Line(StatusCode::CONFLICT, format!("ERR {}", one_line(&err_text)))
+            }
+            LockError::QueueFull { .. } => Line(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("ERR {}", one_line(&err_text)),
             ),
             LockError::Unavailable(reason) => Line(
                 StatusCode::SERVICE_UNAVAILABLE,

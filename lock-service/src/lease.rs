@@ -55,6 +55,20 @@ pub enum LockError {
     /// its data): no lease is granted.
     #[error("locks unavailable: {0}")]
     Unavailable(String),
+    /// The waiter is not in the queue's order (never joined, left, or expired).
+    #[error("not waiting: {waiter} is not in the order of queue {queue}")]
+    NotWaiting {
+        /// The queue.
+        queue: String,
+        /// The waiter.
+        waiter: String,
+    },
+    /// The queue's order holds as many waiters as it may.
+    #[error("queue {queue} is full: it holds the most waiters a queue may (100000)")]
+    QueueFull {
+        /// The queue.
+        queue: String,
+    },
     /// The request itself is wrong; the message says which field.
     #[error("invalid request: {0}")]
     Invalid(String),

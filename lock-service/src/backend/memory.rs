@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use callfleet_core::config::{LockServiceConfig, UnsafeLockSwitches};
 
+use super::order::{Next, Orders, Place};
 use crate::lease::{Claim, Lease, LockError};
 
 #[derive(Debug, Clone)]
@@ -34,6 +35,9 @@ struct State {
     /// When expired leases are next dropped. Sweeping on every claim made each claim walk
     /// every lease (thousands of agents on a call-center box); once a second it is noise.
     next_sweep: Option<Instant>,
+    /// The queues' waiting orders: under the same lock as the leases, so ClaimNext checks
+    /// the order and claims in one critical section.
+    orders: Orders,
 }
 
 /// How often expired leases are dropped from memory.
@@ -83,6 +87,9 @@ pub struct MemoryLocks {
     /// No claims before this: leases granted before a restart may still be acted on.
     quarantined_until: Option<Instant>,
     naive_retry: bool,
+    /// The order's clock: the wall clock at creation moved on by a monotonic one, so
+    /// enqueue times never go back.
+    origin: (u64, Instant),
 }
 
 impl MemoryLocks {
@@ -95,6 +102,7 @@ impl MemoryLocks {
             max_validity: LockServiceConfig::default().max_validity,
             quarantined_until: None,
             naive_retry: false,
+            origin: (wall_micros(), Instant::now()),
         }
     }
 
@@ -152,8 +160,19 @@ impl MemoryLocks {
         claim: &Claim<'_>,
     ) -> Result<(Option<Lease>, String), LockError> {
         let now = Instant::now();
-        self.check_quarantine(now)?;
         let mut state = self.state();
+        self.claim_locked(&mut state, candidates, claim, now)
+    }
+
+    /// ClaimFirst inside the caller's critical section.
+    fn claim_locked(
+        &self,
+        state: &mut State,
+        candidates: &[&str],
+        claim: &Claim<'_>,
+        now: Instant,
+    ) -> Result<(Option<Lease>, String), LockError> {
+        self.check_quarantine(now)?;
         state.sweep(now);
         if self.naive_retry {
             // Switched off for a test: only this list is searched, and nothing is extended.
@@ -172,7 +191,7 @@ impl MemoryLocks {
         for resource in candidates {
             match state.live(resource, now) {
                 None => {
-                    let lease = Self::claim_in(&mut state, resource, claim, now, self.guard);
+                    let lease = Self::claim_in(state, resource, claim, now, self.guard);
                     return Ok((Some(lease), String::new()));
                 }
                 Some(entry) => {
@@ -207,6 +226,71 @@ impl MemoryLocks {
             resource.to_owned(),
         );
         lease
+    }
+
+    /// µs of the order's clock.
+    fn clock_us(&self, now: Instant) -> u64 {
+        let (wall, at) = self.origin;
+        wall.saturating_add(u64::try_from(now.duration_since(at).as_micros()).unwrap_or(u64::MAX))
+    }
+
+    pub(super) fn join(
+        &self,
+        queue: &str,
+        waiter: &str,
+        band: u32,
+        ttl: Duration,
+    ) -> Result<Place, LockError> {
+        let mut state = self.state();
+        let now = Instant::now();
+        let clock = self.clock_us(now);
+        state.orders.join(queue, waiter, band, ttl, now, clock)
+    }
+
+    pub(super) fn touch(
+        &self,
+        queue: &str,
+        waiter: &str,
+        ttl: Option<Duration>,
+    ) -> Result<Place, LockError> {
+        self.state()
+            .orders
+            .touch(queue, waiter, ttl, Instant::now())
+    }
+
+    pub(super) fn leave(&self, queue: &str, waiter: &str) -> bool {
+        self.state().orders.leave(queue, waiter, Instant::now())
+    }
+
+    pub(super) fn requeue(&self, queue: &str, waiter: &str) -> Result<Place, LockError> {
+        self.state()
+            .orders
+            .set_ringing(queue, waiter, false, Instant::now())
+    }
+
+    /// The order's check and ClaimFirst in one critical section.
+    pub(super) fn claim_next(
+        &self,
+        queue: &str,
+        waiter: &str,
+        candidates: &[&str],
+        claim: &Claim<'_>,
+    ) -> Result<Next, LockError> {
+        let mut state = self.state();
+        let now = Instant::now();
+        let place = state.orders.check(queue, waiter, now)?;
+        if place.position > 1 {
+            return Ok(Next::NotFirst {
+                position: place.position,
+            });
+        }
+        match self.claim_locked(&mut state, candidates, claim, now)? {
+            (Some(lease), _) => {
+                state.orders.set_ringing(queue, waiter, true, now)?;
+                Ok(Next::Granted(lease))
+            }
+            (None, _) => Ok(Next::Busy),
+        }
     }
 
     pub(super) fn renew(

@@ -2,6 +2,9 @@
 //! follow the same rules and pass the same tests (`tests.rs` runs every scenario on each).
 
 mod memory;
+pub mod order;
+#[cfg(test)]
+mod order_tests;
 mod redis;
 #[cfg(test)]
 mod tests;
@@ -9,9 +12,11 @@ mod tests;
 use std::time::Duration;
 
 pub use memory::MemoryLocks;
+pub use order::{Next, Place};
 pub use redis::RedisLocks;
 
 use crate::lease::{Claim, Lease, LockError, validate, validate_attempt, validate_validity};
+use order::{validate_entry, validate_join, validate_ttl};
 
 /// A lease store.
 #[derive(Debug)]
@@ -54,6 +59,11 @@ impl Locks {
         candidates: &[&str],
         claim: &Claim<'_>,
     ) -> Result<Option<Lease>, LockError> {
+        self.validate_candidates(candidates, claim)?;
+        Ok(self.claim(candidates, claim).await?.0)
+    }
+
+    fn validate_candidates(&self, candidates: &[&str], claim: &Claim<'_>) -> Result<(), LockError> {
         if candidates.is_empty() || candidates.len() > 500 {
             return Err(LockError::Invalid(
                 "`candidates` must list 1–500 resources in priority order".into(),
@@ -62,8 +72,78 @@ impl Locks {
         for resource in candidates {
             validate(resource, claim.holder)?;
         }
-        self.validate_claim(claim)?;
-        Ok(self.claim(candidates, claim).await?.0)
+        self.validate_claim(claim)
+    }
+
+    /// Puts `waiter` in the waiting order of `queue` (band 0 = VIP before 1 = normal), or
+    /// refreshes its entry to `ttl`, keeping its original enqueue time and band.
+    pub async fn join(
+        &self,
+        queue: &str,
+        waiter: &str,
+        band: u32,
+        ttl: Duration,
+    ) -> Result<Place, LockError> {
+        validate_entry(queue, waiter)?;
+        validate_join(band, ttl)?;
+        match self {
+            Self::Memory(memory) => memory.join(queue, waiter, band, ttl),
+            Self::Redis(redis) => redis.join(queue, waiter, band, ttl).await,
+        }
+    }
+
+    /// Keeps `waiter`'s entry alive for `ttl` from now (its own TTL when `None`).
+    pub async fn touch(
+        &self,
+        queue: &str,
+        waiter: &str,
+        ttl: Option<Duration>,
+    ) -> Result<Place, LockError> {
+        validate_entry(queue, waiter)?;
+        if let Some(ttl) = ttl {
+            validate_ttl(ttl)?;
+        }
+        match self {
+            Self::Memory(memory) => memory.touch(queue, waiter, ttl),
+            Self::Redis(redis) => redis.touch(queue, waiter, ttl).await,
+        }
+    }
+
+    /// Takes `waiter` out of the order at once; whether it was in it.
+    pub async fn leave(&self, queue: &str, waiter: &str) -> Result<bool, LockError> {
+        validate_entry(queue, waiter)?;
+        match self {
+            Self::Memory(memory) => Ok(memory.leave(queue, waiter)),
+            Self::Redis(redis) => redis.leave(queue, waiter).await,
+        }
+    }
+
+    /// Clears `ringing` after a failed ring: the waiter blocks later ones again from its
+    /// original place.
+    pub async fn requeue(&self, queue: &str, waiter: &str) -> Result<Place, LockError> {
+        validate_entry(queue, waiter)?;
+        match self {
+            Self::Memory(memory) => memory.requeue(queue, waiter),
+            Self::Redis(redis) => redis.requeue(queue, waiter).await,
+        }
+    }
+
+    /// ClaimFirst for the head of the order only, atomically: `NotFirst` while a live entry
+    /// that is not ringing precedes `waiter`; otherwise ClaimFirst, and a granted lease marks
+    /// the entry ringing. Refreshes the entry's TTL.
+    pub async fn claim_next(
+        &self,
+        queue: &str,
+        waiter: &str,
+        candidates: &[&str],
+        claim: &Claim<'_>,
+    ) -> Result<Next, LockError> {
+        validate_entry(queue, waiter)?;
+        self.validate_candidates(candidates, claim)?;
+        match self {
+            Self::Memory(memory) => memory.claim_next(queue, waiter, candidates, claim),
+            Self::Redis(redis) => redis.claim_next(queue, waiter, candidates, claim).await,
+        }
     }
 
     /// The backend's claim: the lease, or `None` and the first candidate's holder.

@@ -29,6 +29,7 @@ use redis::{
 };
 use tokio::sync::Mutex;
 
+use super::order::{self, Next, Place};
 use crate::lease::{Claim, Lease, LockError};
 
 /// Claims the first free candidate, or returns the lease this attempt already holds.
@@ -191,6 +192,12 @@ pub struct RedisLocks {
     renew: Script,
     release: Script,
     boot: Script,
+    join: Script,
+    touch: Script,
+    leave: Script,
+    requeue: Script,
+    /// ClaimNext: the order's check around [`CLAIM`] itself.
+    claim_next: Script,
 }
 
 impl RedisLocks {
@@ -223,6 +230,11 @@ impl RedisLocks {
             renew: Script::new(RENEW),
             release: Script::new(RELEASE),
             boot: Script::new(BOOT),
+            join: Script::new(&order::script(order::JOIN)),
+            touch: Script::new(&order::script(order::TOUCH)),
+            leave: Script::new(&order::script(order::LEAVE)),
+            requeue: Script::new(&order::script(order::REQUEUE)),
+            claim_next: Script::new(&order::claim_next_script(CLAIM)),
         })
     }
 
@@ -492,6 +504,20 @@ impl RedisLocks {
     ) -> Result<(Option<Lease>, String), LockError> {
         // Connecting runs the boot check, which may start a quarantine: connect first.
         let connection = self.connection().await?;
+        let mut invocation = self.claim.prepare_invoke();
+        self.claim_invocation(&mut invocation, candidates, claim)?;
+        let (status, resource, detail): (i64, String, String) =
+            self.run(connection, invocation).await?;
+        self.claimed(status, resource, detail, claim)
+    }
+
+    /// Adds ClaimFirst's keys and arguments to `invocation` (after any of the caller's own).
+    fn claim_invocation(
+        &self,
+        invocation: &mut redis::ScriptInvocation<'_>,
+        candidates: &[&str],
+        claim: &Claim<'_>,
+    ) -> Result<(), LockError> {
         if self.switches.local_quarantine && self.quarantined() {
             return Err(quarantined(None));
         }
@@ -502,7 +528,6 @@ impl RedisLocks {
             .run_id
             .clone()
             .unwrap_or_default();
-        let mut invocation = self.claim.prepare_invoke();
         invocation
             .key(&self.marker)
             .key(format!("lka:{} {}", claim.holder, claim.attempt));
@@ -523,8 +548,17 @@ impl RedisLocks {
                 "1"
             })
             .arg(if self.switches.naive_retry { "0" } else { "1" });
-        let (status, resource, detail): (i64, String, String) =
-            self.run(connection, invocation).await?;
+        Ok(())
+    }
+
+    /// What ClaimFirst's script answered: the lease, or `None` and the first holder.
+    fn claimed(
+        &self,
+        status: i64,
+        resource: String,
+        detail: String,
+        claim: &Claim<'_>,
+    ) -> Result<(Option<Lease>, String), LockError> {
         match status {
             1 => {
                 let token = detail.parse().map_err(|_| {
@@ -556,6 +590,108 @@ impl RedisLocks {
                 self.note_quarantine(left, "");
                 Err(quarantined(Some(left)))
             }
+        }
+    }
+
+    /// An order script's invocation with the queue's keys and `waiter` first.
+    fn order_invocation<'s>(
+        script: &'s Script,
+        queue: &str,
+        waiter: &str,
+    ) -> redis::ScriptInvocation<'s> {
+        let mut invocation = script.prepare_invoke();
+        for key in order::keys(queue) {
+            invocation.key(key);
+        }
+        invocation.arg(waiter);
+        invocation
+    }
+
+    /// A place the order's scripts answered ({position, µs}; -1: not waiting).
+    fn place((position, at): (i64, String), queue: &str, waiter: &str) -> Result<Place, LockError> {
+        let position = u64::try_from(position).map_err(|_| order::not_waiting(queue, waiter))?;
+        let enqueued_at_us = at
+            .parse()
+            .map_err(|_| LockError::Unavailable(format!("redis returned enqueue time {at:?}")))?;
+        Ok(Place {
+            position,
+            enqueued_at_us,
+        })
+    }
+
+    pub(super) async fn join(
+        &self,
+        queue: &str,
+        waiter: &str,
+        band: u32,
+        ttl: Duration,
+    ) -> Result<Place, LockError> {
+        let mut invocation = Self::order_invocation(&self.join, queue, waiter);
+        invocation
+            .arg(band)
+            .arg(millis(ttl))
+            .arg(order::MAX_WAITERS);
+        let connection = self.connection().await?;
+        let answer: (i64, String) = self.run(connection, invocation).await?;
+        if answer.0 < 0 {
+            return Err(LockError::QueueFull {
+                queue: queue.to_owned(),
+            });
+        }
+        Self::place(answer, queue, waiter)
+    }
+
+    pub(super) async fn touch(
+        &self,
+        queue: &str,
+        waiter: &str,
+        ttl: Option<Duration>,
+    ) -> Result<Place, LockError> {
+        let mut invocation = Self::order_invocation(&self.touch, queue, waiter);
+        invocation.arg(ttl.map_or(String::new(), |ttl| millis(ttl).to_string()));
+        let connection = self.connection().await?;
+        Self::place(self.run(connection, invocation).await?, queue, waiter)
+    }
+
+    pub(super) async fn leave(&self, queue: &str, waiter: &str) -> Result<bool, LockError> {
+        let invocation = Self::order_invocation(&self.leave, queue, waiter);
+        let connection = self.connection().await?;
+        Ok(self.run::<i64>(connection, invocation).await? == 1)
+    }
+
+    pub(super) async fn requeue(&self, queue: &str, waiter: &str) -> Result<Place, LockError> {
+        let invocation = Self::order_invocation(&self.requeue, queue, waiter);
+        let connection = self.connection().await?;
+        Self::place(self.run(connection, invocation).await?, queue, waiter)
+    }
+
+    pub(super) async fn claim_next(
+        &self,
+        queue: &str,
+        waiter: &str,
+        candidates: &[&str],
+        claim: &Claim<'_>,
+    ) -> Result<Next, LockError> {
+        let connection = self.connection().await?;
+        let mut invocation = self.claim_next.prepare_invoke();
+        for key in order::keys(queue) {
+            invocation.key(key);
+        }
+        self.claim_invocation(&mut invocation, candidates, claim)?;
+        invocation.arg(waiter);
+        let (status, resource, detail): (i64, String, String) =
+            self.run(connection, invocation).await?;
+        match status {
+            -3 => Err(order::not_waiting(queue, waiter)),
+            -4 => Ok(Next::NotFirst {
+                position: detail.parse().map_err(|_| {
+                    LockError::Unavailable(format!("redis returned position {detail:?}"))
+                })?,
+            }),
+            _ => match self.claimed(status, resource, detail, claim)? {
+                (Some(lease), _) => Ok(Next::Granted(lease)),
+                (None, _) => Ok(Next::Busy),
+            },
         }
     }
 

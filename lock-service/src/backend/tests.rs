@@ -1308,6 +1308,8 @@ mod model_agreement {
                 LockError::NotYours { .. } => "not yours",
                 LockError::Unavailable(_) => "unavailable",
                 LockError::Invalid(_) => "invalid",
+                LockError::NotWaiting { .. } => "not waiting",
+                LockError::QueueFull { .. } => "queue full",
             })
         }
 

@@ -1,0 +1,191 @@
+//! The waiting order over the real listener: Join, Touch, ClaimNext, Requeue and Leave
+//! through a tonic client, with their status codes.
+
+use std::time::Duration;
+
+use callfleet_core::config::{LockServiceConfig, UnsafeLockSwitches};
+use callfleet_proto::lock::v1 as pb;
+use callfleet_proto::lock::v1::claim_next_response::Outcome;
+use callfleet_proto::lock::v1::locks_client::LocksClient;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+/// A memory-backed service that grants at once, and a client connected to it.
+async fn start() -> (
+    LocksClient<tonic::transport::Channel>,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let config = LockServiceConfig {
+        unsafe_for_tests: UnsafeLockSwitches {
+            no_startup_quarantine: true,
+            ..UnsafeLockSwitches::default()
+        },
+        ..LockServiceConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("addr");
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        callfleet_lock_service::run(&config, listener, token)
+            .await
+            .expect("lock service runs");
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("grpc connects");
+    (LocksClient::new(channel), shutdown, task)
+}
+
+fn join(waiter: &str, band: u32) -> pb::JoinRequest {
+    pb::JoinRequest {
+        queue: "sales".into(),
+        waiter: waiter.into(),
+        band,
+        ttl_ms: 30_000,
+    }
+}
+
+fn next(waiter: &str, attempt: &str) -> pb::ClaimNextRequest {
+    pb::ClaimNextRequest {
+        queue: "sales".into(),
+        waiter: waiter.into(),
+        candidates: vec!["agent:1".into()],
+        holder: waiter.into(),
+        attempt: attempt.into(),
+        validity_ms: 5_000,
+    }
+}
+
+#[tokio::test]
+async fn grpc_serves_the_waiting_order_with_its_codes() {
+    let (mut client, shutdown, task) = start().await;
+    let first = client
+        .join(join("pbx-1/c1", 1))
+        .await
+        .expect("join")
+        .into_inner();
+    let second = client
+        .join(join("pbx-2/c2", 1))
+        .await
+        .expect("join")
+        .into_inner();
+    assert_eq!((first.position, second.position), (1, 2));
+    assert!(first.enqueued_at_us < second.enqueued_at_us);
+    let again = client
+        .join(join("pbx-1/c1", 1))
+        .await
+        .expect("a retried join")
+        .into_inner();
+    assert_eq!(again, first, "a retried Join keeps its time and place");
+
+    let outcome = |r: pb::ClaimNextResponse| r.outcome.expect("an outcome");
+    let behind = client.claim_next(next("pbx-2/c2", "a2")).await.expect("ok");
+    assert_eq!(
+        outcome(behind.into_inner()),
+        Outcome::NotFirst(pb::NotFirst { position: 2 })
+    );
+    let granted = client.claim_next(next("pbx-1/c1", "a1")).await.expect("ok");
+    let Outcome::Lease(lease) = outcome(granted.into_inner()) else {
+        panic!("the head gets the agent");
+    };
+    assert_eq!(
+        (lease.resource.as_str(), lease.validity_ms),
+        ("agent:1", 5_000)
+    );
+    let busy = client.claim_next(next("pbx-2/c2", "a3")).await.expect("ok");
+    assert_eq!(
+        outcome(busy.into_inner()),
+        Outcome::Busy(pb::Busy {}),
+        "the ringing head does not block, but the only agent is leased"
+    );
+
+    // The ring failed: c1 is back at the head and blocks c2 again.
+    client
+        .release(pb::ReleaseRequest {
+            resource: "agent:1".into(),
+            holder: "pbx-1/c1".into(),
+            token: lease.token,
+        })
+        .await
+        .expect("release");
+    let requeued = client
+        .requeue(pb::RequeueRequest {
+            queue: "sales".into(),
+            waiter: "pbx-1/c1".into(),
+        })
+        .await
+        .expect("requeue")
+        .into_inner();
+    assert_eq!(requeued.position, 1);
+    let blocked = client.claim_next(next("pbx-2/c2", "a4")).await.expect("ok");
+    assert_eq!(
+        outcome(blocked.into_inner()),
+        Outcome::NotFirst(pb::NotFirst { position: 2 })
+    );
+    client
+        .leave(pb::LeaveRequest {
+            queue: "sales".into(),
+            waiter: "pbx-1/c1".into(),
+        })
+        .await
+        .expect("leave");
+    let touched = client
+        .touch(pb::TouchRequest {
+            queue: "sales".into(),
+            waiter: "pbx-2/c2".into(),
+            ttl_ms: 0,
+        })
+        .await
+        .expect("touch")
+        .into_inner();
+    assert_eq!(touched.position, 1, "Leave unblocks at once");
+
+    let gone = client
+        .claim_next(next("pbx-1/c1", "a5"))
+        .await
+        .expect_err("left");
+    assert_eq!(gone.code(), Code::FailedPrecondition);
+    assert!(gone.message().contains("not waiting"), "{}", gone.message());
+    let touch_gone = client
+        .touch(pb::TouchRequest {
+            queue: "sales".into(),
+            waiter: "pbx-1/c1".into(),
+            ttl_ms: 1_000,
+        })
+        .await
+        .expect_err("left");
+    assert_eq!(touch_gone.code(), Code::FailedPrecondition);
+    for (request, field) in [
+        (join("pbx-3/c3", 10), "`band`"),
+        (
+            pb::JoinRequest {
+                ttl_ms: 0,
+                ..join("pbx-3/c3", 1)
+            },
+            "`ttl_ms`",
+        ),
+        (
+            pb::JoinRequest {
+                queue: String::new(),
+                ..join("pbx-3/c3", 1)
+            },
+            "`queue`",
+        ),
+    ] {
+        let err = client.join(request).await.expect_err("invalid");
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}");
+        assert!(err.message().contains(field), "{}", err.message());
+    }
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("stops in time")
+        .expect("no panic");
+}
