@@ -128,6 +128,13 @@ impl MemoryLocks {
         self
     }
 
+    /// A smaller bound on waiters per queue, for tests.
+    #[cfg(test)]
+    pub(super) fn with_max_waiters(self, max: usize) -> Self {
+        self.state().orders.set_max_waiters(max);
+        self
+    }
+
     pub(super) fn max_validity(&self) -> Duration {
         self.max_validity
     }

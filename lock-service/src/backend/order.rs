@@ -201,6 +201,12 @@ impl Default for Orders {
 }
 
 impl Orders {
+    /// A smaller bound, for tests.
+    #[cfg(test)]
+    pub(super) fn set_max_waiters(&mut self, max: usize) {
+        self.max_waiters = max;
+    }
+
     /// The live queue, purged; `None` when it has no entry.
     fn queue(&mut self, queue: &str, now: Instant) -> Option<&mut Queue> {
         let q = self.queues.get_mut(queue)?;

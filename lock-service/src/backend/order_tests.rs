@@ -512,3 +512,141 @@ async fn without_the_order_claim_first_answers_callers_out_of_order() {
     }
     assert_eq!(orders[0], orders[1], "memory and redis grant alike");
 }
+
+#[tokio::test]
+async fn a_full_queue_refuses_newcomers_but_keeps_its_waiters() {
+    let bounded = [
+        (
+            "memory",
+            Locks::Memory(MemoryLocks::new(GUARD).with_max_waiters(3)),
+        ),
+        (
+            "redis",
+            Locks::Redis(Box::new(
+                RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(2))
+                    .expect("redis url")
+                    .with_quarantine(Duration::ZERO)
+                    .with_max_waiters(3),
+            )),
+        ),
+    ];
+    for (name, locks) in bounded {
+        let queue = fresh("full");
+        for w in ["w1", "w2", "w3"] {
+            locks.join(&queue, w, 1, TTL).await.expect("room");
+        }
+        assert_eq!(
+            locks.join(&queue, "w4", 1, TTL).await,
+            Err(LockError::QueueFull {
+                queue: queue.clone()
+            }),
+            "{name}"
+        );
+        assert_eq!(
+            locks
+                .join(&queue, "w3", 1, TTL)
+                .await
+                .expect("a retry")
+                .position,
+            3,
+            "{name}: a waiter already in the order joins again"
+        );
+        assert!(locks.leave(&queue, "w1").await.expect("leave"), "{name}");
+        assert_eq!(
+            locks
+                .join(&queue, "w4", 1, TTL)
+                .await
+                .expect("room again")
+                .position,
+            3,
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn claim_next_takes_500_candidates_and_no_more() {
+    for (name, locks) in backends() {
+        let queue = fresh("wide");
+        let agents = agents(501);
+        locks.join(&queue, "w1", 1, TTL).await.expect("join");
+        for agent in &agents[..499] {
+            locks
+                .acquire(agent, &claim("pbx-9/other", agent))
+                .await
+                .expect("free");
+        }
+        assert!(
+            matches!(
+                locks
+                    .claim_next(&queue, "w1", &refs(&agents), &claim("w1", "a"))
+                    .await,
+                Err(LockError::Invalid(_))
+            ),
+            "{name}: 501 candidates"
+        );
+        let Ok(Next::Granted(lease)) = locks
+            .claim_next(&queue, "w1", &refs(&agents[..500]), &claim("w1", "b"))
+            .await
+        else {
+            panic!("{name}: the 500th candidate is free");
+        };
+        assert_eq!(lease.resource, agents[499], "{name}");
+    }
+}
+
+#[tokio::test]
+async fn claim_next_fails_closed_in_a_quarantine_and_without_redis() {
+    let quarantined = [
+        (
+            "memory",
+            Locks::Memory(MemoryLocks::new(GUARD).with_startup_quarantine(Duration::from_secs(60))),
+        ),
+        (
+            "redis",
+            // A marker of its own that does not exist yet: Redis "lost its data".
+            Locks::Redis(Box::new(
+                RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(2))
+                    .expect("redis url")
+                    .with_quarantine(Duration::from_secs(60))
+                    .with_marker(fresh("callfleet:locks:marker-test")),
+            )),
+        ),
+    ];
+    for (name, locks) in quarantined {
+        let queue = fresh("q");
+        let agents = agents(1);
+        locks.join(&queue, "w1", 1, TTL).await.expect("join");
+        locks.join(&queue, "w2", 1, TTL).await.expect("join");
+        for attempt in ["a", "b"] {
+            let got = locks
+                .claim_next(&queue, "w1", &refs(&agents), &claim("w1", attempt))
+                .await;
+            assert!(
+                matches!(&got, Err(LockError::Unavailable(why)) if why.contains("quarantined")),
+                "{name}: {got:?}"
+            );
+        }
+        assert_eq!(locks.get(&agents[0]).await.expect("get"), None, "{name}");
+        assert_eq!(
+            locks
+                .claim_next(&queue, "w2", &refs(&agents), &claim("w2", "a"))
+                .await,
+            Ok(Next::NotFirst { position: 2 }),
+            "{name}: the head is not ringing, it still blocks"
+        );
+    }
+    let down = Locks::Redis(Box::new(
+        RedisLocks::new("redis://127.0.0.1:1", GUARD, Duration::from_millis(500))
+            .expect("a valid url"),
+    ));
+    let agents = agents(1);
+    for got in [
+        down.join("q", "w1", 1, TTL).await.map(|_| ()),
+        down.claim_next("q", "w1", &refs(&agents), &claim("w1", "a"))
+            .await
+            .map(|_| ()),
+    ] {
+        assert!(matches!(got, Err(LockError::Unavailable(_))), "{got:?}");
+    }
+}

@@ -198,6 +198,8 @@ pub struct RedisLocks {
     requeue: Script,
     /// ClaimNext: the order's check around [`CLAIM`] itself.
     claim_next: Script,
+    /// [`order::MAX_WAITERS`], smaller in tests.
+    max_waiters: usize,
 }
 
 impl RedisLocks {
@@ -235,6 +237,7 @@ impl RedisLocks {
             leave: Script::new(&order::script(order::LEAVE)),
             requeue: Script::new(&order::script(order::REQUEUE)),
             claim_next: Script::new(&order::claim_next_script(CLAIM)),
+            max_waiters: order::MAX_WAITERS,
         })
     }
 
@@ -260,6 +263,13 @@ impl RedisLocks {
     /// Uses `key` as the boot marker (tests give each backend its own).
     pub fn with_marker(mut self, key: impl Into<String>) -> Self {
         self.marker = key.into();
+        self
+    }
+
+    /// A smaller bound on waiters per queue, for tests.
+    #[cfg(test)]
+    pub(super) fn with_max_waiters(mut self, max: usize) -> Self {
+        self.max_waiters = max;
         self
     }
 
@@ -627,10 +637,7 @@ impl RedisLocks {
         ttl: Duration,
     ) -> Result<Place, LockError> {
         let mut invocation = Self::order_invocation(&self.join, queue, waiter);
-        invocation
-            .arg(band)
-            .arg(millis(ttl))
-            .arg(order::MAX_WAITERS);
+        invocation.arg(band).arg(millis(ttl)).arg(self.max_waiters);
         let connection = self.connection().await?;
         let answer: (i64, String) = self.run(connection, invocation).await?;
         if answer.0 < 0 {
