@@ -38,6 +38,8 @@ struct State {
     /// The queues' waiting orders: under the same lock as the leases, so ClaimNext checks
     /// the order and claims in one critical section.
     orders: Orders,
+    /// The last enqueue time given: the next is later, so arrivals never tie here.
+    last_enqueue_us: u64,
 }
 
 /// How often expired leases are dropped from memory.
@@ -250,8 +252,14 @@ impl MemoryLocks {
     ) -> Result<Place, LockError> {
         let mut state = self.state();
         let now = Instant::now();
-        let clock = self.clock_us(now);
-        state.orders.join(queue, waiter, band, ttl, now, clock)
+        let clock = self
+            .clock_us(now)
+            .max(state.last_enqueue_us.saturating_add(1));
+        let place = state.orders.join(queue, waiter, band, ttl, now, clock)?;
+        if place.enqueued_at_us == clock {
+            state.last_enqueue_us = clock;
+        }
+        Ok(place)
     }
 
     pub(super) fn touch(

@@ -650,3 +650,195 @@ async fn claim_next_fails_closed_in_a_quarantine_and_without_redis() {
         assert!(matches!(got, Err(LockError::Unavailable(_))), "{got:?}");
     }
 }
+
+/// Random sequences of order operations give the same answers on Redis as in memory.
+mod model {
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Join {
+            waiter: usize,
+            band: u32,
+        },
+        Touch {
+            waiter: usize,
+        },
+        Leave {
+            waiter: usize,
+        },
+        Requeue {
+            waiter: usize,
+        },
+        ClaimNext {
+            waiter: usize,
+            agents: Vec<usize>,
+            attempt: usize,
+        },
+        Release {
+            agent: usize,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0..4usize, 0..2u32).prop_map(|(waiter, band)| Op::Join { waiter, band }),
+            1 => (0..4usize).prop_map(|waiter| Op::Touch { waiter }),
+            1 => (0..4usize).prop_map(|waiter| Op::Leave { waiter }),
+            1 => (0..4usize).prop_map(|waiter| Op::Requeue { waiter }),
+            3 => (
+                0..4usize,
+                proptest::sample::subsequence(vec![0usize, 1], 1..=2),
+                0..2usize
+            )
+                .prop_map(|(waiter, agents, attempt)| Op::ClaimNext { waiter, agents, attempt }),
+            1 => (0..2usize).prop_map(|agent| Op::Release { agent }),
+        ]
+    }
+
+    /// An answer without the backend's clock and tokens.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Outcome {
+        Place(u64),
+        Left(bool),
+        Granted { agent: usize, waiter: String },
+        NotFirst(u64),
+        Busy,
+        Done,
+        Err(&'static str),
+    }
+
+    fn error(err: &LockError) -> Outcome {
+        Outcome::Err(match err {
+            LockError::NotWaiting { .. } => "not waiting",
+            LockError::QueueFull { .. } => "queue full",
+            LockError::Held { .. } => "held",
+            LockError::Gone { .. } => "gone",
+            LockError::NotYours { .. } => "not yours",
+            LockError::Unavailable(_) => "unavailable",
+            LockError::Invalid(_) => "invalid",
+        })
+    }
+
+    struct Side {
+        locks: Locks,
+        queue: String,
+        agents: Vec<String>,
+        /// Attempt ids unique to the case (Redis indexes them across cases).
+        case: String,
+        /// The live lease per agent, as granted.
+        leases: HashMap<usize, Lease>,
+    }
+
+    impl Side {
+        fn new(locks: Locks, case: &str) -> Self {
+            Self {
+                locks,
+                queue: fresh("model"),
+                agents: agents(2),
+                case: case.to_owned(),
+                leases: HashMap::new(),
+            }
+        }
+
+        async fn apply(&mut self, op: &Op) -> Outcome {
+            let waiter = |w: usize| format!("pbx-{}/w{w}", w % 2);
+            let place = |r: Result<Place, LockError>| match r {
+                Ok(place) => Outcome::Place(place.position),
+                Err(err) => error(&err),
+            };
+            match op {
+                Op::Join { waiter: w, band } => {
+                    place(self.locks.join(&self.queue, &waiter(*w), *band, TTL).await)
+                }
+                Op::Touch { waiter: w } => {
+                    place(self.locks.touch(&self.queue, &waiter(*w), None).await)
+                }
+                Op::Requeue { waiter: w } => {
+                    place(self.locks.requeue(&self.queue, &waiter(*w)).await)
+                }
+                Op::Leave { waiter: w } => match self.locks.leave(&self.queue, &waiter(*w)).await {
+                    Ok(left) => Outcome::Left(left),
+                    Err(err) => error(&err),
+                },
+                Op::ClaimNext {
+                    waiter: w,
+                    agents,
+                    attempt,
+                } => {
+                    let w = waiter(*w);
+                    let names: Vec<&str> =
+                        agents.iter().map(|a| self.agents[*a].as_str()).collect();
+                    let attempt = format!("{}-{attempt}", self.case);
+                    let c = Claim {
+                        holder: &w,
+                        attempt: &attempt,
+                        validity: Duration::from_secs(30),
+                    };
+                    match self.locks.claim_next(&self.queue, &w, &names, &c).await {
+                        Ok(Next::Granted(lease)) => {
+                            let agent = self
+                                .agents
+                                .iter()
+                                .position(|a| *a == lease.resource)
+                                .expect("one of ours");
+                            let waiter = lease.holder.clone();
+                            self.leases.insert(agent, lease);
+                            Outcome::Granted { agent, waiter }
+                        }
+                        Ok(Next::NotFirst { position }) => Outcome::NotFirst(position),
+                        Ok(Next::Busy) => Outcome::Busy,
+                        Err(err) => error(&err),
+                    }
+                }
+                Op::Release { agent } => match self.leases.remove(agent) {
+                    Some(lease) => match self
+                        .locks
+                        .release(&lease.resource, &lease.holder, lease.token)
+                        .await
+                    {
+                        Ok(()) => Outcome::Done,
+                        Err(err) => error(&err),
+                    },
+                    None => Outcome::Done,
+                },
+            }
+        }
+    }
+
+    fn runtime() -> &'static tokio::runtime::Runtime {
+        static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+        RUNTIME.get_or_init(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn redis_order_scripts_agree_with_the_memory_model(ops in proptest::collection::vec(op(), 1..30)) {
+            runtime().block_on(async {
+                let case = fresh("case");
+                let mut model = Side::new(Locks::Memory(MemoryLocks::new(GUARD)), &case);
+                let mut redis = Side::new(Locks::Redis(Box::new(
+                    RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(2))
+                        .expect("url")
+                        .with_quarantine(Duration::ZERO),
+                )), &case);
+                for (step, op) in ops.iter().enumerate() {
+                    let expected = model.apply(op).await;
+                    let got = redis.apply(op).await;
+                    assert_eq!(got, expected, "step {step}: {op:?}\nops: {ops:?}");
+                }
+            });
+        }
+    }
+}
