@@ -42,7 +42,7 @@ struct State {
     last_enqueue_us: u64,
 }
 
-/// How often expired leases are dropped from memory.
+/// How often expired leases and waiting entries are dropped from memory.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 impl State {
@@ -62,6 +62,7 @@ impl State {
                     .get(resource)
                     .is_some_and(|e| &e.holder == holder && &e.attempt == attempt)
             });
+            self.orders.sweep(now);
             self.next_sweep = Some(now + SWEEP_EVERY);
         }
     }
@@ -252,6 +253,7 @@ impl MemoryLocks {
     ) -> Result<Place, LockError> {
         let mut state = self.state();
         let now = Instant::now();
+        state.sweep(now);
         let clock = self
             .clock_us(now)
             .max(state.last_enqueue_us.saturating_add(1));

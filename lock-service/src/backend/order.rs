@@ -207,6 +207,15 @@ impl Orders {
         self.max_waiters = max;
     }
 
+    /// Drops every queue's expired entries, and the queues left empty: without it a queue
+    /// nobody asks about again would keep its dead entries.
+    pub(super) fn sweep(&mut self, now: Instant) {
+        self.queues.retain(|_, q| {
+            q.purge(now);
+            !q.entries.is_empty()
+        });
+    }
+
     /// The live queue, purged; `None` when it has no entry.
     fn queue(&mut self, queue: &str, now: Instant) -> Option<&mut Queue> {
         let q = self.queues.get_mut(queue)?;
@@ -505,11 +514,15 @@ mod tests {
                 enqueued_at_us: 7
             }
         );
+        orders.sweep(now);
+        assert_eq!(orders.queues["q"].entries.len(), 100, "all live");
         // Expired entries do not count.
         let later = now + TTL;
         orders
             .join("q", "late", 1, TTL, later, 1_000_000)
             .expect("the others expired");
         assert_eq!(orders.queues["q"].entries.len(), 1);
+        orders.sweep(later + TTL);
+        assert!(orders.queues.is_empty(), "a sweep drops empty queues");
     }
 }
