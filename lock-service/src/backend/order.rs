@@ -16,6 +16,11 @@
 //! A position is 1 + the live entries ahead that are not ringing: how many callers will be
 //! offered an agent before this one.
 //!
+//! ClaimNext checks the order before ClaimFirst's retry rule, so a ClaimNext retried after
+//! its reply was lost gets its lease again only while no live, non-ringing entry got ahead
+//! of it meanwhile (a VIP who joined in between); otherwise it answers `not_first` and the
+//! lease runs out unused after validity + guard: the agent waits, nobody is rung twice.
+//!
 //! # Redis layout
 //! - `wq:{queue}`: a sorted set whose members all have score 0 and are ordered by their
 //!   bytes (`ZRANK`, `ZRANGEBYLEX`): `"<band> <µs> <waiter>"` with the band one digit and

@@ -842,3 +842,43 @@ mod model {
         }
     }
 }
+
+#[tokio::test]
+async fn redis_keys_of_a_queue_expire_with_its_last_entry() {
+    let locks = RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(2))
+        .expect("redis url")
+        .with_quarantine(Duration::ZERO);
+    let locks = Locks::Redis(Box::new(locks));
+    let client = ::redis::Client::open(redis_url()).expect("url");
+    let mut raw = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let queue = fresh("keys");
+    let keys = order::keys(&queue);
+    let agents = agents(1);
+    locks
+        .join(&queue, "w1", 1, Duration::from_millis(300))
+        .await
+        .expect("join");
+    locks
+        .claim_next(&queue, "w1", &refs(&agents), &claim("w1", "a"))
+        .await
+        .expect("granted");
+    for key in &keys {
+        let ttl: i64 = ::redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut raw)
+            .await
+            .expect("pttl");
+        // The entry's TTL plus a second, never without expiry.
+        assert!((1..=1_300).contains(&ttl), "{key}: {ttl} ms");
+    }
+    assert!(locks.leave(&queue, "w1").await.expect("leave"));
+    let left: i64 = ::redis::cmd("EXISTS")
+        .arg(&keys[..])
+        .query_async(&mut raw)
+        .await
+        .expect("exists");
+    assert_eq!(left, 0, "the last Leave removes every key");
+}
