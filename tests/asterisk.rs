@@ -256,6 +256,86 @@ fn calls_bridged_by_asterisk_are_counted_over_its_live_ami() {
     });
 }
 
+/// Asterisk's own res_agi against the node-agent's FastAGI server: the check context that
+/// `callfleet asterisk-config` writes runs the agent's `ping` script and logs the variable
+/// it set. With the agent stopped, the same check ends at once with `AGISTATUS=FAILURE`
+/// and the dialplan goes on: the fallback the queue dialplan relies on.
+#[test]
+#[ignore = "needs Asterisk: run ./scripts/test-asterisk"]
+fn asterisk_runs_the_node_agent_s_fastagi_script_and_goes_on_without_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let agi = format!("127.0.0.1:{}", free_port());
+    let extra = [("CALLFLEET_NODE__AGI__LISTEN", agi.clone())];
+    let pbx = dir.path().join("pbx");
+    let asterisk = Asterisk::start_with(&pbx, &extra, None);
+    let url = format!("sqlite://{}/fleet.db", dir.path().display());
+    let mut agent = Running {
+        child: callfleet()
+            .arg("node-agent")
+            .envs(Asterisk::node_env(
+                &prefix(),
+                asterisk.sip_port,
+                asterisk.ami_port,
+            ))
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("CALLFLEET_STORE__URL", &url)
+            .env("CALLFLEET_NODE__ID", "pbx-1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("agent.log")).expect("agent log"))
+            .spawn()
+            .expect("start node-agent"),
+    };
+    let agent_log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+    wait_until("the node-agent is up", Duration::from_secs(20), || {
+        agent_log().contains("node-agent started")
+    });
+    let checks = || {
+        std::fs::read_to_string(pbx.join("log/messages.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| {
+                line.split_once("callfleet FastAGI check: ")
+                    .map(|(_, rest)| rest.to_owned())
+            })
+            .collect::<Vec<_>>()
+    };
+    let originate = "channel originate Local/ping@callfleet-agi-check application Wait 1";
+
+    let pbx_log = || std::fs::read_to_string(pbx.join("log/messages.log")).unwrap_or_default();
+    // Originates the check and waits for its log line; how long that took.
+    let check = |count: usize| {
+        let start = std::time::Instant::now();
+        let answer = asterisk.try_cli(originate).expect("the CLI answers");
+        while checks().len() < count {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no check logged within 10 s; CLI: {answer}\nAsterisk:\n{}\nagent:\n{}",
+                pbx_log(),
+                agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        start.elapsed()
+    };
+
+    let took = check(1);
+    assert_eq!(checks(), ["AGISTATUS=SUCCESS CALLFLEET_RESULT=pong"]);
+    eprintln!("with the agent: pong logged {took:?} after the originate");
+
+    // Negative control: nobody on the port.
+    agent.signal("TERM");
+    wait_exit("the node-agent", &mut agent, Duration::from_secs(15));
+    let took = check(2);
+    assert_eq!(
+        checks(),
+        [
+            "AGISTATUS=SUCCESS CALLFLEET_RESULT=pong",
+            "AGISTATUS=FAILURE CALLFLEET_RESULT="
+        ]
+    );
+    eprintln!("without the agent: the dialplan went on {took:?} after the originate");
+}
+
 /// The pid Asterisk wrote into its run folder, once it is there.
 fn asterisk_pid(folder: &Path) -> Option<i32> {
     std::fs::read_to_string(folder.join("run/asterisk.pid"))

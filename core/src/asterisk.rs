@@ -15,6 +15,8 @@ pub mod context {
     pub const FROM_DEVICE: &str = "callfleet-from-device";
     /// Queued calls, routed to one free agent across the cluster (the queued-calls work).
     pub const QUEUE: &str = "callfleet-queue";
+    /// An operator's check that the node-agent's FastAGI server answers this Asterisk.
+    pub const AGI_CHECK: &str = "callfleet-agi-check";
 }
 
 /// The realtime families (extconfig names and control-plane paths) of PJSIP's objects.

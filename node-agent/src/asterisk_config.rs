@@ -45,6 +45,8 @@ pub const LOCAL_PJSIP: &str = "pjsip.local.conf";
 /// port of its own is loaded, so several nodes (or test instances) share one host.
 const LOADED: &[&str] = &[
     "app_dial.so",
+    // Log() and Verbose(): the dialplan's own lines in messages.log.
+    "app_verbose.so",
     "bridge_builtin_features.so",
     "bridge_holding.so",
     "bridge_native_rtp.so",
@@ -58,6 +60,8 @@ const LOADED: &[&str] = &[
     "func_curl.so",
     "pbx_config.so",
     "res_agi.so",
+    // `channel originate` on the CLI, for checks such as `callfleet-agi-check`.
+    "res_clioriginate.so",
     "res_speech.so",
     "res_config_curl.so",
     "res_curl.so",
@@ -312,12 +316,33 @@ same => n,Hangup()\n\n\
 [{from_device}]\n\
 exten => _X.,1,Goto({dial},${{EXTEN}},1)\n\n\
 [{queue}]\n\
-; Queued calls: the node-agent picks the one free agent across the cluster (next work).\n",
+; Queued calls: the node-agent picks the one free agent across the cluster (next work).\n\n\
+[{agi_check}]\n\
+; `channel originate Local/ping@{agi_check} application Wait 1` proves that the\n\
+; node-agent's FastAGI server answers this Asterisk: messages.log then says pong.\n\
+exten => ping,1,{ping}\n \
+same => n,Log(NOTICE,callfleet FastAGI check: AGISTATUS=${{AGISTATUS}} CALLFLEET_RESULT=${{CALLFLEET_RESULT}})\n \
+same => n,Hangup()\n",
         from_carrier = context::FROM_CARRIER,
         dial = context::DIAL_DEVICE,
         from_device = context::FROM_DEVICE,
         queue = context::QUEUE,
+        agi_check = context::AGI_CHECK,
+        ping = match agi_address(config) {
+            Some(address) => format!("AGI(agi://{address}/ping)"),
+            None => "Log(NOTICE,callfleet FastAGI is off: node.agi.listen is empty)".to_owned(),
+        },
     )
+}
+
+/// Where Asterisk reaches the node-agent's FastAGI server: `node.agi.listen`, with a
+/// wildcard address read as loopback (the agent runs beside its Asterisk).
+fn agi_address(config: &Config) -> Option<SocketAddr> {
+    let mut address = config.node.agi.address()?;
+    if address.ip().is_unspecified() {
+        address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    Some(address)
 }
 
 /// The node-agent's manager user, least privilege: it reads the call count with the
@@ -549,6 +574,26 @@ ps_contacts => curl,http://127.0.0.1:8090/realtime/ps_contacts\n"
         bad.balancer.local_pbx = "pbx:5080".into();
         let err = render(&bad, Path::new("/x")).expect_err("not ip:port");
         assert!(err.to_string().contains("`balancer.local_pbx`"), "{err}");
+    }
+
+    #[test]
+    fn the_fastagi_check_reaches_the_agent_s_listener_on_loopback() {
+        let mut config = config();
+        config.node.agi.listen = "0.0.0.0:4600".into();
+        config.node.agi.allow_remote = true;
+        let files = render(&config, Path::new("/x")).expect("renders");
+        let dialplan = file(&files, "extensions.conf");
+        assert!(
+            dialplan.contains(
+                "[callfleet-agi-check]\n; `channel originate Local/ping@callfleet-agi-check application Wait 1` proves that the\n; node-agent's FastAGI server answers this Asterisk: messages.log then says pong.\nexten => ping,1,AGI(agi://127.0.0.1:4600/ping)\n same => n,Log(NOTICE,callfleet FastAGI check: AGISTATUS=${AGISTATUS} CALLFLEET_RESULT=${CALLFLEET_RESULT})\n same => n,Hangup()\n"
+            ),
+            "{dialplan}"
+        );
+        config.node.agi.listen.clear();
+        let files = render(&config, Path::new("/x")).expect("renders");
+        assert!(file(&files, "extensions.conf").contains(
+            "exten => ping,1,Log(NOTICE,callfleet FastAGI is off: node.agi.listen is empty)\n"
+        ));
     }
 
     #[test]
