@@ -11,7 +11,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use callfleet_node_agent::agi::proto::{Command, Event, Reply, parse_event};
+use callfleet_node_agent::agi::proto::{
+    Command, Event, MAX_ENVIRONMENT, MAX_REPLY, Reply, parse_event,
+};
 use callfleet_node_agent::agi::{AgiServer, Scripts, Session, Settings, Stats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -603,6 +605,36 @@ async fn a_peer_that_is_not_asterisk_is_closed_at_once() {
             stats.commands
         ),
         (1, 0, 0)
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_peer_that_never_ends_a_line_is_cut_at_the_codecs_bound() {
+    let server = Server::start(settings(), Scripts::builtin()).await;
+    // An environment line longer than any environment (16 KiB), then silence: closed at
+    // the bound, long before the 2 s environment timeout.
+    let started = Instant::now();
+    let mut peer = Asterisk::connect(server.address()).await;
+    let mut line = b"agi_network: ".to_vec();
+    line.resize(MAX_ENVIRONMENT + 1, b'x');
+    peer.send(&line).await;
+    peer.end().await;
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // A reply longer than any reply (64 KiB), without its line feed.
+    let mut asterisk = held_ping(server.address()).await;
+    let mut reply = b"200 result=1 (".to_vec();
+    reply.resize(MAX_REPLY + 1, b'x');
+    asterisk.send(&reply).await;
+    asterisk.end().await;
+    let stats = server.stats_until("both ended", |s| s.active == 0).await;
+    assert_eq!(
+        (
+            stats.protocol_errors,
+            stats.environment_timeouts,
+            stats.script_errors
+        ),
+        (2, 0, 1)
     );
     server.stop().await;
 }

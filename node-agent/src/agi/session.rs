@@ -1,4 +1,4 @@
-//! One FastAGI session: the I/O around [`proto`](super::proto) for one call.
+//! One FastAGI session: the I/O around [`proto`] for one call.
 //!
 //! A [`Session`] owns the connection and the bytes read but not yet parsed. A script sends
 //! one command at a time ([`Session::send`]) and gets the reply to it; Asterisk answers
