@@ -3,6 +3,9 @@
 //! Every API face (REST, XML-RPC, gRPC) reads the same `Authorization: Bearer …` header and
 //! asks [`Tokens::authorize`] for the role an operation needs. Tokens are compared in
 //! constant time and never logged; what the audit log records is the token's *name*.
+//!
+//! One operation is open to two roles that do not include each other: a queue's candidates
+//! ([`CANDIDATE_READERS`]), which a node-agent reads to ring agents.
 
 use callfleet_core::config::{ApiToken, Role};
 
@@ -74,7 +77,35 @@ impl Tokens {
             role: token.role,
         })
     }
+
+    /// As [`Tokens::authorize`], for an operation that any one of `allowed` may do; a
+    /// refusal names the first of them. An empty `allowed` refuses everyone.
+    pub fn authorize_any(
+        &self,
+        authorization: Option<&[u8]>,
+        allowed: &[Role],
+    ) -> Result<Caller, ControlError> {
+        let (first, others) = allowed.split_first().ok_or(ControlError::Unauthenticated)?;
+        match self.authorize(authorization, *first) {
+            Err(ControlError::Forbidden { name, role, .. })
+                if others.iter().any(|other| role.allows(*other)) =>
+            {
+                Ok(Caller { name, role })
+            }
+            other => other,
+        }
+    }
 }
+
+/// Who may read a queue's candidates (`queue.candidates`): `read` and above, and `node`.
+///
+/// A node-agent routes its queued calls by the candidates, so its `node` token must read
+/// them; it reads no other part of the directory and changes nothing of it. The rule is the
+/// same on REST, XML-RPC and gRPC: the three faces serve the same operations, and a token
+/// that can read an answer on one face gains nothing from being refused it on another (the
+/// node-agent itself asks over REST). Keeping one rule per operation also keeps "what may a
+/// node token do" one short list: realtime provisioning, and candidates.
+pub const CANDIDATE_READERS: [Role; 2] = [Role::Read, Role::Node];
 
 /// The file in the data folder that keeps `callfleet up`'s admin token.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
@@ -222,6 +253,46 @@ mod tests {
             tokens().authorize(Some(b"Bearer write-token-0123456789"), Role::Node),
             Err(ControlError::Forbidden {
                 role: Role::Write,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn candidates_are_open_to_read_and_above_and_to_node() {
+        let mut all = tokens();
+        all.tokens.push(ApiToken {
+            name: "node-a".into(),
+            token: Secret::new("node-token-0123456789"),
+            role: Role::Node,
+        });
+        for (header, name) in [
+            (&b"Bearer node-token-0123456789"[..], "node-a"),
+            (b"Bearer read-token-0123456789", "wallboard"),
+            (b"Bearer write-token-0123456789", "crm"),
+        ] {
+            let caller = all
+                .authorize_any(Some(header), &CANDIDATE_READERS)
+                .expect("allowed");
+            assert_eq!(caller.name, name);
+        }
+        assert!(matches!(
+            all.authorize_any(None, &CANDIDATE_READERS),
+            Err(ControlError::Unauthenticated)
+        ));
+        assert!(matches!(
+            all.authorize_any(Some(b"Bearer node-token-0123456780"), &CANDIDATE_READERS),
+            Err(ControlError::BadToken)
+        ));
+        // Two roles that both fall short: the refusal names the first needed.
+        assert!(matches!(
+            all.authorize_any(
+                Some(b"Bearer node-token-0123456789"),
+                &[Role::Write, Role::Read]
+            ),
+            Err(ControlError::Forbidden {
+                role: Role::Node,
+                needed: Role::Write,
                 ..
             })
         ));

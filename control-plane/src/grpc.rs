@@ -343,7 +343,11 @@ impl pb::control_server::Control for ControlService {
         &self,
         request: Request<pb::CandidatesRequest>,
     ) -> Reply<pb::CandidatesResponse> {
-        self.caller(&request, Role::Read)?;
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(|value| value.as_bytes());
+        self.control.authorize_candidates(header)?;
         let body = request.into_inner();
         let candidates = self.control.candidates(&body.queue, &body.attributes)?;
         Ok(Response::new(pb::CandidatesResponse {

@@ -1,7 +1,8 @@
 //! REST/JSON under `/api/v1`, described by the OpenAPI document at `/api/v1/openapi.json`.
 //!
-//! Reads need a `read` token, changes a `write` token, node drains an `admin` token; only
-//! the public queue status is open, because a website polls it (rate-limited per client
+//! Reads need a `read` token, changes a `write` token, node drains an `admin` token; a
+//! queue's candidates may also be read with a `node` token ([`crate::auth::CANDIDATE_READERS`]);
+//! only the public queue status is open, because a website polls it (rate-limited per client
 //! address, [`crate::ratelimit`]).
 
 use std::collections::BTreeSet;
@@ -457,7 +458,7 @@ async fn candidates(
     Path(queue): Path<String>,
     query: Result<Query<CandidatesQuery>, QueryRejection>,
 ) -> Reply {
-    caller(&control, &headers, Role::Read)?;
+    control.authorize_candidates(headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()))?;
     let query = parameters(query)?;
     let attributes: Vec<String> = query
         .attributes

@@ -317,7 +317,9 @@ async fn dispatch(
             } else {
                 Vec::new()
             };
-            authorize(Role::Read)?;
+            control
+                .authorize_candidates(origin.authorization)
+                .map_err(fault)?;
             control.settle().await;
             reply(control.candidates(&queue, &attributes).map_err(fault)?)
         }

@@ -140,6 +140,13 @@ impl Control {
         self.tokens.authorize(header, role)
     }
 
+    /// The caller behind an `Authorization` header, if it may read a queue's candidates
+    /// ([`crate::auth::CANDIDATE_READERS`]).
+    pub fn authorize_candidates(&self, header: Option<&[u8]>) -> Result<Caller, ControlError> {
+        self.tokens
+            .authorize_any(header, &crate::auth::CANDIDATE_READERS)
+    }
+
     /// The directory as last read.
     pub fn view(&self) -> Arc<View> {
         self.view.read().expect("view lock").clone()

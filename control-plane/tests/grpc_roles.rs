@@ -83,17 +83,23 @@ impl Caller {
 enum Access {
     Public,
     Read,
+    /// `read` and above, or `node`: a queue's candidates, which a node-agent routes its
+    /// queued calls by. The same on REST, XML-RPC and gRPC (control-plane `auth.rs`,
+    /// `CANDIDATE_READERS`): the faces serve the same operations, and refusing a node token
+    /// on one face would protect nothing it can read on another.
+    ReadOrNode,
     Write,
     Admin,
 }
 
 /// The matrix: for each access, the status code for each of [`CALLERS`] in order (no
 /// token, unknown token, node, read, write, admin).
-const MATRIX: [(Access, [Code; 6]); 4] = {
+const MATRIX: [(Access, [Code; 6]); 5] = {
     use Code::{Ok as R, PermissionDenied as F, Unauthenticated as U};
     [
         (Access::Public, [R, R, R, R, R, R]),
         (Access::Read, [U, U, F, R, R, R]),
+        (Access::ReadOrNode, [U, U, R, R, R, R]),
         (Access::Write, [U, U, F, F, R, R]),
         (Access::Admin, [U, U, F, F, F, R]),
     ]
@@ -389,7 +395,7 @@ fn rows() -> Vec<Row> {
         ),
         row(
             "Candidates",
-            Access::Read,
+            Access::ReadOrNode,
             nothing,
             call!(
                 candidates,

@@ -32,8 +32,10 @@ const CRM_B: &str = "crm-backup-secret-0123456789";
 const WALLBOARD: &str = "wallboard-secret-0123456789";
 /// Admin token of the operators, named `ops`.
 const OPS: &str = "ops-admin-secret-0123456789";
+/// Node token of a node-agent, named `node:pbx-1`.
+const NODE: &str = "node-pbx-1-secret-0123456789";
 
-const SECRETS: [&str; 4] = [CRM, CRM_B, WALLBOARD, OPS];
+const SECRETS: [&str; 5] = [CRM, CRM_B, WALLBOARD, OPS, NODE];
 
 fn control_config() -> ControlPlaneConfig {
     let token = |name: &str, secret: &str, role| ApiToken {
@@ -47,6 +49,7 @@ fn control_config() -> ControlPlaneConfig {
             token("crm-backup", CRM_B, Role::Write),
             token("wallboard", WALLBOARD, Role::Read),
             token("ops", OPS, Role::Admin),
+            token("node:pbx-1", NODE, Role::Node),
         ],
         ..ControlPlaneConfig::default()
     }
@@ -1001,6 +1004,12 @@ async fn call_center_day(store: Store) {
 const ADMIN_OPERATIONS: [&str; 2] = ["drain", "undrain"];
 /// The one public operation: a website polls it.
 const PUBLIC_OPERATIONS: [&str; 1] = ["queueStatus"];
+/// The operations a `node` token may call here (besides the public one): a node-agent routes
+/// its queued calls by a queue's candidates. The same on XML-RPC and gRPC
+/// (`xmlrpc_roles.rs`, `grpc_roles.rs`): the faces serve the same operations, and refusing a
+/// node token on one face would protect nothing it can read on another. Everything else
+/// answers a node token 403.
+const NODE_OPERATIONS: [&str; 1] = ["candidates"];
 /// The document itself is served under `/api/v1` but does not describe itself.
 const UNDOCUMENTED: [(&str, &str); 1] = [("GET", "/openapi.json")];
 const METHODS: [&str; 8] = [
@@ -1198,6 +1207,22 @@ async fn auth_matrix_and_routes_follow_the_openapi_document() {
         );
     }
 
+    // The operations open to a node token are documented so, and exist.
+    for id in NODE_OPERATIONS {
+        let op = ops
+            .iter()
+            .find(|o| o.id == id)
+            .expect("node operation documented");
+        let description =
+            doc["paths"][&op.template][op.method.as_str().to_lowercase()]["description"]
+                .as_str()
+                .unwrap_or_default();
+        assert!(
+            description.contains("`node`"),
+            "{id} does not say a node token may call it"
+        );
+    }
+
     for op in &ops {
         let asked = format!("{} {} ({})", op.method, op.path, op.id);
         let body = op.body.as_ref().map(|b| b.to_string().into_bytes());
@@ -1236,6 +1261,21 @@ async fn auth_matrix_and_routes_follow_the_openapi_document() {
                         .map(|v| v.as_bytes()),
                     Some(&b"Bearer"[..]),
                     "{asked}: 401 without WWW-Authenticate"
+                );
+            }
+            let node = send(Some(NODE), body.clone()).await;
+            if NODE_OPERATIONS.contains(&op.id.as_str()) {
+                assert!(
+                    node.status.is_success() || node.status == StatusCode::NOT_FOUND,
+                    "{asked}: a node token may call it, got {} {}",
+                    node.status,
+                    node.text
+                );
+            } else {
+                let reply = node.expect_error(StatusCode::FORBIDDEN, &["node:pbx-1", "Node"]);
+                assert!(
+                    !reply.error().contains(NODE),
+                    "{asked}: the error shows the token"
                 );
             }
             let read = send(Some(WALLBOARD), body.clone()).await;

@@ -80,6 +80,11 @@ impl Caller {
 enum Access {
     Public,
     Read,
+    /// `read` and above, or `node`: a queue's candidates, which a node-agent routes its
+    /// queued calls by. The same on REST, XML-RPC and gRPC (control-plane `auth.rs`,
+    /// `CANDIDATE_READERS`): the faces serve the same operations, and refusing a node token
+    /// on one face would protect nothing it can read on another.
+    ReadOrNode,
     Write,
     Admin,
 }
@@ -99,9 +104,10 @@ use Outcome::{Forbidden as F, Runs as R, Unauthenticated as U};
 
 /// The matrix: for each access, the outcome for each of [`CALLERS`] in order
 /// (no token, unknown token, node, read, write, admin).
-const MATRIX: [(Access, [Outcome; 6]); 4] = [
+const MATRIX: [(Access, [Outcome; 6]); 5] = [
     (Access::Public, [R, R, R, R, R, R]),
     (Access::Read, [U, U, F, R, R, R]),
+    (Access::ReadOrNode, [U, U, R, R, R, R]),
     (Access::Write, [U, U, F, F, R, R]),
     (Access::Admin, [U, U, F, F, F, R]),
 ];
@@ -205,7 +211,12 @@ fn rows() -> Vec<Row> {
             Some("agent.unpause"),
         ),
         row("queue.status", Access::Public, vec![Str("sales")], None),
-        row("queue.candidates", Access::Read, vec![Str("sales")], None),
+        row(
+            "queue.candidates",
+            Access::ReadOrNode,
+            vec![Str("sales")],
+            None,
+        ),
         row(
             "node.drain",
             Access::Admin,

@@ -101,7 +101,7 @@ pub struct ProvisioningConfig {
     /// (`control_plane.listen`).
     pub control_plane: String,
     /// A control-plane token with role `node` (reads provisioning, writes registrations,
-    /// nothing else). `callfleet up` uses its own.
+    /// reads queues' candidates, nothing else). `callfleet up` uses its own.
     pub token: Secret,
     /// How long one request to the control plane may take before the cache answers.
     #[serde(with = "humantime_serde")]
@@ -990,8 +990,9 @@ pub struct ApiToken {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
-    /// A node's Asterisk (through its node-agent): read provisioning (devices) and write
-    /// registrations, nothing else, so a token taken from a node cannot steer the center.
+    /// A node's Asterisk (through its node-agent): read provisioning (devices), write
+    /// registrations and read queues' candidates (to route queued calls), nothing else, so
+    /// a token taken from a node cannot steer the center.
     Node,
     /// Read agents, queues, routing, nodes and the audit log.
     Read,
