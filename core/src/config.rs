@@ -317,6 +317,8 @@ pub struct NodeConfig {
     pub shed: Vec<ShedTier>,
     /// The FastAGI server through which this node's dialplan hands calls to the node-agent.
     pub agi: AgiConfig,
+    /// Queued calls: how the node-agent asks the control plane for a queue's candidates.
+    pub queue: QueueConfig,
 }
 
 impl Default for NodeConfig {
@@ -331,7 +333,81 @@ impl Default for NodeConfig {
             calls: CallsConfig::default(),
             shed: Vec::new(),
             agi: AgiConfig::default(),
+            queue: QueueConfig::default(),
         }
+    }
+}
+
+/// Queued calls on this node. The candidates (the agents to ring, best first) come from the
+/// control plane (`provisioning.control_plane`, with the `node` token `provisioning.token`)
+/// and are cached per queue and caller attributes: a CRM's change must reach the next ring,
+/// so an answer is reused only for `candidates_fresh`; while the control plane cannot answer,
+/// the last answer keeps calls flowing for `candidates_stale_max`. One flat table, so every
+/// key can be overridden on its own (`CALLFLEET_NODE__QUEUE__CANDIDATES_FRESH`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// How long an answer is used without asking again; `0s`: every ring asks.
+    #[serde(with = "humantime_serde")]
+    pub candidates_fresh: Duration,
+    /// How long one request may take before the cached answer is used instead.
+    #[serde(with = "humantime_serde")]
+    pub candidates_deadline: Duration,
+    /// How old a cached answer may be and still be used while the control plane cannot
+    /// answer; older, the call has no candidates (it waits, nobody is rung).
+    #[serde(with = "humantime_serde")]
+    pub candidates_stale_max: Duration,
+    /// After a failed request, how long cached answers are used without asking, so an
+    /// outage costs no ring a `candidates_deadline`.
+    #[serde(with = "humantime_serde")]
+    pub candidates_retry_after: Duration,
+    /// Answers kept at most (queue × attribute sets); the least recently used goes first.
+    pub candidates_cached: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            candidates_fresh: Duration::from_secs(1),
+            candidates_deadline: Duration::from_millis(500),
+            candidates_stale_max: Duration::from_secs(600),
+            candidates_retry_after: Duration::from_secs(2),
+            candidates_cached: 1024,
+        }
+    }
+}
+
+impl QueueConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: &str| {
+            Err(ConfigError::Value {
+                key: format!("node.queue.{key}"),
+                reason: reason.to_owned(),
+            })
+        };
+        // A CRM's change takes effect on the next ring: a minute is already long for that.
+        if self.candidates_fresh > Duration::from_secs(60) {
+            return bad("candidates_fresh", "must be at most 60s (e.g. 1s)");
+        }
+        if self.candidates_deadline < Duration::from_millis(10)
+            || self.candidates_deadline > Duration::from_secs(10)
+        {
+            return bad("candidates_deadline", "must be between 10ms and 10s");
+        }
+        if self.candidates_stale_max < self.candidates_fresh || self.candidates_stale_max.is_zero()
+        {
+            return bad(
+                "candidates_stale_max",
+                "must be above 0s and at least candidates_fresh (e.g. 10m)",
+            );
+        }
+        if self.candidates_retry_after.is_zero() {
+            return bad("candidates_retry_after", "must be longer than 0s (e.g. 2s)");
+        }
+        if self.candidates_cached == 0 || self.candidates_cached > 1_000_000 {
+            return bad("candidates_cached", "must be 1 to 1000000 (e.g. 1024)");
+        }
+        Ok(())
     }
 }
 
@@ -1250,6 +1326,7 @@ impl Config {
             }
         }
         node.agi.validate()?;
+        node.queue.validate()?;
         self.balancer.validate()?;
         self.control_plane.validate()?;
         self.lock_service.validate()?;
@@ -1787,6 +1864,73 @@ mod tests {
                     .to_string();
                 assert!(err.contains(key), "{toml}: {err}");
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn node_queue_candidates_keys_have_defaults_and_are_checked() {
+        Jail::expect_with(|jail| {
+            let defaults = load_in(jail, "").expect("defaults load");
+            assert_eq!(
+                defaults.node.queue,
+                QueueConfig {
+                    candidates_fresh: Duration::from_secs(1),
+                    candidates_deadline: Duration::from_millis(500),
+                    candidates_stale_max: Duration::from_secs(600),
+                    candidates_retry_after: Duration::from_secs(2),
+                    candidates_cached: 1024,
+                }
+            );
+            let set = load_in(
+                jail,
+                "[node.queue]\ncandidates_fresh = \"0s\"\ncandidates_stale_max = \"1h\"\n",
+            )
+            .expect("0s fresh: every ring asks");
+            assert_eq!(set.node.queue.candidates_fresh, Duration::ZERO);
+            assert_eq!(
+                set.node.queue.candidates_stale_max,
+                Duration::from_secs(3600)
+            );
+            for (toml, key) in [
+                ("candidates_fresh = \"2m\"", "node.queue.candidates_fresh"),
+                (
+                    "candidates_deadline = \"1ms\"",
+                    "node.queue.candidates_deadline",
+                ),
+                (
+                    "candidates_deadline = \"11s\"",
+                    "node.queue.candidates_deadline",
+                ),
+                (
+                    "candidates_stale_max = \"0s\"",
+                    "node.queue.candidates_stale_max",
+                ),
+                (
+                    "candidates_fresh = \"30s\"\ncandidates_stale_max = \"10s\"",
+                    "node.queue.candidates_stale_max",
+                ),
+                (
+                    "candidates_retry_after = \"0s\"",
+                    "node.queue.candidates_retry_after",
+                ),
+                ("candidates_cached = 0", "node.queue.candidates_cached"),
+                ("candidates_fresh_ms = 5", "candidates_fresh_ms"),
+            ] {
+                let err = load_in(jail, &format!("[node.queue]\n{toml}\n"))
+                    .expect_err(toml)
+                    .to_string();
+                assert!(err.contains(key), "{toml}: {err}");
+            }
+            jail.set_env("CALLFLEET_NODE__QUEUE__CANDIDATES_CACHED", "10");
+            assert_eq!(
+                load_in(jail, "")
+                    .expect("env layer")
+                    .node
+                    .queue
+                    .candidates_cached,
+                10
+            );
             Ok(())
         });
     }

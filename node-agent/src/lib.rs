@@ -12,6 +12,7 @@ pub mod asterisk_config;
 mod calls;
 pub mod pbx;
 pub mod provisioning;
+pub mod queue;
 pub mod sampler;
 pub mod shed;
 

@@ -30,7 +30,7 @@ mod service;
 mod state;
 #[cfg(test)]
 mod tests;
-mod upstream;
+pub(crate) mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,5 +1,6 @@
 //! The control plane as the provisioning endpoint asks it: the same request, forwarded over
-//! kept-alive HTTP/1.1 connections, bounded by a deadline.
+//! kept-alive HTTP/1.1 connections, bounded by a deadline. The queue-call flow's candidates
+//! source ([`crate::queue::candidates`]) asks through the same client ([`Upstream::get`]).
 
 use std::fmt;
 use std::time::Duration;
@@ -25,7 +26,7 @@ const IDLE_KEPT: Duration = Duration::from_secs(60);
 
 /// Why the control plane gave no answer to use.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Failure {
+pub(crate) enum Failure {
     /// It answered with another status than 200.
     Status(StatusCode),
     /// It refused the token (401/403).
@@ -48,8 +49,10 @@ impl fmt::Display for Failure {
 }
 
 /// The HTTP client of one control plane.
-pub(super) struct Upstream {
+pub(crate) struct Upstream {
     client: Client<HttpConnector, Full<Bytes>>,
+    /// `http://host:port`, no trailing slash.
+    root: String,
     /// `http://host:port/asterisk/realtime`, no trailing slash.
     base: String,
     authorization: HeaderValue,
@@ -67,7 +70,7 @@ impl fmt::Debug for Upstream {
 
 impl Upstream {
     /// A client of the control plane at `control_plane` (`http://host:port`).
-    pub(super) fn new(
+    pub(crate) fn new(
         control_plane: &str,
         token: &str,
         deadline: Duration,
@@ -96,9 +99,11 @@ impl Upstream {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(IDLE_KEPT)
             .build(connector);
+        let root = control_plane.trim_end_matches('/').to_owned();
         Ok(Self {
             client,
-            base: format!("{}/asterisk/realtime", control_plane.trim_end_matches('/')),
+            base: format!("{root}/asterisk/realtime"),
+            root,
             authorization,
             deadline,
         })
@@ -132,6 +137,36 @@ impl Upstream {
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .body(Full::new(body))
             .map_err(|err| Failure::Transport(format!("cannot build the request: {err}")))?;
+        match self.exchange(request, deadline_at).await? {
+            (StatusCode::OK, body) => Ok(body),
+            (status @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN), _) => {
+                Err(Failure::Refused(status))
+            }
+            (status, _) => Err(Failure::Status(status)),
+        }
+    }
+
+    /// `GET` of `path_and_query` (from `/`) on the control plane: the status and body of
+    /// its answer, whatever the status, or why there is none by `deadline_at`.
+    pub(crate) async fn get(
+        &self,
+        path_and_query: &str,
+        deadline_at: Instant,
+    ) -> Result<(StatusCode, Bytes), Failure> {
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(format!("{}{path_and_query}", self.root))
+            .header(AUTHORIZATION, self.authorization.clone())
+            .body(Full::new(Bytes::new()))
+            .map_err(|err| Failure::Transport(format!("cannot build the request: {err}")))?;
+        self.exchange(request, deadline_at).await
+    }
+
+    async fn exchange(
+        &self,
+        request: Request<Full<Bytes>>,
+        deadline_at: Instant,
+    ) -> Result<(StatusCode, Bytes), Failure> {
         let exchange = async {
             let answer = self
                 .client
@@ -145,11 +180,7 @@ impl Upstream {
                 .await
                 .map_err(|err| Failure::Transport(format!("answer cut off: {err}")))?
                 .to_bytes();
-            match status {
-                StatusCode::OK => Ok(body),
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(Failure::Refused(status)),
-                status => Err(Failure::Status(status)),
-            }
+            Ok((status, body))
         };
         tokio::time::timeout_at(deadline_at, exchange)
             .await
