@@ -11,6 +11,7 @@ pub mod client;
 pub mod grpc;
 pub mod http;
 pub mod lease;
+pub mod waiter;
 
 use std::sync::Arc;
 
