@@ -7,8 +7,10 @@
 //!   one request per `retry_after`; past `stale_max` there is none; a control plane back is
 //!   asked again;
 //! - 20 concurrent asks of one key send exactly one request;
+//! - an asker that goes away mid-request (a caller hanging up) leaves the others answered;
 //! - a slow answer is cut at the deadline and the cache answers;
 //! - an unknown queue is an error, and a queue deleted loses its cached answer;
+//! - the cache holds at most `cached` answers, dropping the least recently asked;
 //! - a node token reads candidates and nothing else (the role change's negative control).
 //!
 //! Most tests run `callfleet_control_plane::run` itself. Counting the requests that reach
@@ -645,5 +647,60 @@ async fn a_node_token_reads_candidates_and_nothing_else() {
         text.contains("401") && text.contains("role \"node\""),
         "{text}"
     );
+    plane.stop().await;
+}
+
+#[tokio::test]
+async fn the_cache_keeps_at_most_cached_answers_and_drops_the_least_recently_asked() {
+    let plane = Plane::run().await;
+    seed(plane.address).await;
+    let settings = Settings {
+        fresh: Duration::from_secs(60),
+        cached: 2,
+        ..settings()
+    };
+    let source = plane.source(settings);
+    for attributes in [&[][..], &["vip"], &[]] {
+        source.candidates("sales", attributes).await.expect("asked");
+    }
+    // `[]` asked last; `fr` takes the place of `vip`, the least recently asked.
+    source.candidates("sales", &["fr"]).await.expect("fr");
+    let stats = source.stats();
+    assert_eq!((stats.requests, stats.fresh, stats.cached), (3, 1, 2));
+    source.candidates::<&str>("sales", &[]).await.expect("kept");
+    source
+        .candidates("sales", &["vip"])
+        .await
+        .expect("asked again");
+    let stats = source.stats();
+    assert_eq!((stats.requests, stats.fresh, stats.cached), (4, 2, 2));
+    plane.stop().await;
+}
+
+#[tokio::test]
+async fn an_asker_that_goes_away_mid_request_leaves_the_others_answered() {
+    let plane = Plane::gated().await;
+    seed(plane.address).await;
+    plane.gate.delay_ms.store(300, Ordering::SeqCst);
+    let source = plane.source(settings());
+    // The first asker runs the request; its caller hangs up while it is held.
+    let first = {
+        let source = source.clone();
+        tokio::spawn(async move { source.candidates::<&str>("sales", &[]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = {
+        let source = source.clone();
+        tokio::spawn(async move { source.candidates::<&str>("sales", &[]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    first.abort();
+    let answer = second.await.expect("task").expect("answered");
+    assert!(!answer.stale);
+    assert_eq!(agents(&answer.list), ["1002", "1003", "1001", "1004"]);
+    // The waiter ran the request again itself: two reached the control plane.
+    assert_eq!(plane.seen(), 2);
+    assert_eq!(source.stats().requests, 2);
+    plane.gate.delay_ms.store(0, Ordering::SeqCst);
     plane.stop().await;
 }
