@@ -202,12 +202,14 @@ async fn dispatch(
     let authorize = |role: Role| -> Result<Caller, Fault> {
         control.authorize(origin.authorization, role).map_err(fault)
     };
+    // The token is checked before the arguments, as REST answers 401/403 before reading a
+    // body: a caller without the right learns nothing of a method's parameters.
     match call.method.as_str() {
         "agent.setPriority" => {
+            let caller = authorize(Role::Write)?;
             args.arity(&["agent", "queue", "priority"])?;
             let (agent, queue) = (args.string(0, "agent")?, args.string(1, "queue")?);
             let priority = args.int(2, "priority")?;
-            let caller = authorize(Role::Write)?;
             control
                 .set_priority(&caller, &agent, &queue, priority)
                 .await
@@ -215,9 +217,9 @@ async fn dispatch(
             reply(true)
         }
         "agent.setTags" => {
+            let caller = authorize(Role::Write)?;
             args.arity(&["agent", "tags"])?;
             let (agent, tags) = (args.string(0, "agent")?, args.string_list(1, "tags")?);
-            let caller = authorize(Role::Write)?;
             reply(
                 control
                     .set_tags(&caller, &agent, tags)
@@ -226,11 +228,11 @@ async fn dispatch(
             )
         }
         "agent.setDailyCap" => {
+            let caller = authorize(Role::Write)?;
             args.arity(&["agent", "cap"])?;
             let agent = args.string(0, "agent")?;
             // XML-RPC has no portable null: a negative cap removes the cap.
             let cap = u32::try_from(args.int(1, "cap")?).ok();
-            let caller = authorize(Role::Write)?;
             reply(
                 control
                     .set_daily_cap(&caller, &agent, cap)
@@ -239,6 +241,7 @@ async fn dispatch(
             )
         }
         "agent.recordSale" => {
+            let caller = authorize(Role::Write)?;
             // The request id is optional: with it, a retry counts once.
             if args.len() != 1 {
                 args.arity(&["agent", "request_id"])?;
@@ -249,7 +252,6 @@ async fn dispatch(
             } else {
                 None
             };
-            let caller = authorize(Role::Write)?;
             let sales = control
                 .record_sale(&caller, &agent, request_id.as_deref())
                 .await
@@ -257,9 +259,9 @@ async fn dispatch(
             reply(sales)
         }
         "agent.login" => {
+            let caller = authorize(Role::Write)?;
             args.arity(&["agent", "device"])?;
             let (agent, device) = (args.string(0, "agent")?, args.string(1, "device")?);
-            let caller = authorize(Role::Write)?;
             let (_, session) = control
                 .login(&caller, &agent, &device)
                 .await
@@ -271,16 +273,16 @@ async fn dispatch(
             }))
         }
         "agent.logout" => {
+            let caller = authorize(Role::Write)?;
             args.arity(&["agent"])?;
             let agent = args.string(0, "agent")?;
-            let caller = authorize(Role::Write)?;
             control.logout(&caller, &agent).await.map_err(fault)?;
             reply(true)
         }
         "agent.pause" => {
+            let caller = authorize(Role::Write)?;
             args.arity(&["agent", "reason"])?;
             let (agent, reason) = (args.string(0, "agent")?, args.string(1, "reason")?);
-            let caller = authorize(Role::Write)?;
             control
                 .pause(&caller, &agent, &reason)
                 .await
@@ -288,9 +290,9 @@ async fn dispatch(
             reply(true)
         }
         "agent.unpause" => {
+            let caller = authorize(Role::Write)?;
             args.arity(&["agent"])?;
             let agent = args.string(0, "agent")?;
-            let caller = authorize(Role::Write)?;
             control.unpause(&caller, &agent).await.map_err(fault)?;
             reply(true)
         }
@@ -304,6 +306,9 @@ async fn dispatch(
             reply(control.queue_status(&queue).map_err(fault)?)
         }
         "queue.candidates" => {
+            control
+                .authorize_candidates(origin.authorization)
+                .map_err(fault)?;
             // The attributes are optional: a call without them is an ordinary caller.
             if args.len() != 1 {
                 args.arity(&["queue", "attributes"])?;
@@ -317,16 +322,13 @@ async fn dispatch(
             } else {
                 Vec::new()
             };
-            control
-                .authorize_candidates(origin.authorization)
-                .map_err(fault)?;
             control.settle().await;
             reply(control.candidates(&queue, &attributes).map_err(fault)?)
         }
         "node.drain" | "node.undrain" => {
+            let caller = authorize(Role::Admin)?;
             args.arity(&["node"])?;
             let node = args.string(0, "node")?;
-            let caller = authorize(Role::Admin)?;
             let drain = call.method == "node.drain";
             reply(
                 control

@@ -564,3 +564,34 @@ async fn every_xmlrpc_method_inside_a_multicall_answers_every_role_as_the_matrix
         );
     }
 }
+
+/// The token is checked before the parameters: called with none at all, a caller the
+/// matrix refuses gets its 401 or 403, never the parameter fault that would tell it the
+/// method's parameters; a caller it allows gets that fault (-32602).
+#[tokio::test]
+async fn a_refused_caller_learns_nothing_of_the_parameters() {
+    let (_store, app, _dir) = start().await;
+    for row in rows() {
+        if row.params.is_empty() || row.access == Access::Public {
+            continue;
+        }
+        for caller in CALLERS {
+            let asked = format!("{}() as {caller:?}", row.method);
+            let answer = post(&app, caller.token(), body(row.method, &[])).await;
+            match expected(row.access, caller) {
+                Outcome::Runs => match answer {
+                    Err(fault) => assert_eq!(fault.code(), -32602, "{asked}: {}", fault.string()),
+                    Ok(value) => panic!("{asked}: ran without its parameters: {value:?}"),
+                },
+                refused => check(
+                    &asked,
+                    caller,
+                    refused,
+                    answer
+                        .as_ref()
+                        .map_err(|fault| (fault.code(), fault.string())),
+                ),
+            }
+        }
+    }
+}
