@@ -1731,20 +1731,18 @@ fn invites_that_waited_in_the_kernel_too_long_get_503_not_a_late_302() {
         &fleet,
         "balancer",
         "core-1",
-        // Far above what a busy test machine delays a datagram (the prompt INVITE below
-        // must not count as late), far below the stop.
-        &[("CALLFLEET_BALANCER__OVERLOAD_DELAY", "1s".to_owned())],
+        &[("CALLFLEET_BALANCER__OVERLOAD_DELAY", "200ms".to_owned())],
         None,
     );
     let udp = Udp::new(balancer.addr);
     balancer.options_until(&udp, 200, Duration::from_secs(15));
 
     // A stopped process stands in for one that cannot keep up: the INVITE sits in the
-    // socket buffer for 2.5 s, and the kernel's arrival stamp says so.
+    // socket buffer for 600 ms, and the kernel's arrival stamp says so.
     balancer.process.signal("STOP");
     let late = Req::invite(&balancer, udp.local, "UDP");
     udp.send(&late.render());
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(600));
     balancer.process.signal("CONT");
     let answer = balancer.response(&udp, &late);
     assert_eq!(answer.code(), 503, "{answer}");
