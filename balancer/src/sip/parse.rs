@@ -140,8 +140,12 @@ pub fn parse(input: &[u8], framing: Framing) -> Result<Option<Message<'_>>, Pars
     };
     // A CR is only ever half of a line end here. Left inside a value, it would be copied
     // into our responses and forwarded requests, where parsers that end lines at a bare CR
-    // (many do) would read the rest as a header line of its own.
-    if memchr::memchr_iter(b'\r', &buf[..head_len]).any(|i| buf.get(i + 1) != Some(&b'\n')) {
+    // (many do) would read the rest as a header line of its own. Other control bytes
+    // (RFC 3261 allows only HTAB) are refused for the same reason: copied into what we
+    // send, parsers disagree on where a value ends (a trailing VT is whitespace to some).
+    if memchr::memchr_iter(b'\r', &buf[..head_len]).any(|i| buf.get(i + 1) != Some(&b'\n'))
+        || buf[..head_len].iter().any(|&b| is_control(b))
+    {
         return Err(ParseError::BadHeaderLine);
     }
     for header in &headers {
@@ -215,6 +219,11 @@ fn parse_start_line(line: &[u8]) -> Result<StartLine<'_>, ParseError> {
 }
 
 /// RFC 3261 `token` characters.
+/// A control byte that may not appear in a SIP head: all but HTAB, CR and LF.
+fn is_control(b: u8) -> bool {
+    (b < 0x20 && !matches!(b, b'\t' | b'\r' | b'\n')) || b == 0x7f
+}
+
 pub(crate) fn is_token(b: u8) -> bool {
     TOKEN[usize::from(b)]
 }

@@ -341,6 +341,40 @@ Content-Length: 3\r\n\r\na\rb";
 }
 
 #[test]
+fn control_bytes_in_the_head_are_refused_htab_is_whitespace() {
+    // Found by `mutated_invites_never_panic`: a VT after the To value, which ezk-sip-types
+    // reads as trailing whitespace, ended up between the value and the tag we append.
+    let with = |byte: u8| {
+        let mut text = b"OPTIONS sip:lb SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n\
+From: <sip:a@h>;tag=1\r\nTo: <sip:lb>"
+            .to_vec();
+        text.push(byte);
+        text.extend_from_slice(b"\r\nCall-ID: x\r\nCSeq: 1 OPTIONS\r\n\r\n");
+        text
+    };
+    for byte in (0u8..0x20)
+        .filter(|b| !matches!(b, b'\t' | b'\r' | b'\n'))
+        .chain([0x7f])
+    {
+        assert_eq!(
+            parse(&with(byte), Framing::Datagram),
+            Err(ParseError::BadHeaderLine),
+            "byte {byte:#04x}"
+        );
+    }
+    for byte in [b'\t', b' '] {
+        let bytes = with(byte);
+        let message = parse(&bytes, Framing::Datagram)
+            .expect("parses")
+            .expect("complete");
+        assert_eq!(
+            message.header(HeaderName::To).map(|h| h.value),
+            Some(&b"<sip:lb>"[..])
+        );
+    }
+}
+
+#[test]
 fn uris_split_into_user_host_port() {
     let uri = Uri::parse(b"sip:+4930123;npdi@[2001:db8::1]:5070;transport=tcp?X=y").expect("uri");
     assert_eq!(uri.user, Some(&b"+4930123;npdi"[..]));
