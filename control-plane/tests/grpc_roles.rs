@@ -25,72 +25,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::Channel;
 
-const ADMIN: &str = "admin-token-0123456789abcdef";
-const CRM: &str = "crm-token-0123456789abcdef";
-const WALLBOARD: &str = "wallboard-token-0123456789";
-const NODE: &str = "node-token-0123456789abcdef";
-const UNKNOWN: &str = "not-a-token-of-ours-at-all";
+mod roles;
+
+use roles::*;
+
 const SERVICE: &str = "callfleet.control.v1.Control";
-
-/// Who calls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Caller {
-    /// No `authorization` metadata.
-    Anonymous,
-    /// A bearer token that is not configured.
-    Unknown,
-    Node,
-    Read,
-    Write,
-    Admin,
-}
-
-const CALLERS: [Caller; 6] = [
-    Caller::Anonymous,
-    Caller::Unknown,
-    Caller::Node,
-    Caller::Read,
-    Caller::Write,
-    Caller::Admin,
-];
-
-impl Caller {
-    fn token(self) -> Option<&'static str> {
-        match self {
-            Self::Anonymous => None,
-            Self::Unknown => Some(UNKNOWN),
-            Self::Node => Some(NODE),
-            Self::Read => Some(WALLBOARD),
-            Self::Write => Some(CRM),
-            Self::Admin => Some(ADMIN),
-        }
-    }
-
-    /// The token's name, as the audit log and a denial name it.
-    fn name(self) -> Option<&'static str> {
-        match self {
-            Self::Anonymous | Self::Unknown => None,
-            Self::Node => Some("node:core-1"),
-            Self::Read => Some("wallboard"),
-            Self::Write => Some("crm"),
-            Self::Admin => Some("admin"),
-        }
-    }
-}
-
-/// What a method asks of its caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
-    Public,
-    Read,
-    /// `read` and above, or `node`: a queue's candidates, which a node-agent routes its
-    /// queued calls by. The same on REST, XML-RPC and gRPC (control-plane `auth.rs`,
-    /// `CANDIDATE_READERS`): the faces serve the same operations, and refusing a node token
-    /// on one face would protect nothing it can read on another.
-    ReadOrNode,
-    Write,
-    Admin,
-}
 
 /// The matrix: for each access, the status code for each of [`CALLERS`] in order (no
 /// token, unknown token, node, read, write, admin).

@@ -23,71 +23,9 @@ use callfleet_core::store::{Agent, Device, Queue};
 use callfleet_core::{Heartbeat, NodeId, NodeRole, PoolName, Store, testing};
 use tower::ServiceExt;
 
-const ADMIN: &str = "admin-token-0123456789abcdef";
-const CRM: &str = "crm-token-0123456789abcdef";
-const WALLBOARD: &str = "wallboard-token-0123456789";
-const NODE: &str = "node-token-0123456789abcdef";
-const UNKNOWN: &str = "not-a-token-of-ours-at-all";
+mod roles;
 
-/// Who calls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Caller {
-    /// No `Authorization` header.
-    Anonymous,
-    /// A bearer token that is not configured.
-    Unknown,
-    Node,
-    Read,
-    Write,
-    Admin,
-}
-
-const CALLERS: [Caller; 6] = [
-    Caller::Anonymous,
-    Caller::Unknown,
-    Caller::Node,
-    Caller::Read,
-    Caller::Write,
-    Caller::Admin,
-];
-
-impl Caller {
-    fn token(self) -> Option<&'static str> {
-        match self {
-            Self::Anonymous => None,
-            Self::Unknown => Some(UNKNOWN),
-            Self::Node => Some(NODE),
-            Self::Read => Some(WALLBOARD),
-            Self::Write => Some(CRM),
-            Self::Admin => Some(ADMIN),
-        }
-    }
-
-    /// The token's name, as the audit log and a 403 name it.
-    fn name(self) -> Option<&'static str> {
-        match self {
-            Self::Anonymous | Self::Unknown => None,
-            Self::Node => Some("node:core-1"),
-            Self::Read => Some("wallboard"),
-            Self::Write => Some("crm"),
-            Self::Admin => Some("admin"),
-        }
-    }
-}
-
-/// What a method asks of its caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
-    Public,
-    Read,
-    /// `read` and above, or `node`: a queue's candidates, which a node-agent routes its
-    /// queued calls by. The same on REST, XML-RPC and gRPC (control-plane `auth.rs`,
-    /// `CANDIDATE_READERS`): the faces serve the same operations, and refusing a node token
-    /// on one face would protect nothing it can read on another.
-    ReadOrNode,
-    Write,
-    Admin,
-}
+use roles::*;
 
 /// What a call must end in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
