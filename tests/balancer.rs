@@ -1739,7 +1739,7 @@ fn invites_that_waited_in_the_kernel_too_long_get_503_not_a_late_302() {
 
     // A stopped process stands in for one that cannot keep up: the INVITE sits in the
     // socket buffer for 600 ms, and the kernel's arrival stamp says so.
-    balancer.process.signal("STOP");
+    balancer.process.freeze();
     let late = Req::invite(&balancer, udp.local, "UDP");
     udp.send(&late.render());
     std::thread::sleep(Duration::from_millis(600));

@@ -42,6 +42,26 @@ impl Running {
         assert!(status.success(), "kill -{name} failed");
     }
 
+    /// Stops the process (`SIGSTOP`) and returns once every thread of it has stopped:
+    /// `kill` returns before they have, and a thread that is still running may handle one
+    /// more message the test meant to leave waiting.
+    pub fn freeze(&self) {
+        self.signal("STOP");
+        let tasks = format!("/proc/{}/task", self.pid());
+        let stopped = || {
+            std::fs::read_dir(&tasks).is_ok_and(|entries| {
+                entries.flatten().all(|task| {
+                    std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                        // The state follows the parenthesised command name.
+                        stat.rsplit_once(") ")
+                            .is_some_and(|(_, rest)| rest.starts_with(['T', 't']))
+                    })
+                })
+            })
+        };
+        wait_until("every thread stopped", Duration::from_secs(5), stopped);
+    }
+
     /// Whether the process still runs.
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
