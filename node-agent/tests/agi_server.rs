@@ -21,103 +21,45 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, timeout};
 use tokio_util::sync::CancellationToken;
 
-use self::fixture::Capture;
+use self::capture::{Capture, FROM_ASTERISK, TO_ASTERISK};
 
 /// The most any step of a test waits for the other side before failing.
 const WAIT: Duration = Duration::from_secs(5);
 
-/// The captures, read as the codec's tests read them: one JSON object per line,
-/// `{"session", "dir", "t", "data"}`, where `dir` is `<<<` from Asterisk, `>>>` to
-/// Asterisk, `---` a note and `#####` the start of a session (the file joins two capture
-/// runs, so sessions are told apart by these rows, not by their numbers).
-mod fixture {
-    use serde_json::Value;
+#[path = "../src/agi/capture.rs"]
+mod capture;
 
-    pub(crate) const FROM_ASTERISK: &str = "<<<";
-    pub(crate) const TO_ASTERISK: &str = ">>>";
-    const NOTE: &str = "---";
-    const START: &str = "#####";
-
-    /// One captured FastAGI connection.
-    #[derive(Debug)]
-    pub(crate) struct Capture {
-        /// The `#####` row, e.g. `session 2 from 127.0.0.1:48572`.
-        pub(crate) header: String,
-        /// `(dir, data)` of every row after it, notes included.
-        pub(crate) rows: Vec<(String, String)>,
+/// What only the server's tests read from a capture.
+impl Capture {
+    /// The environment with its script (`agi_network_script` and the end of
+    /// `agi_request`) replaced by `script`; `None` drops the script line and leaves the
+    /// URL without a path, as Asterisk sends it for `agi://host:port`.
+    pub(crate) fn environment_for(&self, script: Option<&str>) -> String {
+        let block = self.environment();
+        let old = block
+            .lines()
+            .find_map(|line| line.strip_prefix("agi_network_script: "))
+            .expect("a captured script");
+        let script_line = format!("agi_network_script: {old}\n");
+        let url_end = format!("/{old}\n");
+        assert!(block.contains(&script_line) && block.contains(&url_end));
+        match script {
+            Some(new) => block
+                .replace(&script_line, &format!("agi_network_script: {new}\n"))
+                .replace(&url_end, &format!("/{new}\n")),
+            None => block.replace(&script_line, "").replace(&url_end, "\n"),
+        }
     }
 
-    impl Capture {
-        /// Every session in the capture file, in order: `route`, `hangup-test`,
-        /// `self-hangup`, `hangup-test-nosighup`, `route-clean`.
-        pub(crate) fn all() -> Vec<Capture> {
-            let jsonl = include_str!("../../fixtures/asterisk/fastagi-session.jsonl");
-            let mut sessions: Vec<Capture> = Vec::new();
-            for line in jsonl.lines().filter(|line| !line.trim().is_empty()) {
-                let row: Value = serde_json::from_str(line).expect("capture line is JSON");
-                let text = |key: &str| {
-                    row[key]
-                        .as_str()
-                        .unwrap_or_else(|| panic!("capture row without string `{key}`: {row}"))
-                        .to_owned()
-                };
-                let (dir, data) = (text("dir"), text("data"));
-                match dir.as_str() {
-                    START => sessions.push(Capture {
-                        header: data,
-                        rows: Vec::new(),
-                    }),
-                    FROM_ASTERISK | TO_ASTERISK | NOTE => sessions
-                        .last_mut()
-                        .expect("a session starts before its rows")
-                        .rows
-                        .push((dir, data)),
-                    other => panic!("unknown dir {other:?}"),
-                }
-            }
-            assert_eq!(sessions.len(), 5, "the capture holds five sessions");
-            sessions
-        }
-
-        /// The environment block: Asterisk's first row.
-        pub(crate) fn environment(&self) -> &str {
-            self.rows
-                .iter()
-                .find(|(dir, _)| dir == FROM_ASTERISK)
-                .map(|(_, data)| data.as_str())
-                .expect("an environment")
-        }
-
-        /// The environment with its script (`agi_network_script` and the end of
-        /// `agi_request`) replaced by `script`; `None` drops the script line and leaves the
-        /// URL without a path, as Asterisk sends it for `agi://host:port`.
-        pub(crate) fn environment_for(&self, script: Option<&str>) -> String {
-            let block = self.environment();
-            let old = block
-                .lines()
-                .find_map(|line| line.strip_prefix("agi_network_script: "))
-                .expect("a captured script");
-            let script_line = format!("agi_network_script: {old}\n");
-            let url_end = format!("/{old}\n");
-            assert!(block.contains(&script_line) && block.contains(&url_end));
-            match script {
-                Some(new) => block
-                    .replace(&script_line, &format!("agi_network_script: {new}\n"))
-                    .replace(&url_end, &format!("/{new}\n")),
-                None => block.replace(&script_line, "").replace(&url_end, "\n"),
-            }
-        }
-
-        /// The rows after the environment, notes left out: what the server must write
-        /// (`>>>`) and what Asterisk answered (`<<<`), in order.
-        pub(crate) fn exchange(&self) -> Vec<(String, String)> {
-            self.rows
-                .iter()
-                .filter(|(dir, _)| dir == FROM_ASTERISK || dir == TO_ASTERISK)
-                .skip(1)
-                .cloned()
-                .collect()
-        }
+    /// The rows after the environment, notes left out: what the server must write
+    /// (`>>>`) and what Asterisk answered (`<<<`), in order.
+    pub(crate) fn exchange(&self) -> Vec<(String, String)> {
+        self.rows
+            .iter()
+            .filter(|(dir, _)| dir == FROM_ASTERISK || dir == TO_ASTERISK)
+            .skip(1)
+            .cloned()
+            .collect()
     }
 }
 

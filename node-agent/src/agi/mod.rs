@@ -14,6 +14,8 @@
 //!   its URL names ([`scripts`]).
 
 #[cfg(test)]
+mod capture;
+#[cfg(test)]
 mod oracle;
 pub mod proto;
 pub mod scripts;

@@ -4,85 +4,20 @@
 
 use proptest::prelude::*;
 
-use self::fixture::Session;
+use super::capture::{Capture, FROM_ASTERISK, TO_ASTERISK};
 use super::oracle;
 use super::proto::*;
 
-/// The captures in `fixtures/asterisk/fastagi-session.jsonl`: one JSON object per line,
-/// `{"session", "dir", "t", "data"}`, where `dir` is `<<<` from Asterisk, `>>>` to Asterisk,
-/// `---` a note by whoever captured it and `#####` the start of a session.
-///
-/// Sessions are told apart by their `#####` rows, not by the `session` number: the file
-/// joins two capture runs, and the fifth session is numbered 1 again.
-mod fixture {
-    use serde_json::Value;
-
-    pub(crate) const FROM_ASTERISK: &str = "<<<";
-    pub(crate) const TO_ASTERISK: &str = ">>>";
-    const NOTE: &str = "---";
-    const START: &str = "#####";
-
-    /// One FastAGI connection.
-    #[derive(Debug)]
-    pub(crate) struct Session {
-        /// The `#####` row, e.g. `session 2 from 127.0.0.1:48572`.
-        pub(crate) header: String,
-        /// `(dir, data)` of every row after it, notes included.
-        pub(crate) rows: Vec<(String, String)>,
+/// What only the codec's tests read from a capture.
+impl Capture {
+    /// Everything Asterisk sent, as one byte stream.
+    fn sent_by_asterisk(&self) -> Vec<u8> {
+        self.rows(FROM_ASTERISK).collect::<String>().into_bytes()
     }
 
-    impl Session {
-        /// Every session in the capture file, in order.
-        pub(crate) fn all() -> Vec<Session> {
-            let jsonl = include_str!("../../../fixtures/asterisk/fastagi-session.jsonl");
-            let mut sessions: Vec<Session> = Vec::new();
-            for line in jsonl.lines().filter(|line| !line.trim().is_empty()) {
-                let row: Value = serde_json::from_str(line).expect("capture line is JSON");
-                let text = |key: &str| {
-                    row[key]
-                        .as_str()
-                        .unwrap_or_else(|| panic!("capture row without string `{key}`: {row}"))
-                        .to_owned()
-                };
-                let (dir, data) = (text("dir"), text("data"));
-                match dir.as_str() {
-                    START => sessions.push(Session {
-                        header: data,
-                        rows: Vec::new(),
-                    }),
-                    FROM_ASTERISK | TO_ASTERISK | NOTE => sessions
-                        .last_mut()
-                        .expect("a session starts before its rows")
-                        .rows
-                        .push((dir, data)),
-                    other => panic!("unknown dir {other:?}"),
-                }
-            }
-            sessions
-        }
-
-        /// The data of the rows in one direction, in order.
-        pub(crate) fn rows<'a>(&'a self, dir: &'a str) -> impl Iterator<Item = &'a str> {
-            self.rows
-                .iter()
-                .filter(move |(d, _)| d == dir)
-                .map(|(_, data)| data.as_str())
-        }
-
-        /// Everything Asterisk sent, as one byte stream.
-        pub(crate) fn sent_by_asterisk(&self) -> Vec<u8> {
-            self.rows(FROM_ASTERISK).collect::<String>().into_bytes()
-        }
-
-        /// The environment block: Asterisk's first row.
-        pub(crate) fn environment(&self) -> &str {
-            self.rows(FROM_ASTERISK).next().expect("an environment")
-        }
-
-        /// Asterisk's rows after the environment: replies and `HANGUP` lines, one per row.
-        pub(crate) fn events(&self) -> impl Iterator<Item = &str> {
-            self.rows(FROM_ASTERISK).skip(1)
-        }
+    /// Asterisk's rows after the environment: replies and `HANGUP` lines, one per row.
+    fn events(&self) -> impl Iterator<Item = &str> {
+        self.rows(FROM_ASTERISK).skip(1)
     }
 }
 
@@ -163,7 +98,7 @@ Example return code: 200 result=1 (testvariable)";
 
 #[test]
 fn capture_has_five_sessions() {
-    let headers: Vec<String> = Session::all().into_iter().map(|s| s.header).collect();
+    let headers: Vec<String> = Capture::all().into_iter().map(|s| s.header).collect();
     assert_eq!(headers.len(), 5, "{headers:?}");
     assert!(
         headers[4].starts_with("session 1 "),
@@ -173,7 +108,7 @@ fn capture_has_five_sessions() {
 
 #[test]
 fn environment_of_the_routed_call() {
-    let sessions = Session::all();
+    let sessions = Capture::all();
     let block = sessions[0].environment();
     let (env, used) = parse_environment(block.as_bytes())
         .expect("valid")
@@ -218,7 +153,7 @@ fn environment_of_every_session() {
         ("hangup-test-nosighup", None, "304", 0),
         ("route-clean", Some("sales"), "305", 0),
     ];
-    for (session, (path, queue, exten, args)) in Session::all().iter().zip(expected) {
+    for (session, (path, queue, exten, args)) in Capture::all().iter().zip(expected) {
         let block = session.environment();
         let (env, used) = parse_environment(block.as_bytes())
             .expect("valid")
@@ -241,7 +176,7 @@ fn environment_of_every_session() {
 
 #[test]
 fn environment_needs_its_empty_line() {
-    let sessions = Session::all();
+    let sessions = Capture::all();
     let block = sessions[1].environment().as_bytes();
     for end in 0..block.len() {
         assert_eq!(
@@ -461,7 +396,7 @@ fn every_captured_reply_reads_as_expected() {
     };
     let mut kinds = std::collections::BTreeSet::new();
     let mut count = 0;
-    for session in Session::all() {
+    for session in Capture::all() {
         for data in session.events() {
             let (event, used) = parse_event(data.as_bytes()).expect("valid").expect("whole");
             assert_eq!(used, data.len(), "{data:?}");
@@ -515,7 +450,7 @@ fn replies_pair_with_commands_and_hangup_is_apart() {
         "200 200 511 511 511 200",
         "200 200 200",
     ];
-    for (session, expected) in Session::all().iter().zip(expected) {
+    for (session, expected) in Capture::all().iter().zip(expected) {
         let (_, events) = read_stream(&session.sent_by_asterisk());
         let shape: Vec<String> = events
             .iter()
@@ -533,7 +468,7 @@ fn replies_pair_with_commands_and_hangup_is_apart() {
         let replies = events.iter().filter(|e| **e != Event::Hangup).count();
         assert_eq!(
             replies,
-            session.rows(fixture::TO_ASTERISK).count(),
+            session.rows(TO_ASTERISK).count(),
             "{}",
             session.header
         );
@@ -544,7 +479,7 @@ fn replies_pair_with_commands_and_hangup_is_apart() {
 fn hangup_can_come_ahead_of_a_reply() {
     // Session 2 has HANGUP and then a reply in separate reads; in one read (a command
     // already sent when the caller hung up) they must still come apart.
-    let sessions = Session::all();
+    let sessions = Capture::all();
     let rows: Vec<&str> = sessions[1].events().collect();
     assert_eq!(rows[1], "HANGUP\n");
     let both = [rows[1], rows[3]].concat();
@@ -559,7 +494,7 @@ fn hangup_can_come_ahead_of_a_reply() {
 
 #[test]
 fn whole_sessions_split_at_every_offset() {
-    for session in Session::all() {
+    for session in Capture::all() {
         let stream = session.sent_by_asterisk();
         let whole = read_stream(&stream);
         for cut in 0..=stream.len() {
@@ -817,8 +752,8 @@ fn captured_commands_print_back_to_their_bytes() {
         "EXEC NoOp hello from agi\n",
     ];
     let mut covered = 0;
-    for session in Session::all() {
-        for sent in session.rows(fixture::TO_ASTERISK) {
+    for session in Capture::all() {
+        for sent in session.rows(TO_ASTERISK) {
             if not_built.contains(&sent) {
                 continue;
             }
@@ -832,9 +767,9 @@ fn captured_commands_print_back_to_their_bytes() {
     assert_eq!(covered, 36, "39 commands sent, 3 not built");
     for (command, line) in built.iter().zip(&printed) {
         assert!(
-            Session::all()
+            Capture::all()
                 .iter()
-                .any(|s| s.rows(fixture::TO_ASTERISK).any(|sent| sent == line)),
+                .any(|s| s.rows(TO_ASTERISK).any(|sent| sent == line)),
             "{line:?} is not in the capture"
         );
         // And res_agi reads back exactly the name and the arguments.
