@@ -13,10 +13,13 @@ pub mod context {
     pub const DIAL_DEVICE: &str = "callfleet-dial-device";
     /// Where devices' own calls enter.
     pub const FROM_DEVICE: &str = "callfleet-from-device";
-    /// Queued calls, routed to one free agent across the cluster (the queued-calls work).
+    /// Queued calls, routed to one free agent across the cluster by the node-agent.
     pub const QUEUE: &str = "callfleet-queue";
     /// An operator's check that the node-agent's FastAGI server answers this Asterisk.
     pub const AGI_CHECK: &str = "callfleet-agi-check";
+    /// Dial's `U()` on an agent's leg when it answers: the node-agent checks the lease
+    /// once more before the bridge.
+    pub const FENCE: &str = "callfleet-fence";
 }
 
 /// The realtime families (extconfig names and control-plane paths) of PJSIP's objects.

@@ -212,6 +212,12 @@ pub struct AsteriskConfig {
     /// See `restart_limit`.
     #[serde(with = "humantime_serde")]
     pub restart_window: Duration,
+    /// Dialled numbers that are queues: number → queue id (`"5000" = "sales"`). A carrier's
+    /// call to one of them waits in that queue for one free agent of the cluster.
+    pub queues: std::collections::BTreeMap<String, String>,
+    /// Where a queued call goes after `node.queue.max_wait`: a number dialled as the
+    /// carrier would (another queue's, or a device's); empty: the caller hears congestion.
+    pub queue_overflow: String,
 }
 
 impl Default for AsteriskConfig {
@@ -222,6 +228,8 @@ impl Default for AsteriskConfig {
             ring_timeout: Duration::from_secs(30),
             restart_limit: 5,
             restart_window: Duration::from_secs(600),
+            queues: std::collections::BTreeMap::new(),
+            queue_overflow: String::new(),
         }
     }
 }
@@ -363,6 +371,23 @@ pub struct QueueConfig {
     pub candidates_retry_after: Duration,
     /// Answers kept at most (queue × attribute sets); the least recently used goes first.
     pub candidates_cached: usize,
+    /// The lock service (`http://host:port`) that holds the waiting order and the agents'
+    /// leases: no lease, no ring.
+    pub lock_service: String,
+    /// How often a waiting caller asks for its turn when it got none.
+    #[serde(with = "humantime_serde")]
+    pub poll: Duration,
+    /// How long an agent's phone rings before the next candidate is tried.
+    #[serde(with = "humantime_serde")]
+    pub ring_timeout: Duration,
+    /// After a call, how long the agent is out of every queue for its paperwork.
+    #[serde(with = "humantime_serde")]
+    pub wrap_up: Duration,
+    /// Rings in a row an agent may miss before being paused with the reason `missed`.
+    pub max_misses: u32,
+    /// How long a caller waits before the dialplan sends the call to its overflow target.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
 }
 
 impl Default for QueueConfig {
@@ -373,6 +398,12 @@ impl Default for QueueConfig {
             candidates_stale_max: Duration::from_secs(600),
             candidates_retry_after: Duration::from_secs(2),
             candidates_cached: 1024,
+            lock_service: "http://127.0.0.1:7070".to_owned(),
+            poll: Duration::from_millis(100),
+            ring_timeout: Duration::from_secs(20),
+            wrap_up: Duration::from_secs(5),
+            max_misses: 3,
+            max_wait: Duration::from_secs(600),
         }
     }
 }
@@ -406,6 +437,29 @@ impl QueueConfig {
         }
         if self.candidates_cached == 0 || self.candidates_cached > 1_000_000 {
             return bad("candidates_cached", "must be 1 to 1000000 (e.g. 1024)");
+        }
+        if !self.lock_service.starts_with("http://") {
+            return bad(
+                "lock_service",
+                "must be the lock service's http://host:port (e.g. http://127.0.0.1:7070)",
+            );
+        }
+        if self.poll < Duration::from_millis(10) || self.poll > Duration::from_secs(5) {
+            return bad("poll", "must be between 10ms and 5s (e.g. 100ms)");
+        }
+        if self.ring_timeout < Duration::from_secs(1)
+            || self.ring_timeout > Duration::from_secs(300)
+        {
+            return bad("ring_timeout", "must be between 1s and 5m (e.g. 20s)");
+        }
+        if self.wrap_up > Duration::from_secs(3600) {
+            return bad("wrap_up", "must be at most 1h (e.g. 5s; 0s for none)");
+        }
+        if self.max_misses == 0 {
+            return bad("max_misses", "must be at least 1 (e.g. 3)");
+        }
+        if self.max_wait < Duration::from_secs(1) || self.max_wait > Duration::from_secs(86_400) {
+            return bad("max_wait", "must be between 1s and 24h (e.g. 10m)");
         }
         Ok(())
     }
@@ -1880,6 +1934,12 @@ mod tests {
                     candidates_stale_max: Duration::from_secs(600),
                     candidates_retry_after: Duration::from_secs(2),
                     candidates_cached: 1024,
+                    lock_service: "http://127.0.0.1:7070".to_owned(),
+                    poll: Duration::from_millis(100),
+                    ring_timeout: Duration::from_secs(20),
+                    wrap_up: Duration::from_secs(5),
+                    max_misses: 3,
+                    max_wait: Duration::from_secs(600),
                 }
             );
             let set = load_in(
@@ -1915,6 +1975,15 @@ mod tests {
                     "node.queue.candidates_retry_after",
                 ),
                 ("candidates_cached = 0", "node.queue.candidates_cached"),
+                (
+                    "lock_service = \"127.0.0.1:7070\"",
+                    "node.queue.lock_service",
+                ),
+                ("poll = \"1ms\"", "node.queue.poll"),
+                ("ring_timeout = \"0s\"", "node.queue.ring_timeout"),
+                ("wrap_up = \"2h\"", "node.queue.wrap_up"),
+                ("max_misses = 0", "node.queue.max_misses"),
+                ("max_wait = \"0s\"", "node.queue.max_wait"),
                 ("candidates_fresh_ms = 5", "candidates_fresh_ms"),
             ] {
                 let err = load_in(jail, &format!("[node.queue]\n{toml}\n"))

@@ -177,7 +177,7 @@ cache_media_frames = yes\n"
         ("modules.conf", modules),
         ("logger.conf", logger),
         ("pjsip.conf", pjsip(config, sip)),
-        ("extensions.conf", extensions(config)),
+        ("extensions.conf", extensions(config)?),
         ("manager.conf", manager(config)?),
         // callfleet keeps its own call records; Asterisk's are off.
         ("cdr.conf", quiet("[general]\nenable = no\n")),
@@ -303,20 +303,85 @@ direct_media = no\n\n\
     text
 }
 
-fn extensions(config: &Config) -> String {
+fn extensions(config: &Config) -> Result<String, AsteriskConfigError> {
     let ring = config.asterisk.ring_timeout.as_secs().max(1);
-    format!(
+    let agi = agi_address(config);
+    let mut numbers = String::new();
+    for (number, queue) in &config.asterisk.queues {
+        check_number("asterisk.queues", number)?;
+        // The queue context's pattern `_[0-9a-zA-Z].` needs two characters at least.
+        if queue.len() < 2
+            || !queue
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(AsteriskConfigError::Setting {
+                key: "asterisk.queues",
+                reason: format!(
+                    "`{number}` = `{queue}`: a queue id here is 2 or more letters, digits, `-` and `_` (e.g. \"sales\")"
+                ),
+            });
+        }
+        numbers.push_str(&format!(
+            "exten => {number},1,Goto({},{queue},1)\n",
+            context::QUEUE
+        ));
+    }
+    let overflow = &config.asterisk.queue_overflow;
+    let overflow = if overflow.is_empty() {
+        "Congestion(5)".to_owned()
+    } else {
+        check_number("asterisk.queue_overflow", overflow)?;
+        format!("Goto({},{overflow},1)", context::FROM_CARRIER)
+    };
+    let queue_body = match agi {
+        Some(address) => format!(
+            "; EXTEN is the queue's id. The node-agent holds the call until one free agent of the\n\
+; cluster answers (CALLFLEET_RESULT=answered), or max_wait passes (overflow). Without\n\
+; the node-agent (AGI fails after 2 s, or it stopped mid-wait) the call tries again\n\
+; every second and keeps its place: ARRIVED travels along, and the waiting order\n\
+; keeps an entry alive for 15 s.\n\
+exten => _[0-9a-zA-Z].,1,Set(CALLFLEET_ARRIVED=${{EPOCH}})\n \
+same => n,Ringing()\n \
+same => n(wait),Set(CALLFLEET_RESULT=)\n \
+same => n,AGI(agi://{address}/queue?queue=${{EXTEN}}&arrived=${{CALLFLEET_ARRIVED}}&attributes=${{CALLFLEET_ATTRIBUTES}})\n \
+same => n,GotoIf($[\"${{CALLFLEET_RESULT}}\" = \"answered\"]?done)\n \
+same => n,GotoIf($[\"${{CALLFLEET_RESULT}}\" = \"overflow\"]?overflow)\n \
+same => n,GotoIf($[${{EPOCH}} - ${{CALLFLEET_ARRIVED}} > {max_wait}]?overflow)\n \
+same => n,Wait(1)\n \
+same => n,Goto(wait)\n \
+same => n(overflow),{overflow}\n \
+same => n(done),Hangup()\n\n\
+[{fence}]\n\
+; Dial's U() on the agent's leg when it answers: the bridge happens only when the\n\
+; node-agent still holds the agent's lease. No answer from it means no.\n\
+exten => s,1,Set(CALLFLEET_RESULT=)\n \
+same => n,AGI(agi://{address}/fence?ring=${{ARG1}})\n \
+same => n,GotoIf($[\"${{CALLFLEET_RESULT}}\" = \"ok\"]?bridge)\n \
+same => n,Set(GOSUB_RESULT=ABORT)\n \
+same => n(bridge),Return()\n",
+            max_wait = config.node.queue.max_wait.as_secs(),
+            fence = context::FENCE,
+        ),
+        None => "; node.agi.listen is empty: no node-agent takes queued calls here.\n\
+exten => _[0-9a-zA-Z].,1,Log(WARNING,callfleet queue ${EXTEN}: FastAGI is off (node.agi.listen is empty))\n \
+same => n,Congestion(5)\n"
+            .to_owned(),
+    };
+    Ok(format!(
         "; Written by `callfleet asterisk-config`; edit callfleet's configuration instead.\n\
 [{from_carrier}]\n\
-; A dialled number that is a device's extension rings that device.\n\
+; Numbers of asterisk.queues wait in their queue; any other that is a device's\n\
+; extension rings that device.\n\
+{numbers}\
 exten => _X.,1,Goto({dial},${{EXTEN}},1)\n\n\
 [{dial}]\n\
 exten => _X.,1,Dial(PJSIP/${{EXTEN}},{ring})\n \
 same => n,Hangup()\n\n\
 [{from_device}]\n\
 exten => _X.,1,Goto({dial},${{EXTEN}},1)\n\n\
-[{queue}]\n\
-; Queued calls: the node-agent picks the one free agent across the cluster (next work).\n\n\
+[{queue_context}]\n\
+{queue_body}\n\
 [{agi_check}]\n\
 ; `channel originate Local/ping@{agi_check} application Wait 1` proves that the\n\
 ; node-agent's FastAGI server answers this Asterisk: messages.log then says pong.\n\
@@ -326,13 +391,31 @@ same => n,Hangup()\n",
         from_carrier = context::FROM_CARRIER,
         dial = context::DIAL_DEVICE,
         from_device = context::FROM_DEVICE,
-        queue = context::QUEUE,
+        queue_context = context::QUEUE,
         agi_check = context::AGI_CHECK,
-        ping = match agi_address(config) {
+        ping = match agi {
             Some(address) => format!("AGI(agi://{address}/ping)"),
             None => "Log(NOTICE,callfleet FastAGI is off: node.agi.listen is empty)".to_owned(),
         },
-    )
+    ))
+}
+
+/// A number as a carrier dials it, written into the dialplan as an extension.
+fn check_number(key: &'static str, number: &str) -> Result<(), AsteriskConfigError> {
+    if number.is_empty()
+        || number.len() > 32
+        || !number
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'*' || b == b'#' || b == b'+')
+    {
+        return Err(AsteriskConfigError::Setting {
+            key,
+            reason: format!(
+                "`{number}` is not a dialled number: 1–32 of the digits, `*`, `#` and `+` (e.g. \"5000\")"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Where Asterisk reaches the node-agent's FastAGI server: `node.agi.listen`, with a
@@ -604,7 +687,7 @@ ps_contacts => curl,http://127.0.0.1:8090/realtime/ps_contacts\n"
         let dialplan = file(&files, "extensions.conf");
         assert!(
             dialplan.contains(
-                "[callfleet-from-carrier]\n; A dialled number that is a device's extension rings that device.\nexten => _X.,1,Goto(callfleet-dial-device,${EXTEN},1)\n"
+                "[callfleet-from-carrier]\n; Numbers of asterisk.queues wait in their queue; any other that is a device's\n; extension rings that device.\nexten => _X.,1,Goto(callfleet-dial-device,${EXTEN},1)\n"
             ),
             "{dialplan}"
         );
@@ -612,5 +695,41 @@ ps_contacts => curl,http://127.0.0.1:8090/realtime/ps_contacts\n"
             dialplan.contains("exten => _X.,1,Dial(PJSIP/${EXTEN},25)\n"),
             "{dialplan}"
         );
+    }
+
+    #[test]
+    fn queue_numbers_wait_in_their_queue_and_answers_pass_the_fence() {
+        let mut config = config();
+        config.asterisk.queues =
+            [("5000".to_owned(), "sales".to_owned()), ("5001".to_owned(), "vip-care".to_owned())]
+                .into();
+        config.asterisk.queue_overflow = "1001".to_owned();
+        config.node.queue.max_wait = std::time::Duration::from_secs(90);
+        let files = render(&config, Path::new("/x")).expect("renders");
+        let dialplan = file(&files, "extensions.conf");
+        for expected in [
+            "[callfleet-from-carrier]\n; Numbers of asterisk.queues wait in their queue; any other that is a device's\n; extension rings that device.\nexten => 5000,1,Goto(callfleet-queue,sales,1)\nexten => 5001,1,Goto(callfleet-queue,vip-care,1)\nexten => _X.,1,Goto(callfleet-dial-device,${EXTEN},1)\n",
+            " same => n,AGI(agi://127.0.0.1:4573/queue?queue=${EXTEN}&arrived=${CALLFLEET_ARRIVED}&attributes=${CALLFLEET_ATTRIBUTES})\n",
+            " same => n,GotoIf($[${EPOCH} - ${CALLFLEET_ARRIVED} > 90]?overflow)\n",
+            " same => n(overflow),Goto(callfleet-from-carrier,1001,1)\n",
+            "[callfleet-fence]\n",
+            "exten => s,1,Set(CALLFLEET_RESULT=)\n same => n,AGI(agi://127.0.0.1:4573/fence?ring=${ARG1})\n same => n,GotoIf($[\"${CALLFLEET_RESULT}\" = \"ok\"]?bridge)\n same => n,Set(GOSUB_RESULT=ABORT)\n same => n(bridge),Return()\n",
+        ] {
+            assert!(dialplan.contains(expected), "{expected}\nnot in\n{dialplan}");
+        }
+        for (number, queue, key) in [
+            ("50 00", "sales", "asterisk.queues"),
+            ("5000", "s", "asterisk.queues"),
+            ("5000", "sa)les", "asterisk.queues"),
+        ] {
+            let mut bad = config.clone();
+            bad.asterisk.queues = [(number.to_owned(), queue.to_owned())].into();
+            let err = render(&bad, Path::new("/x")).expect_err(number).to_string();
+            assert!(err.contains(key), "{err}");
+        }
+        let mut bad = config.clone();
+        bad.asterisk.queue_overflow = "1001,1(x)".to_owned();
+        let err = render(&bad, Path::new("/x")).expect_err("overflow").to_string();
+        assert!(err.contains("asterisk.queue_overflow"), "{err}");
     }
 }

@@ -48,6 +48,9 @@ pub enum NodeAgentError {
     /// The FastAGI server cannot listen.
     #[error(transparent)]
     Agi(#[from] agi::AgiError),
+    /// The queued calls cannot be set up (control plane or lock service address).
+    #[error(transparent)]
+    Queue(#[from] queue::QueueError),
 }
 
 /// Runs the node-agent for the local node until `shutdown` is cancelled.
@@ -81,15 +84,18 @@ pub async fn run(
     };
     let agi = match node.agi.address() {
         None => None,
-        Some(address) => Some(
-            agi::AgiServer::bind(
-                address,
-                agi::Settings::from_config(&node.agi),
-                agi::Scripts::builtin(),
-                shutdown.clone(),
+        Some(address) => {
+            let calls = queue::QueueCalls::from_config(config, id.as_str())?;
+            Some(
+                agi::AgiServer::bind(
+                    address,
+                    agi::Settings::from_config(&node.agi),
+                    calls.scripts(agi::Scripts::builtin()),
+                    shutdown.clone(),
+                )
+                .await?,
             )
-            .await?,
-        ),
+        }
     };
     tracing::info!(node = %id, store = store.dialect(), ?interval, "node-agent started");
 

@@ -162,6 +162,27 @@ impl Upstream {
         self.exchange(request, deadline_at).await
     }
 
+    /// `POST` of the JSON `body` to `path` (from `/`) with an `Idempotency-Key`, so a retry
+    /// after a lost answer counts once: the status and body of the answer, whatever the
+    /// status, or why there is none by `deadline_at`.
+    pub(crate) async fn post_json(
+        &self,
+        path: &str,
+        body: Bytes,
+        idempotency_key: &str,
+        deadline_at: Instant,
+    ) -> Result<(StatusCode, Bytes), Failure> {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{}{path}", self.root))
+            .header(AUTHORIZATION, self.authorization.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header("idempotency-key", idempotency_key)
+            .body(Full::new(body))
+            .map_err(|err| Failure::Transport(format!("cannot build the request: {err}")))?;
+        self.exchange(request, deadline_at).await
+    }
+
     async fn exchange(
         &self,
         request: Request<Full<Bytes>>,

@@ -1,0 +1,277 @@
+//! What happened to an agent's ring, written to the control plane (step 9 of
+//! `docs/queued-calls.md`), so every node's routing sees it on its next ring.
+//!
+//! The events of one ring go out in order on one [`EventLine`]: `ended` must never reach
+//! the control plane before the `answered` it closes, or the agent would stay on a call
+//! for ever. Each event is retried with the same `Idempotency-Key` until the control plane
+//! answers, so a retry after a lost answer counts once; the call flow never waits for a
+//! write unless it needs the answer (a miss that paused the agent).
+//!
+//! ```text
+//! ring ─EventLine::send(answered | ended | missed)─▶ one task per ring ─POST /api/v1/agents/{agent}/call-events─▶ control plane
+//! ```
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::provisioning::ProvisioningError;
+use crate::provisioning::upstream::Upstream;
+
+/// Attempts per event, with the pauses between them.
+const BACKOFF: [Duration; 5] = [
+    Duration::from_millis(200),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(5),
+];
+
+/// One thing that happened to an agent's ring.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// The agent answered a call of `queue` (counted; the agent is on a call).
+    Answered {
+        /// The queue the call waited in.
+        queue: String,
+    },
+    /// The call the agent answered ended: wrap-up for `wrap_up`, then available.
+    Ended {
+        /// How long the agent stays out of every queue.
+        wrap_up: Duration,
+    },
+    /// The agent's phone rang and nobody answered (or it was busy).
+    Missed {
+        /// The queue the call waited in.
+        queue: String,
+        /// Misses in a row that pause the agent with the reason `missed`.
+        max_misses: u32,
+    },
+}
+
+impl AgentEvent {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Answered { .. } => "answered",
+            Self::Ended { .. } => "ended",
+            Self::Missed { .. } => "missed",
+        }
+    }
+
+    fn body(&self) -> serde_json::Value {
+        match self {
+            Self::Answered { queue } => json!({ "event": "answered", "queue": queue }),
+            Self::Ended { wrap_up } => json!({
+                "event": "ended",
+                "wrap_up_ms": u64::try_from(wrap_up.as_millis()).unwrap_or(u64::MAX),
+            }),
+            Self::Missed { queue, max_misses } => json!({
+                "event": "missed",
+                "queue": queue,
+                "max_misses": max_misses,
+            }),
+        }
+    }
+}
+
+/// What the control plane answered to an event.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct EventAnswer {
+    /// For a miss: whether it paused the agent.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// Why an event was not written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    /// The control plane refused it (4xx): retrying cannot help.
+    #[error("the control plane refused the {event} event of agent {agent}: {status} {body}")]
+    Refused {
+        /// The event's name.
+        event: &'static str,
+        /// The agent.
+        agent: String,
+        /// The status answered.
+        status: StatusCode,
+        /// The answer's text.
+        body: String,
+    },
+    /// Every attempt failed; the agent's state in the control plane is behind.
+    #[error("the {event} event of agent {agent} was not written after {attempts} attempts: {last}")]
+    Unwritten {
+        /// The event's name.
+        event: &'static str,
+        /// The agent.
+        agent: String,
+        /// Attempts made.
+        attempts: usize,
+        /// The last failure.
+        last: String,
+    },
+}
+
+/// The writer of agents' events to one control plane.
+#[derive(Debug, Clone)]
+pub struct AgentEvents {
+    upstream: Arc<Upstream>,
+    deadline: Duration,
+    /// Part of every idempotency key: two nodes' rings never share one.
+    node: String,
+}
+
+impl AgentEvents {
+    /// A writer to the control plane at `control_plane` (`http://host:port`) with `token`
+    /// (role `node`); each attempt waits at most `deadline`.
+    pub fn new(
+        control_plane: &str,
+        token: &str,
+        node: &str,
+        deadline: Duration,
+    ) -> Result<Self, ProvisioningError> {
+        Ok(Self {
+            upstream: Arc::new(Upstream::new(control_plane, token, deadline)?),
+            deadline,
+            node: node.to_owned(),
+        })
+    }
+
+    /// Opens the line of one ring of `agent`, identified by `ring` (unique on this node
+    /// for as long as the control plane remembers requests).
+    pub fn line(&self, agent: &str, ring: &str) -> EventLine {
+        let (sender, mut receiver) = mpsc::unbounded_channel::<Queued>();
+        let events = self.clone();
+        let agent = agent.to_owned();
+        let ring = ring.to_owned();
+        tokio::spawn(async move {
+            while let Some((event, answer)) = receiver.recv().await {
+                let written = events.write(&agent, &ring, &event).await;
+                if let Err(err) = &written {
+                    tracing::warn!(%agent, error = %err, "agent state not written to the control plane");
+                }
+                let _ = answer.send(written);
+            }
+        });
+        EventLine { sender }
+    }
+
+    async fn write(
+        &self,
+        agent: &str,
+        ring: &str,
+        event: &AgentEvent,
+    ) -> Result<EventAnswer, EventError> {
+        let path = format!("/api/v1/agents/{agent}/call-events");
+        let key = self.idempotency_key(agent, ring, event.name());
+        let body = Bytes::from(event.body().to_string());
+        let mut last = String::new();
+        for (attempt, pause) in BACKOFF.iter().enumerate() {
+            if attempt > 0 {
+                tokio::time::sleep(*pause).await;
+            }
+            let deadline_at = Instant::now() + self.deadline;
+            match self
+                .upstream
+                .post_json(&path, body.clone(), &key, deadline_at)
+                .await
+            {
+                Ok((StatusCode::OK, answer)) => {
+                    return Ok(serde_json::from_slice(&answer).unwrap_or_default());
+                }
+                Ok((status, answer)) if status.is_client_error() => {
+                    return Err(EventError::Refused {
+                        event: event.name(),
+                        agent: agent.to_owned(),
+                        status,
+                        body: String::from_utf8_lossy(&answer).into_owned(),
+                    });
+                }
+                Ok((status, _)) => last = format!("status {status}"),
+                Err(failure) => last = failure.to_string(),
+            }
+        }
+        Err(EventError::Unwritten {
+            event: event.name(),
+            agent: agent.to_owned(),
+            attempts: BACKOFF.len(),
+            last,
+        })
+    }
+
+    /// At most 64 printable characters, as the control plane takes them, whatever the
+    /// lengths of node, agent and ring ids.
+    fn idempotency_key(&self, agent: &str, ring: &str, event: &str) -> String {
+        let mut hasher = DefaultHasher::new();
+        (&self.node, agent, ring).hash(&mut hasher);
+        format!("ring-{:016x}-{event}", hasher.finish())
+    }
+}
+
+type Queued = (AgentEvent, oneshot::Sender<Result<EventAnswer, EventError>>);
+
+/// The events of one ring, written in the order sent.
+#[derive(Debug, Clone)]
+pub struct EventLine {
+    sender: mpsc::UnboundedSender<Queued>,
+}
+
+impl EventLine {
+    /// Queues `event` after the ones sent before; await the receiver for its answer, or
+    /// drop it.
+    pub fn send(&self, event: AgentEvent) -> oneshot::Receiver<Result<EventAnswer, EventError>> {
+        let (answer, receiver) = oneshot::channel();
+        // The line's task lives as long as a sender does.
+        let _ = self.sender.send((event, answer));
+        receiver
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotency_keys_fit_the_control_plane_and_differ_per_event_and_ring() {
+        let events = AgentEvents::new(
+            "http://127.0.0.1:1",
+            "t",
+            &"n".repeat(200),
+            Duration::from_secs(1),
+        )
+        .expect("client");
+        let long_agent = "a".repeat(300);
+        let key = events.idempotency_key(&long_agent, "r1", "answered");
+        assert_eq!(key.len(), "ring-".len() + 16 + "-answered".len());
+        assert!(key.bytes().all(|b| b.is_ascii_graphic()));
+        assert_eq!(key, events.idempotency_key(&long_agent, "r1", "answered"));
+        assert_ne!(key, events.idempotency_key(&long_agent, "r2", "answered"));
+        assert_ne!(key, events.idempotency_key(&long_agent, "r1", "ended"));
+        assert_ne!(key, events.idempotency_key("b", "r1", "answered"));
+    }
+
+    #[test]
+    fn event_bodies_are_what_the_control_plane_reads() {
+        assert_eq!(
+            AgentEvent::Ended {
+                wrap_up: Duration::from_millis(1500)
+            }
+            .body(),
+            json!({ "event": "ended", "wrap_up_ms": 1500 })
+        );
+        assert_eq!(
+            AgentEvent::Missed {
+                queue: "sales".into(),
+                max_misses: 3
+            }
+            .body(),
+            json!({ "event": "missed", "queue": "sales", "max_misses": 3 })
+        );
+    }
+}
