@@ -169,8 +169,12 @@ pub(crate) struct DirectorySql {
     pub count_call: &'static str,
     /// Binds: agent id, day. Adds one sale.
     pub count_sale: &'static str,
+    /// Binds: agent id, day. Adds one missed ring.
+    pub count_missed: &'static str,
     /// Binds: actor, request id, action, subject, result.
     pub remember_request: &'static str,
+    /// Binds: actor, request id, action, subject, result, answer (JSON).
+    pub remember_answer: &'static str,
     /// Binds: actor, age in ms. Deletes the actor's request ids older than that.
     pub forget_requests: &'static str,
     /// Binds: agent id, device id.
@@ -181,11 +185,16 @@ pub(crate) struct DirectorySql {
     pub idle_from_now: &'static str,
     /// Binds: reason, agent id.
     pub pause: &'static str,
+    /// Binds: reason, agent id. Pauses the agent only if they could be rung now (available,
+    /// or in a wrap-up that has ended).
+    pub pause_if_available: &'static str,
     /// Binds: agent id. Keeps `idle_since_ms` of an agent who was already available, or
     /// whose wrap-up has ended (idle since its end); otherwise idle from now.
     pub unpause: &'static str,
     /// Binds: wrap-up ms, wrap-up ms, agent id. The agent is idle from the end of wrap-up.
     pub wrap_up: &'static str,
+    /// Binds: agent id. A call ended without wrap-up: available, idle from now.
+    pub end_call: &'static str,
     /// Binds: agent id. Columns: state, reason, until_ms, idle_since_ms, now_ms.
     pub availability: &'static str,
     /// Binds: actor, action, subject, detail.
@@ -258,6 +267,12 @@ macro_rules! directory_sql {
                 $upsert,
                 "sales = sales + 1"
             ),
+            count_missed: concat!(
+                "INSERT INTO daily_counters (agent_id, day, calls, sales, missed) ",
+                "VALUES (?, ?, 0, 0, 1) ",
+                $upsert,
+                "missed = missed + 1"
+            ),
             insert_session: concat!(
                 "INSERT INTO sessions (agent_id, device_id, since_ms) VALUES (?, ?, ",
                 $now,
@@ -274,6 +289,12 @@ macro_rules! directory_sql {
                 " WHERE id = ? AND state = 'available'"
             ),
             pause: "UPDATE agents SET state = 'paused', reason = ?, until_ms = NULL WHERE id = ?",
+            pause_if_available: concat!(
+                "UPDATE agents SET state = 'paused', reason = ?, until_ms = NULL WHERE id = ? ",
+                "AND (state = 'available' OR (state = 'wrap_up' AND until_ms <= ",
+                $now,
+                "))"
+            ),
             // MySQL assigns left to right and later assignments see earlier ones, so
             // `idle_since_ms` is computed first, from the state before this change.
             unpause: concat!(
@@ -294,6 +315,12 @@ macro_rules! directory_sql {
                 $now,
                 " + ? WHERE id = ?"
             ),
+            end_call: concat!(
+                "UPDATE agents SET state = 'available', reason = NULL, until_ms = NULL, ",
+                "idle_since_ms = ",
+                $now,
+                " WHERE id = ?"
+            ),
             availability: concat!(
                 "SELECT state, reason, until_ms, idle_since_ms, ",
                 $now,
@@ -302,6 +329,12 @@ macro_rules! directory_sql {
             remember_request: concat!(
                 "INSERT INTO request_ids (actor, request_id, action, subject, result, at_ms) ",
                 "VALUES (?, ?, ?, ?, ?, ",
+                $now,
+                ")"
+            ),
+            remember_answer: concat!(
+                "INSERT INTO request_ids (actor, request_id, action, subject, result, answer, ",
+                "at_ms) VALUES (?, ?, ?, ?, ?, ?, ",
                 $now,
                 ")"
             ),
@@ -379,6 +412,11 @@ mod tests {
             (m.upsert_member, s.upsert_member),
             (m.count_call, s.count_call),
             (m.count_sale, s.count_sale),
+            (m.count_missed, s.count_missed),
+            (m.remember_request, s.remember_request),
+            (m.remember_answer, s.remember_answer),
+            (m.pause_if_available, s.pause_if_available),
+            (m.end_call, s.end_call),
             (m.insert_session, s.insert_session),
             (m.move_session, s.move_session),
             (m.idle_from_now, s.idle_from_now),
@@ -392,6 +430,8 @@ mod tests {
         }
         assert_eq!(m.upsert_agent.matches('?').count(), 5);
         assert_eq!(m.wrap_up.matches('?').count(), 3);
+        assert_eq!(m.remember_answer.matches('?').count(), 6);
+        assert_eq!(m.pause_if_available.matches('?').count(), 2);
         assert_eq!(m.insert_audit.matches('?').count(), 4);
         assert_eq!(SET_DRAIN.matches('?').count(), 4);
     }

@@ -45,6 +45,11 @@
 //! - A new agent is available; logging in restarts the idle time of an available agent,
 //!   so an agent who logs in in the morning does not outrank colleagues who have been
 //!   waiting since. Logging out leaves availability as it was (routing needs a session).
+//! - The node that rang an agent for a queued call reports it ([`CallEvent`]): answered
+//!   (on a call), ended (wrap-up, only if still on that call: a supervisor's pause during
+//!   the call stays) or missed. Misses in a row pause an available agent with the reason
+//!   `missed` at the queue's limit, so a phone left unattended stops taking the queue's
+//!   callers' turns; an answered call starts the row again.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -315,6 +320,77 @@ pub struct DailyCounts {
     pub calls: u32,
     /// Sales recorded with [`Store::record_sale`].
     pub sales: u32,
+    /// Rings of queued calls the agent did not answer, reported with
+    /// [`Store::record_call_event`].
+    pub missed: u32,
+}
+
+/// What a node reports about an agent it rang for a queued call, with
+/// [`Store::record_call_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallEvent {
+    /// The agent answered a call of `queue`: they are on a call, one more call is counted
+    /// and their misses in a row start again from zero.
+    Answered {
+        /// The queue the call came from (kept in the audit row only).
+        queue: String,
+    },
+    /// The agent's call ended: wrap-up for `wrap_up` (at most a day; zero: available at
+    /// once), but only if they are still on the call. Whatever else they are in by then
+    /// (a supervisor's pause during the call, say) is theirs and stays.
+    Ended {
+        /// How long the agent finishes the call's paperwork before the next call.
+        wrap_up: Duration,
+    },
+    /// The agent was rung for a call of `queue` and did not answer (no answer, busy,
+    /// rejected). At `max_misses` misses in a row an available agent is paused with the
+    /// reason [`MISSED_REASON`].
+    Missed {
+        /// The queue the call came from (kept in the audit row only).
+        queue: String,
+        /// The queue's limit of misses in a row; at least 1.
+        max_misses: u32,
+    },
+}
+
+impl CallEvent {
+    /// Its action in the audit log and in the remembered request ids.
+    fn action(&self) -> &'static str {
+        match self {
+            Self::Answered { .. } => "agent.call_answered",
+            Self::Ended { .. } => "agent.call_ended",
+            Self::Missed { .. } => "agent.call_missed",
+        }
+    }
+}
+
+/// The pause reason of an agent paused by [`CallEvent::Missed`].
+pub const MISSED_REASON: &str = "missed";
+
+/// What a [`CallEvent`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum CallEventOutcome {
+    /// After [`CallEvent::Answered`].
+    Answered {
+        /// Calls counted on the day, this one included.
+        calls_today: u32,
+    },
+    /// After [`CallEvent::Ended`].
+    Ended {
+        /// The agent's state now: in wrap-up, available, or what they were in instead of
+        /// the call.
+        state: AgentState,
+    },
+    /// After [`CallEvent::Missed`].
+    Missed {
+        /// Misses counted on the day, this one included.
+        missed_today: u32,
+        /// Misses in a row now; back to 0 when this one reached `max_misses`.
+        misses_in_row: u32,
+        /// Whether this miss paused the agent.
+        paused: bool,
+    },
 }
 
 /// One row of the audit log.
@@ -340,7 +416,8 @@ pub struct DirectorySnapshot {
     /// The database clock when the snapshot was read, unix ms. Compare `until_ms` and
     /// `idle_since_ms` with this, never with the local clock.
     pub now_ms: i64,
-    /// The day whose counters `calls_today` and `sales_today` hold (`YYYY-MM-DD`).
+    /// The day whose counters `calls_today`, `sales_today` and `missed_today` hold
+    /// (`YYYY-MM-DD`).
     pub day: String,
     /// Every agent, ordered by id.
     pub agents: Vec<AgentSnapshot>,
@@ -387,6 +464,8 @@ pub struct AgentSnapshot {
     pub calls_today: u32,
     /// Sales recorded on the snapshot's day.
     pub sales_today: u32,
+    /// Rings of queued calls not answered on the snapshot's day.
+    pub missed_today: u32,
     /// Where the agent is logged in; `None` when they are not (and cannot be rung).
     pub session: Option<Session>,
 }
@@ -414,9 +493,9 @@ const GET_AGENT: &str = "SELECT id, name, tags, daily_cap, enabled FROM agents W
 const LIST_AGENTS: &str = "SELECT id, name, tags, daily_cap, enabled FROM agents ORDER BY id";
 const DELETE_AGENT: &str = "DELETE FROM agents WHERE id = ?";
 const DIRECTORY_VERSION: &str = "SELECT version FROM directory_version WHERE id = 1";
-/// Binds: actor, request id. Columns: action, subject, result.
-const REQUEST_SEEN: &str =
-    "SELECT action, subject, result FROM request_ids WHERE actor = ? AND request_id = ?";
+/// Binds: actor, request id. Columns: action, subject, result, answer.
+const REQUEST_SEEN: &str = "SELECT action, subject, result, answer FROM request_ids \
+     WHERE actor = ? AND request_id = ?";
 /// How long a request id is remembered.
 const REQUEST_ID_KEPT_MS: i64 = 7 * 24 * 3600 * 1000;
 /// Longest request id.
@@ -455,13 +534,21 @@ const GET_SESSION: &str = "SELECT s.agent_id, s.device_id, d.endpoint, s.since_m
      FROM sessions s JOIN devices d ON d.id = s.device_id WHERE s.agent_id = ?";
 const ON_CALL: &str =
     "UPDATE agents SET state = 'on_call', reason = NULL, until_ms = NULL WHERE id = ?";
-const COUNTS: &str = "SELECT calls, sales FROM daily_counters WHERE agent_id = ? AND day = ?";
+const COUNTS: &str =
+    "SELECT calls, sales, missed FROM daily_counters WHERE agent_id = ? AND day = ?";
+/// Binds: agent id. An answered call also ends the agent's misses in a row.
+const ANSWERED: &str = "UPDATE agents SET state = 'on_call', reason = NULL, until_ms = NULL, \
+     misses_in_row = 0 WHERE id = ?";
+const ADD_MISS_IN_ROW: &str = "UPDATE agents SET misses_in_row = misses_in_row + 1 WHERE id = ?";
+const MISSES_IN_ROW: &str = "SELECT misses_in_row FROM agents WHERE id = ?";
+const RESET_MISSES_IN_ROW: &str = "UPDATE agents SET misses_in_row = 0 WHERE id = ?";
 const LIST_AUDIT: &str = "SELECT id, at_ms, actor, action, subject, detail FROM audit_log \
      WHERE id < ? ORDER BY id DESC LIMIT ?";
 /// Binds: day. One row per agent, with their session, device and counters of the day.
 const SNAPSHOT_AGENTS: &str = "SELECT a.id, a.name, a.tags, a.daily_cap, a.enabled, \
      a.state, a.reason, a.until_ms, a.idle_since_ms, \
-     COALESCE(c.calls, 0), COALESCE(c.sales, 0), s.device_id, d.endpoint, s.since_ms \
+     COALESCE(c.calls, 0), COALESCE(c.sales, 0), s.device_id, d.endpoint, s.since_ms, \
+     COALESCE(c.missed, 0) \
      FROM agents a \
      LEFT JOIN sessions s ON s.agent_id = a.id \
      LEFT JOIN devices d ON d.id = s.device_id \
@@ -1223,15 +1310,7 @@ impl Store {
         actor: &str,
         request_id: &str,
     ) -> Result<u32, StoreError> {
-        if request_id.is_empty()
-            || request_id.len() > MAX_REQUEST_ID_LEN
-            || !request_id.bytes().all(|b| b.is_ascii_graphic())
-        {
-            return Err(invalid(
-                "request id",
-                format!("must be 1–{MAX_REQUEST_ID_LEN} printable ASCII characters (a UUID fits)"),
-            ));
-        }
+        check_request_id(request_id)?;
         let sql = self.directory_sql();
         self.count_with(
             agent,
@@ -1284,10 +1363,7 @@ impl Store {
                     let subject: String = earlier.try_get(1)?;
                     let result: i64 = earlier.try_get(2)?;
                     if action != counter.action() || subject != agent_subject {
-                        return Err(invalid(
-                            "request id",
-                            format!("`{request_id}` was used for {action} of {subject}; send a new id for every new request"),
-                        ));
+                        return Err(request_reused(request_id, &action, &subject));
                     }
                     // Nothing to write: the transaction is dropped (rolled back).
                     return Ok(u32::try_from(result).unwrap_or(u32::MAX));
@@ -1330,6 +1406,201 @@ impl Store {
         })
     }
 
+    /// Records what a node saw when it rang `agent` for a queued call (see [`CallEvent`]):
+    /// the agent's state, their counters of `day` (`YYYY-MM-DD` in the configured time
+    /// zone) and their misses in a row, in one transaction with its audit row, so every
+    /// node's routing sees it at its next refresh.
+    ///
+    /// With a `request_id` (a node retrying after a lost answer), a request `actor` already
+    /// sent is answered as it was the first time and writes nothing; an id used for another
+    /// event or agent is an error.
+    pub async fn record_call_event(
+        &self,
+        agent: &str,
+        event: &CallEvent,
+        day: &str,
+        actor: &str,
+        request_id: Option<&str>,
+    ) -> Result<CallEventOutcome, StoreError> {
+        check_id("agent id", agent)?;
+        check_day(day)?;
+        check_actor(actor)?;
+        if let Some(request_id) = request_id {
+            check_request_id(request_id)?;
+        }
+        match event {
+            // The queue is only recorded, not looked up: a call rung from a queue that was
+            // deleted meanwhile still happened, and the agent's state must say so.
+            CallEvent::Answered { queue } => check_id("queue id", queue)?,
+            CallEvent::Missed { queue, max_misses } => {
+                check_id("queue id", queue)?;
+                if *max_misses == 0 {
+                    return Err(invalid(
+                        "max_misses",
+                        "must be at least 1 (1 pauses the agent at their first miss)".into(),
+                    ));
+                }
+            }
+            CallEvent::Ended { wrap_up } => {
+                if *wrap_up > MAX_WRAP_UP {
+                    return Err(invalid(
+                        "wrap_up_ms",
+                        format!(
+                            "{} ms is longer than a day; send at most {} (0: available at once)",
+                            wrap_up.as_millis(),
+                            MAX_WRAP_UP.as_millis()
+                        ),
+                    ));
+                }
+            }
+        }
+        let sql = self.directory_sql();
+        let action = event.action();
+        let agent_subject = subject("agent", agent);
+        write_tx!(self, tx => {
+            let previous = lock_agent_state!(tx, sql, agent);
+            if let Some(request_id) = request_id {
+                // Under the agent's lock: two copies of one request cannot both count.
+                let earlier = sqlx::query(q(REQUEST_SEEN))
+                    .bind(actor)
+                    .bind(request_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if let Some(earlier) = earlier {
+                    let earlier_action: String = earlier.try_get(0)?;
+                    let earlier_subject: String = earlier.try_get(1)?;
+                    if earlier_action != action || earlier_subject != agent_subject {
+                        return Err(request_reused(request_id, &earlier_action, &earlier_subject));
+                    }
+                    let answer: Option<String> = earlier.try_get(3)?;
+                    let outcome = answer
+                        .as_deref()
+                        .map(serde_json::from_str::<CallEventOutcome>)
+                        .and_then(Result::ok)
+                        .ok_or_else(|| bad_column(3, format!("request `{request_id}` has no readable answer")))?;
+                    // Nothing to write: the transaction is dropped (rolled back).
+                    return Ok(outcome);
+                }
+            }
+            let (outcome, detail) = match event {
+                CallEvent::Answered { queue } => {
+                    sqlx::query(q(ANSWERED)).bind(agent).execute(&mut *tx).await?;
+                    sqlx::query(q(sql.count_call))
+                        .bind(agent)
+                        .bind(day)
+                        .execute(&mut *tx)
+                        .await?;
+                    let row = sqlx::query(q(COUNTS))
+                        .bind(agent)
+                        .bind(day)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    let calls = u32_column(&row, 0)?;
+                    let detail = json!({
+                        "queue": queue, "day": day, "calls": calls, "previous": previous,
+                    });
+                    (CallEventOutcome::Answered { calls_today: calls }, detail)
+                }
+                CallEvent::Ended { wrap_up } => {
+                    let ms = i64::try_from(wrap_up.as_millis()).expect("a day fits in i64 ms");
+                    // Only a call ends here: a pause a supervisor set during the call (or
+                    // anything else written since) is newer than the call and stays.
+                    let on_call = previous == AgentState::OnCall.as_str();
+                    if on_call && ms == 0 {
+                        sqlx::query(q(sql.end_call)).bind(agent).execute(&mut *tx).await?;
+                    } else if on_call {
+                        sqlx::query(q(sql.wrap_up))
+                            .bind(ms)
+                            .bind(ms)
+                            .bind(agent)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    let row = sqlx::query(q(sql.availability))
+                        .bind(agent)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    let state = state_from_row(&row, 0)?;
+                    let detail = json!({
+                        "wrap_up_ms": ms, "previous": previous, "state": state.as_str(),
+                    });
+                    (CallEventOutcome::Ended { state }, detail)
+                }
+                CallEvent::Missed { queue, max_misses } => {
+                    sqlx::query(q(sql.count_missed))
+                        .bind(agent)
+                        .bind(day)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query(q(ADD_MISS_IN_ROW)).bind(agent).execute(&mut *tx).await?;
+                    let row = sqlx::query(q(COUNTS))
+                        .bind(agent)
+                        .bind(day)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    let missed = u32_column(&row, 2)?;
+                    let row = sqlx::query(q(MISSES_IN_ROW))
+                        .bind(agent)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    let mut in_row = u32_column(&row, 0)?;
+                    let mut paused = false;
+                    // `>=`, not `==`: a queue whose limit was lowered since the last miss
+                    // pauses at its new limit instead of never.
+                    if in_row >= *max_misses {
+                        // Only an agent who could be rung is paused; one already paused
+                        // keeps their own reason, one on a call their call.
+                        paused = sqlx::query(q(sql.pause_if_available))
+                            .bind(MISSED_REASON)
+                            .bind(agent)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected()
+                            == 1;
+                        sqlx::query(q(RESET_MISSES_IN_ROW)).bind(agent).execute(&mut *tx).await?;
+                        in_row = 0;
+                    }
+                    let detail = json!({
+                        "queue": queue, "day": day, "missed": missed, "misses_in_row": in_row,
+                        "max_misses": max_misses, "paused": paused, "previous": previous,
+                    });
+                    let outcome = CallEventOutcome::Missed {
+                        missed_today: missed,
+                        misses_in_row: in_row,
+                        paused,
+                    };
+                    (outcome, detail)
+                }
+            };
+            audit(sql, actor, action, &agent_subject, &detail)
+                .execute(&mut *tx)
+                .await?;
+            if let Some(request_id) = request_id {
+                let result = match &outcome {
+                    CallEventOutcome::Answered { calls_today } => *calls_today,
+                    CallEventOutcome::Missed { missed_today, .. } => *missed_today,
+                    CallEventOutcome::Ended { .. } => 0,
+                };
+                let answer = serde_json::to_string(&outcome).expect("outcomes serialize");
+                sqlx::query(q(sql.remember_answer))
+                    .bind(actor)
+                    .bind(request_id)
+                    .bind(action)
+                    .bind(&agent_subject)
+                    .bind(i64::from(result))
+                    .bind(answer)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(q(sql.forget_requests))
+                    .bind(actor)
+                    .bind(REQUEST_ID_KEPT_MS)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            outcome
+        })
+    }
+
     /// The agent's counters of `day`; zero for a day without calls.
     pub async fn daily_counts(&self, agent: &str, day: &str) -> Result<DailyCounts, StoreError> {
         check_id("agent id", agent)?;
@@ -1353,6 +1624,7 @@ impl Store {
             Ok(DailyCounts {
                 calls: u32_column(&row, 0)?,
                 sales: u32_column(&row, 1)?,
+                missed: u32_column(&row, 2)?,
             })
         })
     }
@@ -1729,6 +2001,30 @@ fn check_realm(realm: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A request id a client chose to make a retry count once.
+fn check_request_id(request_id: &str) -> Result<(), StoreError> {
+    if request_id.is_empty()
+        || request_id.len() > MAX_REQUEST_ID_LEN
+        || !request_id.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(invalid(
+            "request id",
+            format!("must be 1–{MAX_REQUEST_ID_LEN} printable ASCII characters (a UUID fits)"),
+        ));
+    }
+    Ok(())
+}
+
+/// A request id sent again with another request than the one it was first sent with.
+fn request_reused(request_id: &str, action: &str, subject: &str) -> StoreError {
+    invalid(
+        "request id",
+        format!(
+            "`{request_id}` was used for {action} of {subject}; send a new id for every new request"
+        ),
+    )
+}
+
 /// A calendar day, `YYYY-MM-DD`.
 fn check_day(day: &str) -> Result<(), StoreError> {
     let reject = || {
@@ -1895,6 +2191,7 @@ where
         idle_since_ms: row.try_get(8)?,
         calls_today: u32_column(row, 9)?,
         sales_today: u32_column(row, 10)?,
+        missed_today: u32_column(row, 14)?,
         session,
         id,
     })

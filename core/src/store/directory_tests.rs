@@ -780,14 +780,22 @@ async fn counters_increment_per_agent_and_per_day() {
         assert_eq!(store.record_sale("1002", DAY, CRM).await.expect("sale"), 1);
         assert_eq!(
             store.daily_counts("1001", DAY).await.expect("counts"),
-            DailyCounts { calls: 2, sales: 1 }
+            DailyCounts {
+                calls: 2,
+                sales: 1,
+                missed: 0
+            }
         );
         assert_eq!(
             store
                 .daily_counts("1001", "2025-03-15")
                 .await
                 .expect("counts"),
-            DailyCounts { calls: 0, sales: 1 }
+            DailyCounts {
+                calls: 0,
+                sales: 1,
+                missed: 0
+            }
         );
         assert_eq!(
             store.daily_counts("1003", DAY).await.expect("counts"),
@@ -1648,6 +1656,623 @@ async fn a_sale_retried_with_its_request_id_counts_once() {
                 ..
             })
         ));
+    })
+    .await;
+}
+
+// ---- call events a node reports (issue 16) ----------------------------------------------
+
+const NODE: &str = "node:pbx-1";
+
+fn answered(queue: &str) -> CallEvent {
+    CallEvent::Answered {
+        queue: queue.into(),
+    }
+}
+
+fn ended(wrap_up_ms: u64) -> CallEvent {
+    CallEvent::Ended {
+        wrap_up: Duration::from_millis(wrap_up_ms),
+    }
+}
+
+fn missed(queue: &str, max_misses: u32) -> CallEvent {
+    CallEvent::Missed {
+        queue: queue.into(),
+        max_misses,
+    }
+}
+
+/// `event` of `agent` reported by the node `node:pbx-1` on [`DAY`], without a request id.
+async fn report(store: &Store, agent: &str, event: &CallEvent) -> CallEventOutcome {
+    store
+        .record_call_event(agent, event, DAY, NODE, None)
+        .await
+        .unwrap_or_else(|err| panic!("{event:?} of {agent} on {}: {err}", store.dialect()))
+}
+
+fn missed_outcome(missed_today: u32, misses_in_row: u32, paused: bool) -> CallEventOutcome {
+    CallEventOutcome::Missed {
+        missed_today,
+        misses_in_row,
+        paused,
+    }
+}
+
+#[tokio::test]
+async fn answered_puts_the_agent_on_a_call_and_counts_the_call_of_the_day() {
+    on_both(|store| async move {
+        seed(&store).await;
+        store.login("1001", "2001", CRM).await.expect("login");
+        let version = store.directory_version().await.expect("version");
+        assert_eq!(
+            report(&store, "1001", &answered("sales")).await,
+            CallEventOutcome::Answered { calls_today: 1 }
+        );
+        assert_eq!(state(&store, "1001").await.state, AgentState::OnCall);
+        assert_eq!(
+            store.directory_version().await.expect("version"),
+            version + 1,
+            "routing refreshes: the version moved once"
+        );
+        let last = &audit(&store).await[0];
+        assert_eq!(
+            (
+                last.actor.as_str(),
+                last.action.as_str(),
+                last.subject.as_str()
+            ),
+            (NODE, "agent.call_answered", "agent:1001")
+        );
+        assert_eq!(
+            last.detail,
+            serde_json::json!({ "queue": "sales", "day": DAY, "calls": 1, "previous": "available" })
+        );
+        // A call of another queue, and one on another day, count on their own days.
+        report(&store, "1001", &ended(0)).await;
+        assert_eq!(
+            report(&store, "1001", &answered("support")).await,
+            CallEventOutcome::Answered { calls_today: 2 }
+        );
+        assert_eq!(
+            store
+                .record_call_event("1001", &answered("sales"), "2025-03-15", NODE, None)
+                .await
+                .expect("next day"),
+            CallEventOutcome::Answered { calls_today: 1 }
+        );
+        assert_eq!(
+            store.daily_counts("1001", DAY).await.expect("counts"),
+            DailyCounts {
+                calls: 2,
+                sales: 0,
+                missed: 0
+            }
+        );
+        // The queue is recorded, not looked up: a call of a queue deleted while it rang
+        // still put the agent on a call.
+        assert_eq!(
+            report(&store, "1002", &answered("gone")).await,
+            CallEventOutcome::Answered { calls_today: 1 }
+        );
+        let snapshot = store.directory_snapshot(DAY).await.expect("snapshot");
+        let alice = snapshot.agent("1001").expect("1001");
+        assert_eq!(
+            (&alice.state, alice.calls_today, alice.missed_today),
+            (&AgentState::OnCall, 2, 0)
+        );
+        assert_eq!(
+            snapshot.agent("1002").expect("1002").state,
+            AgentState::OnCall
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn ended_wraps_up_an_agent_on_the_call_and_keeps_a_supervisor_s_pause() {
+    on_both(|store| async move {
+        seed(&store).await;
+        report(&store, "1001", &answered("sales")).await;
+        let CallEventOutcome::Ended { state: wrapping } = report(&store, "1001", &ended(300)).await
+        else {
+            panic!("an ended outcome");
+        };
+        let now = state(&store, "1001").await;
+        let AgentState::WrapUp { until_ms } = wrapping else {
+            panic!("in wrap-up: {wrapping:?}");
+        };
+        assert_eq!(now.state, AgentState::WrapUp { until_ms });
+        assert!(
+            (200..=300).contains(&(until_ms - now.now_ms)),
+            "{} ms left on {}",
+            until_ms - now.now_ms,
+            store.dialect()
+        );
+        assert_eq!(now.idle_since_ms, until_ms, "idle from the end of wrap-up");
+        let last = &audit(&store).await[0];
+        assert_eq!(
+            (last.actor.as_str(), last.action.as_str()),
+            (NODE, "agent.call_ended")
+        );
+        assert_eq!(
+            last.detail,
+            serde_json::json!({ "wrap_up_ms": 300, "previous": "on_call", "state": "wrap_up" })
+        );
+
+        // Without wrap-up the agent is available at once, idle from now.
+        report(&store, "1002", &answered("sales")).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let before = state(&store, "1002").await;
+        assert_eq!(
+            report(&store, "1002", &ended(0)).await,
+            CallEventOutcome::Ended {
+                state: AgentState::Available
+            }
+        );
+        let after = state(&store, "1002").await;
+        assert_eq!(after.state, AgentState::Available);
+        assert!(
+            after.idle_since_ms >= before.now_ms && after.idle_since_ms <= after.now_ms,
+            "idle since the end of the call: {before:?} {after:?}"
+        );
+
+        // A supervisor paused the agent during the call: the end of the call keeps it.
+        report(&store, "1003", &answered("sales")).await;
+        store.pause("1003", "coaching", CRM).await.expect("pause");
+        let coaching = AgentState::Paused {
+            reason: "coaching".into(),
+        };
+        assert_eq!(
+            report(&store, "1003", &ended(5000)).await,
+            CallEventOutcome::Ended {
+                state: coaching.clone()
+            }
+        );
+        assert_eq!(state(&store, "1003").await.state, coaching);
+        assert_eq!(
+            audit(&store).await[0].detail,
+            serde_json::json!({ "wrap_up_ms": 5000, "previous": "paused", "state": "paused" })
+        );
+
+        // The end of a call reported twice (without a key) leaves the agent where the first
+        // report put them, idle time included.
+        report(&store, "1002", &ended(60_000)).await;
+        assert_eq!(state(&store, "1002").await.state, AgentState::Available);
+        assert_eq!(
+            state(&store, "1002").await.idle_since_ms,
+            after.idle_since_ms
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn missed_max_misses_times_in_a_row_pauses_exactly_at_the_last_one() {
+    on_both(|store| async move {
+        seed(&store).await;
+        assert_eq!(
+            report(&store, "1001", &missed("sales", 3)).await,
+            missed_outcome(1, 1, false)
+        );
+        assert_eq!(
+            report(&store, "1001", &missed("sales", 3)).await,
+            missed_outcome(2, 2, false)
+        );
+        assert_eq!(state(&store, "1001").await.state, AgentState::Available);
+        assert_eq!(
+            report(&store, "1001", &missed("sales", 3)).await,
+            missed_outcome(3, 0, true)
+        );
+        assert_eq!(
+            state(&store, "1001").await.state,
+            AgentState::Paused {
+                reason: "missed".into()
+            }
+        );
+        let last = &audit(&store).await[0];
+        assert_eq!(
+            (last.actor.as_str(), last.action.as_str()),
+            (NODE, "agent.call_missed")
+        );
+        assert_eq!(
+            last.detail,
+            serde_json::json!({
+                "queue": "sales", "day": DAY, "missed": 3, "misses_in_row": 0,
+                "max_misses": 3, "paused": true, "previous": "available",
+            })
+        );
+        assert_eq!(
+            store.daily_counts("1001", DAY).await.expect("counts"),
+            DailyCounts {
+                calls: 0,
+                sales: 0,
+                missed: 3
+            }
+        );
+        let snapshot = store.directory_snapshot(DAY).await.expect("snapshot");
+        assert_eq!(snapshot.agent("1001").expect("1001").missed_today, 3);
+
+        // Back from the pause, the row starts from zero; a limit of 1 pauses at once.
+        store.unpause("1001", CRM).await.expect("unpause");
+        assert_eq!(
+            report(&store, "1001", &missed("support", 1)).await,
+            missed_outcome(4, 0, true)
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_answered_call_between_misses_starts_the_row_again() {
+    on_both(|store| async move {
+        seed(&store).await;
+        report(&store, "1001", &missed("sales", 3)).await;
+        report(&store, "1001", &missed("sales", 3)).await;
+        report(&store, "1001", &answered("sales")).await;
+        report(&store, "1001", &ended(0)).await;
+        assert_eq!(
+            report(&store, "1001", &missed("sales", 3)).await,
+            missed_outcome(3, 1, false)
+        );
+        assert_eq!(
+            report(&store, "1001", &missed("sales", 3)).await,
+            missed_outcome(4, 2, false)
+        );
+        assert_eq!(state(&store, "1001").await.state, AgentState::Available);
+        assert_eq!(
+            report(&store, "1001", &missed("sales", 3)).await,
+            missed_outcome(5, 0, true)
+        );
+        assert_eq!(
+            store.daily_counts("1001", DAY).await.expect("counts"),
+            DailyCounts {
+                calls: 1,
+                sales: 0,
+                missed: 5
+            }
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_last_miss_keeps_a_state_other_than_available() {
+    on_both(|store| async move {
+        seed(&store).await;
+        // Paused by a supervisor: their reason stays, and the row starts again.
+        report(&store, "1001", &missed("sales", 2)).await;
+        store.pause("1001", "lunch", CRM).await.expect("pause");
+        assert_eq!(
+            report(&store, "1001", &missed("sales", 2)).await,
+            missed_outcome(2, 0, false)
+        );
+        assert_eq!(
+            state(&store, "1001").await.state,
+            AgentState::Paused {
+                reason: "lunch".into()
+            }
+        );
+        // On a call (a ring that crossed the answer of another): the call stays.
+        report(&store, "1002", &answered("sales")).await;
+        report(&store, "1002", &missed("sales", 1)).await;
+        assert_eq!(state(&store, "1002").await.state, AgentState::OnCall);
+        // In a wrap-up that has ended the agent can be rung, so is paused like one available;
+        // in one still running they cannot, and keep it.
+        report(&store, "1003", &answered("sales")).await;
+        report(&store, "1003", &ended(1)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            report(&store, "1003", &missed("sales", 1)).await,
+            missed_outcome(1, 0, true)
+        );
+        store.unpause("1003", CRM).await.expect("unpause");
+        report(&store, "1003", &answered("sales")).await;
+        report(&store, "1003", &ended(60_000)).await;
+        assert_eq!(
+            report(&store, "1003", &missed("sales", 1)).await,
+            missed_outcome(2, 0, false)
+        );
+        assert!(matches!(
+            state(&store, "1003").await.state,
+            AgentState::WrapUp { .. }
+        ));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_call_event_retried_with_its_request_id_counts_once() {
+    on_both(|store| async move {
+        seed(&store).await;
+        let once =
+            |agent: &'static str, event: CallEvent, actor: &'static str, key: &'static str| {
+                let store = store.clone();
+                async move {
+                    store
+                        .record_call_event(agent, &event, DAY, actor, Some(key))
+                        .await
+                }
+            };
+        let first = once("1001", answered("sales"), NODE, "a-1")
+            .await
+            .expect("answered");
+        assert_eq!(first, CallEventOutcome::Answered { calls_today: 1 });
+        // The node lost the answer and sends the same report again: answered, not counted.
+        assert_eq!(
+            once("1001", answered("sales"), NODE, "a-1")
+                .await
+                .expect("retry"),
+            first
+        );
+        let wrap = once("1001", ended(60_000), NODE, "e-1")
+            .await
+            .expect("ended");
+        // The retry does not start the wrap-up again: the same end is answered.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            once("1001", ended(60_000), NODE, "e-1")
+                .await
+                .expect("retry"),
+            wrap
+        );
+        let CallEventOutcome::Ended { state: wrapping } = &wrap else {
+            panic!("ended: {wrap:?}");
+        };
+        assert_eq!(&state(&store, "1001").await.state, wrapping);
+        store.unpause("1001", CRM).await.expect("back");
+        assert_eq!(
+            once("1001", missed("sales", 2), NODE, "m-1")
+                .await
+                .expect("missed"),
+            missed_outcome(1, 1, false)
+        );
+        for _ in 0..2 {
+            assert_eq!(
+                once("1001", missed("sales", 2), NODE, "m-1")
+                    .await
+                    .expect("retry"),
+                missed_outcome(1, 1, false),
+                "a retry is not a second miss in a row"
+            );
+        }
+        assert_eq!(state(&store, "1001").await.state, AgentState::Available);
+        // Request ids are each node's own: another node's `m-1` is another report.
+        assert_eq!(
+            once("1001", missed("sales", 2), "node:pbx-2", "m-1")
+                .await
+                .expect("missed"),
+            missed_outcome(2, 0, true)
+        );
+        // An id sent again with another event or agent is refused, naming its first use.
+        for (agent, event) in [("1001", ended(0)), ("1002", answered("sales"))] {
+            let err = once(agent, event, NODE, "a-1").await.expect_err("reused");
+            assert!(
+                matches!(
+                    &err,
+                    StoreError::Invalid {
+                        field: "request id",
+                        reason,
+                    } if reason.contains("agent.call_answered of agent:1001")
+                ),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            store.daily_counts("1001", DAY).await.expect("counts"),
+            DailyCounts {
+                calls: 1,
+                sales: 0,
+                missed: 2
+            }
+        );
+        let events: Vec<String> = audit(&store)
+            .await
+            .into_iter()
+            .filter(|row| row.action.starts_with("agent.call_"))
+            .map(|row| row.action)
+            .collect();
+        assert_eq!(
+            events,
+            [
+                "agent.call_missed",
+                "agent.call_missed",
+                "agent.call_ended",
+                "agent.call_answered"
+            ],
+            "a retry writes nothing"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn invalid_call_events_are_refused_naming_the_field_and_change_nothing() {
+    on_both(|store| async move {
+        seed(&store).await;
+        let rows = audit(&store).await.len();
+        let version = store.directory_version().await.expect("version");
+        let refused = |agent: &'static str, event: CallEvent, key: Option<&'static str>| {
+            let store = store.clone();
+            async move {
+                store
+                    .record_call_event(agent, &event, DAY, NODE, key)
+                    .await
+                    .expect_err("refused")
+            }
+        };
+        let field_of = |err: &StoreError| match err {
+            StoreError::Invalid { field, .. } => *field,
+            other => panic!("not an invalid field: {other}"),
+        };
+        let err = refused("1001", missed("sales", 0), None).await;
+        assert_eq!(field_of(&err), "max_misses");
+        assert_eq!(
+            err.to_string(),
+            "invalid max_misses: must be at least 1 (1 pauses the agent at their first miss)"
+        );
+        let err = refused("1001", ended(86_400_001), None).await;
+        assert_eq!(
+            err.to_string(),
+            "invalid wrap_up_ms: 86400001 ms is longer than a day; send at most 86400000 (0: available at once)"
+        );
+        assert_eq!(
+            field_of(&refused("1001", answered("sa les"), None).await),
+            "queue id"
+        );
+        assert_eq!(
+            field_of(&refused("1001", answered("sales"), Some("")).await),
+            "request id"
+        );
+        let err = refused("1009", answered("sales"), None).await;
+        assert!(
+            matches!(&err, StoreError::NotFound { kind: "agent", id } if id == "1009"),
+            "{err}"
+        );
+        // A day's wrap-up is the longest accepted.
+        report(&store, "1001", &answered("sales")).await;
+        report(&store, "1001", &ended(86_400_000)).await;
+        assert_eq!(audit(&store).await.len(), rows + 2);
+        assert_eq!(
+            store.directory_version().await.expect("version"),
+            version + 2
+        );
+        assert_eq!(
+            store.daily_counts("1001", DAY).await.expect("counts"),
+            DailyCounts {
+                calls: 1,
+                sales: 0,
+                missed: 0
+            }
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_store_of_the_previous_version_migrates_keeping_counters_and_request_ids() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for config in [
+        testing::sqlite_config(dir.path()),
+        testing::fresh_mysql_config().await,
+    ] {
+        // The schema and rows of the version before call events (migrations 1–5).
+        let statements = [
+            "INSERT INTO agents (id, name, tags, enabled, state, idle_since_ms) \
+             VALUES ('1001', 'Alice', '[]', 1, 'available', 0)",
+            "INSERT INTO daily_counters (agent_id, day, calls, sales) \
+             VALUES ('1001', '2025-03-14', 4, 2)",
+            "INSERT INTO request_ids (actor, request_id, action, subject, result, at_ms) \
+             VALUES ('crm-main', 'r-1', 'agent.record_sale', 'agent:1001', 2, 0)",
+        ];
+        let before = |dialect: &Dialect| {
+            let mut old = migrator(dialect);
+            let kept: Vec<_> = old.iter().filter(|m| m.version <= 5).cloned().collect();
+            old = sqlx::migrate::Migrator::with_migrations(kept);
+            old.set_locking(false);
+            old
+        };
+        if let Some(path) = config.sqlite_path() {
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true);
+            let pool = sqlx::SqlitePool::connect_with(options)
+                .await
+                .expect("sqlite");
+            before(&dialect::SQLITE).run(&pool).await.expect("migrate");
+            for statement in statements {
+                sqlx::query(statement).execute(&pool).await.expect("row");
+            }
+            pool.close().await;
+        } else {
+            let pool = sqlx::MySqlPool::connect(&config.url)
+                .await
+                .expect("mariadb");
+            before(&dialect::MYSQL).run(&pool).await.expect("migrate");
+            for statement in statements {
+                sqlx::query(statement).execute(&pool).await.expect("row");
+            }
+            pool.close().await;
+        }
+
+        let store = Store::connect(&config).await.expect("migrates");
+        let db = store.dialect();
+        assert_eq!(
+            store.daily_counts("1001", DAY).await.expect("counts"),
+            DailyCounts {
+                calls: 4,
+                sales: 2,
+                missed: 0
+            },
+            "{db}"
+        );
+        // A sale remembered before the migration is still answered, not counted again.
+        assert_eq!(
+            store
+                .record_sale_once("1001", DAY, CRM, "r-1")
+                .await
+                .expect("retry"),
+            2,
+            "{db}"
+        );
+        assert_eq!(
+            report(&store, "1001", &missed("sales", 2)).await,
+            missed_outcome(1, 1, false),
+            "{db}"
+        );
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn concurrent_misses_are_all_counted_and_pause_once() {
+    on_both(|store| async move {
+        seed(&store).await;
+        let mut misses = tokio::task::JoinSet::new();
+        for node in 0..20 {
+            let store = store.clone();
+            misses.spawn(async move {
+                store
+                    .record_call_event(
+                        "1001",
+                        &missed("sales", 5),
+                        DAY,
+                        &format!("node:pbx-{node}"),
+                        None,
+                    )
+                    .await
+            });
+        }
+        let mut counts = Vec::new();
+        let mut pauses = 0;
+        while let Some(joined) = misses.join_next().await {
+            match joined.expect("task").expect("missed") {
+                CallEventOutcome::Missed {
+                    missed_today,
+                    paused,
+                    ..
+                } => {
+                    counts.push(missed_today);
+                    pauses += usize::from(paused);
+                }
+                other => panic!("not a miss: {other:?}"),
+            }
+        }
+        counts.sort_unstable();
+        assert_eq!(
+            counts,
+            (1..=20).collect::<Vec<u32>>(),
+            "{}",
+            store.dialect()
+        );
+        // The 5th paused the agent; the 10th, 15th and 20th found them paused already.
+        assert_eq!(pauses, 1, "{}", store.dialect());
+        assert_eq!(
+            state(&store, "1001").await.state,
+            AgentState::Paused {
+                reason: "missed".into()
+            }
+        );
     })
     .await;
 }

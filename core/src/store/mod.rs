@@ -519,6 +519,11 @@ fn migrator(sql: &Dialect) -> Migrator {
                 "request ids",
                 include_str!("migrations/mysql/0005_request_ids.sql"),
             ),
+            (
+                6,
+                "call events",
+                include_str!("migrations/mysql/0006_call_events.sql"),
+            ),
         ]
     } else {
         &[
@@ -542,6 +547,11 @@ fn migrator(sql: &Dialect) -> Migrator {
                 5,
                 "request ids",
                 include_str!("migrations/sqlite/0005_request_ids.sql"),
+            ),
+            (
+                6,
+                "call events",
+                include_str!("migrations/sqlite/0006_call_events.sql"),
             ),
         ]
     };
@@ -567,9 +577,9 @@ fn migrator(sql: &Dialect) -> Migrator {
 pub mod directory;
 
 pub use directory::{
-    Agent, AgentSnapshot, AgentState, AuditEntry, Availability, CredentialsChange, DailyCounts,
-    Device, DigestCredentials, DirectorySnapshot, Login, Queue, QueueMember, QueueSnapshot,
-    Session, SipDevice, aor_of,
+    Agent, AgentSnapshot, AgentState, AuditEntry, Availability, CallEvent, CallEventOutcome,
+    CredentialsChange, DailyCounts, Device, DigestCredentials, DirectorySnapshot, Login, Queue,
+    QueueMember, QueueSnapshot, Session, SipDevice, aor_of,
 };
 
 #[cfg(test)]
