@@ -100,11 +100,13 @@ impl Tokens {
 /// Who may read a queue's candidates (`queue.candidates`): `read` and above, and `node`.
 ///
 /// A node-agent routes its queued calls by the candidates, so its `node` token must read
-/// them; it reads no other part of the directory and changes nothing of it. The rule is the
-/// same on REST, XML-RPC and gRPC: the three faces serve the same operations, and a token
-/// that can read an answer on one face gains nothing from being refused it on another (the
-/// node-agent itself asks over REST). Keeping one rule per operation also keeps "what may a
-/// node token do" one short list: realtime provisioning, and candidates.
+/// them; it reads no other part of the directory. The rule is the same on REST, XML-RPC and
+/// gRPC: the three faces serve the same operations, and a token that can read an answer on
+/// one face gains nothing from being refused it on another (the node-agent itself asks over
+/// REST). Keeping one rule per operation also keeps "what may a node token do" one short
+/// list: realtime provisioning, candidates, and the one change it makes to the directory,
+/// what happened when it rang an agent (REST `call-events`, which needs `node` itself, so
+/// `admin` may too and `read`/`write` may not).
 pub const CANDIDATE_READERS: [Role; 2] = [Role::Read, Role::Node];
 
 /// The file in the data folder that keeps `callfleet up`'s admin token.

@@ -1,9 +1,10 @@
 //! REST/JSON under `/api/v1`, described by the OpenAPI document at `/api/v1/openapi.json`.
 //!
 //! Reads need a `read` token, changes a `write` token, node drains an `admin` token; a
-//! queue's candidates may also be read with a `node` token ([`crate::auth::CANDIDATE_READERS`]);
-//! only the public queue status is open, because a website polls it (rate-limited per client
-//! address, [`crate::ratelimit`]).
+//! queue's candidates may also be read with a `node` token ([`crate::auth::CANDIDATE_READERS`]),
+//! and what a node saw when it rang an agent (`call-events`) is written with a `node` token
+//! (or `admin`) only; only the public queue status is open, because a website polls it
+//! (rate-limited per client address, [`crate::ratelimit`]).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use callfleet_core::config::Role;
-use callfleet_core::store::{Agent, Device, Queue};
+use callfleet_core::store::{Agent, AgentState, CallEvent, CallEventOutcome, Device, Queue};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -86,6 +87,7 @@ pub fn router(control: Arc<Control>, status_limit: Arc<RateLimit>) -> Router {
         .route("/agents/{agent}/logout", post(logout))
         .route("/agents/{agent}/pause", post(pause))
         .route("/agents/{agent}/unpause", post(unpause))
+        .route("/agents/{agent}/call-events", post(call_event))
         .route("/devices", get(list_devices))
         .route("/devices/{device}", put(put_device).delete(delete_device))
         .route("/queues", get(list_queues))
@@ -223,21 +225,150 @@ async fn set_daily_cap(
         .await?)
 }
 
+/// The `Idempotency-Key` header: with it, a retry (after a lost answer) counts once.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ControlError> {
+    headers
+        .get("idempotency-key")
+        .map(|value| {
+            value.to_str().map_err(|_| {
+                ControlError::invalid("Idempotency-Key", "must be printable ASCII (a UUID fits)")
+            })
+        })
+        .transpose()
+}
+
 async fn record_sale(
     State(control): Shared,
     headers: HeaderMap,
     Path(agent): Path<String>,
 ) -> Reply {
     let caller = caller(&control, &headers, Role::Write)?;
-    // With an `Idempotency-Key`, a retry (after a lost answer) counts once.
-    let request_id = match headers.get("idempotency-key") {
-        Some(value) => Some(value.to_str().map_err(|_| {
-            ControlError::invalid("Idempotency-Key", "must be printable ASCII (a UUID fits)")
-        })?),
-        None => None,
-    };
+    let request_id = idempotency_key(&headers)?;
     let sales = control.record_sale(&caller, &agent, request_id).await?;
     ok(json!({ "agent": agent, "sales_today": sales }))
+}
+
+/// The body of `POST /agents/{agent}/call-events`. One flat object rather than a tagged
+/// enum, so that a missing or stray field is named in the error with what its `event`
+/// needs (serde's tagged enums report errors without the field's path).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallEventBody {
+    event: CallEventKind,
+    #[serde(default)]
+    queue: Option<String>,
+    #[serde(default)]
+    wrap_up_ms: Option<u64>,
+    #[serde(default)]
+    max_misses: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum CallEventKind {
+    Answered,
+    Ended,
+    Missed,
+}
+
+impl CallEventBody {
+    /// The event, or a 400 naming the field its kind lacks or does not take.
+    fn event(self) -> Result<CallEvent, ControlError> {
+        let (kind, fields) = match self.event {
+            CallEventKind::Answered => ("answered", "queue"),
+            CallEventKind::Ended => ("ended", "wrap_up_ms"),
+            CallEventKind::Missed => ("missed", "queue and max_misses"),
+        };
+        let stray = |field: &str| {
+            ControlError::invalid(
+                field,
+                format!("the `{kind}` event takes no {field}; send {fields} only"),
+            )
+        };
+        let missing = |field: &str, example: &str| {
+            ControlError::invalid(
+                field,
+                format!("the `{kind}` event needs {field}, e.g. \"{field}\": {example}"),
+            )
+        };
+        match self.event {
+            CallEventKind::Answered => {
+                if self.wrap_up_ms.is_some() {
+                    return Err(stray("wrap_up_ms"));
+                }
+                if self.max_misses.is_some() {
+                    return Err(stray("max_misses"));
+                }
+                let queue = self.queue.ok_or_else(|| missing("queue", "\"sales\""))?;
+                Ok(CallEvent::Answered { queue })
+            }
+            CallEventKind::Ended => {
+                if self.queue.is_some() {
+                    return Err(stray("queue"));
+                }
+                if self.max_misses.is_some() {
+                    return Err(stray("max_misses"));
+                }
+                let ms = self
+                    .wrap_up_ms
+                    .ok_or_else(|| missing("wrap_up_ms", "30000 (0: available at once)"))?;
+                Ok(CallEvent::Ended {
+                    wrap_up: std::time::Duration::from_millis(ms),
+                })
+            }
+            CallEventKind::Missed => {
+                if self.wrap_up_ms.is_some() {
+                    return Err(stray("wrap_up_ms"));
+                }
+                let queue = self.queue.ok_or_else(|| missing("queue", "\"sales\""))?;
+                let max_misses = self.max_misses.ok_or_else(|| missing("max_misses", "3"))?;
+                Ok(CallEvent::Missed { queue, max_misses })
+            }
+        }
+    }
+}
+
+async fn call_event(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path(agent): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Reply {
+    // A node-agent's token (or an admin's): CRMs and supervisors change agents through
+    // pause and unpause, and a CRM that could report calls could skew the ring order.
+    let caller = caller(&control, &headers, Role::Node)?;
+    let body: CallEventBody = body(&bytes)?;
+    let event = body.event()?;
+    let request_id = idempotency_key(&headers)?;
+    let outcome = control
+        .call_event(&caller, &agent, &event, request_id)
+        .await?;
+    ok(match outcome {
+        CallEventOutcome::Answered { calls_today } => {
+            json!({ "agent": agent, "calls_today": calls_today })
+        }
+        // The state as the agent views show it (`state`, `pause_reason`), with the end of a
+        // wrap-up, which a node needs to know when the agent rings again.
+        CallEventOutcome::Ended { state } => match state {
+            AgentState::Paused { reason } => {
+                json!({ "agent": agent, "state": "paused", "pause_reason": reason })
+            }
+            AgentState::WrapUp { until_ms } => {
+                json!({ "agent": agent, "state": "wrap_up", "until_ms": until_ms })
+            }
+            other => json!({ "agent": agent, "state": other.as_str() }),
+        },
+        CallEventOutcome::Missed {
+            missed_today,
+            misses_in_row,
+            paused,
+        } => json!({
+            "agent": agent,
+            "missed_today": missed_today,
+            "misses_in_row": misses_in_row,
+            "paused": paused,
+        }),
+    })
 }
 
 #[derive(Debug, Deserialize)]

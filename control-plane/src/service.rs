@@ -14,8 +14,8 @@ use callfleet_core::config::{ControlPlaneConfig, Role};
 use callfleet_core::routing::{self, CallerAttributes, Day, Snapshot};
 use callfleet_core::store::directory::MAX_TAGS;
 use callfleet_core::store::{
-    Agent, AgentState, AuditEntry, CredentialsChange, Device, DigestCredentials, DirectorySnapshot,
-    Login, Queue, QueueMember, Session,
+    Agent, AgentState, AuditEntry, CallEvent, CallEventOutcome, CredentialsChange, Device,
+    DigestCredentials, DirectorySnapshot, Login, Queue, QueueMember, Session,
 };
 use callfleet_core::{NodeId, NodeStatus, Store};
 use tokio_util::sync::CancellationToken;
@@ -69,6 +69,8 @@ pub struct AgentView {
     pub sales_today: u32,
     /// Calls counted today.
     pub calls_today: u32,
+    /// Rings of queued calls the agent did not answer today.
+    pub missed_today: u32,
 }
 
 /// A routing candidate, owned.
@@ -285,6 +287,7 @@ impl Control {
             device: session.map(|s| s.device),
             sales_today: counts.sales,
             calls_today: counts.calls,
+            missed_today: counts.missed,
         })
     }
 
@@ -398,6 +401,26 @@ impl Control {
         self.store.unpause(agent, &caller.name).await?;
         self.after_write().await;
         Ok(())
+    }
+
+    /// Records what a node saw when it rang the agent for a queued call (answered, ended,
+    /// missed), counted on today's date in the configured time zone. With a `request_id`, a
+    /// retry of the same request answers what the first one did and changes nothing.
+    pub async fn call_event(
+        &self,
+        caller: &Caller,
+        agent: &str,
+        event: &CallEvent,
+        request_id: Option<&str>,
+    ) -> Result<CallEventOutcome, ControlError> {
+        let outcome = self
+            .store
+            .record_call_event(agent, event, &self.today(), &caller.name, request_id)
+            .await?;
+        // Also after a replay, which wrote nothing: the view then shows the first write,
+        // which a refresh may not have shown yet.
+        self.after_write().await;
+        Ok(outcome)
     }
 
     // ---- devices and queues ------------------------------------------------------------
@@ -614,6 +637,7 @@ fn agent_view(agent: &callfleet_core::store::AgentSnapshot) -> AgentView {
         device: agent.session.as_ref().map(|s| s.device.clone()),
         sales_today: agent.sales_today,
         calls_today: agent.calls_today,
+        missed_today: agent.missed_today,
     }
 }
 

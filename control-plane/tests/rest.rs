@@ -1005,11 +1005,15 @@ const ADMIN_OPERATIONS: [&str; 2] = ["drain", "undrain"];
 /// The one public operation: a website polls it.
 const PUBLIC_OPERATIONS: [&str; 1] = ["queueStatus"];
 /// The operations a `node` token may call here (besides the public one): a node-agent routes
-/// its queued calls by a queue's candidates. The same on XML-RPC and gRPC
+/// its queued calls by a queue's candidates, the same on XML-RPC and gRPC
 /// (`xmlrpc_roles.rs`, `grpc_roles.rs`): the faces serve the same operations, and refusing a
-/// node token on one face would protect nothing it can read on another. Everything else
-/// answers a node token 403.
-const NODE_OPERATIONS: [&str; 1] = ["candidates"];
+/// node token on one face would protect nothing it can read on another. And it reports
+/// what happened when it rang an agent (REST only, so far). Everything else answers a node
+/// token 403.
+const NODE_OPERATIONS: [&str; 2] = ["candidates", "callEvent"];
+/// Of those, the ones only a `node` token (or `admin`) may call: `read` and `write` tokens
+/// get 403, so a CRM cannot skew the ring order by reporting calls.
+const NODE_ONLY_OPERATIONS: [&str; 1] = ["callEvent"];
 /// The document itself is served under `/api/v1` but does not describe itself.
 const UNDOCUMENTED: [(&str, &str); 1] = [("GET", "/openapi.json")];
 const METHODS: [&str; 8] = [
@@ -1040,9 +1044,19 @@ fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
     }
 }
 
-/// The smallest value `schema` accepts: every required property, of its type.
+/// The smallest value `schema` accepts: every required property, of its type; the first
+/// alternative of a `oneOf`, the value of a `const` and the first of an `enum`.
 fn example(doc: &Value, schema: &Value) -> Value {
     let schema = resolve(doc, schema);
+    if let Some(first) = schema["oneOf"].get(0) {
+        return example(doc, first);
+    }
+    if let Some(value) = schema.get("const") {
+        return value.clone();
+    }
+    if let Some(first) = schema["enum"].get(0) {
+        return first.clone();
+    }
     let kind = match &schema["type"] {
         Value::String(kind) => kind.clone(),
         Value::Array(kinds) => kinds
@@ -1295,6 +1309,8 @@ async fn auth_matrix_and_routes_follow_the_openapi_document() {
                 let write = send(Some(CRM), Some(b"{".to_vec())).await;
                 if op.admin {
                     write.expect_error(StatusCode::FORBIDDEN, &["crm-main", "Admin"]);
+                } else if NODE_ONLY_OPERATIONS.contains(&op.id.as_str()) {
+                    write.expect_error(StatusCode::FORBIDDEN, &["crm-main", "Node"]);
                 } else {
                     assert!(
                         !matches!(

@@ -506,6 +506,7 @@ async fn xmlrpc_scenario(backend: Backend) {
         json!({
             "id": "1001", "name": "Alice", "tags": [], "daily_cap": 1, "enabled": true,
             "state": "available", "device": "2001", "sales_today": 0, "calls_today": 0,
+            "missed_today": 0,
         })
     );
     assert_eq!(order(&candidates(&app).await), ["1001", "1002", "1003"]);

@@ -1,0 +1,421 @@
+//! What a node-agent writes when it rings agents for queued calls (issue 16), sent as it
+//! sends it: `POST /api/v1/agents/{agent}/call-events` over HTTP/1.1 to the whole service
+//! (`callfleet_control_plane::run` on SQLite) on a loopback port.
+//!
+//! - a `node` token reports answered, ended and missed, and the queue's candidates (what
+//!   every node rings by) follow at once: an agent on a call or in wrap-up is not rung, one
+//!   whose call ended without wrap-up is rung again, one paused for misses is not;
+//! - a CRM's `write` token and a wallboard's `read` token are refused with 403 and change
+//!   nothing: a CRM that could report calls could skew the ring order;
+//! - a report sent again with its `Idempotency-Key` (its answer lost) counts once;
+//! - a wrong body is a 400 that names the field and what to send.
+
+mod support;
+
+use callfleet_core::config::{ApiToken, ControlPlaneConfig, Role, Secret};
+use serde_json::{Value, json};
+use support::{REST_STATUS, Server, connect_from, crm_token, exchange};
+
+/// Write token of a CRM, named `crm`.
+const CRM: &str = "crm-call-events-secret-0123456789";
+/// Read token of a wallboard, named `wallboard`.
+const WALLBOARD: &str = "wallboard-call-events-secret-0123";
+/// Node token of a node-agent, named `node:pbx-1`.
+const NODE: &str = "node-pbx-1-call-events-secret-0123";
+
+fn config() -> ControlPlaneConfig {
+    let token = |name: &str, secret: &str, role| ApiToken {
+        name: name.to_owned(),
+        token: Secret::new(secret),
+        role,
+    };
+    ControlPlaneConfig {
+        tokens: vec![
+            crm_token(CRM),
+            token("wallboard", WALLBOARD, Role::Read),
+            token("node:pbx-1", NODE, Role::Node),
+        ],
+        ..ControlPlaneConfig::default()
+    }
+}
+
+/// An answer: its status and JSON body.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    json: Value,
+}
+
+/// Sends `method path` under `/api/v1` with `token`, extra header lines and a JSON body,
+/// on a new connection, and reads the answer.
+async fn send(
+    server: &Server,
+    method: &str,
+    path: &str,
+    token: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> Reply {
+    let mut head =
+        format!("{method} /api/v1{path} HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {token}\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{head}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = connect_from("127.0.0.1", server.address).await;
+    let answer = exchange(&mut stream, &request).await;
+    // Answers and errors alike: a node-agent reads every one as JSON.
+    assert_eq!(
+        answer.header("content-type"),
+        Some("application/json"),
+        "{method} {path}: {answer:?}"
+    );
+    let json = serde_json::from_str(&answer.body).unwrap_or(Value::Null);
+    Reply {
+        status: answer.status,
+        json,
+    }
+}
+
+/// Posts a call event of `agent` with `token` (and an Idempotency-Key, if any).
+async fn report(
+    server: &Server,
+    agent: &str,
+    token: &str,
+    key: Option<&str>,
+    event: Value,
+) -> Reply {
+    let headers: Vec<(&str, &str)> = key.map(|k| ("Idempotency-Key", k)).into_iter().collect();
+    send(
+        server,
+        "POST",
+        &format!("/agents/{agent}/call-events"),
+        token,
+        &headers,
+        Some(event),
+    )
+    .await
+}
+
+/// Panics unless `reply` is `status`; returns its JSON.
+#[track_caller]
+fn expect(reply: Reply, status: u16) -> Value {
+    assert_eq!(reply.status, status, "{}", reply.json);
+    reply.json
+}
+
+/// The agents `sales` rings now, best first, as the node-agent reads them.
+async fn candidates(server: &Server) -> Vec<String> {
+    let reply = expect(
+        send(server, "GET", "/queues/sales/candidates", NODE, &[], None).await,
+        200,
+    );
+    reply["candidates"]
+        .as_array()
+        .expect("candidates")
+        .iter()
+        .map(|c| c["agent"].as_str().expect("agent").to_owned())
+        .collect()
+}
+
+/// The public status of `sales`: (served, available agents, logged-in agents).
+async fn status(server: &Server) -> (bool, u64, u64) {
+    let mut stream = connect_from("127.0.0.1", server.address).await;
+    let answer = exchange(&mut stream, REST_STATUS).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let json: Value = serde_json::from_str(&answer.body).expect("JSON");
+    (
+        json["served"].as_bool().expect("served"),
+        json["available_agents"].as_u64().expect("available"),
+        json["logged_in_agents"].as_u64().expect("logged in"),
+    )
+}
+
+/// The server with agents 1001 (priority 1) and 1002 (priority 2) of `sales`, logged in on
+/// 2001 and 2002.
+async fn start() -> Server {
+    let server = Server::start(config(), CRM, "127.0.0.1").await;
+    for (agent, name, device, priority) in
+        [("1001", "Alice", "2001", 1), ("1002", "Bob", "2002", 2)]
+    {
+        let put = |path: String, body: Value| {
+            let server = &server;
+            async move { expect(send(server, "PUT", &path, CRM, &[], Some(body)).await, 200) }
+        };
+        put(
+            format!("/devices/{device}"),
+            json!({ "endpoint": format!("PJSIP/{device}") }),
+        )
+        .await;
+        put(format!("/agents/{agent}"), json!({ "name": name })).await;
+        put(
+            format!("/queues/sales/members/{agent}"),
+            json!({ "priority": priority }),
+        )
+        .await;
+        let login = send(
+            &server,
+            "POST",
+            &format!("/agents/{agent}/login"),
+            CRM,
+            &[],
+            Some(json!({ "device": device })),
+        )
+        .await;
+        expect(login, 200);
+    }
+    server
+}
+
+#[tokio::test]
+async fn a_node_reports_its_calls_and_the_candidates_follow() {
+    let server = start().await;
+    assert_eq!(candidates(&server).await, ["1001", "1002"]);
+    assert_eq!(status(&server).await, (true, 2, 2));
+
+    // A CRM and a wallboard may not report calls; nothing changes.
+    let answered = json!({ "event": "answered", "queue": "sales" });
+    let refused = expect(
+        report(&server, "1001", CRM, None, answered.clone()).await,
+        403,
+    );
+    assert_eq!(
+        refused,
+        json!({ "error": "token `crm` has role Write; this operation needs Node or above" })
+    );
+    let refused = expect(
+        report(&server, "1001", WALLBOARD, None, answered.clone()).await,
+        403,
+    );
+    assert_eq!(
+        refused,
+        json!({ "error": "token `wallboard` has role Read; this operation needs Node or above" })
+    );
+    assert_eq!(candidates(&server).await, ["1001", "1002"]);
+
+    // Alice answers: on a call, no longer rung.
+    let reply = expect(
+        report(&server, "1001", NODE, None, answered.clone()).await,
+        200,
+    );
+    assert_eq!(reply, json!({ "agent": "1001", "calls_today": 1 }));
+    assert_eq!(candidates(&server).await, ["1002"]);
+    let alice = expect(
+        send(&server, "GET", "/agents/1001", CRM, &[], None).await,
+        200,
+    );
+    assert_eq!(
+        (
+            &alice["state"],
+            &alice["calls_today"],
+            &alice["missed_today"]
+        ),
+        (&json!("on_call"), &json!(1), &json!(0))
+    );
+
+    // Her call ends without wrap-up: rung again at once.
+    let reply = expect(
+        report(
+            &server,
+            "1001",
+            NODE,
+            None,
+            json!({ "event": "ended", "wrap_up_ms": 0 }),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(reply, json!({ "agent": "1001", "state": "available" }));
+    assert_eq!(candidates(&server).await, ["1001", "1002"]);
+
+    // Bob misses twice against a limit of 2; the first report is sent twice (its answer
+    // lost) and counts once.
+    let miss = json!({ "event": "missed", "queue": "sales", "max_misses": 2 });
+    for _ in 0..2 {
+        let reply = expect(
+            report(
+                &server,
+                "1002",
+                NODE,
+                Some("pbx-1-call-7-miss"),
+                miss.clone(),
+            )
+            .await,
+            200,
+        );
+        assert_eq!(
+            reply,
+            json!({ "agent": "1002", "missed_today": 1, "misses_in_row": 1, "paused": false })
+        );
+    }
+    assert_eq!(candidates(&server).await, ["1001", "1002"]);
+    let reply = expect(
+        report(
+            &server,
+            "1002",
+            NODE,
+            Some("pbx-1-call-8-miss"),
+            miss.clone(),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(
+        reply,
+        json!({ "agent": "1002", "missed_today": 2, "misses_in_row": 0, "paused": true })
+    );
+    assert_eq!(candidates(&server).await, ["1001"]);
+    let bob = expect(
+        send(&server, "GET", "/agents/1002", CRM, &[], None).await,
+        200,
+    );
+    assert_eq!(
+        (&bob["state"], &bob["pause_reason"], &bob["missed_today"]),
+        (&json!("paused"), &json!("missed"), &json!(2))
+    );
+
+    // Alice's next call ends with a minute of wrap-up: nobody is rung.
+    expect(report(&server, "1001", NODE, None, answered).await, 200);
+    let reply = expect(
+        report(
+            &server,
+            "1001",
+            NODE,
+            None,
+            json!({ "event": "ended", "wrap_up_ms": 60_000 }),
+        )
+        .await,
+        200,
+    );
+    assert_eq!(reply["state"], "wrap_up");
+    assert!(reply["until_ms"].is_i64(), "{reply}");
+    assert_eq!(candidates(&server).await, Vec::<String>::new());
+    // And the website is told so.
+    assert_eq!(status(&server).await, (false, 0, 2));
+
+    // The audit log names the node for every report, and a retry wrote nothing.
+    let audit = expect(
+        send(&server, "GET", "/audit?limit=7", CRM, &[], None).await,
+        200,
+    );
+    let rows: Vec<(&str, &str, &str)> = audit
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|row| {
+            (
+                row["actor"].as_str().expect("actor"),
+                row["action"].as_str().expect("action"),
+                row["subject"].as_str().expect("subject"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("node:pbx-1", "agent.call_ended", "agent:1001"),
+            ("node:pbx-1", "agent.call_answered", "agent:1001"),
+            ("node:pbx-1", "agent.call_missed", "agent:1002"),
+            ("node:pbx-1", "agent.call_missed", "agent:1002"),
+            ("node:pbx-1", "agent.call_ended", "agent:1001"),
+            ("node:pbx-1", "agent.call_answered", "agent:1001"),
+            ("crm", "agent.login", "agent:1002"),
+        ]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_call_event_names_the_field_and_what_to_send() {
+    let server = start().await;
+    let cases = [
+        (
+            json!({ "event": "answered" }),
+            "invalid queue: the `answered` event needs queue, e.g. \"queue\": \"sales\"",
+        ),
+        (
+            json!({ "event": "ended", "wrap_up_ms": 0, "queue": "sales" }),
+            "invalid queue: the `ended` event takes no queue; send wrap_up_ms only",
+        ),
+        (
+            json!({ "event": "missed", "queue": "sales" }),
+            "invalid max_misses: the `missed` event needs max_misses, e.g. \"max_misses\": 3",
+        ),
+        (
+            json!({ "event": "missed", "queue": "sales", "max_misses": 0 }),
+            "invalid max_misses: must be at least 1 (1 pauses the agent at their first miss)",
+        ),
+        (
+            json!({ "event": "ended", "wrap_up_ms": 86_400_001 }),
+            "invalid wrap_up_ms: 86400001 ms is longer than a day; send at most 86400000 (0: available at once)",
+        ),
+    ];
+    for (body, error) in cases {
+        let reply = expect(report(&server, "1001", NODE, None, body.clone()).await, 400);
+        assert_eq!(reply, json!({ "error": error }), "{body}");
+    }
+    // What serde refuses names the field too, and says where the body is described.
+    let hint = "send a JSON object as the OpenAPI document at /api/v1/openapi.json describes";
+    for (body, error) in [
+        (
+            json!({ "event": "hung_up", "queue": "sales" }),
+            "invalid event: unknown variant `hung_up`, expected one of `answered`, `ended`, `missed` at line 1 column 18",
+        ),
+        (
+            json!({ "event": "ended", "wrap_up_ms": -1 }),
+            "invalid wrap_up_ms: invalid value: integer `-1`, expected u64 at line 1 column 32",
+        ),
+        (
+            json!({ "event": "ended", "wrap_up_ms": 0, "wrap_up": 5 }),
+            "invalid wrap_up: unknown field `wrap_up`, expected one of `event`, `queue`, `wrap_up_ms`, `max_misses` at line 1 column 26",
+        ),
+    ] {
+        let reply = expect(report(&server, "1001", NODE, None, body.clone()).await, 400);
+        assert_eq!(
+            reply,
+            json!({ "error": format!("{error}; {hint}") }),
+            "{body}"
+        );
+    }
+    let reply = expect(
+        report(
+            &server,
+            "1009",
+            NODE,
+            None,
+            json!({ "event": "answered", "queue": "sales" }),
+        )
+        .await,
+        404,
+    );
+    assert_eq!(
+        reply,
+        json!({ "error": "no agent `1009`; list agents with GET /api/v1/agents" })
+    );
+    // A key sent again with another report is refused, naming its first use.
+    let key = Some("pbx-1-call-9");
+    let answered = json!({ "event": "answered", "queue": "sales" });
+    expect(report(&server, "1001", NODE, key, answered).await, 200);
+    let reply = expect(
+        report(
+            &server,
+            "1001",
+            NODE,
+            key,
+            json!({ "event": "ended", "wrap_up_ms": 0 }),
+        )
+        .await,
+        400,
+    );
+    assert_eq!(
+        reply,
+        json!({ "error": "invalid request id: `pbx-1-call-9` was used for agent.call_answered of agent:1001; send a new id for every new request" })
+    );
+    // None of it changed the agents.
+    assert_eq!(candidates(&server).await, ["1002"]);
+    server.stop().await;
+}
