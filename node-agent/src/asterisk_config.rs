@@ -45,6 +45,9 @@ pub const LOCAL_PJSIP: &str = "pjsip.local.conf";
 /// port of its own is loaded, so several nodes (or test instances) share one host.
 const LOADED: &[&str] = &[
     "app_dial.so",
+    // Gosub, which Dial's U() runs: without it Dial bridges an answered agent without
+    // asking the fence (it only warns), so a lost lease could not stop a bridge.
+    "app_stack.so",
     // Log() and Verbose(): the dialplan's own lines in messages.log.
     "app_verbose.so",
     "bridge_builtin_features.so",
@@ -700,9 +703,11 @@ ps_contacts => curl,http://127.0.0.1:8090/realtime/ps_contacts\n"
     #[test]
     fn queue_numbers_wait_in_their_queue_and_answers_pass_the_fence() {
         let mut config = config();
-        config.asterisk.queues =
-            [("5000".to_owned(), "sales".to_owned()), ("5001".to_owned(), "vip-care".to_owned())]
-                .into();
+        config.asterisk.queues = [
+            ("5000".to_owned(), "sales".to_owned()),
+            ("5001".to_owned(), "vip-care".to_owned()),
+        ]
+        .into();
         config.asterisk.queue_overflow = "1001".to_owned();
         config.node.queue.max_wait = std::time::Duration::from_secs(90);
         let files = render(&config, Path::new("/x")).expect("renders");
@@ -715,7 +720,10 @@ ps_contacts => curl,http://127.0.0.1:8090/realtime/ps_contacts\n"
             "[callfleet-fence]\n",
             "exten => s,1,Set(CALLFLEET_RESULT=)\n same => n,AGI(agi://127.0.0.1:4573/fence?ring=${ARG1})\n same => n,GotoIf($[\"${CALLFLEET_RESULT}\" = \"ok\"]?bridge)\n same => n,Set(GOSUB_RESULT=ABORT)\n same => n(bridge),Return()\n",
         ] {
-            assert!(dialplan.contains(expected), "{expected}\nnot in\n{dialplan}");
+            assert!(
+                dialplan.contains(expected),
+                "{expected}\nnot in\n{dialplan}"
+            );
         }
         for (number, queue, key) in [
             ("50 00", "sales", "asterisk.queues"),
@@ -729,7 +737,9 @@ ps_contacts => curl,http://127.0.0.1:8090/realtime/ps_contacts\n"
         }
         let mut bad = config.clone();
         bad.asterisk.queue_overflow = "1001,1(x)".to_owned();
-        let err = render(&bad, Path::new("/x")).expect_err("overflow").to_string();
+        let err = render(&bad, Path::new("/x"))
+            .expect_err("overflow")
+            .to_string();
         assert!(err.contains("asterisk.queue_overflow"), "{err}");
     }
 }

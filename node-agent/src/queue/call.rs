@@ -48,6 +48,12 @@ const RING_MARGIN: Duration = Duration::from_secs(2);
 /// At answer, the lease must stay valid at least this much longer for the bridge.
 const FENCE_MARGIN: Duration = Duration::from_millis(200);
 
+/// Switches a test sets to show that the leases are what keeps one agent to one ring:
+/// `private_leases` makes every caller lease its own copy of each agent, so the lock
+/// service never sees two callers want the same agent. Never set in production; logged
+/// as an error when on.
+pub const UNSAFE_VARIABLE: &str = "CALLFLEET_TEST_UNSAFE_QUEUE";
+
 /// Why the queue scripts cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -88,6 +94,8 @@ struct Inner {
     rings: Mutex<HashMap<u64, Ring>>,
     next_ring: AtomicU64,
     counts: Counts,
+    /// See [`UNSAFE_VARIABLE`].
+    private_leases: bool,
 }
 
 /// A ring in progress, as the `fence` script finds it.
@@ -107,6 +115,7 @@ struct Counts {
     rings: AtomicU64,
     missed: AtomicU64,
     fenced: AtomicU64,
+    unfenced: AtomicU64,
 }
 
 /// What the queue scripts have done since the start.
@@ -124,6 +133,8 @@ pub struct QueueStats {
     pub missed: u64,
     /// Answers refused at the fence: the lease was lost or about to end.
     pub fenced: u64,
+    /// Agents bridged without the fence having run (Asterisk misconfigured).
+    pub unfenced: u64,
 }
 
 impl QueueCalls {
@@ -147,9 +158,16 @@ impl QueueCalls {
                 .tcp_nodelay(true)
                 .connect_lazy(),
         );
+        let private_leases = std::env::var(UNSAFE_VARIABLE).is_ok_and(|v| v == "private_leases");
+        if private_leases {
+            tracing::error!(
+                "{UNSAFE_VARIABLE}=private_leases: agents can be rung for two calls at once; for tests only"
+            );
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 node: node.to_owned(),
+                private_leases,
                 candidates,
                 locks,
                 wait: WaitSettings::default(),
@@ -188,6 +206,7 @@ impl QueueCalls {
             rings: counts.rings.load(Ordering::Relaxed),
             missed: counts.missed.load(Ordering::Relaxed),
             fenced: counts.fenced.load(Ordering::Relaxed),
+            unfenced: counts.unfenced.load(Ordering::Relaxed),
         }
     }
 
@@ -282,7 +301,10 @@ impl QueueCalls {
                     continue;
                 }
             };
-            let resources: Vec<String> = list.iter().map(|c| resource(&c.agent)).collect();
+            let resources: Vec<String> = list
+                .iter()
+                .map(|c| self.resource(&c.agent, &waiter_id))
+                .collect();
             if resources.is_empty() {
                 idle(&mut session, poll).await?;
                 continue;
@@ -305,7 +327,7 @@ impl QueueCalls {
             };
             let Some(candidate) = list
                 .iter()
-                .find(|c| resource(&c.agent) == keeper.lease().resource)
+                .find(|c| self.resource(&c.agent, &waiter_id) == keeper.lease().resource)
                 .cloned()
             else {
                 let _ = keeper.release().await;
@@ -333,6 +355,15 @@ impl QueueCalls {
                     }
                 }
             }
+        }
+    }
+
+    /// The lock-service resource of an agent, as `waiter` claims it.
+    fn resource(&self, agent: &str, waiter: &str) -> String {
+        if self.inner.private_leases {
+            format!("agent:{agent}#{waiter}")
+        } else {
+            format!("agent:{agent}")
         }
     }
 
@@ -379,7 +410,23 @@ impl QueueCalls {
         let dialled = session.send(&dial).await;
         self.inner.rings.lock().expect("rings lock").remove(&id);
         let keeper = Arc::try_unwrap(keeper).ok();
-        if answered.load(Ordering::Acquire) {
+        let caller_gone = session.hung_up() || matches!(dialled, Ok(Reply::DeadChannel));
+        let status = match &dialled {
+            Ok(_) if !caller_gone => dial_status(session).await,
+            _ => String::new(),
+        };
+        let mut answered = answered.load(Ordering::Acquire);
+        if !answered && status == "ANSWER" {
+            // Dial bridged without running the fence: Asterisk lacks app_stack (Gosub) or
+            // the fence context. The call happened, so it is counted as one.
+            self.inner.counts.unfenced.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(agent = %candidate.agent, "an agent was bridged without the fence: load app_stack.so and the {FENCE_CONTEXT} context (callfleet asterisk-config writes both)");
+            drop(events.send(AgentEvent::Answered {
+                queue: queue.to_owned(),
+            }));
+            answered = true;
+        }
+        if answered {
             self.inner.counts.answered.fetch_add(1, Ordering::Relaxed);
             let wrap_up = self.inner.settings.wrap_up;
             let ended = events.send(AgentEvent::Ended { wrap_up });
@@ -396,11 +443,6 @@ impl QueueCalls {
             dialled?;
             return Ok(RingOutcome::Answered);
         }
-        let caller_gone = session.hung_up() || matches!(dialled, Ok(Reply::DeadChannel));
-        let status = match &dialled {
-            Ok(_) if !caller_gone => dial_status(session).await,
-            _ => String::new(),
-        };
         let missed = !caller_gone
             && matches!(
                 status.as_str(),
@@ -469,11 +511,6 @@ enum RingOutcome {
     Answered,
     NotAnswered,
     CallerGone,
-}
-
-/// The lock-service resource of an agent.
-fn resource(agent: &str) -> String {
-    format!("agent:{agent}")
 }
 
 /// Waits `poll`, or less when the caller hangs up or the node-agent stops.
