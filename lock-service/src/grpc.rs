@@ -181,6 +181,18 @@ impl pb::locks_server::Locks for LocksService {
         Ok(Response::new(place_to_pb(place)))
     }
 
+    async fn order_status(
+        &self,
+        request: Request<pb::OrderStatusRequest>,
+    ) -> Result<Response<pb::OrderStatusResponse>, Status> {
+        let status = self.locks.order_status(&request.get_ref().queue).await?;
+        Ok(Response::new(pb::OrderStatusResponse {
+            waiting: status.waiting,
+            ringing: status.ringing,
+            oldest_wait_ms: status.oldest_wait_us / 1000,
+        }))
+    }
+
     async fn claim_next(
         &self,
         request: Request<pb::ClaimNextRequest>,

@@ -189,3 +189,51 @@ async fn grpc_serves_the_waiting_order_with_its_codes() {
         .expect("stops in time")
         .expect("no panic");
 }
+
+#[tokio::test]
+async fn grpc_serves_the_order_status() {
+    let (mut client, shutdown, task) = start().await;
+    let status = |queue: &str| pb::OrderStatusRequest {
+        queue: queue.into(),
+    };
+    let empty = client
+        .order_status(status("sales"))
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(
+        empty,
+        pb::OrderStatusResponse {
+            waiting: 0,
+            ringing: 0,
+            oldest_wait_ms: 0
+        }
+    );
+    client.join(join("pbx-1/c1", 1)).await.expect("join");
+    client.join(join("pbx-2/c2", 1)).await.expect("join");
+    let granted = client.claim_next(next("pbx-1/c1", "a1")).await.expect("ok");
+    assert!(matches!(
+        granted.into_inner().outcome,
+        Some(Outcome::Lease(_))
+    ));
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let two = client
+        .order_status(status("sales"))
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!((two.waiting, two.ringing), (1, 1));
+    assert!(
+        (120..5_000).contains(&two.oldest_wait_ms),
+        "c2 has waited since its join: {two:?}"
+    );
+    let bad = client.order_status(status("")).await.expect_err("no queue");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("`queue`"), "{}", bad.message());
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("stops in time")
+        .expect("no panic");
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use callfleet_core::config::{LockServiceConfig, UnsafeLockSwitches};
 
-use super::order::{Next, Orders, Place};
+use super::order::{Next, OrderStatus, Orders, Place};
 use crate::lease::{Claim, Lease, LockError};
 
 #[derive(Debug, Clone)]
@@ -283,6 +283,12 @@ impl MemoryLocks {
         self.state()
             .orders
             .set_ringing(queue, waiter, false, Instant::now())
+    }
+
+    pub(super) fn order_status(&self, queue: &str) -> OrderStatus {
+        let now = Instant::now();
+        let clock = self.clock_us(now);
+        self.state().orders.status(queue, now, clock)
     }
 
     /// The order's check and ClaimFirst in one critical section.

@@ -12,11 +12,11 @@ mod tests;
 use std::time::Duration;
 
 pub use memory::MemoryLocks;
-pub use order::{Next, Place};
+pub use order::{Next, OrderStatus, Place};
 pub use redis::RedisLocks;
 
 use crate::lease::{Claim, Lease, LockError, validate, validate_attempt, validate_validity};
-use order::{validate_entry, validate_join, validate_ttl};
+use order::{validate_entry, validate_join, validate_queue, validate_ttl};
 
 /// A lease store.
 #[derive(Debug)]
@@ -125,6 +125,16 @@ impl Locks {
         match self {
             Self::Memory(memory) => memory.requeue(queue, waiter),
             Self::Redis(redis) => redis.requeue(queue, waiter).await,
+        }
+    }
+
+    /// How many wait in `queue` and for how long (see [`OrderStatus`]); a queue nobody
+    /// joined is empty. Writes nothing but the purge of expired entries every call does.
+    pub async fn order_status(&self, queue: &str) -> Result<OrderStatus, LockError> {
+        validate_queue(queue)?;
+        match self {
+            Self::Memory(memory) => Ok(memory.order_status(queue)),
+            Self::Redis(redis) => redis.order_status(queue).await,
         }
     }
 

@@ -77,15 +77,38 @@ pub enum Next {
     Busy,
 }
 
-/// Checks a queue and waiter id (the same bounds as resources and holders).
-pub(crate) fn validate_entry(queue: &str, waiter: &str) -> Result<(), LockError> {
-    let ok = |s: &str| !s.is_empty() && s.len() <= 200 && !s.chars().any(char::is_whitespace);
-    if !ok(queue) {
+/// How many wait in a queue now: what [`crate::backend::Locks::order_status`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OrderStatus {
+    /// Live entries that are not ringing.
+    pub waiting: u64,
+    /// Live entries that are ringing (granted, not requeued).
+    pub ringing: u64,
+    /// How long the oldest waiting entry has waited, by the backend's clock, in µs; 0 when
+    /// nobody waits. The oldest by enqueue time, whatever its band: a VIP who just arrived
+    /// is first in the order but has not waited long.
+    pub oldest_wait_us: u64,
+}
+
+/// 1–200 characters without whitespace: the bounds of resources and holders too.
+fn valid_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 200 && !s.chars().any(char::is_whitespace)
+}
+
+/// Checks a queue id.
+pub(crate) fn validate_queue(queue: &str) -> Result<(), LockError> {
+    if !valid_id(queue) {
         return Err(LockError::Invalid(
             "`queue` must be 1–200 characters without spaces, e.g. sales".into(),
         ));
     }
-    if !ok(waiter) {
+    Ok(())
+}
+
+/// Checks a queue and waiter id (the same bounds as resources and holders).
+pub(crate) fn validate_entry(queue: &str, waiter: &str) -> Result<(), LockError> {
+    validate_queue(queue)?;
+    if !valid_id(waiter) {
         return Err(LockError::Invalid(
             "`waiter` must be 1–200 characters without spaces, e.g. pbx-1/1700000000.42".into(),
         ));
@@ -311,6 +334,34 @@ impl Orders {
         q.place(waiter).ok_or_else(|| not_waiting(queue, waiter))
     }
 
+    /// Counts the live entries of `queue` at `now`; `clock_us` is the order's clock then.
+    /// The count walks the entries (in memory: well under a millisecond at
+    /// [`MAX_WAITERS`]); the oldest wait does not: within a band the first non-ringing entry
+    /// is the oldest waiting one, and at most `ringing` entries come before it.
+    pub(super) fn status(&mut self, queue: &str, now: Instant, clock_us: u64) -> OrderStatus {
+        let Some(q) = self.queue(queue, now) else {
+            return OrderStatus::default();
+        };
+        let ringing = q.entries.values().filter(|w| w.ringing).count() as u64;
+        let waiting = q.entries.len() as u64 - ringing;
+        let mut oldest: Option<u64> = None;
+        for band in 0..=MAX_BAND {
+            let first = q
+                .order
+                .range((band, 0, String::new())..(band + 1, 0, String::new()))
+                .find(|(_, _, w)| q.entries.get(w).is_some_and(|e| !e.ringing));
+            if let Some((_, at, _)) = first {
+                oldest = Some(oldest.map_or(*at, |o| o.min(*at)));
+            }
+        }
+        OrderStatus {
+            waiting,
+            ringing,
+            // An enqueue time may run a µs ahead of the clock (arrivals never tie).
+            oldest_wait_us: oldest.map_or(0, |at| clock_us.saturating_sub(at)),
+        }
+    }
+
     /// The first half of ClaimNext: refreshes the entry and says where it stands.
     pub(super) fn check(
         &mut self,
@@ -429,6 +480,43 @@ local v = redis.call('HGET', KEYS[2], ARGV[1])
 if not v then return {-1, ''} end
 redis.call('SREM', KEYS[4], ARGV[1])
 return place(KEYS, member_of(v))
+"#;
+
+/// KEYS: the queue's four keys. No ARGV. Returns {waiting, ringing, oldest wait in µs ('' when
+/// nobody waits)}. Purges like every script, and writes nothing else. Within a band the
+/// first entry that is not ringing is the band's oldest waiting one, and at most `ringing`
+/// entries precede it, so each band costs one ZRANGEBYLEX of ringing + 1 members, not a
+/// walk of the order. Members of band b lie between "b " and "b!" (`!` follows the space).
+pub(super) const STATUS: &str = r#"
+local now = clock()
+purge(KEYS, now)
+local total = redis.call('HLEN', KEYS[2])
+local ring = {}
+local ringing = 0
+for _, w in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  if redis.call('HEXISTS', KEYS[2], w) == 1 then
+    ring[w] = true
+    ringing = ringing + 1
+  end
+end
+local oldest = nil
+if total > ringing then
+  for b = 0, 9 do
+    local first = redis.call('ZRANGEBYLEX', KEYS[1], '[' .. b .. ' ', '(' .. b .. '!',
+      'LIMIT', 0, ringing + 1)
+    for _, m in ipairs(first) do
+      local at, w = string.match(m, '^%d+ (%d+) (.*)$')
+      if not ring[w] then
+        at = tonumber(at)
+        if not oldest or at < oldest then oldest = at end
+        break
+      end
+    end
+  end
+end
+local age = ''
+if oldest then age = string.format('%.0f', math.max(now - oldest, 0)) end
+return {total - ringing, ringing, age}
 "#;
 
 /// ClaimNext around ClaimFirst's own script, which runs unchanged as a function of its

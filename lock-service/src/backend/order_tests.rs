@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use callfleet_core::testing::redis_url;
 
@@ -683,6 +683,7 @@ mod model {
         Release {
             agent: usize,
         },
+        Status,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -698,6 +699,7 @@ mod model {
             )
                 .prop_map(|(waiter, agents, attempt)| Op::ClaimNext { waiter, agents, attempt }),
             1 => (0..2usize).prop_map(|agent| Op::Release { agent }),
+            1 => Just(Op::Status),
         ]
     }
 
@@ -706,10 +708,15 @@ mod model {
     enum Outcome {
         Place(u64),
         Left(bool),
-        Granted { agent: usize, waiter: String },
+        Granted {
+            agent: usize,
+            waiter: String,
+        },
         NotFirst(u64),
         Busy,
         Done,
+        /// Waiting and ringing (the oldest wait is the backend's clock).
+        Status(u64, u64),
         Err(&'static str),
     }
 
@@ -807,6 +814,10 @@ mod model {
                     },
                     None => Outcome::Done,
                 },
+                Op::Status => match self.locks.order_status(&self.queue).await {
+                    Ok(s) => Outcome::Status(s.waiting, s.ringing),
+                    Err(err) => error(&err),
+                },
             }
         }
     }
@@ -881,4 +892,121 @@ async fn redis_keys_of_a_queue_expire_with_its_last_entry() {
         .await
         .expect("exists");
     assert_eq!(left, 0, "the last Leave removes every key");
+}
+
+/// The status of `queue`, with its oldest wait checked against what the test measured
+/// around the Join of the oldest waiter: at least the time from the Join's answer to the
+/// status request, at most the time from the Join's request to the status answer (1 ms
+/// either way for the clocks' rounding).
+async fn status_waited(
+    name: &str,
+    locks: &Locks,
+    queue: &str,
+    sent: Instant,
+    answered: Instant,
+) -> OrderStatus {
+    let low = answered.elapsed().as_millis();
+    let status = locks.order_status(queue).await.expect("status");
+    let high = sent.elapsed().as_millis();
+    let waited = u128::from(status.oldest_wait_us / 1000);
+    assert!(
+        waited + 1 >= low && waited <= high + 1,
+        "{name}: waited {waited} ms, measured {low}–{high} ms ({status:?})"
+    );
+    status
+}
+
+#[tokio::test]
+async fn order_status_counts_waiting_and_ringing_and_the_oldest_wait_of_any_band() {
+    for (name, locks) in backends() {
+        let queue = fresh("status");
+        assert_eq!(
+            locks.order_status(&queue).await,
+            Ok(OrderStatus::default()),
+            "{name}: a queue nobody joined is empty"
+        );
+        // The oldest caller's node dies: its entry expires and stops counting.
+        locks
+            .join(&queue, "pbx-1/dead", 1, Duration::from_millis(200))
+            .await
+            .expect("join");
+        let sent = Instant::now();
+        locks.join(&queue, "pbx-1/a", 1, TTL).await.expect("join");
+        let a_joined = Instant::now();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let b_sent = Instant::now();
+        locks.join(&queue, "pbx-2/b", 1, TTL).await.expect("join");
+        let b_joined = Instant::now();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // A VIP arrives last: first in the order, but not the longest wait.
+        locks.join(&queue, "pbx-2/vip", 0, TTL).await.expect("join");
+        let status = status_waited(name, &locks, &queue, sent, a_joined).await;
+        assert_eq!(
+            (status.waiting, status.ringing),
+            (3, 0),
+            "{name}: the expired entry does not count"
+        );
+
+        // The VIP and then `a` are rung: they count as ringing, `b` waits longest now.
+        let agents = agents(2);
+        for (waiter, attempt) in [("pbx-2/vip", "v"), ("pbx-1/a", "a")] {
+            let got = locks
+                .claim_next(&queue, waiter, &refs(&agents), &claim(waiter, attempt))
+                .await;
+            assert!(matches!(got, Ok(Next::Granted(_))), "{name}: {got:?}");
+        }
+        let status = status_waited(name, &locks, &queue, b_sent, b_joined).await;
+        assert_eq!((status.waiting, status.ringing), (1, 2), "{name}");
+
+        // `a`'s ring failed: waiting again, from its first Join.
+        locks.requeue(&queue, "pbx-1/a").await.expect("requeue");
+        let status = status_waited(name, &locks, &queue, sent, a_joined).await;
+        assert_eq!((status.waiting, status.ringing), (2, 1), "{name}");
+
+        // Everyone left but the ringing VIP: nobody waits, so no wait.
+        for waiter in ["pbx-1/a", "pbx-2/b"] {
+            assert!(locks.leave(&queue, waiter).await.expect("leave"), "{name}");
+        }
+        assert_eq!(
+            locks.order_status(&queue).await,
+            Ok(OrderStatus {
+                waiting: 0,
+                ringing: 1,
+                oldest_wait_us: 0
+            }),
+            "{name}"
+        );
+        assert!(
+            matches!(locks.order_status("a b").await, Err(LockError::Invalid(why)) if why.contains("`queue`")),
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn order_status_finds_the_oldest_waiter_behind_many_ringing_ones() {
+    for (name, locks) in backends() {
+        let queue = fresh("status");
+        let agents = agents(5);
+        // Five callers ring, a sixth waits: the oldest waiting one is behind all five.
+        let sent = Instant::now();
+        for i in 0..6 {
+            locks
+                .join(&queue, &format!("pbx-1/w{i}"), 1, TTL)
+                .await
+                .expect("join");
+        }
+        let joined = Instant::now();
+        for i in 0..5 {
+            let waiter = format!("pbx-1/w{i}");
+            let got = locks
+                .claim_next(&queue, &waiter, &refs(&agents), &claim(&waiter, "a"))
+                .await;
+            assert!(matches!(got, Ok(Next::Granted(_))), "{name} w{i}: {got:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let status = status_waited(name, &locks, &queue, sent, joined).await;
+        assert_eq!((status.waiting, status.ringing), (1, 5), "{name}");
+        assert!(status.oldest_wait_us >= 100_000, "{name}: {status:?}");
+    }
 }

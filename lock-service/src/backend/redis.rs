@@ -29,7 +29,7 @@ use redis::{
 };
 use tokio::sync::Mutex;
 
-use super::order::{self, Next, Place};
+use super::order::{self, Next, OrderStatus, Place};
 use crate::lease::{Claim, Lease, LockError};
 
 /// Claims the first free candidate, or returns the lease this attempt already holds.
@@ -196,6 +196,7 @@ pub struct RedisLocks {
     touch: Script,
     leave: Script,
     requeue: Script,
+    order_status: Script,
     /// ClaimNext: the order's check around [`CLAIM`] itself.
     claim_next: Script,
     /// [`order::MAX_WAITERS`], smaller in tests.
@@ -236,6 +237,7 @@ impl RedisLocks {
             touch: Script::new(&order::script(order::TOUCH)),
             leave: Script::new(&order::script(order::LEAVE)),
             requeue: Script::new(&order::script(order::REQUEUE)),
+            order_status: Script::new(&order::script(order::STATUS)),
             claim_next: Script::new(&order::claim_next_script(CLAIM)),
             max_waiters: order::MAX_WAITERS,
         })
@@ -670,6 +672,21 @@ impl RedisLocks {
         let invocation = Self::order_invocation(&self.requeue, queue, waiter);
         let connection = self.connection().await?;
         Self::place(self.run(connection, invocation).await?, queue, waiter)
+    }
+
+    pub(super) async fn order_status(&self, queue: &str) -> Result<OrderStatus, LockError> {
+        let mut invocation = self.order_status.prepare_invoke();
+        for key in order::keys(queue) {
+            invocation.key(key);
+        }
+        let connection = self.connection().await?;
+        let (waiting, ringing, age): (u64, u64, String) = self.run(connection, invocation).await?;
+        Ok(OrderStatus {
+            waiting,
+            ringing,
+            // '' when nobody waits.
+            oldest_wait_us: age.parse().unwrap_or(0),
+        })
     }
 
     pub(super) async fn claim_next(
