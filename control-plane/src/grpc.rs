@@ -78,6 +78,14 @@ fn device_pb(device: store::Device) -> pb::Device {
     }
 }
 
+fn queue_pb(queue: store::Queue) -> pb::Queue {
+    pb::Queue {
+        id: queue.id,
+        name: queue.name,
+        service_level_ms: Some(queue.service_level_ms),
+    }
+}
+
 fn empty() -> Reply<pb::Empty> {
     Ok(Response::new(pb::Empty {}))
 }
@@ -257,13 +265,7 @@ impl pb::control_server::Control for ControlService {
         self.caller(&request, Role::Read)?;
         let queues = self.control.list_queues().await?;
         Ok(Response::new(pb::ListQueuesResponse {
-            queues: queues
-                .into_iter()
-                .map(|q| pb::Queue {
-                    id: q.id,
-                    name: q.name,
-                })
-                .collect(),
+            queues: queues.into_iter().map(queue_pb).collect(),
         }))
     }
 
@@ -273,12 +275,12 @@ impl pb::control_server::Control for ControlService {
         let queue = store::Queue {
             id: body.id,
             name: body.name,
+            service_level_ms: body
+                .service_level_ms
+                .unwrap_or(store::directory::DEFAULT_SERVICE_LEVEL_MS),
         };
         let queue = self.control.put_queue(&caller, &queue).await?;
-        Ok(Response::new(pb::Queue {
-            id: queue.id,
-            name: queue.name,
-        }))
+        Ok(Response::new(queue_pb(queue)))
     }
 
     async fn delete_queue(&self, request: Request<pb::QueueRef>) -> Reply<pb::Empty> {

@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use callfleet_core::config::Role;
+use callfleet_core::store::directory::DEFAULT_SERVICE_LEVEL_MS;
 use callfleet_core::store::{Agent, AgentState, CallEvent, CallEventOutcome, Device, Queue};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -498,6 +499,13 @@ async fn list_queues(State(control): Shared, headers: HeaderMap) -> Reply {
 #[serde(deny_unknown_fields)]
 struct QueueBody {
     name: String,
+    /// Absent: the default, as PUT replaces the queue's settings.
+    #[serde(default = "default_service_level_ms")]
+    service_level_ms: u32,
+}
+
+fn default_service_level_ms() -> u32 {
+    DEFAULT_SERVICE_LEVEL_MS
 }
 
 async fn put_queue(
@@ -511,6 +519,7 @@ async fn put_queue(
     let queue = Queue {
         id: queue,
         name: body.name,
+        service_level_ms: body.service_level_ms,
     };
     ok(control.put_queue(&caller, &queue).await?)
 }

@@ -267,6 +267,7 @@ fn rows() -> Vec<Row> {
                 pb::Queue {
                     id: "support".into(),
                     name: "Support".into(),
+                    service_level_ms: None,
                 }
             ),
             Some("queue.upsert"),
@@ -438,6 +439,7 @@ async fn prepare(store: &Store, prepare: Prepare) {
                 &Queue {
                     id: id.into(),
                     name: format!("Queue {id}"),
+                    service_level_ms: 20_000,
                 },
                 "setup",
             )

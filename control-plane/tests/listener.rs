@@ -491,6 +491,7 @@ async fn grpc_and_rest_share_the_listener() {
     let mut put = tonic::Request::new(pb::Queue {
         id: "support".into(),
         name: "Support".into(),
+        service_level_ms: None,
     });
     put.metadata_mut().insert(
         "authorization",

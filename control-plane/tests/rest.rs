@@ -396,7 +396,31 @@ async fn call_center_day(store: Store) {
         .put("/queues/sales", CRM, json!({ "name": "Sales line" }))
         .await
         .expect(ok);
-    assert_eq!(queue.json, json!({ "id": "sales", "name": "Sales line" }));
+    assert_eq!(
+        queue.json,
+        json!({ "id": "sales", "name": "Sales line", "service_level_ms": 20000 })
+    );
+    let queue = api
+        .put(
+            "/queues/sales",
+            CRM,
+            json!({ "name": "Sales line", "service_level_ms": 15000 }),
+        )
+        .await
+        .expect(ok);
+    assert_eq!(
+        queue.json,
+        json!({ "id": "sales", "name": "Sales line", "service_level_ms": 15000 })
+    );
+    for bad in [json!(0), json!(3_600_001), json!(-1), json!("20s")] {
+        api.put(
+            "/queues/sales",
+            CRM,
+            json!({ "name": "Sales line", "service_level_ms": bad }),
+        )
+        .await
+        .expect_error(StatusCode::BAD_REQUEST, &["service_level_ms"]);
+    }
     for desk in 1..=5 {
         let device = api
             .put(
@@ -1800,6 +1824,7 @@ async fn changes_from_elsewhere_show_up_after_a_refresh() {
             &callfleet_core::store::Queue {
                 id: "sales".into(),
                 name: "Sales".into(),
+                service_level_ms: 20_000,
             },
             "setup",
         )

@@ -108,6 +108,7 @@ async fn seed(store: &Store) {
     let queue = Queue {
         id: "sales".into(),
         name: "Sales".into(),
+        service_level_ms: 20_000,
     };
     store.upsert_queue(&queue, "setup").await.expect("queue");
     for (n, name) in [(1, "Alice"), (2, "Bob"), (3, "Chloé")] {
@@ -1325,20 +1326,34 @@ async fn grpc_scenario(backend: Backend) {
     let mut client = ControlClient::new(server.channel().await);
 
     // ---- the directory, written over gRPC ----------------------------------------------
+    let put = |service_level_ms| pb::Queue {
+        id: "sales".into(),
+        name: "Sales".into(),
+        service_level_ms,
+    };
     let queue = client
-        .put_queue(crm(pb::Queue {
-            id: "sales".into(),
-            name: "Sales".into(),
-        }))
+        .put_queue(crm(put(None)))
         .await
         .expect("put queue")
         .into_inner();
-    assert_eq!(
-        queue,
-        pb::Queue {
-            id: "sales".into(),
-            name: "Sales".into()
-        }
+    assert_eq!(queue, put(Some(20_000)), "the default threshold");
+    let queue = client
+        .put_queue(crm(put(Some(15_000))))
+        .await
+        .expect("put queue")
+        .into_inner();
+    assert_eq!(queue, put(Some(15_000)));
+    let refused = client
+        .put_queue(crm(put(Some(0))))
+        .await
+        .expect_err("no threshold");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused
+            .message()
+            .starts_with("invalid service_level_ms: 0 is not between 1 and 3600000"),
+        "{}",
+        refused.message()
     );
     for n in 1..=2 {
         let device = pb::Device {

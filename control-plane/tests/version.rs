@@ -26,6 +26,7 @@ async fn a_change_that_commits_last_but_wrote_first_reaches_routing() {
             &Queue {
                 id: "sales".into(),
                 name: "Sales".into(),
+                service_level_ms: 20_000,
             },
             setup,
         )

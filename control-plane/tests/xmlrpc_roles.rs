@@ -274,6 +274,7 @@ async fn start() -> (Store, Router, tempfile::TempDir) {
     let queue = Queue {
         id: "sales".into(),
         name: "Sales".into(),
+        service_level_ms: 20_000,
     };
     store.upsert_queue(&queue, "setup").await.expect("queue");
     for n in 1..=2 {

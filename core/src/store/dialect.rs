@@ -157,11 +157,13 @@ pub(crate) struct DirectorySql {
     pub lock_queue: &'static str,
     /// Binds: queue id. Columns: id. Keeps the queue from being deleted until commit (MySQL).
     pub share_queue: &'static str,
+    /// Binds: queue id. Columns: service_level_ms. Locks the queue's row until commit (MySQL).
+    pub lock_queue_service_level: &'static str,
     /// Binds: id, name, tags, daily_cap, enabled. A new agent starts available.
     pub upsert_agent: &'static str,
     /// Binds: id, endpoint, name.
     pub upsert_device: &'static str,
-    /// Binds: id, name.
+    /// Binds: id, name, service_level_ms.
     pub upsert_queue: &'static str,
     /// Binds: queue id, agent id, priority.
     pub upsert_member: &'static str,
@@ -171,9 +173,10 @@ pub(crate) struct DirectorySql {
     pub count_sale: &'static str,
     /// Binds: agent id, day. Adds one missed ring.
     pub count_missed: &'static str,
-    /// Binds: actor, request id, action, subject, result.
-    pub remember_request: &'static str,
-    /// Binds: actor, request id, action, subject, result, answer (JSON).
+    /// Binds: queue id, day, then what to add to answered, abandoned, overflowed and
+    /// answered_within_sl.
+    pub count_outcome: &'static str,
+    /// Binds: actor, request id, action, subject, result, answer (JSON or NULL).
     pub remember_answer: &'static str,
     /// Binds: actor, age in ms. Deletes the actor's request ids older than that.
     pub forget_requests: &'static str,
@@ -220,6 +223,10 @@ macro_rules! directory_sql {
             lock_device: concat!("SELECT endpoint FROM devices WHERE id = ?", $for_update),
             lock_queue: concat!("SELECT id FROM queues WHERE id = ?", $for_update),
             share_queue: concat!("SELECT id FROM queues WHERE id = ?", $for_share),
+            lock_queue_service_level: concat!(
+                "SELECT service_level_ms FROM queues WHERE id = ?",
+                $for_update
+            ),
             upsert_agent: concat!(
                 "INSERT INTO agents (id, name, tags, daily_cap, enabled, state, idle_since_ms) ",
                 "VALUES (?, ?, ?, ?, ?, 'available', ",
@@ -246,10 +253,12 @@ macro_rules! directory_sql {
                 $new!("contact")
             ),
             upsert_queue: concat!(
-                "INSERT INTO queues (id, name) VALUES (?, ?) ",
+                "INSERT INTO queues (id, name, service_level_ms) VALUES (?, ?, ?) ",
                 $upsert,
                 "name = ",
-                $new!("name")
+                $new!("name"),
+                ", service_level_ms = ",
+                $new!("service_level_ms")
             ),
             upsert_member: concat!(
                 "INSERT INTO queue_members (queue_id, agent_id, priority) VALUES (?, ?, ?) ",
@@ -272,6 +281,20 @@ macro_rules! directory_sql {
                 "VALUES (?, ?, 0, 0, 1) ",
                 $upsert,
                 "missed = missed + 1"
+            ),
+            count_outcome: concat!(
+                "INSERT INTO queue_daily_counters ",
+                "(queue_id, day, answered, abandoned, overflowed, answered_within_sl) ",
+                "VALUES (?, ?, ?, ?, ?, ?) ",
+                $upsert,
+                "answered = answered + ",
+                $new!("answered"),
+                ", abandoned = abandoned + ",
+                $new!("abandoned"),
+                ", overflowed = overflowed + ",
+                $new!("overflowed"),
+                ", answered_within_sl = answered_within_sl + ",
+                $new!("answered_within_sl")
             ),
             insert_session: concat!(
                 "INSERT INTO sessions (agent_id, device_id, since_ms) VALUES (?, ?, ",
@@ -325,12 +348,6 @@ macro_rules! directory_sql {
                 "SELECT state, reason, until_ms, idle_since_ms, ",
                 $now,
                 " FROM agents WHERE id = ?"
-            ),
-            remember_request: concat!(
-                "INSERT INTO request_ids (actor, request_id, action, subject, result, at_ms) ",
-                "VALUES (?, ?, ?, ?, ?, ",
-                $now,
-                ")"
             ),
             remember_answer: concat!(
                 "INSERT INTO request_ids (actor, request_id, action, subject, result, answer, ",
@@ -406,6 +423,7 @@ mod tests {
             (m.lock_device, s.lock_device),
             (m.lock_queue, s.lock_queue),
             (m.share_queue, s.share_queue),
+            (m.lock_queue_service_level, s.lock_queue_service_level),
             (m.upsert_agent, s.upsert_agent),
             (m.upsert_device, s.upsert_device),
             (m.upsert_queue, s.upsert_queue),
@@ -413,7 +431,7 @@ mod tests {
             (m.count_call, s.count_call),
             (m.count_sale, s.count_sale),
             (m.count_missed, s.count_missed),
-            (m.remember_request, s.remember_request),
+            (m.count_outcome, s.count_outcome),
             (m.remember_answer, s.remember_answer),
             (m.pause_if_available, s.pause_if_available),
             (m.end_call, s.end_call),
@@ -429,6 +447,8 @@ mod tests {
             assert_eq!(a.matches('?').count(), b.matches('?').count(), "{a}\n{b}");
         }
         assert_eq!(m.upsert_agent.matches('?').count(), 5);
+        assert_eq!(m.upsert_queue.matches('?').count(), 3);
+        assert_eq!(m.count_outcome.matches('?').count(), 6);
         assert_eq!(m.wrap_up.matches('?').count(), 3);
         assert_eq!(m.remember_answer.matches('?').count(), 6);
         assert_eq!(m.pause_if_available.matches('?').count(), 2);

@@ -50,8 +50,16 @@
 //!   the call stays) or missed. Misses in a row pause an available agent with the reason
 //!   `missed` at the queue's limit, so a phone left unattended stops taking the queue's
 //!   callers' turns; an answered call starts the row again.
+//! - The node that held a queued call reports what became of it ([`CallOutcome`]: answered,
+//!   abandoned, overflowed, with how long the caller waited), counted per queue and day
+//!   ([`QueueCounts`]), an answer within the queue's `service_level_ms` also as answered
+//!   within the service level. These are the one write without an audit row and without a
+//!   bump of the directory version: there is one per call, the audit log would be mostly
+//!   them (and the log is for who changed what, not for traffic), and a bump would make
+//!   every control plane re-read the whole directory after every call. Readers read the
+//!   day's queue counters on their own ([`Store::queue_counts_of_day`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -220,6 +228,80 @@ pub struct Queue {
     pub id: String,
     /// The name shown to supervisors: 1–200 characters.
     pub name: String,
+    /// A call answered after waiting at most this long (ms) is answered within the service
+    /// level: 1 to [`MAX_SERVICE_LEVEL_MS`], [`DEFAULT_SERVICE_LEVEL_MS`] when not given.
+    #[serde(default = "default_service_level_ms")]
+    pub service_level_ms: u32,
+}
+
+/// The service-level threshold of a queue that names none: 20 s, the usual call-center
+/// target ("80 % answered within 20 s").
+pub const DEFAULT_SERVICE_LEVEL_MS: u32 = 20_000;
+/// The longest service-level threshold: an hour.
+pub const MAX_SERVICE_LEVEL_MS: u32 = 3_600_000;
+
+fn default_service_level_ms() -> u32 {
+    DEFAULT_SERVICE_LEVEL_MS
+}
+
+/// What became of a queued call, as the node that held it reports it with
+/// [`Store::record_call_outcome`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallOutcome {
+    /// An agent answered it.
+    Answered,
+    /// The caller hung up while waiting.
+    Abandoned,
+    /// It left the queue for the queue's overflow target (waited too long, say).
+    Overflowed,
+}
+
+impl CallOutcome {
+    /// `answered`, `abandoned` or `overflowed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Answered => "answered",
+            Self::Abandoned => "abandoned",
+            Self::Overflowed => "overflowed",
+        }
+    }
+
+    /// Its action in the remembered request ids.
+    fn action(self) -> &'static str {
+        match self {
+            Self::Answered => "queue.call_answered",
+            Self::Abandoned => "queue.call_abandoned",
+            Self::Overflowed => "queue.call_overflowed",
+        }
+    }
+}
+
+/// A queue's counters of one day.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueCounts {
+    /// Calls an agent answered.
+    pub answered: u32,
+    /// Calls whose caller hung up while waiting.
+    pub abandoned: u32,
+    /// Calls sent to the overflow target.
+    pub overflowed: u32,
+    /// Of `answered`, those whose caller waited at most the queue's `service_level_ms`
+    /// (the threshold when the call was reported).
+    pub answered_within_sl: u32,
+}
+
+impl QueueCounts {
+    /// Answered within the service level per call that was answered or abandoned, in
+    /// percent rounded to one decimal; `None` before the first such call. Overflowed calls
+    /// are left out: the queue handed them on on purpose.
+    pub fn service_level_pct(&self) -> Option<f64> {
+        let calls = u64::from(self.answered) + u64::from(self.abandoned);
+        (calls > 0).then(|| {
+            let pct = u64::from(self.answered_within_sl) as f64 * 100.0 / calls as f64;
+            (pct * 10.0).round() / 10.0
+        })
+    }
 }
 
 /// An agent's membership of a queue.
@@ -512,8 +594,8 @@ const SET_DEVICE_CREDENTIALS: &str =
     "UPDATE devices SET digest_realm = ?, digest_ha1 = ? WHERE id = ?";
 const DELETE_DEVICE: &str = "DELETE FROM devices WHERE id = ?";
 const GET_QUEUE_ID: &str = "SELECT id FROM queues WHERE id = ?";
-const GET_QUEUE: &str = "SELECT id, name FROM queues WHERE id = ?";
-const LIST_QUEUES: &str = "SELECT id, name FROM queues ORDER BY id";
+const GET_QUEUE: &str = "SELECT id, name, service_level_ms FROM queues WHERE id = ?";
+const LIST_QUEUES: &str = "SELECT id, name, service_level_ms FROM queues ORDER BY id";
 const DELETE_QUEUE: &str = "DELETE FROM queues WHERE id = ?";
 const AGENT_EXISTS: &str = "SELECT id FROM agents WHERE id = ?";
 const QUEUE_MEMBERS: &str =
@@ -524,6 +606,13 @@ const DELETE_MEMBER: &str = "DELETE FROM queue_members WHERE queue_id = ? AND ag
 const DELETE_AGENT_MEMBERSHIPS: &str = "DELETE FROM queue_members WHERE agent_id = ?";
 const DELETE_QUEUE_MEMBERSHIPS: &str = "DELETE FROM queue_members WHERE queue_id = ?";
 const DELETE_AGENT_COUNTERS: &str = "DELETE FROM daily_counters WHERE agent_id = ?";
+const DELETE_QUEUE_COUNTERS: &str = "DELETE FROM queue_daily_counters WHERE queue_id = ?";
+/// Binds: queue id, day.
+const QUEUE_COUNTS: &str = "SELECT answered, abandoned, overflowed, answered_within_sl \
+     FROM queue_daily_counters WHERE queue_id = ? AND day = ?";
+/// Binds: day. One row per queue with a call that day.
+const QUEUE_COUNTS_OF_DAY: &str = "SELECT queue_id, answered, abandoned, overflowed, \
+     answered_within_sl FROM queue_daily_counters WHERE day = ?";
 const SESSION_OF_AGENT: &str = "SELECT device_id FROM sessions WHERE agent_id = ?";
 const SESSION_ON_DEVICE: &str = "SELECT agent_id FROM sessions WHERE device_id = ?";
 const DELETE_SESSION_OF_AGENT: &str = "DELETE FROM sessions WHERE agent_id = ?";
@@ -557,19 +646,29 @@ const SNAPSHOT_AGENTS: &str = "SELECT a.id, a.name, a.tags, a.daily_cap, a.enabl
 const SNAPSHOT_MEMBERS: &str = "SELECT queue_id, agent_id, priority FROM queue_members \
      ORDER BY queue_id, priority, agent_id";
 
-/// Runs `$body` in a write transaction bound to `$tx` on the native pool and commits it.
-/// `?` and `return Err(…)` inside `$body` roll the transaction back. A MySQL deadlock,
-/// which InnoDB resolves by rolling one transaction back, reruns the whole body.
+/// Runs `$body` in a write transaction bound to `$tx` on the native pool and commits it,
+/// bumping the directory version last. `?` and `return Err(…)` inside `$body` roll the
+/// transaction back. A MySQL deadlock, which InnoDB resolves by rolling one transaction
+/// back, reruns the whole body. `write_tx!(store, tx, unversioned => …)` leaves the version
+/// alone: for the queue counters, which readers read on their own.
 macro_rules! write_tx {
-    ($store:ident, $tx:ident => $body:block) => {{
+    ($store:ident, $tx:ident => $body:block) => {
+        write_tx!(@run $store, $tx, true, $body)
+    };
+    ($store:ident, $tx:ident, unversioned => $body:block) => {
+        write_tx!(@run $store, $tx, false, $body)
+    };
+    (@run $store:ident, $tx:ident, $versioned:expr, $body:block) => {{
         let begin = $store.directory_sql().begin_write;
         let mut attempt = 1;
         loop {
             let outcome = with_pool!($store, pool => async {
                 let mut $tx = pool.begin_with(SqlStr::from_static(begin)).await?;
                 let value = $body;
-                // Last, so the row lock on the version is held only through the commit.
-                sqlx::query(q(BUMP_VERSION)).execute(&mut *$tx).await?;
+                if $versioned {
+                    // Last, so the row lock on the version is held only through the commit.
+                    sqlx::query(q(BUMP_VERSION)).execute(&mut *$tx).await?;
+                }
                 $tx.commit().await.map_err(StoreError::OutcomeUnknown)?;
                 Ok::<_, StoreError>(value)
             }
@@ -594,6 +693,69 @@ macro_rules! lock_agent_state {
             .await?;
         state.ok_or_else(|| not_found("agent", $agent))?
     }};
+}
+
+/// What `$actor` was answered when it first sent `$request_id`: `Some((result, answer))`,
+/// or `None` for a new id. Ends the transaction with an error when the id was sent for
+/// another action or subject. Run it under the lock that serialises the write (the agent's
+/// or the queue's row), so that two copies of one request cannot both count.
+macro_rules! earlier_answer {
+    ($tx:ident, $actor:expr, $request_id:expr, $action:expr, $subject:expr) => {{
+        let earlier = sqlx::query(q(REQUEST_SEEN))
+            .bind($actor)
+            .bind($request_id)
+            .fetch_optional(&mut *$tx)
+            .await?;
+        match earlier {
+            None => None,
+            Some(row) => {
+                let action: String = row.try_get(0)?;
+                let subject: String = row.try_get(1)?;
+                if action != $action || subject != $subject {
+                    return Err(request_reused($request_id, &action, &subject));
+                }
+                let result: i64 = row.try_get(2)?;
+                let answer: Option<String> = row.try_get(3)?;
+                Some((result, answer))
+            }
+        }
+    }};
+}
+
+/// Remembers the answer to `$request_id` (see [`earlier_answer!`]): `$result` a count,
+/// `$answer` the whole answer as JSON when it is more than a count. Forgets the actor's
+/// ids older than a week on the way.
+macro_rules! remember_answer {
+    ($tx:ident, $sql:ident, $actor:expr, $request_id:expr, $action:expr, $subject:expr, $result:expr, $answer:expr) => {{
+        let answer: Option<String> = $answer;
+        sqlx::query(q($sql.remember_answer))
+            .bind($actor)
+            .bind($request_id)
+            .bind($action)
+            .bind($subject)
+            .bind(i64::from($result))
+            .bind(answer)
+            .execute(&mut *$tx)
+            .await?;
+        sqlx::query(q($sql.forget_requests))
+            .bind($actor)
+            .bind(REQUEST_ID_KEPT_MS)
+            .execute(&mut *$tx)
+            .await?;
+    }};
+}
+
+/// The JSON answer a request id remembers, read back; a row without a readable one is
+/// corrupt.
+fn remembered<T: serde::de::DeserializeOwned>(
+    request_id: &str,
+    answer: Option<String>,
+) -> Result<T, sqlx::Error> {
+    answer
+        .as_deref()
+        .map(serde_json::from_str::<T>)
+        .and_then(Result::ok)
+        .ok_or_else(|| bad_column(3, format!("request `{request_id}` has no readable answer")))
 }
 
 impl Store {
@@ -869,17 +1031,20 @@ impl Store {
         })
     }
 
-    /// Creates the queue or renames it; its members stay.
+    /// Creates the queue or replaces its name and service-level threshold; its members and
+    /// counters stay (calls already counted keep the threshold they were counted with).
     pub async fn upsert_queue(&self, queue: &Queue, actor: &str) -> Result<(), StoreError> {
         check_id("queue id", &queue.id)?;
         check_text("name", &queue.name, MAX_NAME_CHARS)?;
+        check_service_level(queue.service_level_ms)?;
         check_actor(actor)?;
         let sql = self.directory_sql();
-        let detail = json!({ "name": queue.name });
+        let detail = json!({ "name": queue.name, "service_level_ms": queue.service_level_ms });
         write_tx!(self, tx => {
             sqlx::query(q(sql.upsert_queue))
                 .bind(&queue.id)
                 .bind(&queue.name)
+                .bind(i64::from(queue.service_level_ms))
                 .execute(&mut *tx)
                 .await?;
             audit(sql, actor, "queue.upsert", &subject("queue", &queue.id), &detail)
@@ -893,10 +1058,7 @@ impl Store {
         check_id("queue id", id)?;
         let queue = with_pool!(self, pool => {
             let row = sqlx::query(q(GET_QUEUE)).bind(id).fetch_optional(pool).await?;
-            row.map(|row| -> Result<Queue, sqlx::Error> {
-                Ok(Queue { id: row.try_get(0)?, name: row.try_get(1)? })
-            })
-            .transpose()?
+            row.map(|row| queue_from_row(&row)).transpose()?
         });
         queue.ok_or_else(|| not_found("queue", id))
     }
@@ -906,13 +1068,14 @@ impl Store {
         with_pool!(self, pool => {
             let rows = sqlx::query(q(LIST_QUEUES)).fetch_all(pool).await?;
             rows.iter()
-                .map(|row| Ok(Queue { id: row.try_get(0)?, name: row.try_get(1)? }))
+                .map(queue_from_row)
                 .collect::<Result<_, sqlx::Error>>()
                 .map_err(StoreError::from)
         })
     }
 
-    /// Deletes the queue and its memberships; the audit row counts the members removed.
+    /// Deletes the queue with its memberships and counters; the audit row counts what went
+    /// with it.
     pub async fn delete_queue(&self, id: &str, actor: &str) -> Result<(), StoreError> {
         check_id("queue id", id)?;
         check_actor(actor)?;
@@ -928,8 +1091,13 @@ impl Store {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
+            let counters = sqlx::query(q(DELETE_QUEUE_COUNTERS))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             sqlx::query(q(DELETE_QUEUE)).bind(id).execute(&mut *tx).await?;
-            let detail = json!({ "members_removed": members });
+            let detail = json!({ "members_removed": members, "counter_days_removed": counters });
             audit(sql, actor, "queue.delete", &subject("queue", id), &detail)
                 .execute(&mut *tx)
                 .await?;
@@ -1351,23 +1519,12 @@ impl Store {
         let agent_subject = subject("agent", agent);
         write_tx!(self, tx => {
             lock_agent_state!(tx, sql, agent);
-            if let Some(request_id) = request_id {
-                // Under the agent's lock: two copies of one request cannot both count.
-                let earlier = sqlx::query(q(REQUEST_SEEN))
-                    .bind(actor)
-                    .bind(request_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if let Some(earlier) = earlier {
-                    let action: String = earlier.try_get(0)?;
-                    let subject: String = earlier.try_get(1)?;
-                    let result: i64 = earlier.try_get(2)?;
-                    if action != counter.action() || subject != agent_subject {
-                        return Err(request_reused(request_id, &action, &subject));
-                    }
-                    // Nothing to write: the transaction is dropped (rolled back).
-                    return Ok(u32::try_from(result).unwrap_or(u32::MAX));
-                }
+            if let Some(request_id) = request_id
+                && let Some((result, _)) =
+                    earlier_answer!(tx, actor, request_id, counter.action(), agent_subject)
+            {
+                // Nothing to write: the transaction is dropped (rolled back).
+                return Ok(u32::try_from(result).unwrap_or(u32::MAX));
             }
             // The agent's row lock (MySQL) or the write lock (SQLite) is held, so the
             // count read back is this increment's, not a concurrent one's.
@@ -1388,19 +1545,9 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             if let Some(request_id) = request_id {
-                sqlx::query(q(sql.remember_request))
-                    .bind(actor)
-                    .bind(request_id)
-                    .bind(counter.action())
-                    .bind(&agent_subject)
-                    .bind(i64::from(value))
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(q(sql.forget_requests))
-                    .bind(actor)
-                    .bind(REQUEST_ID_KEPT_MS)
-                    .execute(&mut *tx)
-                    .await?;
+                remember_answer!(
+                    tx, sql, actor, request_id, counter.action(), &agent_subject, value, None
+                );
             }
             value
         })
@@ -1459,28 +1606,12 @@ impl Store {
         let agent_subject = subject("agent", agent);
         write_tx!(self, tx => {
             let previous = lock_agent_state!(tx, sql, agent);
-            if let Some(request_id) = request_id {
-                // Under the agent's lock: two copies of one request cannot both count.
-                let earlier = sqlx::query(q(REQUEST_SEEN))
-                    .bind(actor)
-                    .bind(request_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if let Some(earlier) = earlier {
-                    let earlier_action: String = earlier.try_get(0)?;
-                    let earlier_subject: String = earlier.try_get(1)?;
-                    if earlier_action != action || earlier_subject != agent_subject {
-                        return Err(request_reused(request_id, &earlier_action, &earlier_subject));
-                    }
-                    let answer: Option<String> = earlier.try_get(3)?;
-                    let outcome = answer
-                        .as_deref()
-                        .map(serde_json::from_str::<CallEventOutcome>)
-                        .and_then(Result::ok)
-                        .ok_or_else(|| bad_column(3, format!("request `{request_id}` has no readable answer")))?;
-                    // Nothing to write: the transaction is dropped (rolled back).
-                    return Ok(outcome);
-                }
+            if let Some(request_id) = request_id
+                && let Some((_, answer)) =
+                    earlier_answer!(tx, actor, request_id, action, agent_subject)
+            {
+                // Nothing to write: the transaction is dropped (rolled back).
+                return Ok(remembered::<CallEventOutcome>(request_id, answer)?);
             }
             let (outcome, detail) = match event {
                 CallEvent::Answered { queue } => {
@@ -1582,22 +1713,127 @@ impl Store {
                     CallEventOutcome::Ended { .. } => 0,
                 };
                 let answer = serde_json::to_string(&outcome).expect("outcomes serialize");
-                sqlx::query(q(sql.remember_answer))
-                    .bind(actor)
-                    .bind(request_id)
-                    .bind(action)
-                    .bind(&agent_subject)
-                    .bind(i64::from(result))
-                    .bind(answer)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(q(sql.forget_requests))
-                    .bind(actor)
-                    .bind(REQUEST_ID_KEPT_MS)
-                    .execute(&mut *tx)
-                    .await?;
+                remember_answer!(
+                    tx, sql, actor, request_id, action, &agent_subject, result, Some(answer)
+                );
             }
             outcome
+        })
+    }
+
+    /// Counts what became of a call of `queue` on `day` (`YYYY-MM-DD` in the configured
+    /// time zone): one more `outcome`, and, for an answer after `waited` of at most the
+    /// queue's `service_level_ms`, one more answered within the service level (the
+    /// threshold itself included). Returns the queue's counters of the day after it.
+    ///
+    /// With a `request_id` (a node retrying after a lost answer), a request `actor` already
+    /// sent is answered as it was the first time and counts nothing; an id used for another
+    /// outcome or queue is an error. No audit row and no directory version bump: see the
+    /// module's documentation.
+    pub async fn record_call_outcome(
+        &self,
+        queue: &str,
+        outcome: CallOutcome,
+        waited: Duration,
+        day: &str,
+        actor: &str,
+        request_id: Option<&str>,
+    ) -> Result<QueueCounts, StoreError> {
+        check_id("queue id", queue)?;
+        check_day(day)?;
+        check_actor(actor)?;
+        if let Some(request_id) = request_id {
+            check_request_id(request_id)?;
+        }
+        let sql = self.directory_sql();
+        let action = outcome.action();
+        let queue_subject = subject("queue", queue);
+        write_tx!(self, tx, unversioned => {
+            // The queue's row lock serialises its outcomes (MySQL), so a retry sees the
+            // first copy's remembered answer and the counts read back are this call's.
+            let threshold: Option<i64> = sqlx::query_scalar(q(sql.lock_queue_service_level))
+                .bind(queue)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let threshold = threshold.ok_or_else(|| not_found("queue", queue))?;
+            if let Some(request_id) = request_id
+                && let Some((_, answer)) =
+                    earlier_answer!(tx, actor, request_id, action, queue_subject)
+            {
+                // Nothing to write: the transaction is dropped (rolled back).
+                return Ok(remembered::<QueueCounts>(request_id, answer)?);
+            }
+            let within = outcome == CallOutcome::Answered
+                && u128::try_from(threshold).is_ok_and(|t| waited.as_millis() <= t);
+            let one = |wanted: CallOutcome| i64::from(outcome == wanted);
+            sqlx::query(q(sql.count_outcome))
+                .bind(queue)
+                .bind(day)
+                .bind(one(CallOutcome::Answered))
+                .bind(one(CallOutcome::Abandoned))
+                .bind(one(CallOutcome::Overflowed))
+                .bind(i64::from(within))
+                .execute(&mut *tx)
+                .await?;
+            let row = sqlx::query(q(QUEUE_COUNTS))
+                .bind(queue)
+                .bind(day)
+                .fetch_one(&mut *tx)
+                .await?;
+            let counts = queue_counts_from_row(&row, 0)?;
+            if let Some(request_id) = request_id {
+                let result = match outcome {
+                    CallOutcome::Answered => counts.answered,
+                    CallOutcome::Abandoned => counts.abandoned,
+                    CallOutcome::Overflowed => counts.overflowed,
+                };
+                let answer = serde_json::to_string(&counts).expect("counts serialize");
+                remember_answer!(
+                    tx, sql, actor, request_id, action, &queue_subject, result, Some(answer)
+                );
+            }
+            counts
+        })
+    }
+
+    /// The queue's counters of `day`; zero for a day without calls.
+    pub async fn queue_daily_counts(
+        &self,
+        queue: &str,
+        day: &str,
+    ) -> Result<QueueCounts, StoreError> {
+        check_id("queue id", queue)?;
+        check_day(day)?;
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let found: Option<String> = sqlx::query_scalar(q(GET_QUEUE_ID))
+                .bind(queue)
+                .fetch_optional(&mut *tx)
+                .await?;
+            found.ok_or_else(|| not_found("queue", queue))?;
+            let row = sqlx::query(q(QUEUE_COUNTS))
+                .bind(queue)
+                .bind(day)
+                .fetch_optional(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(row.map(|row| queue_counts_from_row(&row, 0)).transpose()?.unwrap_or_default())
+        })
+    }
+
+    /// Every queue's counters of `day` in one query, by queue id; a queue without a call
+    /// that day is left out (its counts are zero).
+    pub async fn queue_counts_of_day(
+        &self,
+        day: &str,
+    ) -> Result<BTreeMap<String, QueueCounts>, StoreError> {
+        check_day(day)?;
+        with_pool!(self, pool => {
+            let rows = sqlx::query(q(QUEUE_COUNTS_OF_DAY)).bind(day).fetch_all(pool).await?;
+            rows.iter()
+                .map(|row| Ok((row.try_get(0)?, queue_counts_from_row(row, 1)?)))
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(StoreError::from)
         })
     }
 
@@ -2015,6 +2251,19 @@ fn check_request_id(request_id: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A queue's service-level threshold.
+fn check_service_level(ms: u32) -> Result<(), StoreError> {
+    if ms == 0 || ms > MAX_SERVICE_LEVEL_MS {
+        return Err(invalid(
+            "service_level_ms",
+            format!(
+                "{ms} is not between 1 and {MAX_SERVICE_LEVEL_MS} (an hour); send the longest wait in ms that still counts as answered in time, e.g. 20000"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A request id sent again with another request than the one it was first sent with.
 fn request_reused(request_id: &str, action: &str, subject: &str) -> StoreError {
     invalid(
@@ -2065,6 +2314,35 @@ fn bad_column(index: usize, reason: String) -> sqlx::Error {
         index: index.to_string(),
         source: reason.into(),
     }
+}
+
+fn queue_from_row<'r, R>(row: &'r R) -> Result<Queue, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(Queue {
+        id: row.try_get(0)?,
+        name: row.try_get(1)?,
+        service_level_ms: u32_column(row, 2)?,
+    })
+}
+
+/// The four counters of a queue from column `first` on.
+fn queue_counts_from_row<'r, R>(row: &'r R, first: usize) -> Result<QueueCounts, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(QueueCounts {
+        answered: u32_column(row, first)?,
+        abandoned: u32_column(row, first + 1)?,
+        overflowed: u32_column(row, first + 2)?,
+        answered_within_sl: u32_column(row, first + 3)?,
+    })
 }
 
 fn i32_column<'r, R>(row: &'r R, index: usize) -> Result<i32, sqlx::Error>

@@ -1,11 +1,12 @@
 //! The directory's behaviour on both backends: every test runs on SQLite and on MariaDB,
 //! and fails (never passes) when MariaDB is not configured.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use super::*;
 use crate::config::StoreConfig;
+use crate::store::directory::{DEFAULT_SERVICE_LEVEL_MS, MAX_SERVICE_LEVEL_MS};
 use crate::testing;
 
 const CRM: &str = "crm-main";
@@ -66,6 +67,7 @@ fn queue(id: &str) -> Queue {
     Queue {
         id: id.into(),
         name: format!("Queue {id}"),
+        service_level_ms: DEFAULT_SERVICE_LEVEL_MS,
     }
 }
 
@@ -150,6 +152,7 @@ async fn agents_devices_queues_and_members_round_trip() {
         let renamed = Queue {
             id: "sales".into(),
             name: "Sales FR".into(),
+            service_level_ms: 15_000,
         };
         store.upsert_queue(&renamed, CRM).await.expect("rename");
         store
@@ -443,6 +446,26 @@ async fn unknown_ids_are_not_found_naming_kind_and_id() {
             (store.list_members("nope").await.map(drop), "queue", "nope"),
             (store.get_queue("nope").await.map(drop), "queue", "nope"),
             (store.delete_queue("nope", CRM).await, "queue", "nope"),
+            (
+                store
+                    .record_call_outcome(
+                        "nope",
+                        CallOutcome::Answered,
+                        Duration::ZERO,
+                        DAY,
+                        NODE,
+                        None,
+                    )
+                    .await
+                    .map(drop),
+                "queue",
+                "nope",
+            ),
+            (
+                store.queue_daily_counts("nope", DAY).await.map(drop),
+                "queue",
+                "nope",
+            ),
             (store.get_device("2009").await.map(drop), "device", "2009"),
             (store.delete_device("2009", CRM).await, "device", "2009"),
         ];
@@ -2275,4 +2298,467 @@ async fn concurrent_misses_are_all_counted_and_pause_once() {
         );
     })
     .await;
+}
+
+/// Reports what became of a call of `queue` that waited `waited_ms`, as node pbx-1.
+async fn outcome(
+    store: &Store,
+    queue: &str,
+    outcome: CallOutcome,
+    waited_ms: u64,
+    day: &str,
+    key: Option<&str>,
+) -> Result<QueueCounts, StoreError> {
+    store
+        .record_call_outcome(
+            queue,
+            outcome,
+            Duration::from_millis(waited_ms),
+            day,
+            NODE,
+            key,
+        )
+        .await
+}
+
+fn counts(answered: u32, abandoned: u32, overflowed: u32, within: u32) -> QueueCounts {
+    QueueCounts {
+        answered,
+        abandoned,
+        overflowed,
+        answered_within_sl: within,
+    }
+}
+
+#[tokio::test]
+async fn call_outcomes_count_per_queue_and_day_and_the_threshold_itself_is_within() {
+    on_both(|store| async move {
+        seed(&store).await;
+        let db = store.dialect();
+        let support = Queue {
+            service_level_ms: 30_000,
+            ..queue("support")
+        };
+        store.upsert_queue(&support, CRM).await.expect("threshold");
+        assert_eq!(
+            store
+                .get_queue("support")
+                .await
+                .expect("get")
+                .service_level_ms,
+            30_000
+        );
+        assert_eq!(
+            store
+                .get_queue("sales")
+                .await
+                .expect("get")
+                .service_level_ms,
+            20_000,
+            "{db}: the default"
+        );
+        let rows = audit(&store).await.len();
+        let version = store.directory_version().await.expect("version");
+        let steps = [
+            // (queue, outcome, waited ms, day, counts of that queue and day after it)
+            (
+                "sales",
+                CallOutcome::Answered,
+                20_000,
+                DAY,
+                counts(1, 0, 0, 1),
+            ),
+            (
+                "sales",
+                CallOutcome::Answered,
+                20_001,
+                DAY,
+                counts(2, 0, 0, 1),
+            ),
+            ("sales", CallOutcome::Answered, 0, DAY, counts(3, 0, 0, 2)),
+            (
+                "sales",
+                CallOutcome::Abandoned,
+                5_000,
+                DAY,
+                counts(3, 1, 0, 2),
+            ),
+            (
+                "sales",
+                CallOutcome::Overflowed,
+                600_000,
+                DAY,
+                counts(3, 1, 1, 2),
+            ),
+            // Abandoned within the threshold is still not answered within it.
+            ("sales", CallOutcome::Abandoned, 1, DAY, counts(3, 2, 1, 2)),
+            (
+                "support",
+                CallOutcome::Answered,
+                25_000,
+                DAY,
+                counts(1, 0, 0, 1),
+            ),
+            (
+                "sales",
+                CallOutcome::Answered,
+                1_000,
+                "2025-03-15",
+                counts(1, 0, 0, 1),
+            ),
+        ];
+        for (step, (queue, what, waited, day, expected)) in steps.into_iter().enumerate() {
+            assert_eq!(
+                outcome(&store, queue, what, waited, day, None)
+                    .await
+                    .expect("counted"),
+                expected,
+                "{db} step {step}"
+            );
+        }
+        assert_eq!(
+            store.queue_daily_counts("sales", DAY).await.expect("read"),
+            counts(3, 2, 1, 2)
+        );
+        assert_eq!(
+            store
+                .queue_daily_counts("support", "2025-03-15")
+                .await
+                .expect("read"),
+            QueueCounts::default(),
+            "{db}: a day without calls is zero"
+        );
+        assert_eq!(
+            store.queue_counts_of_day(DAY).await.expect("read"),
+            BTreeMap::from([
+                ("sales".to_owned(), counts(3, 2, 1, 2)),
+                ("support".to_owned(), counts(1, 0, 0, 1)),
+            ])
+        );
+        assert_eq!(
+            store.queue_counts_of_day("2025-03-16").await.expect("read"),
+            BTreeMap::new()
+        );
+        // 2 within the service level of 3 answered + 2 abandoned: 40 %.
+        assert_eq!(counts(3, 2, 1, 2).service_level_pct(), Some(40.0));
+        assert_eq!(counts(2, 1, 0, 2).service_level_pct(), Some(66.7));
+        assert_eq!(counts(0, 0, 4, 0).service_level_pct(), None);
+        assert_eq!(
+            (
+                audit(&store).await.len(),
+                store.directory_version().await.expect("version")
+            ),
+            (rows, version),
+            "{db}: outcomes write no audit row and leave the directory version alone"
+        );
+        // A lower threshold applies to the calls counted from then on.
+        let strict = Queue {
+            service_level_ms: 1,
+            ..queue("sales")
+        };
+        store.upsert_queue(&strict, CRM).await.expect("threshold");
+        assert_eq!(
+            outcome(&store, "sales", CallOutcome::Answered, 2, DAY, None)
+                .await
+                .expect("counted"),
+            counts(4, 2, 1, 2)
+        );
+        assert_eq!(
+            outcome(&store, "sales", CallOutcome::Answered, 1, DAY, None)
+                .await
+                .expect("counted"),
+            counts(5, 2, 1, 3)
+        );
+        // Deleting the queue deletes its counters: a queue made again starts from zero.
+        store.delete_queue("sales", CRM).await.expect("delete");
+        let deleted = audit(&store).await.into_iter().next().expect("a row");
+        assert_eq!(
+            deleted.detail,
+            serde_json::json!({ "members_removed": 0, "counter_days_removed": 2 })
+        );
+        store
+            .upsert_queue(&queue("sales"), CRM)
+            .await
+            .expect("again");
+        assert_eq!(
+            store.queue_daily_counts("sales", DAY).await.expect("read"),
+            QueueCounts::default()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_call_outcome_retried_with_its_request_id_counts_once() {
+    on_both(|store| async move {
+        seed(&store).await;
+        let first = outcome(
+            &store,
+            "sales",
+            CallOutcome::Answered,
+            3_000,
+            DAY,
+            Some("o-1"),
+        )
+        .await
+        .expect("answered");
+        assert_eq!(first, counts(1, 0, 0, 1));
+        outcome(
+            &store,
+            "sales",
+            CallOutcome::Abandoned,
+            3_000,
+            DAY,
+            Some("o-2"),
+        )
+        .await
+        .expect("abandoned");
+        // The node lost the first answer and sends it again: answered as the first time.
+        for _ in 0..2 {
+            assert_eq!(
+                outcome(
+                    &store,
+                    "sales",
+                    CallOutcome::Answered,
+                    3_000,
+                    DAY,
+                    Some("o-1")
+                )
+                .await
+                .expect("retry"),
+                first
+            );
+        }
+        // An id sent again for another outcome, queue or agent event is refused.
+        for (queue, what) in [
+            ("sales", CallOutcome::Overflowed),
+            ("support", CallOutcome::Answered),
+        ] {
+            let err = outcome(&store, queue, what, 0, DAY, Some("o-1"))
+                .await
+                .expect_err("reused");
+            assert!(
+                matches!(
+                    &err,
+                    StoreError::Invalid {
+                        field: "request id",
+                        reason,
+                    } if reason.contains("queue.call_answered of queue:sales")
+                ),
+                "{err}"
+            );
+        }
+        let err = store
+            .record_call_event("1001", &answered("sales"), DAY, NODE, Some("o-1"))
+            .await
+            .expect_err("reused");
+        assert!(
+            err.to_string()
+                .contains("queue.call_answered of queue:sales"),
+            "{err}"
+        );
+        // Another node's `o-1` is another call.
+        assert_eq!(
+            store
+                .record_call_outcome(
+                    "sales",
+                    CallOutcome::Answered,
+                    Duration::from_secs(60),
+                    DAY,
+                    "node:pbx-2",
+                    Some("o-1"),
+                )
+                .await
+                .expect("answered"),
+            counts(2, 1, 0, 1)
+        );
+        assert_eq!(
+            store.queue_daily_counts("sales", DAY).await.expect("read"),
+            counts(2, 1, 0, 1)
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn invalid_queue_figures_are_refused_naming_the_field_and_change_nothing() {
+    on_both(|store| async move {
+        seed(&store).await;
+        let rows = audit(&store).await.len();
+        for ms in [0, MAX_SERVICE_LEVEL_MS + 1] {
+            let err = store
+                .upsert_queue(
+                    &Queue {
+                        service_level_ms: ms,
+                        ..queue("sales")
+                    },
+                    CRM,
+                )
+                .await
+                .expect_err("out of range");
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "invalid service_level_ms: {ms} is not between 1 and 3600000 (an hour); send the longest wait in ms that still counts as answered in time, e.g. 20000"
+                )
+            );
+        }
+        store
+            .upsert_queue(
+                &Queue {
+                    service_level_ms: MAX_SERVICE_LEVEL_MS,
+                    ..queue("sales")
+                },
+                CRM,
+            )
+            .await
+            .expect("an hour is the longest");
+        for (result, field) in [
+            (
+                outcome(&store, "sales", CallOutcome::Answered, 0, "14/03/2025", None).await,
+                "day",
+            ),
+            (
+                outcome(&store, "sales", CallOutcome::Answered, 0, DAY, Some("a b")).await,
+                "request id",
+            ),
+            (
+                outcome(&store, "sa les", CallOutcome::Answered, 0, DAY, None).await,
+                "queue id",
+            ),
+        ] {
+            assert!(
+                matches!(&result, Err(StoreError::Invalid { field: f, .. }) if *f == field),
+                "{field}: {result:?}"
+            );
+        }
+        assert_eq!(
+            store.queue_daily_counts("sales", DAY).await.expect("read"),
+            QueueCounts::default()
+        );
+        assert_eq!(audit(&store).await.len(), rows + 1, "the one queue change");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_call_outcomes_are_all_counted() {
+    on_both(|store| async move {
+        seed(&store).await;
+        let mut reports = tokio::task::JoinSet::new();
+        for call in 0..30u64 {
+            let store = store.clone();
+            reports.spawn(async move {
+                let what = if call % 3 == 0 {
+                    CallOutcome::Abandoned
+                } else {
+                    CallOutcome::Answered
+                };
+                store
+                    .record_call_outcome(
+                        "sales",
+                        what,
+                        Duration::from_secs(call),
+                        DAY,
+                        &format!("node:pbx-{}", call % 4),
+                        Some(&format!("c-{call}")),
+                    )
+                    .await
+            });
+        }
+        while let Some(joined) = reports.join_next().await {
+            joined.expect("task").expect("counted");
+        }
+        // 20 answered, of which those that waited 0–20 s (1, 2, 4, … 20: 14) are within.
+        assert_eq!(
+            store.queue_daily_counts("sales", DAY).await.expect("read"),
+            counts(20, 10, 0, 14),
+            "{}",
+            store.dialect()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_store_of_the_previous_version_migrates_giving_queues_the_default_service_level() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for config in [
+        testing::sqlite_config(dir.path()),
+        testing::fresh_mysql_config().await,
+    ] {
+        // The schema and rows of the version before queue figures (migrations 1–6).
+        let statements = [
+            "INSERT INTO queues (id, name) VALUES ('sales', 'Sales')",
+            "INSERT INTO agents (id, name, tags, enabled, state, idle_since_ms) \
+             VALUES ('1001', 'Alice', '[]', 1, 'available', 0)",
+            "INSERT INTO daily_counters (agent_id, day, calls, sales, missed) \
+             VALUES ('1001', '2025-03-14', 4, 2, 1)",
+        ];
+        let before = |dialect: &Dialect| {
+            let mut old = migrator(dialect);
+            let kept: Vec<_> = old.iter().filter(|m| m.version <= 6).cloned().collect();
+            old = sqlx::migrate::Migrator::with_migrations(kept);
+            old.set_locking(false);
+            old
+        };
+        if let Some(path) = config.sqlite_path() {
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true);
+            let pool = sqlx::SqlitePool::connect_with(options)
+                .await
+                .expect("sqlite");
+            before(&dialect::SQLITE).run(&pool).await.expect("migrate");
+            for statement in statements {
+                sqlx::query(statement).execute(&pool).await.expect("row");
+            }
+            pool.close().await;
+        } else {
+            let pool = sqlx::MySqlPool::connect(&config.url)
+                .await
+                .expect("mariadb");
+            before(&dialect::MYSQL).run(&pool).await.expect("migrate");
+            for statement in statements {
+                sqlx::query(statement).execute(&pool).await.expect("row");
+            }
+            pool.close().await;
+        }
+
+        let store = Store::connect(&config).await.expect("migrates");
+        let db = store.dialect();
+        assert_eq!(
+            store.get_queue("sales").await.expect("queue"),
+            Queue {
+                id: "sales".into(),
+                name: "Sales".into(),
+                service_level_ms: 20_000,
+            },
+            "{db}"
+        );
+        assert_eq!(
+            store.daily_counts("1001", DAY).await.expect("counts"),
+            DailyCounts {
+                calls: 4,
+                sales: 2,
+                missed: 1
+            },
+            "{db}"
+        );
+        assert_eq!(
+            outcome(
+                &store,
+                "sales",
+                CallOutcome::Answered,
+                20_000,
+                DAY,
+                Some("m-1")
+            )
+            .await
+            .expect("counted"),
+            counts(1, 0, 0, 1),
+            "{db}"
+        );
+        store.close().await;
+    }
 }

@@ -524,6 +524,11 @@ fn migrator(sql: &Dialect) -> Migrator {
                 "call events",
                 include_str!("migrations/mysql/0006_call_events.sql"),
             ),
+            (
+                7,
+                "queue figures",
+                include_str!("migrations/mysql/0007_queue_figures.sql"),
+            ),
         ]
     } else {
         &[
@@ -553,6 +558,11 @@ fn migrator(sql: &Dialect) -> Migrator {
                 "call events",
                 include_str!("migrations/sqlite/0006_call_events.sql"),
             ),
+            (
+                7,
+                "queue figures",
+                include_str!("migrations/sqlite/0007_queue_figures.sql"),
+            ),
         ]
     };
     let mut migrator = Migrator::with_migrations(
@@ -578,8 +588,8 @@ pub mod directory;
 
 pub use directory::{
     Agent, AgentSnapshot, AgentState, AuditEntry, Availability, CallEvent, CallEventOutcome,
-    CredentialsChange, DailyCounts, Device, DigestCredentials, DirectorySnapshot, Login, Queue,
-    QueueMember, QueueSnapshot, Session, SipDevice, aor_of,
+    CallOutcome, CredentialsChange, DailyCounts, Device, DigestCredentials, DirectorySnapshot,
+    Login, Queue, QueueCounts, QueueMember, QueueSnapshot, Session, SipDevice, aor_of,
 };
 
 #[cfg(test)]
