@@ -1082,6 +1082,9 @@ pub struct ControlPlaneConfig {
     /// Public queue status: requests one client address may send at once before
     /// `status_rate` applies.
     pub status_burst: u32,
+    /// The lock service (`http://host:port`) whose waiting orders give the queue status its
+    /// waiting callers and longest wait; empty: none (the status says they are unknown).
+    pub lock_service: String,
 }
 
 impl Default for ControlPlaneConfig {
@@ -1099,6 +1102,7 @@ impl Default for ControlPlaneConfig {
             shutdown_grace: Duration::from_secs(10),
             status_rate: 20.0,
             status_burst: 40,
+            lock_service: "http://127.0.0.1:7070".to_owned(),
         }
     }
 }
@@ -1225,6 +1229,24 @@ impl ControlPlaneConfig {
         }
         if self.status_burst == 0 {
             return bad("status_burst", "must be at least 1 (e.g. 40)".into());
+        }
+        if !self.lock_service.is_empty() {
+            let usable = url::Url::parse(&self.lock_service).is_ok_and(|url| {
+                url.scheme() == "http"
+                    && url.host_str().is_some_and(|host| !host.is_empty())
+                    && url.path() == "/"
+                    && url.query().is_none()
+                    && url.username().is_empty()
+            });
+            if !usable {
+                return bad(
+                    "lock_service",
+                    format!(
+                        "`{}` must be the lock service's http://host:port (e.g. http://127.0.0.1:7070), or empty for none",
+                        self.lock_service
+                    ),
+                );
+            }
         }
         let mut names = HashSet::new();
         let mut values = HashSet::new();
@@ -1917,6 +1939,48 @@ mod tests {
                     .expect_err(toml)
                     .to_string();
                 assert!(err.contains(key), "{toml}: {err}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn control_plane_lock_service_has_a_default_and_is_checked() {
+        Jail::expect_with(|jail| {
+            let defaults = load_in(jail, "").expect("defaults load");
+            assert_eq!(defaults.control_plane.lock_service, "http://127.0.0.1:7070");
+            for (toml, expected) in [
+                ("lock_service = \"\"", ""),
+                (
+                    "lock_service = \"http://locks.internal:7070\"",
+                    "http://locks.internal:7070",
+                ),
+                (
+                    "lock_service = \"http://[::1]:7070/\"",
+                    "http://[::1]:7070/",
+                ),
+            ] {
+                let config = load_in(jail, &format!("[control_plane]\n{toml}\n")).expect(toml);
+                assert_eq!(config.control_plane.lock_service, expected);
+            }
+            for bad in [
+                "127.0.0.1:7070",
+                "https://locks:7070",
+                "http://",
+                "http://locks:7070/lock",
+            ] {
+                let err = load_in(
+                    jail,
+                    &format!("[control_plane]\nlock_service = \"{bad}\"\n"),
+                )
+                .expect_err(bad)
+                .to_string();
+                assert_eq!(
+                    err,
+                    format!(
+                        "invalid configuration: `control_plane.lock_service` `{bad}` must be the lock service's http://host:port (e.g. http://127.0.0.1:7070), or empty for none"
+                    )
+                );
             }
             Ok(())
         });
