@@ -362,7 +362,11 @@ exten => s,1,Set(CALLFLEET_RESULT=)\n \
 same => n,AGI(agi://{address}/fence?ring=${{ARG1}})\n \
 same => n,GotoIf($[\"${{CALLFLEET_RESULT}}\" = \"ok\"]?bridge)\n \
 same => n,Set(GOSUB_RESULT=ABORT)\n \
-same => n(bridge),Return()\n",
+same => n(bridge),Return()\n\
+; Dial's b() on the agent's leg before it rings: the node-agent learns the leg's name,\n\
+; to hang it up over AMI if the lease is lost while the phone rings.\n\
+exten => ring,1,AGI(agi://{address}/ringing?ring=${{ARG1}})\n \
+same => n,Return()\n",
             max_wait = config.node.queue.max_wait.as_secs(),
             fence = context::FENCE,
         ),
@@ -432,8 +436,9 @@ fn agi_address(config: &Config) -> Option<SocketAddr> {
 }
 
 /// The node-agent's manager user, least privilege: it reads the call count with the
-/// `Command` action (`write = command`) and events of calls and the system, from loopback
-/// only.
+/// `Command` action (`write = command`), hangs up a queued call's ring whose lease was
+/// lost (`Hangup`, `write = call`), and reads events of calls and the system, from
+/// loopback only.
 fn manager(config: &Config) -> Result<String, AsteriskConfigError> {
     let calls = &config.node.calls;
     let mut text = String::from(
@@ -477,7 +482,7 @@ fn manager(config: &Config) -> Result<String, AsteriskConfigError> {
     text.push_str(&format!(
         "enabled = yes\nport = {port}\nbindaddr = {host}\n\n\
 [{user}]\nsecret = {secret}\ndeny = 0.0.0.0/0.0.0.0\npermit = {host}/{mask}\n\
-read = system,call\nwrite = command\n",
+read = system,call\nwrite = command,call\n",
         port = address.port(),
         user = calls.username,
     ));
@@ -632,7 +637,7 @@ ps_contacts => curl,http://127.0.0.1:8090/realtime/ps_contacts\n"
         );
         assert!(manager.contains("deny = 0.0.0.0/0.0.0.0\npermit = 127.0.0.1/255.255.255.255\n"));
         assert!(
-            manager.ends_with("read = system,call\nwrite = command\n"),
+            manager.ends_with("read = system,call\nwrite = command,call\n"),
             "{manager}"
         );
 
@@ -718,7 +723,7 @@ ps_contacts => curl,http://127.0.0.1:8090/realtime/ps_contacts\n"
             " same => n,GotoIf($[${EPOCH} - ${CALLFLEET_ARRIVED} > 90]?overflow)\n",
             " same => n(overflow),Goto(callfleet-from-carrier,1001,1)\n",
             "[callfleet-fence]\n",
-            "exten => s,1,Set(CALLFLEET_RESULT=)\n same => n,AGI(agi://127.0.0.1:4573/fence?ring=${ARG1})\n same => n,GotoIf($[\"${CALLFLEET_RESULT}\" = \"ok\"]?bridge)\n same => n,Set(GOSUB_RESULT=ABORT)\n same => n(bridge),Return()\n",
+            "exten => s,1,Set(CALLFLEET_RESULT=)\n same => n,AGI(agi://127.0.0.1:4573/fence?ring=${ARG1})\n same => n,GotoIf($[\"${CALLFLEET_RESULT}\" = \"ok\"]?bridge)\n same => n,Set(GOSUB_RESULT=ABORT)\n same => n(bridge),Return()\n; Dial's b() on the agent's leg before it rings: the node-agent learns the leg's name,\n; to hang it up over AMI if the lease is lost while the phone rings.\nexten => ring,1,AGI(agi://127.0.0.1:4573/ringing?ring=${ARG1})\n same => n,Return()\n",
         ] {
             assert!(
                 dialplan.contains(expected),

@@ -174,6 +174,31 @@ impl AmiClient {
         .await
     }
 
+    /// Hangs up `channel` (`PJSIP/701-0000002a`): how a ring is cancelled from outside the
+    /// FastAGI session blocked in its Dial. Needs `write = call`. A channel that is already
+    /// gone is not an error: what was to be ended has ended.
+    pub async fn hangup(&mut self, channel: &str) -> Result<(), AmiError> {
+        let address = self.address.clone();
+        bounded(&address, "Hangup", self.timeout, async {
+            let reply = self.request("Hangup", &[("Channel", channel)]).await?;
+            match (reply.response(), reply.get("Message")) {
+                (Some("Success"), _) => Ok(()),
+                (_, Some(message)) if message.eq_ignore_ascii_case("No such channel") => Ok(()),
+                (_, Some(message)) if message.eq_ignore_ascii_case("Permission denied") => {
+                    Err(AmiError::PermissionDenied {
+                        address: self.address.clone(),
+                        username: self.username.clone(),
+                    })
+                }
+                _ => Err(self.protocol(format!(
+                    "refused to hang up {channel}: {}",
+                    reply.summary(200)
+                ))),
+            }
+        })
+        .await
+    }
+
     /// Returns the AMI version from the greeting, e.g. `11.0.0`.
     pub fn version(&self) -> &str {
         &self.version

@@ -21,11 +21,11 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use callfleet_core::config::{Config, QueueConfig};
+use callfleet_core::config::{CallSourceKind, Config, QueueConfig};
 use callfleet_lock_service::client::LeaseKeeper;
 use callfleet_lock_service::waiter::{Turn, WaitSettings, Waiter};
 use callfleet_proto::lock::v1::locks_client::LocksClient;
@@ -33,9 +33,10 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use super::candidates::{Candidate, CandidatesSource};
-use super::events::{AgentEvent, AgentEvents, EventLine};
+use super::events::{AgentEvent, AgentEvents, EventLine, QueueOutcome};
 use crate::agi::proto::{Command, Reply};
 use crate::agi::{Scripts, Session, SessionError};
+use crate::ami::AmiClient;
 use crate::provisioning::ProvisioningError;
 
 /// The dialplan context Dial's `U()` runs on the agent's leg when it answers.
@@ -48,10 +49,10 @@ const RING_MARGIN: Duration = Duration::from_secs(2);
 /// At answer, the lease must stay valid at least this much longer for the bridge.
 const FENCE_MARGIN: Duration = Duration::from_millis(200);
 
-/// Switches a test sets to show that the leases are what keeps one agent to one ring:
-/// `private_leases` makes every caller lease its own copy of each agent, so the lock
-/// service never sees two callers want the same agent. Never set in production; logged
-/// as an error when on.
+/// Protections a test switches off (comma-separated names) to show each is what keeps its
+/// scenario safe. `private_leases`: every caller leases its own copy of each agent, so the
+/// lock service never sees two callers want the same agent. `no_ring_cancel`: a ring whose
+/// lease is lost keeps ringing. Never set in production; logged as an error when on.
 pub const UNSAFE_VARIABLE: &str = "CALLFLEET_TEST_UNSAFE_QUEUE";
 
 /// Why the queue scripts cannot start.
@@ -96,14 +97,30 @@ struct Inner {
     counts: Counts,
     /// See [`UNSAFE_VARIABLE`].
     private_leases: bool,
+    /// See [`UNSAFE_VARIABLE`].
+    no_ring_cancel: bool,
+    /// How to reach this node's Asterisk to hang up a ring whose lease was lost.
+    ami: Option<AmiLogin>,
+}
+
+/// The manager login of `node.calls`.
+#[derive(Clone)]
+struct AmiLogin {
+    address: String,
+    username: String,
+    secret: String,
+    timeout: Duration,
 }
 
 /// A ring in progress, as the `fence` script finds it.
 struct Ring {
+    /// The agent's leg, once Dial's `b()` has told it (`ringing` script).
+    leg: Arc<Mutex<Option<String>>>,
     agent: String,
     queue: String,
     keeper: Arc<LeaseKeeper>,
-    answered: Arc<AtomicBool>,
+    /// When the fence let the agent's answer through.
+    answered: Arc<OnceLock<Instant>>,
     events: EventLine,
 }
 
@@ -116,6 +133,7 @@ struct Counts {
     missed: AtomicU64,
     fenced: AtomicU64,
     unfenced: AtomicU64,
+    cancelled: AtomicU64,
 }
 
 /// What the queue scripts have done since the start.
@@ -135,6 +153,8 @@ pub struct QueueStats {
     pub fenced: u64,
     /// Agents bridged without the fence having run (Asterisk misconfigured).
     pub unfenced: u64,
+    /// Rings ended because their lease was lost while the phone rang.
+    pub cancelled: u64,
 }
 
 impl QueueCalls {
@@ -158,16 +178,30 @@ impl QueueCalls {
                 .tcp_nodelay(true)
                 .connect_lazy(),
         );
-        let private_leases = std::env::var(UNSAFE_VARIABLE).is_ok_and(|v| v == "private_leases");
-        if private_leases {
-            tracing::error!(
-                "{UNSAFE_VARIABLE}=private_leases: agents can be rung for two calls at once; for tests only"
+        let switches = std::env::var(UNSAFE_VARIABLE).unwrap_or_default();
+        let off = |name: &str| switches.split(',').any(|s| s.trim() == name);
+        let (private_leases, no_ring_cancel) = (off("private_leases"), off("no_ring_cancel"));
+        if private_leases || no_ring_cancel {
+            tracing::error!(%switches, "{UNSAFE_VARIABLE}: protections of queued calls are off; for tests only");
+        }
+        let calls = &config.node.calls;
+        let ami = (calls.source == CallSourceKind::Ami).then(|| AmiLogin {
+            address: calls.address.clone(),
+            username: calls.username.clone(),
+            secret: calls.secret.expose().to_owned(),
+            timeout: calls.timeout,
+        });
+        if ami.is_none() {
+            tracing::warn!(
+                "node.calls.source is not ami: a ring whose lease is lost cannot be hung up before the agent answers (the fence still refuses the bridge)"
             );
         }
         Ok(Self {
             inner: Arc::new(Inner {
                 node: node.to_owned(),
                 private_leases,
+                no_ring_cancel,
+                ami,
                 candidates,
                 locks,
                 wait: WaitSettings::default(),
@@ -194,6 +228,13 @@ impl QueueCalls {
                 let calls = fence.clone();
                 async move { calls.fence(session).await }
             })
+            .with("ringing", {
+                let calls = self.clone();
+                move |session| {
+                    let calls = calls.clone();
+                    async move { calls.ringing(session).await }
+                }
+            })
     }
 
     /// What the scripts have done so far.
@@ -207,6 +248,7 @@ impl QueueCalls {
             missed: counts.missed.load(Ordering::Relaxed),
             fenced: counts.fenced.load(Ordering::Relaxed),
             unfenced: counts.unfenced.load(Ordering::Relaxed),
+            cancelled: counts.cancelled.load(Ordering::Relaxed),
         }
     }
 
@@ -258,9 +300,16 @@ impl QueueCalls {
         let poll = self.inner.settings.poll;
 
         let mut waiter: Option<Waiter> = None;
+        let mut enqueued_us = 0;
+        let outcome = |outcome: QueueOutcome| {
+            self.inner
+                .events
+                .queue_outcome(&queue, &waiter_id, outcome, arrived.elapsed());
+        };
         loop {
             if session.hung_up() {
                 self.inner.counts.abandoned.fetch_add(1, Ordering::Relaxed);
+                outcome(QueueOutcome::Abandoned);
                 leave(waiter).await;
                 return Ok(());
             }
@@ -271,6 +320,7 @@ impl QueueCalls {
             }
             if arrived.elapsed() >= max_wait {
                 self.inner.counts.overflowed.fetch_add(1, Ordering::Relaxed);
+                outcome(QueueOutcome::Overflowed);
                 leave(waiter).await;
                 session.set_result("overflow").await?;
                 return Ok(());
@@ -285,7 +335,10 @@ impl QueueCalls {
                 )
                 .await
                 {
-                    Ok((joined, _place)) => waiter = Some(joined),
+                    Ok((joined, place)) => {
+                        enqueued_us = place.enqueued_at_us;
+                        waiter = Some(joined);
+                    }
                     Err(status) => {
                         tracing::debug!(%queue, %waiter_id, %status, "cannot join the waiting order yet");
                         idle(&mut session, poll).await?;
@@ -333,14 +386,29 @@ impl QueueCalls {
                 let _ = keeper.release().await;
                 continue;
             };
-            match self.ring(&mut session, &queue, &candidate, *keeper).await? {
-                RingOutcome::Answered => {
+            let caller = Caller {
+                queue: &queue,
+                waiter: &waiter_id,
+                enqueued_us,
+            };
+            match self
+                .ring(&mut session, &caller, &candidate, *keeper)
+                .await?
+            {
+                RingOutcome::Answered { waited_until } => {
+                    self.inner.events.queue_outcome(
+                        &queue,
+                        &waiter_id,
+                        QueueOutcome::Answered,
+                        waited_until.duration_since(arrived),
+                    );
                     leave(waiter).await;
                     session.set_result("answered").await.ok();
                     return Ok(());
                 }
                 RingOutcome::CallerGone => {
                     self.inner.counts.abandoned.fetch_add(1, Ordering::Relaxed);
+                    outcome(QueueOutcome::Abandoned);
                     leave(waiter).await;
                     return Ok(());
                 }
@@ -371,10 +439,11 @@ impl QueueCalls {
     async fn ring(
         &self,
         session: &mut Session,
-        queue: &str,
+        caller: &Caller<'_>,
         candidate: &Candidate,
         keeper: LeaseKeeper,
     ) -> Result<RingOutcome, SessionError> {
+        let queue = caller.queue;
         let token = keeper.lease().token;
         if keeper.lost().is_cancelled()
             || keeper.valid_until() <= std::time::Instant::now() + RING_MARGIN
@@ -385,14 +454,16 @@ impl QueueCalls {
         }
         let id = self.inner.next_ring.fetch_add(1, Ordering::Relaxed);
         let keeper = Arc::new(keeper);
-        let answered = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(OnceLock::new());
         let events = self
             .inner
             .events
             .line(&candidate.agent, &format!("{id}-{token}"));
+        let leg = Arc::new(Mutex::new(None));
         self.inner.rings.lock().expect("rings lock").insert(
             id,
             Ring {
+                leg: leg.clone(),
                 agent: candidate.agent.clone(),
                 queue: queue.to_owned(),
                 keeper: keeper.clone(),
@@ -401,13 +472,31 @@ impl QueueCalls {
             },
         );
         self.inner.counts.rings.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(%queue, agent = %candidate.agent, endpoint = %candidate.endpoint, token, "ringing");
+        // The enqueue time is the lock service's clock: what the order across nodes follows.
+        tracing::info!(%queue, waiter = %caller.waiter, enqueued_us = caller.enqueued_us, agent = %candidate.agent, endpoint = %candidate.endpoint, token, "ringing");
         let ring_secs = self.inner.settings.ring_timeout.as_secs().max(1);
         let dial = Command::exec(
             "Dial",
-            format!("{},{ring_secs},U({FENCE_CONTEXT}^{id})", candidate.endpoint),
+            format!(
+                "{},{ring_secs},b({FENCE_CONTEXT}^ring^1({id}))U({FENCE_CONTEXT}^{id})",
+                candidate.endpoint
+            ),
         );
+        // A lease lost while the phone rings: the agent may be leased to another caller
+        // any moment, so this ring ends now, not at the fence.
+        let watcher = tokio::spawn({
+            let (calls, lost, answered, leg) =
+                (self.clone(), keeper.lost(), answered.clone(), leg.clone());
+            let agent = candidate.agent.clone();
+            async move {
+                lost.cancelled().await;
+                if answered.get().is_none() {
+                    calls.cancel_ring(&agent, &leg).await;
+                }
+            }
+        });
         let dialled = session.send(&dial).await;
+        watcher.abort();
         self.inner.rings.lock().expect("rings lock").remove(&id);
         let keeper = Arc::try_unwrap(keeper).ok();
         let caller_gone = session.hung_up() || matches!(dialled, Ok(Reply::DeadChannel));
@@ -415,8 +504,8 @@ impl QueueCalls {
             Ok(_) if !caller_gone => dial_status(session).await,
             _ => String::new(),
         };
-        let mut answered = answered.load(Ordering::Acquire);
-        if !answered && status == "ANSWER" {
+        let mut answered = answered.get().copied();
+        if answered.is_none() && status == "ANSWER" {
             // Dial bridged without running the fence: Asterisk lacks app_stack (Gosub) or
             // the fence context. The call happened, so it is counted as one.
             self.inner.counts.unfenced.fetch_add(1, Ordering::Relaxed);
@@ -424,9 +513,9 @@ impl QueueCalls {
             drop(events.send(AgentEvent::Answered {
                 queue: queue.to_owned(),
             }));
-            answered = true;
+            answered = Some(Instant::now());
         }
-        if answered {
+        if let Some(answered_at) = answered {
             self.inner.counts.answered.fetch_add(1, Ordering::Relaxed);
             let wrap_up = self.inner.settings.wrap_up;
             let ended = events.send(AgentEvent::Ended { wrap_up });
@@ -441,7 +530,9 @@ impl QueueCalls {
                 }
             });
             dialled?;
-            return Ok(RingOutcome::Answered);
+            return Ok(RingOutcome::Answered {
+                waited_until: answered_at,
+            });
         }
         let missed = !caller_gone
             && matches!(
@@ -475,6 +566,63 @@ impl QueueCalls {
         Ok(RingOutcome::NotAnswered)
     }
 
+    /// Hangs up the agent's leg of a ring whose lease was lost, over AMI.
+    async fn cancel_ring(&self, agent: &str, leg: &Mutex<Option<String>>) {
+        if self.inner.no_ring_cancel {
+            tracing::error!(%agent, "lease lost while ringing; the ring goes on ({UNSAFE_VARIABLE}=no_ring_cancel)");
+            return;
+        }
+        self.inner.counts.cancelled.fetch_add(1, Ordering::Relaxed);
+        let Some(channel) = leg.lock().expect("leg lock").clone() else {
+            tracing::warn!(%agent, "lease lost before the ring's leg was known; the fence refuses the bridge");
+            return;
+        };
+        let Some(ami) = &self.inner.ami else {
+            tracing::warn!(%agent, %channel, "lease lost while ringing; no AMI to hang up the ring (the fence refuses the bridge)");
+            return;
+        };
+        let hung_up = async {
+            let mut client =
+                AmiClient::connect(&ami.address, &ami.username, &ami.secret, ami.timeout).await?;
+            client.hangup(&channel).await
+        };
+        match hung_up.await {
+            Ok(()) => tracing::warn!(%agent, %channel, "lease lost while ringing: ring hung up"),
+            Err(err) => {
+                tracing::error!(%agent, %channel, error = %err, "lease lost while ringing and the ring could not be hung up; the fence refuses the bridge")
+            }
+        }
+    }
+
+    /// `ringing?ring=<id>` from Dial's `b()` on the agent's leg before it rings: notes the
+    /// leg's channel name for [`QueueCalls::cancel_ring`].
+    async fn ringing(&self, session: Session) -> Result<(), SessionError> {
+        let environment = session.environment();
+        let ring = environment
+            .network_script()
+            .and_then(|s| s.param("ring"))
+            .and_then(|r| r.parse::<u64>().ok());
+        let (Some(id), Some(channel)) = (ring, environment.channel()) else {
+            tracing::warn!(request = ?environment.request(), "ringing without ?ring= or agi_channel");
+            return Ok(());
+        };
+        let found = {
+            let rings = self.inner.rings.lock().expect("rings lock");
+            rings.get(&id).map(|ring| {
+                *ring.leg.lock().expect("leg lock") = Some(channel.to_owned());
+                (ring.agent.clone(), ring.keeper.lost(), ring.leg.clone())
+            })
+        };
+        tracing::debug!(ring = id, %channel, known = found.is_some(), "agent leg");
+        // Lost before the leg was known: the watcher found no leg to hang up.
+        if let Some((agent, lost, leg)) = found
+            && lost.is_cancelled()
+        {
+            self.cancel_ring(&agent, &leg).await;
+        }
+        Ok(())
+    }
+
     /// `fence?ring=<id>` on the agent's leg when it answers: `CALLFLEET_RESULT=ok` lets the
     /// bridge happen, anything else aborts it (the dialplan treats an unset result as no).
     async fn fence(&self, mut session: Session) -> Result<(), SessionError> {
@@ -489,7 +637,7 @@ impl QueueCalls {
             let valid = !ring.keeper.lost().is_cancelled()
                 && ring.keeper.valid_until() > std::time::Instant::now() + FENCE_MARGIN;
             if valid {
-                ring.answered.store(true, Ordering::Release);
+                let _ = ring.answered.set(Instant::now());
                 drop(ring.events.send(AgentEvent::Answered {
                     queue: ring.queue.clone(),
                 }));
@@ -507,8 +655,19 @@ impl QueueCalls {
     }
 }
 
+/// A caller being rung for, as [`QueueCalls::ring`] needs it.
+struct Caller<'a> {
+    queue: &'a str,
+    waiter: &'a str,
+    /// When the caller joined the order, in µs of the lock service's clock.
+    enqueued_us: u64,
+}
+
 enum RingOutcome {
-    Answered,
+    /// The agent answered at `waited_until` (the end of the caller's wait).
+    Answered {
+        waited_until: Instant,
+    },
     NotAnswered,
     CallerGone,
 }

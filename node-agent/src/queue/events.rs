@@ -9,6 +9,7 @@
 //!
 //! ```text
 //! ring ─EventLine::send(answered | ended | missed)─▶ one task per ring ─POST /api/v1/agents/{agent}/call-events─▶ control plane
+//! call ─queue_outcome(answered | abandoned | overflowed)─▶ a task ─POST /api/v1/queues/{queue}/call-outcomes─▶ control plane
 //! ```
 
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -81,6 +82,27 @@ impl AgentEvent {
     }
 }
 
+/// How a queued call ended, for its queue's figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueOutcome {
+    /// An agent answered.
+    Answered,
+    /// The caller hung up first.
+    Abandoned,
+    /// `max_wait` passed; the call went to the overflow target.
+    Overflowed,
+}
+
+impl QueueOutcome {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Answered => "answered",
+            Self::Abandoned => "abandoned",
+            Self::Overflowed => "overflowed",
+        }
+    }
+}
+
 /// What the control plane answered to an event.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct EventAnswer {
@@ -93,24 +115,24 @@ pub struct EventAnswer {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
     /// The control plane refused it (4xx): retrying cannot help.
-    #[error("the control plane refused the {event} event of agent {agent}: {status} {body}")]
+    #[error("the control plane refused the {event} event of {subject}: {status} {body}")]
     Refused {
         /// The event's name.
         event: &'static str,
-        /// The agent.
-        agent: String,
+        /// The agent or queue.
+        subject: String,
         /// The status answered.
         status: StatusCode,
         /// The answer's text.
         body: String,
     },
     /// Every attempt failed; the agent's state in the control plane is behind.
-    #[error("the {event} event of agent {agent} was not written after {attempts} attempts: {last}")]
+    #[error("the {event} event of {subject} was not written after {attempts} attempts: {last}")]
     Unwritten {
         /// The event's name.
         event: &'static str,
-        /// The agent.
-        agent: String,
+        /// The agent or queue.
+        subject: String,
         /// Attempts made.
         attempts: usize,
         /// The last failure.
@@ -170,7 +192,45 @@ impl AgentEvents {
     ) -> Result<EventAnswer, EventError> {
         let path = format!("/api/v1/agents/{agent}/call-events");
         let key = self.idempotency_key(agent, ring, event.name());
-        let body = Bytes::from(event.body().to_string());
+        self.post(&path, &key, event.body(), event.name(), agent)
+            .await
+    }
+
+    /// Counts how a queued call ended in `queue`'s figures, in the background (retried
+    /// like an event; a retry counts once). `caller` is the waiter id, unique per call.
+    pub fn queue_outcome(
+        &self,
+        queue: &str,
+        caller: &str,
+        outcome: QueueOutcome,
+        waited: Duration,
+    ) {
+        let events = self.clone();
+        let path = format!("/api/v1/queues/{queue}/call-outcomes");
+        let key = self.idempotency_key(queue, caller, outcome.name());
+        let body = json!({
+            "outcome": outcome.name(),
+            "waited_ms": u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+        });
+        let queue = queue.to_owned();
+        tokio::spawn(async move {
+            if let Err(err) = events.post(&path, &key, body, outcome.name(), &queue).await {
+                tracing::warn!(%queue, error = %err, "queue figure not written to the control plane");
+            }
+        });
+    }
+
+    /// POSTs `body` to `path` until the control plane answers, with `key` as the
+    /// `Idempotency-Key` of every attempt. `event` and `subject` name it in errors.
+    async fn post(
+        &self,
+        path: &str,
+        key: &str,
+        body: serde_json::Value,
+        event: &'static str,
+        subject: &str,
+    ) -> Result<EventAnswer, EventError> {
+        let body = Bytes::from(body.to_string());
         let mut last = String::new();
         for (attempt, pause) in BACKOFF.iter().enumerate() {
             if attempt > 0 {
@@ -179,7 +239,7 @@ impl AgentEvents {
             let deadline_at = Instant::now() + self.deadline;
             match self
                 .upstream
-                .post_json(&path, body.clone(), &key, deadline_at)
+                .post_json(path, body.clone(), key, deadline_at)
                 .await
             {
                 Ok((StatusCode::OK, answer)) => {
@@ -187,8 +247,8 @@ impl AgentEvents {
                 }
                 Ok((status, answer)) if status.is_client_error() => {
                     return Err(EventError::Refused {
-                        event: event.name(),
-                        agent: agent.to_owned(),
+                        event,
+                        subject: subject.to_owned(),
                         status,
                         body: String::from_utf8_lossy(&answer).into_owned(),
                     });
@@ -198,8 +258,8 @@ impl AgentEvents {
             }
         }
         Err(EventError::Unwritten {
-            event: event.name(),
-            agent: agent.to_owned(),
+            event,
+            subject: subject.to_owned(),
             attempts: BACKOFF.len(),
             last,
         })
