@@ -332,12 +332,21 @@ impl pb::control_server::Control for ControlService {
     async fn queue_status(&self, request: Request<pb::QueueRef>) -> Reply<pb::QueueStatusResponse> {
         self.status_limit
             .admit(request.extensions().get::<ConnectInfo<SocketAddr>>())?;
-        let status = self.control.queue_status(&request.get_ref().queue)?;
+        let view = self.control.queue_status(&request.get_ref().queue)?;
+        let status = view.status;
         Ok(Response::new(pb::QueueStatusResponse {
             queue: status.queue,
             served: status.served,
             available_agents: u32::try_from(status.available_agents).unwrap_or(u32::MAX),
             logged_in_agents: u32::try_from(status.logged_in_agents).unwrap_or(u32::MAX),
+            waiting: view.waiting,
+            longest_wait_ms: view.longest_wait_ms,
+            waiting_unknown: view.waiting_unknown,
+            answered_today: view.answered_today,
+            abandoned_today: view.abandoned_today,
+            overflowed_today: view.overflowed_today,
+            answered_within_sl_today: view.answered_within_sl_today,
+            service_level_pct_today: view.service_level_pct_today,
         }))
     }
 

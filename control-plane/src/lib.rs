@@ -6,10 +6,13 @@
 //! system speak) and gRPC `callfleet.control.v1` ([`grpc`]), with gRPC health and
 //! reflection. Errors map to each face in one place ([`error`]). The listener
 //! ([`listener`]) caps connections, times out slow and silent clients and bounds the
-//! shutdown; the public queue status is rate-limited per client address ([`ratelimit`]).
+//! shutdown; the public queue status is rate-limited per client address ([`ratelimit`]) and
+//! carries each queue's figures ([`figures`]): waiting callers from the lock service, the
+//! day's outcomes the nodes report.
 
 pub mod auth;
 pub mod error;
+pub mod figures;
 pub mod grpc;
 pub mod listener;
 pub mod openapi;
@@ -134,8 +137,17 @@ pub async fn run(
         let (control, shutdown, every) = (control.clone(), shutdown.clone(), config.refresh);
         tokio::spawn(async move { control.refresh_loop(every, shutdown).await })
     };
+    let figures = {
+        let (control, shutdown) = (control.clone(), shutdown.clone());
+        tokio::spawn(async move { control.figures_loop(shutdown).await })
+    };
     let address = listener.local_addr()?;
-    info!(%address, tokens = config.tokens.len(), "control plane ready");
+    info!(
+        %address,
+        tokens = config.tokens.len(),
+        lock_service = %config.lock_service,
+        "control plane ready"
+    );
     let limits = listener::Limits::from_config(config);
     listener::serve(
         listener,
@@ -146,6 +158,7 @@ pub async fn run(
     .await;
     shutdown.cancel();
     let _ = refresher.await;
+    let _ = figures.await;
     info!("control plane stopped");
     Ok(())
 }

@@ -2,9 +2,10 @@
 //!
 //! Reads need a `read` token, changes a `write` token, node drains an `admin` token; a
 //! queue's candidates may also be read with a `node` token ([`crate::auth::CANDIDATE_READERS`]),
-//! and what a node saw when it rang an agent (`call-events`) is written with a `node` token
-//! (or `admin`) only; only the public queue status is open, because a website polls it
-//! (rate-limited per client address, [`crate::ratelimit`]).
+//! and what a node saw when it rang an agent (`call-events`) or what became of a queued call
+//! (`call-outcomes`) is written with a `node` token (or `admin`) only; only the public queue
+//! status is open, because a website polls it (rate-limited per client address,
+//! [`crate::ratelimit`]).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -17,7 +18,9 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use callfleet_core::config::Role;
 use callfleet_core::store::directory::DEFAULT_SERVICE_LEVEL_MS;
-use callfleet_core::store::{Agent, AgentState, CallEvent, CallEventOutcome, Device, Queue};
+use callfleet_core::store::{
+    Agent, AgentState, CallEvent, CallEventOutcome, CallOutcome, Device, Queue,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -106,6 +109,7 @@ pub fn router(control: Arc<Control>, status_limit: Arc<RateLimit>) -> Router {
             )),
         )
         .route("/queues/{queue}/candidates", get(candidates))
+        .route("/queues/{queue}/call-outcomes", post(call_outcome))
         .route("/nodes", get(list_nodes))
         .route("/nodes/{node}/drain", post(drain))
         .route("/nodes/{node}/undrain", post(undrain))
@@ -372,6 +376,47 @@ async fn call_event(
     })
 }
 
+/// The body of `POST /queues/{queue}/call-outcomes`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallOutcomeBody {
+    /// `answered`, `abandoned` or `overflowed`.
+    outcome: CallOutcome,
+    /// How long the caller waited in the queue (to the answer, the hang-up or the
+    /// overflow).
+    waited_ms: u64,
+}
+
+async fn call_outcome(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path(queue): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Reply {
+    // A node-agent's token (or an admin's), as for call events: the figures are the
+    // center's own record of its calls, not something a CRM reports.
+    let caller = caller(&control, &headers, Role::Node)?;
+    let body: CallOutcomeBody = body(&bytes)?;
+    let request_id = idempotency_key(&headers)?;
+    let counts = control
+        .call_outcome(
+            &caller,
+            &queue,
+            body.outcome,
+            std::time::Duration::from_millis(body.waited_ms),
+            request_id,
+        )
+        .await?;
+    ok(json!({
+        "queue": queue,
+        "answered_today": counts.answered,
+        "abandoned_today": counts.abandoned,
+        "overflowed_today": counts.overflowed,
+        "answered_within_sl_today": counts.answered_within_sl,
+        "service_level_pct_today": counts.service_level_pct(),
+    }))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LoginBody {
@@ -573,7 +618,7 @@ async fn remove_member(
     done()
 }
 
-/// Public: no token. Served from memory.
+/// Public: no token. Served from memory, figures included (see [`crate::figures`]).
 async fn queue_status(State(control): Shared, Path(queue): Path<String>) -> Reply {
     let mut response = ok(control.queue_status(&queue)?)?;
     // A website's visitors all ask the same: a cache in front (or the browser) may answer

@@ -5,7 +5,8 @@
 //! asks for candidates next sees its change. Reads of routing and queue status never touch
 //! the store: a website polling a queue's status many times a second costs a map lookup.
 //! The view is also re-read every `refresh`, to see what other control-plane instances and
-//! the node-agents changed.
+//! the node-agents changed. The queue status's figures (waiting callers, the day's
+//! outcomes) come from [`crate::figures`], which a background task keeps up to date.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -14,8 +15,8 @@ use callfleet_core::config::{ControlPlaneConfig, Role};
 use callfleet_core::routing::{self, CallerAttributes, Day, Snapshot};
 use callfleet_core::store::directory::MAX_TAGS;
 use callfleet_core::store::{
-    Agent, AgentState, AuditEntry, CallEvent, CallEventOutcome, CredentialsChange, Device,
-    DigestCredentials, DirectorySnapshot, Login, Queue, QueueMember, Session,
+    Agent, AgentState, AuditEntry, CallEvent, CallEventOutcome, CallOutcome, CredentialsChange,
+    Device, DigestCredentials, DirectorySnapshot, Login, Queue, QueueCounts, QueueMember, Session,
 };
 use callfleet_core::{NodeId, NodeStatus, Store};
 use tokio_util::sync::CancellationToken;
@@ -23,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::auth::{Caller, Tokens};
 use crate::error::ControlError;
+use crate::figures::{FIGURES_EVERY, Figures, STORE_DEADLINE};
 
 tokio::task_local! {
     /// Set while a [`Control::batch`] runs: its writes leave the refresh to its end.
@@ -73,6 +75,35 @@ pub struct AgentView {
     pub missed_today: u32,
 }
 
+/// The public status of a queue: who can take its calls (from the directory) and its
+/// figures (from [`crate::figures`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct QueueStatusView {
+    /// Whether and by how many agents the queue is served.
+    #[serde(flatten)]
+    pub status: routing::QueueStatus,
+    /// Callers waiting for an agent across all nodes, not counting those being rung;
+    /// `None` when the lock service did not answer lately (`waiting_unknown`).
+    pub waiting: Option<u64>,
+    /// How long the longest-waiting of them has waited, ms (0: nobody waits); `None` with
+    /// `waiting`.
+    pub longest_wait_ms: Option<u64>,
+    /// True when `waiting` and `longest_wait_ms` are unknown: no lock service configured,
+    /// or it did not answer within its deadline lately.
+    pub waiting_unknown: bool,
+    /// Calls answered today (configured time zone), as the nodes reported them.
+    pub answered_today: u32,
+    /// Calls whose caller hung up while waiting, today.
+    pub abandoned_today: u32,
+    /// Calls sent to the queue's overflow target, today.
+    pub overflowed_today: u32,
+    /// Calls answered today within the queue's `service_level_ms`.
+    pub answered_within_sl_today: u32,
+    /// `answered_within_sl_today` per call answered or abandoned today, in percent with one
+    /// decimal; `None` before the first such call.
+    pub service_level_pct_today: Option<f64>,
+}
+
 /// A routing candidate, owned.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Candidate {
@@ -98,6 +129,13 @@ pub struct CredentialsInput {
     pub realm: Option<String>,
 }
 
+/// Which sources of the figures failed at their last read (each is logged once).
+#[derive(Debug, Default)]
+struct Failing {
+    locks: bool,
+    store: bool,
+}
+
 /// The longest a write waits for the directory re-read that shows it, before answering.
 const REFRESH_WAIT: Duration = Duration::from_secs(2);
 
@@ -114,6 +152,8 @@ pub struct Control {
     view: RwLock<Arc<View>>,
     /// Serialises refreshes, so writes that land together share one re-read.
     refreshing: tokio::sync::Mutex<()>,
+    /// The queue status's figures.
+    figures: Figures,
 }
 
 impl Control {
@@ -122,6 +162,12 @@ impl Control {
         let time_zone = jiff::tz::TimeZone::get(&config.time_zone)
             .map_err(|err| ControlError::invalid("control_plane.time_zone", err.to_string()))?;
         let view = read_view(&store, &time_zone).await?;
+        let figures = Figures::new(&config.lock_service)?;
+        // The day's counts are there from the start, as the directory is; the waiting
+        // callers come with the first round of `figures_loop`.
+        let day = day_string(view.now_ms(), &time_zone);
+        let started = Instant::now();
+        figures.set_counts(&day, started, store.queue_counts_of_day(&day).await?);
         Ok(Self {
             store,
             tokens: Tokens::new(config.tokens.clone()),
@@ -129,6 +175,7 @@ impl Control {
             sip_realm: config.sip_realm.clone(),
             view: RwLock::new(Arc::new(view)),
             refreshing: tokio::sync::Mutex::new(()),
+            figures,
         })
     }
 
@@ -187,6 +234,67 @@ impl Control {
                     }
                 }
             }
+        }
+    }
+
+    /// Reads the queues' figures every [`FIGURES_EVERY`] until `shutdown`: each queue's
+    /// waiting order from the lock service and the day's counters from the store, at once
+    /// and each within its deadline, so a status never waits on either (see
+    /// [`crate::figures`]). Logs a source that stops answering once, and once when it is
+    /// back.
+    pub async fn figures_loop(&self, shutdown: CancellationToken) {
+        let mut failing = Failing::default();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                () = self.read_figures(&mut failing) => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(FIGURES_EVERY) => {}
+            }
+        }
+    }
+
+    /// One round of [`Control::figures_loop`].
+    async fn read_figures(&self, failing: &mut Failing) {
+        let view = self.view();
+        let day = day_string(view.now_ms(), &self.time_zone);
+        let queues: Vec<String> = view.directory.queues.iter().map(|q| q.id.clone()).collect();
+        drop(view);
+        let started = Instant::now();
+        let (waiting, counts) = tokio::join!(
+            self.figures.read_waiting(&queues),
+            tokio::time::timeout(STORE_DEADLINE, self.store.queue_counts_of_day(&day)),
+        );
+        match waiting {
+            Ok(()) if failing.locks => {
+                info!("lock service answers again: queue status shows waiting callers");
+                failing.locks = false;
+            }
+            Err(why) if !failing.locks => {
+                warn!(error = %why, "lock service does not answer: queue status shows waiting callers as unknown");
+                failing.locks = true;
+            }
+            _ => {}
+        }
+        match counts {
+            Ok(Ok(counts)) => {
+                self.figures.set_counts(&day, started, counts);
+                if failing.store {
+                    info!("store back: queue counters read");
+                    failing.store = false;
+                }
+            }
+            failed if !failing.store => {
+                let error = match failed {
+                    Ok(Err(err)) => err.to_string(),
+                    _ => format!("no answer within {STORE_DEADLINE:?}"),
+                };
+                warn!(%error, "cannot read the queue counters: queue status shows the last ones read");
+                failing.store = true;
+            }
+            _ => {}
         }
     }
 
@@ -423,6 +531,30 @@ impl Control {
         Ok(outcome)
     }
 
+    /// Counts what became of a call of `queue` (see [`CallOutcome`]) after the caller
+    /// waited `waited`, on today's date in the configured time zone; returns the queue's
+    /// counts of the day. With a `request_id`, a retry of the same request answers what the
+    /// first one did and counts nothing.
+    pub async fn call_outcome(
+        &self,
+        caller: &Caller,
+        queue: &str,
+        outcome: CallOutcome,
+        waited: Duration,
+        request_id: Option<&str>,
+    ) -> Result<QueueCounts, ControlError> {
+        let today = self.today();
+        let counts = self
+            .store
+            .record_call_outcome(queue, outcome, waited, &today, &caller.name, request_id)
+            .await?;
+        // No directory refresh: nothing routing reads changed (the store does not bump
+        // the version for outcomes). This instance's status shows the counts at once; the
+        // others' within a round of their figures loop.
+        self.figures.note_counts(queue, &today, counts);
+        Ok(counts)
+    }
+
     // ---- devices and queues ------------------------------------------------------------
 
     /// Every device.
@@ -525,11 +657,30 @@ impl Control {
 
     // ---- routing ----------------------------------------------------------------------
 
-    /// The public status of a queue, from memory.
-    pub fn queue_status(&self, queue: &str) -> Result<routing::QueueStatus, ControlError> {
+    /// The public status of a queue with its figures, from memory.
+    pub fn queue_status(&self, queue: &str) -> Result<QueueStatusView, ControlError> {
         let view = self.view();
-        let now = u64::try_from(view.now_ms()).unwrap_or(0);
-        view.routing.queue_status(queue, now).map_err(routing_error)
+        let now_ms = view.now_ms();
+        let now = u64::try_from(now_ms).unwrap_or(0);
+        let status = view
+            .routing
+            .queue_status(queue, now)
+            .map_err(routing_error)?;
+        let counts = self
+            .figures
+            .counts(&status.queue, &day_string(now_ms, &self.time_zone));
+        let waiting = self.figures.waiting(&status.queue);
+        Ok(QueueStatusView {
+            status,
+            waiting: waiting.map(|(waiting, _)| waiting),
+            longest_wait_ms: waiting.map(|(_, longest)| longest),
+            waiting_unknown: waiting.is_none(),
+            answered_today: counts.answered,
+            abandoned_today: counts.abandoned,
+            overflowed_today: counts.overflowed,
+            answered_within_sl_today: counts.answered_within_sl,
+            service_level_pct_today: counts.service_level_pct(),
+        })
     }
 
     /// The agents to ring for a call in `queue` from a caller with `attributes`, best first.

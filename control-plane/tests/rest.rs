@@ -231,7 +231,20 @@ impl Api {
             .collect();
         assert_eq!(
             keys,
-            BTreeSet::from(["queue", "served", "available_agents", "logged_in_agents"]),
+            BTreeSet::from([
+                "queue",
+                "served",
+                "available_agents",
+                "logged_in_agents",
+                "waiting",
+                "longest_wait_ms",
+                "waiting_unknown",
+                "answered_today",
+                "abandoned_today",
+                "overflowed_today",
+                "answered_within_sl_today",
+                "service_level_pct_today",
+            ]),
             "the public status shows exactly these fields"
         );
         assert_eq!(reply.json["queue"], queue);
@@ -1032,12 +1045,12 @@ const PUBLIC_OPERATIONS: [&str; 1] = ["queueStatus"];
 /// its queued calls by a queue's candidates, the same on XML-RPC and gRPC
 /// (`xmlrpc_roles.rs`, `grpc_roles.rs`): the faces serve the same operations, and refusing a
 /// node token on one face would protect nothing it can read on another. And it reports
-/// what happened when it rang an agent (REST only, so far). Everything else answers a node
-/// token 403.
-const NODE_OPERATIONS: [&str; 2] = ["candidates", "callEvent"];
+/// what happened when it rang an agent and what became of a queued call (REST only, so far).
+/// Everything else answers a node token 403.
+const NODE_OPERATIONS: [&str; 3] = ["candidates", "callEvent", "callOutcome"];
 /// Of those, the ones only a `node` token (or `admin`) may call: `read` and `write` tokens
-/// get 403, so a CRM cannot skew the ring order by reporting calls.
-const NODE_ONLY_OPERATIONS: [&str; 1] = ["callEvent"];
+/// get 403, so a CRM cannot skew the ring order or the queue's figures by reporting calls.
+const NODE_ONLY_OPERATIONS: [&str; 2] = ["callEvent", "callOutcome"];
 /// The document itself is served under `/api/v1` but does not describe itself.
 const UNDOCUMENTED: [(&str, &str); 1] = [("GET", "/openapi.json")];
 const METHODS: [&str; 8] = [
@@ -1854,6 +1867,7 @@ async fn changes_from_elsewhere_show_up_after_a_refresh() {
         control
             .queue_status("sales")
             .expect("status")
+            .status
             .logged_in_agents,
         0
     );
@@ -1893,6 +1907,7 @@ async fn changes_from_elsewhere_show_up_after_a_refresh() {
     while control
         .queue_status("sales")
         .expect("status")
+        .status
         .available_agents
         == 0
     {
