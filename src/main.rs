@@ -129,8 +129,16 @@ async fn dispatch(command: Command, mut config: Config) -> anyhow::Result<()> {
             }
             let listeners = Listeners::bind(&config.balancer)?;
             let locks_listener = bind_locks(&config).await?;
+            // The box's queued calls and queue figures use the box's lock service, wherever
+            // lock_service.listen put it.
+            let mut locks_address = locks_listener.local_addr()?;
+            if locks_address.ip().is_unspecified() {
+                locks_address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            config.node.queue.lock_service = format!("http://{locks_address}");
             let control_listener = bind_control(&config).await?;
             let mut control_config = config.control_plane.clone();
+            control_config.lock_service = config.node.queue.lock_service.clone();
             let data_dir = data_dir(&config);
             let (admin, created) = callfleet_control_plane::admin_token(&data_dir)?;
             control_config.tokens.push(admin);

@@ -186,6 +186,28 @@ fn calls_bridged_by_asterisk_are_counted_over_its_live_ami() {
         modules.contains("chan_pjsip.so") && !modules.contains("chan_iax2.so"),
         "only the modules a node uses: {modules}"
     );
+    // Every application and function the generated dialplan uses is loaded: a missing one
+    // only shows when a call reaches it.
+    let dialplan =
+        std::fs::read_to_string(dir.path().join("pbx/extensions.conf")).expect("the dialplan");
+    let (applications, functions) = dialplan_names(&dialplan);
+    assert!(
+        applications.contains("Dial") && functions.contains("PJSIP_HEADER"),
+        "{dialplan}"
+    );
+    let known = applications
+        .iter()
+        .map(|name| ("application", "Application", name))
+        .chain(functions.iter().map(|name| ("function", "Function", name)));
+    for (kind, title, name) in known {
+        let shown = asterisk
+            .try_cli(&format!("core show {kind} {name}"))
+            .expect("the CLI answers");
+        assert!(
+            shown.contains(&format!("-= Info about {title} '{name}' =-")),
+            "{kind} {name}: {shown}"
+        );
+    }
 
     let url = format!("sqlite://{}/fleet.db", dir.path().display());
     let agent = callfleet()
@@ -254,6 +276,63 @@ fn calls_bridged_by_asterisk_are_counted_over_its_live_ami() {
     wait_until("the calls are gone", Duration::from_secs(10), || {
         calls_now() == Some(0)
     });
+}
+
+/// The applications a dialplan runs (`exten => x,1,App(…)`, `same => n,App(…)`, and the
+/// one in `ExecIf(…?App(…))`) and the functions it calls (`${NAME(…)}`).
+fn dialplan_names(
+    dialplan: &str,
+) -> (
+    std::collections::BTreeSet<String>,
+    std::collections::BTreeSet<String>,
+) {
+    let name_before_paren = |text: &str| -> Option<String> {
+        let name: String = text
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        (!name.is_empty() && text[name.len()..].starts_with('(')).then_some(name)
+    };
+    let mut applications = std::collections::BTreeSet::new();
+    let mut functions = std::collections::BTreeSet::new();
+    for line in dialplan.lines().map(str::trim) {
+        if line.starts_with(';') {
+            continue;
+        }
+        if let Some(rest) = line
+            .strip_prefix("exten =>")
+            .or_else(|| line.strip_prefix("same =>"))
+        {
+            // `x,1,App(` or `n(label),App(`: the application follows the second comma
+            // outside parentheses.
+            let mut depth = 0;
+            let mut commas = 0;
+            for (at, c) in rest.char_indices() {
+                match c {
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    ',' if depth == 0 => {
+                        commas += 1;
+                        if commas == 2 {
+                            applications.extend(name_before_paren(&rest[at + 1..]));
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if let Some((_, then)) = rest
+                .split_once("ExecIf(")
+                .and_then(|(_, r)| r.split_once('?'))
+            {
+                applications.extend(name_before_paren(then));
+            }
+        }
+        for (at, _) in line.match_indices("${") {
+            functions.extend(name_before_paren(&line[at + 2..]));
+        }
+    }
+    (applications, functions)
 }
 
 /// Asterisk's own res_agi against the node-agent's FastAGI server: the check context that
@@ -946,16 +1025,23 @@ fn a_phone_registered_on_one_node_is_rung_from_the_other() {
 /// The dialled number of queue `sales` on every node.
 const SALES_NUMBER: &str = "5000";
 
-/// `callfleet lock-service` on the memory backend at `port`, with leases of 10 s at most
-/// (the node-agent asks for 10 s) and the shortest startup quarantine that allows.
-fn lock_service(port: u16, log: &Path) -> Running {
+/// `callfleet lock-service` at `port` on Redis at `redis`, or on the memory backend, with
+/// leases of 10 s at most (the node-agent asks for 10 s) and the shortest quarantine that
+/// allows.
+fn lock_service(port: u16, redis: Option<&str>, log: &Path) -> Running {
     let child = callfleet()
         .arg("lock-service")
         .env(
             "CALLFLEET_LOCK_SERVICE__LISTEN",
             format!("127.0.0.1:{port}"),
         )
-        .env("CALLFLEET_LOCK_SERVICE__BACKEND", "memory")
+        .envs(match redis {
+            Some(url) => vec![
+                ("CALLFLEET_LOCK_SERVICE__BACKEND", "redis".to_owned()),
+                ("CALLFLEET_LOCK_SERVICE__REDIS_URL", url.to_owned()),
+            ],
+            None => vec![("CALLFLEET_LOCK_SERVICE__BACKEND", "memory".to_owned())],
+        })
         .env("CALLFLEET_LOCK_SERVICE__MAX_VALIDITY", "10s")
         .env("CALLFLEET_LOCK_SERVICE__GUARD", "500ms")
         .env("CALLFLEET_LOCK_SERVICE__QUARANTINE", "11s")
@@ -1006,7 +1092,7 @@ impl QueueNode {
             ("CALLFLEET_NODE__QUEUE__RING_TIMEOUT", "6s".to_owned()),
             ("CALLFLEET_NODE__QUEUE__WRAP_UP", "1s".to_owned()),
             ("CALLFLEET_NODE__QUEUE__MAX_MISSES", "2".to_owned()),
-            ("CALLFLEET_NODE__QUEUE__MAX_WAIT", "120s".to_owned()),
+            ("CALLFLEET_NODE__QUEUE__MAX_WAIT", "600s".to_owned()),
         ];
         std::fs::create_dir_all(dir).expect("node folder");
         let asterisk = Asterisk::start_with(&dir.join("pbx"), &env, None);
@@ -1021,7 +1107,7 @@ impl QueueNode {
                 .envs(env.iter().chain(more).map(|(k, v)| (*k, v.as_str())))
                 .env("CALLFLEET_STORE__URL", url)
                 .env("CALLFLEET_NODE__ID", id)
-                .env("RUST_LOG", "info,callfleet_node_agent=debug")
+                .env("CALLFLEET_LOG__FORMAT", "json")
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(dir.join("agent.log")).expect("agent log"))
                 .spawn()
@@ -1136,7 +1222,9 @@ impl QueueRun {
 /// agents on desk phones, and nodes taking its calls.
 struct QueueSite {
     dir: tempfile::TempDir,
-    _control: Running,
+    url: String,
+    control: Option<Running>,
+    redis: Option<support::redis_server::Redis>,
     control_port: u16,
     locks: Running,
     nodes: Vec<QueueNode>,
@@ -1153,12 +1241,33 @@ impl QueueSite {
         nodes: usize,
         node_env: &[(&str, String)],
     ) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_with(agents, nodes, node_env, false)
+    }
+
+    /// [`QueueSite::start`] with the lock service on a Redis of the site's own when
+    /// `on_redis`.
+    fn start_with(
+        agents: &[(&'static str, i32, &str)],
+        nodes: usize,
+        node_env: &[(&str, String)],
+        on_redis: bool,
+    ) -> Self {
+        // CALLFLEET_TEST_KEEP=1 keeps the site's folder (logs, captures) for a post-mortem.
+        let dir = tempfile::Builder::new()
+            .disable_cleanup(std::env::var_os("CALLFLEET_TEST_KEEP").is_some())
+            .tempdir()
+            .expect("temp dir");
+        eprintln!("queue site in {}", dir.path().display());
         let url = format!("sqlite://{}/fleet.db", dir.path().display());
         let control_port = free_port();
         let control = control_plane(&url, control_port, &dir.path().join("control.log"));
+        let redis = on_redis.then(|| support::redis_server::Redis::start(dir.path()));
         let lock_port = free_port();
-        let locks = lock_service(lock_port, &dir.path().join("locks.log"));
+        let locks = lock_service(
+            lock_port,
+            redis.as_ref().map(|r| r.url()).as_deref(),
+            &dir.path().join("locks.log"),
+        );
         let quarantine_ends = std::time::Instant::now() + Duration::from_secs(12);
         let put = |path: &str, body: &str| {
             let answer = http(control_port, "PUT", path, CRM_TOKEN, body);
@@ -1216,12 +1325,51 @@ impl QueueSite {
         std::thread::sleep(quarantine_ends.saturating_duration_since(std::time::Instant::now()));
         Self {
             dir,
-            _control: control,
+            url,
+            control: Some(control),
+            redis,
             control_port,
             locks,
             nodes,
             phones,
         }
+    }
+
+    /// A SIPp carrier placing `calls` queued callers (`uac_queue_call.xml`: they talk until
+    /// the agent hangs up) on node `node`, one every `every`, with `attributes` in their
+    /// X-Callfleet-Attributes header.
+    fn queued_callers(
+        &self,
+        name: &str,
+        node: usize,
+        calls: u32,
+        every: Duration,
+        attributes: &str,
+    ) -> (PathBuf, Running) {
+        let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uac_queue_call.xml");
+        self.spawn_carrier(
+            name,
+            node,
+            &[
+                "-sf",
+                &scenario.display().to_string(),
+                "-key",
+                "attributes",
+                attributes,
+                "-m",
+                &calls.to_string(),
+                "-r",
+                "1",
+                "-rp",
+                &every.as_millis().to_string(),
+                "-l",
+                "1000",
+                "-recv_timeout",
+                "600000",
+                "-timeout",
+                "900s",
+            ],
+        )
     }
 
     /// A SIPp carrier placing `calls` calls to [`SALES_NUMBER`] on node `node`, `rate` a
@@ -1234,17 +1382,39 @@ impl QueueSite {
         rate: u32,
         talk: Duration,
     ) -> (PathBuf, Running) {
+        self.spawn_carrier(
+            name,
+            node,
+            &[
+                "-sn",
+                "uac",
+                "-m",
+                &calls.to_string(),
+                "-r",
+                &rate.to_string(),
+                "-d",
+                &talk.as_millis().to_string(),
+                "-recv_timeout",
+                "90000",
+                "-timeout",
+                "150s",
+            ],
+        )
+    }
+
+    /// SIPp calling [`SALES_NUMBER`] on node `node` with `scenario` (its arguments), from
+    /// the folder `name`, keeping its statistics and errors there.
+    fn spawn_carrier(&self, name: &str, node: usize, scenario: &[&str]) -> (PathBuf, Running) {
         let carrier_dir = self.dir.path().join(name);
         std::fs::create_dir_all(&carrier_dir).expect("carrier folder");
         let child = sipp()
             .current_dir(&carrier_dir)
-            .args(["-sn", "uac", "-s", SALES_NUMBER])
+            .args(scenario)
+            .args(["-s", SALES_NUMBER])
             .arg(format!("127.0.0.1:{}", self.nodes[node].asterisk.sip_port))
             .args(["-i", "127.0.0.1", "-p", &free_port().to_string()])
-            .args(["-m", &calls.to_string(), "-r", &rate.to_string()])
-            .args(["-d", &talk.as_millis().to_string()])
-            .args(["-recv_timeout", "90000", "-timeout", "150s"])
             .args(["-nostdin", "-trace_stat", "-stf", "stats.csv"])
+            .args(["-trace_err", "-error_file", "errors.log"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -1261,6 +1431,92 @@ impl QueueSite {
             .find(|(id, _, _)| *id == agent)
             .unwrap_or_else(|| panic!("no phone of {agent}"));
         phone_calls(dir)
+    }
+
+    /// Waits for `carriers` (folder, process, calls placed) and asserts that each call was
+    /// answered by an agent, that every phone took exactly the answered calls, and that no
+    /// phone ever had two calls at once (a ring counts). Returns the phones' calls.
+    fn every_call_answered_once(
+        &self,
+        carriers: Vec<(PathBuf, Running, u64)>,
+    ) -> Vec<(&'static str, Vec<PhoneCall>)> {
+        let mut placed = 0;
+        for (carrier_dir, mut carrier, calls) in carriers {
+            wait_exit(
+                "the carrier's calls",
+                &mut carrier,
+                Duration::from_secs(900),
+            );
+            let stats = SippStats::read(&carrier_dir.join("stats.csv")).expect("carrier stats");
+            assert_eq!(
+                (stats.outgoing, stats.successful, stats.failed),
+                (calls, calls, 0),
+                "{}: every call answered by an agent",
+                carrier_dir.display()
+            );
+            placed += calls;
+        }
+        let phones: Vec<(&'static str, Vec<PhoneCall>)> = self
+            .phones
+            .iter()
+            .map(|(agent, dir, _)| (*agent, phone_calls(dir)))
+            .collect();
+        let run = QueueRun {
+            carriers: Vec::new(),
+            phones: phones.clone(),
+            views: Vec::new(),
+        };
+        assert_eq!(
+            run.double_rings(),
+            Vec::new(),
+            "no phone had two calls at once"
+        );
+        let answered: usize = phones
+            .iter()
+            .map(|(_, calls)| calls.iter().filter(|c| c.answered.is_some()).count())
+            .sum();
+        assert_eq!(answered as u64, placed, "calls answered at the phones");
+        phones
+    }
+
+    /// Stops the control plane (kill -9).
+    fn stop_control(&mut self) {
+        if let Some(mut control) = self.control.take() {
+            control.signal("KILL");
+            let _ = control.child.wait();
+        }
+    }
+
+    /// Starts the control plane again on its port and store.
+    fn start_control(&mut self) {
+        self.control = Some(control_plane(
+            &self.url,
+            self.control_port,
+            &self.dir.path().join("control.log"),
+        ));
+    }
+
+    /// PUT of `body` to the control plane's `path`, which must answer 200.
+    fn put(&self, path: &str, body: &str) {
+        let answer = http(self.control_port, "PUT", path, CRM_TOKEN, body);
+        assert!(matches!(&answer, Some((200, _))), "PUT {path}: {answer:?}");
+    }
+
+    /// The queued-call lines of every node-agent's JSON log: `ringing` and `answered`.
+    fn queue_log(&self) -> Vec<serde_json::Value> {
+        let mut lines = Vec::new();
+        for n in 0..self.nodes.len() {
+            let log = std::fs::read_to_string(self.dir.path().join(format!("pbx-{n}/agent.log")))
+                .expect("the node-agent's log");
+            lines.extend(
+                log.lines()
+                    .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                    .filter(|line| line["message"] == "ringing" || line["message"] == "answered"),
+            );
+        }
+        // RFC 3339 UTC with the same precision sorts as text.
+        lines.sort_by(|a, b| a["timestamp"].as_str().cmp(&b["timestamp"].as_str()));
+        lines
     }
 
     /// The agent as the control plane shows it.
@@ -1481,5 +1737,243 @@ fn without_the_ring_cancel_a_ring_outlives_its_lease() {
     assert_eq!(
         ring_after_the_lock_service_froze(Some("no_ring_cancel"), Duration::from_secs(20)),
         None
+    );
+}
+
+/// The issue's load run: 200 calls at about 2 a second over two nodes (a queue builds: six
+/// agents answer after 1–3 s and talk 2–6 s, two never answer), ten of them VIP. Asserted:
+/// every call answered, no phone ever with two calls at once, the agents' first rings in
+/// the routing order (best priority first, the capped agent last whatever its priority),
+/// the two silent agents paused as `missed` after exactly two rings each, every answered
+/// call counted once, and no caller rung before one who joined the order earlier in the
+/// same band, across both nodes.
+#[test]
+#[ignore = "needs Asterisk: run ./scripts/test-asterisk"]
+fn two_hundred_queued_calls_on_two_nodes_ring_in_order_and_never_twice() {
+    const NORMAL_PER_NODE: u64 = 95;
+    const VIP: u64 = 10;
+    let agents = [
+        ("807", 0, "agent_phone_silent.xml"),
+        ("808", 0, "agent_phone_silent.xml"),
+        ("801", 1, "agent_phone_hangs_up.xml"),
+        ("802", 2, "agent_phone_hangs_up.xml"),
+        ("803", 3, "agent_phone_hangs_up.xml"),
+        ("804", 4, "agent_phone_hangs_up.xml"),
+        ("805", 5, "agent_phone_hangs_up.xml"),
+        // The best priority, but capped at 0 sales a day: the last resort.
+        ("806", -5, "agent_phone_hangs_up.xml"),
+    ];
+    let site = QueueSite::start(&agents, 2, &[]);
+    site.put("/api/v1/agents/806/daily-cap", r#"{"daily_cap":0}"#);
+    for vip in ["801", "802"] {
+        site.put(&format!("/api/v1/agents/{vip}/tags"), r#"{"tags":["vip"]}"#);
+    }
+    // Candidates are cached for 1 s: let the cap and tags reach both nodes.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let mut carriers: Vec<(PathBuf, Running, u64)> = (0..2)
+        .map(|node| {
+            let (dir, running) = site.queued_callers(
+                &format!("carrier-{node}"),
+                node,
+                NORMAL_PER_NODE as u32,
+                Duration::from_secs(1),
+                "",
+            );
+            (dir, running, NORMAL_PER_NODE)
+        })
+        .collect();
+    // VIP callers join once the first rings are over, one every 8 s.
+    std::thread::sleep(Duration::from_secs(15));
+    let (vip_dir, vip_carrier) =
+        site.queued_callers("carrier-vip", 1, VIP as u32, Duration::from_secs(8), "vip");
+    carriers.push((vip_dir, vip_carrier, VIP));
+    let total = 2 * NORMAL_PER_NODE + VIP;
+    let phones = site.every_call_answered_once(carriers);
+    // The agents' first rings in the order the lock service granted them: a first lease's
+    // token is the lock service's clock in µs at the grant (phones and node-agents may see
+    // two grants a few ms apart in either order).
+    let log = site.queue_log();
+    let mut first_rings: Vec<(u64, String)> = Vec::new();
+    for line in log.iter().filter(|line| line["message"] == "ringing") {
+        let agent = line["agent"].as_str().expect("agent").to_owned();
+        let token = line["token"].as_u64().expect("token");
+        match first_rings.iter_mut().find(|(_, a)| *a == agent) {
+            Some(first) => first.0 = first.0.min(token),
+            None => first_rings.push((token, agent)),
+        }
+    }
+    first_rings.sort();
+    let order: Vec<&str> = first_rings
+        .iter()
+        .map(|(_, agent)| agent.as_str())
+        .collect();
+    assert_eq!(
+        order,
+        ["807", "808", "801", "802", "803", "804", "805", "806"],
+        "first rings"
+    );
+    for silent in ["807", "808"] {
+        let rings = &phones
+            .iter()
+            .find(|(agent, _)| *agent == silent)
+            .expect("silent")
+            .1;
+        assert_eq!(rings.len(), 2, "{silent} rang max_misses times: {rings:?}");
+        let view = site.agent(silent);
+        assert_eq!(
+            (&view["state"], &view["pause_reason"], &view["missed_today"]),
+            (
+                &serde_json::json!("paused"),
+                &serde_json::json!("missed"),
+                &serde_json::json!(2)
+            ),
+            "{view}"
+        );
+    }
+    let counted: u64 = ["801", "802", "803", "804", "805", "806"]
+        .iter()
+        .map(|agent| {
+            site.agent(agent)["calls_today"]
+                .as_u64()
+                .expect("calls_today")
+        })
+        .sum();
+    assert_eq!(counted, total, "calls counted in the control plane");
+
+    // Order across nodes: first rings of normal callers, in the order they were granted,
+    // against the order they joined (both on the lock service's clock).
+    let mut by_grant: Vec<&serde_json::Value> = log.iter().collect();
+    by_grant.sort_by_key(|line| line["token"].as_u64());
+    let mut first_ring_of: Vec<(String, u64, String)> = Vec::new();
+    let mut vip_agents = Vec::new();
+    for line in by_grant {
+        let waiter = line["waiter"].as_str().expect("waiter").to_owned();
+        if line["message"] == "answered" {
+            if let Some((_, _, attributes)) = first_ring_of.iter().find(|(w, _, _)| *w == waiter)
+                && attributes == "vip"
+            {
+                vip_agents.push(line["agent"].as_str().expect("agent").to_owned());
+            }
+            continue;
+        }
+        if first_ring_of.iter().all(|(w, _, _)| *w != waiter) {
+            let enqueued = line["enqueued_us"].as_u64().expect("enqueued_us");
+            let attributes = line["attributes"].as_str().unwrap_or("").to_owned();
+            first_ring_of.push((waiter, enqueued, attributes));
+        }
+    }
+    assert_eq!(first_ring_of.len() as u64, total, "callers rung");
+    let normal: Vec<u64> = first_ring_of
+        .iter()
+        .filter(|(_, _, attributes)| attributes.is_empty())
+        .map(|(_, enqueued, _)| *enqueued)
+        .collect();
+    let inversions = normal
+        .iter()
+        .enumerate()
+        .map(|(i, earlier_ring)| {
+            normal[i + 1..]
+                .iter()
+                .filter(|later| *later < earlier_ring)
+                .count()
+        })
+        .sum::<usize>();
+    eprintln!("VIP callers answered by: {vip_agents:?}");
+    assert_eq!(vip_agents.len() as u64, VIP, "VIP callers answered");
+    assert_eq!(inversions, 0, "callers rung out of the order they joined");
+}
+
+/// Now, as the node-agents' JSON logs write time (RFC 3339, µs, UTC): such strings sort by
+/// time.
+fn log_time_now() -> String {
+    humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()
+}
+
+/// The issue's faults under load, one after another, on two nodes whose lock service runs
+/// on Redis: Redis killed (-9) and started again on its AOF; the lock service frozen 10 s;
+/// the control plane killed and started again 30 s later. Asserted: every call answered,
+/// no phone ever with two calls at once, rings resume after each fault, no ring went on
+/// without a live lease (none had to be cut, or each was), and every answered call is
+/// counted once.
+#[test]
+#[ignore = "needs Asterisk: run ./scripts/test-asterisk"]
+fn queued_calls_survive_redis_lock_service_and_control_plane_faults() {
+    const PER_NODE: u64 = 45;
+    // Eight agents who answer, priorities 1 to 8.
+    let agents: Vec<(&'static str, i32, &str)> =
+        ["901", "902", "903", "904", "905", "906", "907", "908"]
+            .into_iter()
+            .zip(1..)
+            .map(|(agent, priority)| (agent, priority, "agent_phone_hangs_up.xml"))
+            .collect();
+    let mut site = QueueSite::start_with(&agents, 2, &[], true);
+    let carriers: Vec<(PathBuf, Running)> = (0..2)
+        .map(|node| {
+            site.queued_callers(
+                &format!("carrier-{node}"),
+                node,
+                PER_NODE as u32,
+                Duration::from_secs(2),
+                "",
+            )
+        })
+        .collect();
+    let mut resumed_after = Vec::new();
+    let rung_since = |site: &QueueSite, since: &str| {
+        site.queue_log()
+            .iter()
+            .any(|line| line["message"] == "ringing" && line["timestamp"].as_str() > Some(since))
+    };
+
+    std::thread::sleep(Duration::from_secs(12));
+    let redis = site.redis.as_mut().expect("the site's Redis");
+    redis.kill();
+    redis.spawn();
+    resumed_after.push(("Redis killed and restarted", log_time_now()));
+
+    std::thread::sleep(Duration::from_secs(20));
+    site.locks.freeze();
+    std::thread::sleep(Duration::from_secs(10));
+    site.locks.signal("CONT");
+    resumed_after.push(("lock service frozen 10 s", log_time_now()));
+
+    std::thread::sleep(Duration::from_secs(15));
+    site.stop_control();
+    std::thread::sleep(Duration::from_secs(30));
+    site.start_control();
+    resumed_after.push(("control plane stopped 30 s", log_time_now()));
+
+    for (what, since) in &resumed_after {
+        wait_until(
+            &format!("a ring after: {what}"),
+            Duration::from_secs(60),
+            || rung_since(&site, since),
+        );
+    }
+    site.every_call_answered_once(
+        carriers
+            .into_iter()
+            .map(|(dir, running)| (dir, running, PER_NODE))
+            .collect(),
+    );
+    // A lease lost while ringing must have been cut; a bridge without the fence never.
+    for n in 0..2 {
+        let log = std::fs::read_to_string(site.dir.path().join(format!("pbx-{n}/agent.log")))
+            .expect("the node-agent's log");
+        for unsafe_line in ["could not be hung up", "bridged without the fence"] {
+            assert!(!log.contains(unsafe_line), "pbx-{n}: {unsafe_line}");
+        }
+    }
+    wait_until(
+        "every call counted in the control plane",
+        Duration::from_secs(30),
+        || {
+            agents
+                .iter()
+                .map(|(agent, _, _)| site.agent(agent)["calls_today"].as_u64().unwrap_or(0))
+                .sum::<u64>()
+                == 2 * PER_NODE
+        },
     );
 }

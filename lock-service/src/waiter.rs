@@ -169,6 +169,14 @@ impl Waiter {
             .map(|_| ())
     }
 
+    /// The lock service no longer has this entry (it expired, or the service lost it):
+    /// stops touching it and sends no Leave, which could otherwise land after the caller
+    /// joined again under the same id and take the new entry out.
+    pub fn forget(mut self) {
+        self.left = true;
+        self.stop_touching.cancel();
+    }
+
     fn leave_request(&self) -> pb::LeaveRequest {
         pb::LeaveRequest {
             queue: self.queue.clone(),

@@ -45,9 +45,17 @@ pub const LOCAL_PJSIP: &str = "pjsip.local.conf";
 /// port of its own is loaded, so several nodes (or test instances) share one host.
 const LOADED: &[&str] = &[
     "app_dial.so",
+    // ExecIf(): the queue dialplan takes the carrier's attributes only when none are set.
+    "app_exec.so",
     // Gosub, which Dial's U() runs: without it Dial bridges an answered agent without
     // asking the fence (it only warns), so a lost lease could not stop a bridge.
     "app_stack.so",
+    // CHANNEL() and PJSIP_HEADER(): the queue dialplan reads the caller's attributes from
+    // the carrier's X-Callfleet-Attributes header.
+    "func_channel.so",
+    // FILTER(): what the carrier's header may put into the AGI URL.
+    "func_strings.so",
+    "res_pjsip_header_funcs.so",
     // Log() and Verbose(): the dialplan's own lines in messages.log.
     "app_verbose.so",
     "bridge_builtin_features.so",
@@ -345,6 +353,7 @@ fn extensions(config: &Config) -> Result<String, AsteriskConfigError> {
 ; every second and keeps its place: ARRIVED travels along, and the waiting order\n\
 ; keeps an entry alive for 15 s.\n\
 exten => _[0-9a-zA-Z].,1,Set(CALLFLEET_ARRIVED=${{EPOCH}})\n \
+same => n,ExecIf($[\"${{CALLFLEET_ATTRIBUTES}}\" = \"\" & \"${{CHANNEL(channeltype)}}\" = \"PJSIP\"]?Set(CALLFLEET_ATTRIBUTES=${{FILTER(a-z0-9_ +,${{PJSIP_HEADER(read,X-Callfleet-Attributes)}})}}))\n \
 same => n,Ringing()\n \
 same => n(wait),Set(CALLFLEET_RESULT=)\n \
 same => n,AGI(agi://{address}/queue?queue=${{EXTEN}}&arrived=${{CALLFLEET_ARRIVED}}&attributes=${{CALLFLEET_ATTRIBUTES}})\n \

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod redis_server;
+
 /// The binary under test.
 pub fn callfleet() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_callfleet"));

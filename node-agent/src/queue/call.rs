@@ -32,7 +32,7 @@ use callfleet_proto::lock::v1::locks_client::LocksClient;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use super::candidates::{Candidate, CandidatesSource};
+use super::candidates::{Candidate, CandidatesError, CandidatesSource};
 use super::events::{AgentEvent, AgentEvents, EventLine, QueueOutcome};
 use crate::agi::proto::{Command, Reply};
 use crate::agi::{Scripts, Session, SessionError};
@@ -259,13 +259,7 @@ impl QueueCalls {
             .and_then(|s| s.param("queue"))
             .unwrap_or("")
             .to_owned();
-        let attributes: Vec<String> = script
-            .and_then(|s| s.param("attributes"))
-            .unwrap_or("")
-            .split(',')
-            .filter(|a| !a.is_empty())
-            .map(str::to_owned)
-            .collect();
+        let mut attributes = caller_attributes(script.and_then(|s| s.param("attributes")));
         let Some(uniqueid) = environment.uniqueid().map(str::to_owned) else {
             tracing::warn!("queue call without agi_uniqueid; the dialplan goes on");
             session.set_result("error").await?;
@@ -348,6 +342,13 @@ impl QueueCalls {
             };
             let list = match self.inner.candidates.candidates(&queue, &attributes).await {
                 Ok(found) => found.list,
+                Err(CandidatesError::Invalid { message, .. }) if !attributes.is_empty() => {
+                    // A carrier's header is not ours to trust: an attribute the control
+                    // plane refuses must not keep the caller from every agent.
+                    tracing::warn!(%queue, ?attributes, %message, "caller attributes refused; the call goes on without them");
+                    attributes.clear();
+                    continue;
+                }
                 Err(err) => {
                     tracing::debug!(%queue, error = %err, "no candidates");
                     idle(&mut session, poll).await?;
@@ -369,9 +370,11 @@ impl QueueCalls {
                     continue;
                 }
                 Err(status) => {
-                    if status.code() == tonic::Code::FailedPrecondition {
+                    if status.code() == tonic::Code::FailedPrecondition
+                        && let Some(gone) = waiter.take()
+                    {
                         // The entry expired (the lock service lost it): join again.
-                        waiter = None;
+                        gone.forget();
                     }
                     tracing::debug!(%queue, %waiter_id, %status, "no turn");
                     idle(&mut session, poll).await?;
@@ -390,6 +393,7 @@ impl QueueCalls {
                 queue: &queue,
                 waiter: &waiter_id,
                 enqueued_us,
+                attributes: &attributes,
             };
             match self
                 .ring(&mut session, &caller, &candidate, *keeper)
@@ -417,8 +421,10 @@ impl QueueCalls {
                         && let Err(status) = current.requeue().await
                     {
                         tracing::debug!(%queue, %waiter_id, %status, "requeue failed");
-                        if status.code() == tonic::Code::FailedPrecondition {
-                            waiter = None;
+                        if status.code() == tonic::Code::FailedPrecondition
+                            && let Some(gone) = waiter.take()
+                        {
+                            gone.forget();
                         }
                     }
                 }
@@ -473,7 +479,7 @@ impl QueueCalls {
         );
         self.inner.counts.rings.fetch_add(1, Ordering::Relaxed);
         // The enqueue time is the lock service's clock: what the order across nodes follows.
-        tracing::info!(%queue, waiter = %caller.waiter, enqueued_us = caller.enqueued_us, agent = %candidate.agent, endpoint = %candidate.endpoint, token, "ringing");
+        tracing::info!(%queue, waiter = %caller.waiter, enqueued_us = caller.enqueued_us, attributes = %caller.attributes.join("+"), agent = %candidate.agent, endpoint = %candidate.endpoint, token, "ringing");
         let ring_secs = self.inner.settings.ring_timeout.as_secs().max(1);
         let dial = Command::exec(
             "Dial",
@@ -517,6 +523,7 @@ impl QueueCalls {
         }
         if let Some(answered_at) = answered {
             self.inner.counts.answered.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%queue, waiter = %caller.waiter, agent = %candidate.agent, token, "answered");
             let wrap_up = self.inner.settings.wrap_up;
             let ended = events.send(AgentEvent::Ended { wrap_up });
             // Kept through the wrap-up (and one candidates refresh after it), so a node
@@ -661,6 +668,7 @@ struct Caller<'a> {
     waiter: &'a str,
     /// When the caller joined the order, in µs of the lock service's clock.
     enqueued_us: u64,
+    attributes: &'a [String],
 }
 
 enum RingOutcome {
@@ -670,6 +678,25 @@ enum RingOutcome {
     },
     NotAnswered,
     CallerGone,
+}
+
+/// The most attributes taken from a caller; the rest are ignored.
+const MAX_ATTRIBUTES: usize = 8;
+
+/// The caller's attributes from the AGI URL: the dialplan passes what the carrier's
+/// `X-Callfleet-Attributes` header (or a CRM) said, separated by spaces, `+` or commas.
+/// Distinct, at most [`MAX_ATTRIBUTES`].
+fn caller_attributes(raw: Option<&str>) -> Vec<String> {
+    let mut attributes: Vec<String> = Vec::new();
+    for attribute in raw.unwrap_or("").split([' ', '+', ',']) {
+        if !attribute.is_empty()
+            && !attributes.iter().any(|a| a == attribute)
+            && attributes.len() < MAX_ATTRIBUTES
+        {
+            attributes.push(attribute.to_owned());
+        }
+    }
+    attributes
 }
 
 /// Waits `poll`, or less when the caller hangs up or the node-agent stops.
@@ -692,5 +719,25 @@ async fn dial_status(session: &mut Session) -> String {
     match session.send(&Command::get_variable("DIALSTATUS")).await {
         Ok(Reply::Success(success)) => success.data.unwrap_or_default(),
         _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caller_attributes_are_split_deduplicated_and_bounded() {
+        assert_eq!(caller_attributes(None), Vec::<String>::new());
+        assert_eq!(caller_attributes(Some("")), Vec::<String>::new());
+        assert_eq!(
+            caller_attributes(Some("vip+fr vip,,es")),
+            ["vip", "fr", "es"]
+        );
+        let many: Vec<String> = (0..20).map(|n| format!("a{n}")).collect();
+        assert_eq!(
+            caller_attributes(Some(&many.join("+"))),
+            many[..MAX_ATTRIBUTES].to_vec()
+        );
     }
 }

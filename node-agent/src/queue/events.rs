@@ -26,14 +26,21 @@ use tokio::time::Instant;
 use crate::provisioning::ProvisioningError;
 use crate::provisioning::upstream::Upstream;
 
-/// Attempts per event, with the pauses between them.
-const BACKOFF: [Duration; 5] = [
+/// Pauses between the first attempts of an event; after them, [`RETRY_EVERY`].
+const BACKOFF: [Duration; 4] = [
     Duration::from_millis(200),
     Duration::from_millis(500),
     Duration::from_secs(1),
     Duration::from_secs(2),
-    Duration::from_secs(5),
 ];
+
+/// Pause between later attempts.
+const RETRY_EVERY: Duration = Duration::from_secs(5);
+
+/// How long an event is retried. An `ended` lost to a control-plane outage would leave
+/// the agent "on a call" in every node's routing for good, so it is retried through any
+/// outage an operator would sit out.
+const RETRY_FOR: Duration = Duration::from_secs(600);
 
 /// One thing that happened to an agent's ring.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,10 +239,13 @@ impl AgentEvents {
     ) -> Result<EventAnswer, EventError> {
         let body = Bytes::from(body.to_string());
         let mut last = String::new();
-        for (attempt, pause) in BACKOFF.iter().enumerate() {
-            if attempt > 0 {
-                tokio::time::sleep(*pause).await;
+        let started = Instant::now();
+        let mut attempts = 0;
+        while attempts == 0 || started.elapsed() < RETRY_FOR {
+            if attempts > 0 {
+                tokio::time::sleep(BACKOFF.get(attempts - 1).copied().unwrap_or(RETRY_EVERY)).await;
             }
+            attempts += 1;
             let deadline_at = Instant::now() + self.deadline;
             match self
                 .upstream
@@ -260,7 +270,7 @@ impl AgentEvents {
         Err(EventError::Unwritten {
             event,
             subject: subject.to_owned(),
-            attempts: BACKOFF.len(),
+            attempts,
             last,
         })
     }
