@@ -670,9 +670,9 @@ fn devices_come_from_the_control_plane_and_outlive_its_outage() {
         &url,
         control_port,
         &[
-            ("DEADLINE", "300ms".to_owned()),
+            ("CALLFLEET_PROVISIONING__DEADLINE", "300ms".to_owned()),
             (
-                "PENDING_FILE",
+                "CALLFLEET_PROVISIONING__PENDING_FILE",
                 dir.path().join("pending.jsonl").display().to_string(),
             ),
         ],
@@ -812,7 +812,7 @@ fn without_the_cache_an_outage_of_the_control_plane_loses_the_devices() {
         "pbx-1",
         &url,
         control_port,
-        &[("STALE_MAX", "1ms".to_owned())],
+        &[("CALLFLEET_PROVISIONING__STALE_MAX", "1ms".to_owned())],
     );
     let (asterisk, provisioning_port) = (&node.asterisk, node.provisioning_port);
     assert_eq!(
@@ -843,8 +843,9 @@ impl RealtimeNode {
         Self::start_with(dir, id, url, control_port, &[])
     }
 
-    /// [`RealtimeNode::start`] with more `[provisioning]` settings (`KEY`, value), and the
-    /// node-agent's log in `dir/agent.log`.
+    /// [`RealtimeNode::start`] with more of callfleet's configuration of the node
+    /// (`CALLFLEET_…` variables, for `callfleet asterisk-config` and the node-agent alike),
+    /// and the node-agent's log in `dir/agent.log`.
     fn start_with(
         dir: &Path,
         id: &str,
@@ -853,28 +854,18 @@ impl RealtimeNode {
         more: &[(&str, String)],
     ) -> Self {
         let provisioning_port = free_port();
-        let mut provisioning = vec![
+        let mut env: Vec<(&str, String)> = vec![
             (
-                "CALLFLEET_PROVISIONING__LISTEN".to_owned(),
+                "CALLFLEET_PROVISIONING__LISTEN",
                 format!("127.0.0.1:{provisioning_port}"),
             ),
             (
-                "CALLFLEET_PROVISIONING__CONTROL_PLANE".to_owned(),
+                "CALLFLEET_PROVISIONING__CONTROL_PLANE",
                 format!("http://127.0.0.1:{control_port}"),
             ),
-            (
-                "CALLFLEET_PROVISIONING__TOKEN".to_owned(),
-                NODE_TOKEN.to_owned(),
-            ),
+            ("CALLFLEET_PROVISIONING__TOKEN", NODE_TOKEN.to_owned()),
         ];
-        provisioning.extend(
-            more.iter()
-                .map(|(key, value)| (format!("CALLFLEET_PROVISIONING__{key}"), value.clone())),
-        );
-        let env: Vec<(&str, String)> = provisioning
-            .iter()
-            .map(|(key, value)| (key.as_str(), value.clone()))
-            .collect();
+        env.extend(more.iter().cloned());
         let asterisk = Asterisk::start_with(&dir.join("pbx"), &env, None);
         let agent = Running {
             child: callfleet()
@@ -884,7 +875,7 @@ impl RealtimeNode {
                     asterisk.sip_port,
                     asterisk.ami_port,
                 ))
-                .envs(provisioning.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
                 .env("CALLFLEET_STORE__URL", url)
                 .env("CALLFLEET_NODE__ID", id)
                 .stdout(Stdio::null())
@@ -1052,77 +1043,36 @@ fn lock_service(port: u16, redis: Option<&str>, log: &Path) -> Running {
     Running { child }
 }
 
-/// A node taking queued calls: Asterisk configured by `callfleet asterisk-config` with
-/// queue `sales` on [`SALES_NUMBER`], and its node-agent (FastAGI, realtime devices from
-/// the control plane, leases and the waiting order from the lock service).
-struct QueueNode {
-    asterisk: Asterisk,
-    _agent: Running,
-}
-
-impl QueueNode {
-    fn start(
-        dir: &Path,
-        id: &str,
-        url: &str,
-        control_port: u16,
-        lock_port: u16,
-        more: &[(&str, String)],
-    ) -> Self {
-        let provisioning_port = free_port();
-        let env: Vec<(&str, String)> = vec![
-            (
-                "CALLFLEET_PROVISIONING__LISTEN",
-                format!("127.0.0.1:{provisioning_port}"),
-            ),
-            (
-                "CALLFLEET_PROVISIONING__CONTROL_PLANE",
-                format!("http://127.0.0.1:{control_port}"),
-            ),
-            ("CALLFLEET_PROVISIONING__TOKEN", NODE_TOKEN.to_owned()),
-            (
-                "CALLFLEET_NODE__AGI__LISTEN",
-                format!("127.0.0.1:{}", free_port()),
-            ),
-            ("CALLFLEET_ASTERISK__QUEUES__5000", "sales".to_owned()),
-            (
-                "CALLFLEET_NODE__QUEUE__LOCK_SERVICE",
-                format!("http://127.0.0.1:{lock_port}"),
-            ),
-            ("CALLFLEET_NODE__QUEUE__RING_TIMEOUT", "6s".to_owned()),
-            ("CALLFLEET_NODE__QUEUE__WRAP_UP", "1s".to_owned()),
-            ("CALLFLEET_NODE__QUEUE__MAX_MISSES", "2".to_owned()),
-            ("CALLFLEET_NODE__QUEUE__MAX_WAIT", "600s".to_owned()),
-        ];
-        std::fs::create_dir_all(dir).expect("node folder");
-        let asterisk = Asterisk::start_with(&dir.join("pbx"), &env, None);
-        let agent = Running {
-            child: callfleet()
-                .arg("node-agent")
-                .envs(Asterisk::node_env(
-                    &prefix(),
-                    asterisk.sip_port,
-                    asterisk.ami_port,
-                ))
-                .envs(env.iter().chain(more).map(|(k, v)| (*k, v.as_str())))
-                .env("CALLFLEET_STORE__URL", url)
-                .env("CALLFLEET_NODE__ID", id)
-                .env("CALLFLEET_LOG__FORMAT", "json")
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.join("agent.log")).expect("agent log"))
-                .spawn()
-                .expect("start node-agent"),
-        };
-        wait_until(
-            "the provisioning endpoint answers",
-            Duration::from_secs(20),
-            || http(provisioning_port, "GET", "/stats", "", "").is_some_and(|(s, _)| s == 200),
-        );
-        Self {
-            asterisk,
-            _agent: agent,
-        }
-    }
+/// A node taking queued calls: a [`RealtimeNode`] whose dialplan has queue `sales` on
+/// [`SALES_NUMBER`], whose node-agent serves FastAGI and takes leases and the waiting order
+/// from the lock service at `lock_port` (log in JSON), with `more` settings on top.
+fn queue_node(
+    dir: &Path,
+    id: &str,
+    url: &str,
+    control_port: u16,
+    lock_port: u16,
+    more: &[(&str, String)],
+) -> RealtimeNode {
+    let mut env: Vec<(&str, String)> = vec![
+        (
+            "CALLFLEET_NODE__AGI__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        ),
+        ("CALLFLEET_ASTERISK__QUEUES__5000", "sales".to_owned()),
+        (
+            "CALLFLEET_NODE__QUEUE__LOCK_SERVICE",
+            format!("http://127.0.0.1:{lock_port}"),
+        ),
+        ("CALLFLEET_NODE__QUEUE__RING_TIMEOUT", "6s".to_owned()),
+        ("CALLFLEET_NODE__QUEUE__WRAP_UP", "1s".to_owned()),
+        ("CALLFLEET_NODE__QUEUE__MAX_MISSES", "2".to_owned()),
+        ("CALLFLEET_NODE__QUEUE__MAX_WAIT", "600s".to_owned()),
+        ("CALLFLEET_LOG__FORMAT", "json".to_owned()),
+    ];
+    env.extend(more.iter().cloned());
+    std::fs::create_dir_all(dir).expect("node folder");
+    RealtimeNode::start_with(dir, id, url, control_port, &env)
 }
 
 /// An agent's desk phone (SIPp UAS on [`PHONES`]`:port`) that answers (`agent_phone.xml`)
@@ -1227,7 +1177,7 @@ struct QueueSite {
     redis: Option<support::redis_server::Redis>,
     control_port: u16,
     locks: Running,
-    nodes: Vec<QueueNode>,
+    nodes: Vec<RealtimeNode>,
     /// Agent id, the phone's folder, the phone.
     phones: Vec<(&'static str, PathBuf, Running)>,
 }
@@ -1312,7 +1262,7 @@ impl QueueSite {
         let nodes = (0..nodes)
             .map(|n| {
                 let name = format!("pbx-{n}");
-                QueueNode::start(
+                queue_node(
                     &dir.path().join(&name),
                     &name,
                     &url,

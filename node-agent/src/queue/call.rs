@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use callfleet_core::config::{CallSourceKind, Config, QueueConfig};
+use callfleet_core::store::{CallEvent, CallOutcome};
 use callfleet_lock_service::client::LeaseKeeper;
 use callfleet_lock_service::waiter::{Turn, WaitSettings, Waiter};
 use callfleet_proto::lock::v1::locks_client::LocksClient;
@@ -33,7 +34,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use super::candidates::{Candidate, CandidatesError, CandidatesSource};
-use super::events::{AgentEvent, AgentEvents, EventLine, QueueOutcome};
+use super::events::{AgentEvents, EventLine};
 use crate::agi::proto::{Command, Reply};
 use crate::agi::{Scripts, Session, SessionError};
 use crate::ami::AmiClient;
@@ -295,7 +296,7 @@ impl QueueCalls {
 
         let mut waiter: Option<Waiter> = None;
         let mut enqueued_us = 0;
-        let outcome = |outcome: QueueOutcome| {
+        let outcome = |outcome: CallOutcome| {
             self.inner
                 .events
                 .queue_outcome(&queue, &waiter_id, outcome, arrived.elapsed());
@@ -303,7 +304,7 @@ impl QueueCalls {
         loop {
             if session.hung_up() {
                 self.inner.counts.abandoned.fetch_add(1, Ordering::Relaxed);
-                outcome(QueueOutcome::Abandoned);
+                outcome(CallOutcome::Abandoned);
                 leave(waiter).await;
                 return Ok(());
             }
@@ -314,7 +315,7 @@ impl QueueCalls {
             }
             if arrived.elapsed() >= max_wait {
                 self.inner.counts.overflowed.fetch_add(1, Ordering::Relaxed);
-                outcome(QueueOutcome::Overflowed);
+                outcome(CallOutcome::Overflowed);
                 leave(waiter).await;
                 session.set_result("overflow").await?;
                 return Ok(());
@@ -403,7 +404,7 @@ impl QueueCalls {
                     self.inner.events.queue_outcome(
                         &queue,
                         &waiter_id,
-                        QueueOutcome::Answered,
+                        CallOutcome::Answered,
                         waited_until.duration_since(arrived),
                     );
                     leave(waiter).await;
@@ -412,7 +413,7 @@ impl QueueCalls {
                 }
                 RingOutcome::CallerGone => {
                     self.inner.counts.abandoned.fetch_add(1, Ordering::Relaxed);
-                    outcome(QueueOutcome::Abandoned);
+                    outcome(CallOutcome::Abandoned);
                     leave(waiter).await;
                     return Ok(());
                 }
@@ -516,7 +517,7 @@ impl QueueCalls {
             // the fence context. The call happened, so it is counted as one.
             self.inner.counts.unfenced.fetch_add(1, Ordering::Relaxed);
             tracing::error!(agent = %candidate.agent, "an agent was bridged without the fence: load app_stack.so and the {FENCE_CONTEXT} context (callfleet asterisk-config writes both)");
-            drop(events.send(AgentEvent::Answered {
+            drop(events.send(CallEvent::Answered {
                 queue: queue.to_owned(),
             }));
             answered = Some(Instant::now());
@@ -525,7 +526,7 @@ impl QueueCalls {
             self.inner.counts.answered.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%queue, waiter = %caller.waiter, agent = %candidate.agent, token, "answered");
             let wrap_up = self.inner.settings.wrap_up;
-            let ended = events.send(AgentEvent::Ended { wrap_up });
+            let ended = events.send(CallEvent::Ended { wrap_up });
             // Kept through the wrap-up (and one candidates refresh after it), so a node
             // whose cached answer still shows the agent free cannot ring them meanwhile.
             let hold = wrap_up + self.inner.settings.candidates_fresh;
@@ -549,7 +550,7 @@ impl QueueCalls {
         let mut hold = Duration::ZERO;
         if missed {
             self.inner.counts.missed.fetch_add(1, Ordering::Relaxed);
-            let written = events.send(AgentEvent::Missed {
+            let written = events.send(CallEvent::Missed {
                 queue: queue.to_owned(),
                 max_misses: self.inner.settings.max_misses,
             });
@@ -645,7 +646,7 @@ impl QueueCalls {
                 && ring.keeper.valid_until() > std::time::Instant::now() + FENCE_MARGIN;
             if valid {
                 let _ = ring.answered.set(Instant::now());
-                drop(ring.events.send(AgentEvent::Answered {
+                drop(ring.events.send(CallEvent::Answered {
                     queue: ring.queue.clone(),
                 }));
             } else {

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use bytes::Bytes;
+use callfleet_core::store::{CallEvent, CallOutcome};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
@@ -42,71 +43,28 @@ const RETRY_EVERY: Duration = Duration::from_secs(5);
 /// outage an operator would sit out.
 const RETRY_FOR: Duration = Duration::from_secs(600);
 
-/// One thing that happened to an agent's ring.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AgentEvent {
-    /// The agent answered a call of `queue` (counted; the agent is on a call).
-    Answered {
-        /// The queue the call waited in.
-        queue: String,
-    },
-    /// The call the agent answered ended: wrap-up for `wrap_up`, then available.
-    Ended {
-        /// How long the agent stays out of every queue.
-        wrap_up: Duration,
-    },
-    /// The agent's phone rang and nobody answered (or it was busy).
-    Missed {
-        /// The queue the call waited in.
-        queue: String,
-        /// Misses in a row that pause the agent with the reason `missed`.
-        max_misses: u32,
-    },
-}
-
-impl AgentEvent {
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Answered { .. } => "answered",
-            Self::Ended { .. } => "ended",
-            Self::Missed { .. } => "missed",
-        }
-    }
-
-    fn body(&self) -> serde_json::Value {
-        match self {
-            Self::Answered { queue } => json!({ "event": "answered", "queue": queue }),
-            Self::Ended { wrap_up } => json!({
-                "event": "ended",
-                "wrap_up_ms": u64::try_from(wrap_up.as_millis()).unwrap_or(u64::MAX),
-            }),
-            Self::Missed { queue, max_misses } => json!({
-                "event": "missed",
-                "queue": queue,
-                "max_misses": max_misses,
-            }),
-        }
+/// The name of `event` as the control plane reads it, also part of its idempotency key.
+fn event_name(event: &CallEvent) -> &'static str {
+    match event {
+        CallEvent::Answered { .. } => "answered",
+        CallEvent::Ended { .. } => "ended",
+        CallEvent::Missed { .. } => "missed",
     }
 }
 
-/// How a queued call ended, for its queue's figures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QueueOutcome {
-    /// An agent answered.
-    Answered,
-    /// The caller hung up first.
-    Abandoned,
-    /// `max_wait` passed; the call went to the overflow target.
-    Overflowed,
-}
-
-impl QueueOutcome {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Answered => "answered",
-            Self::Abandoned => "abandoned",
-            Self::Overflowed => "overflowed",
-        }
+/// The body of `POST /api/v1/agents/{agent}/call-events` for `event`.
+fn event_body(event: &CallEvent) -> serde_json::Value {
+    match event {
+        CallEvent::Answered { queue } => json!({ "event": "answered", "queue": queue }),
+        CallEvent::Ended { wrap_up } => json!({
+            "event": "ended",
+            "wrap_up_ms": u64::try_from(wrap_up.as_millis()).unwrap_or(u64::MAX),
+        }),
+        CallEvent::Missed { queue, max_misses } => json!({
+            "event": "missed",
+            "queue": queue,
+            "max_misses": max_misses,
+        }),
     }
 }
 
@@ -195,33 +153,30 @@ impl AgentEvents {
         &self,
         agent: &str,
         ring: &str,
-        event: &AgentEvent,
+        event: &CallEvent,
     ) -> Result<EventAnswer, EventError> {
         let path = format!("/api/v1/agents/{agent}/call-events");
-        let key = self.idempotency_key(agent, ring, event.name());
-        self.post(&path, &key, event.body(), event.name(), agent)
-            .await
+        let name = event_name(event);
+        let key = self.idempotency_key(agent, ring, name);
+        self.post(&path, &key, event_body(event), name, agent).await
     }
 
     /// Counts how a queued call ended in `queue`'s figures, in the background (retried
     /// like an event; a retry counts once). `caller` is the waiter id, unique per call.
-    pub fn queue_outcome(
-        &self,
-        queue: &str,
-        caller: &str,
-        outcome: QueueOutcome,
-        waited: Duration,
-    ) {
+    pub fn queue_outcome(&self, queue: &str, caller: &str, outcome: CallOutcome, waited: Duration) {
         let events = self.clone();
         let path = format!("/api/v1/queues/{queue}/call-outcomes");
-        let key = self.idempotency_key(queue, caller, outcome.name());
+        let key = self.idempotency_key(queue, caller, outcome.as_str());
         let body = json!({
-            "outcome": outcome.name(),
+            "outcome": outcome.as_str(),
             "waited_ms": u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
         });
         let queue = queue.to_owned();
         tokio::spawn(async move {
-            if let Err(err) = events.post(&path, &key, body, outcome.name(), &queue).await {
+            if let Err(err) = events
+                .post(&path, &key, body, outcome.as_str(), &queue)
+                .await
+            {
                 tracing::warn!(%queue, error = %err, "queue figure not written to the control plane");
             }
         });
@@ -284,7 +239,7 @@ impl AgentEvents {
     }
 }
 
-type Queued = (AgentEvent, oneshot::Sender<Result<EventAnswer, EventError>>);
+type Queued = (CallEvent, oneshot::Sender<Result<EventAnswer, EventError>>);
 
 /// The events of one ring, written in the order sent.
 #[derive(Debug, Clone)]
@@ -295,7 +250,7 @@ pub struct EventLine {
 impl EventLine {
     /// Queues `event` after the ones sent before; await the receiver for its answer, or
     /// drop it.
-    pub fn send(&self, event: AgentEvent) -> oneshot::Receiver<Result<EventAnswer, EventError>> {
+    pub fn send(&self, event: CallEvent) -> oneshot::Receiver<Result<EventAnswer, EventError>> {
         let (answer, receiver) = oneshot::channel();
         // The line's task lives as long as a sender does.
         let _ = self.sender.send((event, answer));
@@ -329,18 +284,16 @@ mod tests {
     #[test]
     fn event_bodies_are_what_the_control_plane_reads() {
         assert_eq!(
-            AgentEvent::Ended {
+            event_body(&CallEvent::Ended {
                 wrap_up: Duration::from_millis(1500)
-            }
-            .body(),
+            }),
             json!({ "event": "ended", "wrap_up_ms": 1500 })
         );
         assert_eq!(
-            AgentEvent::Missed {
+            event_body(&CallEvent::Missed {
                 queue: "sales".into(),
                 max_misses: 3
-            }
-            .body(),
+            }),
             json!({ "event": "missed", "queue": "sales", "max_misses": 3 })
         );
     }
