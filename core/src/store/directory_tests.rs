@@ -2172,6 +2172,45 @@ async fn invalid_call_events_are_refused_naming_the_field_and_change_nothing() {
     .await;
 }
 
+/// Writes the schema of migrations 1 to `version` where `config` points, and `statements`
+/// into it: a store as an older callfleet left it.
+async fn store_of_version(config: &StoreConfig, version: i64, statements: &[&'static str]) {
+    let mut old = migrator(if config.sqlite_path().is_some() {
+        &dialect::SQLITE
+    } else {
+        &dialect::MYSQL
+    });
+    let kept: Vec<_> = old
+        .iter()
+        .filter(|m| m.version <= version)
+        .cloned()
+        .collect();
+    old = sqlx::migrate::Migrator::with_migrations(kept);
+    old.set_locking(false);
+    if let Some(path) = config.sqlite_path() {
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(options)
+            .await
+            .expect("sqlite");
+        old.run(&pool).await.expect("migrate");
+        for &statement in statements {
+            sqlx::query(statement).execute(&pool).await.expect("row");
+        }
+        pool.close().await;
+    } else {
+        let pool = sqlx::MySqlPool::connect(&config.url)
+            .await
+            .expect("mariadb");
+        old.run(&pool).await.expect("migrate");
+        for &statement in statements {
+            sqlx::query(statement).execute(&pool).await.expect("row");
+        }
+        pool.close().await;
+    }
+}
+
 #[tokio::test]
 async fn a_store_of_the_previous_version_migrates_keeping_counters_and_request_ids() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -2188,35 +2227,7 @@ async fn a_store_of_the_previous_version_migrates_keeping_counters_and_request_i
             "INSERT INTO request_ids (actor, request_id, action, subject, result, at_ms) \
              VALUES ('crm-main', 'r-1', 'agent.record_sale', 'agent:1001', 2, 0)",
         ];
-        let before = |dialect: &Dialect| {
-            let mut old = migrator(dialect);
-            let kept: Vec<_> = old.iter().filter(|m| m.version <= 5).cloned().collect();
-            old = sqlx::migrate::Migrator::with_migrations(kept);
-            old.set_locking(false);
-            old
-        };
-        if let Some(path) = config.sqlite_path() {
-            let options = sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(path)
-                .create_if_missing(true);
-            let pool = sqlx::SqlitePool::connect_with(options)
-                .await
-                .expect("sqlite");
-            before(&dialect::SQLITE).run(&pool).await.expect("migrate");
-            for statement in statements {
-                sqlx::query(statement).execute(&pool).await.expect("row");
-            }
-            pool.close().await;
-        } else {
-            let pool = sqlx::MySqlPool::connect(&config.url)
-                .await
-                .expect("mariadb");
-            before(&dialect::MYSQL).run(&pool).await.expect("migrate");
-            for statement in statements {
-                sqlx::query(statement).execute(&pool).await.expect("row");
-            }
-            pool.close().await;
-        }
+        store_of_version(&config, 5, &statements).await;
 
         let store = Store::connect(&config).await.expect("migrates");
         let db = store.dialect();
@@ -2695,35 +2706,7 @@ async fn a_store_of_the_previous_version_migrates_giving_queues_the_default_serv
             "INSERT INTO daily_counters (agent_id, day, calls, sales, missed) \
              VALUES ('1001', '2025-03-14', 4, 2, 1)",
         ];
-        let before = |dialect: &Dialect| {
-            let mut old = migrator(dialect);
-            let kept: Vec<_> = old.iter().filter(|m| m.version <= 6).cloned().collect();
-            old = sqlx::migrate::Migrator::with_migrations(kept);
-            old.set_locking(false);
-            old
-        };
-        if let Some(path) = config.sqlite_path() {
-            let options = sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(path)
-                .create_if_missing(true);
-            let pool = sqlx::SqlitePool::connect_with(options)
-                .await
-                .expect("sqlite");
-            before(&dialect::SQLITE).run(&pool).await.expect("migrate");
-            for statement in statements {
-                sqlx::query(statement).execute(&pool).await.expect("row");
-            }
-            pool.close().await;
-        } else {
-            let pool = sqlx::MySqlPool::connect(&config.url)
-                .await
-                .expect("mariadb");
-            before(&dialect::MYSQL).run(&pool).await.expect("migrate");
-            for statement in statements {
-                sqlx::query(statement).execute(&pool).await.expect("row");
-            }
-            pool.close().await;
-        }
+        store_of_version(&config, 6, &statements).await;
 
         let store = Store::connect(&config).await.expect("migrates");
         let db = store.dialect();
