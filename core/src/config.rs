@@ -101,7 +101,8 @@ pub struct ProvisioningConfig {
     /// (`control_plane.listen`).
     pub control_plane: String,
     /// A control-plane token with role `node` (reads provisioning, writes registrations,
-    /// reads queues' candidates, nothing else). `callfleet up` uses its own.
+    /// reads queues' candidates, reports its queued calls' agent events and outcomes,
+    /// nothing else). `callfleet up` uses its own.
     pub token: Secret,
     /// How long one request to the control plane may take before the cache answers.
     #[serde(with = "humantime_serde")]
@@ -1125,8 +1126,9 @@ pub struct ApiToken {
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// A node's Asterisk (through its node-agent): read provisioning (devices), write
-    /// registrations and read queues' candidates (to route queued calls), nothing else, so
-    /// a token taken from a node cannot steer the center.
+    /// registrations, read queues' candidates and report what became of its queued calls
+    /// (agent call events, queue outcomes), nothing else, so a token taken from a node
+    /// cannot steer the center.
     Node,
     /// Read agents, queues, routing, nodes and the audit log.
     Read,
