@@ -12,9 +12,12 @@
 
 mod support;
 
-use callfleet_core::config::{ApiToken, ControlPlaneConfig, Role, Secret};
+use callfleet_core::config::ControlPlaneConfig;
 use serde_json::{Value, json};
-use support::{REST_STATUS, Server, connect_from, crm_token, exchange};
+use support::{
+    REST_STATUS, Reply, Server, connect_from, crm_wallboard_node_tokens, exchange, expect,
+    json_request, send_json,
+};
 
 /// Write token of a CRM, named `crm`.
 const CRM: &str = "crm-call-events-secret-0123456789";
@@ -24,26 +27,10 @@ const WALLBOARD: &str = "wallboard-call-events-secret-0123";
 const NODE: &str = "node-pbx-1-call-events-secret-0123";
 
 fn config() -> ControlPlaneConfig {
-    let token = |name: &str, secret: &str, role| ApiToken {
-        name: name.to_owned(),
-        token: Secret::new(secret),
-        role,
-    };
     ControlPlaneConfig {
-        tokens: vec![
-            crm_token(CRM),
-            token("wallboard", WALLBOARD, Role::Read),
-            token("node:pbx-1", NODE, Role::Node),
-        ],
+        tokens: crm_wallboard_node_tokens(CRM, WALLBOARD, NODE),
         ..ControlPlaneConfig::default()
     }
-}
-
-/// An answer: its status and JSON body.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    json: Value,
 }
 
 /// Sends `method path` under `/api/v1` with `token`, extra header lines and a JSON body,
@@ -56,29 +43,12 @@ async fn send(
     headers: &[(&str, &str)],
     body: Option<Value>,
 ) -> Reply {
-    let mut head =
-        format!("{method} /api/v1{path} HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {token}\r\n");
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let request = format!(
-        "{head}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut stream = connect_from("127.0.0.1", server.address).await;
-    let answer = exchange(&mut stream, &request).await;
-    // Answers and errors alike: a node-agent reads every one as JSON.
-    assert_eq!(
-        answer.header("content-type"),
-        Some("application/json"),
-        "{method} {path}: {answer:?}"
-    );
-    let json = serde_json::from_str(&answer.body).unwrap_or(Value::Null);
-    Reply {
-        status: answer.status,
-        json,
-    }
+    send_json(
+        server,
+        &json_request(method, &format!("/api/v1{path}"), token, headers, &body),
+    )
+    .await
 }
 
 /// Posts a call event of `agent` with `token` (and an Idempotency-Key, if any).
@@ -101,11 +71,21 @@ async fn report(
     .await
 }
 
-/// Panics unless `reply` is `status`; returns its JSON.
-#[track_caller]
-fn expect(reply: Reply, status: u16) -> Value {
-    assert_eq!(reply.status, status, "{}", reply.json);
-    reply.json
+/// Posts a call event of `agent` with the node's token (and an Idempotency-Key, if any);
+/// panics unless the answer is `status`, and returns its JSON.
+async fn node_report(
+    server: &Server,
+    agent: &str,
+    key: Option<&str>,
+    event: Value,
+    status: u16,
+) -> Value {
+    expect(report(server, agent, NODE, key, event).await, status)
+}
+
+/// The `ended` event of a call with `wrap_up_ms` of wrap-up.
+fn ended(wrap_up_ms: u64) -> Value {
+    json!({ "event": "ended", "wrap_up_ms": wrap_up_ms })
 }
 
 /// The agents `sales` rings now, best first, as the node-agent reads them.
@@ -179,29 +159,26 @@ async fn a_node_reports_its_calls_and_the_candidates_follow() {
 
     // A CRM and a wallboard may not report calls; nothing changes.
     let answered = json!({ "event": "answered", "queue": "sales" });
-    let refused = expect(
-        report(&server, "1001", CRM, None, answered.clone()).await,
-        403,
-    );
-    assert_eq!(
-        refused,
-        json!({ "error": "token `crm` has role Write; this operation needs Node or above" })
-    );
-    let refused = expect(
-        report(&server, "1001", WALLBOARD, None, answered.clone()).await,
-        403,
-    );
-    assert_eq!(
-        refused,
-        json!({ "error": "token `wallboard` has role Read; this operation needs Node or above" })
-    );
+    for (token, error) in [
+        (
+            CRM,
+            "token `crm` has role Write; this operation needs Node or above",
+        ),
+        (
+            WALLBOARD,
+            "token `wallboard` has role Read; this operation needs Node or above",
+        ),
+    ] {
+        let refused = expect(
+            report(&server, "1001", token, None, answered.clone()).await,
+            403,
+        );
+        assert_eq!(refused, json!({ "error": error }));
+    }
     assert_eq!(candidates(&server).await, ["1001", "1002"]);
 
     // Alice answers: on a call, no longer rung.
-    let reply = expect(
-        report(&server, "1001", NODE, None, answered.clone()).await,
-        200,
-    );
+    let reply = node_report(&server, "1001", None, answered.clone(), 200).await;
     assert_eq!(reply, json!({ "agent": "1001", "calls_today": 1 }));
     assert_eq!(candidates(&server).await, ["1002"]);
     let alice = expect(
@@ -218,17 +195,7 @@ async fn a_node_reports_its_calls_and_the_candidates_follow() {
     );
 
     // Her call ends without wrap-up: rung again at once.
-    let reply = expect(
-        report(
-            &server,
-            "1001",
-            NODE,
-            None,
-            json!({ "event": "ended", "wrap_up_ms": 0 }),
-        )
-        .await,
-        200,
-    );
+    let reply = node_report(&server, "1001", None, ended(0), 200).await;
     assert_eq!(reply, json!({ "agent": "1001", "state": "available" }));
     assert_eq!(candidates(&server).await, ["1001", "1002"]);
 
@@ -236,34 +203,28 @@ async fn a_node_reports_its_calls_and_the_candidates_follow() {
     // lost) and counts once.
     let miss = json!({ "event": "missed", "queue": "sales", "max_misses": 2 });
     for _ in 0..2 {
-        let reply = expect(
-            report(
-                &server,
-                "1002",
-                NODE,
-                Some("pbx-1-call-7-miss"),
-                miss.clone(),
-            )
-            .await,
+        let reply = node_report(
+            &server,
+            "1002",
+            Some("pbx-1-call-7-miss"),
+            miss.clone(),
             200,
-        );
+        )
+        .await;
         assert_eq!(
             reply,
             json!({ "agent": "1002", "missed_today": 1, "misses_in_row": 1, "paused": false })
         );
     }
     assert_eq!(candidates(&server).await, ["1001", "1002"]);
-    let reply = expect(
-        report(
-            &server,
-            "1002",
-            NODE,
-            Some("pbx-1-call-8-miss"),
-            miss.clone(),
-        )
-        .await,
+    let reply = node_report(
+        &server,
+        "1002",
+        Some("pbx-1-call-8-miss"),
+        miss.clone(),
         200,
-    );
+    )
+    .await;
     assert_eq!(
         reply,
         json!({ "agent": "1002", "missed_today": 2, "misses_in_row": 0, "paused": true })
@@ -279,18 +240,8 @@ async fn a_node_reports_its_calls_and_the_candidates_follow() {
     );
 
     // Alice's next call ends with a minute of wrap-up: nobody is rung.
-    expect(report(&server, "1001", NODE, None, answered).await, 200);
-    let reply = expect(
-        report(
-            &server,
-            "1001",
-            NODE,
-            None,
-            json!({ "event": "ended", "wrap_up_ms": 60_000 }),
-        )
-        .await,
-        200,
-    );
+    node_report(&server, "1001", None, answered, 200).await;
+    let reply = node_report(&server, "1001", None, ended(60_000), 200).await;
     assert_eq!(reply["state"], "wrap_up");
     assert!(reply["until_ms"].is_i64(), "{reply}");
     assert_eq!(candidates(&server).await, Vec::<String>::new());
@@ -355,7 +306,7 @@ async fn a_wrong_call_event_names_the_field_and_what_to_send() {
         ),
     ];
     for (body, error) in cases {
-        let reply = expect(report(&server, "1001", NODE, None, body.clone()).await, 400);
+        let reply = node_report(&server, "1001", None, body.clone(), 400).await;
         assert_eq!(reply, json!({ "error": error }), "{body}");
     }
     // What serde refuses names the field too, and says where the body is described.
@@ -374,24 +325,21 @@ async fn a_wrong_call_event_names_the_field_and_what_to_send() {
             "invalid wrap_up: unknown field `wrap_up`, expected one of `event`, `queue`, `wrap_up_ms`, `max_misses` at line 1 column 26",
         ),
     ] {
-        let reply = expect(report(&server, "1001", NODE, None, body.clone()).await, 400);
+        let reply = node_report(&server, "1001", None, body.clone(), 400).await;
         assert_eq!(
             reply,
             json!({ "error": format!("{error}; {hint}") }),
             "{body}"
         );
     }
-    let reply = expect(
-        report(
-            &server,
-            "1009",
-            NODE,
-            None,
-            json!({ "event": "answered", "queue": "sales" }),
-        )
-        .await,
+    let reply = node_report(
+        &server,
+        "1009",
+        None,
+        json!({ "event": "answered", "queue": "sales" }),
         404,
-    );
+    )
+    .await;
     assert_eq!(
         reply,
         json!({ "error": "no agent `1009`; list agents with GET /api/v1/agents" })
@@ -399,18 +347,8 @@ async fn a_wrong_call_event_names_the_field_and_what_to_send() {
     // A key sent again with another report is refused, naming its first use.
     let key = Some("pbx-1-call-9");
     let answered = json!({ "event": "answered", "queue": "sales" });
-    expect(report(&server, "1001", NODE, key, answered).await, 200);
-    let reply = expect(
-        report(
-            &server,
-            "1001",
-            NODE,
-            key,
-            json!({ "event": "ended", "wrap_up_ms": 0 }),
-        )
-        .await,
-        400,
-    );
+    node_report(&server, "1001", key, answered, 200).await;
+    let reply = node_report(&server, "1001", key, ended(0), 400).await;
     assert_eq!(
         reply,
         json!({ "error": "invalid request id: `pbx-1-call-9` was used for agent.call_answered of agent:1001; send a new id for every new request" })

@@ -19,15 +19,16 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use callfleet_control_plane::figures::LOCK_DEADLINE;
-use callfleet_core::config::{
-    ApiToken, ControlPlaneConfig, LockServiceConfig, Role, Secret, UnsafeLockSwitches,
-};
+use callfleet_core::config::{ControlPlaneConfig, LockServiceConfig, UnsafeLockSwitches};
 use callfleet_proto::control::v1 as control_pb;
 use callfleet_proto::control::v1::control_client::ControlClient;
 use callfleet_proto::lock::v1 as lock_pb;
 use callfleet_proto::lock::v1::locks_client::LocksClient;
 use serde_json::{Value, json};
-use support::{REST_STATUS, Server, connect_from, crm_token, exchange};
+use support::{
+    REST_STATUS, Reply, Server, connect_from, crm_wallboard_node_tokens, exchange, expect,
+    json_request, send_json, spawn_on_loopback,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -55,17 +56,12 @@ impl Locks {
             },
             ..LockServiceConfig::default()
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address");
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        let task = tokio::spawn(async move {
+        let (address, shutdown, task) = spawn_on_loopback(|listener, token| async move {
             callfleet_lock_service::run(&config, listener, token)
                 .await
                 .expect("the lock service runs");
-        });
+        })
+        .await;
         Self {
             address,
             shutdown,
@@ -79,12 +75,7 @@ impl Locks {
 
     /// A client, as a node-agent has one.
     async fn client(&self) -> LocksClient<Channel> {
-        let channel = tonic::transport::Endpoint::from_shared(self.url())
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("the lock service accepts");
-        LocksClient::new(channel)
+        LocksClient::new(channel(&self.url()).await)
     }
 
     async fn stop(self) {
@@ -96,20 +87,20 @@ impl Locks {
     }
 }
 
+/// A gRPC channel to `url`.
+async fn channel(url: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .expect("endpoint")
+        .connect()
+        .await
+        .unwrap_or_else(|err| panic!("{url} accepts gRPC: {err}"))
+}
+
 /// The control plane's config: the three tokens, the lock service at `lock_service`, and a
 /// status limit the tests' polling stays well below.
 fn config(lock_service: &str) -> ControlPlaneConfig {
-    let token = |name: &str, secret: &str, role| ApiToken {
-        name: name.to_owned(),
-        token: Secret::new(secret),
-        role,
-    };
     ControlPlaneConfig {
-        tokens: vec![
-            crm_token(CRM),
-            token("wallboard", WALLBOARD, Role::Read),
-            token("node:pbx-1", NODE, Role::Node),
-        ],
+        tokens: crm_wallboard_node_tokens(CRM, WALLBOARD, NODE),
         lock_service: lock_service.to_owned(),
         status_rate: 1000.0,
         status_burst: 1000,
@@ -159,12 +150,7 @@ async fn xmlrpc_status(server: &Server) -> dxr::Value {
 
 /// The status of `sales` over gRPC.
 async fn grpc_status(server: &Server) -> control_pb::QueueStatusResponse {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.address))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("grpc connects");
-    ControlClient::new(channel)
+    ControlClient::new(channel(&format!("http://{}", server.address)).await)
         .queue_status(control_pb::QueueRef {
             queue: "sales".into(),
         })
@@ -305,20 +291,7 @@ async fn the_status_answers_with_waiting_unknown_when_the_lock_service_is_down()
     .await;
     assert_eq!(
         down,
-        json!({
-            "queue": "sales",
-            "served": false,
-            "available_agents": 0,
-            "logged_in_agents": 0,
-            "waiting": null,
-            "longest_wait_ms": null,
-            "waiting_unknown": true,
-            "answered_today": 0,
-            "abandoned_today": 0,
-            "overflowed_today": 0,
-            "answered_within_sl_today": 0,
-            "service_level_pct_today": null,
-        })
+        status_unknown_waiting(&counts(0, 0, 0, 0, Value::Null))
     );
     // XML-RPC cannot send null to every client: the unknown fields are left out.
     let dxr::Value::Struct(members) = xmlrpc_status(&server).await else {
@@ -381,38 +354,11 @@ async fn the_status_answers_with_waiting_unknown_when_the_lock_service_is_down()
     server.stop().await;
 }
 
-/// An answer: its status and JSON body.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    json: Value,
-}
-
 /// Posts an outcome of a call of `queue` with `token` (and an Idempotency-Key, if any).
 async fn report(server: &Server, queue: &str, token: &str, key: Option<&str>, body: &str) -> Reply {
-    let key = key.map_or_else(String::new, |k| format!("Idempotency-Key: {k}\r\n"));
-    let request = format!(
-        "POST /api/v1/queues/{queue}/call-outcomes HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {token}\r\n{key}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut stream = connect_from("127.0.0.1", server.address).await;
-    let answer = exchange(&mut stream, &request).await;
-    assert_eq!(
-        answer.header("content-type"),
-        Some("application/json"),
-        "{answer:?}"
-    );
-    Reply {
-        status: answer.status,
-        json: serde_json::from_str(&answer.body).unwrap_or(Value::Null),
-    }
-}
-
-/// Panics unless `reply` is `status`; returns its JSON.
-#[track_caller]
-fn expect(reply: Reply, status: u16) -> Value {
-    assert_eq!(reply.status, status, "{}", reply.json);
-    reply.json
+    let headers: Vec<(&str, &str)> = key.map(|k| ("Idempotency-Key", k)).into_iter().collect();
+    let path = format!("/api/v1/queues/{queue}/call-outcomes");
+    send_json(server, &json_request("POST", &path, token, &headers, body)).await
 }
 
 /// The answer to an outcome: the queue's counts of the day.
@@ -427,15 +373,31 @@ fn counts(answered: u32, abandoned: u32, overflowed: u32, within: u32, pct: Valu
     })
 }
 
+/// The whole REST status of `sales` with no agents and waiting unknown, and the day's
+/// `counts` (as [`counts`] gives them).
+fn status_unknown_waiting(counts: &Value) -> Value {
+    let mut status = json!({
+        "queue": "sales",
+        "served": false,
+        "available_agents": 0,
+        "logged_in_agents": 0,
+        "waiting": null,
+        "longest_wait_ms": null,
+        "waiting_unknown": true,
+    });
+    let fields = status.as_object_mut().expect("an object");
+    for (name, value) in counts.as_object().expect("counts") {
+        fields.insert(name.clone(), value.clone());
+    }
+    status
+}
+
 #[tokio::test]
 async fn call_outcomes_count_once_and_show_in_the_status() {
     let server = Server::start(config(""), CRM, "127.0.0.1").await;
     // A threshold of 10 s for `sales`.
     let body = r#"{"name":"Sales","service_level_ms":10000}"#;
-    let put = format!(
-        "PUT /api/v1/queues/sales HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {CRM}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let put = json_request("PUT", "/api/v1/queues/sales", CRM, &[], body);
     let answer = exchange(&mut connect_from("127.0.0.1", server.address).await, &put).await;
     assert_eq!(
         (answer.status, answer.body.as_str()),
@@ -509,20 +471,7 @@ async fn call_outcomes_count_once_and_show_in_the_status() {
     let (shown, _) = status(&server).await;
     assert_eq!(
         shown,
-        json!({
-            "queue": "sales",
-            "served": false,
-            "available_agents": 0,
-            "logged_in_agents": 0,
-            "waiting": null,
-            "longest_wait_ms": null,
-            "waiting_unknown": true,
-            "answered_today": 2,
-            "abandoned_today": 1,
-            "overflowed_today": 1,
-            "answered_within_sl_today": 1,
-            "service_level_pct_today": 33.3,
-        })
+        status_unknown_waiting(&counts(2, 1, 1, 1, json!(33.3)))
     );
 
     // Unknown queues and bodies a node-agent got wrong: what is wrong and what to do.

@@ -11,28 +11,117 @@
 //! that one of them does not use warns there as dead code: what only one test file needs
 //! stays in that file.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use callfleet_control_plane::ControlPlaneError;
 use callfleet_core::config::{ApiToken, ControlPlaneConfig, Role, Secret};
 use callfleet_core::{Store, testing};
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// The public status of the queue `sales` over REST, which needs no token.
 pub const REST_STATUS: &str = "GET /api/v1/queues/sales/status HTTP/1.1\r\nHost: cp\r\n\r\n";
 
+/// The token `secret`, named `name`, with `role`, for a config's `tokens`.
+pub fn token(name: &str, secret: &str, role: Role) -> ApiToken {
+    ApiToken {
+        name: name.to_owned(),
+        token: Secret::new(secret),
+        role,
+    }
+}
+
 /// A CRM's write token, named `crm`, for a config's `tokens`; the tests pass the same
 /// `token` to [`Server::start`] so that it can create the queue `sales`.
 pub fn crm_token(token: &str) -> ApiToken {
-    ApiToken {
-        name: "crm".to_owned(),
-        token: Secret::new(token),
-        role: Role::Write,
+    self::token("crm", token, Role::Write)
+}
+
+/// The tokens of the tests of queued calls: a CRM's write token `crm`, a wallboard's read
+/// token `wallboard` and a node-agent's node token `node:pbx-1`.
+#[allow(dead_code)] // Not every test crate has a node.
+pub fn crm_wallboard_node_tokens(crm: &str, wallboard: &str, node: &str) -> Vec<ApiToken> {
+    vec![
+        crm_token(crm),
+        token("wallboard", wallboard, Role::Read),
+        token("node:pbx-1", node, Role::Node),
+    ]
+}
+
+/// Binds a loopback port and spawns `serve` on its listener with a shutdown token: the
+/// address, the token that stops it, and its task.
+pub async fn spawn_on_loopback<F, Fut>(
+    serve: F,
+) -> (SocketAddr, CancellationToken, JoinHandle<Fut::Output>)
+where
+    F: FnOnce(TcpListener, CancellationToken) -> Fut,
+    Fut: Future + Send + 'static,
+    Fut::Output: Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(serve(listener, shutdown.clone()));
+    (address, shutdown, task)
+}
+
+/// A request `method path` with the bearer `token`, the extra header lines `headers`
+/// and the JSON `body`.
+pub fn json_request(
+    method: &str,
+    path: &str,
+    token: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> String {
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {token}\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
     }
+    request.push_str(&format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    request
+}
+
+/// An answer of the JSON API: its status and JSON body (null if the body is not JSON).
+#[derive(Debug)]
+#[allow(dead_code)] // Not every test crate reads the JSON API.
+pub struct Reply {
+    pub status: u16,
+    pub json: Value,
+}
+
+/// Sends `request` to `server` from 127.0.0.1 on a new connection and reads the answer,
+/// which must be JSON, errors included: a node-agent reads every one as JSON.
+#[allow(dead_code)] // Not every test crate reads the JSON API.
+pub async fn send_json(server: &Server, request: &str) -> Reply {
+    let mut stream = connect_from("127.0.0.1", server.address).await;
+    let answer = exchange(&mut stream, request).await;
+    assert_eq!(
+        answer.header("content-type"),
+        Some("application/json"),
+        "{request:?}: {answer:?}"
+    );
+    Reply {
+        status: answer.status,
+        json: serde_json::from_str(&answer.body).unwrap_or(Value::Null),
+    }
+}
+
+/// Panics unless `reply` is `status`; returns its JSON.
+#[track_caller]
+#[allow(dead_code)] // Not every test crate reads the JSON API.
+pub fn expect(reply: Reply, status: u16) -> Value {
+    assert_eq!(reply.status, status, "{}", reply.json);
+    reply.json
 }
 
 /// The control plane, served by `run` on a loopback port, with the queue `sales`.
@@ -54,15 +143,10 @@ impl Server {
         let store = Store::connect(&testing::sqlite_config(dir.path()))
             .await
             .expect("sqlite store");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address");
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        let task = tokio::spawn(async move {
+        let (address, shutdown, task) = spawn_on_loopback(|listener, token| async move {
             callfleet_control_plane::run(&config, store, listener, token).await
-        });
+        })
+        .await;
         let server = Self {
             address,
             shutdown,
@@ -72,8 +156,12 @@ impl Server {
         let mut setup = connect_from(from, server.address).await;
         let answer = exchange(
             &mut setup,
-            &format!(
-                "PUT /api/v1/queues/sales HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {crm}\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n{{\"name\":\"Sales\"}}"
+            &json_request(
+                "PUT",
+                "/api/v1/queues/sales",
+                crm,
+                &[],
+                r#"{"name":"Sales"}"#,
             ),
         )
         .await;
