@@ -57,6 +57,15 @@ impl LocksService {
         }
     }
 
+    /// A claim of `holder`'s `attempt` for `validity_ms` (0: the default validity).
+    fn claim<'a>(&self, holder: &'a str, attempt: &'a str, validity_ms: u64) -> Claim<'a> {
+        Claim {
+            holder,
+            attempt,
+            validity: self.validity(validity_ms),
+        }
+    }
+
     fn validity(&self, ms: u64) -> Duration {
         if ms == 0 {
             self.default_validity
@@ -73,11 +82,7 @@ impl pb::locks_server::Locks for LocksService {
         request: Request<pb::AcquireRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
         let request = request.into_inner();
-        let claim = Claim {
-            holder: &request.holder,
-            attempt: &request.attempt,
-            validity: self.validity(request.validity_ms),
-        };
+        let claim = self.claim(&request.holder, &request.attempt, request.validity_ms);
         let lease = self.locks.acquire(&request.resource, &claim).await?;
         Ok(Response::new(to_pb(lease)))
     }
@@ -124,11 +129,7 @@ impl pb::locks_server::Locks for LocksService {
     ) -> Result<Response<pb::ClaimFirstResponse>, Status> {
         let request = request.into_inner();
         let candidates: Vec<&str> = request.candidates.iter().map(String::as_str).collect();
-        let claim = Claim {
-            holder: &request.holder,
-            attempt: &request.attempt,
-            validity: self.validity(request.validity_ms),
-        };
+        let claim = self.claim(&request.holder, &request.attempt, request.validity_ms);
         let lease = self.locks.claim_first(&candidates, &claim).await?;
         Ok(Response::new(pb::ClaimFirstResponse {
             lease: lease.map(to_pb),
@@ -200,11 +201,7 @@ impl pb::locks_server::Locks for LocksService {
         use pb::claim_next_response::Outcome;
         let request = request.into_inner();
         let candidates: Vec<&str> = request.candidates.iter().map(String::as_str).collect();
-        let claim = Claim {
-            holder: &request.holder,
-            attempt: &request.attempt,
-            validity: self.validity(request.validity_ms),
-        };
+        let claim = self.claim(&request.holder, &request.attempt, request.validity_ms);
         let next = self
             .locks
             .claim_next(&request.queue, &request.waiter, &candidates, &claim)

@@ -654,7 +654,6 @@ async fn claim_next_fails_closed_in_a_quarantine_and_without_redis() {
 /// Random sequences of order operations give the same answers on Redis as in memory.
 mod model {
     use std::collections::HashMap;
-    use std::sync::OnceLock;
 
     use proptest::prelude::*;
 
@@ -822,21 +821,11 @@ mod model {
         }
     }
 
-    fn runtime() -> &'static tokio::runtime::Runtime {
-        static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-        RUNTIME.get_or_init(|| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime")
-        })
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         #[test]
         fn redis_order_scripts_agree_with_the_memory_model(ops in proptest::collection::vec(op(), 1..30)) {
-            runtime().block_on(async {
+            crate::backend::tests::proptest_runtime().block_on(async {
                 let case = fresh("case");
                 let mut model = Side::new(Locks::Memory(MemoryLocks::new(GUARD)), &case);
                 let mut redis = Side::new(Locks::Redis(Box::new(

@@ -1179,7 +1179,6 @@ mod model_agreement {
     //! the last one issued for its resource.
 
     use std::collections::HashMap;
-    use std::sync::OnceLock;
 
     use proptest::prelude::*;
 
@@ -1388,21 +1387,11 @@ mod model_agreement {
         }
     }
 
-    fn runtime() -> &'static tokio::runtime::Runtime {
-        static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-        RUNTIME.get_or_init(|| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime")
-        })
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
         #[test]
         fn redis_scripts_agree_with_the_memory_model(ops in proptest::collection::vec(op(), 1..25)) {
-            runtime().block_on(async {
+            super::proptest_runtime().block_on(async {
                 let prefix = fresh("case");
                 let mut model = Side::new(Locks::Memory(MemoryLocks::new(GUARD)), &prefix);
                 let mut redis = Side::new(Locks::Redis(Box::new(
@@ -1418,4 +1407,15 @@ mod model_agreement {
             });
         }
     }
+}
+
+/// The runtime the proptests of the backends share (a proptest case cannot be async).
+pub(super) fn proptest_runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    })
 }
