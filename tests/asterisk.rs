@@ -1322,14 +1322,14 @@ impl QueueSite {
         )
     }
 
-    /// A SIPp carrier placing `calls` calls to [`SALES_NUMBER`] on node `node`, `rate` a
-    /// second, each caller talking `talk` once answered; `name` is its folder.
+    /// A SIPp carrier placing `calls` calls to [`SALES_NUMBER`] on node `node`, one every
+    /// `every`, each caller talking `talk` once answered; `name` is its folder.
     fn carrier(
         &self,
         name: &str,
         node: usize,
         calls: u32,
-        rate: u32,
+        every: Duration,
         talk: Duration,
     ) -> (PathBuf, Running) {
         self.spawn_carrier(
@@ -1341,7 +1341,9 @@ impl QueueSite {
                 "-m",
                 &calls.to_string(),
                 "-r",
-                &rate.to_string(),
+                "1",
+                "-rp",
+                &every.as_millis().to_string(),
                 "-d",
                 &talk.as_millis().to_string(),
                 "-recv_timeout",
@@ -1506,7 +1508,7 @@ fn queue_scenario(calls_per_node: u32, unsafe_queue: Option<&str>) -> QueueRun {
                 &format!("carrier-{node}"),
                 node,
                 calls_per_node,
-                1,
+                Duration::from_secs(1),
                 Duration::from_secs(3),
             )
         })
@@ -1636,7 +1638,13 @@ fn ring_after_the_lock_service_froze(
     let mut env = vec![("CALLFLEET_NODE__QUEUE__RING_TIMEOUT", "60s".to_owned())];
     env.extend(unsafe_queue.map(|name| ("CALLFLEET_TEST_UNSAFE_QUEUE", name.to_owned())));
     let site = QueueSite::start(&[("801", 0, "agent_phone_silent.xml")], 1, &env);
-    let _carrier = site.carrier("carrier", 0, 1, 1, Duration::from_secs(1));
+    let _carrier = site.carrier(
+        "carrier",
+        0,
+        1,
+        Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
     wait_until("the agent's phone rings", Duration::from_secs(20), || {
         !site.phone_calls("801").is_empty()
     });
@@ -1688,6 +1696,84 @@ fn without_the_ring_cancel_a_ring_outlives_its_lease() {
         ring_after_the_lock_service_froze(Some("no_ring_cancel"), Duration::from_secs(20)),
         None
     );
+}
+
+/// A CRM's priority change through XML-RPC (Python's `xmlrpc.client`, as the CRMs call
+/// it) decides the next ring, on both nodes: calls one at a time (every agent free when a
+/// call arrives), two through each node, all to 711 (priority 1 against 712's 2); then
+/// 711 is set to 3 and the next four, again two through each node, all go to 712.
+#[test]
+#[ignore = "needs Asterisk: run ./scripts/test-asterisk"]
+fn a_priority_changed_over_xml_rpc_decides_the_next_rings_on_every_node() {
+    let agents = [("711", 1, "agent_phone.xml"), ("712", 2, "agent_phone.xml")];
+    let site = QueueSite::start(
+        &agents,
+        2,
+        &[("CALLFLEET_NODE__QUEUE__WRAP_UP", "0s".to_owned())],
+    );
+    let calls_at_the_phones = || {
+        agents
+            .iter()
+            .map(|(agent, _, _)| site.phone_calls(agent).len())
+            .collect::<Vec<_>>()
+    };
+    // Two calls 7 s apart through each node in turn: a call (ring 1–2 s, talk 2 s) and
+    // the lease's hold after it (1 s) end before the next call arrives.
+    let two_calls_through_each_node = |phase: &str| {
+        for node in 0..2 {
+            let (dir, mut carrier) = site.carrier(
+                &format!("{phase}-{node}"),
+                node,
+                2,
+                Duration::from_secs(7),
+                Duration::from_secs(2),
+            );
+            wait_exit("the carrier's calls", &mut carrier, Duration::from_secs(60));
+            let stats = SippStats::read(&dir.join("stats.csv")).expect("carrier stats");
+            assert_eq!(
+                (stats.outgoing, stats.successful, stats.failed),
+                (2, 2, 0),
+                "{phase}, node {node}: every call answered"
+            );
+        }
+    };
+    two_calls_through_each_node("before");
+    assert_eq!(calls_at_the_phones(), [4, 0], "calls at 711 and 712");
+
+    let set_priority = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sys, xmlrpc.client\n\
+             proxy = xmlrpc.client.ServerProxy(sys.argv[1], headers=[('Authorization', 'Bearer ' + sys.argv[2])])\n\
+             print(proxy.agent.setPriority('711', 'sales', 3))",
+        )
+        .arg(format!("http://127.0.0.1:{}/RPC2", site.control_port))
+        .arg(CRM_TOKEN)
+        .output()
+        .expect("run python3");
+    assert!(
+        set_priority.status.success(),
+        "agent.setPriority: {}",
+        String::from_utf8_lossy(&set_priority.stderr)
+    );
+    let members = http(
+        site.control_port,
+        "GET",
+        "/api/v1/queues/sales/members",
+        CRM_TOKEN,
+        "",
+    );
+    let members: serde_json::Value =
+        serde_json::from_str(&members.expect("the control plane answers").1).expect("JSON");
+    assert_eq!(
+        members,
+        serde_json::json!([{"agent": "712", "priority": 2}, {"agent": "711", "priority": 3}]),
+        "the members after agent.setPriority"
+    );
+    // The node-agents' candidates are cached for 1 s.
+    std::thread::sleep(Duration::from_millis(1500));
+    two_calls_through_each_node("after");
+    assert_eq!(calls_at_the_phones(), [4, 4], "calls at 711 and 712");
 }
 
 /// The issue's load run: 200 calls at about 2 a second over two nodes (a queue builds: six
