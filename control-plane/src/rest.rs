@@ -9,6 +9,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -635,6 +636,10 @@ struct CandidatesQuery {
     /// Comma-separated caller attributes, e.g. `vip,fr`.
     #[serde(default)]
     attributes: String,
+    /// Also the agents whose wrap-up ends within this many ms, each with its `free_at_ms`
+    /// (for a node that caches the answer that long).
+    #[serde(default)]
+    within_ms: u64,
 }
 
 async fn candidates(
@@ -659,7 +664,8 @@ async fn candidates(
         queue: &'a str,
         candidates: Vec<crate::service::Candidate>,
     }
-    let candidates = control.candidates(&queue, &attributes)?;
+    let candidates =
+        control.candidates_ahead(&queue, &attributes, Duration::from_millis(query.within_ms))?;
     ok(Candidates {
         queue: &queue,
         candidates,

@@ -115,6 +115,10 @@ pub struct Candidate {
     pub priority: i32,
     /// Past the daily cap: rings after everyone else.
     pub demoted: bool,
+    /// When the agent's wrap-up ends (Unix epoch, ms), for an agent listed ahead of being
+    /// free ([`Control::candidates_ahead`]); absent for an agent free now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub free_at_ms: Option<u64>,
 }
 
 /// What a device write says about its credentials: each of `password` and `md5_cred` is
@@ -141,6 +145,9 @@ const REFRESH_WAIT: Duration = Duration::from_secs(2);
 
 /// How often the directory is read whole even when its version did not move.
 const FULL_READ_EVERY: Duration = Duration::from_secs(60);
+
+/// The longest look ahead a candidates query may ask for ([`Control::candidates_ahead`]).
+pub const MAX_CANDIDATES_AHEAD: Duration = Duration::from_secs(60);
 
 /// The control plane's operations.
 #[derive(Debug)]
@@ -689,6 +696,29 @@ impl Control {
         queue: &str,
         attributes: &[String],
     ) -> Result<Vec<Candidate>, ControlError> {
+        self.candidates_ahead(queue, attributes, Duration::ZERO)
+    }
+
+    /// [`Control::candidates`] with the agents whose wrap-up ends within `ahead` too, each
+    /// with its [`Candidate::free_at_ms`], ranked as they will be then. A node that caches
+    /// the answer for `ahead` rings such an agent as soon as its wrap-up ends, rather than
+    /// up to `ahead` later when its next answer shows the agent free.
+    pub fn candidates_ahead(
+        &self,
+        queue: &str,
+        attributes: &[String],
+        ahead: Duration,
+    ) -> Result<Vec<Candidate>, ControlError> {
+        if ahead > MAX_CANDIDATES_AHEAD {
+            return Err(ControlError::invalid(
+                "within_ms",
+                format!(
+                    "{} ms; at most {} ms (a node caches its candidates for about a second)",
+                    ahead.as_millis(),
+                    MAX_CANDIDATES_AHEAD.as_millis()
+                ),
+            ));
+        }
         // Each distinct attribute costs a check per member: copies count once, and more
         // than an agent can carry as tags can match no one anyway.
         let mut distinct: Vec<&String> = attributes.iter().collect();
@@ -705,10 +735,11 @@ impl Control {
         }
         let view = self.view();
         let now = u64::try_from(view.now_ms()).unwrap_or(0);
+        let at = now.saturating_add(u64::try_from(ahead.as_millis()).unwrap_or(u64::MAX));
         let caller = CallerAttributes::new(distinct.into_iter().cloned());
         let found = view
             .routing
-            .candidates(queue, &caller, now, view.today)
+            .candidates(queue, &caller, at, view.today)
             .map_err(routing_error)?;
         Ok(found
             .into_iter()
@@ -717,6 +748,8 @@ impl Control {
                 endpoint: c.endpoint.to_owned(),
                 priority: c.priority,
                 demoted: c.demoted,
+                // An agent idle only from after now is one whose wrap-up is still running.
+                free_at_ms: (c.idle_since_ms > now).then_some(c.idle_since_ms),
             })
             .collect())
     }

@@ -247,6 +247,32 @@ async fn a_node_reports_its_calls_and_the_candidates_follow() {
     assert_eq!(candidates(&server).await, Vec::<String>::new());
     // And the website is told so.
     assert_eq!(status(&server).await, (false, 0, 2));
+    // A node looking a minute ahead sees her, with the end of her wrap-up; a second ahead,
+    // not yet; further than a minute is refused.
+    let until_ms = reply["until_ms"].as_u64().expect("until_ms");
+    let ahead = |within_ms: u64| {
+        let server = &server;
+        async move {
+            send(
+                server,
+                "GET",
+                &format!("/queues/sales/candidates?within_ms={within_ms}"),
+                NODE,
+                &[],
+                None,
+            )
+            .await
+        }
+    };
+    assert_eq!(
+        expect(ahead(60_000).await, 200)["candidates"],
+        json!([{ "agent": "1001", "endpoint": "PJSIP/2001", "priority": 1, "demoted": false, "free_at_ms": until_ms }])
+    );
+    assert_eq!(expect(ahead(1_000).await, 200)["candidates"], json!([]));
+    assert_eq!(
+        expect(ahead(60_001).await, 400),
+        json!({ "error": "invalid within_ms: 60001 ms; at most 60000 ms (a node caches its candidates for about a second)" })
+    );
 
     // The audit log names the node for every report, and a retry wrote nothing.
     let audit = expect(

@@ -294,12 +294,7 @@ async fn control_planes_answer(plane: SocketAddr, query: &str) -> Vec<Candidate>
         .as_array()
         .expect("candidates")
         .iter()
-        .map(|c| Candidate {
-            agent: c["agent"].as_str().expect("agent").to_owned(),
-            endpoint: c["endpoint"].as_str().expect("endpoint").to_owned(),
-            priority: i32::try_from(c["priority"].as_i64().expect("priority")).expect("i32"),
-            demoted: c["demoted"].as_bool().expect("demoted"),
-        })
+        .map(|c| serde_json::from_value(c.clone()).expect("a candidate"))
         .collect()
 }
 
@@ -333,6 +328,7 @@ async fn the_answer_is_the_control_planes_and_a_priority_change_shows_after_fres
             endpoint: "PJSIP/2002".into(),
             priority: 1,
             demoted: false,
+            free_at_ms: None,
         }
     );
     // A VIP caller: the vip agent alone while free. Order and copies make one key.
@@ -647,6 +643,51 @@ async fn a_node_token_reads_candidates_and_nothing_else() {
         text.contains("401") && text.contains("role \"node\""),
         "{text}"
     );
+    plane.stop().await;
+}
+
+/// `1002` and `1003` end calls: 1002's wrap-up ends within twice `fresh` (listed with its
+/// end, and still first: priority ranks before idle time), 1003's in a minute (not listed).
+#[tokio::test]
+async fn agents_whose_wrap_up_ends_soon_are_listed_with_its_end() {
+    let plane = Plane::run().await;
+    seed(plane.address).await;
+    let settings = Settings {
+        fresh: Duration::from_secs(2),
+        ..settings()
+    };
+    let source = plane.source(settings);
+    let node = |agent: &'static str, event: Value| {
+        let address = plane.address;
+        async move {
+            let path = format!("/agents/{agent}/call-events");
+            let (status, json) = rest(address, Method::POST, &path, NODE, Some(event)).await;
+            assert_eq!(status, StatusCode::OK, "{path}: {json}");
+            json
+        }
+    };
+    let mut ends = Vec::new();
+    for (agent, wrap_up_ms) in [("1002", 3_000), ("1003", 60_000)] {
+        node(agent, json!({ "event": "answered", "queue": "sales" })).await;
+        let ended = node(agent, json!({ "event": "ended", "wrap_up_ms": wrap_up_ms })).await;
+        ends.push(ended["until_ms"].as_u64().expect("until_ms"));
+    }
+    let answer = source
+        .candidates::<&str>("sales", &[])
+        .await
+        .expect("candidates");
+    let listed: Vec<(&str, Option<u64>)> = answer
+        .list
+        .iter()
+        .map(|c| (c.agent.as_str(), c.free_at_ms))
+        .collect();
+    assert_eq!(
+        listed,
+        [("1002", Some(ends[0])), ("1001", None), ("1004", None)]
+    );
+    assert!(!answer.list[0].free_at(ends[0] - 1));
+    assert!(answer.list[0].free_at(ends[0]));
+    assert!(answer.list[1].free_at(0));
     plane.stop().await;
 }
 

@@ -356,8 +356,12 @@ impl QueueCalls {
                     continue;
                 }
             };
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
             let resources: Vec<String> = list
                 .iter()
+                .filter(|c| c.free_at(now_ms))
                 .map(|c| self.resource(&c.agent, &waiter_id))
                 .collect();
             if resources.is_empty() {
@@ -527,9 +531,10 @@ impl QueueCalls {
             tracing::info!(%queue, waiter = %caller.waiter, agent = %candidate.agent, token, "answered");
             let wrap_up = self.inner.settings.wrap_up;
             let ended = events.send(CallEvent::Ended { wrap_up });
-            // Kept through the wrap-up (and one candidates refresh after it), so a node
-            // whose cached answer still shows the agent free cannot ring them meanwhile.
-            let hold = wrap_up + self.inner.settings.candidates_fresh;
+            // Kept through the wrap-up, so a node whose cached answer still shows the
+            // agent free cannot ring them meanwhile. The control plane counts the wrap-up
+            // from when it got `ended`, so it ends there no later than here.
+            let hold = wrap_up;
             tokio::spawn(async move {
                 let _ = ended.await;
                 tokio::time::sleep(hold).await;

@@ -19,10 +19,15 @@
 //!   a clear error, and a queue that is gone loses its cached answer rather than ringing on
 //!   it for `stale_max`.
 //!
+//! - **Ahead:** the answer also lists the agents whose wrap-up ends within twice `fresh`,
+//!   each with its `free_at_ms`, so an agent is rung as its wrap-up ends rather than up to
+//!   `fresh` later, when a new answer would first show it free. The control plane must
+//!   know `within_ms` (upgrade it before the node-agents).
+//!
 //! The cache holds at most `cached` answers; the least recently asked goes first.
 //!
 //! ```text
-//! queue-call flow ─candidates(queue, attributes)─▶ CandidatesSource ─GET /api/v1/queues/{queue}/candidates?attributes=a,b─▶ control plane
+//! queue-call flow ─candidates(queue, attributes)─▶ CandidatesSource ─GET /api/v1/queues/{queue}/candidates?within_ms=2000&attributes=a,b─▶ control plane
 //!                                                  (cache, single flight, quiet period)   Authorization: Bearer <provisioning.token> (role node)
 //! ```
 
@@ -52,6 +57,18 @@ pub struct Candidate {
     pub priority: i32,
     /// Past the daily cap: ranked after everyone else.
     pub demoted: bool,
+    /// When the agent's wrap-up ends (Unix epoch, ms): listed ahead of being free, so a
+    /// cached answer lets the agent ring as the wrap-up ends, not at the next answer.
+    /// Absent for an agent free now.
+    #[serde(default)]
+    pub free_at_ms: Option<u64>,
+}
+
+impl Candidate {
+    /// Whether the agent may be rung at `now_ms` (Unix epoch, ms).
+    pub fn free_at(&self, now_ms: u64) -> bool {
+        self.free_at_ms.is_none_or(|free_at| free_at <= now_ms)
+    }
 }
 
 /// The candidates for one queue and attribute set.
@@ -116,6 +133,12 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// How far ahead the answer lists agents whose wrap-up is ending: as long as an answer
+    /// is served fresh, and once more for the time until the next ask.
+    fn ahead(&self) -> Duration {
+        (self.fresh * 2).min(Duration::from_secs(60))
+    }
+
     /// The settings of `node.queue`.
     pub fn from_config(config: &QueueConfig) -> Self {
         Self {
@@ -365,7 +388,10 @@ impl Inner {
     async fn fetch(&self, key: &Key, flight: &Arc<Flight>) -> Outcome {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let deadline_at = Instant::now() + self.settings.deadline;
-        let answered = self.upstream.get(&key.path(), deadline_at).await;
+        let answered = self
+            .upstream
+            .get(&key.path(self.settings.ahead()), deadline_at)
+            .await;
         let outcome = match answered {
             Ok((StatusCode::OK, body)) => match serde_json::from_slice::<Body>(&body) {
                 Ok(body) => Outcome::Answered(Answer {
@@ -512,12 +538,16 @@ impl Key {
         })
     }
 
-    /// `/api/v1/queues/{queue}/candidates?attributes=a,b`, percent-encoded.
-    fn path(&self) -> String {
-        let mut path = format!("/api/v1/queues/{}/candidates", encode(&self.queue));
+    /// `/api/v1/queues/{queue}/candidates?within_ms=…&attributes=a,b`, percent-encoded.
+    fn path(&self, ahead: Duration) -> String {
+        let mut path = format!(
+            "/api/v1/queues/{}/candidates?within_ms={}",
+            encode(&self.queue),
+            ahead.as_millis()
+        );
         if !self.attributes.is_empty() {
             let attributes: Vec<String> = self.attributes.iter().map(|a| encode(a)).collect();
-            path.push_str("?attributes=");
+            path.push_str("&attributes=");
             path.push_str(&attributes.join(","));
         }
         path
@@ -547,20 +577,24 @@ mod tests {
         let b = Key::new("sales", &["fr", "vip"]).expect("key");
         assert_eq!(a, b);
         assert_eq!(a.attributes, ["fr", "vip"]);
+        let ahead = Duration::from_secs(2);
         assert_eq!(
-            a.path(),
-            "/api/v1/queues/sales/candidates?attributes=fr,vip"
+            a.path(ahead),
+            "/api/v1/queues/sales/candidates?within_ms=2000&attributes=fr,vip"
         );
         let none = Key::new::<&str>("sales", &[]).expect("key");
-        assert_eq!(none.path(), "/api/v1/queues/sales/candidates");
+        assert_eq!(
+            none.path(ahead),
+            "/api/v1/queues/sales/candidates?within_ms=2000"
+        );
     }
 
     #[test]
     fn names_are_percent_encoded_and_commas_refused() {
         let key = Key::new("sales team/é", &["a&b=c"]).expect("key");
         assert_eq!(
-            key.path(),
-            "/api/v1/queues/sales%20team%2F%C3%A9/candidates?attributes=a%26b%3Dc"
+            key.path(Duration::ZERO),
+            "/api/v1/queues/sales%20team%2F%C3%A9/candidates?within_ms=0&attributes=a%26b%3Dc"
         );
         assert!(matches!(
             Key::new("sales", &["vip,fr"]),
