@@ -4,8 +4,9 @@
 //! asks [`Tokens::authorize`] for the role an operation needs. Tokens are compared in
 //! constant time and never logged; what the audit log records is the token's *name*.
 //!
-//! One operation is open to two roles that do not include each other: a queue's candidates
-//! ([`CANDIDATE_READERS`]), which a node-agent reads to ring agents.
+//! Two operations are open to two roles that do not include each other: a queue's
+//! candidates ([`CANDIDATE_READERS`]), which a node-agent reads to ring agents, and a caller
+//! number's attributes ([`CALLER_LOOKUP`]), which it reads to route VIP callers.
 
 use callfleet_core::config::{ApiToken, Role};
 
@@ -104,10 +105,20 @@ impl Tokens {
 /// gRPC: the three faces serve the same operations, and a token that can read an answer on
 /// one face gains nothing from being refused it on another (the node-agent itself asks over
 /// REST). Keeping one rule per operation also keeps "what may a node token do" one short
-/// list: realtime provisioning, candidates, and the one change it makes to the directory,
+/// list: realtime provisioning, candidates, a caller number's attributes
+/// ([`CALLER_LOOKUP`]), and the one change it makes to the directory,
 /// what happened when it rang an agent (REST `call-events`, which needs `node` itself, so
 /// `admin` may too and `read`/`write` may not).
 pub const CANDIDATE_READERS: [Role; 2] = [Role::Read, Role::Node];
+
+/// Who may look up one caller number's attributes (`caller.attributes`): `read` and above,
+/// and `node`.
+///
+/// A node-agent looks up each incoming caller's number to route VIP callers; like the
+/// candidates, it is one answer it needs per call, the same on every face. The list of
+/// every number (`caller.list`) needs `read`: a token taken from a node can ask about a
+/// number it has, but cannot copy the center's VIP lists.
+pub const CALLER_LOOKUP: [Role; 2] = [Role::Read, Role::Node];
 
 /// The file in the data folder that keeps `callfleet up`'s admin token.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";

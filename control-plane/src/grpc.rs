@@ -86,6 +86,13 @@ fn queue_pb(queue: store::Queue) -> pb::Queue {
     }
 }
 
+fn caller_pb(entry: store::CallerEntry) -> pb::CallerAttributes {
+    pb::CallerAttributes {
+        number: entry.number,
+        attributes: entry.attributes.into_iter().collect(),
+    }
+}
+
 fn empty() -> Reply<pb::Empty> {
     Ok(Response::new(pb::Empty {}))
 }
@@ -371,6 +378,57 @@ impl pb::control_server::Control for ControlService {
                     demoted: c.demoted,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn set_caller_attributes(
+        &self,
+        request: Request<pb::SetCallerAttributesRequest>,
+    ) -> Reply<pb::CallerAttributes> {
+        let caller = self.caller(&request, Role::Write)?;
+        let body = request.into_inner();
+        let entry = self
+            .control
+            .set_caller_attributes(&caller, &body.number, body.attributes)
+            .await?;
+        Ok(Response::new(caller_pb(entry)))
+    }
+
+    async fn remove_caller(&self, request: Request<pb::CallerRef>) -> Reply<pb::Empty> {
+        let caller = self.caller(&request, Role::Write)?;
+        self.control
+            .remove_caller(&caller, &request.get_ref().number)
+            .await?;
+        empty()
+    }
+
+    async fn get_caller_attributes(
+        &self,
+        request: Request<pb::CallerRef>,
+    ) -> Reply<pb::CallerAttributes> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(|value| value.as_bytes());
+        self.control.authorize_caller_lookup(header)?;
+        let entry = self
+            .control
+            .caller_attributes(&request.get_ref().number)
+            .await?;
+        Ok(Response::new(caller_pb(entry)))
+    }
+
+    async fn list_callers(
+        &self,
+        request: Request<pb::ListCallersRequest>,
+    ) -> Reply<pb::ListCallersResponse> {
+        self.caller(&request, Role::Read)?;
+        let body = request.into_inner();
+        let limit = if body.limit == 0 { 100 } else { body.limit };
+        let after = Some(body.after.as_str()).filter(|after| !after.is_empty());
+        let callers = self.control.list_callers(after, limit).await?;
+        Ok(Response::new(pb::ListCallersResponse {
+            callers: callers.into_iter().map(caller_pb).collect(),
         }))
     }
 

@@ -1,11 +1,11 @@
 //! REST/JSON under `/api/v1`, described by the OpenAPI document at `/api/v1/openapi.json`.
 //!
 //! Reads need a `read` token, changes a `write` token, node drains an `admin` token; a
-//! queue's candidates may also be read with a `node` token ([`crate::auth::CANDIDATE_READERS`]),
-//! and what a node saw when it rang an agent (`call-events`) or what became of a queued call
-//! (`call-outcomes`) is written with a `node` token (or `admin`) only; only the public queue
-//! status is open, because a website polls it (rate-limited per client address,
-//! [`crate::ratelimit`]).
+//! queue's candidates and a caller number's attributes may also be read with a `node` token
+//! ([`crate::auth::CANDIDATE_READERS`], [`crate::auth::CALLER_LOOKUP`]), and what a node saw
+//! when it rang an agent (`call-events`) or what became of a queued call (`call-outcomes`)
+//! is written with a `node` token (or `admin`) only; only the public queue status is open,
+//! because a website polls it (rate-limited per client address, [`crate::ratelimit`]).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -115,6 +115,9 @@ pub fn router(control: Arc<Control>, status_limit: Arc<RateLimit>) -> Router {
         .route("/nodes/{node}/drain", post(drain))
         .route("/nodes/{node}/undrain", post(undrain))
         .route("/audit", get(audit))
+        .route("/callers", get(list_callers))
+        .route("/callers/{number}", get(get_caller).delete(remove_caller))
+        .route("/callers/{number}/attributes", put(set_caller_attributes))
         // Without its own fallback the nest inherits the gRPC router's, which answers any
         // unknown path `200 OK` with `grpc-status: 12`: a CRM with a typo in a path would
         // read that as success.
@@ -709,4 +712,65 @@ async fn audit(
     caller(&control, &headers, Role::Read)?;
     let query = parameters(query)?;
     ok(control.audit(query.limit, query.before).await?)
+}
+
+/// The body of `PUT /callers/{number}/attributes`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallerAttributesBody {
+    attributes: Vec<String>,
+}
+
+async fn set_caller_attributes(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path(number): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Reply {
+    let caller = caller(&control, &headers, Role::Write)?;
+    let body: CallerAttributesBody = body(&bytes)?;
+    ok(control
+        .set_caller_attributes(&caller, &number, body.attributes)
+        .await?)
+}
+
+async fn remove_caller(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path(number): Path<String>,
+) -> Reply {
+    let caller = caller(&control, &headers, Role::Write)?;
+    control.remove_caller(&caller, &number).await?;
+    done()
+}
+
+/// A number no list names answers 200 with no attributes, not 404: it is an ordinary
+/// caller, which is an answer (a node-agent caches it like any other), not a mistake.
+async fn get_caller(
+    State(control): Shared,
+    headers: HeaderMap,
+    Path(number): Path<String>,
+) -> Reply {
+    control.authorize_caller_lookup(headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()))?;
+    ok(control.caller_attributes(&number).await?)
+}
+
+#[derive(Debug, Deserialize)]
+struct CallersQuery {
+    #[serde(default = "hundred")]
+    limit: u32,
+    #[serde(default)]
+    after: Option<String>,
+}
+
+async fn list_callers(
+    State(control): Shared,
+    headers: HeaderMap,
+    query: Result<Query<CallersQuery>, QueryRejection>,
+) -> Reply {
+    caller(&control, &headers, Role::Read)?;
+    let query = parameters(query)?;
+    ok(control
+        .list_callers(query.after.as_deref(), query.limit)
+        .await?)
 }

@@ -50,6 +50,10 @@ pub const METHODS: &[&str] = &[
     "agent.unpause",
     "queue.status",
     "queue.candidates",
+    "caller.setAttributes",
+    "caller.remove",
+    "caller.attributes",
+    "caller.list",
     "node.drain",
     "node.undrain",
     xmlrpc::LIST_METHODS,
@@ -324,6 +328,56 @@ async fn dispatch(
             };
             control.settle().await;
             reply(control.candidates(&queue, &attributes).map_err(fault)?)
+        }
+        "caller.setAttributes" => {
+            let caller = authorize(Role::Write)?;
+            args.arity(&["number", "attributes"])?;
+            let number = args.string(0, "number")?;
+            let attributes = args.string_list(1, "attributes")?;
+            reply(
+                control
+                    .set_caller_attributes(&caller, &number, attributes)
+                    .await
+                    .map_err(fault)?,
+            )
+        }
+        "caller.remove" => {
+            let caller = authorize(Role::Write)?;
+            args.arity(&["number"])?;
+            let number = args.string(0, "number")?;
+            control
+                .remove_caller(&caller, &number)
+                .await
+                .map_err(fault)?;
+            reply(true)
+        }
+        "caller.attributes" => {
+            control
+                .authorize_caller_lookup(origin.authorization)
+                .map_err(fault)?;
+            args.arity(&["number"])?;
+            let number = args.string(0, "number")?;
+            reply(control.caller_attributes(&number).await.map_err(fault)?)
+        }
+        "caller.list" => {
+            authorize(Role::Read)?;
+            // Both or neither: `after` is "" for the first page.
+            if !args.is_empty() {
+                args.arity(&["after", "limit"])?;
+            }
+            let (after, limit) = if args.is_empty() {
+                (None, 100)
+            } else {
+                let after = Some(args.string(0, "after")?).filter(|after| !after.is_empty());
+                let limit = args.int_in(1, "limit", 1..=1000)?;
+                (after, u32::try_from(limit).unwrap_or(1))
+            };
+            reply(
+                control
+                    .list_callers(after.as_deref(), limit)
+                    .await
+                    .map_err(fault)?,
+            )
         }
         "node.drain" | "node.undrain" => {
             let caller = authorize(Role::Admin)?;

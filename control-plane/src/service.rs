@@ -7,7 +7,12 @@
 //! The view is also re-read every `refresh`, to see what other control-plane instances and
 //! the node-agents changed. The queue status's figures (waiting callers, the day's
 //! outcomes) come from [`crate::figures`], which a background task keeps up to date.
+//! Caller attributes (the VIP lists) are the exception among reads: each lookup reads its
+//! one number from the store (by primary key), because the lists are not in the view (a
+//! list can be long, and the view is re-read at every agent's state change); the node-agents
+//! cache what they looked up.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -15,8 +20,9 @@ use callfleet_core::config::{ControlPlaneConfig, Role};
 use callfleet_core::routing::{self, CallerAttributes, Day, Snapshot};
 use callfleet_core::store::directory::MAX_TAGS;
 use callfleet_core::store::{
-    Agent, AgentState, AuditEntry, CallEvent, CallEventOutcome, CallOutcome, CredentialsChange,
-    Device, DigestCredentials, DirectorySnapshot, Login, Queue, QueueCounts, QueueMember, Session,
+    Agent, AgentState, AuditEntry, CallEvent, CallEventOutcome, CallOutcome, CallerEntry,
+    CredentialsChange, Device, DigestCredentials, DirectorySnapshot, Login, Queue, QueueCounts,
+    QueueMember, Session,
 };
 use callfleet_core::{NodeId, NodeStatus, Store};
 use tokio_util::sync::CancellationToken;
@@ -201,6 +207,13 @@ impl Control {
     pub fn authorize_candidates(&self, header: Option<&[u8]>) -> Result<Caller, ControlError> {
         self.tokens
             .authorize_any(header, &crate::auth::CANDIDATE_READERS)
+    }
+
+    /// The caller behind an `Authorization` header, if it may look up a caller number's
+    /// attributes ([`crate::auth::CALLER_LOOKUP`]).
+    pub fn authorize_caller_lookup(&self, header: Option<&[u8]>) -> Result<Caller, ControlError> {
+        self.tokens
+            .authorize_any(header, &crate::auth::CALLER_LOOKUP)
     }
 
     /// The directory as last read.
@@ -752,6 +765,45 @@ impl Control {
                 free_at_ms: (c.idle_since_ms > now).then_some(c.idle_since_ms),
             })
             .collect())
+    }
+
+    // ---- caller attributes ------------------------------------------------------------
+
+    /// Replaces the attributes of a caller number (copies count once; an empty list removes
+    /// the number); returns the entry as stored, its number normalised. Read from the store
+    /// by each lookup, so no directory refresh is needed.
+    pub async fn set_caller_attributes(
+        &self,
+        caller: &Caller,
+        number: &str,
+        attributes: Vec<String>,
+    ) -> Result<CallerEntry, ControlError> {
+        let attributes: BTreeSet<String> = attributes.into_iter().collect();
+        Ok(self
+            .store
+            .set_caller_attributes(number, &attributes, &caller.name)
+            .await?)
+    }
+
+    /// Removes a caller number from the lists; one that is not listed is no error.
+    pub async fn remove_caller(&self, caller: &Caller, number: &str) -> Result<(), ControlError> {
+        self.store.remove_caller(number, &caller.name).await?;
+        Ok(())
+    }
+
+    /// The attributes of a caller number: empty when it is not listed, which is how a node
+    /// routes a caller no list names.
+    pub async fn caller_attributes(&self, number: &str) -> Result<CallerEntry, ControlError> {
+        Ok(self.store.caller_attributes(number).await?)
+    }
+
+    /// Up to `limit` (at most 1000) listed callers by number, after `after` when given.
+    pub async fn list_callers(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<CallerEntry>, ControlError> {
+        Ok(self.store.list_callers(after, limit).await?)
     }
 
     // ---- nodes and audit --------------------------------------------------------------

@@ -347,6 +347,56 @@ fn rows() -> Vec<Row> {
             None,
         ),
         row(
+            "SetCallerAttributes",
+            Access::Write,
+            nothing,
+            call!(
+                set_caller_attributes,
+                pb::SetCallerAttributesRequest {
+                    number: "+4930123456".into(),
+                    attributes: vec!["vip".into()],
+                }
+            ),
+            Some("caller.set_attributes"),
+        ),
+        row(
+            "RemoveCaller",
+            Access::Write,
+            nothing,
+            call!(
+                remove_caller,
+                pb::CallerRef {
+                    number: "+4930999".into()
+                }
+            ),
+            Some("caller.remove"),
+        ),
+        row(
+            "GetCallerAttributes",
+            Access::ReadOrNode,
+            nothing,
+            call!(
+                get_caller_attributes,
+                pb::CallerRef {
+                    number: "+4930123456".into()
+                }
+            ),
+            None,
+        ),
+        row(
+            "ListCallers",
+            Access::Read,
+            nothing,
+            call!(
+                list_callers,
+                pb::ListCallersRequest {
+                    limit: 10,
+                    after: String::new(),
+                }
+            ),
+            None,
+        ),
+        row(
             "ListNodes",
             Access::Read,
             nothing,

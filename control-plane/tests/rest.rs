@@ -1046,8 +1046,9 @@ const PUBLIC_OPERATIONS: [&str; 1] = ["queueStatus"];
 /// (`xmlrpc_roles.rs`, `grpc_roles.rs`): the faces serve the same operations, and refusing a
 /// node token on one face would protect nothing it can read on another. And it reports
 /// what happened when it rang an agent and what became of a queued call (REST only, so far).
+/// It looks up a caller number's attributes to route VIP callers (but cannot list them all).
 /// Everything else answers a node token 403.
-const NODE_OPERATIONS: [&str; 3] = ["candidates", "callEvent", "callOutcome"];
+const NODE_OPERATIONS: [&str; 4] = ["candidates", "callEvent", "callOutcome", "getCaller"];
 /// Of those, the ones only a `node` token (or `admin`) may call: `read` and `write` tokens
 /// get 403, so a CRM cannot skew the ring order or the queue's figures by reporting calls.
 const NODE_ONLY_OPERATIONS: [&str; 2] = ["callEvent", "callOutcome"];
@@ -1062,7 +1063,8 @@ struct Operation {
     method: Method,
     /// The path as the document writes it, `/agents/{agent}`.
     template: String,
-    /// The path with every parameter `{x}` replaced by `missing-x`.
+    /// The path with every parameter `{x}` replaced by `missing-x`, or by the parameter's
+    /// `example` when the document gives one (a caller number must be digits).
     path: String,
     id: String,
     public: bool,
@@ -1133,7 +1135,10 @@ fn operations(doc: &Value) -> Vec<Operation> {
             while let Some(start) = path.find('{') {
                 let end = start + path[start..].find('}').expect("closing brace");
                 let name = path[start + 1..end].to_owned();
-                path.replace_range(start..=end, &format!("missing-{name}"));
+                let value = doc["components"]["parameters"][&name]["example"]
+                    .as_str()
+                    .map_or_else(|| format!("missing-{name}"), str::to_owned);
+                path.replace_range(start..=end, &value);
             }
             let body = op
                 .get("requestBody")

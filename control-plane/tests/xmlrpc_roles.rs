@@ -156,6 +156,27 @@ fn rows() -> Vec<Row> {
             None,
         ),
         row(
+            "caller.setAttributes",
+            Access::Write,
+            vec![Str("+4930123456"), Strings(&["vip"])],
+            Some("caller.set_attributes"),
+        ),
+        row(
+            "caller.remove",
+            Access::Write,
+            vec![Str("+4930999")],
+            Some("caller.remove"),
+        ),
+        row(
+            "caller.attributes",
+            Access::ReadOrNode,
+            vec![Str("+4930123456")],
+            None,
+        ),
+        // Its parameters (after, limit) are optional: called without, it lists the first
+        // 100.
+        row("caller.list", Access::Read, vec![], None),
+        row(
             "node.drain",
             Access::Admin,
             vec![Str("core-1")],

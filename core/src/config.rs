@@ -1126,9 +1126,9 @@ pub struct ApiToken {
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// A node's Asterisk (through its node-agent): read provisioning (devices), write
-    /// registrations, read queues' candidates and report what became of its queued calls
-    /// (agent call events, queue outcomes), nothing else, so a token taken from a node
-    /// cannot steer the center.
+    /// registrations, read queues' candidates and one caller number's attributes at a
+    /// time, and report what became of its queued calls (agent call events, queue
+    /// outcomes), nothing else, so a token taken from a node cannot steer the center.
     Node,
     /// Read agents, queues, routing, nodes and the audit log.
     Read,

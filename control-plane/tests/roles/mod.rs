@@ -59,9 +59,10 @@ pub enum Access {
     Public,
     Read,
     /// `read` and above, or `node`: a queue's candidates, which a node-agent routes its
-    /// queued calls by. The same on REST, XML-RPC and gRPC (control-plane `auth.rs`,
-    /// `CANDIDATE_READERS`): the faces serve the same operations, and refusing a node token
-    /// on one face would protect nothing it can read on another.
+    /// queued calls by, and a caller number's attributes, which it routes VIP callers by.
+    /// The same on REST, XML-RPC and gRPC (control-plane `auth.rs`, `CANDIDATE_READERS`,
+    /// `CALLER_LOOKUP`): the faces serve the same operations, and refusing a node token on
+    /// one face would protect nothing it can read on another.
     ReadOrNode,
     Write,
     Admin,

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// The public status of the queue `sales` over REST, which needs no token.
+#[allow(dead_code)] // Not every test crate asks for the status.
 pub const REST_STATUS: &str = "GET /api/v1/queues/sales/status HTTP/1.1\r\nHost: cp\r\n\r\n";
 
 /// The token `secret`, named `name`, with `role`, for a config's `tokens`.

@@ -202,6 +202,13 @@ pub(crate) struct DirectorySql {
     pub availability: &'static str,
     /// Binds: actor, action, subject, detail.
     pub insert_audit: &'static str,
+    /// Binds: number. Makes the number's row exist (with no attributes) and locks it until
+    /// commit (MySQL), so the read that follows sees the current row: locking a row that
+    /// may be missing (`SELECT … FOR UPDATE`) takes a gap lock, and two writers of one new
+    /// number would both hold it and deadlock on their inserts.
+    pub ensure_caller: &'static str,
+    /// Binds: number. Columns: attributes. Locks the row until commit (MySQL).
+    pub lock_caller: &'static str,
 }
 
 /// The directory statements of a dialect, built from its fragments: `$now` is the database
@@ -365,6 +372,15 @@ macro_rules! directory_sql {
                 $now,
                 ", ?, ?, ?, ?)"
             ),
+            ensure_caller: concat!(
+                "INSERT INTO caller_attributes (number, attributes) VALUES (?, '[]') ",
+                $upsert,
+                "number = number"
+            ),
+            lock_caller: concat!(
+                "SELECT attributes FROM caller_attributes WHERE number = ?",
+                $for_update
+            ),
         }
     };
 }
@@ -443,6 +459,8 @@ mod tests {
             (m.wrap_up, s.wrap_up),
             (m.availability, s.availability),
             (m.insert_audit, s.insert_audit),
+            (m.ensure_caller, s.ensure_caller),
+            (m.lock_caller, s.lock_caller),
         ] {
             assert_eq!(a.matches('?').count(), b.matches('?').count(), "{a}\n{b}");
         }
@@ -453,6 +471,7 @@ mod tests {
         assert_eq!(m.remember_answer.matches('?').count(), 6);
         assert_eq!(m.pause_if_available.matches('?').count(), 2);
         assert_eq!(m.insert_audit.matches('?').count(), 4);
+        assert_eq!(m.ensure_caller.matches('?').count(), 1);
         assert_eq!(SET_DRAIN.matches('?').count(), 4);
     }
 }

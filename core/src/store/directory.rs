@@ -58,6 +58,10 @@
 //!   them (and the log is for who changed what, not for traffic), and a bump would make
 //!   every control plane re-read the whole directory after every call. Readers read the
 //!   day's queue counters on their own ([`Store::queue_counts_of_day`]).
+//! - Caller numbers can carry attributes (`vip`) that routing matches with agents' tags
+//!   (`callers`: [`CallerEntry`], [`Store::set_caller_attributes`]); those writes have
+//!   their audit rows but leave the directory version alone, as readers look a number up
+//!   when a call comes in.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -650,7 +654,8 @@ const SNAPSHOT_MEMBERS: &str = "SELECT queue_id, agent_id, priority FROM queue_m
 /// bumping the directory version last. `?` and `return Err(…)` inside `$body` roll the
 /// transaction back. A MySQL deadlock, which InnoDB resolves by rolling one transaction
 /// back, reruns the whole body. `write_tx!(store, tx, unversioned => …)` leaves the version
-/// alone: for the queue counters, which readers read on their own.
+/// alone: for the queue counters and the caller attributes, which readers read on their
+/// own.
 macro_rules! write_tx {
     ($store:ident, $tx:ident => $body:block) => {
         write_tx!(@run $store, $tx, true, $body)
@@ -2152,14 +2157,7 @@ fn check_tags(tags: &BTreeSet<String>) -> Result<(), StoreError> {
         ));
     }
     for tag in tags {
-        let bytes = tag.as_bytes();
-        let valid = !bytes.is_empty()
-            && bytes.len() <= MAX_TAG_LEN
-            && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
-            && bytes
-                .iter()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'));
-        if !valid {
+        if !is_tag(tag) {
             return Err(invalid(
                 "tags",
                 format!(
@@ -2170,6 +2168,18 @@ fn check_tags(tags: &BTreeSet<String>) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+/// 1–32 of `a-z`, `0-9`, `-`, `_`, starting with a letter or digit: an agent's tag, and a
+/// caller attribute (which routing matches with tags).
+fn is_tag(word: &str) -> bool {
+    let bytes = word.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= MAX_TAG_LEN
+        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'))
 }
 
 /// `TECH/resource` as Asterisk's `Dial()` takes it, without the characters that would make
@@ -2475,5 +2485,10 @@ where
     })
 }
 
+mod callers;
 mod provisioning;
+pub use callers::{
+    CallerEntry, MAX_CALLER_NUMBER_DIGITS, MAX_CALLER_PAGE, check_caller_attributes,
+    normalize_caller_number,
+};
 pub use provisioning::{MAX_CONTACT_BYTES, MAX_CONTACT_ID_LEN, SipDevice, aor_of};

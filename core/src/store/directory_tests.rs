@@ -2745,3 +2745,368 @@ async fn a_store_of_the_previous_version_migrates_giving_queues_the_default_serv
         store.close().await;
     }
 }
+
+fn words(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|item| (*item).to_owned()).collect()
+}
+
+fn entry(number: &str, attributes: &[&str]) -> CallerEntry {
+    CallerEntry {
+        number: number.into(),
+        attributes: words(attributes),
+    }
+}
+
+#[tokio::test]
+async fn caller_attributes_are_set_replaced_read_listed_and_removed_with_their_audit_rows() {
+    on_both(|store| async move {
+        let db = store.dialect();
+        let version = store.directory_version().await.expect("version");
+        assert_eq!(
+            store
+                .set_caller_attributes("+49 (30) 1234-567", &words(&["vip"]), CRM)
+                .await
+                .expect("set"),
+            entry("+49301234567", &["vip"]),
+            "{db}: stored under the normalised number"
+        );
+        store
+            .set_caller_attributes("+4930999", &words(&["vip", "fr"]), CRM)
+            .await
+            .expect("set");
+        store
+            .set_caller_attributes("004930111", &words(&["gold"]), CRM)
+            .await
+            .expect("set");
+        // Any spelling of a number reads the same entry; a number not listed reads empty.
+        assert_eq!(
+            store
+                .caller_attributes("+49.30.1234.567")
+                .await
+                .expect("read"),
+            entry("+49301234567", &["vip"]),
+            "{db}"
+        );
+        assert_eq!(
+            store.caller_attributes("+4930555").await.expect("read"),
+            entry("+4930555", &[]),
+            "{db}"
+        );
+        // Replaced, not merged.
+        store
+            .set_caller_attributes("+4930999", &words(&["es"]), "supervisor-ui")
+            .await
+            .expect("replace");
+        assert_eq!(
+            store.caller_attributes("+4930999").await.expect("read"),
+            entry("+4930999", &["es"]),
+            "{db}"
+        );
+
+        // Listed by number as bytes (`+` before digits), in pages.
+        let all = store.list_callers(None, 1000).await.expect("list");
+        assert_eq!(
+            all,
+            [
+                entry("+49301234567", &["vip"]),
+                entry("+4930999", &["es"]),
+                entry("004930111", &["gold"]),
+            ],
+            "{db}"
+        );
+        let first = store.list_callers(None, 2).await.expect("page 1");
+        let second = store
+            .list_callers(Some(&first[1].number), 2)
+            .await
+            .expect("page 2");
+        assert_eq!(first, all[..2], "{db}");
+        assert_eq!(second, all[2..], "{db}");
+        assert_eq!(
+            store
+                .list_callers(Some("004930111"), 2)
+                .await
+                .expect("past the end"),
+            []
+        );
+
+        // An empty set removes the number, as does a removal, which answers what it had.
+        store
+            .set_caller_attributes("+4930999", &BTreeSet::new(), CRM)
+            .await
+            .expect("emptied");
+        assert_eq!(
+            store
+                .remove_caller("0049 30 111", CRM)
+                .await
+                .expect("remove"),
+            Some(words(&["gold"])),
+            "{db}"
+        );
+        assert_eq!(
+            store.remove_caller("004930111", CRM).await.expect("again"),
+            None,
+            "{db}: removing a number that is not listed succeeds"
+        );
+        assert_eq!(
+            store.list_callers(None, 10).await.expect("list"),
+            [entry("+49301234567", &["vip"])],
+            "{db}"
+        );
+
+        let rows = audit(&store).await;
+        let summary: Vec<(&str, &str, &str, serde_json::Value)> = rows
+            .iter()
+            .map(|row| {
+                (
+                    row.actor.as_str(),
+                    row.action.as_str(),
+                    row.subject.as_str(),
+                    row.detail.clone(),
+                )
+            })
+            .collect();
+        use serde_json::json;
+        assert_eq!(
+            summary,
+            [
+                (
+                    CRM,
+                    "caller.remove",
+                    "caller:004930111",
+                    json!({ "removed": null })
+                ),
+                (
+                    CRM,
+                    "caller.remove",
+                    "caller:004930111",
+                    json!({ "removed": ["gold"] })
+                ),
+                (
+                    CRM,
+                    "caller.set_attributes",
+                    "caller:+4930999",
+                    json!({ "attributes": [], "previous": ["es"] })
+                ),
+                (
+                    "supervisor-ui",
+                    "caller.set_attributes",
+                    "caller:+4930999",
+                    json!({ "attributes": ["es"], "previous": ["fr", "vip"] })
+                ),
+                (
+                    CRM,
+                    "caller.set_attributes",
+                    "caller:004930111",
+                    json!({ "attributes": ["gold"], "previous": [] })
+                ),
+                (
+                    CRM,
+                    "caller.set_attributes",
+                    "caller:+4930999",
+                    json!({ "attributes": ["fr", "vip"], "previous": [] })
+                ),
+                (
+                    CRM,
+                    "caller.set_attributes",
+                    "caller:+49301234567",
+                    json!({ "attributes": ["vip"], "previous": [] })
+                ),
+            ],
+            "{db}"
+        );
+        // Routing's snapshot does not hold the lists: no re-read for them.
+        assert_eq!(
+            store.directory_version().await.expect("version"),
+            version,
+            "{db}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn invalid_caller_numbers_and_attributes_are_refused_naming_the_field_and_change_nothing() {
+    on_both(|store| async move {
+        let db = store.dialect();
+        store
+            .set_caller_attributes("+4930111", &words(&["vip"]), CRM)
+            .await
+            .expect("set");
+        let before = audit(&store).await.len();
+        let number_rule = "must be 1–20 digits with an optional leading '+' (spaces, '-', '.', '(' and ')' are dropped), such as +4930123456";
+        for bad in ["anonymous", "", "+", "49+30", "+123456789012345678901"] {
+            for err in [
+                store
+                    .set_caller_attributes(bad, &words(&["vip"]), CRM)
+                    .await
+                    .expect_err("set"),
+                store.remove_caller(bad, CRM).await.expect_err("remove"),
+                store.caller_attributes(bad).await.expect_err("read"),
+                store
+                    .list_callers(Some(bad), 10)
+                    .await
+                    .expect_err("list after"),
+            ] {
+                assert!(
+                    matches!(err, StoreError::Invalid { field: "number", .. }),
+                    "{db} {bad:?}: {err}"
+                );
+                assert_eq!(
+                    err.to_string(),
+                    format!("invalid number: `{bad}` {number_rule}"),
+                    "{db}"
+                );
+            }
+        }
+        let err = store
+            .set_caller_attributes("+4930111", &words(&["VIP"]), CRM)
+            .await
+            .expect_err("uppercase");
+        assert_eq!(
+            err.to_string(),
+            "invalid attributes: attribute `VIP` must be 1–32 of a-z, 0-9, '-' and '_', starting with a letter or digit, as the agents' tags it is matched with (e.g. vip)",
+            "{db}"
+        );
+        let many: BTreeSet<String> = (0..33).map(|n| format!("a{n}")).collect();
+        let err = store
+            .set_caller_attributes("+4930111", &many, CRM)
+            .await
+            .expect_err("too many");
+        assert_eq!(
+            err.to_string(),
+            "invalid attributes: 33 different attributes, at most 32 are allowed (an agent carries at most 32 tags)",
+            "{db}"
+        );
+        let err = store
+            .set_caller_attributes("+4930111", &words(&["vip"]), "")
+            .await
+            .expect_err("no actor");
+        assert!(
+            matches!(err, StoreError::Invalid { field: "actor", .. }),
+            "{db}: {err}"
+        );
+        let err = store.list_callers(None, 0).await.expect_err("limit 0");
+        assert_eq!(err.to_string(), "invalid limit: must be at least 1", "{db}");
+
+        assert_eq!(audit(&store).await.len(), before, "{db}: no audit row");
+        assert_eq!(
+            store.caller_attributes("+4930111").await.expect("read"),
+            entry("+4930111", &["vip"]),
+            "{db}: nothing changed"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_writers_of_one_new_number_all_succeed_with_one_audit_row_each() {
+    on_both_with_pool(16, |store| async move {
+        let db = store.dialect();
+        let mut writers = tokio::task::JoinSet::new();
+        for n in 0..12 {
+            let store = store.clone();
+            writers.spawn(async move {
+                if n % 3 == 2 {
+                    store.remove_caller("+4930777", CRM).await.map(drop)
+                } else {
+                    let attributes = words(&[&format!("tier{n}")]);
+                    store
+                        .set_caller_attributes("+4930777", &attributes, CRM)
+                        .await
+                        .map(drop)
+                }
+            });
+        }
+        while let Some(done) = writers.join_next().await {
+            done.expect("task")
+                .unwrap_or_else(|err| panic!("{db}: every writer succeeds: {err}"));
+        }
+        let rows: Vec<AuditEntry> = audit(&store)
+            .await
+            .into_iter()
+            .filter(|row| row.subject == "caller:+4930777")
+            .collect();
+        assert_eq!(rows.len(), 12, "{db}: one audit row per write");
+        // The audit rows chain: each write saw what the one before it left (newest first).
+        let none = serde_json::json!([]);
+        let before = |detail: &serde_json::Value| match detail.get("removed") {
+            Some(removed) if removed.is_null() => none.clone(),
+            Some(removed) => removed.clone(),
+            None => detail["previous"].clone(),
+        };
+        let after = |detail: &serde_json::Value| {
+            detail
+                .get("attributes")
+                .cloned()
+                .unwrap_or_else(|| none.clone())
+        };
+        for pair in rows.windows(2) {
+            assert_eq!(
+                before(&pair[0].detail),
+                after(&pair[1].detail),
+                "{db}: {rows:?}"
+            );
+        }
+        assert_eq!(
+            before(&rows[11].detail),
+            none,
+            "{db}: the first write found nothing"
+        );
+        let listed = store.caller_attributes("+4930777").await.expect("read");
+        assert_eq!(
+            serde_json::json!(listed.attributes),
+            after(&rows[0].detail),
+            "{db}: the last write holds"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_store_of_the_previous_version_migrates_and_lists_no_callers() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for config in [
+        testing::sqlite_config(dir.path()),
+        testing::fresh_mysql_config().await,
+    ] {
+        // The schema and rows of the version before caller attributes (migrations 1–7).
+        let statements = [
+            "INSERT INTO queues (id, name, service_level_ms) VALUES ('sales', 'Sales', 15000)",
+            "INSERT INTO agents (id, name, tags, enabled, state, idle_since_ms) \
+             VALUES ('1001', 'Alice', '[\"vip\"]', 1, 'available', 0)",
+        ];
+        store_of_version(&config, 7, &statements).await;
+
+        let store = Store::connect(&config).await.expect("migrates");
+        let db = store.dialect();
+        assert_eq!(
+            store
+                .get_queue("sales")
+                .await
+                .expect("queue")
+                .service_level_ms,
+            15_000,
+            "{db}"
+        );
+        assert_eq!(
+            store.get_agent("1001").await.expect("agent").tags,
+            words(&["vip"]),
+            "{db}"
+        );
+        assert_eq!(
+            store.list_callers(None, 10).await.expect("list"),
+            [],
+            "{db}"
+        );
+        store
+            .set_caller_attributes("+4930111", &words(&["vip"]), CRM)
+            .await
+            .expect("set");
+        assert_eq!(
+            store.caller_attributes("+4930111").await.expect("read"),
+            entry("+4930111", &["vip"]),
+            "{db}"
+        );
+        store.close().await;
+    }
+}

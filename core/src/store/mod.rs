@@ -529,6 +529,11 @@ fn migrator(sql: &Dialect) -> Migrator {
                 "queue figures",
                 include_str!("migrations/mysql/0007_queue_figures.sql"),
             ),
+            (
+                8,
+                "caller attributes",
+                include_str!("migrations/mysql/0008_caller_attributes.sql"),
+            ),
         ]
     } else {
         &[
@@ -563,6 +568,11 @@ fn migrator(sql: &Dialect) -> Migrator {
                 "queue figures",
                 include_str!("migrations/sqlite/0007_queue_figures.sql"),
             ),
+            (
+                8,
+                "caller attributes",
+                include_str!("migrations/sqlite/0008_caller_attributes.sql"),
+            ),
         ]
     };
     let mut migrator = Migrator::with_migrations(
@@ -588,8 +598,9 @@ pub mod directory;
 
 pub use directory::{
     Agent, AgentSnapshot, AgentState, AuditEntry, Availability, CallEvent, CallEventOutcome,
-    CallOutcome, CredentialsChange, DailyCounts, Device, DigestCredentials, DirectorySnapshot,
-    Login, Queue, QueueCounts, QueueMember, QueueSnapshot, Session, SipDevice, aor_of,
+    CallOutcome, CallerEntry, CredentialsChange, DailyCounts, Device, DigestCredentials,
+    DirectorySnapshot, Login, Queue, QueueCounts, QueueMember, QueueSnapshot, Session, SipDevice,
+    aor_of,
 };
 
 #[cfg(test)]
