@@ -389,6 +389,11 @@ pub struct QueueConfig {
     /// How long a caller waits before the dialplan sends the call to its overflow target.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
+    /// When this node's Asterisk goes away in the middle of a ring or a call, how long the
+    /// agent is kept from every other ring: their phone still holds the dead call until
+    /// they hang up or it gives up on it (a SIP phone's BYE or 200 OK times out after 32 s).
+    #[serde(with = "humantime_serde")]
+    pub pbx_lost_hold: Duration,
 }
 
 impl Default for QueueConfig {
@@ -405,6 +410,7 @@ impl Default for QueueConfig {
             wrap_up: Duration::from_secs(5),
             max_misses: 3,
             max_wait: Duration::from_secs(600),
+            pbx_lost_hold: Duration::from_secs(60),
         }
     }
 }
@@ -461,6 +467,9 @@ impl QueueConfig {
         }
         if self.max_wait < Duration::from_secs(1) || self.max_wait > Duration::from_secs(86_400) {
             return bad("max_wait", "must be between 1s and 24h (e.g. 10m)");
+        }
+        if self.pbx_lost_hold > Duration::from_secs(3600) {
+            return bad("pbx_lost_hold", "must be at most 1h (e.g. 60s)");
         }
         Ok(())
     }
@@ -2006,6 +2015,7 @@ mod tests {
                     wrap_up: Duration::from_secs(5),
                     max_misses: 3,
                     max_wait: Duration::from_secs(600),
+                    pbx_lost_hold: Duration::from_secs(60),
                 }
             );
             let set = load_in(
@@ -2050,6 +2060,7 @@ mod tests {
                 ("wrap_up = \"2h\"", "node.queue.wrap_up"),
                 ("max_misses = 0", "node.queue.max_misses"),
                 ("max_wait = \"0s\"", "node.queue.max_wait"),
+                ("pbx_lost_hold = \"2h\"", "node.queue.pbx_lost_hold"),
                 ("candidates_fresh_ms = 5", "candidates_fresh_ms"),
             ] {
                 let err = load_in(jail, &format!("[node.queue]\n{toml}\n"))

@@ -135,6 +135,7 @@ struct Counts {
     fenced: AtomicU64,
     unfenced: AtomicU64,
     cancelled: AtomicU64,
+    pbx_lost: AtomicU64,
 }
 
 /// What the queue scripts have done since the start.
@@ -156,6 +157,8 @@ pub struct QueueStats {
     pub unfenced: u64,
     /// Rings ended because their lease was lost while the phone rang.
     pub cancelled: u64,
+    /// Rings and calls cut by Asterisk going away; their agents held `pbx_lost_hold`.
+    pub pbx_lost: u64,
 }
 
 impl QueueCalls {
@@ -250,6 +253,7 @@ impl QueueCalls {
             fenced: counts.fenced.load(Ordering::Relaxed),
             unfenced: counts.unfenced.load(Ordering::Relaxed),
             cancelled: counts.cancelled.load(Ordering::Relaxed),
+            pbx_lost: counts.pbx_lost.load(Ordering::Relaxed),
         }
     }
 
@@ -511,6 +515,15 @@ impl QueueCalls {
         self.inner.rings.lock().expect("rings lock").remove(&id);
         let keeper = Arc::try_unwrap(keeper).ok();
         let caller_gone = session.hung_up() || matches!(dialled, Ok(Reply::DeadChannel));
+        // The connection closed with neither a reply to Dial nor a `HANGUP` first: Asterisk
+        // itself went away. The agent's phone holds the dead ring or call until the agent
+        // hangs up or the phone gives up on it, so no node may ring them meanwhile.
+        let pbx_lost = !session.hung_up() && matches!(dialled, Err(SessionError::Closed));
+        let pbx_lost_hold = self.inner.settings.pbx_lost_hold;
+        if pbx_lost {
+            self.inner.counts.pbx_lost.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%queue, agent = %candidate.agent, token, hold = ?pbx_lost_hold, "Asterisk went away during the ring or call; the agent is held from other rings");
+        }
         let status = match &dialled {
             Ok(_) if !caller_gone => dial_status(session).await,
             _ => String::new(),
@@ -529,7 +542,11 @@ impl QueueCalls {
         if let Some(answered_at) = answered {
             self.inner.counts.answered.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%queue, waiter = %caller.waiter, agent = %candidate.agent, token, "answered");
-            let wrap_up = self.inner.settings.wrap_up;
+            let wrap_up = if pbx_lost {
+                pbx_lost_hold.max(self.inner.settings.wrap_up)
+            } else {
+                self.inner.settings.wrap_up
+            };
             let ended = events.send(CallEvent::Ended { wrap_up });
             // Kept through the wrap-up, so a node whose cached answer still shows the
             // agent free cannot ring them meanwhile. The control plane counts the wrap-up
@@ -552,7 +569,11 @@ impl QueueCalls {
                 status.as_str(),
                 "NOANSWER" | "BUSY" | "CHANUNAVAIL" | "CONGESTION"
             );
-        let mut hold = Duration::ZERO;
+        let mut hold = if pbx_lost {
+            pbx_lost_hold
+        } else {
+            Duration::ZERO
+        };
         if missed {
             self.inner.counts.missed.fetch_add(1, Ordering::Relaxed);
             let written = events.send(CallEvent::Missed {
@@ -563,7 +584,7 @@ impl QueueCalls {
                 && answer.paused
             {
                 tracing::info!(agent = %candidate.agent, "paused after missing {} rings in a row", self.inner.settings.max_misses);
-                hold = self.inner.settings.candidates_fresh;
+                hold = hold.max(self.inner.settings.candidates_fresh);
             }
         }
         if let Some(keeper) = keeper {
