@@ -1,6 +1,7 @@
 //! The control plane as the provisioning endpoint asks it: the same request, forwarded over
 //! kept-alive HTTP/1.1 connections, bounded by a deadline. The queue-call flow's candidates
-//! source ([`crate::queue::candidates`]) asks through the same client ([`Upstream::get`]).
+//! source ([`crate::queue::candidates`]) and caller directory ([`crate::queue::callers`]) ask
+//! through the same client ([`Upstream::get`]).
 
 use std::fmt;
 use std::time::Duration;
