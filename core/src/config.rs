@@ -351,8 +351,11 @@ impl Default for NodeConfig {
 /// control plane (`provisioning.control_plane`, with the `node` token `provisioning.token`)
 /// and are cached per queue and caller attributes: a CRM's change must reach the next ring,
 /// so an answer is reused only for `candidates_fresh`; while the control plane cannot answer,
-/// the last answer keeps calls flowing for `candidates_stale_max`. One flat table, so every
-/// key can be overridden on its own (`CALLFLEET_NODE__QUEUE__CANDIDATES_FRESH`).
+/// the last answer keeps calls flowing for `candidates_stale_max`. A caller's attributes
+/// from the control plane's caller-number lists are looked up the same way (`callers_*`),
+/// each lookup bounded by `callers_deadline` so that no outage holds a caller up longer.
+/// One flat table, so every key can be overridden on its own
+/// (`CALLFLEET_NODE__QUEUE__CANDIDATES_FRESH`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
@@ -372,6 +375,24 @@ pub struct QueueConfig {
     pub candidates_retry_after: Duration,
     /// Answers kept at most (queue × attribute sets); the least recently used goes first.
     pub candidates_cached: usize,
+    /// How long a caller number's looked-up attributes are used without asking again; a
+    /// change to a list reaches that number's next call after at most this.
+    #[serde(with = "humantime_serde")]
+    pub callers_fresh: Duration,
+    /// How long one lookup may take: the most it delays a queued call, which then goes on
+    /// with the cached or no list attributes.
+    #[serde(with = "humantime_serde")]
+    pub callers_deadline: Duration,
+    /// How old a looked-up answer may be and still be used while the control plane cannot
+    /// answer; older, the caller has no list attributes (only the carrier header's).
+    #[serde(with = "humantime_serde")]
+    pub callers_stale_max: Duration,
+    /// After a failed lookup, how long nobody asks (cached answers or none are used), so an
+    /// outage costs no call a `callers_deadline`.
+    #[serde(with = "humantime_serde")]
+    pub callers_retry_after: Duration,
+    /// Caller numbers kept at most; the least recently looked up goes first.
+    pub callers_cached: usize,
     /// The lock service (`http://host:port`) that holds the waiting order and the agents'
     /// leases: no lease, no ring.
     pub lock_service: String,
@@ -404,6 +425,11 @@ impl Default for QueueConfig {
             candidates_stale_max: Duration::from_secs(600),
             candidates_retry_after: Duration::from_secs(2),
             candidates_cached: 1024,
+            callers_fresh: Duration::from_secs(5),
+            callers_deadline: Duration::from_millis(200),
+            callers_stale_max: Duration::from_secs(600),
+            callers_retry_after: Duration::from_secs(2),
+            callers_cached: 10_000,
             lock_service: "http://127.0.0.1:7070".to_owned(),
             poll: Duration::from_millis(100),
             ring_timeout: Duration::from_secs(20),
@@ -444,6 +470,30 @@ impl QueueConfig {
         }
         if self.candidates_cached == 0 || self.candidates_cached > 1_000_000 {
             return bad("candidates_cached", "must be 1 to 1000000 (e.g. 1024)");
+        }
+        if self.callers_fresh > Duration::from_secs(3600) {
+            return bad("callers_fresh", "must be at most 1h (e.g. 5s)");
+        }
+        // Every queued call waits for its lookup: a second is already long for a caller.
+        if self.callers_deadline < Duration::from_millis(10)
+            || self.callers_deadline > Duration::from_secs(2)
+        {
+            return bad(
+                "callers_deadline",
+                "must be between 10ms and 2s (e.g. 200ms)",
+            );
+        }
+        if self.callers_stale_max < self.callers_fresh || self.callers_stale_max.is_zero() {
+            return bad(
+                "callers_stale_max",
+                "must be above 0s and at least callers_fresh (e.g. 10m)",
+            );
+        }
+        if self.callers_retry_after.is_zero() {
+            return bad("callers_retry_after", "must be longer than 0s (e.g. 2s)");
+        }
+        if self.callers_cached == 0 || self.callers_cached > 10_000_000 {
+            return bad("callers_cached", "must be 1 to 10000000 (e.g. 10000)");
         }
         if !self.lock_service.starts_with("http://") {
             return bad(
@@ -2009,6 +2059,11 @@ mod tests {
                     candidates_stale_max: Duration::from_secs(600),
                     candidates_retry_after: Duration::from_secs(2),
                     candidates_cached: 1024,
+                    callers_fresh: Duration::from_secs(5),
+                    callers_deadline: Duration::from_millis(200),
+                    callers_stale_max: Duration::from_secs(600),
+                    callers_retry_after: Duration::from_secs(2),
+                    callers_cached: 10_000,
                     lock_service: "http://127.0.0.1:7070".to_owned(),
                     poll: Duration::from_millis(100),
                     ring_timeout: Duration::from_secs(20),
@@ -2027,6 +2082,19 @@ mod tests {
             assert_eq!(
                 set.node.queue.candidates_stale_max,
                 Duration::from_secs(3600)
+            );
+            let set = load_in(
+                jail,
+                "[node.queue]\ncallers_fresh = \"0s\"\ncallers_deadline = \"1s\"\ncallers_cached = 5\n",
+            )
+            .expect("0s fresh: every queued call looks its number up");
+            assert_eq!(
+                (
+                    set.node.queue.callers_fresh,
+                    set.node.queue.callers_deadline,
+                    set.node.queue.callers_cached
+                ),
+                (Duration::ZERO, Duration::from_secs(1), 5)
             );
             for (toml, key) in [
                 ("candidates_fresh = \"2m\"", "node.queue.candidates_fresh"),
@@ -2051,6 +2119,19 @@ mod tests {
                     "node.queue.candidates_retry_after",
                 ),
                 ("candidates_cached = 0", "node.queue.candidates_cached"),
+                ("callers_fresh = \"2h\"", "node.queue.callers_fresh"),
+                ("callers_deadline = \"5ms\"", "node.queue.callers_deadline"),
+                ("callers_deadline = \"3s\"", "node.queue.callers_deadline"),
+                ("callers_stale_max = \"0s\"", "node.queue.callers_stale_max"),
+                (
+                    "callers_fresh = \"1m\"\ncallers_stale_max = \"30s\"",
+                    "node.queue.callers_stale_max",
+                ),
+                (
+                    "callers_retry_after = \"0s\"",
+                    "node.queue.callers_retry_after",
+                ),
+                ("callers_cached = 0", "node.queue.callers_cached"),
                 (
                     "lock_service = \"127.0.0.1:7070\"",
                     "node.queue.lock_service",

@@ -421,10 +421,31 @@ async fn a_node_agent_s_config_makes_a_directory_of_its_control_plane() {
     let mut config = callfleet_core::config::Config::default();
     config.provisioning.control_plane = format!("http://{}/", plane.address);
     config.provisioning.token = Secret::new(NODE);
+    assert_eq!(
+        Settings::from_config(&config.node.queue),
+        Settings {
+            fresh: Duration::from_secs(5),
+            deadline: Duration::from_millis(200),
+            stale_max: Duration::from_secs(600),
+            retry_after: Duration::from_secs(2),
+            cached: 10_000,
+        }
+    );
+    assert_eq!(
+        Settings::default(),
+        Settings::from_config(&config.node.queue)
+    );
+    config.node.queue.callers_fresh = Duration::ZERO;
     let directory = CallerDirectory::from_config(&config).expect("directory");
     assert_eq!(
         seen(&directory.lookup("+4930111").await),
         (Some("+4930111"), vec!["vip"], "answered")
     );
+    assert_eq!(
+        seen(&directory.lookup("+4930111").await),
+        (Some("+4930111"), vec!["vip"], "answered"),
+        "callers_fresh = 0s: every lookup asks"
+    );
+    assert_eq!(directory.stats().requests, 2);
     plane.stop().await;
 }

@@ -6,6 +6,8 @@
 //! Every queued call asks once, before it joins, so the lookup must never hold a caller up
 //! for long, whatever the control plane does:
 //!
+//! The settings are `node.queue`'s `callers_*` keys ([`Settings::from_config`]).
+//!
 //! - **Fresh** (at most `fresh` old, 5 s by default): a number looked up lately is answered
 //!   from the cache without a request. A CRM's change to a list reaches the next call of
 //!   that number after at most `fresh`.
@@ -39,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use callfleet_core::config::Config;
+use callfleet_core::config::{Config, QueueConfig};
 use callfleet_core::store::directory::normalize_caller_number;
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -62,17 +64,25 @@ pub struct Settings {
     pub cached: usize,
 }
 
-impl Default for Settings {
-    /// 5 s fresh, a 200 ms deadline, answers used up to 10 min through an outage, 2 s
-    /// without asking after a failure, 10,000 numbers.
-    fn default() -> Self {
+impl Settings {
+    /// The settings of `node.queue` (`callers_fresh`, `callers_deadline`,
+    /// `callers_stale_max`, `callers_retry_after`, `callers_cached`).
+    pub fn from_config(config: &QueueConfig) -> Self {
         Self {
-            fresh: Duration::from_secs(5),
-            deadline: Duration::from_millis(200),
-            stale_max: Duration::from_secs(600),
-            retry_after: Duration::from_secs(2),
-            cached: 10_000,
+            fresh: config.callers_fresh,
+            deadline: config.callers_deadline,
+            stale_max: config.callers_stale_max,
+            retry_after: config.callers_retry_after,
+            cached: config.callers_cached.max(1),
         }
+    }
+}
+
+impl Default for Settings {
+    /// The defaults of `node.queue`: 5 s fresh, a 200 ms deadline, answers used up to
+    /// 10 min through an outage, 2 s without asking after a failure, 10,000 numbers.
+    fn default() -> Self {
+        Self::from_config(&QueueConfig::default())
     }
 }
 
@@ -228,12 +238,12 @@ impl CallerDirectory {
     }
 
     /// The directory of this node: the control plane and token of `provisioning`, the
-    /// default [`Settings`].
+    /// settings of `node.queue` (`callers_*`).
     pub fn from_config(config: &Config) -> Result<Self, ProvisioningError> {
         Self::new(
             &config.provisioning.control_plane_url(&config.control_plane),
             config.provisioning.token.expose(),
-            Settings::default(),
+            Settings::from_config(&config.node.queue),
         )
     }
 
