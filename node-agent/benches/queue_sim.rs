@@ -435,6 +435,42 @@ wrap_up = \"{}\"\nring_timeout = \"20s\"\nmax_wait = \"24h\"\n\n\
         (nodes, locks, self.control.cpu())
     }
 
+    /// Order inversions as the lock service saw them, from the node-agents' `ringing` log
+    /// lines (fencing token: the grant's time in µs of the lock service's clock;
+    /// `enqueued_us`: when the caller joined the order, same clock): rings granted within
+    /// `window` (µs since the epoch) to a caller who joined after a caller rung later.
+    /// Callers never rung are not seen. Returns (inversions, rings in the window).
+    fn lock_order_inversions(&self, window: (u64, u64)) -> (u64, u64) {
+        let mut rings: Vec<(u64, u64)> = Vec::new();
+        for n in 0..self.nodes.len() {
+            let text = std::fs::read_to_string(self.dir.path().join(format!("pbx-{n}.log")))
+                .unwrap_or_default();
+            for line in text.lines().filter(|l| l.contains("\"ringing\"")) {
+                let Ok(row) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue;
+                };
+                if let (Some(token), Some(enqueued)) =
+                    (row["token"].as_u64(), row["enqueued_us"].as_u64())
+                {
+                    rings.push((token, enqueued));
+                }
+            }
+        }
+        rings.sort_unstable();
+        let (mut inversions, mut counted) = (0, 0);
+        let mut later_min = u64::MAX;
+        for &(token, enqueued) in rings.iter().rev() {
+            if token >= window.0 && token < window.1 {
+                counted += 1;
+                if later_min < enqueued {
+                    inversions += 1;
+                }
+            }
+            later_min = later_min.min(enqueued);
+        }
+        (inversions, counted)
+    }
+
     /// Warning and error lines of the node-agents' and lock service's JSON logs, by message.
     fn log_complaints(&self) -> Vec<(String, usize)> {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -648,6 +684,8 @@ struct AgentState {
     busy_since: Option<Instant>,
     /// When the agent is free again: their last call's end plus the wrap-up.
     free_at: Option<Instant>,
+    /// The node of their last ring.
+    node: usize,
 }
 
 /// What the callers saw; `rings`, `answered`, `latencies`, `inversions` and `waits` count
@@ -665,6 +703,8 @@ struct Tally {
     rung_in_wrap_up: u64,
     /// Free → next ring of the same agent.
     latencies: Vec<Duration>,
+    /// Those of `latencies` whose ring came from another node than the previous call.
+    latencies_other_node: Vec<Duration>,
     /// Arrival → ring.
     waits: Vec<Duration>,
     /// Answers the fence refused (the caller is hung up with the agent's leg).
@@ -701,8 +741,8 @@ impl Sim {
         Duration::from_millis(low + x % (high - low + 1))
     }
 
-    /// Caller `seq` (arrived at `arrived`) is rung on `endpoint` at `at`.
-    fn rung(&self, seq: u64, arrived: Instant, endpoint: &str, at: Instant) {
+    /// Caller `seq` (arrived at `arrived`) is rung by node `node` on `endpoint` at `at`.
+    fn rung(&self, seq: u64, node: usize, arrived: Instant, endpoint: &str, at: Instant) {
         let window = self.in_window(at);
         let mut state = self.state();
         state.waiting.remove(&seq);
@@ -719,7 +759,9 @@ impl Sim {
         }
         let agent = state.agents.entry(endpoint.to_owned()).or_default();
         let double = agent.busy_since.is_some();
+        let other_node = agent.node != node;
         agent.busy_since = Some(at);
+        agent.node = node;
         let latency = agent.free_at.map(|free| {
             at.checked_duration_since(free)
                 .ok_or(free.saturating_duration_since(at))
@@ -734,7 +776,12 @@ impl Sim {
                 .waits
                 .push(at.saturating_duration_since(arrived));
             match latency {
-                Some(Ok(latency)) => state.tally.latencies.push(latency),
+                Some(Ok(latency)) => {
+                    state.tally.latencies.push(latency);
+                    if other_node {
+                        state.tally.latencies_other_node.push(latency);
+                    }
+                }
                 Some(Err(_early)) => state.tally.rung_in_wrap_up += 1,
                 None => {}
             }
@@ -880,7 +927,8 @@ impl Sim {
             .and_then(|(_, rest)| rest.strip_suffix(')'))
             .unwrap_or("")
             .to_owned();
-        self.rung(seq, arrived, &endpoint, at);
+        let node = self.agi.iter().position(|a| *a == address).unwrap_or(0);
+        self.rung(seq, node, arrived, &endpoint, at);
         if !*replaced {
             *replaced = true;
             self.spawn_caller();
@@ -937,6 +985,9 @@ struct Figures {
     p99: f64,
     max: f64,
     wait_p50: f64,
+    /// Free → ring when the ring came from another node than the agent's last call.
+    other_node_p50: f64,
+    other_node_p99: f64,
     /// CPU seconds per answered call.
     nodes_cpu: f64,
     locks_cpu: f64,
@@ -944,7 +995,11 @@ struct Figures {
     load_cpu: f64,
     /// CPU seconds per second of the whole box.
     box_cpu: f64,
+    /// CPU seconds per second: node-agents (sum), lock service, control plane.
+    cpu_per_s: (f64, f64, f64),
     complaints: Vec<(String, usize)>,
+    /// By the lock service's order: (inversions, rings seen in the window).
+    lock_inversions: (u64, u64),
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -990,6 +1045,13 @@ fn run(setup: &Setup) -> Figures {
             ..State::default()
         }),
     });
+    let micros = |at: Instant| {
+        let wall = SystemTime::now() + at.saturating_duration_since(Instant::now())
+            - Instant::now().saturating_duration_since(at);
+        wall.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    };
+    let window_us = (micros(start), micros(end));
     let (cpu_before, cpu_after, load_cpu, box_cpu) = runtime.block_on(async {
         // The callers arrive over a second, in arrival order.
         for n in 0..setup.callers {
@@ -1011,6 +1073,7 @@ fn run(setup: &Setup) -> Figures {
     cluster.check_alive();
     std::thread::sleep(Duration::from_millis(500));
     let complaints = cluster.log_complaints();
+    let lock_inversions = cluster.lock_order_inversions(window_us);
     drop(cluster);
 
     let mut latencies: Vec<f64> = tally
@@ -1019,9 +1082,20 @@ fn run(setup: &Setup) -> Figures {
         .map(|d| d.as_secs_f64() * 1e3)
         .collect();
     latencies.sort_by(f64::total_cmp);
+    let mut other_node: Vec<f64> = tally
+        .latencies_other_node
+        .iter()
+        .map(|d| d.as_secs_f64() * 1e3)
+        .collect();
+    other_node.sort_by(f64::total_cmp);
     let mut waits: Vec<f64> = tally.waits.iter().map(Duration::as_secs_f64).collect();
     waits.sort_by(f64::total_cmp);
-    let answered = tally.answered.max(1) as f64;
+    // No call answered: CPU per call is undefined (NaN), CPU per second still says a lot.
+    let answered = if tally.answered == 0 {
+        f64::NAN
+    } else {
+        tally.answered as f64
+    };
     Figures {
         rings_per_s: tally.rings as f64 / setup.seconds,
         answered_per_s: tally.answered as f64 / setup.seconds,
@@ -1030,26 +1104,36 @@ fn run(setup: &Setup) -> Figures {
         p99: quantile(&latencies, 0.99),
         max: latencies.last().copied().unwrap_or(f64::NAN),
         wait_p50: quantile(&waits, 0.50),
+        other_node_p50: quantile(&other_node, 0.50),
+        other_node_p99: quantile(&other_node, 0.99),
         nodes_cpu: (cpu_after.0 - cpu_before.0) / answered,
         locks_cpu: (cpu_after.1 - cpu_before.1) / answered,
         control_cpu: (cpu_after.2 - cpu_before.2) / answered,
         load_cpu: load_cpu / answered,
         box_cpu: box_cpu / setup.seconds,
+        cpu_per_s: (
+            (cpu_after.0 - cpu_before.0) / setup.seconds,
+            (cpu_after.1 - cpu_before.1) / setup.seconds,
+            (cpu_after.2 - cpu_before.2) / setup.seconds,
+        ),
         tally,
         complaints,
+        lock_inversions,
     }
 }
 
 fn row(run: &str, f: &Figures) {
     let t = &f.tally;
     println!(
-        "| {run} | {:.1} | {:.1} | {} | {} ({} warm-up) | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.4} | {:.4} | {:.4} | {:.4} | {:.2} | {} |",
+        "| {run} | {:.1} | {:.1} | {} | {} ({} warm-up) | {:.1} | {} of {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.4} | {:.4} | {:.4} | {:.4} | {:.2} | {} |",
         f.rings_per_s,
         f.answered_per_s,
         t.double_rings,
         t.inversions,
         t.inversions_warmup,
         t.inversion_gap_max.as_secs_f64() * 1e3,
+        f.lock_inversions.0,
+        f.lock_inversions.1,
         t.rung_in_wrap_up,
         f.p50,
         f.p90,
@@ -1115,7 +1199,7 @@ fn main() {
         std::thread::available_parallelism().map_or(0, usize::from)
     );
     println!(
-        "node.queue defaults otherwise: poll 100ms, candidates_fresh 1s (an answered agent's lease is kept wrap_up + candidates_fresh); control_plane.refresh 1s"
+        "node.queue defaults otherwise (poll 100ms, candidates_fresh 1s, ring_timeout 20s here); control_plane.refresh 1s; lock service max_validity 10s, guard 500ms"
     );
     println!(
         "load average before: {}",
@@ -1128,8 +1212,8 @@ fn main() {
     );
     println!();
     let mut results = Vec::new();
-    let header = "| run | rings/s | answered/s | double rings | order inversions | max skip ms | rung in wrap-up | free→ring p50 ms | p90 ms | p99 ms | max ms | wait at ring p50 s | node-agents CPU s/call | lock service CPU s/call | control plane CPU s/call | load CPU s/call | box CPU/s | other faults |";
-    let rule = "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
+    let header = "| run | rings/s | answered/s | double rings | order inversions (load's arrival order) | max skip ms | inversions in the lock service's order | rung in wrap-up | free→ring p50 ms | p90 ms | p99 ms | max ms | wait at ring p50 s | node-agents CPU s/call | lock service CPU s/call | control plane CPU s/call | load CPU s/call | box CPU/s | other faults |";
+    let rule = "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
     for run_number in 1..=repeat {
         eprintln!("run {run_number}/{repeat}…");
         let figures = run(&setup);
@@ -1144,7 +1228,7 @@ fn main() {
     println!("median of {repeat} runs (lowest–highest):");
     println!();
     println!(
-        "| rings/s | answered/s | double rings | order inversions | free→ring p50 ms | p90 ms | p99 ms | max ms | node-agents CPU s/call | lock service CPU s/call | control plane CPU s/call | box CPU/s |"
+        "| rings/s | answered/s | double rings | order inversions (load / lock service) | free→ring p50 ms | p90 ms | p99 ms | max ms | node-agents CPU s/call | lock service CPU s/call | control plane CPU s/call | box CPU/s |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let cell = |pick: fn(&Figures) -> f64, digits: usize| {
@@ -1157,7 +1241,11 @@ fn main() {
         cell(|f| f.rings_per_s, 1),
         cell(|f| f.answered_per_s, 1),
         cell(|f| f.tally.double_rings as f64, 0),
-        cell(|f| f.tally.inversions as f64, 0),
+        format!(
+            "{} / {}",
+            cell(|f| f.tally.inversions as f64, 0),
+            cell(|f| f.lock_inversions.0 as f64, 0)
+        ),
         cell(|f| f.p50, 0),
         cell(|f| f.p90, 0),
         cell(|f| f.p99, 0),
@@ -1173,18 +1261,27 @@ fn main() {
         setup.wrap_up.0
     );
     println!(
-        "order inversion: a caller rung while a caller who arrived earlier (at the load, at any node) still waited; `max skip` is how much earlier that caller had arrived. The load's arrival order is not the lock service's enqueue order: a caller joins the order after its node-agent has read its environment and asked the lock service, so callers arriving a few ms apart at different nodes may be enqueued the other way round (the warm-up's 1 s burst shows this; a steady-state caller joins behind {} others).",
+        "order inversion: a caller rung while a caller who arrived earlier (at the load, at any node) still waited; `max skip` is how much earlier that caller had arrived. The load's arrival order is not the lock service's enqueue order: a caller joins the order after its node-agent has read its environment and asked the lock service, so callers arriving a few ms apart at different nodes may be enqueued the other way round: the first callers all arrive in a 1 s burst, and until they are served (about CALLERS / rings per second) the load's order among them is only that skew. The lock service's order: a ring granted (fencing token, its clock) to a caller who joined the order (enqueued_us, its clock) after a caller rung later, from the node-agents' `ringing` lines; callers never rung are not seen. Steady state: a new caller joins behind {} others.",
         setup.callers
     );
     println!(
         "double ring: a ring for an agent whose previous ring or call had not ended, over the whole run (must be 0). other faults: fence refusals + callers ended unrung + queue sessions not ending `answered` + I/O errors + unexpected commands."
     );
     println!("goal: free→ring p99 <= 300 ms across nodes, double rings 0 (issue 16)");
+    println!(
+        "load average after: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     for (n, figures) in results.iter().enumerate() {
         let t = &figures.tally;
         println!();
         println!(
-            "run {}: rings {} answered {} ended {} fenced {} ended-unrung {} not-answered-result {} io-errors {} unexpected {}; latency samples {}",
+            "run {}: rings {} answered {} ended {} fenced {} ended-unrung {} not-answered-result {} io-errors {} unexpected {}; free→ring samples {}, of which {} rung from another node than the agent's last call (p50 {:.0} ms, p99 {:.0} ms); CPU s/s node-agents {:.2} lock service {:.2} control plane {:.2}",
             n + 1,
             t.rings,
             t.answered,
@@ -1194,7 +1291,13 @@ fn main() {
             t.not_answered_result,
             t.io_errors,
             t.unexpected,
-            t.latencies.len()
+            t.latencies.len(),
+            t.latencies_other_node.len(),
+            figures.other_node_p50,
+            figures.other_node_p99,
+            figures.cpu_per_s.0,
+            figures.cpu_per_s.1,
+            figures.cpu_per_s.2,
         );
         for (message, count) in figures.complaints.iter().take(8) {
             println!("  log {count}× {message}");
