@@ -37,8 +37,9 @@
 //!
 //! Knobs (environment): `CALLERS` (2000), `AGENTS` (600), `NODES` (3), `SECONDS_PER_RUN`
 //! (60), `WARMUP_SECONDS` (15), `REPEAT` (3), `TALK_MS` (`2000-6000`), `RING_MS`
-//! (`100-300`), `WRAP_UP` (`1s`), `LOCKS` (`memory` or `redis`), `CALLFLEET_BIN`
-//! (`target/release/callfleet`), `KEEP` (1: keep each run's folder, logs included).
+//! (`100-300`), `WRAP_UP` (`1s`), `POLL` (`100ms`: `node.queue.poll`), `LOCKS` (`memory`
+//! or `redis`), `CALLFLEET_BIN` (`target/release/callfleet`), `KEEP` (1: keep each run's
+//! folder, logs included).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -277,6 +278,8 @@ struct Setup {
     talk_ms: (u64, u64),
     ring_ms: (u64, u64),
     wrap_up: (String, Duration),
+    /// `node.queue.poll`: how often a waiting caller asks for its turn.
+    poll: (String, Duration),
     redis: bool,
     keep: bool,
 }
@@ -374,9 +377,9 @@ lock_service = \"http://127.0.0.1:{lock_port}\"\ntokens = [\n  \
                 format!(
                     "[store]\nurl = \"{store}\"\n\n[node]\nid = \"pbx-{n}\"\n\n[node.calls]\nsource = \"static\"\n\n\
 [node.agi]\nlisten = \"127.0.0.1:{agi_port}\"\n\n[node.queue]\nlock_service = \"http://127.0.0.1:{lock_port}\"\n\
-wrap_up = \"{}\"\nring_timeout = \"20s\"\nmax_wait = \"24h\"\n\n\
+wrap_up = \"{}\"\npoll = \"{}\"\nring_timeout = \"20s\"\nmax_wait = \"24h\"\n\n\
 [provisioning]\ncontrol_plane = \"http://127.0.0.1:{control_port}\"\ntoken = \"{NODE_TOKEN}\"\n",
-                    setup.wrap_up.0
+                    setup.wrap_up.0, setup.poll.0
                 ),
             )
             .expect("write a node-agent's config");
@@ -1174,6 +1177,7 @@ fn main() {
         talk_ms: range_ms("TALK_MS", (2000, 6000)),
         ring_ms: range_ms("RING_MS", (100, 300)),
         wrap_up: duration("WRAP_UP", "1s"),
+        poll: duration("POLL", "100ms"),
         redis: std::env::var("LOCKS").is_ok_and(|l| l == "redis"),
         keep: env("KEEP", 0) == 1,
     };
@@ -1199,7 +1203,8 @@ fn main() {
         std::thread::available_parallelism().map_or(0, usize::from)
     );
     println!(
-        "node.queue defaults otherwise (poll 100ms, candidates_fresh 1s, ring_timeout 20s here); control_plane.refresh 1s; lock service max_validity 10s, guard 500ms"
+        "node.queue.poll {}; defaults otherwise (candidates_fresh 1s; ring_timeout 20s here); control_plane.refresh 1s; lock service max_validity 10s, guard 500ms",
+        setup.poll.0
     );
     println!(
         "load average before: {}",
