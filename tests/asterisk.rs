@@ -1287,7 +1287,7 @@ impl QueueSite {
 
     /// A SIPp carrier placing `calls` queued callers (`uac_queue_call.xml`: they talk until
     /// the agent hangs up) on node `node`, one every `every`, with `attributes` in their
-    /// X-Callfleet-Attributes header.
+    /// X-Callfleet-Attributes header, calling from `caller-1`, `caller-2`….
     fn queued_callers(
         &self,
         name: &str,
@@ -1295,6 +1295,20 @@ impl QueueSite {
         calls: u32,
         every: Duration,
         attributes: &str,
+    ) -> (PathBuf, Running) {
+        self.queued_callers_from(name, node, calls, every, attributes, "caller-")
+    }
+
+    /// [`QueueSite::queued_callers`] calling from `caller` followed by the call's number
+    /// (1, 2…).
+    fn queued_callers_from(
+        &self,
+        name: &str,
+        node: usize,
+        calls: u32,
+        every: Duration,
+        attributes: &str,
+        caller: &str,
     ) -> (PathBuf, Running) {
         let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uac_queue_call.xml");
         self.spawn_carrier(
@@ -1306,6 +1320,9 @@ impl QueueSite {
                 "-key",
                 "attributes",
                 attributes,
+                "-key",
+                "caller",
+                caller,
                 "-m",
                 &calls.to_string(),
                 "-r",
@@ -1777,7 +1794,8 @@ fn a_priority_changed_over_xml_rpc_decides_the_next_rings_on_every_node() {
 }
 
 /// The issue's load run: 200 calls at about 2 a second over two nodes (a queue builds: six
-/// agents answer after 1–3 s and talk 2–6 s, two never answer), ten of them VIP. Asserted:
+/// agents answer after 1–3 s and talk 2–6 s, two never answer), ten of them VIP (five by
+/// the carrier's header, five by their number on the control plane's list). Asserted:
 /// every call answered, no phone ever with two calls at once, the agents' first rings in
 /// the routing order (best priority first, the capped agent last whatever its priority),
 /// the two silent agents paused as `missed` after exactly two rings each, every answered
@@ -1819,11 +1837,30 @@ fn two_hundred_queued_calls_on_two_nodes_ring_in_order_and_never_twice() {
             (dir, running, NORMAL_PER_NODE)
         })
         .collect();
-    // VIP callers join once the first rings are over, one every 8 s.
+    // VIP callers join once the first rings are over, one every 8 s: half of them VIP by
+    // the carrier's header on node 1, half by their number on the control plane's list,
+    // without a header, on node 0.
+    for n in 1..=VIP / 2 {
+        site.put(
+            &format!("/api/v1/callers/+4930555000{n}/attributes"),
+            r#"{"attributes":["vip"]}"#,
+        );
+    }
     std::thread::sleep(Duration::from_secs(15));
+    let every = Duration::from_secs(16);
     let (vip_dir, vip_carrier) =
-        site.queued_callers("carrier-vip", 1, VIP as u32, Duration::from_secs(8), "vip");
-    carriers.push((vip_dir, vip_carrier, VIP));
+        site.queued_callers("carrier-vip", 1, (VIP / 2) as u32, every, "vip");
+    carriers.push((vip_dir, vip_carrier, VIP / 2));
+    std::thread::sleep(every / 2);
+    let (listed_dir, listed_carrier) = site.queued_callers_from(
+        "carrier-vip-listed",
+        0,
+        (VIP / 2) as u32,
+        every,
+        "",
+        "+4930555000",
+    );
+    carriers.push((listed_dir, listed_carrier, VIP / 2));
     let total = 2 * NORMAL_PER_NODE + VIP;
     let phones = site.every_call_answered_once(carriers);
     // The agents' first rings in the order the lock service granted them: a first lease's

@@ -3,8 +3,9 @@
 //!
 //! `queue` (`AGI(agi://127.0.0.1:4573/queue?queue=sales&attributes=vip)`) holds the call:
 //!
-//! 1. joins the queue's waiting order in the lock service as `node/uniqueid` (VIP callers
-//!    in the first band), and keeps the entry alive while the caller waits;
+//! 1. joins the queue's waiting order in the lock service as `node/uniqueid` (VIP callers,
+//!    by the carrier's header or by their number on the control plane's lists, in the
+//!    first band), and keeps the entry alive while the caller waits;
 //! 2. every `poll`, asks the control plane for the candidates (cached) and the lock service
 //!    for this caller's turn (`ClaimNext`): a lease on the first free candidate, granted
 //!    only when no earlier caller waits. No lease, no ring;
@@ -33,6 +34,7 @@ use callfleet_proto::lock::v1::locks_client::LocksClient;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
+use super::callers::CallerDirectory;
 use super::candidates::{Candidate, CandidatesError, CandidatesSource};
 use super::events::{AgentEvents, EventLine};
 use crate::agi::proto::{Command, Reply};
@@ -89,6 +91,7 @@ impl fmt::Debug for QueueCalls {
 struct Inner {
     node: String,
     candidates: CandidatesSource,
+    callers: CallerDirectory,
     locks: LocksClient<Channel>,
     wait: WaitSettings,
     events: AgentEvents,
@@ -169,6 +172,7 @@ impl QueueCalls {
         let control_plane = config.provisioning.control_plane_url(&config.control_plane);
         let token = config.provisioning.token.expose();
         let candidates = CandidatesSource::from_config(config)?;
+        let callers = CallerDirectory::from_config(config)?;
         let events = AgentEvents::new(&control_plane, token, node, Duration::from_secs(2))?;
         let endpoint = Channel::from_shared(settings.lock_service.clone()).map_err(|err| {
             QueueError::LockService {
@@ -207,6 +211,7 @@ impl QueueCalls {
                 no_ring_cancel,
                 ami,
                 candidates,
+                callers,
                 locks,
                 wait: WaitSettings::default(),
                 events,
@@ -265,6 +270,18 @@ impl QueueCalls {
             .unwrap_or("")
             .to_owned();
         let mut attributes = caller_attributes(script.and_then(|s| s.param("attributes")));
+        // The caller's number on the control plane's lists (VIP by number) adds to what
+        // the carrier's header said; a lookup takes at most its deadline, and an outage
+        // leaves the header's attributes alone.
+        if let Some(number) = environment.callerid() {
+            attributes = self
+                .inner
+                .callers
+                .lookup(number)
+                .await
+                .merged_with(&attributes);
+            attributes.truncate(MAX_ATTRIBUTES);
+        }
         let Some(uniqueid) = environment.uniqueid().map(str::to_owned) else {
             tracing::warn!("queue call without agi_uniqueid; the dialplan goes on");
             session.set_result("error").await?;
