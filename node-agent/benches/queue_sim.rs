@@ -257,6 +257,7 @@ fn expect_ok(port: u16, method: &str, path: &str, body: &str) {
 /// The processes of one run, in a temp dir.
 struct Cluster {
     dir: tempfile::TempDir,
+    control_port: u16,
     locks: Process,
     redis: Option<Process>,
     control: Process,
@@ -278,6 +279,8 @@ struct Setup {
     talk_ms: (u64, u64),
     ring_ms: (u64, u64),
     wrap_up: (String, Duration),
+    /// Agents logged in before the callers arrive; the rest log in once enough are busy.
+    login_first: usize,
     /// `node.queue.poll`: how often a waiting caller asks for its turn.
     poll: (String, Duration),
     redis: bool,
@@ -365,7 +368,11 @@ lock_service = \"http://127.0.0.1:{lock_port}\"\ntokens = [\n  \
         wait_until("the control plane answers", Duration::from_secs(30), || {
             http(control_port, "GET", "/api/v1/devices", "").is_some_and(|(s, _)| s == 200)
         });
-        provision(control_port, setup.agents);
+        provision(
+            control_port,
+            setup.agents,
+            setup.agents.min(setup.login_first),
+        );
 
         let mut nodes = Vec::new();
         let mut agi = Vec::new();
@@ -409,6 +416,7 @@ wrap_up = \"{}\"\npoll = \"{}\"\nring_timeout = \"20s\"\nmax_wait = \"24h\"\n\n\
         }
         let mut cluster = Self {
             dir,
+            control_port,
             locks,
             redis: redis.map(|(process, _)| process),
             control,
@@ -512,8 +520,9 @@ wrap_up = \"{}\"\npoll = \"{}\"\nring_timeout = \"20s\"\nmax_wait = \"24h\"\n\n\
 }
 
 /// Queue `sales` with `agents` agents (`a0001`…), each with a device of the same name
-/// (endpoint `PJSIP/a0001`), a membership of priority 0–4 and a logged-in session.
-fn provision(port: u16, agents: usize) {
+/// (endpoint `PJSIP/a0001`) and a membership of priority 0–4; the first `logged_in` of
+/// them with a logged-in session.
+fn provision(port: u16, agents: usize, logged_in: usize) {
     expect_ok(
         port,
         "PUT",
@@ -550,16 +559,23 @@ fn provision(port: u16, agents: usize) {
                         &format!("/api/v1/queues/{QUEUE}/members/{agent}"),
                         &format!(r#"{{"priority":{}}}"#, i % 5),
                     );
-                    expect_ok(
-                        port,
-                        "POST",
-                        &format!("/api/v1/agents/{agent}/login"),
-                        &format!(r#"{{"device":"{agent}"}}"#),
-                    );
+                    if i < logged_in {
+                        login(port, i);
+                    }
                 }
             });
         }
     });
+}
+
+fn login(port: u16, i: usize) {
+    let agent = agent_name(i);
+    expect_ok(
+        port,
+        "POST",
+        &format!("/api/v1/agents/{agent}/login"),
+        &format!(r#"{{"device":"{agent}"}}"#),
+    );
 }
 
 fn agent_name(i: usize) -> String {
@@ -669,6 +685,8 @@ struct Sim {
     next_caller: AtomicU64,
     next_leg: AtomicU64,
     state: Mutex<State>,
+    /// When the agents beyond `login_first` were logged in.
+    late_logins: Mutex<Option<Instant>>,
 }
 
 #[derive(Default)]
@@ -689,6 +707,8 @@ struct AgentState {
     free_at: Option<Instant>,
     /// The node of their last ring.
     node: usize,
+    /// Talking (the fence let the answer through) and not yet hung up.
+    talking: bool,
 }
 
 /// What the callers saw; `rings`, `answered`, `latencies`, `inversions` and `waits` count
@@ -791,10 +811,23 @@ impl Sim {
         }
     }
 
-    fn answered(&self, at: Instant) {
+    fn answered(&self, endpoint: &str, at: Instant) {
+        let mut state = self.state();
+        state.agents.entry(endpoint.to_owned()).or_default().talking = true;
         if self.in_window(at) {
-            self.state().tally.answered += 1;
+            state.tally.answered += 1;
         }
+    }
+
+    /// Agents talking or in their wrap-up: those the control plane leaves out of the
+    /// candidates.
+    fn occupied(&self) -> usize {
+        let now = Instant::now();
+        self.state()
+            .agents
+            .values()
+            .filter(|a| a.talking || a.free_at.is_some_and(|free| free > now))
+            .count()
     }
 
     /// The agent on `endpoint` hung up at `at` (or the fence refused their answer).
@@ -802,6 +835,7 @@ impl Sim {
         let mut state = self.state();
         let agent = state.agents.entry(endpoint.to_owned()).or_default();
         agent.busy_since = None;
+        agent.talking = false;
         agent.free_at = talked.then(|| at + self.setup.wrap_up.1);
         if talked {
             state.tally.ended += 1;
@@ -961,7 +995,7 @@ impl Sim {
         );
         let verdict = side_session(address, fence).await;
         if verdict.as_ref().is_ok_and(|v| v.as_deref() == Some("ok")) {
-            self.answered(Instant::now());
+            self.answered(&endpoint, Instant::now());
             tokio::time::sleep(self.draw(self.setup.talk_ms)).await;
             self.ended(&endpoint, Instant::now(), true);
             Some("ANSWER")
@@ -1003,6 +1037,9 @@ struct Figures {
     complaints: Vec<(String, usize)>,
     /// By the lock service's order: (inversions, rings seen in the window).
     lock_inversions: (u64, u64),
+    /// When the agents beyond `LOGIN_FIRST` were logged in, in s from the window's start
+    /// (`Some(None)`: never).
+    late_logins: Option<Option<f64>>,
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -1043,6 +1080,7 @@ fn run(setup: &Setup) -> Figures {
             .map_or(0, |d| d.as_secs()),
         next_caller: AtomicU64::new(0),
         next_leg: AtomicU64::new(0),
+        late_logins: Mutex::new(None),
         state: Mutex::new(State {
             rng: 0x9E37_79B9_7F4A_7C15 ^ u64::from(std::process::id()),
             ..State::default()
@@ -1063,6 +1101,31 @@ fn run(setup: &Setup) -> Figures {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
+        // The agents beyond `login_first` log in once that many are talking or in wrap-up
+        // (plus a margin for the control plane's view to catch up), so the free ones never
+        // outnumber `login_first`.
+        let (first, all) = (setup.agents.min(setup.login_first), setup.agents);
+        if first < all {
+            let (sim, port) = (sim.clone(), cluster.control_port);
+            tokio::spawn(async move {
+                while sim.occupied() < all - first + 50.min(first / 2) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let at = sim.start.saturating_duration_since(Instant::now());
+                let _ = tokio::task::spawn_blocking(move || {
+                    for i in first..all {
+                        login(port, i);
+                    }
+                })
+                .await;
+                eprintln!(
+                    "  agents {}–{all} logged in {:.1} s before the measured window",
+                    first + 1,
+                    at.as_secs_f64()
+                );
+                *sim.late_logins.lock().expect("late logins") = Some(Instant::now());
+            });
+        }
         tokio::time::sleep_until(start.into()).await;
         let before = (cluster.cpu(), cpu_seconds("self"), box_busy_seconds());
         tokio::time::sleep_until(end.into()).await;
@@ -1070,6 +1133,12 @@ fn run(setup: &Setup) -> Figures {
         (before.0, after.0, after.1 - before.1, after.2 - before.2)
     });
     let tally = sim.state().tally.clone();
+    let late_logins = (setup.agents > setup.login_first).then(|| {
+        sim.late_logins.lock().expect("late logins").map(|at| {
+            at.duration_since(start.min(at)).as_secs_f64()
+                - start.saturating_duration_since(at).as_secs_f64()
+        })
+    });
     // The callers' connections close with the runtime: every node-agent sees its callers
     // hang up.
     runtime.shutdown_timeout(Duration::from_millis(200));
@@ -1122,6 +1191,7 @@ fn run(setup: &Setup) -> Figures {
         tally,
         complaints,
         lock_inversions,
+        late_logins,
     }
 }
 
@@ -1178,6 +1248,10 @@ fn main() {
         ring_ms: range_ms("RING_MS", (100, 300)),
         wrap_up: duration("WRAP_UP", "1s"),
         poll: duration("POLL", "100ms"),
+        login_first: match env("LOGIN_FIRST", 500) {
+            0 => usize::MAX,
+            n => n,
+        },
         redis: std::env::var("LOCKS").is_ok_and(|l| l == "redis"),
         keep: env("KEEP", 0) == 1,
     };
@@ -1206,6 +1280,14 @@ fn main() {
         "node.queue.poll {}; defaults otherwise (candidates_fresh 1s; ring_timeout 20s here); control_plane.refresh 1s; lock service max_validity 10s, guard 500ms",
         setup.poll.0
     );
+    if setup.agents > setup.login_first {
+        println!(
+            "agents {}–{} log in only once {} others are talking or in wrap-up: the lock service refuses a ClaimNext of more than 500 candidates (lock-service/src/backend/mod.rs) and the node-agent sends every free candidate (node-agent/src/queue/call.rs), so with more than 500 free agents nobody is ever rung (LOGIN_FIRST=0 logs everyone in at once and shows it)",
+            setup.login_first + 1,
+            setup.agents,
+            setup.agents - setup.login_first
+        );
+    }
     println!(
         "load average before: {}",
         std::fs::read_to_string("/proc/loadavg")
@@ -1301,6 +1383,26 @@ fn main() {
             figures.cpu_per_s.1,
             figures.cpu_per_s.2,
         );
+        match figures.late_logins {
+            Some(Some(at)) if at <= 0.0 => println!(
+                "  agents {}–{} logged in {:.1} s before the measured window",
+                setup.login_first + 1,
+                setup.agents,
+                -at
+            ),
+            Some(Some(at)) => println!(
+                "  agents {}–{} logged in only {at:.1} s INTO the measured window: its figures are of fewer agents",
+                setup.login_first + 1,
+                setup.agents
+            ),
+            Some(None) => println!(
+                "  agents {}–{} NEVER logged in (too few agents got busy): the run had {} agents",
+                setup.login_first + 1,
+                setup.agents,
+                setup.login_first
+            ),
+            None => {}
+        }
         for (message, count) in figures.complaints.iter().take(8) {
             println!("  log {count}× {message}");
         }
