@@ -61,6 +61,8 @@ fn agent_pb(view: AgentView) -> pb::Agent {
         device: view.device.unwrap_or_default(),
         sales_today: view.sales_today,
         calls_today: view.calls_today,
+        ringing_since_ms: view.ringing_since_ms,
+        ringing_queue: view.ringing_queue.unwrap_or_default(),
     }
 }
 

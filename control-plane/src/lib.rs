@@ -19,6 +19,7 @@ pub mod openapi;
 pub mod ratelimit;
 pub mod realtime;
 pub mod rest;
+pub mod ringing;
 pub mod rpc2;
 pub mod service;
 pub mod xmlrpc;

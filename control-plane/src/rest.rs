@@ -275,23 +275,32 @@ struct CallEventBody {
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum CallEventKind {
+    Ringing,
     Answered,
     Ended,
     Missed,
+    RingEnded,
 }
 
 impl CallEventBody {
     /// The event, or a 400 naming the field its kind lacks or does not take.
     fn event(self) -> Result<CallEvent, ControlError> {
         let (kind, fields) = match self.event {
+            CallEventKind::Ringing => ("ringing", "queue"),
             CallEventKind::Answered => ("answered", "queue"),
             CallEventKind::Ended => ("ended", "wrap_up_ms"),
             CallEventKind::Missed => ("missed", "queue and max_misses"),
+            CallEventKind::RingEnded => ("ring_ended", ""),
         };
         let stray = |field: &str| {
+            let send = if fields.is_empty() {
+                "send the event alone".to_owned()
+            } else {
+                format!("send {fields} only")
+            };
             ControlError::invalid(
                 field,
-                format!("the `{kind}` event takes no {field}; send {fields} only"),
+                format!("the `{kind}` event takes no {field}; {send}"),
             )
         };
         let missing = |field: &str, example: &str| {
@@ -301,7 +310,7 @@ impl CallEventBody {
             )
         };
         match self.event {
-            CallEventKind::Answered => {
+            CallEventKind::Ringing | CallEventKind::Answered => {
                 if self.wrap_up_ms.is_some() {
                     return Err(stray("wrap_up_ms"));
                 }
@@ -309,7 +318,23 @@ impl CallEventBody {
                     return Err(stray("max_misses"));
                 }
                 let queue = self.queue.ok_or_else(|| missing("queue", "\"sales\""))?;
-                Ok(CallEvent::Answered { queue })
+                if matches!(self.event, CallEventKind::Ringing) {
+                    Ok(CallEvent::Ringing { queue })
+                } else {
+                    Ok(CallEvent::Answered { queue })
+                }
+            }
+            CallEventKind::RingEnded => {
+                if self.queue.is_some() {
+                    return Err(stray("queue"));
+                }
+                if self.wrap_up_ms.is_some() {
+                    return Err(stray("wrap_up_ms"));
+                }
+                if self.max_misses.is_some() {
+                    return Err(stray("max_misses"));
+                }
+                Ok(CallEvent::RingEnded)
             }
             CallEventKind::Ended => {
                 if self.queue.is_some() {
@@ -377,6 +402,11 @@ async fn call_event(
             "misses_in_row": misses_in_row,
             "paused": paused,
         }),
+        // The ring as the agent views show it.
+        CallEventOutcome::Ringing { since_ms } => {
+            json!({ "agent": agent, "ringing_since_ms": since_ms })
+        }
+        CallEventOutcome::RingEnded => json!({ "agent": agent, "ringing_since_ms": null }),
     })
 }
 

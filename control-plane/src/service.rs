@@ -11,6 +11,8 @@
 //! one number from the store (by primary key), because the lists are not in the view (a
 //! list can be long, and the view is re-read at every agent's state change); the node-agents
 //! cache what they looked up.
+//! Who is being rung is read beside the directory, with the figures: see
+//! [`crate::ringing`].
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
@@ -22,7 +24,7 @@ use callfleet_core::store::directory::MAX_TAGS;
 use callfleet_core::store::{
     Agent, AgentState, AuditEntry, CallEvent, CallEventOutcome, CallOutcome, CallerEntry,
     CredentialsChange, Device, DigestCredentials, DirectorySnapshot, Login, Queue, QueueCounts,
-    QueueMember, Session,
+    QueueMember, Ringing, Session,
 };
 use callfleet_core::{NodeId, NodeStatus, Store};
 use tokio_util::sync::CancellationToken;
@@ -31,6 +33,7 @@ use tracing::{info, warn};
 use crate::auth::{Caller, Tokens};
 use crate::error::ControlError;
 use crate::figures::{FIGURES_EVERY, Figures, STORE_DEADLINE};
+use crate::ringing::Rings;
 
 tokio::task_local! {
     /// Set while a [`Control::batch`] runs: its writes leave the refresh to its end.
@@ -50,6 +53,9 @@ pub struct View {
     version: i64,
     /// When the read finished, to advance the database clock without asking it.
     read_at: Instant,
+    /// When the read started: it shows every write committed before (see
+    /// [`crate::ringing`]).
+    started: Instant,
 }
 
 impl View {
@@ -79,6 +85,11 @@ pub struct AgentView {
     pub calls_today: u32,
     /// Rings of queued calls the agent did not answer today.
     pub missed_today: u32,
+    /// Since when a node rings the agent for a queued call (Unix epoch ms, the store's
+    /// clock); `None` (null) when no ring is in progress.
+    pub ringing_since_ms: Option<i64>,
+    /// The queue whose caller the agent is rung for; `None` (null) when not ringing.
+    pub ringing_queue: Option<String>,
 }
 
 /// The public status of a queue: who can take its calls (from the directory) and its
@@ -144,6 +155,7 @@ pub struct CredentialsInput {
 struct Failing {
     locks: bool,
     store: bool,
+    rings: bool,
 }
 
 /// The longest a write waits for the directory re-read that shows it, before answering.
@@ -167,6 +179,8 @@ pub struct Control {
     refreshing: tokio::sync::Mutex<()>,
     /// The queue status's figures.
     figures: Figures,
+    /// Who is being rung, for the agent lists.
+    rings: Rings,
 }
 
 impl Control {
@@ -189,6 +203,7 @@ impl Control {
             view: RwLock::new(Arc::new(view)),
             refreshing: tokio::sync::Mutex::new(()),
             figures,
+            rings: Rings::default(),
         })
     }
 
@@ -283,10 +298,29 @@ impl Control {
         let queues: Vec<String> = view.directory.queues.iter().map(|q| q.id.clone()).collect();
         drop(view);
         let started = Instant::now();
-        let (waiting, counts) = tokio::join!(
+        let (waiting, counts, rings) = tokio::join!(
             self.figures.read_waiting(&queues),
             tokio::time::timeout(STORE_DEADLINE, self.store.queue_counts_of_day(&day)),
+            tokio::time::timeout(STORE_DEADLINE, self.store.ringing_agents()),
         );
+        match rings {
+            Ok(Ok(rings)) => {
+                self.rings.set_read(started, rings);
+                if failing.rings {
+                    info!("store back: ringing agents read");
+                    failing.rings = false;
+                }
+            }
+            failed if !failing.rings => {
+                let error = match failed {
+                    Ok(Err(err)) => err.to_string(),
+                    _ => format!("no answer within {STORE_DEADLINE:?}"),
+                };
+                warn!(%error, "cannot read the ringing agents: agent lists show the last ones read");
+                failing.rings = true;
+            }
+            _ => {}
+        }
         match waiting {
             Ok(()) if failing.locks => {
                 info!("lock service answers again: queue status shows waiting callers");
@@ -395,10 +429,19 @@ impl Control {
 
     // ---- agents ------------------------------------------------------------------------
 
-    /// Every agent with its state.
+    /// Every agent with its state, and its ring from the newest read (see
+    /// [`crate::ringing`]).
     pub fn list_agents(&self) -> Vec<AgentView> {
         let view = self.view();
-        view.directory.agents.iter().map(agent_view).collect()
+        let rings = self.rings.state();
+        view.directory
+            .agents
+            .iter()
+            .map(|agent| {
+                let ring = rings.ring_of(&agent.id, agent.ringing.as_ref(), view.started);
+                agent_view(agent, ring)
+            })
+            .collect()
     }
 
     /// One agent with its state, read from the store so it is never stale.
@@ -408,6 +451,7 @@ impl Control {
         let session = self.store.session(id).await?;
         let counts = self.store.daily_counts(id, &self.today()).await?;
         let (state, pause_reason) = state_fields(&availability.state);
+        let ring = availability.ringing;
         Ok(AgentView {
             agent,
             state,
@@ -416,6 +460,8 @@ impl Control {
             sales_today: counts.sales,
             calls_today: counts.calls,
             missed_today: counts.missed,
+            ringing_since_ms: ring.as_ref().map(|r| r.since_ms),
+            ringing_queue: ring.map(|r| r.queue),
         })
     }
 
@@ -531,9 +577,10 @@ impl Control {
         Ok(())
     }
 
-    /// Records what a node saw when it rang the agent for a queued call (answered, ended,
-    /// missed), counted on today's date in the configured time zone. With a `request_id`, a
-    /// retry of the same request answers what the first one did and changes nothing.
+    /// Records what a node saw when it rang the agent for a queued call (ringing, answered,
+    /// ended, missed, ring ended), counted on today's date in the configured time zone.
+    /// With a `request_id`, a retry of the same request answers what the first one did and
+    /// changes nothing.
     pub async fn call_event(
         &self,
         caller: &Caller,
@@ -545,6 +592,22 @@ impl Control {
             .store
             .record_call_event(agent, event, &self.today(), &caller.name, request_id)
             .await?;
+        // This instance's lists show the ring (or its end) at once; the others' within a
+        // tick of their figures loop. Every event ends a ring but `ringing`.
+        let ring = match (&outcome, event) {
+            (CallEventOutcome::Ringing { since_ms }, CallEvent::Ringing { queue }) => {
+                Some(Ringing {
+                    since_ms: *since_ms,
+                    queue: queue.clone(),
+                })
+            }
+            _ => None,
+        };
+        self.rings.note(agent, ring);
+        // A ring and its end move no directory version: nothing routing reads changed.
+        if matches!(event, CallEvent::Ringing { .. } | CallEvent::RingEnded) {
+            return Ok(outcome);
+        }
         // Also after a replay, which wrote nothing: the view then shows the first write,
         // which a refresh may not have shown yet.
         self.after_write().await;
@@ -858,7 +921,7 @@ fn state_fields(state: &AgentState) -> (&'static str, Option<String>) {
     (state.as_str(), reason)
 }
 
-fn agent_view(agent: &callfleet_core::store::AgentSnapshot) -> AgentView {
+fn agent_view(agent: &callfleet_core::store::AgentSnapshot, ring: Option<Ringing>) -> AgentView {
     let (state, pause_reason) = state_fields(&agent.state);
     AgentView {
         agent: Agent {
@@ -874,6 +937,8 @@ fn agent_view(agent: &callfleet_core::store::AgentSnapshot) -> AgentView {
         sales_today: agent.sales_today,
         calls_today: agent.calls_today,
         missed_today: agent.missed_today,
+        ringing_since_ms: ring.as_ref().map(|r| r.since_ms),
+        ringing_queue: ring.map(|r| r.queue),
     }
 }
 
@@ -885,6 +950,7 @@ fn day_string(unix_ms: i64, time_zone: &jiff::tz::TimeZone) -> String {
 }
 
 async fn read_view(store: &Store, time_zone: &jiff::tz::TimeZone) -> Result<View, ControlError> {
+    let started = Instant::now();
     // The day comes from the database clock too; a read that straddles midnight reads the
     // new day's counters at the next refresh.
     // Read before the snapshot: a change that lands during the read moves the version
@@ -907,6 +973,7 @@ async fn read_view(store: &Store, time_zone: &jiff::tz::TimeZone) -> Result<View
         today,
         version,
         read_at: Instant::now(),
+        started,
     })
 }
 

@@ -8,6 +8,8 @@
 //! - a CRM's `write` token and a wallboard's `read` token are refused with 403 and change
 //!   nothing: a CRM that could report calls could skew the ring order;
 //! - a report sent again with its `Idempotency-Key` (its answer lost) counts once;
+//! - a ring (`ringing`) shows in the agent's view and the list, without changing its state
+//!   or the candidates, until `answered` or `ring_ended` (or `missed`, `ended`) clears it;
 //! - a wrong body is a 400 that names the field and what to send.
 
 mod support;
@@ -330,6 +332,26 @@ async fn a_wrong_call_event_names_the_field_and_what_to_send() {
             json!({ "event": "ended", "wrap_up_ms": 86_400_001 }),
             "invalid wrap_up_ms: 86400001 ms is longer than a day; send at most 86400000 (0: available at once)",
         ),
+        (
+            json!({ "event": "ringing" }),
+            "invalid queue: the `ringing` event needs queue, e.g. \"queue\": \"sales\"",
+        ),
+        (
+            json!({ "event": "ringing", "queue": "sales", "wrap_up_ms": 0 }),
+            "invalid wrap_up_ms: the `ringing` event takes no wrap_up_ms; send queue only",
+        ),
+        (
+            json!({ "event": "ringing", "queue": "sa les" }),
+            "invalid queue id: `sa les` may only contain ASCII letters, digits, '-', '_' and '.'",
+        ),
+        (
+            json!({ "event": "ring_ended", "queue": "sales" }),
+            "invalid queue: the `ring_ended` event takes no queue; send the event alone",
+        ),
+        (
+            json!({ "event": "ring_ended", "max_misses": 3 }),
+            "invalid max_misses: the `ring_ended` event takes no max_misses; send the event alone",
+        ),
     ];
     for (body, error) in cases {
         let reply = node_report(&server, "1001", None, body.clone(), 400).await;
@@ -340,7 +362,7 @@ async fn a_wrong_call_event_names_the_field_and_what_to_send() {
     for (body, error) in [
         (
             json!({ "event": "hung_up", "queue": "sales" }),
-            "invalid event: unknown variant `hung_up`, expected one of `answered`, `ended`, `missed` at line 1 column 18",
+            "invalid event: unknown variant `hung_up`, expected one of `ringing`, `answered`, `ended`, `missed`, `ring_ended` at line 1 column 18",
         ),
         (
             json!({ "event": "ended", "wrap_up_ms": -1 }),
@@ -381,5 +403,140 @@ async fn a_wrong_call_event_names_the_field_and_what_to_send() {
     );
     // None of it changed the agents.
     assert_eq!(candidates(&server).await, ["1002"]);
+    server.stop().await;
+}
+
+/// `agent`'s view as `GET /agents/{agent}` (read from the store) and the list (from
+/// memory) show it: (state, ringing_since_ms, ringing_queue); panics unless they agree.
+async fn ring_view(server: &Server, agent: &str) -> (Value, Value, Value) {
+    let one = expect(
+        send(
+            server,
+            "GET",
+            &format!("/agents/{agent}"),
+            WALLBOARD,
+            &[],
+            None,
+        )
+        .await,
+        200,
+    );
+    let list = expect(
+        send(server, "GET", "/agents", WALLBOARD, &[], None).await,
+        200,
+    );
+    let listed = list
+        .as_array()
+        .expect("agents")
+        .iter()
+        .find(|a| a["id"] == agent)
+        .expect("listed")
+        .clone();
+    let fields = |view: &Value| {
+        (
+            view["state"].clone(),
+            view["ringing_since_ms"].clone(),
+            view["ringing_queue"].clone(),
+        )
+    };
+    assert_eq!(fields(&one), fields(&listed), "{one} / {listed}");
+    fields(&one)
+}
+
+#[tokio::test]
+async fn a_ring_shows_in_the_agent_s_view_until_what_ends_it() {
+    let server = start().await;
+    let not_ringing = |state: &str| (json!(state), Value::Null, Value::Null);
+    assert_eq!(ring_view(&server, "1001").await, not_ringing("available"));
+
+    // A CRM and a wallboard may not report rings either.
+    let ringing = json!({ "event": "ringing", "queue": "sales" });
+    for token in [CRM, WALLBOARD] {
+        for event in [ringing.clone(), json!({ "event": "ring_ended" })] {
+            expect(report(&server, "1001", token, None, event).await, 403);
+        }
+    }
+    assert_eq!(ring_view(&server, "1001").await, not_ringing("available"));
+
+    // Alice is rung: shown with the ring's start, still available to routing (her lease
+    // keeps other nodes off), the candidates unchanged. A retry answers the same ring.
+    let key = Some("pbx-1-ring-1-ringing");
+    let reply = node_report(&server, "1001", key, ringing.clone(), 200).await;
+    let since = reply["ringing_since_ms"]
+        .as_i64()
+        .expect("ringing_since_ms");
+    assert_eq!(reply, json!({ "agent": "1001", "ringing_since_ms": since }));
+    assert_eq!(
+        node_report(&server, "1001", key, ringing.clone(), 200).await,
+        reply
+    );
+    assert_eq!(
+        ring_view(&server, "1001").await,
+        (json!("available"), json!(since), json!("sales"))
+    );
+    assert_eq!(ring_view(&server, "1002").await, not_ringing("available"));
+    assert_eq!(candidates(&server).await, ["1001", "1002"]);
+
+    // She answers: on a call, the ring cleared.
+    let answered = json!({ "event": "answered", "queue": "sales" });
+    node_report(&server, "1001", None, answered, 200).await;
+    assert_eq!(ring_view(&server, "1001").await, not_ringing("on_call"));
+
+    // Bob is rung and the caller hangs up: the ring ends, nothing is counted.
+    let reply = node_report(&server, "1002", None, ringing.clone(), 200).await;
+    assert_eq!(
+        ring_view(&server, "1002").await,
+        (
+            json!("available"),
+            reply["ringing_since_ms"].clone(),
+            json!("sales")
+        )
+    );
+    let reply = node_report(&server, "1002", None, json!({ "event": "ring_ended" }), 200).await;
+    assert_eq!(reply, json!({ "agent": "1002", "ringing_since_ms": null }));
+    assert_eq!(ring_view(&server, "1002").await, not_ringing("available"));
+    let bob = expect(
+        send(&server, "GET", "/agents/1002", CRM, &[], None).await,
+        200,
+    );
+    assert_eq!(
+        (&bob["calls_today"], &bob["missed_today"]),
+        (&json!(0), &json!(0))
+    );
+    assert_eq!(candidates(&server).await, ["1002"]);
+
+    // Bob is rung again and misses: the miss clears the ring.
+    node_report(&server, "1002", None, ringing, 200).await;
+    let miss = json!({ "event": "missed", "queue": "sales", "max_misses": 3 });
+    node_report(&server, "1002", None, miss, 200).await;
+    assert_eq!(ring_view(&server, "1002").await, not_ringing("available"));
+
+    // Each report has its audit row, the retry none.
+    let audit = expect(
+        send(&server, "GET", "/audit?limit=6", CRM, &[], None).await,
+        200,
+    );
+    let rows: Vec<(&str, &str)> = audit
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|row| {
+            (
+                row["action"].as_str().expect("action"),
+                row["subject"].as_str().expect("subject"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("agent.call_missed", "agent:1002"),
+            ("agent.call_ringing", "agent:1002"),
+            ("agent.ring_ended", "agent:1002"),
+            ("agent.call_ringing", "agent:1002"),
+            ("agent.call_answered", "agent:1001"),
+            ("agent.call_ringing", "agent:1001"),
+        ]
+    );
     server.stop().await;
 }

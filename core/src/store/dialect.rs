@@ -198,8 +198,11 @@ pub(crate) struct DirectorySql {
     pub wrap_up: &'static str,
     /// Binds: agent id. A call ended without wrap-up: available, idle from now.
     pub end_call: &'static str,
-    /// Binds: agent id. Columns: state, reason, until_ms, idle_since_ms, now_ms.
+    /// Binds: agent id. Columns: state, reason, until_ms, idle_since_ms, now_ms,
+    /// ringing_since_ms, ringing_queue.
     pub availability: &'static str,
+    /// Binds: queue id, agent id. The agent is rung from now.
+    pub ring: &'static str,
     /// Binds: actor, action, subject, detail.
     pub insert_audit: &'static str,
     /// Binds: number. Makes the number's row exist (with no attributes) and locks it until
@@ -354,7 +357,12 @@ macro_rules! directory_sql {
             availability: concat!(
                 "SELECT state, reason, until_ms, idle_since_ms, ",
                 $now,
-                " FROM agents WHERE id = ?"
+                ", ringing_since_ms, ringing_queue FROM agents WHERE id = ?"
+            ),
+            ring: concat!(
+                "UPDATE agents SET ringing_since_ms = ",
+                $now,
+                ", ringing_queue = ? WHERE id = ?"
             ),
             remember_answer: concat!(
                 "INSERT INTO request_ids (actor, request_id, action, subject, result, answer, ",
@@ -458,6 +466,7 @@ mod tests {
             (m.unpause, s.unpause),
             (m.wrap_up, s.wrap_up),
             (m.availability, s.availability),
+            (m.ring, s.ring),
             (m.insert_audit, s.insert_audit),
             (m.ensure_caller, s.ensure_caller),
             (m.lock_caller, s.lock_caller),
@@ -471,6 +480,7 @@ mod tests {
         assert_eq!(m.remember_answer.matches('?').count(), 6);
         assert_eq!(m.pause_if_available.matches('?').count(), 2);
         assert_eq!(m.insert_audit.matches('?').count(), 4);
+        assert_eq!(m.ring.matches('?').count(), 2);
         assert_eq!(m.ensure_caller.matches('?').count(), 1);
         assert_eq!(SET_DRAIN.matches('?').count(), 4);
     }

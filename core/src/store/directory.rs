@@ -50,6 +50,16 @@
 //!   the call stays) or missed. Misses in a row pause an available agent with the reason
 //!   `missed` at the queue's limit, so a phone left unattended stops taking the queue's
 //!   callers' turns; an answered call starts the row again.
+//! - The node also reports when it starts ringing an agent and when a ring ends neither
+//!   answered nor missed (the caller hung up, the lease was lost, the fence refused the
+//!   bridge): [`CallEvent::Ringing`] and [`CallEvent::RingEnded`]. This is for supervisors
+//!   ([`Ringing`] in the agent's reads): routing keeps a ringing agent from a second ring by
+//!   the lease in the lock service, so a ring leaves the agent's `state` alone, and these
+//!   two writes (with their audit rows) leave the directory version alone, like the queue
+//!   counters: a ring would otherwise make every control plane re-read the whole directory
+//!   once more per call. Readers read the ringing agents on their own
+//!   ([`Store::ringing_agents`]); an answer, a miss and the end of a call clear the ring
+//!   with the versioned write they are anyway.
 //! - The node that held a queued call reports what became of it ([`CallOutcome`]: answered,
 //!   abandoned, overflowed, with how long the caller waited), counted per queue and day
 //!   ([`QueueCounts`]), an answer within the queue's `service_level_ms` also as answered
@@ -369,6 +379,17 @@ pub struct Availability {
     pub idle_since_ms: i64,
     /// The database clock when this was read, unix ms.
     pub now_ms: i64,
+    /// The ring in progress, if a node reported one ([`CallEvent::Ringing`]).
+    pub ringing: Option<Ringing>,
+}
+
+/// A ring of an agent for a queued call, as the node that rings them reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ringing {
+    /// When the control plane got the report, unix ms of the database clock.
+    pub since_ms: i64,
+    /// The queue whose caller the agent is rung for.
+    pub queue: String,
 }
 
 /// A hot-desk session: an agent logged in on a device.
@@ -437,6 +458,18 @@ pub enum CallEvent {
         /// The queue's limit of misses in a row; at least 1.
         max_misses: u32,
     },
+    /// The node starts ringing the agent for a call of `queue`: [`Ringing`] from now, for
+    /// supervisors. The agent's state, counters and misses stay, and the directory version
+    /// does not move (routing does not need it: the lease keeps other nodes off).
+    Ringing {
+        /// The queue the call came from.
+        queue: String,
+    },
+    /// The ring ended neither answered nor missed (the caller hung up, the lease was lost,
+    /// the fence refused the bridge, Asterisk went away): the ring is cleared, nothing is
+    /// counted. [`CallEvent::Answered`], [`CallEvent::Missed`] and [`CallEvent::Ended`]
+    /// clear it too.
+    RingEnded,
 }
 
 impl CallEvent {
@@ -446,7 +479,14 @@ impl CallEvent {
             Self::Answered { .. } => "agent.call_answered",
             Self::Ended { .. } => "agent.call_ended",
             Self::Missed { .. } => "agent.call_missed",
+            Self::Ringing { .. } => "agent.call_ringing",
+            Self::RingEnded => "agent.ring_ended",
         }
+    }
+
+    /// Whether it changes what routing reads, and so moves the directory version.
+    fn is_versioned(&self) -> bool {
+        !matches!(self, Self::Ringing { .. } | Self::RingEnded)
     }
 }
 
@@ -477,6 +517,13 @@ pub enum CallEventOutcome {
         /// Whether this miss paused the agent.
         paused: bool,
     },
+    /// After [`CallEvent::Ringing`].
+    Ringing {
+        /// When the ring was recorded, unix ms of the database clock.
+        since_ms: i64,
+    },
+    /// After [`CallEvent::RingEnded`].
+    RingEnded,
 }
 
 /// One row of the audit log.
@@ -554,6 +601,9 @@ pub struct AgentSnapshot {
     pub missed_today: u32,
     /// Where the agent is logged in; `None` when they are not (and cannot be rung).
     pub session: Option<Session>,
+    /// The ring in progress as the snapshot read it; not kept current by the directory
+    /// version (see [`Store::ringing_agents`]).
+    pub ringing: Option<Ringing>,
 }
 
 impl AgentSnapshot {
@@ -631,7 +681,15 @@ const COUNTS: &str =
     "SELECT calls, sales, missed FROM daily_counters WHERE agent_id = ? AND day = ?";
 /// Binds: agent id. An answered call also ends the agent's misses in a row.
 const ANSWERED: &str = "UPDATE agents SET state = 'on_call', reason = NULL, until_ms = NULL, \
-     misses_in_row = 0 WHERE id = ?";
+     misses_in_row = 0, ringing_since_ms = NULL, ringing_queue = NULL WHERE id = ?";
+/// Binds: agent id. Columns: ringing_since_ms, ringing_queue.
+const RINGING_OF: &str = "SELECT ringing_since_ms, ringing_queue FROM agents WHERE id = ?";
+/// Binds: agent id.
+const END_RING: &str =
+    "UPDATE agents SET ringing_since_ms = NULL, ringing_queue = NULL WHERE id = ?";
+/// Columns: id, ringing_since_ms, ringing_queue; the agents being rung (by the index).
+const RINGING_AGENTS: &str = "SELECT id, ringing_since_ms, ringing_queue FROM agents \
+     WHERE ringing_since_ms IS NOT NULL";
 const ADD_MISS_IN_ROW: &str = "UPDATE agents SET misses_in_row = misses_in_row + 1 WHERE id = ?";
 const MISSES_IN_ROW: &str = "SELECT misses_in_row FROM agents WHERE id = ?";
 const RESET_MISSES_IN_ROW: &str = "UPDATE agents SET misses_in_row = 0 WHERE id = ?";
@@ -641,7 +699,7 @@ const LIST_AUDIT: &str = "SELECT id, at_ms, actor, action, subject, detail FROM 
 const SNAPSHOT_AGENTS: &str = "SELECT a.id, a.name, a.tags, a.daily_cap, a.enabled, \
      a.state, a.reason, a.until_ms, a.idle_since_ms, \
      COALESCE(c.calls, 0), COALESCE(c.sales, 0), s.device_id, d.endpoint, s.since_ms, \
-     COALESCE(c.missed, 0) \
+     COALESCE(c.missed, 0), a.ringing_since_ms, a.ringing_queue \
      FROM agents a \
      LEFT JOIN sessions s ON s.agent_id = a.id \
      LEFT JOIN devices d ON d.id = s.device_id \
@@ -1440,6 +1498,7 @@ impl Store {
                     state: state_from_row(&row, 0)?,
                     idle_since_ms: row.try_get(3)?,
                     now_ms: row.try_get(4)?,
+                    ringing: ringing_from_row(&row, 5)?,
                 })
             })
             .transpose()?
@@ -1583,7 +1642,10 @@ impl Store {
         match event {
             // The queue is only recorded, not looked up: a call rung from a queue that was
             // deleted meanwhile still happened, and the agent's state must say so.
-            CallEvent::Answered { queue } => check_id("queue id", queue)?,
+            CallEvent::Answered { queue } | CallEvent::Ringing { queue } => {
+                check_id("queue id", queue)?;
+            }
+            CallEvent::RingEnded => {}
             CallEvent::Missed { queue, max_misses } => {
                 check_id("queue id", queue)?;
                 if *max_misses == 0 {
@@ -1609,7 +1671,10 @@ impl Store {
         let sql = self.directory_sql();
         let action = event.action();
         let agent_subject = subject("agent", agent);
-        write_tx!(self, tx => {
+        // A ring and its end leave the version alone (see the module's documentation):
+        // the control planes read the ringing agents on their own.
+        let versioned = event.is_versioned();
+        write_tx!(@run self, tx, versioned, {
             let previous = lock_agent_state!(tx, sql, agent);
             if let Some(request_id) = request_id
                 && let Some((_, answer)) =
@@ -1638,6 +1703,7 @@ impl Store {
                     (CallEventOutcome::Answered { calls_today: calls }, detail)
                 }
                 CallEvent::Ended { wrap_up } => {
+                    sqlx::query(q(END_RING)).bind(agent).execute(&mut *tx).await?;
                     let ms = i64::try_from(wrap_up.as_millis()).expect("a day fits in i64 ms");
                     // Only a call ends here: a pause a supervisor set during the call (or
                     // anything else written since) is newer than the call and stays.
@@ -1663,6 +1729,7 @@ impl Store {
                     (CallEventOutcome::Ended { state }, detail)
                 }
                 CallEvent::Missed { queue, max_misses } => {
+                    sqlx::query(q(END_RING)).bind(agent).execute(&mut *tx).await?;
                     sqlx::query(q(sql.count_missed))
                         .bind(agent)
                         .bind(day)
@@ -1707,6 +1774,31 @@ impl Store {
                     };
                     (outcome, detail)
                 }
+                CallEvent::Ringing { queue } => {
+                    sqlx::query(q(sql.ring))
+                        .bind(queue)
+                        .bind(agent)
+                        .execute(&mut *tx)
+                        .await?;
+                    let row = sqlx::query(q(RINGING_OF)).bind(agent).fetch_one(&mut *tx).await?;
+                    let since_ms: i64 = row.try_get(0)?;
+                    let detail = json!({ "queue": queue, "since_ms": since_ms, "previous": previous });
+                    (CallEventOutcome::Ringing { since_ms }, detail)
+                }
+                CallEvent::RingEnded => {
+                    // What the ring was, for the audit row: a node that reports the end of a
+                    // ring the store never saw start (its `ringing` refused, say) shows as
+                    // one without.
+                    let row = sqlx::query(q(RINGING_OF)).bind(agent).fetch_one(&mut *tx).await?;
+                    let ring = ringing_from_row(&row, 0)?;
+                    sqlx::query(q(END_RING)).bind(agent).execute(&mut *tx).await?;
+                    let detail = json!({
+                        "ringing_since_ms": ring.as_ref().map(|r| r.since_ms),
+                        "queue": ring.map(|r| r.queue),
+                        "previous": previous,
+                    });
+                    (CallEventOutcome::RingEnded, detail)
+                }
             };
             audit(sql, actor, action, &agent_subject, &detail)
                 .execute(&mut *tx)
@@ -1715,7 +1807,9 @@ impl Store {
                 let result = match &outcome {
                     CallEventOutcome::Answered { calls_today } => *calls_today,
                     CallEventOutcome::Missed { missed_today, .. } => *missed_today,
-                    CallEventOutcome::Ended { .. } => 0,
+                    CallEventOutcome::Ended { .. }
+                    | CallEventOutcome::Ringing { .. }
+                    | CallEventOutcome::RingEnded => 0,
                 };
                 let answer = serde_json::to_string(&outcome).expect("outcomes serialize");
                 remember_answer!(
@@ -1917,6 +2011,22 @@ impl Store {
             sqlx::query_scalar(q(DIRECTORY_VERSION)).fetch_one(pool).await?
         });
         Ok(version.unwrap_or(0))
+    }
+
+    /// Every agent being rung now, by id (one indexed query). The rings move no directory
+    /// version (see the module's documentation), so a reader that shows them reads this
+    /// on its own, and takes what a later directory read says over an earlier one of these.
+    pub async fn ringing_agents(&self) -> Result<BTreeMap<String, Ringing>, StoreError> {
+        with_pool!(self, pool => {
+            let rows = sqlx::query(q(RINGING_AGENTS)).fetch_all(pool).await?;
+            let mut ringing = BTreeMap::new();
+            for row in &rows {
+                if let Some(ring) = ringing_from_row(row, 1)? {
+                    ringing.insert(row.try_get(0)?, ring);
+                }
+            }
+            Ok(ringing)
+        })
     }
 
     /// The database clock, unix ms: what every freshness and day computation is based on.
@@ -2421,6 +2531,22 @@ where
     }
 }
 
+/// The ring from the columns `ringing_since_ms, ringing_queue` starting at `index`.
+fn ringing_from_row<'r, R>(row: &'r R, index: usize) -> Result<Option<Ringing>, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let since_ms: Option<i64> = row.try_get(index)?;
+    let queue: Option<String> = row.try_get(index + 1)?;
+    Ok(since_ms.map(|since_ms| Ringing {
+        since_ms,
+        queue: queue.unwrap_or_default(),
+    }))
+}
+
 fn agent_from_row<'r, R>(row: &'r R) -> Result<Agent, sqlx::Error>
 where
     R: Row,
@@ -2481,6 +2607,7 @@ where
         sales_today: u32_column(row, 10)?,
         missed_today: u32_column(row, 14)?,
         session,
+        ringing: ringing_from_row(row, 15)?,
         id,
     })
 }

@@ -2172,6 +2172,265 @@ async fn invalid_call_events_are_refused_naming_the_field_and_change_nothing() {
     .await;
 }
 
+fn ringing(queue: &str) -> CallEvent {
+    CallEvent::Ringing {
+        queue: queue.into(),
+    }
+}
+
+/// The ring of `agent` as the agent's read, the ringing agents' read and a snapshot show
+/// it; panics unless all three agree.
+async fn ring_of(store: &Store, agent: &str) -> Option<Ringing> {
+    let read = state(store, agent).await.ringing;
+    let listed = store.ringing_agents().await.expect("ringing agents");
+    assert_eq!(listed.get(agent), read.as_ref(), "{}", store.dialect());
+    let snapshot = store.directory_snapshot(DAY).await.expect("snapshot");
+    assert_eq!(
+        snapshot.agent(agent).expect("agent").ringing,
+        read,
+        "{}",
+        store.dialect()
+    );
+    read
+}
+
+/// The action and detail of the newest audit row.
+async fn last_audit(store: &Store) -> (String, serde_json::Value) {
+    let last = audit(store).await.remove(0);
+    assert_eq!(last.actor, NODE);
+    (last.action, last.detail)
+}
+
+#[tokio::test]
+async fn a_ring_is_recorded_for_supervisors_and_cleared_by_what_ends_it() {
+    on_both(|store| async move {
+        seed(&store).await;
+        store.login("1001", "2001", CRM).await.expect("login");
+        let db = store.dialect();
+        let version = store.directory_version().await.expect("version");
+        let rows = audit(&store).await.len();
+        let before = store.now_ms().await.expect("now");
+        let CallEventOutcome::Ringing { since_ms } = report(&store, "1001", &ringing("sales")).await
+        else {
+            panic!("a ringing outcome on {db}");
+        };
+        let after = store.now_ms().await.expect("now");
+        assert!(
+            (before..=after).contains(&since_ms),
+            "{before} <= {since_ms} <= {after} on {db}"
+        );
+        let sales_ring = Ringing {
+            since_ms,
+            queue: "sales".into(),
+        };
+        assert_eq!(ring_of(&store, "1001").await, Some(sales_ring.clone()));
+        // Routing's state, the counters and the version are left alone.
+        assert_eq!(state(&store, "1001").await.state, AgentState::Available);
+        assert_eq!(
+            store.daily_counts("1001", DAY).await.expect("counts"),
+            DailyCounts::default()
+        );
+        assert_eq!(
+            store.directory_version().await.expect("version"),
+            version,
+            "{db}: a ring does not re-read the directory"
+        );
+        assert_eq!(
+            last_audit(&store).await,
+            (
+                "agent.call_ringing".to_owned(),
+                serde_json::json!({ "queue": "sales", "since_ms": since_ms, "previous": "available" })
+            )
+        );
+        assert_eq!(ring_of(&store, "1002").await, None);
+
+        // Answered ends the ring, with the version move it makes anyway.
+        report(&store, "1001", &answered("sales")).await;
+        assert_eq!(ring_of(&store, "1001").await, None);
+        assert_eq!(state(&store, "1001").await.state, AgentState::OnCall);
+        assert_eq!(
+            store.directory_version().await.expect("version"),
+            version + 1
+        );
+
+        // Missed ends it, and counts the miss.
+        let CallEventOutcome::Ringing { since_ms: support } =
+            report(&store, "1002", &ringing("support")).await
+        else {
+            panic!("a ringing outcome on {db}");
+        };
+        assert_eq!(
+            ring_of(&store, "1002").await,
+            Some(Ringing {
+                since_ms: support,
+                queue: "support".into()
+            })
+        );
+        assert_eq!(
+            report(&store, "1002", &missed("support", 3)).await,
+            missed_outcome(1, 1, false)
+        );
+        assert_eq!(ring_of(&store, "1002").await, None);
+
+        // A ring that ended otherwise (the caller hung up): cleared, nothing counted, the
+        // version left alone.
+        let version = store.directory_version().await.expect("version");
+        let CallEventOutcome::Ringing { since_ms: third } =
+            report(&store, "1003", &ringing("sales")).await
+        else {
+            panic!("a ringing outcome on {db}");
+        };
+        assert_eq!(
+            report(&store, "1003", &CallEvent::RingEnded).await,
+            CallEventOutcome::RingEnded
+        );
+        assert_eq!(ring_of(&store, "1003").await, None);
+        assert_eq!(state(&store, "1003").await.state, AgentState::Available);
+        assert_eq!(
+            store.daily_counts("1003", DAY).await.expect("counts"),
+            DailyCounts::default()
+        );
+        assert_eq!(
+            last_audit(&store).await,
+            (
+                "agent.ring_ended".to_owned(),
+                serde_json::json!({ "ringing_since_ms": third, "queue": "sales", "previous": "available" })
+            )
+        );
+        // The end of a ring the store never saw start is recorded as such.
+        report(&store, "1003", &CallEvent::RingEnded).await;
+        assert_eq!(
+            last_audit(&store).await.1,
+            serde_json::json!({ "ringing_since_ms": null, "queue": null, "previous": "available" })
+        );
+        assert_eq!(
+            store.directory_version().await.expect("version"),
+            version,
+            "{db}: neither a ring nor its end moves the version"
+        );
+
+        // The end of a call clears a ring too; a new ring replaces an old one.
+        report(&store, "1001", &ringing("sales")).await;
+        report(&store, "1001", &ended(0)).await;
+        assert_eq!(ring_of(&store, "1001").await, None);
+        report(&store, "1002", &ringing("sales")).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let CallEventOutcome::Ringing { since_ms: again } =
+            report(&store, "1002", &ringing("support")).await
+        else {
+            panic!("a ringing outcome on {db}");
+        };
+        assert_eq!(
+            ring_of(&store, "1002").await,
+            Some(Ringing {
+                since_ms: again,
+                queue: "support".into()
+            })
+        );
+        let listed: Vec<String> = store
+            .ringing_agents()
+            .await
+            .expect("ringing agents")
+            .into_keys()
+            .collect();
+        assert_eq!(listed, ["1002"]);
+        // One audit row per report: a ring and an answer, a ring and a miss, a ring and two
+        // ends, a ring and an end of call, two rings.
+        assert_eq!(audit(&store).await.len(), rows + 11, "{db}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_ring_retried_with_its_request_id_is_recorded_once() {
+    on_both(|store| async move {
+        seed(&store).await;
+        let once = |event: CallEvent, key: &'static str| {
+            let store = store.clone();
+            async move {
+                store
+                    .record_call_event("1001", &event, DAY, NODE, Some(key))
+                    .await
+            }
+        };
+        let first = once(ringing("sales"), "r-1").await.expect("ringing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            once(ringing("sales"), "r-1").await.expect("retry"),
+            first,
+            "a retry answers the first ring's start"
+        );
+        let CallEventOutcome::Ringing { since_ms } = first else {
+            panic!("ringing: {first:?}");
+        };
+        assert_eq!(
+            state(&store, "1001").await.ringing,
+            Some(Ringing {
+                since_ms,
+                queue: "sales".into()
+            })
+        );
+        for _ in 0..2 {
+            assert_eq!(
+                once(CallEvent::RingEnded, "r-1-end").await.expect("ended"),
+                CallEventOutcome::RingEnded
+            );
+        }
+        assert_eq!(state(&store, "1001").await.ringing, None);
+        let err = once(CallEvent::RingEnded, "r-1")
+            .await
+            .expect_err("reused");
+        assert_eq!(
+            err.to_string(),
+            "invalid request id: `r-1` was used for agent.call_ringing of agent:1001; send a new id for every new request"
+        );
+        let events: Vec<String> = audit(&store)
+            .await
+            .into_iter()
+            .filter(|row| row.subject == "agent:1001")
+            .map(|row| row.action)
+            .collect();
+        assert_eq!(
+            events,
+            ["agent.ring_ended", "agent.call_ringing", "agent.upsert"],
+            "a retry writes nothing"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_invalid_ring_is_refused_naming_the_field_and_changes_nothing() {
+    on_both(|store| async move {
+        seed(&store).await;
+        let rows = audit(&store).await.len();
+        let err = store
+            .record_call_event("1001", &ringing("sa les"), DAY, NODE, None)
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            "invalid queue id: `sa les` may only contain ASCII letters, digits, '-', '_' and '.'"
+        );
+        for event in [ringing("sales"), CallEvent::RingEnded] {
+            let err = store
+                .record_call_event("1009", &event, DAY, NODE, None)
+                .await
+                .expect_err("refused");
+            assert!(
+                matches!(&err, StoreError::NotFound { kind: "agent", id } if id == "1009"),
+                "{err}"
+            );
+        }
+        assert_eq!(audit(&store).await.len(), rows);
+        assert_eq!(
+            store.ringing_agents().await.expect("ringing"),
+            BTreeMap::new()
+        );
+    })
+    .await;
+}
+
 /// Writes the schema of migrations 1 to `version` where `config` points, and `statements`
 /// into it: a store as an older callfleet left it.
 async fn store_of_version(config: &StoreConfig, version: i64, statements: &[&'static str]) {
@@ -3105,6 +3364,63 @@ async fn a_store_of_the_previous_version_migrates_and_lists_no_callers() {
         assert_eq!(
             store.caller_attributes("+4930111").await.expect("read"),
             entry("+4930111", &["vip"]),
+            "{db}"
+        );
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_store_of_the_previous_version_migrates_with_nobody_ringing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for config in [
+        testing::sqlite_config(dir.path()),
+        testing::fresh_mysql_config().await,
+    ] {
+        // The schema and rows of the version before rings were written (migrations 1–8).
+        let statements = [
+            "INSERT INTO agents (id, name, tags, enabled, state, idle_since_ms, misses_in_row) \
+             VALUES ('1001', 'Alice', '[]', 1, 'on_call', 0, 2)",
+            "INSERT INTO caller_attributes (number, attributes) VALUES ('+4930111', '[\"vip\"]')",
+        ];
+        store_of_version(&config, 8, &statements).await;
+
+        let store = Store::connect(&config).await.expect("migrates");
+        let db = store.dialect();
+        let alice = state(&store, "1001").await;
+        assert_eq!(
+            (alice.state, alice.ringing),
+            (AgentState::OnCall, None),
+            "{db}"
+        );
+        assert_eq!(
+            store.ringing_agents().await.expect("ringing"),
+            BTreeMap::new(),
+            "{db}"
+        );
+        assert_eq!(
+            store.caller_attributes("+4930111").await.expect("read"),
+            entry("+4930111", &["vip"]),
+            "{db}"
+        );
+        report(&store, "1001", &ended(0)).await;
+        let CallEventOutcome::Ringing { since_ms } =
+            report(&store, "1001", &ringing("sales")).await
+        else {
+            panic!("a ringing outcome on {db}");
+        };
+        assert_eq!(
+            state(&store, "1001").await.ringing,
+            Some(Ringing {
+                since_ms,
+                queue: "sales".into()
+            }),
+            "{db}"
+        );
+        // The misses in a row of before the migration still count.
+        assert_eq!(
+            report(&store, "1001", &missed("sales", 3)).await,
+            missed_outcome(1, 0, true),
             "{db}"
         );
         store.close().await;

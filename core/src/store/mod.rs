@@ -534,6 +534,11 @@ fn migrator(sql: &Dialect) -> Migrator {
                 "caller attributes",
                 include_str!("migrations/mysql/0008_caller_attributes.sql"),
             ),
+            (
+                9,
+                "ringing",
+                include_str!("migrations/mysql/0009_ringing.sql"),
+            ),
         ]
     } else {
         &[
@@ -573,6 +578,11 @@ fn migrator(sql: &Dialect) -> Migrator {
                 "caller attributes",
                 include_str!("migrations/sqlite/0008_caller_attributes.sql"),
             ),
+            (
+                9,
+                "ringing",
+                include_str!("migrations/sqlite/0009_ringing.sql"),
+            ),
         ]
     };
     let mut migrator = Migrator::with_migrations(
@@ -599,8 +609,8 @@ pub mod directory;
 pub use directory::{
     Agent, AgentSnapshot, AgentState, AuditEntry, Availability, CallEvent, CallEventOutcome,
     CallOutcome, CallerEntry, CredentialsChange, DailyCounts, Device, DigestCredentials,
-    DirectorySnapshot, Login, Queue, QueueCounts, QueueMember, QueueSnapshot, Session, SipDevice,
-    aor_of,
+    DirectorySnapshot, Login, Queue, QueueCounts, QueueMember, QueueSnapshot, Ringing, Session,
+    SipDevice, aor_of,
 };
 
 #[cfg(test)]

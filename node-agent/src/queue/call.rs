@@ -52,6 +52,11 @@ const RING_MARGIN: Duration = Duration::from_secs(2);
 /// At answer, the lease must stay valid at least this much longer for the bridge.
 const FENCE_MARGIN: Duration = Duration::from_millis(200);
 
+/// The longest the lease of a ring that ended neither answered nor missed waits for the
+/// control plane to acknowledge `ring_ended` before it is released (see
+/// [`QueueCalls::ring`]).
+const RING_ENDED_WAIT: Duration = Duration::from_secs(2);
+
 /// Protections a test switches off (comma-separated names) to show each is what keeps its
 /// scenario safe. `private_leases`: every caller leases its own copy of each agent, so the
 /// lock service never sees two callers want the same agent. `no_ring_cancel`: a ring whose
@@ -468,6 +473,12 @@ impl QueueCalls {
     }
 
     /// Rings `candidate` under `keeper`'s lease and settles the agent's state afterwards.
+    ///
+    /// The control plane is told of the ring (`ringing`, for supervisors) as the Dial goes
+    /// out, without waiting for it, and of its end: `answered` (at the fence), `missed`, or
+    /// `ring_ended` on every other way a ring ends (the caller hung up, the lease was lost,
+    /// the fence refused the answer, Asterisk went away, Dial failed). A lease too close to
+    /// its end is given back before any of it: that agent is never rung, so nothing is sent.
     async fn ring(
         &self,
         session: &mut Session,
@@ -527,6 +538,11 @@ impl QueueCalls {
                 }
             }
         });
+        // Queued on the ring's line (so `answered`, `missed` or `ring_ended` follow it), not
+        // awaited: the ring never waits for the control plane.
+        drop(events.send(CallEvent::Ringing {
+            queue: queue.to_owned(),
+        }));
         let dialled = session.send(&dial).await;
         watcher.abort();
         self.inner.rings.lock().expect("rings lock").remove(&id);
@@ -604,9 +620,18 @@ impl QueueCalls {
                 hold = hold.max(self.inner.settings.candidates_fresh);
             }
         }
+        // Neither answered nor missed: the ring still shows in the control plane until
+        // `ring_ended`. Its lease is given back once that is acknowledged (or after
+        // RING_ENDED_WAIT, through an outage), so the `ringing` of the agent's next ring,
+        // from any node, lands after it instead of being cleared by it.
+        let ring_ended = (!missed).then(|| events.send(CallEvent::RingEnded));
         if let Some(keeper) = keeper {
+            let release_at = Instant::now() + hold;
             tokio::spawn(async move {
-                tokio::time::sleep(hold).await;
+                if let Some(written) = ring_ended {
+                    let _ = tokio::time::timeout(RING_ENDED_WAIT, written).await;
+                }
+                tokio::time::sleep_until(release_at).await;
                 let _ = keeper.release().await;
             });
         }

@@ -3,12 +3,13 @@
 //!
 //! The events of one ring go out in order on one [`EventLine`]: `ended` must never reach
 //! the control plane before the `answered` it closes, or the agent would stay on a call
-//! for ever. Each event is retried with the same `Idempotency-Key` until the control plane
+//! for ever, nor `ring_ended` before the `ringing` it ends, or supervisors would see the
+//! agent rung long after. Each event is retried with the same `Idempotency-Key` until the control plane
 //! answers, so a retry after a lost answer counts once; the call flow never waits for a
 //! write unless it needs the answer (a miss that paused the agent).
 //!
 //! ```text
-//! ring ─EventLine::send(answered | ended | missed)─▶ one task per ring ─POST /api/v1/agents/{agent}/call-events─▶ control plane
+//! ring ─EventLine::send(ringing | answered | ended | missed | ring_ended)─▶ one task per ring ─POST /api/v1/agents/{agent}/call-events─▶ control plane
 //! call ─queue_outcome(answered | abandoned | overflowed)─▶ a task ─POST /api/v1/queues/{queue}/call-outcomes─▶ control plane
 //! ```
 
@@ -49,6 +50,8 @@ fn event_name(event: &CallEvent) -> &'static str {
         CallEvent::Answered { .. } => "answered",
         CallEvent::Ended { .. } => "ended",
         CallEvent::Missed { .. } => "missed",
+        CallEvent::Ringing { .. } => "ringing",
+        CallEvent::RingEnded => "ring_ended",
     }
 }
 
@@ -65,6 +68,8 @@ fn event_body(event: &CallEvent) -> serde_json::Value {
             "queue": queue,
             "max_misses": max_misses,
         }),
+        CallEvent::Ringing { queue } => json!({ "event": "ringing", "queue": queue }),
+        CallEvent::RingEnded => json!({ "event": "ring_ended" }),
     }
 }
 
@@ -279,6 +284,11 @@ mod tests {
         assert_ne!(key, events.idempotency_key(&long_agent, "r2", "answered"));
         assert_ne!(key, events.idempotency_key(&long_agent, "r1", "ended"));
         assert_ne!(key, events.idempotency_key("b", "r1", "answered"));
+        let ringing = event_name(&CallEvent::Ringing { queue: "q".into() });
+        assert_ne!(
+            events.idempotency_key("b", "r1", ringing),
+            events.idempotency_key("b", "r1", event_name(&CallEvent::RingEnded))
+        );
     }
 
     #[test]
@@ -295,6 +305,16 @@ mod tests {
                 max_misses: 3
             }),
             json!({ "event": "missed", "queue": "sales", "max_misses": 3 })
+        );
+        assert_eq!(
+            event_body(&CallEvent::Ringing {
+                queue: "sales".into()
+            }),
+            json!({ "event": "ringing", "queue": "sales" })
+        );
+        assert_eq!(
+            event_body(&CallEvent::RingEnded),
+            json!({ "event": "ring_ended" })
         );
     }
 }
