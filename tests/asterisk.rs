@@ -1335,6 +1335,9 @@ impl QueueSite {
                 "600000",
                 "-timeout",
                 "900s",
+                // Statistics every second: a carrier killed mid-run leaves what it placed.
+                "-fd",
+                "1",
             ],
         )
     }
@@ -1486,6 +1489,26 @@ impl QueueSite {
         // RFC 3339 UTC with the same precision sorts as text.
         lines.sort_by(|a, b| a["timestamp"].as_str().cmp(&b["timestamp"].as_str()));
         lines
+    }
+
+    /// Today's (answered, abandoned, overflowed) of queue `sales` in its public status.
+    fn queue_figures(&self) -> (u64, u64, u64) {
+        let Some((200, body)) = http(
+            self.control_port,
+            "GET",
+            "/api/v1/queues/sales/status",
+            CRM_TOKEN,
+            "",
+        ) else {
+            return (u64::MAX, u64::MAX, u64::MAX);
+        };
+        let status: serde_json::Value = serde_json::from_str(&body).expect("a status is JSON");
+        let count = |field: &str| status[field].as_u64().unwrap_or(u64::MAX);
+        (
+            count("answered_today"),
+            count("abandoned_today"),
+            count("overflowed_today"),
+        )
     }
 
     /// The agent as the control plane shows it.
@@ -1955,6 +1978,12 @@ fn two_hundred_queued_calls_on_two_nodes_ring_in_order_and_never_twice() {
     eprintln!("VIP callers answered by: {vip_agents:?}");
     assert_eq!(vip_agents.len() as u64, VIP, "VIP callers answered");
     assert_eq!(inversions, 0, "callers rung out of the order they joined");
+    // The queue's figures as the nodes reported each call's outcome to the control plane.
+    wait_until(
+        "every outcome counted in the queue's figures",
+        Duration::from_secs(30),
+        || site.queue_figures() == (total, 0, 0),
+    );
 }
 
 /// Now, as the node-agents' JSON logs write time (RFC 3339, µs, UTC): such strings sort by
@@ -2049,6 +2078,11 @@ fn queued_calls_survive_redis_lock_service_and_control_plane_faults() {
                 == 2 * PER_NODE
         },
     );
+    wait_until(
+        "every outcome counted in the queue's figures",
+        Duration::from_secs(30),
+        || site.queue_figures() == (2 * PER_NODE, 0, 0),
+    );
 }
 
 /// What [`asterisk_killed_under_load`] saw.
@@ -2061,6 +2095,9 @@ struct KilledRun {
     answered: [usize; 2],
     /// Rings and calls the dead node's node-agent saw cut by its Asterisk going away.
     cut: usize,
+    /// Calls the dead node's carrier had placed when it was killed with the node (its
+    /// statistics of the last second).
+    placed_on_the_dead_node: u64,
 }
 
 /// Queued calls on two nodes (40 callers each, one a second; eight agents who answer after
@@ -2098,9 +2135,12 @@ fn asterisk_killed_under_load(pbx_lost_hold: &str) -> KilledRun {
     site.nodes[0].asterisk.process.signal("KILL");
     let _ = site.nodes[0].asterisk.process.child.wait();
     let killed_at = log_time_now();
-    let (_, mut dead_carrier) = carriers.remove(0);
+    let (dead_dir, mut dead_carrier) = carriers.remove(0);
     dead_carrier.signal("KILL");
     let _ = dead_carrier.child.wait();
+    let placed_on_the_dead_node = SippStats::read(&dead_dir.join("stats.csv"))
+        .expect("the killed carrier's statistics")
+        .outgoing;
 
     let (survivor_dir, mut survivor) = carriers.remove(0);
     wait_exit(
@@ -2152,6 +2192,7 @@ fn asterisk_killed_under_load(pbx_lost_hold: &str) -> KilledRun {
         cut: dead_log
             .matches("Asterisk went away during the ring or call")
             .count(),
+        placed_on_the_dead_node,
     }
 }
 
@@ -2164,8 +2205,8 @@ fn asterisk_killed_under_load(pbx_lost_hold: &str) -> KilledRun {
 fn a_node_s_asterisk_killed_under_load_leaves_no_agent_with_two_calls() {
     let run = asterisk_killed_under_load("30s");
     eprintln!(
-        "answered through pbx-0 before its Asterisk was killed: {}, through pbx-1: {}; rings and calls cut: {}",
-        run.answered[0], run.answered[1], run.cut
+        "pbx-0: {} calls placed, {} answered before its Asterisk was killed, {} rings and calls cut; pbx-1: {} answered",
+        run.placed_on_the_dead_node, run.answered[0], run.cut, run.answered[1]
     );
     assert_eq!(
         run.double_rings,
