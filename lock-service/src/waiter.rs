@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::warn;
 
+use crate::backend::MAX_CANDIDATES;
 use crate::client::LeaseKeeper;
 use crate::lease::Lease;
 
@@ -110,13 +111,15 @@ impl Waiter {
 
     /// Asks for the first free of `candidates` (resources in priority order) if it is
     /// this caller's turn. Each call is a new attempt: a retry after an error is a new
-    /// claim, and an attempt whose answer was lost expires unused.
+    /// claim, and an attempt whose answer was lost expires unused. Only the best
+    /// [`MAX_CANDIDATES`] are offered (what one claim may list): a queue with more free
+    /// agents than that still rings its best ones, rather than none.
     pub async fn claim_next(&self, candidates: &[String]) -> Result<Turn, tonic::Status> {
         let attempt = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
         let request = pb::ClaimNextRequest {
             queue: self.queue.clone(),
             waiter: self.id.clone(),
-            candidates: candidates.to_vec(),
+            candidates: candidates[..candidates.len().min(MAX_CANDIDATES)].to_vec(),
             holder: self.id.clone(),
             attempt: format!("{}#{attempt}", self.id),
             validity_ms: millis(self.settings.validity),

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use callfleet_core::config::{LockServiceConfig, UnsafeLockSwitches};
+use callfleet_lock_service::backend::MAX_CANDIDATES;
 use callfleet_lock_service::waiter::{Turn, WaitSettings, Waiter};
 use callfleet_proto::lock::v1 as pb;
 use callfleet_proto::lock::v1::locks_client::LocksClient;
@@ -100,6 +101,39 @@ async fn only_the_head_is_granted_and_the_lease_is_kept_until_released() {
         panic!("b is first once a left");
     };
     assert_eq!(keeper.lease().holder, "pbx-2/b");
+}
+
+/// More free agents than one claim may list (a big queue at the start of a shift): the
+/// best of them is granted, not an error that rings nobody.
+#[tokio::test]
+async fn more_candidates_than_a_claim_may_list_still_grant_the_best() {
+    let (client, _shutdown) = start().await;
+    let (waiter, _) = Waiter::join(client.clone(), short(), "big", "pbx-1/a", 1)
+        .await
+        .expect("join");
+    let many: Vec<String> = (0..=MAX_CANDIDATES).map(|n| format!("agent:{n}")).collect();
+    let Turn::Granted(keeper) = waiter.claim_next(&many).await.expect("a turn") else {
+        panic!("the best free agent is granted");
+    };
+    assert_eq!(keeper.lease().resource, "agent:0");
+    // The negative control: the same list sent as is, which the waiter no longer does.
+    let mut raw = client.clone();
+    let refused = raw
+        .claim_next(pb::ClaimNextRequest {
+            queue: "big".to_owned(),
+            waiter: "pbx-1/a".to_owned(),
+            candidates: many,
+            holder: "pbx-1/a".to_owned(),
+            attempt: "pbx-1/a#raw".to_owned(),
+            validity_ms: 10_000,
+        })
+        .await
+        .expect_err("too many candidates");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        refused.message(),
+        "invalid request: `candidates` must list 1–500 resources in priority order"
+    );
 }
 
 #[tokio::test]

@@ -16,6 +16,10 @@ pub use order::{Next, OrderStatus, Place};
 pub use redis::RedisLocks;
 
 use crate::lease::{Claim, Lease, LockError, validate, validate_attempt, validate_validity};
+
+/// The most candidates one `ClaimFirst` or `ClaimNext` may list: each costs a check in the
+/// claim's one atomic step (one Redis script), which must stay short.
+pub const MAX_CANDIDATES: usize = 500;
 use order::{validate_entry, validate_join, validate_queue, validate_ttl};
 
 /// A lease store.
@@ -64,10 +68,10 @@ impl Locks {
     }
 
     fn validate_candidates(&self, candidates: &[&str], claim: &Claim<'_>) -> Result<(), LockError> {
-        if candidates.is_empty() || candidates.len() > 500 {
-            return Err(LockError::Invalid(
-                "`candidates` must list 1–500 resources in priority order".into(),
-            ));
+        if candidates.is_empty() || candidates.len() > MAX_CANDIDATES {
+            return Err(LockError::Invalid(format!(
+                "`candidates` must list 1–{MAX_CANDIDATES} resources in priority order"
+            )));
         }
         for resource in candidates {
             validate(resource, claim.holder)?;
