@@ -1342,6 +1342,26 @@ impl QueueSite {
         )
     }
 
+    /// [`QueueSite::queued_callers`] on each node (folders `carrier-0`, `carrier-1`…),
+    /// without attributes.
+    fn queued_callers_on_each_node(&self, calls: u32, every: Duration) -> Vec<(PathBuf, Running)> {
+        (0..self.nodes.len())
+            .map(|node| self.queued_callers(&format!("carrier-{node}"), node, calls, every, ""))
+            .collect()
+    }
+
+    /// A lease lost while ringing must have been cut, and no bridge went without the fence:
+    /// the node-agents logged neither.
+    fn assert_no_ring_without_a_lease(&self) {
+        for n in 0..self.nodes.len() {
+            let log = std::fs::read_to_string(self.dir.path().join(format!("pbx-{n}/agent.log")))
+                .expect("the node-agent's log");
+            for unsafe_line in ["could not be hung up", "bridged without the fence"] {
+                assert!(!log.contains(unsafe_line), "pbx-{n}: {unsafe_line}");
+            }
+        }
+    }
+
     /// A SIPp carrier placing `calls` calls to [`SALES_NUMBER`] on node `node`, one every
     /// `every`, each caller talking `talk` once answered; `name` is its folder.
     fn carrier(
@@ -1986,6 +2006,15 @@ fn two_hundred_queued_calls_on_two_nodes_ring_in_order_and_never_twice() {
     );
 }
 
+/// Agents on phones that answer after 1–3 s, talk 2–6 s and hang up
+/// (`agent_phone_hangs_up.xml`), with priorities 1, 2… in the order given.
+fn answering_agents(ids: [&'static str; 8]) -> Vec<(&'static str, i32, &'static str)> {
+    ids.into_iter()
+        .zip(1..)
+        .map(|(agent, priority)| (agent, priority, "agent_phone_hangs_up.xml"))
+        .collect()
+}
+
 /// Now, as the node-agents' JSON logs write time (RFC 3339, µs, UTC): such strings sort by
 /// time.
 fn log_time_now() -> String {
@@ -2002,25 +2031,9 @@ fn log_time_now() -> String {
 #[ignore = "needs Asterisk: run ./scripts/test-asterisk"]
 fn queued_calls_survive_redis_lock_service_and_control_plane_faults() {
     const PER_NODE: u64 = 45;
-    // Eight agents who answer, priorities 1 to 8.
-    let agents: Vec<(&'static str, i32, &str)> =
-        ["901", "902", "903", "904", "905", "906", "907", "908"]
-            .into_iter()
-            .zip(1..)
-            .map(|(agent, priority)| (agent, priority, "agent_phone_hangs_up.xml"))
-            .collect();
+    let agents = answering_agents(["901", "902", "903", "904", "905", "906", "907", "908"]);
     let mut site = QueueSite::start_with(&agents, 2, &[], true);
-    let carriers: Vec<(PathBuf, Running)> = (0..2)
-        .map(|node| {
-            site.queued_callers(
-                &format!("carrier-{node}"),
-                node,
-                PER_NODE as u32,
-                Duration::from_secs(2),
-                "",
-            )
-        })
-        .collect();
+    let carriers = site.queued_callers_on_each_node(PER_NODE as u32, Duration::from_secs(2));
     let mut resumed_after = Vec::new();
     let rung_since = |site: &QueueSite, since: &str| {
         site.queue_log()
@@ -2059,14 +2072,7 @@ fn queued_calls_survive_redis_lock_service_and_control_plane_faults() {
             .map(|(dir, running)| (dir, running, PER_NODE))
             .collect(),
     );
-    // A lease lost while ringing must have been cut; a bridge without the fence never.
-    for n in 0..2 {
-        let log = std::fs::read_to_string(site.dir.path().join(format!("pbx-{n}/agent.log")))
-            .expect("the node-agent's log");
-        for unsafe_line in ["could not be hung up", "bridged without the fence"] {
-            assert!(!log.contains(unsafe_line), "pbx-{n}: {unsafe_line}");
-        }
-    }
+    site.assert_no_ring_without_a_lease();
     wait_until(
         "every call counted in the control plane",
         Duration::from_secs(30),
@@ -2106,12 +2112,7 @@ struct KilledRun {
 /// OK went unanswered. `pbx_lost_hold` goes to the node-agents' `node.queue.pbx_lost_hold`.
 fn asterisk_killed_under_load(pbx_lost_hold: &str) -> KilledRun {
     const PER_NODE: u64 = 40;
-    let agents: Vec<(&'static str, i32, &str)> =
-        ["921", "922", "923", "924", "925", "926", "927", "928"]
-            .into_iter()
-            .zip(1..)
-            .map(|(agent, priority)| (agent, priority, "agent_phone_hangs_up.xml"))
-            .collect();
+    let agents = answering_agents(["921", "922", "923", "924", "925", "926", "927", "928"]);
     let mut site = QueueSite::start(
         &agents,
         2,
@@ -2120,17 +2121,7 @@ fn asterisk_killed_under_load(pbx_lost_hold: &str) -> KilledRun {
             pbx_lost_hold.to_owned(),
         )],
     );
-    let mut carriers: Vec<(PathBuf, Running)> = (0..2)
-        .map(|node| {
-            site.queued_callers(
-                &format!("carrier-{node}"),
-                node,
-                PER_NODE as u32,
-                Duration::from_secs(1),
-                "",
-            )
-        })
-        .collect();
+    let mut carriers = site.queued_callers_on_each_node(PER_NODE as u32, Duration::from_secs(1));
     std::thread::sleep(Duration::from_secs(20));
     site.nodes[0].asterisk.process.signal("KILL");
     let _ = site.nodes[0].asterisk.process.child.wait();
@@ -2170,13 +2161,7 @@ fn asterisk_killed_under_load(pbx_lost_hold: &str) -> KilledRun {
     };
     let dead_log = std::fs::read_to_string(site.dir.path().join("pbx-0/agent.log"))
         .expect("the node-agent's log");
-    for n in 0..2 {
-        let log = std::fs::read_to_string(site.dir.path().join(format!("pbx-{n}/agent.log")))
-            .expect("the node-agent's log");
-        for unsafe_line in ["could not be hung up", "bridged without the fence"] {
-            assert!(!log.contains(unsafe_line), "pbx-{n}: {unsafe_line}");
-        }
-    }
+    site.assert_no_ring_without_a_lease();
     let run = QueueRun {
         carriers: Vec::new(),
         phones: agents
