@@ -37,9 +37,12 @@
 //!
 //! Knobs (environment): `CALLERS` (2000), `AGENTS` (600), `NODES` (3), `SECONDS_PER_RUN`
 //! (60), `WARMUP_SECONDS` (15), `REPEAT` (3), `TALK_MS` (`2000-6000`), `RING_MS`
-//! (`100-300`), `WRAP_UP` (`1s`), `POLL` (`100ms`: `node.queue.poll`), `LOCKS` (`memory`
-//! or `redis`), `CALLFLEET_BIN` (`target/release/callfleet`), `KEEP` (1: keep each run's
-//! folder, logs included).
+//! (`100-300`), `WRAP_UP` (`1s`), `POLL` (`100ms`: `node.queue.poll`), `LOGIN_FIRST` (500:
+//! agents logged in before the callers arrive, the others once as many are talking or in
+//! wrap-up, since the lock service refuses a `ClaimNext` of more than 500 candidates and
+//! the node-agent sends every free one; 0: all at once), `LOCKS` (`memory` or `redis`),
+//! `CALLFLEET_BIN` (`target/release/callfleet`), `KEEP` (1: keep each run's folder, logs
+//! included).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
