@@ -15,41 +15,17 @@
 //! - a refused token is an outage, not an empty answer;
 //! - the cache holds at most `cached` numbers, dropping the least recently asked.
 
-use std::net::SocketAddr;
+mod support;
+
 use std::time::Duration;
 
-use axum::http::{Method, Request, StatusCode, header};
-use bytes::Bytes;
-use callfleet_core::Store;
-use callfleet_core::config::{ApiToken, ControlPlaneConfig, Role, Secret, StoreConfig};
+use axum::http::{Method, StatusCode};
+use callfleet_core::config::Secret;
 use callfleet_node_agent::queue::callers::{CallerDirectory, CallerLookup, Outcome, Settings};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use serde_json::{Value, json};
+use serde_json::json;
+use support::{CRM, NODE, Plane, rest};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-
-const CRM: &str = "crm-callers-secret-0123456789";
-const NODE: &str = "node-callers-secret-0123456789";
-
-fn control_config() -> ControlPlaneConfig {
-    let token = |name: &str, secret: &str, role| ApiToken {
-        name: name.to_owned(),
-        token: Secret::new(secret),
-        role,
-    };
-    ControlPlaneConfig {
-        tokens: vec![
-            token("crm", CRM, Role::Write),
-            token("node:pbx-1", NODE, Role::Node),
-        ],
-        ..ControlPlaneConfig::default()
-    }
-}
 
 fn settings() -> Settings {
     Settings {
@@ -61,47 +37,9 @@ fn settings() -> Settings {
     }
 }
 
-/// The control plane on a loopback port, on a SQLite store kept across restarts.
-struct Plane {
-    address: SocketAddr,
-    shutdown: CancellationToken,
-    task: JoinHandle<()>,
-    dir: tempfile::TempDir,
-}
-
 impl Plane {
-    async fn run() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        Self::run_in(dir, "127.0.0.1:0").await
-    }
-
-    async fn run_in(dir: tempfile::TempDir, address: &str) -> Self {
-        let store = Store::connect(&StoreConfig {
-            url: format!("sqlite://{}/fleet.db", dir.path().display()),
-            ..StoreConfig::default()
-        })
-        .await
-        .expect("sqlite store");
-        let listener = TcpListener::bind(address).await.expect("bind");
-        let address = listener.local_addr().expect("address");
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        let task = tokio::spawn(async move {
-            callfleet_control_plane::run(&control_config(), store, listener, token)
-                .await
-                .expect("run ends cleanly");
-        });
-        Self {
-            address,
-            shutdown,
-            task,
-            dir,
-        }
-    }
-
     fn directory(&self, token: &str, settings: Settings) -> CallerDirectory {
-        CallerDirectory::new(&format!("http://{}", self.address), token, settings)
-            .expect("directory")
+        CallerDirectory::new(&self.url(), token, settings).expect("directory")
     }
 
     /// Sets `number`'s attributes with the CRM's token.
@@ -110,49 +48,12 @@ impl Plane {
             self.address,
             Method::PUT,
             &format!("/callers/{number}/attributes"),
+            CRM,
             Some(json!({ "attributes": attributes })),
         )
         .await;
         assert_eq!(status, StatusCode::OK, "PUT {number}: {json}");
     }
-
-    /// Stops the control plane; returns its store's folder and address for a restart.
-    async fn stop(self) -> (tempfile::TempDir, SocketAddr) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("stops within 10 s")
-            .expect("server task");
-        (self.dir, self.address)
-    }
-}
-
-/// A REST call with the CRM's token: the status and the JSON body (`null` when empty).
-async fn rest(
-    plane: SocketAddr,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
-    let request = Request::builder()
-        .method(method)
-        .uri(format!("http://{plane}/api/v1{path}"))
-        .header(header::AUTHORIZATION, format!("Bearer {CRM}"))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(body))
-        .expect("request");
-    let answer = client.request(request).await.expect("an answer");
-    let status = answer.status();
-    let bytes = answer.into_body().collect().await.expect("body").to_bytes();
-    let json = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).expect("a JSON body")
-    };
-    (status, json)
 }
 
 /// What a lookup gave: the number, the attributes and the outcome's kind.
@@ -231,7 +132,14 @@ async fn listed_numbers_answer_their_attributes_and_the_cache_follows_a_change_a
         seen(&directory.lookup("+4930123456").await),
         (Some("+4930123456"), vec!["es"], "answered")
     );
-    let (status, _) = rest(plane.address, Method::DELETE, "/callers/+4930123456", None).await;
+    let (status, _) = rest(
+        plane.address,
+        Method::DELETE,
+        "/callers/+4930123456",
+        CRM,
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     tokio::time::sleep(settings().fresh + Duration::from_millis(50)).await;
     assert_eq!(

@@ -19,46 +19,21 @@
 //! middleware that counts and delays requests to `/candidates`. The answers are still the
 //! control plane's.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use axum::http::{Method, Request, StatusCode, header};
-use bytes::Bytes;
+use axum::http::{Method, StatusCode};
 use callfleet_control_plane::Control;
-use callfleet_core::Store;
-use callfleet_core::config::{ApiToken, ControlPlaneConfig, Role, Secret, StoreConfig};
 use callfleet_node_agent::queue::candidates::{
     Candidate, CandidatesError, CandidatesSource, Settings,
 };
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+use support::{NODE, Plane, control_config, crm, rest, store};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-
-const CRM: &str = "crm-secret-0123456789abcdef";
-const NODE: &str = "node-secret-0123456789abcdef";
-
-fn control_config() -> ControlPlaneConfig {
-    let token = |name: &str, secret: &str, role| ApiToken {
-        name: name.to_owned(),
-        token: Secret::new(secret),
-        role,
-    };
-    ControlPlaneConfig {
-        tokens: vec![
-            token("crm", CRM, Role::Write),
-            token("node:pbx-1", NODE, Role::Node),
-        ],
-        ..ControlPlaneConfig::default()
-    }
-}
 
 fn settings() -> Settings {
     Settings {
@@ -77,44 +52,15 @@ struct Gate {
     delay_ms: AtomicU64,
 }
 
-/// The control plane on a loopback port, on a SQLite store kept across restarts.
-struct Plane {
-    address: SocketAddr,
-    shutdown: CancellationToken,
-    task: JoinHandle<()>,
-    gate: Arc<Gate>,
-    dir: tempfile::TempDir,
+impl Gate {
+    fn seen(&self) -> u64 {
+        self.seen.load(Ordering::SeqCst)
+    }
 }
 
 impl Plane {
-    /// `callfleet_control_plane::run`.
-    async fn run() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        Self::run_in(dir, "127.0.0.1:0").await
-    }
-
-    async fn run_in(dir: tempfile::TempDir, address: &str) -> Self {
-        let store = store(&dir).await;
-        let listener = TcpListener::bind(address).await.expect("bind");
-        let address = listener.local_addr().expect("address");
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        let task = tokio::spawn(async move {
-            callfleet_control_plane::run(&control_config(), store, listener, token)
-                .await
-                .expect("run ends cleanly");
-        });
-        Self {
-            address,
-            shutdown,
-            task,
-            gate: Arc::default(),
-            dir,
-        }
-    }
-
     /// The control plane's router, as `run` serves it, behind a counting, delaying gate.
-    async fn gated() -> Self {
+    async fn gated() -> (Self, Arc<Gate>) {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = control_config();
         let control = Arc::new(
@@ -126,59 +72,24 @@ impl Plane {
         let app = callfleet_control_plane::router_with(control.clone(), &config).layer(
             axum::middleware::from_fn_with_state(gate.clone(), count_and_hold),
         );
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let address = listener.local_addr().expect("address");
-        let shutdown = CancellationToken::new();
-        let (stop, refresh) = (shutdown.clone(), shutdown.clone());
-        let task = tokio::spawn(async move {
+        let plane = Self::serve(dir, "127.0.0.1:0", |listener, shutdown| async move {
+            let refresh = shutdown.clone();
             let refresher = tokio::spawn(async move {
                 control.refresh_loop(Duration::from_secs(1), refresh).await;
             });
             axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
+                .with_graceful_shutdown(shutdown.cancelled_owned())
                 .await
                 .expect("serve");
             let _ = refresher.await;
-        });
-        Self {
-            address,
-            shutdown,
-            task,
-            gate,
-            dir,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.address)
+        })
+        .await;
+        (plane, gate)
     }
 
     fn source(&self, settings: Settings) -> CandidatesSource {
         CandidatesSource::new(&self.url(), NODE, settings).expect("source")
     }
-
-    fn seen(&self) -> u64 {
-        self.gate.seen.load(Ordering::SeqCst)
-    }
-
-    /// Stops the control plane; returns its store's folder for a restart.
-    async fn stop(self) -> (tempfile::TempDir, SocketAddr) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("stops within 10 s")
-            .expect("server task");
-        (self.dir, self.address)
-    }
-}
-
-async fn store(dir: &tempfile::TempDir) -> Store {
-    Store::connect(&StoreConfig {
-        url: format!("sqlite://{}/fleet.db", dir.path().display()),
-        ..StoreConfig::default()
-    })
-    .await
-    .expect("sqlite store")
 }
 
 async fn count_and_hold(
@@ -194,41 +105,6 @@ async fn count_and_hold(
         }
     }
     next.run(request).await
-}
-
-/// A REST call with `token`: the status and the JSON body (`null` when empty).
-async fn rest(
-    plane: SocketAddr,
-    method: Method,
-    path: &str,
-    token: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
-    let request = Request::builder()
-        .method(method)
-        .uri(format!("http://{plane}/api/v1{path}"))
-        .header(header::AUTHORIZATION, format!("Bearer {token}"))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(body))
-        .expect("request");
-    let answer = client.request(request).await.expect("an answer");
-    let status = answer.status();
-    let bytes = answer.into_body().collect().await.expect("body").to_bytes();
-    let json = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).expect("a JSON body")
-    };
-    (status, json)
-}
-
-async fn crm(plane: SocketAddr, method: Method, path: &str, body: Option<Value>) -> Value {
-    let (status, json) = rest(plane, method.clone(), path, CRM, body).await;
-    assert!(status.is_success(), "{method} {path}: {status} {json}");
-    json
 }
 
 /// Queue `sales` with four agents logged in: 1001 (priority 2), 1002 (1, tagged vip),
@@ -452,10 +328,10 @@ async fn a_stopped_control_plane_leaves_the_cached_answer_served_stale_with_boun
 
 #[tokio::test]
 async fn twenty_concurrent_asks_share_one_request() {
-    let plane = Plane::gated().await;
+    let (plane, gate) = Plane::gated().await;
     seed(plane.address).await;
     // Held long enough that all twenty ask while it is in flight.
-    plane.gate.delay_ms.store(200, Ordering::SeqCst);
+    gate.delay_ms.store(200, Ordering::SeqCst);
     let source = plane.source(settings());
     let barrier = Arc::new(tokio::sync::Barrier::new(20));
     let asks: Vec<_> = (0..20)
@@ -479,9 +355,9 @@ async fn twenty_concurrent_asks_share_one_request() {
         assert!(!answer.stale);
         lists.push(answer.list);
     }
-    assert_eq!(plane.seen(), 1, "requests that reached the control plane");
+    assert_eq!(gate.seen(), 1, "requests that reached the control plane");
     assert_eq!(source.stats().requests, 1);
-    plane.gate.delay_ms.store(0, Ordering::SeqCst);
+    gate.delay_ms.store(0, Ordering::SeqCst);
     let expected = control_planes_answer(plane.address, "?attributes=fr,vip").await;
     assert!(lists.iter().all(|list| **list == *expected));
     plane.stop().await;
@@ -489,7 +365,7 @@ async fn twenty_concurrent_asks_share_one_request() {
 
 #[tokio::test]
 async fn a_slow_answer_is_cut_at_the_deadline_and_the_cache_answers() {
-    let plane = Plane::gated().await;
+    let (plane, gate) = Plane::gated().await;
     seed(plane.address).await;
     let settings = Settings {
         deadline: Duration::from_millis(300),
@@ -502,7 +378,7 @@ async fn a_slow_answer_is_cut_at_the_deadline_and_the_cache_answers() {
         .expect("first");
     tokio::time::sleep(settings.fresh).await;
 
-    plane.gate.delay_ms.store(3_000, Ordering::SeqCst);
+    gate.delay_ms.store(3_000, Ordering::SeqCst);
     let asked = Instant::now();
     let stale = source
         .candidates::<&str>("sales", &[])
@@ -524,9 +400,9 @@ async fn a_slow_answer_is_cut_at_the_deadline_and_the_cache_answers() {
         .expect_err("nothing cached");
     assert!(asked.elapsed() < Duration::from_millis(50));
     assert!(matches!(err, CandidatesError::Unavailable { .. }), "{err}");
-    assert_eq!(plane.seen(), 2);
+    assert_eq!(gate.seen(), 2);
     assert_eq!((source.stats().requests, source.stats().failures), (2, 1));
-    plane.gate.delay_ms.store(0, Ordering::SeqCst);
+    gate.delay_ms.store(0, Ordering::SeqCst);
     plane.stop().await;
 }
 
@@ -720,9 +596,9 @@ async fn the_cache_keeps_at_most_cached_answers_and_drops_the_least_recently_ask
 
 #[tokio::test]
 async fn an_asker_that_goes_away_mid_request_leaves_the_others_answered() {
-    let plane = Plane::gated().await;
+    let (plane, gate) = Plane::gated().await;
     seed(plane.address).await;
-    plane.gate.delay_ms.store(300, Ordering::SeqCst);
+    gate.delay_ms.store(300, Ordering::SeqCst);
     let source = plane.source(settings());
     // The first asker runs the request; its caller hangs up while it is held.
     let first = {
@@ -740,8 +616,8 @@ async fn an_asker_that_goes_away_mid_request_leaves_the_others_answered() {
     assert!(!answer.stale);
     assert_eq!(agents(&answer.list), ["1002", "1003", "1001", "1004"]);
     // The waiter ran the request again itself: two reached the control plane.
-    assert_eq!(plane.seen(), 2);
+    assert_eq!(gate.seen(), 2);
     assert_eq!(source.stats().requests, 2);
-    plane.gate.delay_ms.store(0, Ordering::SeqCst);
+    gate.delay_ms.store(0, Ordering::SeqCst);
     plane.stop().await;
 }

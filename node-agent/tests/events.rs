@@ -8,60 +8,16 @@
 //! - `answered` behind a `ringing` clears the ring too;
 //! - each event is written once, with its audit row.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::http::{Method, Request, header};
-use bytes::Bytes;
-use callfleet_core::Store;
-use callfleet_core::config::{ApiToken, ControlPlaneConfig, Role, Secret, StoreConfig};
+use axum::http::Method;
 use callfleet_core::store::CallEvent;
 use callfleet_node_agent::queue::events::{AgentEvents, EventAnswer};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-
-const CRM: &str = "crm-events-secret-0123456789abcdef";
-const NODE: &str = "node-events-secret-0123456789abcdef";
-
-fn control_config() -> ControlPlaneConfig {
-    let token = |name: &str, secret: &str, role| ApiToken {
-        name: name.to_owned(),
-        token: Secret::new(secret),
-        role,
-    };
-    ControlPlaneConfig {
-        tokens: vec![
-            token("crm", CRM, Role::Write),
-            token("node:pbx-1", NODE, Role::Node),
-        ],
-        ..ControlPlaneConfig::default()
-    }
-}
-
-/// A REST call with the CRM's token; panics unless it succeeds. The JSON body.
-async fn crm(plane: SocketAddr, method: Method, path: &str, body: Option<Value>) -> Value {
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
-    let request = Request::builder()
-        .method(method.clone())
-        .uri(format!("http://{plane}/api/v1{path}"))
-        .header(header::AUTHORIZATION, format!("Bearer {CRM}"))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(body))
-        .expect("request");
-    let answer = client.request(request).await.expect("an answer");
-    let status = answer.status();
-    let bytes = answer.into_body().collect().await.expect("body").to_bytes();
-    let json: Value = serde_json::from_slice(&bytes).expect("a JSON body");
-    assert!(status.is_success(), "{method} {path}: {status} {json}");
-    json
-}
+use support::{NODE, Plane, crm};
 
 /// (state, ringing_since_ms is a number, ringing_queue) of `agent`.
 async fn ring_of(plane: SocketAddr, agent: &str) -> (Value, bool, Value) {
@@ -75,24 +31,8 @@ async fn ring_of(plane: SocketAddr, agent: &str) -> (Value, bool, Value) {
 
 #[tokio::test]
 async fn a_ring_line_writes_ringing_then_what_ended_it_in_order() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::connect(&StoreConfig {
-        url: format!("sqlite://{}/fleet.db", dir.path().display()),
-        ..StoreConfig::default()
-    })
-    .await
-    .expect("sqlite store");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let plane = listener.local_addr().expect("address");
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn({
-        let token = shutdown.clone();
-        async move {
-            callfleet_control_plane::run(&control_config(), store, listener, token)
-                .await
-                .expect("run ends cleanly");
-        }
-    });
+    let control = Plane::run().await;
+    let plane = control.address;
     for agent in ["1001", "1002"] {
         let body = json!({ "name": format!("agent {agent}") });
         crm(plane, Method::PUT, &format!("/agents/{agent}"), Some(body)).await;
@@ -157,6 +97,5 @@ async fn a_ring_line_writes_ringing_then_what_ended_it_in_order() {
             ("node:pbx-1", "agent.call_ringing", "agent:1001"),
         ]
     );
-    shutdown.cancel();
-    task.await.expect("control plane task");
+    control.stop().await;
 }
