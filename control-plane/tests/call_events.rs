@@ -17,8 +17,8 @@ mod support;
 use callfleet_core::config::ControlPlaneConfig;
 use serde_json::{Value, json};
 use support::{
-    REST_STATUS, Reply, Server, connect_from, crm_wallboard_node_tokens, exchange, expect,
-    json_request, send_json,
+    REST_STATUS, Reply, Server, audit_rows, connect_from, crm_wallboard_node_config, exchange,
+    expect, send_api,
 };
 
 /// Write token of a CRM, named `crm`.
@@ -29,28 +29,7 @@ const WALLBOARD: &str = "wallboard-call-events-secret-0123";
 const NODE: &str = "node-pbx-1-call-events-secret-0123";
 
 fn config() -> ControlPlaneConfig {
-    ControlPlaneConfig {
-        tokens: crm_wallboard_node_tokens(CRM, WALLBOARD, NODE),
-        ..ControlPlaneConfig::default()
-    }
-}
-
-/// Sends `method path` under `/api/v1` with `token`, extra header lines and a JSON body,
-/// on a new connection, and reads the answer.
-async fn send(
-    server: &Server,
-    method: &str,
-    path: &str,
-    token: &str,
-    headers: &[(&str, &str)],
-    body: Option<Value>,
-) -> Reply {
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    send_json(
-        server,
-        &json_request(method, &format!("/api/v1{path}"), token, headers, &body),
-    )
-    .await
+    crm_wallboard_node_config(CRM, WALLBOARD, NODE)
 }
 
 /// Posts a call event of `agent` with `token` (and an Idempotency-Key, if any).
@@ -62,7 +41,7 @@ async fn report(
     event: Value,
 ) -> Reply {
     let headers: Vec<(&str, &str)> = key.map(|k| ("Idempotency-Key", k)).into_iter().collect();
-    send(
+    send_api(
         server,
         "POST",
         &format!("/agents/{agent}/call-events"),
@@ -93,7 +72,7 @@ fn ended(wrap_up_ms: u64) -> Value {
 /// The agents `sales` rings now, best first, as the node-agent reads them.
 async fn candidates(server: &Server) -> Vec<String> {
     let reply = expect(
-        send(server, "GET", "/queues/sales/candidates", NODE, &[], None).await,
+        send_api(server, "GET", "/queues/sales/candidates", NODE, &[], None).await,
         200,
     );
     reply["candidates"]
@@ -126,7 +105,12 @@ async fn start() -> Server {
     {
         let put = |path: String, body: Value| {
             let server = &server;
-            async move { expect(send(server, "PUT", &path, CRM, &[], Some(body)).await, 200) }
+            async move {
+                expect(
+                    send_api(server, "PUT", &path, CRM, &[], Some(body)).await,
+                    200,
+                )
+            }
         };
         put(
             format!("/devices/{device}"),
@@ -139,7 +123,7 @@ async fn start() -> Server {
             json!({ "priority": priority }),
         )
         .await;
-        let login = send(
+        let login = send_api(
             &server,
             "POST",
             &format!("/agents/{agent}/login"),
@@ -184,7 +168,7 @@ async fn a_node_reports_its_calls_and_the_candidates_follow() {
     assert_eq!(reply, json!({ "agent": "1001", "calls_today": 1 }));
     assert_eq!(candidates(&server).await, ["1002"]);
     let alice = expect(
-        send(&server, "GET", "/agents/1001", CRM, &[], None).await,
+        send_api(&server, "GET", "/agents/1001", CRM, &[], None).await,
         200,
     );
     assert_eq!(
@@ -233,7 +217,7 @@ async fn a_node_reports_its_calls_and_the_candidates_follow() {
     );
     assert_eq!(candidates(&server).await, ["1001"]);
     let bob = expect(
-        send(&server, "GET", "/agents/1002", CRM, &[], None).await,
+        send_api(&server, "GET", "/agents/1002", CRM, &[], None).await,
         200,
     );
     assert_eq!(
@@ -255,7 +239,7 @@ async fn a_node_reports_its_calls_and_the_candidates_follow() {
     let ahead = |within_ms: u64| {
         let server = &server;
         async move {
-            send(
+            send_api(
                 server,
                 "GET",
                 &format!("/queues/sales/candidates?within_ms={within_ms}"),
@@ -278,21 +262,10 @@ async fn a_node_reports_its_calls_and_the_candidates_follow() {
 
     // The audit log names the node for every report, and a retry wrote nothing.
     let audit = expect(
-        send(&server, "GET", "/audit?limit=7", CRM, &[], None).await,
+        send_api(&server, "GET", "/audit?limit=7", CRM, &[], None).await,
         200,
     );
-    let rows: Vec<(&str, &str, &str)> = audit
-        .as_array()
-        .expect("rows")
-        .iter()
-        .map(|row| {
-            (
-                row["actor"].as_str().expect("actor"),
-                row["action"].as_str().expect("action"),
-                row["subject"].as_str().expect("subject"),
-            )
-        })
-        .collect();
+    let rows = audit_rows(&audit);
     assert_eq!(
         rows,
         [
@@ -410,7 +383,7 @@ async fn a_wrong_call_event_names_the_field_and_what_to_send() {
 /// memory) show it: (state, ringing_since_ms, ringing_queue); panics unless they agree.
 async fn ring_view(server: &Server, agent: &str) -> (Value, Value, Value) {
     let one = expect(
-        send(
+        send_api(
             server,
             "GET",
             &format!("/agents/{agent}"),
@@ -422,7 +395,7 @@ async fn ring_view(server: &Server, agent: &str) -> (Value, Value, Value) {
         200,
     );
     let list = expect(
-        send(server, "GET", "/agents", WALLBOARD, &[], None).await,
+        send_api(server, "GET", "/agents", WALLBOARD, &[], None).await,
         200,
     );
     let listed = list
@@ -496,7 +469,7 @@ async fn a_ring_shows_in_the_agent_s_view_until_what_ends_it() {
     assert_eq!(reply, json!({ "agent": "1002", "ringing_since_ms": null }));
     assert_eq!(ring_view(&server, "1002").await, not_ringing("available"));
     let bob = expect(
-        send(&server, "GET", "/agents/1002", CRM, &[], None).await,
+        send_api(&server, "GET", "/agents/1002", CRM, &[], None).await,
         200,
     );
     assert_eq!(
@@ -513,19 +486,12 @@ async fn a_ring_shows_in_the_agent_s_view_until_what_ends_it() {
 
     // Each report has its audit row, the retry none.
     let audit = expect(
-        send(&server, "GET", "/audit?limit=6", CRM, &[], None).await,
+        send_api(&server, "GET", "/audit?limit=6", CRM, &[], None).await,
         200,
     );
-    let rows: Vec<(&str, &str)> = audit
-        .as_array()
-        .expect("rows")
-        .iter()
-        .map(|row| {
-            (
-                row["action"].as_str().expect("action"),
-                row["subject"].as_str().expect("subject"),
-            )
-        })
+    let rows: Vec<(&str, &str)> = audit_rows(&audit)
+        .into_iter()
+        .map(|(_, action, subject)| (action, subject))
         .collect();
     assert_eq!(
         rows,

@@ -19,7 +19,7 @@ use callfleet_core::config::ControlPlaneConfig;
 use callfleet_proto::control::v1 as pb;
 use callfleet_proto::control::v1::control_client::ControlClient;
 use serde_json::{Value, json};
-use support::{Reply, Server, crm_wallboard_node_tokens, expect, json_request, send_json};
+use support::{Reply, Server, crm_wallboard_node_config, expect, json_request, send_api};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -34,10 +34,7 @@ const NODE: &str = "node-pbx-1-callers-secret-0123";
 const NUMBER_RULE: &str = "must be 1–20 digits with an optional leading '+' (spaces, '-', '.', '(' and ')' are dropped), such as +4930123456";
 
 fn config() -> ControlPlaneConfig {
-    ControlPlaneConfig {
-        tokens: crm_wallboard_node_tokens(CRM, WALLBOARD, NODE),
-        ..ControlPlaneConfig::default()
-    }
+    crm_wallboard_node_config(CRM, WALLBOARD, NODE)
 }
 
 /// Sends `method path` under `/api/v1` with `token` and a JSON body on a new connection.
@@ -48,12 +45,7 @@ async fn send(
     token: &str,
     body: Option<Value>,
 ) -> Reply {
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    send_json(
-        server,
-        &json_request(method, &format!("/api/v1{path}"), token, &[], &body),
-    )
-    .await
+    send_api(server, method, path, token, &[], body).await
 }
 
 /// The `error` of a REST error answer with `status`.

@@ -54,6 +54,16 @@ pub fn crm_wallboard_node_tokens(crm: &str, wallboard: &str, node: &str) -> Vec<
     ]
 }
 
+/// The config of the tests of queued calls: the defaults with the tokens of
+/// [`crm_wallboard_node_tokens`].
+#[allow(dead_code)] // Not every test crate has a node.
+pub fn crm_wallboard_node_config(crm: &str, wallboard: &str, node: &str) -> ControlPlaneConfig {
+    ControlPlaneConfig {
+        tokens: crm_wallboard_node_tokens(crm, wallboard, node),
+        ..ControlPlaneConfig::default()
+    }
+}
+
 /// Binds a loopback port and spawns `serve` on its listener with a shutdown token: the
 /// address, the token that stops it, and its task.
 pub async fn spawn_on_loopback<F, Fut>(
@@ -115,6 +125,42 @@ pub async fn send_json(server: &Server, request: &str) -> Reply {
         status: answer.status,
         json: serde_json::from_str(&answer.body).unwrap_or(Value::Null),
     }
+}
+
+/// Sends `method path` under `/api/v1` with `token`, the extra header lines `headers` and
+/// the JSON `body`, on a new connection, and reads the answer.
+#[allow(dead_code)] // Not every test crate reads the JSON API.
+pub async fn send_api(
+    server: &Server,
+    method: &str,
+    path: &str,
+    token: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> Reply {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    send_json(
+        server,
+        &json_request(method, &format!("/api/v1{path}"), token, headers, &body),
+    )
+    .await
+}
+
+/// The rows of an audit answer as (actor, action, subject), newest first.
+#[allow(dead_code)] // Not every test crate reads the audit.
+pub fn audit_rows(audit: &Value) -> Vec<(&str, &str, &str)> {
+    audit
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|row| {
+            (
+                row["actor"].as_str().expect("actor"),
+                row["action"].as_str().expect("action"),
+                row["subject"].as_str().expect("subject"),
+            )
+        })
+        .collect()
 }
 
 /// Panics unless `reply` is `status`; returns its JSON.
