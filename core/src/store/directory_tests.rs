@@ -2194,6 +2194,18 @@ async fn ring_of(store: &Store, agent: &str) -> Option<Ringing> {
     read
 }
 
+/// Reports a ring of `agent` from `queue`: the ring the store answered; panics unless it
+/// answered one.
+async fn ring(store: &Store, agent: &str, queue: &str) -> Ringing {
+    let CallEventOutcome::Ringing { since_ms } = report(store, agent, &ringing(queue)).await else {
+        panic!("a ringing outcome on {}", store.dialect());
+    };
+    Ringing {
+        since_ms,
+        queue: queue.into(),
+    }
+}
+
 /// The action and detail of the newest audit row.
 async fn last_audit(store: &Store) -> (String, serde_json::Value) {
     let last = audit(store).await.remove(0);
@@ -2210,19 +2222,13 @@ async fn a_ring_is_recorded_for_supervisors_and_cleared_by_what_ends_it() {
         let version = store.directory_version().await.expect("version");
         let rows = audit(&store).await.len();
         let before = store.now_ms().await.expect("now");
-        let CallEventOutcome::Ringing { since_ms } = report(&store, "1001", &ringing("sales")).await
-        else {
-            panic!("a ringing outcome on {db}");
-        };
+        let sales_ring = ring(&store, "1001", "sales").await;
+        let since_ms = sales_ring.since_ms;
         let after = store.now_ms().await.expect("now");
         assert!(
             (before..=after).contains(&since_ms),
             "{before} <= {since_ms} <= {after} on {db}"
         );
-        let sales_ring = Ringing {
-            since_ms,
-            queue: "sales".into(),
-        };
         assert_eq!(ring_of(&store, "1001").await, Some(sales_ring.clone()));
         // Routing's state, the counters and the version are left alone.
         assert_eq!(state(&store, "1001").await.state, AgentState::Available);
@@ -2254,18 +2260,8 @@ async fn a_ring_is_recorded_for_supervisors_and_cleared_by_what_ends_it() {
         );
 
         // Missed ends it, and counts the miss.
-        let CallEventOutcome::Ringing { since_ms: support } =
-            report(&store, "1002", &ringing("support")).await
-        else {
-            panic!("a ringing outcome on {db}");
-        };
-        assert_eq!(
-            ring_of(&store, "1002").await,
-            Some(Ringing {
-                since_ms: support,
-                queue: "support".into()
-            })
-        );
+        let support = ring(&store, "1002", "support").await;
+        assert_eq!(ring_of(&store, "1002").await, Some(support));
         assert_eq!(
             report(&store, "1002", &missed("support", 3)).await,
             missed_outcome(1, 1, false)
@@ -2275,11 +2271,7 @@ async fn a_ring_is_recorded_for_supervisors_and_cleared_by_what_ends_it() {
         // A ring that ended otherwise (the caller hung up): cleared, nothing counted, the
         // version left alone.
         let version = store.directory_version().await.expect("version");
-        let CallEventOutcome::Ringing { since_ms: third } =
-            report(&store, "1003", &ringing("sales")).await
-        else {
-            panic!("a ringing outcome on {db}");
-        };
+        let third = ring(&store, "1003", "sales").await.since_ms;
         assert_eq!(
             report(&store, "1003", &CallEvent::RingEnded).await,
             CallEventOutcome::RingEnded
@@ -2315,18 +2307,8 @@ async fn a_ring_is_recorded_for_supervisors_and_cleared_by_what_ends_it() {
         assert_eq!(ring_of(&store, "1001").await, None);
         report(&store, "1002", &ringing("sales")).await;
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let CallEventOutcome::Ringing { since_ms: again } =
-            report(&store, "1002", &ringing("support")).await
-        else {
-            panic!("a ringing outcome on {db}");
-        };
-        assert_eq!(
-            ring_of(&store, "1002").await,
-            Some(Ringing {
-                since_ms: again,
-                queue: "support".into()
-            })
-        );
+        let again = ring(&store, "1002", "support").await;
+        assert_eq!(ring_of(&store, "1002").await, Some(again));
         let listed: Vec<String> = store
             .ringing_agents()
             .await
@@ -2470,25 +2452,38 @@ async fn store_of_version(config: &StoreConfig, version: i64, statements: &[&'st
     }
 }
 
-#[tokio::test]
-async fn a_store_of_the_previous_version_migrates_keeping_counters_and_request_ids() {
+/// Runs `scenario` on a store of each backend (SQLite, then a fresh MariaDB database) that
+/// an older callfleet left at migration `version` with `statements`, once opening it has
+/// migrated it.
+async fn on_both_migrated_from<F, Fut>(version: i64, statements: &[&'static str], scenario: F)
+where
+    F: Fn(Store) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let dir = tempfile::tempdir().expect("temp dir");
     for config in [
         testing::sqlite_config(dir.path()),
         testing::fresh_mysql_config().await,
     ] {
-        // The schema and rows of the version before call events (migrations 1–5).
-        let statements = [
-            "INSERT INTO agents (id, name, tags, enabled, state, idle_since_ms) \
-             VALUES ('1001', 'Alice', '[]', 1, 'available', 0)",
-            "INSERT INTO daily_counters (agent_id, day, calls, sales) \
-             VALUES ('1001', '2025-03-14', 4, 2)",
-            "INSERT INTO request_ids (actor, request_id, action, subject, result, at_ms) \
-             VALUES ('crm-main', 'r-1', 'agent.record_sale', 'agent:1001', 2, 0)",
-        ];
-        store_of_version(&config, 5, &statements).await;
-
+        store_of_version(&config, version, statements).await;
         let store = Store::connect(&config).await.expect("migrates");
+        scenario(store.clone()).await;
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_store_of_the_previous_version_migrates_keeping_counters_and_request_ids() {
+    // The schema and rows of the version before call events (migrations 1–5).
+    let statements = [
+        "INSERT INTO agents (id, name, tags, enabled, state, idle_since_ms) \
+         VALUES ('1001', 'Alice', '[]', 1, 'available', 0)",
+        "INSERT INTO daily_counters (agent_id, day, calls, sales) \
+         VALUES ('1001', '2025-03-14', 4, 2)",
+        "INSERT INTO request_ids (actor, request_id, action, subject, result, at_ms) \
+         VALUES ('crm-main', 'r-1', 'agent.record_sale', 'agent:1001', 2, 0)",
+    ];
+    on_both_migrated_from(5, &statements, |store| async move {
         let db = store.dialect();
         assert_eq!(
             store.daily_counts("1001", DAY).await.expect("counts"),
@@ -2513,8 +2508,8 @@ async fn a_store_of_the_previous_version_migrates_keeping_counters_and_request_i
             missed_outcome(1, 1, false),
             "{db}"
         );
-        store.close().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -2952,22 +2947,15 @@ async fn concurrent_call_outcomes_are_all_counted() {
 
 #[tokio::test]
 async fn a_store_of_the_previous_version_migrates_giving_queues_the_default_service_level() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    for config in [
-        testing::sqlite_config(dir.path()),
-        testing::fresh_mysql_config().await,
-    ] {
-        // The schema and rows of the version before queue figures (migrations 1–6).
-        let statements = [
-            "INSERT INTO queues (id, name) VALUES ('sales', 'Sales')",
-            "INSERT INTO agents (id, name, tags, enabled, state, idle_since_ms) \
-             VALUES ('1001', 'Alice', '[]', 1, 'available', 0)",
-            "INSERT INTO daily_counters (agent_id, day, calls, sales, missed) \
-             VALUES ('1001', '2025-03-14', 4, 2, 1)",
-        ];
-        store_of_version(&config, 6, &statements).await;
-
-        let store = Store::connect(&config).await.expect("migrates");
+    // The schema and rows of the version before queue figures (migrations 1–6).
+    let statements = [
+        "INSERT INTO queues (id, name) VALUES ('sales', 'Sales')",
+        "INSERT INTO agents (id, name, tags, enabled, state, idle_since_ms) \
+         VALUES ('1001', 'Alice', '[]', 1, 'available', 0)",
+        "INSERT INTO daily_counters (agent_id, day, calls, sales, missed) \
+         VALUES ('1001', '2025-03-14', 4, 2, 1)",
+    ];
+    on_both_migrated_from(6, &statements, |store| async move {
         let db = store.dialect();
         assert_eq!(
             store.get_queue("sales").await.expect("queue"),
@@ -3001,8 +2989,8 @@ async fn a_store_of_the_previous_version_migrates_giving_queues_the_default_serv
             counts(1, 0, 0, 1),
             "{db}"
         );
-        store.close().await;
-    }
+    })
+    .await;
 }
 
 fn words(items: &[&str]) -> BTreeSet<String> {
@@ -3323,20 +3311,13 @@ async fn concurrent_writers_of_one_new_number_all_succeed_with_one_audit_row_eac
 
 #[tokio::test]
 async fn a_store_of_the_previous_version_migrates_and_lists_no_callers() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    for config in [
-        testing::sqlite_config(dir.path()),
-        testing::fresh_mysql_config().await,
-    ] {
-        // The schema and rows of the version before caller attributes (migrations 1–7).
-        let statements = [
-            "INSERT INTO queues (id, name, service_level_ms) VALUES ('sales', 'Sales', 15000)",
-            "INSERT INTO agents (id, name, tags, enabled, state, idle_since_ms) \
-             VALUES ('1001', 'Alice', '[\"vip\"]', 1, 'available', 0)",
-        ];
-        store_of_version(&config, 7, &statements).await;
-
-        let store = Store::connect(&config).await.expect("migrates");
+    // The schema and rows of the version before caller attributes (migrations 1–7).
+    let statements = [
+        "INSERT INTO queues (id, name, service_level_ms) VALUES ('sales', 'Sales', 15000)",
+        "INSERT INTO agents (id, name, tags, enabled, state, idle_since_ms) \
+         VALUES ('1001', 'Alice', '[\"vip\"]', 1, 'available', 0)",
+    ];
+    on_both_migrated_from(7, &statements, |store| async move {
         let db = store.dialect();
         assert_eq!(
             store
@@ -3366,26 +3347,19 @@ async fn a_store_of_the_previous_version_migrates_and_lists_no_callers() {
             entry("+4930111", &["vip"]),
             "{db}"
         );
-        store.close().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_store_of_the_previous_version_migrates_with_nobody_ringing() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    for config in [
-        testing::sqlite_config(dir.path()),
-        testing::fresh_mysql_config().await,
-    ] {
-        // The schema and rows of the version before rings were written (migrations 1–8).
-        let statements = [
-            "INSERT INTO agents (id, name, tags, enabled, state, idle_since_ms, misses_in_row) \
-             VALUES ('1001', 'Alice', '[]', 1, 'on_call', 0, 2)",
-            "INSERT INTO caller_attributes (number, attributes) VALUES ('+4930111', '[\"vip\"]')",
-        ];
-        store_of_version(&config, 8, &statements).await;
-
-        let store = Store::connect(&config).await.expect("migrates");
+    // The schema and rows of the version before rings were written (migrations 1–8).
+    let statements = [
+        "INSERT INTO agents (id, name, tags, enabled, state, idle_since_ms, misses_in_row) \
+         VALUES ('1001', 'Alice', '[]', 1, 'on_call', 0, 2)",
+        "INSERT INTO caller_attributes (number, attributes) VALUES ('+4930111', '[\"vip\"]')",
+    ];
+    on_both_migrated_from(8, &statements, |store| async move {
         let db = store.dialect();
         let alice = state(&store, "1001").await;
         assert_eq!(
@@ -3404,25 +3378,14 @@ async fn a_store_of_the_previous_version_migrates_with_nobody_ringing() {
             "{db}"
         );
         report(&store, "1001", &ended(0)).await;
-        let CallEventOutcome::Ringing { since_ms } =
-            report(&store, "1001", &ringing("sales")).await
-        else {
-            panic!("a ringing outcome on {db}");
-        };
-        assert_eq!(
-            state(&store, "1001").await.ringing,
-            Some(Ringing {
-                since_ms,
-                queue: "sales".into()
-            }),
-            "{db}"
-        );
+        let rung = ring(&store, "1001", "sales").await;
+        assert_eq!(state(&store, "1001").await.ringing, Some(rung), "{db}");
         // The misses in a row of before the migration still count.
         assert_eq!(
             report(&store, "1001", &missed("sales", 3)).await,
             missed_outcome(1, 0, true),
             "{db}"
         );
-        store.close().await;
-    }
+    })
+    .await;
 }
