@@ -46,8 +46,9 @@ use callfleet_core::store::directory::normalize_caller_number;
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use super::cache::{error_text, evict_least_recent, unusable};
 use crate::provisioning::ProvisioningError;
-use crate::provisioning::upstream::{Failure, Upstream};
+use crate::provisioning::upstream::Upstream;
 
 /// How the directory caches and asks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -375,14 +376,7 @@ impl Inner {
                 Err(err) => Fetched::Failed(format!("answer not understood: {err}")),
             },
             Ok((StatusCode::BAD_REQUEST, body)) => Fetched::Refused(error_text(&body)),
-            Ok((status @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN), body)) => {
-                Fetched::Failed(format!(
-                    "{}: {}; provisioning.token needs a control-plane token with role \"node\"",
-                    Failure::Refused(status),
-                    error_text(&body)
-                ))
-            }
-            Ok((status, _)) => Fetched::Failed(Failure::Status(status).to_string()),
+            Ok((status, body)) => Fetched::Failed(unusable(status, &body)),
             Err(failure) => Fetched::Failed(failure.to_string()),
         };
         let mut cache = self.cache.lock().expect("cache lock");
@@ -426,29 +420,10 @@ impl Inner {
     }
 }
 
-/// The `error` of the control plane's JSON error body, or the body itself.
-fn error_text(body: &[u8]) -> String {
-    #[derive(Deserialize)]
-    struct Error {
-        error: String,
-    }
-    serde_json::from_slice::<Error>(body).map_or_else(
-        |_| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
-        |e| e.error,
-    )
-}
-
 impl Cache {
     /// Drops the least recently asked entry.
     fn evict_one(&mut self) {
-        let oldest = self
-            .entries
-            .iter()
-            .min_by_key(|(_, entry)| entry.used)
-            .map(|(number, _)| number.clone());
-        if let Some(number) = oldest {
-            self.entries.remove(&number);
-        }
+        evict_least_recent(&mut self.entries, |entry| entry.used);
     }
 }
 

@@ -43,8 +43,9 @@ use serde::Deserialize;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
+use super::cache::{error_text, evict_least_recent, unusable};
 use crate::provisioning::ProvisioningError;
-use crate::provisioning::upstream::{Failure, Upstream};
+use crate::provisioning::upstream::Upstream;
 
 /// An agent to ring, as the control plane answers it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -402,14 +403,7 @@ impl Inner {
             },
             Ok((StatusCode::NOT_FOUND, body)) => Outcome::NotFound(error_text(&body)),
             Ok((StatusCode::BAD_REQUEST, body)) => Outcome::Invalid(error_text(&body)),
-            Ok((status @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN), body)) => {
-                failed(format!(
-                    "{}: {}; provisioning.token needs a control-plane token with role \"node\"",
-                    Failure::Refused(status),
-                    error_text(&body)
-                ))
-            }
-            Ok((status, _)) => failed(Failure::Status(status).to_string()),
+            Ok((status, body)) => failed(unusable(status, &body)),
             Err(failure) => failed(failure.to_string()),
         };
         let mut cache = self.cache.lock().expect("cache lock");
@@ -474,18 +468,6 @@ fn failed(reason: String) -> Outcome {
     }
 }
 
-/// The `error` of the control plane's JSON error body, or the body itself.
-fn error_text(body: &[u8]) -> String {
-    #[derive(Deserialize)]
-    struct Error {
-        error: String,
-    }
-    serde_json::from_slice::<Error>(body).map_or_else(
-        |_| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
-        |e| e.error,
-    )
-}
-
 impl Answer {
     fn serve(&self, stale: bool) -> Candidates {
         Candidates {
@@ -500,14 +482,7 @@ impl Cache {
     /// Drops the least recently asked entry. A request in progress for it still answers
     /// its waiters; its answer is just not kept.
     fn evict_one(&mut self) {
-        let oldest = self
-            .entries
-            .iter()
-            .min_by_key(|(_, entry)| entry.used)
-            .map(|(key, _)| key.clone());
-        if let Some(key) = oldest {
-            self.entries.remove(&key);
-        }
+        evict_least_recent(&mut self.entries, |entry| entry.used);
     }
 }
 

@@ -3,6 +3,7 @@
 //! attributes the control plane's caller-number lists give a caller ([`callers`]), and how
 //! what happened to an agent's ring reaches the control plane ([`events`]).
 
+mod cache;
 pub mod call;
 pub mod callers;
 pub mod candidates;
