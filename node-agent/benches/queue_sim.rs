@@ -37,10 +37,11 @@
 //!
 //! Knobs (environment): `CALLERS` (2000), `AGENTS` (600), `NODES` (3), `SECONDS_PER_RUN`
 //! (60), `WARMUP_SECONDS` (15), `REPEAT` (3), `TALK_MS` (`2000-6000`), `RING_MS`
-//! (`100-300`), `WRAP_UP` (`1s`), `POLL` (`100ms`: `node.queue.poll`), `LOGIN_FIRST` (500:
-//! agents logged in before the callers arrive, the others once as many are talking or in
-//! wrap-up, since the lock service refuses a `ClaimNext` of more than 500 candidates and
-//! the node-agent sends every free one; 0: all at once), `LOCKS` (`memory` or `redis`),
+//! (`100-300`), `WRAP_UP` (`1s`), `POLL` (`100ms`: `node.queue.poll`), `LOGIN_FIRST` (0:
+//! every agent logs in before the callers arrive; N: only N, the others once as many are
+//! talking or in wrap-up, for binaries before 1b6fb62, whose node-agent sent every free
+//! candidate to a lock service that refuses a `ClaimNext` of more than 500, so nobody was
+//! rung while more than 500 agents were free), `LOCKS` (`memory` or `redis`),
 //! `CALLFLEET_BIN` (`target/release/callfleet`), `KEEP` (1: keep each run's folder, logs
 //! included).
 
@@ -1251,7 +1252,7 @@ fn main() {
         ring_ms: range_ms("RING_MS", (100, 300)),
         wrap_up: duration("WRAP_UP", "1s"),
         poll: duration("POLL", "100ms"),
-        login_first: match env("LOGIN_FIRST", 500) {
+        login_first: match env("LOGIN_FIRST", 0) {
             0 => usize::MAX,
             n => n,
         },
@@ -1285,7 +1286,7 @@ fn main() {
     );
     if setup.agents > setup.login_first {
         println!(
-            "agents {}–{} log in only once {} others are talking or in wrap-up: the lock service refuses a ClaimNext of more than 500 candidates (lock-service/src/backend/mod.rs) and the node-agent sends every free candidate (node-agent/src/queue/call.rs), so with more than 500 free agents nobody is ever rung (LOGIN_FIRST=0 logs everyone in at once and shows it)",
+            "agents {}–{} log in only once {} others are talking or in wrap-up (LOGIN_FIRST): before 1b6fb62 the node-agent sent every free candidate to a lock service that refuses a ClaimNext of more than 500, so with more than 500 free agents nobody was rung",
             setup.login_first + 1,
             setup.agents,
             setup.agents - setup.login_first
@@ -1322,9 +1323,19 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let cell = |pick: fn(&Figures) -> f64, digits: usize| {
-        let mut values: Vec<f64> = results.iter().map(pick).collect();
+        // A run without a figure (no sample) is left out, and said.
+        let mut values: Vec<f64> = results.iter().map(pick).filter(|v| !v.is_nan()).collect();
+        let missing = results.len() - values.len();
+        if values.is_empty() {
+            return "NaN".to_owned();
+        }
         let (middle, low, high) = median(&mut values);
-        format!("{middle:.digits$} ({low:.digits$}–{high:.digits$})")
+        let of = if missing > 0 {
+            format!(" of {}", values.len())
+        } else {
+            String::new()
+        };
+        format!("{middle:.digits$} ({low:.digits$}–{high:.digits$}{of})")
     };
     println!(
         "| {} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} |",
