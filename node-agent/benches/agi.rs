@@ -29,11 +29,14 @@
 //! `WARMUP_SECONDS` (1, not counted), `SERVER_THREADS` (all CPUs), `LOAD_CPUS` (unset: any;
 //! e.g. `1`: the load process is pinned there with `taskset`).
 
+mod common;
+
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use callfleet_node_agent::agi::{AgiServer, Scripts, Settings};
+use common::{cpu_seconds, env, median};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -42,13 +45,6 @@ use tokio_util::sync::CancellationToken;
 const COMMAND: &[u8] = b"SET VARIABLE CALLFLEET_RESULT pong\n";
 /// Asterisk's captured reply to a `SET VARIABLE`.
 const REPLY: &[u8] = b"200 result=1\n";
-
-fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
-}
 
 /// The captured `route-clean` environment with its script replaced by `ping`.
 fn environment() -> Vec<u8> {
@@ -63,23 +59,6 @@ fn environment() -> Vec<u8> {
     block
         .replace("route-clean?queue=sales\n", "ping\n")
         .into_bytes()
-}
-
-/// CPU seconds (user + system) process `pid` has used, all threads; `/proc/*/stat` counts
-/// in USER_HZ, which is 100 on Linux.
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command name (which may hold spaces) start at state.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
-    match (ticks(11), ticks(12)) {
-        (Some(user), Some(system)) => (user + system) / 100.0,
-        _ => f64::NAN,
-    }
 }
 
 /// CPU seconds the whole box has spent so far (`/proc/stat`, all CPUs): in processes
@@ -335,18 +314,6 @@ fn row(target: &str, load: &str, run: &str, f: &Figures) {
         f.irq_cpu,
         f.other_cpu
     );
-}
-
-/// The median of `values` and their spread.
-fn median(values: &mut [f64]) -> (f64, f64, f64) {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    let middle = if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    };
-    (middle, values[0], values[n - 1])
 }
 
 fn main() {

@@ -45,6 +45,8 @@
 //! `CALLFLEET_BIN` (`target/release/callfleet`), `KEEP` (1: keep each run's folder, logs
 //! included).
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -57,19 +59,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
+use common::{cpu_seconds, env, median};
+
 const CRM_TOKEN: &str = "bench-crm-token-0123456789";
 const NODE_TOKEN: &str = "bench-node-token-0123456789";
 const QUEUE: &str = "sales";
 /// The lock service refuses claims this long after it starts (memory backend) or after
 /// its Redis is new: longer than the leases' 10 s validity plus their 500 ms guard.
 const QUARANTINE: Duration = Duration::from_secs(11);
-
-fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
-}
 
 /// `LOW-HIGH` or `N` milliseconds.
 fn range_ms(name: &str, default: (u64, u64)) -> (u64, u64) {
@@ -104,23 +101,6 @@ fn duration(name: &str, default: &str) -> (String, Duration) {
 }
 
 // ----- processes -----
-
-/// CPU seconds (user + system) process `pid` has used, all threads; `/proc/*/stat` counts
-/// in USER_HZ, which is 100 on Linux.
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command name (which may hold spaces) start at state.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
-    match (ticks(11), ticks(12)) {
-        (Some(user), Some(system)) => (user + system) / 100.0,
-        _ => f64::NAN,
-    }
-}
 
 /// CPU seconds the whole box has spent outside idle and iowait so far (`/proc/stat`).
 fn box_busy_seconds() -> f64 {
@@ -1226,18 +1206,6 @@ fn row(run: &str, f: &Figures) {
     );
 }
 
-/// The median of `values` and their spread.
-fn median(values: &mut [f64]) -> (f64, f64, f64) {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    let middle = if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    };
-    (middle, values[0], values[n - 1])
-}
-
 fn main() {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let setup = Setup {
@@ -1292,15 +1260,7 @@ fn main() {
             setup.agents - setup.login_first
         );
     }
-    println!(
-        "load average before: {}",
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    println!("load average before: {}", load_average());
     println!();
     let mut results = Vec::new();
     let header = "| run | rings/s | answered/s | double rings | order inversions (load's arrival order) | max skip ms | inversions in the lock service's order | rung in wrap-up | free→ring p50 ms | p90 ms | p99 ms | max ms | wait at ring p50 s | node-agents CPU s/call | lock service CPU s/call | control plane CPU s/call | load CPU s/call | box CPU/s | other faults |";
@@ -1366,15 +1326,7 @@ fn main() {
         "double ring: a ring for an agent whose previous ring or call had not ended, over the whole run (must be 0). other faults: fence refusals + callers ended unrung + queue sessions not ending `answered` + I/O errors + unexpected commands."
     );
     println!("goal: free→ring p99 <= 300 ms across nodes, double rings 0 (issue 16)");
-    println!(
-        "load average after: {}",
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    println!("load average after: {}", load_average());
     for (n, figures) in results.iter().enumerate() {
         let t = &figures.tally;
         println!();
@@ -1421,4 +1373,14 @@ fn main() {
             println!("  log {count}× {message}");
         }
     }
+}
+
+/// The box's load averages over 1, 5 and 15 minutes, as `/proc/loadavg` gives them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
