@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::carrier::balancer_stopped;
 use support::*;
 
 /// Heartbeats of the test nodes; the balancer trusts a heartbeat for `TTL`.
@@ -243,16 +244,7 @@ impl Balancer {
         );
         let text = self.log_text();
         assert!(status.success(), "balancer exit {status:?}; log:\n{text}");
-        let fields = text
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            // tracing-subscriber's JSON puts fields under `fields`, or at the top level
-            // when events are flattened.
-            .map(|line| match line.get("fields") {
-                Some(fields) if fields.is_object() => fields.clone(),
-                _ => line,
-            })
-            .find(|fields| fields["message"] == "balancer stopped")
+        let fields = balancer_stopped(&text)
             .unwrap_or_else(|| panic!("no `balancer stopped` JSON line in the log:\n{text}"));
         Counters { fields }
     }

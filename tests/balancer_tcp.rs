@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::carrier::balancer_stopped;
 use support::*;
 
 /// A connection that has not completed a message by then is closed (and so is one whose
@@ -206,14 +207,7 @@ impl Balancer {
         let took = start.elapsed();
         let text = self.log_text();
         assert!(status.success(), "balancer exit {status:?}; log:\n{text}");
-        let fields = text
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .map(|line| match line.get("fields") {
-                Some(fields) if fields.is_object() => fields.clone(),
-                _ => line,
-            })
-            .find(|fields| fields["message"] == "balancer stopped")
+        let fields = balancer_stopped(&text)
             .unwrap_or_else(|| panic!("no `balancer stopped` JSON line in the log:\n{text}"));
         (took, fields)
     }

@@ -19,12 +19,12 @@
 
 mod support;
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::carrier::*;
 use support::*;
 
 /// The manager user the node-agent reads call counts as (its secret is made per node, so
@@ -280,41 +280,13 @@ token = \"{NODE_TOKEN}\"\ndeadline = \"300ms\"\n"
     /// Starts the node's balancer (JSON logs, for its counters) and waits for `balancer
     /// ready`; `Err` when its port is taken.
     fn start_balancer(&mut self) -> Result<(), String> {
+        let mut command = callfleet();
+        command
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--log-format", "json", "balancer"]);
         let log = self.dir.join("balancer.log");
-        let mut balancer = Running {
-            child: callfleet()
-                .arg("--config")
-                .arg(&self.config)
-                .args(["--log-format", "json", "balancer"])
-                .stdout(Stdio::null())
-                .stderr(log_file(&log))
-                .spawn()
-                .expect("start callfleet balancer"),
-        };
-        let start = Instant::now();
-        while !read(&log).contains("balancer ready") {
-            if !balancer.alive() {
-                let text = read(&log);
-                if text.contains("cannot listen for SIP") {
-                    return Err(format!(
-                        "the balancer's port {} is taken",
-                        self.balancer_port
-                    ));
-                }
-                panic!(
-                    "the balancer of {} exited before `balancer ready`:\n{text}",
-                    self.id
-                );
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "no `balancer ready` from {} within 20 s:\n{}",
-                self.id,
-                read(&log)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.balancer = Some(balancer);
+        self.balancer = Some(start_balancer(command, &log, &self.id)?);
         Ok(())
     }
 
@@ -328,20 +300,8 @@ token = \"{NODE_TOKEN}\"\ndeadline = \"300ms\"\n"
     /// Stops the balancer with SIGTERM and returns the counters of its `balancer stopped`
     /// line (invites, redirected, local, unavailable, routed …).
     fn stop_balancer(&mut self) -> BalancerCounters {
-        let mut balancer = self.balancer.take().expect("the balancer runs");
-        balancer.signal("TERM");
-        let exit = wait_exit(
-            "the balancer after SIGTERM",
-            &mut balancer,
-            Duration::from_secs(10),
-        );
-        let text = self.balancer_log();
-        assert!(
-            exit.success(),
-            "balancer of {} exit {exit:?}:\n{text}",
-            self.id
-        );
-        BalancerCounters::from_log(&self.id, &text)
+        let balancer = self.balancer.take().expect("the balancer runs");
+        stop_balancer(balancer, &self.dir.join("balancer.log"), &self.id)
     }
 
     /// Kills the node's Asterisk (SIGKILL: the PBX crashed).
@@ -746,215 +706,6 @@ impl Calls {
         let errors = tail(&read(&self.dir.join("errors.log")), 40);
         (exit, stats, errors)
     }
-}
-
-// ---------------------------------------------------------------------------------------
-// The carrier's SBC (Kamailio)
-// ---------------------------------------------------------------------------------------
-
-/// Kamailio running `tests/kamailio/carrier.cfg` on a free loopback port, the balancers
-/// as its failover list.
-struct Carrier {
-    port: u16,
-    log: PathBuf,
-    child: Child,
-}
-
-impl Carrier {
-    /// Starts the SBC in `dir` with `balancers` (their ports) as its failover list, first
-    /// tried first, and waits until it answers. Its port can be taken between the check and
-    /// Kamailio's bind by a test in another process: then it starts on another (3 tries).
-    fn start(dir: &Path, balancers: &[u16]) -> Self {
-        std::fs::create_dir_all(dir.join("run")).expect("Kamailio's folders");
-        let list = dir.join("dispatcher.list");
-        // setid destination flags priority: the higher priority is tried first.
-        let mut text = String::from("# setid destination flags priority\n");
-        for (i, port) in balancers.iter().enumerate() {
-            text.push_str(&format!(
-                "1 sip:127.0.0.1:{port} 0 {}\n",
-                10 * (balancers.len() - i)
-            ));
-        }
-        std::fs::write(&list, text).expect("write the dispatcher list");
-        let log = dir.join("kamailio.log");
-        for _ in 0..3 {
-            let port = free_port();
-            let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kamailio/carrier.cfg");
-            let child = kamailio()
-                .arg("-f")
-                .arg(config)
-                .args(["-l", &format!("udp:127.0.0.1:{port}")])
-                .arg("-A")
-                .arg(format!("DISPATCHER_LIST=\"{}\"", list.display()))
-                .arg("-Y")
-                .arg(dir.join("run"))
-                .arg("-P")
-                .arg(dir.join("kamailio.pid"))
-                .arg("-w")
-                .arg(dir)
-                .args(["-DD", "-E", "-m", "32", "-M", "8"])
-                // Its own process group: Kamailio forks workers, and the group is what is
-                // stopped if the main process does not take them down.
-                .process_group(0)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log_file(&log))
-                .spawn()
-                .expect("start kamailio");
-            let mut carrier = Self {
-                port,
-                log: log.clone(),
-                child,
-            };
-            let start = Instant::now();
-            // Anything but an INVITE gets 405: an answer means it listens.
-            while sip_options_status(port) != Some(405) {
-                if carrier.child.try_wait().expect("try_wait").is_some() {
-                    break;
-                }
-                assert!(
-                    start.elapsed() < Duration::from_secs(15),
-                    "Kamailio does not answer within 15 s:\n{}",
-                    carrier.log_text()
-                );
-            }
-            if carrier.child.try_wait().expect("try_wait").is_none() {
-                return carrier;
-            }
-            let text = carrier.log_text();
-            assert!(
-                text.contains("Address already in use"),
-                "Kamailio exited at start:\n{text}"
-            );
-            eprintln!("the carrier's port {port} is taken; starting it on another");
-        }
-        panic!("Kamailio could not get a free port 3 times");
-    }
-
-    fn log_text(&self) -> String {
-        read(&self.log)
-    }
-
-    /// The `CARRIER-<kind>` lines the configuration logs, as their `key=value` fields.
-    fn events(&self, kind: &str) -> Vec<Event> {
-        let marker = format!("CARRIER-{kind} ");
-        self.log_text()
-            .lines()
-            .filter_map(|line| line.split_once(&marker).map(|(_, rest)| Event::parse(rest)))
-            .collect()
-    }
-}
-
-impl Drop for Carrier {
-    fn drop(&mut self) {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(5) {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // Whatever is left of its process group (workers of a main process that died).
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{pid}")])
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-/// One `CARRIER-…` log line's fields.
-#[derive(Debug, Clone)]
-struct Event {
-    fields: Vec<(String, String)>,
-}
-
-impl Event {
-    fn parse(text: &str) -> Self {
-        let fields = text
-            .split_whitespace()
-            .filter_map(|pair| pair.split_once('='))
-            .map(|(key, value)| (key.to_owned(), value.to_owned()))
-            .collect();
-        Self { fields }
-    }
-
-    fn get(&self, key: &str) -> &str {
-        self.fields
-            .iter()
-            .find(|(k, _)| k == key)
-            .map_or("", |(_, v)| v.as_str())
-    }
-}
-
-/// How many events have each value of `key`, sorted by value.
-fn tally(events: &[Event], key: &str) -> Vec<(String, usize)> {
-    let mut counts = std::collections::BTreeMap::<String, usize>::new();
-    for event in events {
-        *counts.entry(event.get(key).to_owned()).or_default() += 1;
-    }
-    counts.into_iter().collect()
-}
-
-// ---------------------------------------------------------------------------------------
-// Small helpers
-// ---------------------------------------------------------------------------------------
-
-/// The fields of a balancer's final `balancer stopped` JSON line.
-struct BalancerCounters {
-    node: String,
-    fields: Value,
-}
-
-impl BalancerCounters {
-    fn from_log(node: &str, text: &str) -> Self {
-        let fields = text
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .map(|line| match line.get("fields") {
-                Some(fields) if fields.is_object() => fields.clone(),
-                _ => line,
-            })
-            .find(|fields| fields["message"] == "balancer stopped")
-            .unwrap_or_else(|| panic!("no `balancer stopped` line from {node}:\n{text}"));
-        Self {
-            node: node.to_owned(),
-            fields,
-        }
-    }
-
-    /// Asserts each `(counter, value)` exactly.
-    fn assert(&self, expected: &[(&str, u64)]) {
-        for (name, value) in expected {
-            assert_eq!(
-                self.fields[name].as_u64(),
-                Some(*value),
-                "balancer of {}: counter `{name}` in {}",
-                self.node,
-                self.fields
-            );
-        }
-    }
-
-    /// Calls this balancer sent to each node (`node-a=3,node-b=0`).
-    fn routed(&self) -> &str {
-        self.fields["routed"].as_str().unwrap_or_default()
-    }
-}
-
-fn log_file(path: &Path) -> std::fs::File {
-    std::fs::File::create(path).unwrap_or_else(|err| panic!("create {}: {err}", path.display()))
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Everything that explains a failed scenario.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod carrier;
 pub mod redis_server;
 
 /// The binary under test.
@@ -318,6 +319,26 @@ pub fn asterisk_prefix() -> std::path::PathBuf {
     prefix
 }
 
+/// Ends `child`, the leader of a process group of its own (Kamailio, which forks workers):
+/// SIGTERM, up to 5 s for it to exit, then SIGKILL to whatever is left of its group (the
+/// workers of a main process that died).
+pub fn stop_process_group(child: &mut Child) {
+    let pid = child.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        if !matches!(child.try_wait(), Ok(None)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pid}")])
+        .stderr(Stdio::null())
+        .status();
+    let _ = child.wait();
+}
+
 /// Kamailio (Debian package kamailio, `/usr/sbin/kamailio`). Missing, it fails the test.
 pub fn kamailio() -> Command {
     let installed = ["/usr/sbin/kamailio", "/usr/local/sbin/kamailio"]
@@ -530,4 +551,20 @@ pub fn registrations(control_port: u16, device: &str) -> Option<String> {
         &format!("id%20LIKE={device}%3B%40%25"),
     )?;
     (status == 200).then_some(body)
+}
+
+/// A file created at `path` for a process's output.
+pub fn log_file(path: &Path) -> std::fs::File {
+    std::fs::File::create(path).unwrap_or_else(|err| panic!("create {}: {err}", path.display()))
+}
+
+/// The text of `path`, or nothing while there is no such file.
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The last `lines` lines of `text`.
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
