@@ -152,6 +152,19 @@ impl Waiter {
         }
     }
 
+    /// Where this caller stands now, without asking for an agent: the cheap ask of a
+    /// caller behind the head, which a `ClaimNext` with every candidate would only answer
+    /// `not_first`. Keeps the entry alive like a touch.
+    pub async fn place(&self) -> Result<pb::Place, tonic::Status> {
+        let request = pb::TouchRequest {
+            queue: self.queue.clone(),
+            waiter: self.id.clone(),
+            ttl_ms: 0,
+        };
+        let mut client = self.client.clone();
+        within(self.settings.deadline, client.touch(request)).await
+    }
+
     /// The ring failed: back to this caller's original place.
     pub async fn requeue(&self) -> Result<pb::Place, tonic::Status> {
         let request = pb::RequeueRequest {

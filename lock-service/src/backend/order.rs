@@ -154,7 +154,6 @@ struct Wait {
     at: u64,
     ttl: Duration,
     expires: Instant,
-    ringing: bool,
 }
 
 impl Wait {
@@ -167,6 +166,10 @@ impl Wait {
 #[derive(Debug, Default)]
 struct Queue {
     order: BTreeSet<Key>,
+    /// The keys of the ringing entries (as many as agents being rung at most), apart from
+    /// `order` so that a position counts the keys ahead in both sets instead of looking
+    /// every entry ahead up.
+    ringing: BTreeSet<Key>,
     entries: HashMap<String, Wait>,
     /// (expiry, waiter), so purging costs O(expired) as on Redis.
     expiries: BTreeSet<(Instant, String)>,
@@ -181,7 +184,9 @@ impl Queue {
                 break;
             };
             if let Some(wait) = self.entries.remove(&waiter) {
-                self.order.remove(&wait.key(&waiter));
+                let key = wait.key(&waiter);
+                self.order.remove(&key);
+                self.ringing.remove(&key);
             }
         }
     }
@@ -199,11 +204,8 @@ impl Queue {
 
     fn place(&self, waiter: &str) -> Option<Place> {
         let wait = self.entries.get(waiter)?;
-        let ahead = self
-            .order
-            .range(..wait.key(waiter))
-            .filter(|(_, _, other)| self.entries.get(other).is_some_and(|w| !w.ringing))
-            .count();
+        let key = wait.key(waiter);
+        let ahead = self.order.range(..&key).count() - self.ringing.range(..&key).count();
         Some(Place {
             position: ahead as u64 + 1,
             enqueued_at_us: wait.at,
@@ -277,7 +279,6 @@ impl Orders {
                 at: clock_us,
                 ttl,
                 expires: now + ttl,
-                ringing: false,
             };
             q.order.insert(wait.key(waiter));
             q.expiries.insert((wait.expires, waiter.to_owned()));
@@ -308,7 +309,9 @@ impl Orders {
         let Some(wait) = q.entries.remove(waiter) else {
             return false;
         };
-        q.order.remove(&wait.key(waiter));
+        let key = wait.key(waiter);
+        q.order.remove(&key);
+        q.ringing.remove(&key);
         q.expiries.remove(&(wait.expires, waiter.to_owned()));
         if q.entries.is_empty() {
             self.queues.remove(queue);
@@ -327,29 +330,34 @@ impl Orders {
         let q = self
             .queue(queue, now)
             .ok_or_else(|| not_waiting(queue, waiter))?;
-        q.entries
-            .get_mut(waiter)
+        let key = q
+            .entries
+            .get(waiter)
             .ok_or_else(|| not_waiting(queue, waiter))?
-            .ringing = ringing;
+            .key(waiter);
+        if ringing {
+            q.ringing.insert(key);
+        } else {
+            q.ringing.remove(&key);
+        }
         q.place(waiter).ok_or_else(|| not_waiting(queue, waiter))
     }
 
     /// Counts the live entries of `queue` at `now`; `clock_us` is the order's clock then.
-    /// The count walks the entries (in memory: well under a millisecond at
-    /// [`MAX_WAITERS`]); the oldest wait does not: within a band the first non-ringing entry
+    /// The oldest wait does not walk the order: within a band the first non-ringing entry
     /// is the oldest waiting one, and at most `ringing` entries come before it.
     pub(super) fn status(&mut self, queue: &str, now: Instant, clock_us: u64) -> OrderStatus {
         let Some(q) = self.queue(queue, now) else {
             return OrderStatus::default();
         };
-        let ringing = q.entries.values().filter(|w| w.ringing).count() as u64;
+        let ringing = q.ringing.len() as u64;
         let waiting = q.entries.len() as u64 - ringing;
         let mut oldest: Option<u64> = None;
         for band in 0..=MAX_BAND {
             let first = q
                 .order
                 .range((band, 0, String::new())..(band + 1, 0, String::new()))
-                .find(|(_, _, w)| q.entries.get(w).is_some_and(|e| !e.ringing));
+                .find(|key| !q.ringing.contains(*key));
             if let Some((_, at, _)) = first {
                 oldest = Some(oldest.map_or(*at, |o| o.min(*at)));
             }

@@ -322,6 +322,10 @@ impl QueueCalls {
 
         let mut waiter: Option<Waiter> = None;
         let mut enqueued_us = 0;
+        // Where the caller stood at the last answer: behind the head it only asks where
+        // it stands now ([`Waiter::place`]), since ClaimNext would answer `not_first` to
+        // the whole candidate list it carries.
+        let mut position = 1;
         let outcome = |outcome: CallOutcome| {
             self.inner
                 .events
@@ -358,6 +362,7 @@ impl QueueCalls {
                 {
                     Ok((joined, place)) => {
                         enqueued_us = place.enqueued_at_us;
+                        position = place.position;
                         waiter = Some(joined);
                     }
                     Err(status) => {
@@ -367,6 +372,25 @@ impl QueueCalls {
                 }
                 continue;
             };
+            if position > 1 {
+                match current.place().await {
+                    Ok(place) => position = place.position,
+                    Err(status) => {
+                        tracing::debug!(%queue, %waiter_id, %status, "no place");
+                        if status.code() == tonic::Code::FailedPrecondition
+                            && let Some(gone) = waiter.take()
+                        {
+                            gone.forget();
+                        }
+                        idle(&mut session, poll).await?;
+                        continue;
+                    }
+                }
+                if position > 1 {
+                    idle(&mut session, poll_at(position, poll)).await?;
+                    continue;
+                }
+            }
             let list = match self.inner.candidates.candidates(&queue, &attributes).await {
                 Ok(found) => found.list,
                 Err(CandidatesError::Invalid { message, .. }) if !attributes.is_empty() => {
@@ -396,7 +420,8 @@ impl QueueCalls {
             }
             let keeper = match current.claim_next(&resources).await {
                 Ok(Turn::Granted(keeper)) => keeper,
-                Ok(Turn::NotFirst(position)) => {
+                Ok(Turn::NotFirst(behind)) => {
+                    position = behind;
                     idle(&mut session, poll_at(position, poll)).await?;
                     continue;
                 }
@@ -452,14 +477,17 @@ impl QueueCalls {
                     return Ok(());
                 }
                 RingOutcome::NotAnswered => {
-                    if let Some(current) = &waiter
-                        && let Err(status) = current.requeue().await
-                    {
-                        tracing::debug!(%queue, %waiter_id, %status, "requeue failed");
-                        if status.code() == tonic::Code::FailedPrecondition
-                            && let Some(gone) = waiter.take()
-                        {
-                            gone.forget();
+                    if let Some(current) = &waiter {
+                        match current.requeue().await {
+                            Ok(place) => position = place.position,
+                            Err(status) => {
+                                tracing::debug!(%queue, %waiter_id, %status, "requeue failed");
+                                if status.code() == tonic::Code::FailedPrecondition
+                                    && let Some(gone) = waiter.take()
+                                {
+                                    gone.forget();
+                                }
+                            }
                         }
                     }
                 }
