@@ -15,6 +15,7 @@
 //! [`crate::ringing`].
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -161,6 +162,13 @@ struct Failing {
 /// The longest a write waits for the directory re-read that shows it, before answering.
 const REFRESH_WAIT: Duration = Duration::from_secs(2);
 
+/// The least time between two directory re-reads that call events wait for: the nodes
+/// report several events per call, each moving the version, and a re-read per event would
+/// make the control plane re-read the whole directory back to back under load (at 26 calls
+/// a second it spent half a core on it). Events that land within this gap share one re-read;
+/// their answers wait for it (the nodes send them off the call's path).
+const EVENT_REFRESH_GAP: Duration = Duration::from_millis(50);
+
 /// How often the directory is read whole even when its version did not move.
 const FULL_READ_EVERY: Duration = Duration::from_secs(60);
 
@@ -177,6 +185,11 @@ pub struct Control {
     view: RwLock<Arc<View>>,
     /// Serialises refreshes, so writes that land together share one re-read.
     refreshing: tokio::sync::Mutex<()>,
+    /// Refreshes started so far, each counted before it reads the version: a write that
+    /// committed before the count moved is covered by that refresh.
+    refreshes: AtomicU64,
+    /// When the last refresh that call events waited for ended ([`EVENT_REFRESH_GAP`]).
+    event_refreshed: std::sync::Mutex<Option<Instant>>,
     /// The queue status's figures.
     figures: Figures,
     /// Who is being rung, for the agent lists.
@@ -202,6 +215,8 @@ impl Control {
             sip_realm: config.sip_realm.clone(),
             view: RwLock::new(Arc::new(view)),
             refreshing: tokio::sync::Mutex::new(()),
+            refreshes: AtomicU64::new(0),
+            event_refreshed: std::sync::Mutex::new(None),
             figures,
             rings: Rings::default(),
         })
@@ -355,6 +370,7 @@ impl Control {
     /// Re-reads the directory if a change was written (by any instance or node) or the
     /// day turned since the last read; otherwise costs one small query.
     async fn refresh_if_changed(&self) -> Result<(), ControlError> {
+        self.refreshes.fetch_add(1, Ordering::SeqCst);
         let current = self.view();
         let version = self.store.directory_version().await?;
         let day = day_string(current.now_ms(), &self.time_zone);
@@ -366,6 +382,7 @@ impl Control {
 
     /// Reads the whole directory and serves it from now on.
     async fn reread(&self) -> Result<(), ControlError> {
+        self.refreshes.fetch_add(1, Ordering::SeqCst);
         let view = read_view(&self.store, &self.time_zone).await?;
         *self.view.write().expect("view lock") = Arc::new(view);
         Ok(())
@@ -405,11 +422,38 @@ impl Control {
     /// Waits for its turn and re-reads the directory unless a refresh that started after
     /// this write (so its version already covers it) got there first.
     async fn refresh_after_write(&self) {
+        self.refresh_after(None).await;
+    }
+
+    /// [`Control::after_write`] for a node's call event: the re-read starts no sooner than
+    /// [`EVENT_REFRESH_GAP`] after the last one events waited for.
+    async fn after_event(&self) {
+        if DEFER_REFRESH.try_with(|dirty| dirty.set(true)).is_ok() {
+            return;
+        }
+        self.refresh_after(Some(EVENT_REFRESH_GAP)).await;
+    }
+
+    async fn refresh_after(&self, gap: Option<Duration>) {
+        let committed = self.refreshes.load(Ordering::SeqCst);
         // The write is committed either way: a refresh that fails or takes longer than
         // REFRESH_WAIT is left to the periodic one, and the caller gets its answer.
         let refreshed = tokio::time::timeout(REFRESH_WAIT, async {
             let _turn = self.refreshing.lock().await;
-            self.refresh_if_changed().await
+            if self.refreshes.load(Ordering::SeqCst) != committed {
+                // One started after the commit while this write waited its turn.
+                return Ok(());
+            }
+            let Some(gap) = gap else {
+                return self.refresh_if_changed().await;
+            };
+            let last = *self.event_refreshed.lock().expect("event refresh lock");
+            if let Some(wait) = last.and_then(|at| gap.checked_sub(at.elapsed())) {
+                tokio::time::sleep(wait).await;
+            }
+            let refreshed = self.refresh_if_changed().await;
+            *self.event_refreshed.lock().expect("event refresh lock") = Some(Instant::now());
+            refreshed
         })
         .await;
         match refreshed {
@@ -610,7 +654,7 @@ impl Control {
         }
         // Also after a replay, which wrote nothing: the view then shows the first write,
         // which a refresh may not have shown yet.
-        self.after_write().await;
+        self.after_event().await;
         Ok(outcome)
     }
 
