@@ -241,6 +241,12 @@ async fn touch_loop(
         match within(settings.deadline, client.touch(request)).await {
             Ok(_) => {}
             // Expired (or Redis lost it): the caller must decide whether to join again.
+            // A touch sent before the caller left lands after its Leave: nothing is lost.
+            Err(status)
+                if status.code() == tonic::Code::FailedPrecondition && stop.is_cancelled() =>
+            {
+                return;
+            }
             Err(status) if status.code() == tonic::Code::FailedPrecondition => {
                 warn!(%queue, waiter = %id, "waiting entry gone from the order");
                 return;
