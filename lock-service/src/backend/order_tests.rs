@@ -885,8 +885,9 @@ async fn redis_keys_of_a_queue_expire_with_its_last_entry() {
 
 /// The status of `queue`, with its oldest wait checked against what the test measured
 /// around the Join of the oldest waiter: at least the time from the Join's answer to the
-/// status request, at most the time from the Join's request to the status answer (1 ms
-/// either way for the clocks' rounding).
+/// status request, at most the time from the Join's request to the status answer (5 ms
+/// either way: Redis measures with its wall clock, the test with its monotonic one, and
+/// on a busy shared host the two were seen 2 ms apart over 300 ms).
 async fn status_waited(
     name: &str,
     locks: &Locks,
@@ -899,7 +900,7 @@ async fn status_waited(
     let high = sent.elapsed().as_millis();
     let waited = u128::from(status.oldest_wait_us / 1000);
     assert!(
-        waited + 1 >= low && waited <= high + 1,
+        waited + 5 >= low && waited <= high + 5,
         "{name}: waited {waited} ms, measured {low}–{high} ms ({status:?})"
     );
     status
