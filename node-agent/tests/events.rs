@@ -6,7 +6,9 @@
 //! - `ring_ended` sent right behind it, without waiting, is written after it (the line
 //!   keeps the order), so the agent ends not ringing;
 //! - `answered` behind a `ringing` clears the ring too;
-//! - each event is written once, with its audit row.
+//! - each event is written once, with its audit row;
+//! - an `ended` held up on its line (here by a control plane that is down) ends the
+//!   wrap-up when the node's does, counted from when it was queued, not from its write.
 
 mod support;
 
@@ -96,6 +98,60 @@ async fn a_ring_line_writes_ringing_then_what_ended_it_in_order() {
             ("node:pbx-1", "agent.ring_ended", "agent:1001"),
             ("node:pbx-1", "agent.call_ringing", "agent:1001"),
         ]
+    );
+    control.stop().await;
+}
+
+fn epoch_ms() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970");
+    i64::try_from(since.as_millis()).expect("ms fit")
+}
+
+#[tokio::test]
+async fn an_ended_held_up_on_its_line_ends_the_wrap_up_counted_from_the_hangup() {
+    const WRAP_UP_MS: i64 = 3_000;
+    const DOWN: Duration = Duration::from_millis(1_500);
+    let control = Plane::run().await;
+    let plane = control.address;
+    let body = json!({ "name": "agent 1001" });
+    crm(plane, Method::PUT, "/agents/1001", Some(body)).await;
+    let (dir, address) = control.stop().await;
+
+    let events = AgentEvents::new(
+        &format!("http://{address}"),
+        NODE,
+        "pbx-1",
+        Duration::from_secs(2),
+    )
+    .expect("events");
+    let line = events.line("1001", "1-8");
+    drop(line.send(CallEvent::Answered {
+        queue: "sales".into(),
+    }));
+    let hung_up_ms = epoch_ms();
+    let ended = line.send(CallEvent::Ended {
+        wrap_up: Duration::from_millis(WRAP_UP_MS as u64),
+    });
+    // Both wait for the control plane; it comes back on the same address and store.
+    tokio::time::sleep(DOWN).await;
+    let control = Plane::run_in(dir, &address.to_string()).await;
+    let answer = ended.await.expect("line").expect("written");
+    let written_ms = epoch_ms();
+    let until_ms = answer.until_ms.expect("ended answers until_ms");
+    // Counted from the write it would end at least DOWN late; counted from the hangup it
+    // ends no earlier than the hangup's wrap-up (the time left was sent after it) and
+    // later only by the write's own way to the store (a few ms of rounding either way:
+    // the time left is measured on the monotonic clock, the end on the store's).
+    assert!(
+        written_ms - hung_up_ms >= DOWN.as_millis() as i64,
+        "the control plane was down"
+    );
+    let late_ms = until_ms - (hung_up_ms + WRAP_UP_MS);
+    assert!(
+        (-5..500).contains(&late_ms),
+        "the wrap-up ends {late_ms} ms after the node's (until_ms {until_ms}, hangup {hung_up_ms})"
     );
     control.stop().await;
 }

@@ -377,11 +377,7 @@ impl QueueCalls {
                     Ok(place) => position = place.position,
                     Err(status) => {
                         tracing::debug!(%queue, %waiter_id, %status, "no place");
-                        if status.code() == tonic::Code::FailedPrecondition
-                            && let Some(gone) = waiter.take()
-                        {
-                            gone.forget();
-                        }
+                        forget_if_gone(&mut waiter, &status);
                         idle(&mut session, poll).await?;
                         continue;
                     }
@@ -430,12 +426,7 @@ impl QueueCalls {
                     continue;
                 }
                 Err(status) => {
-                    if status.code() == tonic::Code::FailedPrecondition
-                        && let Some(gone) = waiter.take()
-                    {
-                        // The entry expired (the lock service lost it): join again.
-                        gone.forget();
-                    }
+                    forget_if_gone(&mut waiter, &status);
                     tracing::debug!(%queue, %waiter_id, %status, "no turn");
                     idle(&mut session, poll).await?;
                     continue;
@@ -482,11 +473,7 @@ impl QueueCalls {
                             Ok(place) => position = place.position,
                             Err(status) => {
                                 tracing::debug!(%queue, %waiter_id, %status, "requeue failed");
-                                if status.code() == tonic::Code::FailedPrecondition
-                                    && let Some(gone) = waiter.take()
-                                {
-                                    gone.forget();
-                                }
+                                forget_if_gone(&mut waiter, &status);
                             }
                         }
                     }
@@ -614,12 +601,13 @@ impl QueueCalls {
             };
             let ended = events.send(CallEvent::Ended { wrap_up });
             // Kept through the wrap-up, so a node whose cached answer still shows the
-            // agent free cannot ring them meanwhile. The control plane counts the wrap-up
-            // from when it got `ended`, so it ends there no later than here.
-            let hold = wrap_up;
+            // agent free cannot ring them meanwhile, and until `ended` is written, so the
+            // agent's next ring (from any node) cannot be written before it. The control
+            // plane is sent what is left of the wrap-up, so both end at the same time.
+            let release_at = Instant::now() + wrap_up;
             tokio::spawn(async move {
                 let _ = ended.await;
-                tokio::time::sleep(hold).await;
+                tokio::time::sleep_until(release_at).await;
                 if let Some(keeper) = keeper {
                     let _ = keeper.release().await;
                 }
@@ -828,6 +816,16 @@ async fn idle(session: &mut Session, poll: Duration) -> Result<(), SessionError>
     tokio::select! {
         hangup = session.wait_for_hangup() => hangup,
         () = tokio::time::sleep(poll) => Ok(()),
+    }
+}
+
+/// The lock service no longer has the caller's entry (it expired, or the service lost
+/// it): the next round joins again.
+fn forget_if_gone(waiter: &mut Option<Waiter>, status: &tonic::Status) {
+    if status.code() == tonic::Code::FailedPrecondition
+        && let Some(gone) = waiter.take()
+    {
+        gone.forget();
     }
 }
 

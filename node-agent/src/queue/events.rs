@@ -79,6 +79,10 @@ pub struct EventAnswer {
     /// For a miss: whether it paused the agent.
     #[serde(default)]
     pub paused: bool,
+    /// For `ended`: when the control plane ends the agent's wrap-up (Unix epoch ms, its
+    /// store's clock).
+    #[serde(default)]
+    pub until_ms: Option<i64>,
 }
 
 /// Why an event was not written.
@@ -143,7 +147,13 @@ impl AgentEvents {
         let agent = agent.to_owned();
         let ring = ring.to_owned();
         tokio::spawn(async move {
-            while let Some((event, answer)) = receiver.recv().await {
+            while let Some((mut event, queued_at, answer)) = receiver.recv().await {
+                // The wrap-up runs from the call's end, not from when the control plane
+                // hears of it: what is left of it when the write goes out. A retry sends
+                // the same, so the control plane's end is never earlier than the node's.
+                if let CallEvent::Ended { wrap_up } = &mut event {
+                    *wrap_up = wrap_up.saturating_sub(queued_at.elapsed());
+                }
                 let written = events.write(&agent, &ring, &event).await;
                 if let Err(err) = &written {
                     tracing::warn!(%agent, error = %err, "agent state not written to the control plane");
@@ -244,7 +254,11 @@ impl AgentEvents {
     }
 }
 
-type Queued = (CallEvent, oneshot::Sender<Result<EventAnswer, EventError>>);
+type Queued = (
+    CallEvent,
+    Instant,
+    oneshot::Sender<Result<EventAnswer, EventError>>,
+);
 
 /// The events of one ring, written in the order sent.
 #[derive(Debug, Clone)]
@@ -258,7 +272,7 @@ impl EventLine {
     pub fn send(&self, event: CallEvent) -> oneshot::Receiver<Result<EventAnswer, EventError>> {
         let (answer, receiver) = oneshot::channel();
         // The line's task lives as long as a sender does.
-        let _ = self.sender.send((event, answer));
+        let _ = self.sender.send((event, Instant::now(), answer));
         receiver
     }
 }
