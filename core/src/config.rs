@@ -328,6 +328,8 @@ pub struct NodeConfig {
     pub agi: AgiConfig,
     /// Queued calls: how the node-agent asks the control plane for a queue's candidates.
     pub queue: QueueConfig,
+    /// `ip:port` of the node-agent's Prometheus listener (`GET /metrics`); empty: none.
+    pub metrics_listen: String,
 }
 
 impl Default for NodeConfig {
@@ -343,6 +345,7 @@ impl Default for NodeConfig {
             shed: Vec::new(),
             agi: AgiConfig::default(),
             queue: QueueConfig::default(),
+            metrics_listen: String::new(),
         }
     }
 }
@@ -526,6 +529,11 @@ impl QueueConfig {
 }
 
 impl NodeConfig {
+    /// Where to serve `/metrics`, or `None` when `metrics_listen` is empty.
+    pub fn metrics_address(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        metrics_address("node.metrics_listen", &self.metrics_listen)
+    }
+
     /// The configured id, or the host name when none is configured.
     pub fn resolved_id(&self) -> Result<NodeId, ConfigError> {
         if let Some(id) = &self.id {
@@ -790,6 +798,26 @@ pub struct BalancerConfig {
     /// How long one answer may take to be written to a TCP peer that does not read.
     #[serde(with = "humantime_serde")]
     pub tcp_write_timeout: Duration,
+    /// `ip:port` of the balancer's Prometheus listener (`GET /metrics`); empty: none.
+    pub metrics_listen: String,
+}
+
+impl BalancerConfig {
+    /// Where to serve `/metrics`, or `None` when `metrics_listen` is empty.
+    pub fn metrics_address(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        metrics_address("balancer.metrics_listen", &self.metrics_listen)
+    }
+}
+
+/// A `metrics_listen` setting: empty for none, else `ip:port`.
+fn metrics_address(key: &str, value: &str) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value.parse().map(Some).map_err(|_| ConfigError::Value {
+        key: key.into(),
+        reason: format!("`{value}` must be ip:port, e.g. 127.0.0.1:9464, or empty for no /metrics"),
+    })
 }
 
 impl Default for BalancerConfig {
@@ -820,6 +848,7 @@ impl Default for BalancerConfig {
             tcp_message_timeout: Duration::from_secs(5),
             tcp_idle_timeout: Duration::from_secs(180),
             tcp_write_timeout: Duration::from_secs(10),
+            metrics_listen: String::new(),
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod asterisk;
 pub mod config;
 pub mod fleet;
 pub mod ids;
+pub mod metrics;
 pub mod net;
 pub mod realtime;
 pub mod routing;
