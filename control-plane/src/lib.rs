@@ -15,6 +15,7 @@ pub mod error;
 pub mod figures;
 pub mod grpc;
 pub mod listener;
+pub mod metrics;
 pub mod openapi;
 pub mod ratelimit;
 pub mod realtime;
@@ -90,7 +91,9 @@ pub fn router_with(control: Arc<Control>, config: &ControlPlaneConfig) -> axum::
         rest::router(control.clone(), status_limit.clone()),
     )
     .merge(rpc2::router(control.clone(), status_limit))
-    .merge(realtime::router(control))
+    .merge(realtime::router(control.clone()))
+    .merge(metrics::router(control))
+    .layer(axum::middleware::from_fn(metrics::track))
 }
 
 /// Unknown paths: a gRPC client gets `UNIMPLEMENTED`, anyone else a JSON 404, so a CRM

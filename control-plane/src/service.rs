@@ -383,8 +383,14 @@ impl Control {
     /// Reads the whole directory and serves it from now on.
     async fn reread(&self) -> Result<(), ControlError> {
         self.refreshes.fetch_add(1, Ordering::SeqCst);
-        let view = read_view(&self.store, &self.time_zone).await?;
-        *self.view.write().expect("view lock") = Arc::new(view);
+        let started = Instant::now();
+        let read = read_view(&self.store, &self.time_zone).await;
+        let result = if read.is_ok() { "ok" } else { "error" };
+        metrics::counter!("callfleet_control_plane_directory_reads_total", "result" => result)
+            .increment(1);
+        metrics::histogram!("callfleet_control_plane_directory_read_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        *self.view.write().expect("view lock") = Arc::new(read?);
         Ok(())
     }
 

@@ -1,0 +1,116 @@
+//! The control plane's `GET /metrics` (see `callfleet_core::metrics`): its requests by
+//! route and status with their latency, its directory reads, and the queue and agent
+//! figures Asterisk's own `res_prometheus` has none of. The figures are set from the
+//! directory and the queue figures as last read, when Prometheus scrapes: nothing is
+//! counted twice, and a scrape costs one pass over the agents.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use callfleet_core::metrics::{CONTENT_TYPE, render};
+use metrics::{counter, gauge, histogram};
+
+use crate::service::Control;
+
+/// The states an agent is counted in, by `callfleet_agents`; `ringing` is an agent being
+/// rung for a queued call, whatever its state.
+const AGENT_STATES: [&str; 5] = ["available", "paused", "on_call", "wrap_up", "ringing"];
+
+/// `GET /metrics`.
+pub fn router(control: Arc<Control>) -> Router {
+    callfleet_core::metrics::install();
+    Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(control)
+}
+
+async fn scrape(State(control): State<Arc<Control>>) -> impl IntoResponse {
+    record_figures(&control);
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], render())
+}
+
+/// Sets the queue and agent gauges from what the control plane knows now.
+fn record_figures(control: &Control) {
+    let agents = control.list_agents();
+    let mut state_of: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut totals: BTreeMap<&str, u64> = AGENT_STATES.iter().map(|s| (*s, 0)).collect();
+    for agent in &agents {
+        let state = if agent.ringing_since_ms.is_some() {
+            "ringing"
+        } else {
+            agent.state
+        };
+        state_of.insert(agent.agent.id.as_str(), state);
+        *totals.entry(state).or_default() += 1;
+    }
+    for (state, count) in &totals {
+        gauge!("callfleet_agents", "state" => *state).set(*count as f64);
+    }
+    let view = control.view();
+    for queue in &view.directory.queues {
+        let id = queue.id.clone();
+        let mut members: BTreeMap<&str, u64> = AGENT_STATES.iter().map(|s| (*s, 0)).collect();
+        for member in &queue.members {
+            if let Some(state) = state_of.get(member.agent.as_str()) {
+                *members.entry(state).or_default() += 1;
+            }
+        }
+        for (state, count) in members {
+            gauge!("callfleet_queue_agents", "queue" => id.clone(), "state" => state)
+                .set(count as f64);
+        }
+        let Ok(status) = control.queue_status(&id) else {
+            continue;
+        };
+        let known = |value: Option<u64>| value.map_or(f64::NAN, |v| v as f64);
+        gauge!("callfleet_queue_waiting", "queue" => id.clone()).set(known(status.waiting));
+        gauge!("callfleet_queue_longest_wait_seconds", "queue" => id.clone())
+            .set(known(status.longest_wait_ms) / 1000.0);
+        let today = [
+            ("callfleet_queue_answered_today", status.answered_today),
+            ("callfleet_queue_abandoned_today", status.abandoned_today),
+            ("callfleet_queue_overflowed_today", status.overflowed_today),
+            (
+                "callfleet_queue_answered_within_sl_today",
+                status.answered_within_sl_today,
+            ),
+        ];
+        for (name, value) in today {
+            gauge!(name, "queue" => id.clone()).set(f64::from(value));
+        }
+    }
+}
+
+/// Counts every request by its route's pattern (never its path: an agent id or a phone
+/// number is not a label), method and status, and observes its latency.
+pub async fn track(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method: &'static str = match request.method().as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        "PATCH" => "PATCH",
+        _ => "other",
+    };
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    histogram!("callfleet_control_plane_request_duration_seconds", "route" => route.clone())
+        .record(started.elapsed().as_secs_f64());
+    counter!("callfleet_control_plane_requests_total", "route" => route, "method" => method, "status" => status)
+        .increment(1);
+    response
+}
