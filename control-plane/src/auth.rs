@@ -126,7 +126,7 @@ pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 /// The admin token of a single box: read from `dir`/[`ADMIN_TOKEN_FILE`], or created there
 /// (readable by the owner only) on first start. Returns whether it was created.
 pub fn admin_token(dir: &std::path::Path) -> std::io::Result<(ApiToken, bool)> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(ADMIN_TOKEN_FILE);
     let token = |value: String| ApiToken {
@@ -145,9 +145,7 @@ pub fn admin_token(dir: &std::path::Path) -> std::io::Result<(ApiToken, bool)> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
         Err(err) => return Err(err),
     }
-    let mut random = [0u8; 24];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
-    let value: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let value = random_hex(24)?;
     std::fs::create_dir_all(dir)?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -161,17 +159,9 @@ pub fn admin_token(dir: &std::path::Path) -> std::io::Result<(ApiToken, bool)> {
 /// A fresh token with role `node` for `node`, for a node-agent in the same process as the
 /// control plane (`callfleet up`); nothing keeps it.
 pub fn node_token(node: &callfleet_core::NodeId) -> std::io::Result<ApiToken> {
-    use std::io::Read;
-    let mut random = [0u8; 24];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
     Ok(ApiToken {
         name: format!("node:{node}"),
-        token: callfleet_core::config::Secret::new(
-            random
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>(),
-        ),
+        token: callfleet_core::config::Secret::new(random_hex(24)?),
         role: Role::Node,
     })
 }
@@ -341,4 +331,12 @@ mod tests {
         assert!(shown.contains("crm"), "{shown}");
         assert!(!shown.contains("write-token"), "{shown}");
     }
+}
+
+/// `bytes` random bytes from the kernel, in lowercase hex: tokens, session ids.
+pub fn random_hex(bytes: usize) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut random = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
+    Ok(random.iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -50,6 +50,12 @@ pub enum ControlError {
     /// not have been made.
     #[error("{0}")]
     OutcomeUnknown(String),
+    /// A request of the supervisors' page without a live session cookie.
+    #[error("no session: log in on the page with a token (POST /ui/login)")]
+    NoSession,
+    /// A change from the supervisors' page without its session's CSRF token.
+    #[error("a change from the page must carry its X-CSRF-Token header; reload the page")]
+    CrossSite,
 }
 
 impl ControlError {
@@ -64,8 +70,8 @@ impl ControlError {
     /// The HTTP status of this error (also the XML-RPC `faultCode`).
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Unauthenticated | Self::BadToken => StatusCode::UNAUTHORIZED,
-            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Self::Unauthenticated | Self::BadToken | Self::NoSession => StatusCode::UNAUTHORIZED,
+            Self::Forbidden { .. } | Self::CrossSite => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Invalid { .. } => StatusCode::BAD_REQUEST,
@@ -79,8 +85,10 @@ impl ControlError {
     pub fn grpc(&self) -> tonic::Status {
         let message = self.to_string();
         match self {
-            Self::Unauthenticated | Self::BadToken => tonic::Status::unauthenticated(message),
-            Self::Forbidden { .. } => tonic::Status::permission_denied(message),
+            Self::Unauthenticated | Self::BadToken | Self::NoSession => {
+                tonic::Status::unauthenticated(message)
+            }
+            Self::Forbidden { .. } | Self::CrossSite => tonic::Status::permission_denied(message),
             Self::NotFound(_) => tonic::Status::not_found(message),
             Self::Conflict(_) => tonic::Status::already_exists(message),
             Self::Invalid { .. } => tonic::Status::invalid_argument(message),

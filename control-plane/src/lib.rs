@@ -11,6 +11,7 @@
 //! day's outcomes the nodes report.
 
 pub mod auth;
+pub mod dashboard;
 pub mod error;
 pub mod figures;
 pub mod grpc;
@@ -92,7 +93,8 @@ pub fn router_with(control: Arc<Control>, config: &ControlPlaneConfig) -> axum::
     )
     .merge(rpc2::router(control.clone(), status_limit))
     .merge(realtime::router(control.clone()))
-    .merge(metrics::router(control))
+    .merge(metrics::router(control.clone()))
+    .merge(dashboard::router(control))
     .layer(axum::middleware::from_fn(metrics::track))
 }
 
