@@ -173,6 +173,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// `bytes` random bytes from the kernel, in lowercase hex: tokens, session ids.
+pub fn random_hex(bytes: usize) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut random = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
+    Ok(random.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use callfleet_core::config::Secret;
@@ -331,12 +339,4 @@ mod tests {
         assert!(shown.contains("crm"), "{shown}");
         assert!(!shown.contains("write-token"), "{shown}");
     }
-}
-
-/// `bytes` random bytes from the kernel, in lowercase hex: tokens, session ids.
-pub fn random_hex(bytes: usize) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut random = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
-    Ok(random.iter().map(|b| format!("{b:02x}")).collect())
 }
