@@ -11,6 +11,7 @@ pub mod client;
 pub mod grpc;
 pub mod http;
 pub mod lease;
+mod metrics;
 pub mod waiter;
 
 use std::sync::Arc;
@@ -70,8 +71,8 @@ pub fn backend(config: &LockServiceConfig) -> Result<Locks, LockServiceError> {
     })
 }
 
-/// gRPC (`callfleet.lock.v1.Locks`, health, reflection) and the HTTP twin (`/lock/…`) in
-/// one router.
+/// gRPC (`callfleet.lock.v1.Locks`, health, reflection), the HTTP twin (`/lock/…`) and
+/// `GET /metrics` in one router.
 pub fn router(
     locks: Arc<Locks>,
     config: &LockServiceConfig,
@@ -99,6 +100,7 @@ pub fn router(
             locks,
             default_validity: config.validity,
         }))
+        .merge(callfleet_core::metrics::router())
 }
 
 /// Reports SERVING only while leases can be granted (Redis reachable, no quarantine), so
@@ -111,6 +113,7 @@ async fn watch_health(
     let mut last = None;
     loop {
         let serving = locks.serving().await;
+        metrics::quarantined(locks.quarantined());
         if last != Some(serving) {
             let status = if serving {
                 tonic_health::ServingStatus::Serving
@@ -140,6 +143,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), LockServiceError> {
     let locks = Arc::new(backend(config)?);
+    metrics::register(locks.name());
     if let Locks::Redis(redis) = locks.as_ref() {
         match redis.configuration_problems().await {
             Ok(problems) => {

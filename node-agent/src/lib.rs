@@ -10,6 +10,7 @@ pub mod agi;
 pub mod ami;
 pub mod asterisk_config;
 mod calls;
+mod metrics;
 pub mod pbx;
 pub mod provisioning;
 pub mod queue;
@@ -51,6 +52,9 @@ pub enum NodeAgentError {
     /// The queued calls cannot be set up (control plane or lock service address).
     #[error(transparent)]
     Queue(#[from] queue::QueueError),
+    /// `node.metrics_listen` cannot be listened on.
+    #[error(transparent)]
+    Metrics(#[from] callfleet_core::metrics::ListenError),
 }
 
 /// Runs the node-agent for the local node until `shutdown` is cancelled.
@@ -61,6 +65,14 @@ pub async fn run(
 ) -> Result<(), NodeAgentError> {
     let node = &config.node;
     let id = node.resolved_id()?;
+    // Stops with the agent, and also when it fails to start after this.
+    let metrics_stop = shutdown.child_token();
+    let _metrics_stop = metrics_stop.clone().drop_guard();
+    if let Some(address) = node.metrics_address()? {
+        let bound = callfleet_core::metrics::serve(address, metrics_stop.clone()).await?;
+        tracing::info!(address = %bound, "serving /metrics");
+    }
+    let figures = metrics::Heartbeats::new(&node.shed);
     let interval = node.heartbeat_interval;
     let sampler = Sampler::new()?;
     let calls = CallCounter::start(&node.calls, interval).await?;
@@ -82,10 +94,12 @@ pub async fn run(
             .await?,
         )
     };
+    let mut queue_calls = None;
     let agi = match node.agi.address() {
         None => None,
         Some(address) => {
             let calls = queue::QueueCalls::from_config(config, id.as_str())?;
+            queue_calls = Some(calls.clone());
             Some(
                 agi::AgiServer::bind(
                     address,
@@ -97,6 +111,15 @@ pub async fn run(
             )
         }
     };
+    tokio::spawn(metrics::copy_figures(
+        metrics::Figures {
+            queue: queue_calls,
+            provisioning: provisioning
+                .as_ref()
+                .map(|p| Box::new(p.stats_reader()) as Box<_>),
+        },
+        metrics_stop,
+    ));
     tracing::info!(node = %id, store = store.dialect(), ?interval, "node-agent started");
 
     let mut store_up = true;
@@ -112,7 +135,10 @@ pub async fn run(
         let tick = Instant::now();
         let host = sampler.sample().await;
         let (call_count, pbx_up) = pbx.current();
+        figures.pbx(call_count, pbx_up);
         shedder.update(host.load_fraction());
+        let shed = shedder.states();
+        figures.shed(&shed);
         let beat = Heartbeat {
             id: id.clone(),
             pool: node.pool.clone(),
@@ -125,7 +151,7 @@ pub async fn run(
             cpu_pct: host.cpu_pct,
             mem_pct: host.mem_pct,
             cores: host.cores,
-            shed: shedder.states(),
+            shed,
             refusing_calls: shedder.refusing_calls(),
             interval,
             first_of_run,
@@ -135,6 +161,7 @@ pub async fn run(
             Ok(result) => result.map_err(|err| err.to_string()),
             Err(_) => Err(format!("no answer within {interval:?}")),
         };
+        figures.written(written.is_ok());
         match written {
             Ok(()) => {
                 if !store_up {

@@ -21,10 +21,12 @@
 //!   it: Asterisk notices the closed connection only when Dial returns, so a call being
 //!   rung or talked to goes on, and its dialplan continues afterwards.
 //!
-//! The counters ([`Stats`]) are plain atomics, read as a snapshot.
+//! The counters ([`Stats`]) are plain atomics, read as a snapshot. The sessions are also
+//! counted for Prometheus by script and outcome, through handles made when the server
+//! starts.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,6 +42,7 @@ use tracing::{debug, info, warn};
 use super::proto::Command;
 use super::scripts::Scripts;
 use super::session::{Session, SessionError};
+use crate::metrics::{AgiSessions, NO_SCRIPT, SessionOutcome};
 
 /// Refusals, unknown scripts and failed accepts are logged at most this often (with a
 /// count).
@@ -176,19 +179,21 @@ impl Counters {
     }
 }
 
-/// A session counted in [`Stats::active`] until dropped.
-struct Active(Arc<Counters>);
+/// A session counted in [`Stats::active`] and as open until dropped.
+struct Active<'a>(&'a Shared);
 
-impl Active {
-    fn new(counters: &Arc<Counters>) -> Self {
-        bump(&counters.active);
-        Self(counters.clone())
+impl<'a> Active<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        bump(&shared.counters.active);
+        shared.sessions.open(true);
+        Self(shared)
     }
 }
 
-impl Drop for Active {
+impl Drop for Active<'_> {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.counters.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.sessions.open(false);
     }
 }
 
@@ -198,6 +203,7 @@ struct Shared {
     settings: Settings,
     scripts: Scripts,
     counters: Arc<Counters>,
+    sessions: AgiSessions,
     /// Cancelled when the node-agent stops: sessions see it, the accept loop ends.
     shutdown: CancellationToken,
     /// Cancelled at the end of the grace: sessions left are dropped.
@@ -309,6 +315,7 @@ impl AgiServer {
 fn shared(settings: Settings, scripts: Scripts, shutdown: CancellationToken) -> Arc<Shared> {
     Arc::new(Shared {
         settings,
+        sessions: AgiSessions::new(scripts.paths()),
         scripts,
         counters: Arc::new(Counters::default()),
         shutdown,
@@ -357,6 +364,7 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         };
         let Ok(permit) = sessions.clone().try_acquire_owned() else {
             bump(&counters.refused);
+            shared.sessions.ended(NO_SCRIPT, SessionOutcome::Refused);
             if let Some(refused) = refusals.due() {
                 warn!(
                     %peer,
@@ -424,22 +432,31 @@ async fn session_task(
     permit: OwnedSemaphorePermit,
     shared: Arc<Shared>,
 ) {
-    let active = Active::new(&shared.counters);
-    tokio::select! {
+    let active = Active::new(&shared);
+    // Which script the session runs, once its environment has said.
+    let row = AtomicUsize::new(NO_SCRIPT);
+    let outcome = tokio::select! {
         biased;
         () = shared.force.cancelled() => {
             bump(&shared.counters.closed_at_shutdown);
             debug!(%peer, "FastAGI session closed at the end of the shutdown grace");
+            SessionOutcome::Shutdown
         }
-        () = run_session(stream, peer, &shared) => {}
-    }
+        outcome = run_session(stream, peer, &shared, &row) => outcome,
+    };
+    shared.sessions.ended(row.load(Ordering::Relaxed), outcome);
     // The session's socket is closed by now (dropped with its future): only then may the
     // next one take the place.
     drop(active);
     drop(permit);
 }
 
-async fn run_session(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+async fn run_session(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    row: &AtomicUsize,
+) -> SessionOutcome {
     let settings = &shared.settings;
     let session = match Session::start(
         stream,
@@ -457,20 +474,23 @@ async fn run_session(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
                 bump(&shared.counters.environment_timeouts);
             }
             debug!(%peer, error = %err, "FastAGI connection closed before its environment");
-            return;
+            return SessionOutcome::NoEnvironment;
         }
     };
+    row.store(shared.sessions.row(session.script()), Ordering::Relaxed);
     let Some(handler) = shared.scripts.get(session.script()) else {
         unknown_script(session, shared).await;
-        return;
+        return SessionOutcome::UnknownScript;
     };
     let script = session.script().to_owned();
     let channel = session.environment().channel().unwrap_or("").to_owned();
     match handler.run(session).await {
-        Ok(()) | Err(SessionError::Closed) => {}
+        Ok(()) => SessionOutcome::Ok,
+        Err(SessionError::Closed) => SessionOutcome::Hangup,
         Err(err) => {
             bump(&shared.counters.script_errors);
             warn!(%peer, script, channel, error = %err, "FastAGI script failed; the dialplan goes on");
+            SessionOutcome::Error
         }
     }
 }

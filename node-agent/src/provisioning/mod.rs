@@ -287,6 +287,12 @@ impl Provisioning {
         self.shared.stats()
     }
 
+    /// Reads [`Provisioning::stats`] from another task, which the endpoint may outlive.
+    pub fn stats_reader(&self) -> impl Fn() -> Stats + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || shared.stats()
+    }
+
     /// Waits for `shutdown`, then for the requests being answered (each bounded by
     /// `deadline`) and the background tasks, at most
     /// [`DRAIN_TIMEOUT`](callfleet_core::shutdown::DRAIN_TIMEOUT).

@@ -267,6 +267,16 @@ impl QueueCalls {
         }
     }
 
+    /// What the candidates cache has done so far.
+    pub fn candidates_stats(&self) -> super::candidates::Stats {
+        self.inner.candidates.stats()
+    }
+
+    /// What the caller directory's cache has done so far.
+    pub fn callers_stats(&self) -> super::callers::Stats {
+        self.inner.callers.stats()
+    }
+
     async fn queue(&self, mut session: Session) -> Result<(), SessionError> {
         let environment = session.environment();
         let script = environment.network_script();
