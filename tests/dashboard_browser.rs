@@ -1,0 +1,192 @@
+//! The supervisors' page in a real browser: Debian's Chromium, headless, driven through
+//! chromedriver by Selenium (Debian's `python3-selenium`, run as
+//! `/usr/bin/python3 tests/browser/dashboard.py`), against `callfleet control-plane`,
+//! `callfleet lock-service` and a `callfleet node-agent` on loopback over MariaDB.
+//! `./scripts/test` installs the three packages.
+//!
+//! The script checks the screen; this test does what happens outside the browser when the
+//! script asks (a caller joins the queue, a CRM pauses an agent, the node's agent is
+//! killed) and answers whether the store shows the drain the script clicked. Screenshots
+//! of every step land in `target/test-artifacts/dashboard/`.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+const ADMIN: &str = "admin-browser-secret-0123456789abcd";
+const READER: &str = "reader-browser-secret-0123456789abc";
+
+fn lock_service(port: u16, log: &std::path::Path) -> Running {
+    let child = callfleet()
+        .arg("lock-service")
+        .env(
+            "CALLFLEET_LOCK_SERVICE__LISTEN",
+            format!("127.0.0.1:{port}"),
+        )
+        .stdout(Stdio::null())
+        .stderr(log_file(log))
+        .spawn()
+        .expect("start the lock service");
+    Running { child }
+}
+
+/// Enters one caller into `queue`'s waiting order, as a node-agent would.
+fn join_waiter(lock_port: u16, queue: &str, waiter: &str) {
+    use callfleet_proto::lock::v1 as pb;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{lock_port}"))
+                .expect("endpoint")
+                .connect()
+                .await
+                .expect("connect to the lock service");
+        let mut client = pb::locks_client::LocksClient::new(channel);
+        client
+            .join(pb::JoinRequest {
+                queue: queue.to_owned(),
+                waiter: waiter.to_owned(),
+                band: 1,
+                ttl_ms: 120_000,
+            })
+            .await
+            .expect("join");
+    });
+}
+
+#[test]
+fn a_supervisor_watches_and_steers_the_fleet_in_a_browser() {
+    let url = fresh_mysql_url();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let shots =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts/dashboard");
+    let _ = std::fs::remove_dir_all(&shots);
+    std::fs::create_dir_all(&shots).expect("screenshot folder");
+
+    let lock_port = free_port();
+    let _locks = lock_service(lock_port, &dir.path().join("locks.log"));
+    let api_port = free_port();
+    let control = callfleet()
+        .arg("control-plane")
+        .env("CALLFLEET_STORE__URL", &url)
+        .env("CALLFLEET_CONTROL_PLANE__LISTEN", format!("127.0.0.1:{api_port}"))
+        .env("CALLFLEET_CONTROL_PLANE__LOCK_SERVICE", format!("http://127.0.0.1:{lock_port}"))
+        .env(
+            "CALLFLEET_CONTROL_PLANE__TOKENS",
+            format!(
+                "[{{name=\"ops\",token=\"{ADMIN}\",role=\"admin\"}},{{name=\"wallboard\",token=\"{READER}\",role=\"read\"}},{{name=\"crm\",token=\"{CRM_TOKEN}\",role=\"write\"}}]"
+            ),
+        )
+        .stdout(Stdio::null())
+        .stderr(log_file(&dir.path().join("control.log")))
+        .spawn()
+        .expect("start the control plane");
+    let _control = Running { child: control };
+    wait_until("the control plane answers", Duration::from_secs(20), || {
+        http(api_port, "GET", "/api/v1/queues", CRM_TOKEN, "").is_some_and(|(s, _)| s == 200)
+    });
+    let agent = start_agent(&url, "pbx-b", "300ms", &dir.path().join("pbx-b.log"));
+    for (path, body) in [
+        ("/api/v1/queues/sales", r#"{"name":"Sales"}"#),
+        ("/api/v1/agents/1001", r#"{"name":"Alice"}"#),
+        ("/api/v1/queues/sales/members/1001", r#"{"priority":1}"#),
+    ] {
+        let answer = http(api_port, "PUT", path, CRM_TOKEN, body);
+        assert_eq!(
+            answer.as_ref().map(|a| a.0),
+            Some(200),
+            "{path}: {answer:?}"
+        );
+    }
+
+    let mut script = Command::new("/usr/bin/python3")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/dashboard.py"))
+        .env("BASE_URL", format!("http://127.0.0.1:{api_port}"))
+        .env("SHOTS", &shots)
+        .env("ADMIN_TOKEN", ADMIN)
+        .env("READ_TOKEN", READER)
+        .env("HEARTBEAT_INTERVAL_S", "0.3")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(log_file(&dir.path().join("browser.log")))
+        .spawn()
+        .expect("run /usr/bin/python3 with Debian's python3-selenium");
+    let mut to_script = script.stdin.take().expect("stdin");
+    let from_script = BufReader::new(script.stdout.take().expect("stdout"));
+    let mut asked = Vec::new();
+    for line in from_script.lines() {
+        let line = line.expect("read the script");
+        let answer = match line.as_str() {
+            "JOIN" => {
+                join_waiter(lock_port, "sales", "pbx-b/1700000000.1");
+                "OK"
+            }
+            "PAUSE" => {
+                let paused = http(
+                    api_port,
+                    "POST",
+                    "/api/v1/agents/1001/pause",
+                    CRM_TOKEN,
+                    r#"{"reason":"lunch"}"#,
+                );
+                assert_eq!(paused.map(|a| a.0), Some(204));
+                "OK"
+            }
+            "DRAIN?" => {
+                if node(&status(&url), "pbx-b").is_some_and(|n| n["drain_requested"] == true) {
+                    "yes"
+                } else {
+                    "no"
+                }
+            }
+            "KILL" => {
+                agent.signal("KILL");
+                "OK"
+            }
+            "DONE" => break,
+            other => panic!("the script said {other:?}"),
+        };
+        if line != "DRAIN?" || answer == "yes" {
+            asked.push(line.clone());
+        }
+        writeln!(to_script, "{answer}").expect("answer the script");
+    }
+    let status = script.wait().expect("the script ends");
+    let log = read(&dir.path().join("browser.log"));
+    assert!(
+        status.success(),
+        "the browser script failed: {status:?}\n{log}"
+    );
+    eprintln!("{log}");
+    assert_eq!(asked, ["JOIN", "PAUSE", "DRAIN?", "KILL"]);
+    let mut taken: Vec<String> = std::fs::read_dir(&shots)
+        .expect("screenshots")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    taken.sort();
+    assert_eq!(
+        taken,
+        [
+            "1-wrong-token.png",
+            "2-read-only.png",
+            "3-caller-waiting.png",
+            "4-agent-paused.png",
+            "5-drained.png",
+            "6-node-stale.png",
+            "7-logged-out.png"
+        ]
+    );
+    // The click wrote its audit row under the admin token's name.
+    let (_, audit) = http(api_port, "GET", "/api/v1/audit?limit=5", ADMIN, "").expect("audit");
+    assert!(
+        audit.contains(r#""actor":"ops","action":"node.drain""#),
+        "{audit}"
+    );
+}
