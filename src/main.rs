@@ -82,6 +82,9 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init(config.log.format);
+    // Before any component records: a handle taken before the recorder exists records
+    // nowhere, and `up` starts several components whose /metrics must show them all.
+    callfleet_core::metrics::install();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

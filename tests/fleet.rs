@@ -304,6 +304,30 @@ Content-Length: 0\r\n\r\n",
     assert_eq!(status["served"], false, "{body}");
     assert_eq!(status["queue"], "sales", "{body}");
 
+    // Every component runs in this one process, so the control plane's /metrics shows
+    // them all: each metric the Grafana dashboard queries must be among them.
+    let (code, scraped) = http(api_port, "GET", "/metrics", None, "");
+    assert_eq!(code, 200, "{scraped}");
+    let exported: std::collections::BTreeSet<&str> = scraped
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .filter(|name| !name.is_empty())
+        .collect();
+    let queried = dashboard_metrics();
+    let missing: Vec<&str> = queried
+        .iter()
+        .map(String::as_str)
+        .filter(|name| !exported.contains(name))
+        .collect();
+    // A gauge per configured shed tier, and `up` configures none (the node-agent's own
+    // metrics test configures two).
+    assert_eq!(
+        missing,
+        ["callfleet_node_agent_shed"],
+        "exported: {exported:?}"
+    );
+
     up.signal("TERM");
     wait_until("up exits on SIGTERM", Duration::from_secs(10), || {
         !up.alive()
@@ -339,6 +363,47 @@ Content-Length: 0\r\n\r\n",
 }
 
 /// One HTTP/1.1 request on a fresh connection: (status, body).
+/// The metric names the queries of `deploy/grafana/callfleet.json` use (every panel's
+/// `targets[].expr`), histogram series (`_bucket`, `_sum`, `_count`) as queried.
+fn dashboard_metrics() -> std::collections::BTreeSet<String> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/callfleet.json");
+    let text = std::fs::read_to_string(&path).expect("the dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut names = std::collections::BTreeSet::new();
+    for panel in panels {
+        let targets = panel["targets"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for target in targets {
+            let expr = target["expr"].as_str().expect("every target has an expr");
+            let mut rest = expr;
+            while let Some(at) = rest.find("callfleet_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                names.insert(name);
+            }
+        }
+    }
+    let charts: Vec<&serde_json::Value> = panels.iter().filter(|p| p["type"] != "row").collect();
+    let empty: Vec<&serde_json::Value> = charts
+        .iter()
+        .filter(|p| p["targets"].as_array().is_none_or(Vec::is_empty))
+        .map(|p| &p["title"])
+        .collect();
+    assert_eq!(
+        empty,
+        Vec::<&serde_json::Value>::new(),
+        "panels that query nothing"
+    );
+    names
+}
+
 fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
