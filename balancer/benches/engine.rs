@@ -50,6 +50,9 @@ fn main() {
         ..BalancerConfig::default()
     };
     let local = NodeId::new("lb").expect("id");
+    // As `run` does: with the recorder in place each INVITE's decision time is recorded
+    // for real, and its cost is part of the figure.
+    callfleet_core::metrics::install();
     let engine = Engine::new(&config, local.clone()).expect("engine");
     engine.set_view(FleetView::from_nodes(
         (0..4).map(node).collect(),

@@ -8,9 +8,10 @@
 //!
 //! Layout: [`sip`] parses and prints messages (no I/O), [`route`] chooses nodes,
 //! [`transaction`] keeps INVITE server transactions, [`engine`] decides what to do with a
-//! message, [`transport`] moves bytes.
+//! message, [`transport`] moves bytes, [`metrics`] tells Prometheus what it all did.
 
 pub mod engine;
+pub mod metrics;
 pub mod route;
 pub mod sip;
 pub mod transaction;
@@ -52,6 +53,9 @@ pub enum BalancerError {
         /// What the kernel said.
         source: std::io::Error,
     },
+    /// The `/metrics` listener cannot be bound.
+    #[error(transparent)]
+    Metrics(#[from] callfleet_core::metrics::ListenError),
     /// Threads or sockets could not be set up.
     #[error("cannot start the balancer's workers: {0}")]
     Io(#[from] std::io::Error),
@@ -68,10 +72,11 @@ pub struct Listeners {
 
 impl Listeners {
     /// Binds `config.listen` for UDP (with the configured receive buffer) and TCP, once
-    /// the addresses we would give carriers are ones they can reach (refused before a port
-    /// is taken).
+    /// the addresses we would give carriers are ones they can reach and `metrics_listen`
+    /// is usable (refused before a port is taken).
     pub fn bind(config: &BalancerConfig) -> Result<Self, BalancerError> {
         config.validate_for_serving()?;
+        config.metrics_address()?;
         let address: SocketAddr = config.listen.parse().map_err(|_| ConfigError::Value {
             key: "balancer.listen".into(),
             reason: format!("`{}` must be ip:port", config.listen),
@@ -165,7 +170,16 @@ pub async fn run(
 ) -> Result<(), BalancerError> {
     let balancer = &config.balancer;
     let local = config.node.resolved_id()?;
+    let metrics_address = balancer.metrics_address()?;
+    // Before the engine, which takes its histogram from the recorder. Recorded even
+    // without a listener of our own: under `callfleet up` the control plane's /metrics
+    // shows them.
+    callfleet_core::metrics::install();
     let engine = Arc::new(Engine::new(balancer, local)?);
+    if let Some(address) = metrics_address {
+        let bound = callfleet_core::metrics::serve(address, shutdown.clone()).await?;
+        info!(address = %bound, "serving /metrics");
+    }
     let address = listeners.local_addr()?;
     // Half the cores: all workers read one socket, and the other half is the PBX's (and
     // the kernel's, which does a large share of the per-call work). On the 2-core bench
@@ -195,6 +209,7 @@ pub async fn run(
         udp.clone(),
         shutdown.clone(),
     ));
+    let metrics_task = tokio::spawn(metrics::publish(engine.clone(), shutdown.clone()));
     if balancer.allow.is_empty() {
         warn!(
             "balancer.allow is empty: answering SIP from any address; list the carriers' networks"
@@ -205,6 +220,7 @@ pub async fn run(
     stop.store(true, Ordering::Relaxed);
     let _ = tcp_task.await;
     let _ = refresh_task.await;
+    let _ = metrics_task.await;
     let _ = tokio::task::spawn_blocking(move || {
         for thread in threads {
             let _ = thread.join();
@@ -342,5 +358,20 @@ mod tests {
             ..config
         };
         assert_eq!(default_advertise(&named), None);
+    }
+
+    #[test]
+    fn a_metrics_listen_that_is_not_ip_port_is_refused_before_any_port_is_taken() {
+        let config = BalancerConfig {
+            listen: "127.0.0.1:0".into(),
+            metrics_listen: "localhost:9464".into(),
+            ..BalancerConfig::default()
+        };
+        let err = Listeners::bind(&config).expect_err("refused");
+        assert!(matches!(err, BalancerError::Config(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: `balancer.metrics_listen` `localhost:9464` must be ip:port, e.g. 127.0.0.1:9464, or empty for no /metrics"
+        );
     }
 }

@@ -938,3 +938,116 @@ fn addresses_nobody_can_reach_are_refused_at_start() {
     };
     assert!(error(&nowhere).contains("balancer.local_pbx"));
 }
+
+/// Every request and response cell of the engine's tally that is not zero.
+fn tally(engine: &Engine) -> Vec<(&'static str, &'static str, u64)> {
+    use crate::metrics::{METHODS, ResponseOutcome};
+    let methods = [
+        Some(Method::Invite),
+        Some(Method::Ack),
+        Some(Method::Cancel),
+        Some(Method::Options),
+        Some(Method::Bye),
+        Some(Method::Other),
+        None,
+    ];
+    let mut cells = Vec::new();
+    for (method, label) in methods.into_iter().zip(METHODS) {
+        for outcome in Outcome::ALL {
+            let n = engine.tally.requests(method, outcome);
+            if n > 0 {
+                cells.push((label, outcome.label(), n));
+            }
+        }
+    }
+    for outcome in ResponseOutcome::ALL {
+        let n = engine.tally.responses(outcome);
+        if n > 0 {
+            cells.push(("response", outcome.label(), n));
+        }
+    }
+    cells
+}
+
+#[test]
+fn every_message_is_tallied_once_by_method_and_outcome() {
+    let now = Instant::now();
+    let mut config = config();
+    config.local_mode = LocalMode::Redirect;
+    config.local_pbx = "192.0.2.11:5080".into();
+    config.allow = vec!["198.51.100.0/24".into()];
+    config.deny_mode = DenyMode::Reject;
+    let pool = |name: &str, prefix: &str| callfleet_core::config::PoolRule {
+        name: callfleet_core::PoolName::new(name).expect("pool"),
+        domains: Vec::new(),
+        prefixes: vec![prefix.into()],
+    };
+    config.pools = vec![pool("elsewhere", "7"), pool("empty", "9")];
+    let other = NodeStatus {
+        pool: callfleet_core::PoolName::new("elsewhere").expect("pool"),
+        ..node("other", "sip:192.0.2.20:5060")
+    };
+    let engine = engine(config, vec![node("lb", "sip:192.0.2.11:5080"), other], now);
+    let number = |bytes: Vec<u8>, number: &str| {
+        String::from_utf8(bytes)
+            .expect("utf8")
+            .replace("sip:5551234@", &format!("sip:{number}@"))
+            .into_bytes()
+    };
+    let send = |bytes: &[u8]| handle(&engine, bytes, carrier(), now);
+
+    let local = send(&request("INVITE", "t1", Some("z9hG4bKt1"), 1, None, ""));
+    let tag = to_tag(&text(&local[0]));
+    send(&request("INVITE", "t1", Some("z9hG4bKt1"), 1, None, ""));
+    send(&request("ACK", "t1", Some("z9hG4bKt1"), 1, Some(&tag), ""));
+    send(&number(
+        request("INVITE", "t2", Some("z9hG4bKt2"), 1, None, ""),
+        "9000",
+    ));
+    send(&number(
+        request("INVITE", "t9", Some("z9hG4bKt9"), 1, None, ""),
+        "7000",
+    ));
+    send(&request("OPTIONS", "t3", Some("z9hG4bKt3"), 1, None, ""));
+    send(&request("CANCEL", "t4", Some("z9hG4bKt4"), 1, None, ""));
+    send(&request("BYE", "t5", Some("z9hG4bKt5"), 2, Some("x"), ""));
+    send(&request("BYE", "t6", Some("z9hG4bKt6"), 2, None, ""));
+    send(&request(
+        "INVITE",
+        "t7",
+        Some("z9hG4bKt7"),
+        1,
+        None,
+        "Max-Forwards: 0\r\n",
+    ));
+    send(b"INVITE sip:5551234@192.0.2.10 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.7\r\n\r\n");
+    send(b"not sip at all\r\n\r\n");
+    send(b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 203.0.113.9;branch=z9hG4bKx\r\nContent-Length: 0\r\n\r\n");
+    let outside: SocketAddr = "203.0.113.9:5060".parse().expect("addr");
+    handle(
+        &engine,
+        &request("OPTIONS", "t8", Some("z9hG4bKt8"), 1, None, ""),
+        outside,
+        now,
+    );
+
+    assert_eq!(
+        tally(&engine),
+        [
+            ("INVITE", "302", 1),
+            ("INVITE", "local", 1),
+            ("INVITE", "503_no_node", 1),
+            ("INVITE", "retransmission", 1),
+            ("INVITE", "483", 1),
+            ("INVITE", "dropped", 1),
+            ("ACK", "absorbed", 1),
+            ("CANCEL", "481", 1),
+            ("OPTIONS", "200", 1),
+            ("OPTIONS", "403", 1),
+            ("BYE", "405", 1),
+            ("BYE", "481", 1),
+            ("unknown", "dropped", 1),
+            ("response", "dropped", 1),
+        ]
+    );
+}
