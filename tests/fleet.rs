@@ -306,27 +306,33 @@ Content-Length: 0\r\n\r\n",
 
     // Every component runs in this one process, so the control plane's /metrics shows
     // them all: each metric the Grafana dashboard queries must be among them.
-    let (code, scraped) = http(api_port, "GET", "/metrics", None, "");
-    assert_eq!(code, 200, "{scraped}");
-    let exported: std::collections::BTreeSet<&str> = scraped
-        .lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| line.split(['{', ' ']).next())
-        .filter(|name| !name.is_empty())
-        .collect();
+    // The balancer copies its counters into the recorder every second, so a node's routed
+    // calls show up to a second after the balancer first sees the node.
     let queried = dashboard_metrics();
-    let missing: Vec<&str> = queried
-        .iter()
-        .map(String::as_str)
-        .filter(|name| !exported.contains(name))
-        .collect();
+    let missing = || {
+        let (code, scraped) = http(api_port, "GET", "/metrics", None, "");
+        assert_eq!(code, 200, "{scraped}");
+        let exported: std::collections::BTreeSet<&str> = scraped
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| line.split(['{', ' ']).next())
+            .filter(|name| !name.is_empty())
+            .collect();
+        queried
+            .iter()
+            .filter(|name| !exported.contains(name.as_str()))
+            .cloned()
+            .collect::<Vec<String>>()
+    };
     // A gauge per configured shed tier, and `up` configures none (the node-agent's own
     // metrics test configures two).
-    assert_eq!(
-        missing,
-        ["callfleet_node_agent_shed"],
-        "exported: {exported:?}"
+    let only_with_tiers = vec!["callfleet_node_agent_shed".to_owned()];
+    let waited = wait_until(
+        "every metric the dashboard queries exported",
+        Duration::from_secs(5),
+        || missing() == only_with_tiers,
     );
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
 
     up.signal("TERM");
     wait_until("up exits on SIGTERM", Duration::from_secs(10), || {
