@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use callfleet_core::config::Role;
 use serde_json::{Value, json};
-use support::{Answer, Server, audit_rows, connect_from, exchange, expect, send_api, token};
+use support::{
+    Answer, Server, audit_rows, connect_from, exchange, expect, put_agent, send_api, token,
+};
 use tokio::io::AsyncReadExt;
 
 const ADMIN: &str = "admin-dashboard-secret-0123456789ab";
@@ -102,19 +104,7 @@ async fn first_event(server: &Server, cookie: &str) -> Value {
 async fn a_token_becomes_a_session_whose_actions_need_its_role_and_csrf_token() {
     let server = Server::start(config(), CRM, "127.0.0.1").await;
     for agent in ["1001", "1002"] {
-        let put = json!({ "name": format!("agent {agent}") });
-        expect(
-            send_api(
-                &server,
-                "PUT",
-                &format!("/agents/{agent}"),
-                CRM,
-                &[],
-                Some(put),
-            )
-            .await,
-            200,
-        );
+        put_agent(&server, CRM, agent).await;
     }
 
     let page = request(&server, "GET / HTTP/1.1\r\nHost: cp\r\n\r\n".to_owned()).await;

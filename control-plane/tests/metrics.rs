@@ -6,7 +6,9 @@
 mod support;
 
 use serde_json::json;
-use support::{Server, connect_from, crm_token, exchange, expect, json_request, send_api};
+use support::{
+    Server, connect_from, crm_token, exchange, expect, json_request, put_agent, send_api,
+};
 
 const CRM: &str = "crm-metrics-secret-0123456789abcdef";
 
@@ -25,19 +27,7 @@ async fn requests_queues_and_agents_are_scraped() {
     };
     let server = Server::start(config, CRM, "127.0.0.1").await;
     for (agent, paused) in [("1001", false), ("1002", true), ("1003", false)] {
-        let put = json!({ "name": format!("agent {agent}") });
-        expect(
-            send_api(
-                &server,
-                "PUT",
-                &format!("/agents/{agent}"),
-                CRM,
-                &[],
-                Some(put),
-            )
-            .await,
-            200,
-        );
+        put_agent(&server, CRM, agent).await;
         if agent != "1003" {
             let member = json!({ "priority": 1 });
             let path = format!("/queues/sales/members/{agent}");

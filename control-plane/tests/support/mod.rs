@@ -146,6 +146,17 @@ pub async fn send_api(
     .await
 }
 
+/// Creates (or renames) the agent `agent` with the write token `token`.
+#[allow(dead_code)] // Not every test crate creates agents this way.
+pub async fn put_agent(server: &Server, token: &str, agent: &str) {
+    let body = serde_json::json!({ "name": format!("agent {agent}") });
+    let path = format!("/agents/{agent}");
+    expect(
+        send_api(server, "PUT", &path, token, &[], Some(body)).await,
+        200,
+    );
+}
+
 /// The rows of an audit answer as (actor, action, subject), newest first.
 #[allow(dead_code)] // Not every test crate reads the audit.
 pub fn audit_rows(audit: &Value) -> Vec<(&str, &str, &str)> {
