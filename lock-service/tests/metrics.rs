@@ -6,71 +6,25 @@
 //! test runs its three services one after another and counts over all of them: a memory
 //! service in its startup quarantine, one without it, and one on a Redis that is not there.
 
-use std::net::SocketAddr;
+mod support;
+
 use std::time::Duration;
 
-use callfleet_core::config::{LockBackendKind, LockServiceConfig, UnsafeLockSwitches};
+use callfleet_core::config::{LockBackendKind, LockServiceConfig};
 use callfleet_proto::lock::v1 as pb;
-use callfleet_proto::lock::v1::locks_client::LocksClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::Server;
 use tokio::time::{Instant, sleep};
-use tokio_util::sync::CancellationToken;
 use tonic::Code;
-use tonic::transport::Channel;
 
-struct Server {
-    address: SocketAddr,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
+/// `/metrics` and the HTTP twin, with the requests this test sends.
 impl Server {
-    async fn start(config: LockServiceConfig) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("addr");
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        let task = tokio::spawn(async move {
-            callfleet_lock_service::run(&config, listener, token)
-                .await
-                .expect("lock service runs");
-        });
-        Self {
-            address,
-            shutdown,
-            task,
-        }
-    }
-
-    async fn grpc(&self) -> LocksClient<Channel> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.address))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("grpc connects");
-        LocksClient::new(channel)
-    }
-
     /// Sends `method path` over HTTP/1.1 and returns (status, body).
     async fn http(&self, method: &str, path: &str, form: &str) -> (u16, String) {
-        let mut stream = tokio::net::TcpStream::connect(self.address)
-            .await
-            .expect("connect");
         let request = format!(
             "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
             form.len()
         );
-        stream.write_all(request.as_bytes()).await.expect("send");
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).await.expect("read");
-        let status = answer[9..12].parse().expect("status");
-        let body = answer
-            .split_once("\r\n\r\n")
-            .map_or("", |(_, body)| body)
-            .to_owned();
-        (status, body)
+        self.exchange(&request).await
     }
 
     async fn scrape(&self) -> String {
@@ -91,14 +45,6 @@ impl Server {
             assert!(Instant::now() < deadline, "no `{line}` in:\n{text}");
             sleep(Duration::from_millis(20)).await;
         }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("stops")
-            .expect("task");
     }
 }
 
@@ -150,7 +96,7 @@ fn entry(waiter: &str) -> (String, String) {
 async fn operations_are_counted_by_kind_and_result_with_the_quarantine_and_backend_errors() {
     // 1. A memory service in its startup quarantine refuses claims: 2 acquires (gRPC and
     //    the HTTP twin) unavailable, none of them a backend error.
-    let quarantined = Server::start(LockServiceConfig::default()).await;
+    let quarantined = Server::start_with(LockServiceConfig::default()).await;
     quarantined
         .scrape_until("callfleet_lock_service_quarantined 1")
         .await;
@@ -165,17 +111,10 @@ async fn operations_are_counted_by_kind_and_result_with_the_quarantine_and_backe
         )
         .await;
     assert_eq!(status, 503);
-    quarantined.stop().await;
+    quarantined.stop_within(Duration::from_secs(10)).await;
 
     // 2. Without the quarantine, one operation of each result the memory backend gives.
-    let service = Server::start(LockServiceConfig {
-        unsafe_for_tests: UnsafeLockSwitches {
-            no_startup_quarantine: true,
-            ..UnsafeLockSwitches::default()
-        },
-        ..LockServiceConfig::default()
-    })
-    .await;
+    let service = Server::start().await;
     service
         .scrape_until("callfleet_lock_service_quarantined 0")
         .await;
@@ -279,14 +218,14 @@ async fn operations_are_counted_by_kind_and_result_with_the_quarantine_and_backe
         )
         .await;
     assert!(status == 200 && body.starts_with("OK "), "{status} {body}");
-    service.stop().await;
+    service.stop_within(Duration::from_secs(10)).await;
 
     // 3. Redis is not there: 2 acquires unavailable, each a backend error.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
         .expect("addr");
-    let redis = Server::start(LockServiceConfig {
+    let redis = Server::start_with(LockServiceConfig {
         backend: LockBackendKind::Redis,
         redis_url: format!("redis://{closed}/0"),
         ..LockServiceConfig::default()
@@ -300,7 +239,7 @@ async fn operations_are_counted_by_kind_and_result_with_the_quarantine_and_backe
     let text = redis
         .scrape_until("callfleet_lock_service_backend_errors_total{backend=\"redis\"} 2")
         .await;
-    redis.stop().await;
+    redis.stop_within(Duration::from_secs(10)).await;
 
     let counted = |kind: &str, results: &[(&str, u64)]| {
         results

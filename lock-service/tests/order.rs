@@ -1,46 +1,14 @@
 //! The waiting order over the real listener: Join, Touch, ClaimNext, Requeue and Leave
 //! through a tonic client, with their status codes.
 
+mod support;
+
 use std::time::Duration;
 
-use callfleet_core::config::{LockServiceConfig, UnsafeLockSwitches};
 use callfleet_proto::lock::v1 as pb;
 use callfleet_proto::lock::v1::claim_next_response::Outcome;
-use callfleet_proto::lock::v1::locks_client::LocksClient;
-use tokio_util::sync::CancellationToken;
+use support::Server;
 use tonic::Code;
-
-/// A memory-backed service that grants at once, and a client connected to it.
-async fn start() -> (
-    LocksClient<tonic::transport::Channel>,
-    CancellationToken,
-    tokio::task::JoinHandle<()>,
-) {
-    let config = LockServiceConfig {
-        unsafe_for_tests: UnsafeLockSwitches {
-            no_startup_quarantine: true,
-            ..UnsafeLockSwitches::default()
-        },
-        ..LockServiceConfig::default()
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("addr");
-    let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    let task = tokio::spawn(async move {
-        callfleet_lock_service::run(&config, listener, token)
-            .await
-            .expect("lock service runs");
-    });
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("grpc connects");
-    (LocksClient::new(channel), shutdown, task)
-}
 
 fn join(waiter: &str, band: u32) -> pb::JoinRequest {
     pb::JoinRequest {
@@ -64,7 +32,8 @@ fn next(waiter: &str, attempt: &str) -> pb::ClaimNextRequest {
 
 #[tokio::test]
 async fn grpc_serves_the_waiting_order_with_its_codes() {
-    let (mut client, shutdown, task) = start().await;
+    let server = Server::start().await;
+    let mut client = server.grpc().await;
     let first = client
         .join(join("pbx-1/c1", 1))
         .await
@@ -183,16 +152,13 @@ async fn grpc_serves_the_waiting_order_with_its_codes() {
         assert!(err.message().contains(field), "{}", err.message());
     }
 
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .expect("stops in time")
-        .expect("no panic");
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn grpc_serves_the_order_status() {
-    let (mut client, shutdown, task) = start().await;
+    let server = Server::start().await;
+    let mut client = server.grpc().await;
     let status = |queue: &str| pb::OrderStatusRequest {
         queue: queue.into(),
     };
@@ -231,9 +197,5 @@ async fn grpc_serves_the_order_status() {
     assert_eq!(bad.code(), Code::InvalidArgument);
     assert!(bad.message().contains("`queue`"), "{}", bad.message());
 
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .expect("stops in time")
-        .expect("no panic");
+    server.stop().await;
 }

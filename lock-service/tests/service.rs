@@ -1,63 +1,18 @@
 //! The lock service over its real listener: gRPC through a tonic client and the HTTP twin
 //! through raw HTTP/1.1, as a dialplan's `CURL()` sends it.
 
+mod support;
+
 use std::time::Duration;
 
-use callfleet_core::config::{LockServiceConfig, UnsafeLockSwitches};
+use callfleet_core::config::LockServiceConfig;
 use callfleet_proto::lock::v1 as pb;
 use callfleet_proto::lock::v1::locks_client::LocksClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
+use support::Server;
 use tonic::Code;
 
-struct Server {
-    address: std::net::SocketAddr,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
+/// The HTTP twin as a dialplan's `CURL()` calls it.
 impl Server {
-    /// A memory-backed service that grants leases at once (the startup quarantine has a
-    /// test of its own).
-    async fn start() -> Self {
-        Self::start_with(LockServiceConfig {
-            unsafe_for_tests: UnsafeLockSwitches {
-                no_startup_quarantine: true,
-                ..UnsafeLockSwitches::default()
-            },
-            ..LockServiceConfig::default()
-        })
-        .await
-    }
-
-    async fn start_with(config: LockServiceConfig) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("addr");
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        let task = tokio::spawn(async move {
-            callfleet_lock_service::run(&config, listener, token)
-                .await
-                .expect("lock service runs");
-        });
-        Self {
-            address,
-            shutdown,
-            task,
-        }
-    }
-
-    async fn grpc(&self) -> LocksClient<tonic::transport::Channel> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.address))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("grpc connects");
-        LocksClient::new(channel)
-    }
-
     /// POSTs a form and returns (status, body) the way CURL() sees it.
     async fn post(&self, path: &str, form: &str) -> (u16, String) {
         self.request(
@@ -78,9 +33,6 @@ impl Server {
         content_type: Option<&str>,
         body: &str,
     ) -> (u16, String) {
-        let mut stream = tokio::net::TcpStream::connect(self.address)
-            .await
-            .expect("connect");
         let content_type =
             content_type.map_or_else(String::new, |ct| format!("Content-Type: {ct}\r\n"));
         let request = format!(
@@ -88,23 +40,7 @@ impl Server {
 Accept: */*\r\nContent-Length: {}\r\n{content_type}Connection: close\r\n\r\n{body}",
             body.len()
         );
-        stream.write_all(request.as_bytes()).await.expect("write");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.expect("read");
-        let status = response[9..12].parse().expect("status code");
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_owned())
-            .expect("a body");
-        (status, body)
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(5), self.task)
-            .await
-            .expect("stops in time")
-            .expect("no panic");
+        self.exchange(&request).await
     }
 }
 

@@ -2,42 +2,14 @@
 //! backend) over gRPC: turns, the lease handed to a keeper, touches that keep a caller's
 //! place, and leaving on drop.
 
+mod support;
+
 use std::time::Duration;
 
-use callfleet_core::config::{LockServiceConfig, UnsafeLockSwitches};
 use callfleet_lock_service::backend::MAX_CANDIDATES;
 use callfleet_lock_service::waiter::{Turn, WaitSettings, Waiter};
 use callfleet_proto::lock::v1 as pb;
-use callfleet_proto::lock::v1::locks_client::LocksClient;
-use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
-
-async fn start() -> (LocksClient<Channel>, CancellationToken) {
-    let config = LockServiceConfig {
-        unsafe_for_tests: UnsafeLockSwitches {
-            no_startup_quarantine: true,
-            ..UnsafeLockSwitches::default()
-        },
-        ..LockServiceConfig::default()
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("addr");
-    let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        callfleet_lock_service::run(&config, listener, token)
-            .await
-            .expect("lock service runs");
-    });
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("grpc connects");
-    (LocksClient::new(channel), shutdown)
-}
+use support::Server;
 
 /// Entries that die 300 ms after their last touch, touched every 100 ms.
 fn short() -> WaitSettings {
@@ -61,7 +33,8 @@ fn position(turn: &Turn) -> Option<u64> {
 
 #[tokio::test]
 async fn only_the_head_is_granted_and_the_lease_is_kept_until_released() {
-    let (client, _shutdown) = start().await;
+    let server = Server::start().await;
+    let client = server.grpc().await;
     let (a, place) = Waiter::join(client.clone(), short(), "sales", "pbx-1/a", 1)
         .await
         .expect("join a");
@@ -107,7 +80,8 @@ async fn only_the_head_is_granted_and_the_lease_is_kept_until_released() {
 /// best of them is granted, not an error that rings nobody.
 #[tokio::test]
 async fn more_candidates_than_a_claim_may_list_still_grant_the_best() {
-    let (client, _shutdown) = start().await;
+    let server = Server::start().await;
+    let client = server.grpc().await;
     let (waiter, _) = Waiter::join(client.clone(), short(), "big", "pbx-1/a", 1)
         .await
         .expect("join");
@@ -138,7 +112,8 @@ async fn more_candidates_than_a_claim_may_list_still_grant_the_best() {
 
 #[tokio::test]
 async fn touches_keep_a_place_an_untouched_entry_loses_it() {
-    let (mut client, _shutdown) = start().await;
+    let server = Server::start().await;
+    let mut client = server.grpc().await;
     let (touched, _) = Waiter::join(client.clone(), short(), "q-touch", "pbx-1/t", 1)
         .await
         .expect("join");
@@ -177,7 +152,8 @@ async fn touches_keep_a_place_an_untouched_entry_loses_it() {
 
 #[tokio::test]
 async fn a_waiter_dropped_without_leave_leaves_at_once() {
-    let (client, _shutdown) = start().await;
+    let server = Server::start().await;
+    let client = server.grpc().await;
     let settings = WaitSettings::default(); // a 15 s TTL: only the drop can free the place
     let (first, _) = Waiter::join(client.clone(), settings.clone(), "q-drop", "pbx-1/f", 1)
         .await
