@@ -943,8 +943,8 @@ pub struct UnsafeLockSwitches {
     /// `local_quarantine`: each process keeps its own quarantine in memory and writes the
     /// boot marker back, as before the quarantine lived in Redis.
     pub local_quarantine: bool,
-    /// `unbounded_validity`: claims and renewals up to 1 h whatever `max_validity` says,
-    /// and `quarantine` need not outlast it.
+    /// `unbounded_validity`: `quarantine` need not outlast `max_validity` + `guard`, so a
+    /// test may grant leases longer than the quarantine that follows a lost Redis.
     pub unbounded_validity: bool,
     /// `no_startup_quarantine`: the memory backend grants leases as soon as it starts.
     pub no_startup_quarantine: bool,

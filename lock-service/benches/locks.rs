@@ -145,7 +145,11 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[index].as_secs_f64() * 1e3
 }
 
-/// Leases `n` resources the loads never touch, for an hour.
+/// How long the held leases last: the whole bench. The services allow it as their
+/// `max_validity` (default 10 s), which `unbounded_validity` lets outlast the quarantine.
+const HELD_FOR: Duration = Duration::from_secs(3600);
+
+/// Leases `n` resources the loads never touch, for [`HELD_FOR`].
 async fn hold(url: &str, n: u64) {
     let mut client = LocksClient::new(channels(url, 1).await.remove(0));
     // Unique per run, so a Redis kept between runs does not find them held already.
@@ -159,7 +163,7 @@ async fn hold(url: &str, n: u64) {
                 resource: format!("held:{run}:{i}"),
                 holder: holder.clone(),
                 attempt: holder,
-                validity_ms: 3_600_000,
+                validity_ms: u64::try_from(HELD_FOR.as_millis()).expect("fits"),
             })
             .await
             .expect("hold");
@@ -443,6 +447,7 @@ fn main() {
             "memory" => backends.push((
                 "memory",
                 LockServiceConfig {
+                    max_validity: HELD_FOR,
                     unsafe_for_tests: no_quarantine,
                     ..LockServiceConfig::default()
                 },
@@ -454,6 +459,7 @@ fn main() {
                         backend: LockBackendKind::Redis,
                         redis_url: url,
                         quarantine: Duration::ZERO,
+                        max_validity: HELD_FOR,
                         unsafe_for_tests: no_quarantine,
                         ..LockServiceConfig::default()
                     },
