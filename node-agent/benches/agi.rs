@@ -36,7 +36,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use callfleet_node_agent::agi::{AgiServer, Scripts, Settings};
-use common::{cpu_seconds, env, median};
+use common::{cpu_seconds, env, load_average, median};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -368,15 +368,7 @@ fn main() {
         "FastAGI first command after connect: {connections} connections, {seconds} s per run (+{warmup} s warm-up), {repeat} runs, {} CPUs, server runtime {threads} threads",
         std::thread::available_parallelism().map_or(0, usize::from)
     );
-    println!(
-        "load average before: {}",
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    println!("load average before: {}", load_average());
     println!();
     println!(
         "| target | load | run | sessions/s | errors | late | p50 µs | p90 µs | p99 µs | max µs | server CPU/s | load CPU/s | irq CPU/s | others CPU/s |"

@@ -59,7 +59,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use common::{cpu_seconds, env, median};
+use common::{cpu_seconds, env, load_average, median};
 
 const CRM_TOKEN: &str = "bench-crm-token-0123456789";
 const NODE_TOKEN: &str = "bench-node-token-0123456789";
@@ -1373,14 +1373,4 @@ fn main() {
             println!("  log {count}× {message}");
         }
     }
-}
-
-/// The box's load averages over 1, 5 and 15 minutes, as `/proc/loadavg` gives them.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }

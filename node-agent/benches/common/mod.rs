@@ -37,3 +37,13 @@ pub fn median(values: &mut [f64]) -> (f64, f64, f64) {
     };
     (middle, values[0], values[n - 1])
 }
+
+/// The box's load averages over 1, 5 and 15 minutes, as `/proc/loadavg` gives them.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
