@@ -63,6 +63,7 @@ fn agent_pb(view: AgentView) -> pb::Agent {
         calls_today: view.calls_today,
         ringing_since_ms: view.ringing_since_ms,
         ringing_queue: view.ringing_queue.unwrap_or_default(),
+        state_since_ms: view.state_since_ms,
     }
 }
 

@@ -91,6 +91,8 @@ pub struct AgentView {
     pub ringing_since_ms: Option<i64>,
     /// The queue whose caller the agent is rung for; `None` (null) when not ringing.
     pub ringing_queue: Option<String>,
+    /// Since when the agent is in `state` (Unix epoch ms, the store's clock).
+    pub state_since_ms: i64,
 }
 
 /// The public status of a queue: who can take its calls (from the directory) and its
@@ -512,6 +514,7 @@ impl Control {
             missed_today: counts.missed,
             ringing_since_ms: ring.as_ref().map(|r| r.since_ms),
             ringing_queue: ring.map(|r| r.queue),
+            state_since_ms: availability.state_since_ms,
         })
     }
 
@@ -989,6 +992,7 @@ fn agent_view(agent: &callfleet_core::store::AgentSnapshot, ring: Option<Ringing
         missed_today: agent.missed_today,
         ringing_since_ms: ring.as_ref().map(|r| r.since_ms),
         ringing_queue: ring.map(|r| r.queue),
+        state_since_ms: agent.state_since_ms,
     }
 }
 

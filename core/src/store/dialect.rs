@@ -199,8 +199,13 @@ pub(crate) struct DirectorySql {
     /// Binds: agent id. A call ended without wrap-up: available, idle from now.
     pub end_call: &'static str,
     /// Binds: agent id. Columns: state, reason, until_ms, idle_since_ms, now_ms,
-    /// ringing_since_ms, ringing_queue.
+    /// ringing_since_ms, ringing_queue, state_since_ms.
     pub availability: &'static str,
+    /// Binds: agent id. The agent is on a call from now.
+    pub on_call: &'static str,
+    /// Binds: agent id. [`Self::on_call`] for an answered queued call, which also ends the
+    /// ring and the agent's misses in a row.
+    pub answered: &'static str,
     /// Binds: queue id, agent id. The agent is rung from now.
     pub ring: &'static str,
     /// Binds: actor, action, subject, detail.
@@ -217,6 +222,21 @@ pub(crate) struct DirectorySql {
 /// The directory statements of a dialect, built from its fragments: `$now` is the database
 /// clock in unix ms, `$for_update`/`$for_share` the row-lock suffixes, `$upsert` the start
 /// of the conflict clause and `$new` a macro naming the value an upsert proposed.
+/// `state_since_ms` kept when the agent already is in `$state`, else now. Comes first in
+/// an UPDATE's SET: MySQL assigns left to right, so it must see the state before the
+/// change.
+macro_rules! state_since {
+    ($state:literal, $now:expr) => {
+        concat!(
+            "state_since_ms = CASE WHEN state = '",
+            $state,
+            "' THEN state_since_ms ELSE ",
+            $now,
+            " END, "
+        )
+    };
+}
+
 macro_rules! directory_sql {
     (
         begin_write: $begin:literal,
@@ -238,8 +258,10 @@ macro_rules! directory_sql {
                 $for_update
             ),
             upsert_agent: concat!(
-                "INSERT INTO agents (id, name, tags, daily_cap, enabled, state, idle_since_ms) ",
-                "VALUES (?, ?, ?, ?, ?, 'available', ",
+                "INSERT INTO agents (id, name, tags, daily_cap, enabled, state, idle_since_ms, ",
+                "state_since_ms) VALUES (?, ?, ?, ?, ?, 'available', ",
+                $now,
+                ", ",
                 $now,
                 ") ",
                 $upsert,
@@ -321,9 +343,15 @@ macro_rules! directory_sql {
                 $now,
                 " WHERE id = ? AND state = 'available'"
             ),
-            pause: "UPDATE agents SET state = 'paused', reason = ?, until_ms = NULL WHERE id = ?",
+            pause: concat!(
+                "UPDATE agents SET ",
+                state_since!("paused", $now),
+                "state = 'paused', reason = ?, until_ms = NULL WHERE id = ?"
+            ),
             pause_if_available: concat!(
-                "UPDATE agents SET state = 'paused', reason = ?, until_ms = NULL WHERE id = ? ",
+                "UPDATE agents SET state_since_ms = ",
+                $now,
+                ", state = 'paused', reason = ?, until_ms = NULL WHERE id = ? ",
                 "AND (state = 'available' OR (state = 'wrap_up' AND until_ms <= ",
                 $now,
                 "))"
@@ -338,18 +366,29 @@ macro_rules! directory_sql {
                 " THEN until_ms ",
                 "ELSE ",
                 $now,
+                " END, state_since_ms = CASE ",
+                "WHEN state = 'available' THEN state_since_ms ",
+                "WHEN state = 'wrap_up' AND until_ms <= ",
+                $now,
+                " THEN until_ms ",
+                "ELSE ",
+                $now,
                 " END, ",
                 "state = 'available', reason = NULL, until_ms = NULL WHERE id = ?"
             ),
             wrap_up: concat!(
-                "UPDATE agents SET state = 'wrap_up', reason = NULL, until_ms = ",
+                "UPDATE agents SET state_since_ms = ",
+                $now,
+                ", state = 'wrap_up', reason = NULL, until_ms = ",
                 $now,
                 " + ?, idle_since_ms = ",
                 $now,
                 " + ? WHERE id = ?"
             ),
             end_call: concat!(
-                "UPDATE agents SET state = 'available', reason = NULL, until_ms = NULL, ",
+                "UPDATE agents SET ",
+                state_since!("available", $now),
+                "state = 'available', reason = NULL, until_ms = NULL, ",
                 "idle_since_ms = ",
                 $now,
                 " WHERE id = ?"
@@ -357,7 +396,19 @@ macro_rules! directory_sql {
             availability: concat!(
                 "SELECT state, reason, until_ms, idle_since_ms, ",
                 $now,
-                ", ringing_since_ms, ringing_queue FROM agents WHERE id = ?"
+                ", ringing_since_ms, ringing_queue, state_since_ms FROM agents WHERE id = ?"
+            ),
+            on_call: concat!(
+                "UPDATE agents SET ",
+                state_since!("on_call", $now),
+                "state = 'on_call', reason = NULL, until_ms = NULL WHERE id = ?"
+            ),
+            // An answered call also ends the agent's misses in a row.
+            answered: concat!(
+                "UPDATE agents SET ",
+                state_since!("on_call", $now),
+                "state = 'on_call', reason = NULL, until_ms = NULL, misses_in_row = 0, ",
+                "ringing_since_ms = NULL, ringing_queue = NULL WHERE id = ?"
             ),
             ring: concat!(
                 "UPDATE agents SET ringing_since_ms = ",

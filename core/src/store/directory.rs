@@ -381,6 +381,9 @@ pub struct Availability {
     pub now_ms: i64,
     /// The ring in progress, if a node reported one ([`CallEvent::Ringing`]).
     pub ringing: Option<Ringing>,
+    /// Since when the agent is in `state`, unix ms (a wrap-up that has ended counts as
+    /// available from `until_ms` on; see [`AgentState::is_available_at`]).
+    pub state_since_ms: i64,
 }
 
 /// A ring of an agent for a queued call, as the node that rings them reported it.
@@ -593,6 +596,8 @@ pub struct AgentSnapshot {
     pub state: AgentState,
     /// When the agent last became available (in a wrap-up: when it ends), unix ms.
     pub idle_since_ms: i64,
+    /// Since when the agent is in `state`, unix ms.
+    pub state_since_ms: i64,
     /// Calls recorded on the snapshot's day.
     pub calls_today: u32,
     /// Sales recorded on the snapshot's day.
@@ -675,13 +680,8 @@ const LIST_SESSIONS: &str = "SELECT s.agent_id, s.device_id, d.endpoint, s.since
      FROM sessions s JOIN devices d ON d.id = s.device_id ORDER BY s.agent_id";
 const GET_SESSION: &str = "SELECT s.agent_id, s.device_id, d.endpoint, s.since_ms \
      FROM sessions s JOIN devices d ON d.id = s.device_id WHERE s.agent_id = ?";
-const ON_CALL: &str =
-    "UPDATE agents SET state = 'on_call', reason = NULL, until_ms = NULL WHERE id = ?";
 const COUNTS: &str =
     "SELECT calls, sales, missed FROM daily_counters WHERE agent_id = ? AND day = ?";
-/// Binds: agent id. An answered call also ends the agent's misses in a row.
-const ANSWERED: &str = "UPDATE agents SET state = 'on_call', reason = NULL, until_ms = NULL, \
-     misses_in_row = 0, ringing_since_ms = NULL, ringing_queue = NULL WHERE id = ?";
 /// Binds: agent id. Columns: ringing_since_ms, ringing_queue.
 const RINGING_OF: &str = "SELECT ringing_since_ms, ringing_queue FROM agents WHERE id = ?";
 /// Binds: agent id.
@@ -699,7 +699,7 @@ const LIST_AUDIT: &str = "SELECT id, at_ms, actor, action, subject, detail FROM 
 const SNAPSHOT_AGENTS: &str = "SELECT a.id, a.name, a.tags, a.daily_cap, a.enabled, \
      a.state, a.reason, a.until_ms, a.idle_since_ms, \
      COALESCE(c.calls, 0), COALESCE(c.sales, 0), s.device_id, d.endpoint, s.since_ms, \
-     COALESCE(c.missed, 0), a.ringing_since_ms, a.ringing_queue \
+     COALESCE(c.missed, 0), a.ringing_since_ms, a.ringing_queue, a.state_since_ms \
      FROM agents a \
      LEFT JOIN sessions s ON s.agent_id = a.id \
      LEFT JOIN devices d ON d.id = s.device_id \
@@ -1443,7 +1443,7 @@ impl Store {
         let sql = self.directory_sql();
         write_tx!(self, tx => {
             let previous = lock_agent_state!(tx, sql, agent);
-            sqlx::query(q(ON_CALL)).bind(agent).execute(&mut *tx).await?;
+            sqlx::query(q(sql.on_call)).bind(agent).execute(&mut *tx).await?;
             let detail = json!({ "previous": previous });
             audit(sql, actor, "agent.on_call", &subject("agent", agent), &detail)
                 .execute(&mut *tx)
@@ -1499,6 +1499,7 @@ impl Store {
                     idle_since_ms: row.try_get(3)?,
                     now_ms: row.try_get(4)?,
                     ringing: ringing_from_row(&row, 5)?,
+                    state_since_ms: row.try_get(7)?,
                 })
             })
             .transpose()?
@@ -1685,7 +1686,7 @@ impl Store {
             }
             let (outcome, detail) = match event {
                 CallEvent::Answered { queue } => {
-                    sqlx::query(q(ANSWERED)).bind(agent).execute(&mut *tx).await?;
+                    sqlx::query(q(sql.answered)).bind(agent).execute(&mut *tx).await?;
                     sqlx::query(q(sql.count_call))
                         .bind(agent)
                         .bind(day)
@@ -2608,6 +2609,7 @@ where
         missed_today: u32_column(row, 14)?,
         session,
         ringing: ringing_from_row(row, 15)?,
+        state_since_ms: row.try_get(17)?,
         id,
     })
 }

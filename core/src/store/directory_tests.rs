@@ -652,6 +652,69 @@ async fn logout_ends_the_session_and_frees_the_device() {
 }
 
 #[tokio::test]
+async fn time_in_state_restarts_only_when_the_state_changes() {
+    on_both(|store| async move {
+        seed(&store).await;
+        let fresh = state(&store, "1001").await;
+        assert_eq!(
+            fresh.state_since_ms, fresh.idle_since_ms,
+            "available since created"
+        );
+
+        let step = || tokio::time::sleep(Duration::from_millis(20));
+        step().await;
+        store.pause("1001", "lunch", CRM).await.expect("pause");
+        let paused = state(&store, "1001").await;
+        assert!(
+            paused.state_since_ms >= fresh.now_ms + 20 && paused.state_since_ms <= paused.now_ms,
+            "paused since the pause: {fresh:?} {paused:?}"
+        );
+        step().await;
+        store
+            .pause("1001", "coaching", CRM)
+            .await
+            .expect("new reason");
+        assert_eq!(
+            state(&store, "1001").await.state_since_ms,
+            paused.state_since_ms,
+            "a new reason is the same state"
+        );
+
+        step().await;
+        store.set_on_call("1001", CRM).await.expect("on call");
+        let on_call = state(&store, "1001").await;
+        assert!(on_call.state_since_ms >= paused.now_ms + 20);
+        step().await;
+        store.set_on_call("1001", CRM).await.expect("on call again");
+        assert_eq!(
+            state(&store, "1001").await.state_since_ms,
+            on_call.state_since_ms
+        );
+
+        step().await;
+        store
+            .wrap_up("1001", Duration::from_secs(30), CRM)
+            .await
+            .expect("wrap-up");
+        let wrapping = state(&store, "1001").await;
+        assert!(wrapping.state_since_ms >= on_call.now_ms + 20);
+
+        step().await;
+        store.unpause("1001", CRM).await.expect("end wrap-up early");
+        let back = state(&store, "1001").await;
+        assert_eq!(back.state, AgentState::Available);
+        assert!(back.state_since_ms >= wrapping.now_ms + 20 && back.state_since_ms <= back.now_ms);
+        step().await;
+        store.unpause("1001", CRM).await.expect("unpause again");
+        assert_eq!(
+            state(&store, "1001").await.state_since_ms,
+            back.state_since_ms
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn pause_needs_a_reason_and_unpause_moves_idle_since_forward() {
     on_both(|store| async move {
         seed(&store).await;

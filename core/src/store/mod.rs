@@ -539,6 +539,11 @@ fn migrator(sql: &Dialect) -> Migrator {
                 "ringing",
                 include_str!("migrations/mysql/0009_ringing.sql"),
             ),
+            (
+                10,
+                "state since",
+                include_str!("migrations/mysql/0010_state_since.sql"),
+            ),
         ]
     } else {
         &[
@@ -582,6 +587,11 @@ fn migrator(sql: &Dialect) -> Migrator {
                 9,
                 "ringing",
                 include_str!("migrations/sqlite/0009_ringing.sql"),
+            ),
+            (
+                10,
+                "state since",
+                include_str!("migrations/sqlite/0010_state_since.sql"),
             ),
         ]
     };
