@@ -94,7 +94,8 @@ cf_start_redis() {
 
 cf_stop_servers() {
     local pid
-    for pidfile in "$CF_TMP/mariadb/mysqld.pid" "$CF_TMP/redis/redis.pid"; do
+    for pidfile in "$CF_TMP/mariadb/mysqld.pid" "$CF_TMP/redis/redis.pid" \
+        "$CF_TMP/moto/moto.pid"; do
         [ -f "$pidfile" ] || continue
         pid=$(cat "$pidfile" 2>/dev/null) || continue
         kill "$pid" 2>/dev/null || true
