@@ -2,37 +2,25 @@
 # node-agent, and an Auto Scaling group that callfleet's autoscaler drives. Terraform sets
 # the group's bounds; the autoscaler alone sets how many run and which one goes.
 
-locals {
-  shell_quote = { for k, v in {
-    callfleet_release_url = var.callfleet_release_url
-    asterisk_install_dir  = var.asterisk_install_dir
-    asterisk_tarball_url  = var.asterisk_tarball_url
-  } : k => "'${replace(v, "'", "'\\''")}'" }
+module "user_data" {
+  source = "./user-data"
 
-  node_config = templatefile("${path.module}/templates/callfleet.toml.tftpl", {
-    store_url            = var.store_url
-    pool                 = var.pool
-    max_calls            = var.max_calls
-    node_metrics_port    = var.node_metrics_port
-    lock_service_url     = var.lock_service_url
-    carrier_networks     = var.carrier_networks
-    control_plane_url    = var.control_plane_url
-    node_token           = var.node_token
-    asterisk_install_dir = var.asterisk_install_dir
-    core_private_ips     = var.core_private_ips
-  })
-
-  user_data = templatefile("${path.module}/templates/user-data.sh.tftpl", {
-    node_config              = local.node_config
-    callfleet_release_url    = local.shell_quote.callfleet_release_url
-    callfleet_release_sha256 = var.callfleet_release_sha256
-    asterisk_install_dir     = local.shell_quote.asterisk_install_dir
-    asterisk_from_tarball    = var.asterisk_tarball_url != ""
-    asterisk_tarball_url     = local.shell_quote.asterisk_tarball_url
-    asterisk_tarball_sha256  = var.asterisk_tarball_sha256
-    rtp_port_min             = var.rtp_port_min
-    rtp_port_max             = var.rtp_port_max
-  })
+  callfleet_release_url    = var.callfleet_release_url
+  callfleet_release_sha256 = var.callfleet_release_sha256
+  asterisk_install_dir     = var.asterisk_install_dir
+  asterisk_tarball_url     = var.asterisk_tarball_url
+  asterisk_tarball_sha256  = var.asterisk_tarball_sha256
+  store_url                = var.store_url
+  node_token               = var.node_token
+  control_plane_url        = var.control_plane_url
+  lock_service_url         = var.lock_service_url
+  core_private_ips         = var.core_private_ips
+  carrier_networks         = var.carrier_networks
+  pool                     = var.pool
+  max_calls                = var.max_calls
+  node_metrics_port        = var.node_metrics_port
+  rtp_port_min             = var.rtp_port_min
+  rtp_port_max             = var.rtp_port_max
 }
 
 resource "aws_launch_template" "extra" {
@@ -42,7 +30,7 @@ resource "aws_launch_template" "extra" {
   instance_type          = var.instance_type
   key_name               = var.key_name
   update_default_version = true
-  user_data              = base64encode(local.user_data)
+  user_data              = base64encode(module.user_data.user_data)
 
   network_interfaces {
     associate_public_ip_address = true

@@ -20,12 +20,12 @@ output "launch_template_id" {
 
 output "node_config" {
   description = "callfleet's configuration as the user data writes it, before the @…@ placeholders are filled in at boot."
-  value       = local.node_config
+  value       = module.user_data.node_config
   sensitive   = true
 }
 
 output "user_data" {
   description = "The launch template's user data (a bash script), unencoded."
-  value       = local.user_data
+  value       = module.user_data.user_data
   sensitive   = true
 }
