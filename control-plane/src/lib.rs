@@ -23,6 +23,7 @@ pub mod realtime;
 pub mod rest;
 pub mod ringing;
 pub mod rpc2;
+pub mod scale;
 pub mod service;
 pub mod xmlrpc;
 
