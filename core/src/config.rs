@@ -1174,6 +1174,59 @@ pub struct ControlPlaneConfig {
     /// The lock service (`http://host:port`) whose waiting orders give the queue status its
     /// waiting callers and longest wait; empty: none (the status says they are unknown).
     pub lock_service: String,
+    /// When a queue turns amber (warning) or red (critical) on the supervisors' page,
+    /// unless `queue_alerts` names the queue.
+    pub queue_alert: QueueAlert,
+    /// Per queue id: its own thresholds instead of `queue_alert`'s.
+    pub queue_alerts: std::collections::BTreeMap<String, QueueAlert>,
+}
+
+/// A queue's warning and critical thresholds; a queue reaching either figure of a level is
+/// at that level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueAlert {
+    /// Callers waiting at which the queue is a warning.
+    pub waiting_warning: u32,
+    /// Callers waiting at which the queue is critical.
+    pub waiting_critical: u32,
+    /// Longest wait at which the queue is a warning.
+    #[serde(with = "humantime_serde")]
+    pub wait_warning: Duration,
+    /// Longest wait at which the queue is critical.
+    #[serde(with = "humantime_serde")]
+    pub wait_critical: Duration,
+}
+
+impl Default for QueueAlert {
+    /// A queue is worth a look when a few callers wait or one has waited well past the
+    /// usual 20 s service level; critical at twice those.
+    fn default() -> Self {
+        Self {
+            waiting_warning: 5,
+            waiting_critical: 10,
+            wait_warning: Duration::from_secs(30),
+            wait_critical: Duration::from_secs(60),
+        }
+    }
+}
+
+impl QueueAlert {
+    fn check(&self) -> Result<(), String> {
+        if self.waiting_warning == 0 || self.waiting_critical < self.waiting_warning {
+            return Err(format!(
+                "waiting_warning ({}) must be at least 1 and at most waiting_critical ({}), e.g. 5 and 10",
+                self.waiting_warning, self.waiting_critical
+            ));
+        }
+        if self.wait_warning.is_zero() || self.wait_critical < self.wait_warning {
+            return Err(format!(
+                "wait_warning ({:?}) must be above zero and at most wait_critical ({:?}), e.g. \"30s\" and \"60s\"",
+                self.wait_warning, self.wait_critical
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for ControlPlaneConfig {
@@ -1192,6 +1245,8 @@ impl Default for ControlPlaneConfig {
             status_rate: 20.0,
             status_burst: 40,
             lock_service: "http://127.0.0.1:7070".to_owned(),
+            queue_alert: QueueAlert::default(),
+            queue_alerts: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -1319,6 +1374,14 @@ impl ControlPlaneConfig {
         }
         if self.status_burst == 0 {
             return bad("status_burst", "must be at least 1 (e.g. 40)".into());
+        }
+        if let Err(reason) = self.queue_alert.check() {
+            return bad("queue_alert", reason);
+        }
+        for (queue, alert) in &self.queue_alerts {
+            if let Err(reason) = alert.check() {
+                return bad(&format!("queue_alerts.{queue}"), reason);
+            }
         }
         if !self.lock_service.is_empty() {
             let usable = url::Url::parse(&self.lock_service).is_ok_and(|url| {
@@ -2026,6 +2089,65 @@ mod tests {
                 ("status_burst = 0", "control_plane.status_burst"),
             ] {
                 let err = load_in(jail, &format!("[control_plane]\n{toml}\n"))
+                    .expect_err(toml)
+                    .to_string();
+                assert!(err.contains(key), "{toml}: {err}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn queue_alerts_have_defaults_per_queue_overrides_and_are_checked() {
+        Jail::expect_with(|jail| {
+            let defaults = load_in(jail, "").expect("defaults load");
+            assert_eq!(defaults.control_plane.queue_alert, QueueAlert::default());
+            assert!(defaults.control_plane.queue_alerts.is_empty());
+
+            let tuned = load_in(
+                jail,
+                "[control_plane.queue_alert]\nwaiting_warning = 3\n\
+                 [control_plane.queue_alerts.vip]\nwaiting_warning = 1\nwaiting_critical = 1\n\
+                 wait_warning = \"5s\"\nwait_critical = \"15s\"\n",
+            )
+            .expect("tuned alerts load");
+            let cp = &tuned.control_plane;
+            assert_eq!(
+                cp.queue_alert,
+                QueueAlert {
+                    waiting_warning: 3,
+                    ..QueueAlert::default()
+                }
+            );
+            assert_eq!(
+                cp.queue_alerts["vip"],
+                QueueAlert {
+                    waiting_warning: 1,
+                    waiting_critical: 1,
+                    wait_warning: Duration::from_secs(5),
+                    wait_critical: Duration::from_secs(15),
+                }
+            );
+
+            for (toml, key) in [
+                (
+                    "[control_plane.queue_alert]\nwaiting_warning = 0",
+                    "control_plane.queue_alert",
+                ),
+                (
+                    "[control_plane.queue_alerts.sales]\nwaiting_warning = 11",
+                    "control_plane.queue_alerts.sales",
+                ),
+                (
+                    "[control_plane.queue_alerts.sales]\nwait_critical = \"10s\"",
+                    "control_plane.queue_alerts.sales",
+                ),
+                (
+                    "[control_plane.queue_alert]\nwait_warning = \"0s\"",
+                    "control_plane.queue_alert",
+                ),
+            ] {
+                let err = load_in(jail, &format!("{toml}\n"))
                     .expect_err(toml)
                     .to_string();
                 assert!(err.contains(key), "{toml}: {err}");

@@ -81,6 +81,32 @@ pub fn node_status(id: &str, sip_uri: &str) -> crate::NodeStatus {
     }
 }
 
+/// A core node's heartbeat in the `default` pool with room for 100 calls and one shed
+/// tier (`reports`, running), every 200 ms; tests change the fields they care about.
+pub fn heartbeat(id: &str, calls: u32) -> crate::Heartbeat {
+    crate::Heartbeat {
+        id: crate::NodeId::new(id).expect("a valid test node id"),
+        pool: crate::PoolName::new("default").expect("\"default\" is a valid pool name"),
+        role: crate::NodeRole::Core,
+        sip_uri: "sip:10.0.0.1:5060".into(),
+        calls,
+        pbx_up: true,
+        max_calls: 100,
+        load1: 0.5,
+        cpu_pct: 12.5,
+        mem_pct: 40.0,
+        cores: 2,
+        shed: vec![crate::ShedTierState {
+            name: "reports".into(),
+            shed: false,
+            command_ok: true,
+        }],
+        refusing_calls: false,
+        interval: std::time::Duration::from_millis(200),
+        first_of_run: false,
+    }
+}
+
 /// The Redis URL exported by `./scripts/test`, or a panic that says how to get one.
 pub fn redis_url() -> String {
     std::env::var("CALLFLEET_TEST_REDIS_URL").unwrap_or_else(|_| {

@@ -19,7 +19,7 @@ pub(crate) struct Dialect {
     /// free of date formatting: this read runs every refresh of every balancer, so the
     /// server does the least work and the caller sorts.
     pub list_nodes: &'static str,
-    /// Binds: node id, seconds of history. Columns: at, calls, load1, cpu_pct, mem_pct.
+    /// Binds: node id, seconds of history. Columns: at, calls, load1, cpu_pct, mem_pct, age_ms.
     pub samples_since: &'static str,
 }
 
@@ -86,7 +86,8 @@ pub(crate) static MYSQL: Dialect = Dialect {
         "FROM nodes"
     ),
     samples_since: concat!(
-        "SELECT CAST(at AS CHAR), calls, load1, cpu_pct, mem_pct FROM node_samples ",
+        "SELECT CAST(at AS CHAR), calls, load1, cpu_pct, mem_pct, ",
+        "TIMESTAMPDIFF(MICROSECOND, at, NOW(6)) DIV 1000 FROM node_samples ",
         "WHERE node_id = ? AND at >= DATE_SUB(NOW(6), INTERVAL ? SECOND) ORDER BY at"
     ),
 };
@@ -131,7 +132,9 @@ pub(crate) static SQLITE: Dialect = Dialect {
         "FROM nodes"
     ),
     samples_since: concat!(
-        "SELECT at, calls, load1, cpu_pct, mem_pct FROM node_samples WHERE node_id = ? ",
+        "SELECT at, calls, load1, cpu_pct, mem_pct, ",
+        "CAST((julianday('now') - julianday(at)) * 86400000.0 AS INTEGER) ",
+        "FROM node_samples WHERE node_id = ? ",
         "AND at >= strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || ? || ' seconds') ORDER BY at"
     ),
 };

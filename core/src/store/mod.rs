@@ -128,6 +128,9 @@ pub struct Sample {
     pub cpu_pct: f64,
     /// Memory in use, 0–100.
     pub mem_pct: f64,
+    /// How long ago it was recorded, ms by the database clock: free of the server's and
+    /// the session's time zones, which `at` is not on MySQL.
+    pub age_ms: u64,
 }
 
 /// A connection pool to the fleet store with its dialect.
@@ -331,6 +334,7 @@ impl Store {
                         load1: row.try_get(2)?,
                         cpu_pct: row.try_get(3)?,
                         mem_pct: row.try_get(4)?,
+                        age_ms: u64::try_from(row.try_get::<i64, _>(5)?).unwrap_or(0),
                     })
                 })
                 .collect::<Result<_, sqlx::Error>>()

@@ -7,27 +7,7 @@ use crate::config::StoreConfig;
 use crate::testing;
 
 fn beat(id: &str, calls: u32) -> Heartbeat {
-    Heartbeat {
-        id: NodeId::new(id).expect("valid id"),
-        pool: PoolName::new("default").expect("valid pool"),
-        role: NodeRole::Core,
-        sip_uri: "sip:10.0.0.1:5060".into(),
-        calls,
-        pbx_up: true,
-        max_calls: 100,
-        load1: 0.5,
-        cpu_pct: 12.5,
-        mem_pct: 40.0,
-        cores: 2,
-        shed: vec![ShedTierState {
-            name: "reports".into(),
-            shed: false,
-            command_ok: true,
-        }],
-        refusing_calls: false,
-        interval: Duration::from_millis(200),
-        first_of_run: false,
-    }
+    testing::heartbeat(id, calls)
 }
 
 /// Runs `scenario` on a fresh SQLite file and on a fresh MariaDB database.
@@ -190,6 +170,11 @@ async fn history_is_recorded_and_pruned_by_retention() {
             .expect("read");
         assert_eq!(samples.len(), 3, "{}", store.dialect());
         assert!(samples.iter().all(|s| s.calls == 5));
+        let ages: Vec<u64> = samples.iter().map(|s| s.age_ms).collect();
+        assert!(
+            ages.windows(2).all(|w| w[0] >= w[1] + 5) && ages[0] < 1_000,
+            "oldest first, 5 ms apart, ages by the database clock: {ages:?}"
+        );
         tokio::time::sleep(Duration::from_millis(1_100)).await;
         // A retention of 1 s drops the three older samples and keeps the new one.
         store
