@@ -61,6 +61,30 @@ fn join_waiter(lock_port: u16, queue: &str, waiter: &str) {
     });
 }
 
+/// Samples of pbx-b in the store's history.
+fn sample_count(url: &str) -> u64 {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let config = callfleet_core::config::StoreConfig {
+            url: url.to_owned(),
+            ..Default::default()
+        };
+        let store = callfleet_core::Store::connect(&config)
+            .await
+            .expect("store");
+        let id: callfleet_core::NodeId = "pbx-b".parse().expect("node id");
+        let samples = store
+            .samples(&id, std::time::Duration::from_secs(3600))
+            .await
+            .expect("samples");
+        store.close().await;
+        u64::try_from(samples.len()).expect("count")
+    })
+}
+
 #[test]
 fn a_supervisor_watches_and_steers_the_fleet_in_a_browser() {
     let url = fresh_mysql_url();
@@ -78,6 +102,11 @@ fn a_supervisor_watches_and_steers_the_fleet_in_a_browser() {
         .env("CALLFLEET_STORE__URL", &url)
         .env("CALLFLEET_CONTROL_PLANE__LISTEN", format!("127.0.0.1:{api_port}"))
         .env("CALLFLEET_CONTROL_PLANE__LOCK_SERVICE", format!("http://127.0.0.1:{lock_port}"))
+        // Long waits stay out of it: the queue's colour follows the count the script makes.
+        .env(
+            "CALLFLEET_CONTROL_PLANE__QUEUE_ALERTS",
+            r#"{sales={waiting_warning=1,waiting_critical=2,wait_warning="1h",wait_critical="2h"}}"#,
+        )
         .env(
             "CALLFLEET_CONTROL_PLANE__TOKENS",
             format!(
@@ -92,7 +121,17 @@ fn a_supervisor_watches_and_steers_the_fleet_in_a_browser() {
     wait_until("the control plane answers", Duration::from_secs(20), || {
         http(api_port, "GET", "/api/v1/queues", CRM_TOKEN, "").is_some_and(|(s, _)| s == 200)
     });
-    let agent = start_agent(&url, "pbx-b", "300ms", &dir.path().join("pbx-b.log"));
+    // One sample per agent process (its first beat's), so the chart's points are known.
+    let agent = start_agent_with(
+        &url,
+        "pbx-b",
+        "300ms",
+        &dir.path().join("pbx-b.log"),
+        &[("CALLFLEET_STORE__HISTORY_INTERVAL", "1h")],
+    );
+    wait_until("pbx-b reports", Duration::from_secs(20), || {
+        node(&status(&url), "pbx-b").is_some()
+    });
     for (path, body) in [
         ("/api/v1/queues/sales", r#"{"name":"Sales"}"#),
         ("/api/v1/agents/1001", r#"{"name":"Alice"}"#),
@@ -121,13 +160,16 @@ fn a_supervisor_watches_and_steers_the_fleet_in_a_browser() {
     let mut to_script = script.stdin.take().expect("stdin");
     let from_script = BufReader::new(script.stdout.take().expect("stdout"));
     let mut asked = Vec::new();
+    let mut callers = 0;
     for line in from_script.lines() {
         let line = line.expect("read the script");
         let answer = match line.as_str() {
             "JOIN" => {
-                join_waiter(lock_port, "sales", "pbx-b/1700000000.1");
-                "OK"
+                callers += 1;
+                join_waiter(lock_port, "sales", &format!("pbx-b/1700000000.{callers}"));
+                "OK".to_owned()
             }
+            "SAMPLES?" => sample_count(&url).to_string(),
             "PAUSE" => {
                 let paused = http(
                     api_port,
@@ -137,18 +179,18 @@ fn a_supervisor_watches_and_steers_the_fleet_in_a_browser() {
                     r#"{"reason":"lunch"}"#,
                 );
                 assert_eq!(paused.map(|a| a.0), Some(204));
-                "OK"
+                "OK".to_owned()
             }
             "DRAIN?" => {
                 if node(&status(&url), "pbx-b").is_some_and(|n| n["drain_requested"] == true) {
-                    "yes"
+                    "yes".to_owned()
                 } else {
-                    "no"
+                    "no".to_owned()
                 }
             }
             "KILL" => {
                 agent.signal("KILL");
-                "OK"
+                "OK".to_owned()
             }
             "DONE" => break,
             other => panic!("the script said {other:?}"),
@@ -165,7 +207,10 @@ fn a_supervisor_watches_and_steers_the_fleet_in_a_browser() {
         "the browser script failed: {status:?}\n{log}"
     );
     eprintln!("{log}");
-    assert_eq!(asked, ["JOIN", "PAUSE", "DRAIN?", "KILL"]);
+    assert_eq!(
+        asked,
+        ["SAMPLES?", "JOIN", "JOIN", "PAUSE", "DRAIN?", "KILL"]
+    );
     let mut taken: Vec<String> = std::fs::read_dir(&shots)
         .expect("screenshots")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())

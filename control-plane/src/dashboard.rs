@@ -24,7 +24,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use callfleet_core::config::Role;
+use callfleet_core::config::{ControlPlaneConfig, QueueAlert, Role};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
@@ -49,6 +49,13 @@ const MAX_SESSIONS: usize = 10_000;
 /// Rows of the audit log a snapshot carries.
 const AUDIT_ROWS: u32 = 20;
 
+/// How far back the nodes' charts reach.
+pub const HISTORY_WINDOW: Duration = Duration::from_secs(3 * 3600);
+
+/// How long one read of the nodes' history serves every page: samples come every
+/// `store.history_interval` (30 s by default), so a fresher read shows nothing new.
+const HISTORY_FOR: Duration = Duration::from_secs(15);
+
 const PAGE: &str = include_str!("dashboard.html");
 
 #[derive(Debug, Clone)]
@@ -64,15 +71,41 @@ pub struct Dashboard {
     control: Arc<Control>,
     sessions: Mutex<HashMap<String, Session>>,
     feed: watch::Sender<Arc<str>>,
+    alerts: Alerts,
+    history: tokio::sync::Mutex<Option<(Instant, Arc<str>)>>,
 }
 
-/// The routes of the page.
-pub fn router(control: Arc<Control>) -> Router {
+/// The queues' warning and critical thresholds.
+#[derive(Debug)]
+struct Alerts {
+    default: QueueAlert,
+    by_queue: std::collections::BTreeMap<String, QueueAlert>,
+}
+
+impl Alerts {
+    fn of(&self, queue: &str) -> serde_json::Value {
+        let alert = self.by_queue.get(queue).unwrap_or(&self.default);
+        json!({
+            "waiting_warning": alert.waiting_warning,
+            "waiting_critical": alert.waiting_critical,
+            "wait_warning_ms": alert.wait_warning.as_millis(),
+            "wait_critical_ms": alert.wait_critical.as_millis(),
+        })
+    }
+}
+
+/// The routes of the page, with the queues' thresholds of `config`.
+pub fn router(control: Arc<Control>, config: &ControlPlaneConfig) -> Router {
     let (feed, _) = watch::channel(Arc::<str>::from("{}"));
     let dashboard = Arc::new(Dashboard {
         control,
         sessions: Mutex::new(HashMap::new()),
         feed,
+        alerts: Alerts {
+            default: config.queue_alert,
+            by_queue: config.queue_alerts.clone(),
+        },
+        history: tokio::sync::Mutex::new(None),
     });
     tokio::spawn(feed_loop(Arc::downgrade(&dashboard)));
     Router::new()
@@ -81,6 +114,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/ui/logout", post(logout))
         .route("/ui/session", get(session))
         .route("/ui/events", get(events))
+        .route("/ui/history", get(history))
         .route("/ui/agents/{agent}/pause", post(pause))
         .route("/ui/agents/{agent}/unpause", post(unpause))
         .route("/ui/queues/{queue}/members/{agent}", put(set_priority))
@@ -101,7 +135,7 @@ async fn feed_loop(dashboard: Weak<Dashboard>) {
         if dashboard.feed.receiver_count() == 0 {
             continue;
         }
-        match snapshot(&dashboard.control).await {
+        match snapshot(&dashboard.control, &dashboard.alerts).await {
             Ok(json) => {
                 dashboard.feed.send_replace(Arc::from(json));
             }
@@ -113,7 +147,7 @@ async fn feed_loop(dashboard: Weak<Dashboard>) {
 }
 
 /// Everything the page shows, as one JSON text.
-async fn snapshot(control: &Control) -> Result<String, ControlError> {
+async fn snapshot(control: &Control, alerts: &Alerts) -> Result<String, ControlError> {
     let (nodes, audit) = tokio::join!(control.list_nodes(), control.audit(AUDIT_ROWS, None));
     let view = control.view();
     let queues: Vec<serde_json::Value> = view
@@ -127,7 +161,13 @@ async fn snapshot(control: &Control) -> Result<String, ControlError> {
                 .iter()
                 .map(|m| json!({ "agent": m.agent, "priority": m.priority }))
                 .collect();
-            json!({ "id": queue.id, "name": queue.name, "status": status, "members": members })
+            json!({
+                "id": queue.id,
+                "name": queue.name,
+                "status": status,
+                "members": members,
+                "alert": alerts.of(&queue.id),
+            })
         })
         .collect();
     Ok(json!({
@@ -281,6 +321,55 @@ async fn events(
         Some((Ok::<_, Infallible>(Event::default().data(&*json)), feed))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Every node's calls and load of the last [`HISTORY_WINDOW`], for the charts: one read
+/// per [`HISTORY_FOR`] serves every page.
+async fn history(
+    State(dashboard): State<Arc<Dashboard>>,
+    headers: HeaderMap,
+) -> Result<Response, ControlError> {
+    dashboard.session(&headers)?;
+    let mut cached = dashboard.history.lock().await;
+    let fresh = cached
+        .as_ref()
+        .filter(|(at, _)| at.elapsed() < HISTORY_FOR)
+        .map(|(_, json)| json.clone());
+    let json = match fresh {
+        Some(json) => json,
+        None => {
+            let nodes: serde_json::Map<String, serde_json::Value> = dashboard
+                .control
+                .node_history(HISTORY_WINDOW)
+                .await?
+                .into_iter()
+                .map(|(node, samples)| {
+                    // Columns rather than objects: a day of 100 nodes stays small.
+                    let ago: Vec<u64> = samples.iter().map(|s| s.age_ms).collect();
+                    let calls: Vec<u32> = samples.iter().map(|s| s.calls).collect();
+                    let load: Vec<f64> = samples.iter().map(|s| s.load1).collect();
+                    (
+                        node.to_string(),
+                        json!({ "ago_ms": ago, "calls": calls, "load1": load }),
+                    )
+                })
+                .collect();
+            let json: Arc<str> = Arc::from(
+                json!({ "window_ms": HISTORY_WINDOW.as_millis(), "nodes": nodes }).to_string(),
+            );
+            *cached = Some((Instant::now(), json.clone()));
+            json
+        }
+    };
+    drop(cached);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        json.to_string(),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]

@@ -95,7 +95,7 @@ pub fn router_with(control: Arc<Control>, config: &ControlPlaneConfig) -> axum::
     .merge(rpc2::router(control.clone(), status_limit))
     .merge(realtime::router(control.clone()))
     .merge(metrics::router(control.clone()))
-    .merge(dashboard::router(control))
+    .merge(dashboard::router(control, config))
     .layer(axum::middleware::from_fn(metrics::track))
 }
 

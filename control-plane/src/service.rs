@@ -929,6 +929,20 @@ impl Control {
         Ok(self.store.list_nodes().await?)
     }
 
+    /// Every node's samples of the last `window`, oldest first, in node id order.
+    pub async fn node_history(
+        &self,
+        window: std::time::Duration,
+    ) -> Result<Vec<(NodeId, Vec<callfleet_core::store::Sample>)>, ControlError> {
+        let nodes = self.store.list_nodes().await?;
+        let mut history = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            let samples = self.store.samples(&node.id, window).await?;
+            history.push((node.id, samples));
+        }
+        Ok(history)
+    }
+
     /// Asks a node to drain (or to take calls again).
     pub async fn set_drain(
         &self,

@@ -249,3 +249,75 @@ async fn a_token_becomes_a_session_whose_actions_need_its_role_and_csrf_token() 
     assert_eq!(after.status, 401, "{}", after.body);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_page_gets_nodes_history_queue_thresholds_and_time_in_state() {
+    let mut config = config();
+    config.queue_alerts.insert(
+        "sales".to_owned(),
+        callfleet_core::config::QueueAlert {
+            waiting_warning: 2,
+            waiting_critical: 4,
+            wait_warning: Duration::from_secs(10),
+            wait_critical: Duration::from_secs(25),
+        },
+    );
+    let server = Server::start(config, CRM, "127.0.0.1").await;
+    put_agent(&server, CRM, "1001").await;
+    let store = server.store().await;
+    for calls in [3, 4] {
+        let beat = callfleet_core::testing::heartbeat("pbx-1", calls);
+        store.heartbeat(&beat).await.expect("beat");
+        store
+            .record_sample(&beat, Duration::from_secs(3600))
+            .await
+            .expect("sample");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let history = |cookie: Option<&str>| {
+        let cookie = cookie.map_or(String::new(), |c| format!("Cookie: {c}\r\n"));
+        format!("GET /ui/history HTTP/1.1\r\nHost: cp\r\n{cookie}\r\n")
+    };
+    assert_eq!(request(&server, history(None)).await.status, 401);
+    let (reader, _) = login(&server, WALLBOARD).await;
+    let answer = request(&server, history(Some(&reader))).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.header("cache-control"), Some("no-store"));
+    let history: Value = serde_json::from_str(&answer.body).expect("json");
+    assert_eq!(history["window_ms"], 3 * 3600 * 1000);
+    let nodes = history["nodes"].as_object().expect("nodes");
+    assert_eq!(nodes.keys().collect::<Vec<_>>(), ["pbx-1"]);
+    assert_eq!(nodes["pbx-1"]["calls"], json!([3, 4]));
+    assert_eq!(nodes["pbx-1"]["load1"], json!([0.5, 0.5]));
+    let ago: Vec<u64> = nodes["pbx-1"]["ago_ms"]
+        .as_array()
+        .expect("ages")
+        .iter()
+        .map(|a| a.as_u64().expect("ms"))
+        .collect();
+    assert!(
+        ago.len() == 2 && ago[0] >= ago[1] + 5 && ago[0] < 5_000,
+        "oldest first: {ago:?}"
+    );
+
+    let snapshot = first_event(&server, &reader).await;
+    assert_eq!(
+        snapshot["queues"][0]["alert"],
+        json!({
+            "waiting_warning": 2,
+            "waiting_critical": 4,
+            "wait_warning_ms": 10_000,
+            "wait_critical_ms": 25_000,
+        })
+    );
+    let agent = &snapshot["agents"][0];
+    let since = agent["state_since_ms"].as_i64().expect("state_since_ms");
+    let at = snapshot["at_ms"].as_i64().expect("at_ms");
+    assert!(
+        since > 0 && since <= at && at - since < 10_000,
+        "available since it was made: {since} at {at}"
+    );
+    store.close().await;
+    server.stop().await;
+}

@@ -2,7 +2,7 @@
 
 Run by tests/dashboard_browser.rs, which started the cluster: it reads the page at
 BASE_URL and talks to the test over stdin/stdout, one line each way (`JOIN`, `PAUSE`,
-`KILL`, `DRAIN?` -> `OK` or an answer), for what happens outside the browser. Each step
+`KILL`, `DRAIN?`, `SAMPLES?` -> `OK` or an answer), for what happens outside the browser. Each step
 saves a screenshot into SHOTS. Any failed expectation ends the script with status 1 and
 the reason on stderr.
 """
@@ -59,6 +59,16 @@ def cell_text(browser, table, key, attribute, column):
     return row.find_elements(By.TAG_NAME, "td")[column].text
 
 
+def queue_level(browser, queue):
+    return browser.find_element(By.CSS_SELECTOR, f"#queues tr[data-queue='{queue}']").get_attribute("data-level")
+
+
+def seconds_shown(text):
+    """`12 s` or `2 min 3 s` as seconds."""
+    parts = text.replace("min", "").replace("s", "").split()
+    return int(parts[0]) if len(parts) == 1 else int(parts[0]) * 60 + int(parts[1])
+
+
 def log_in(browser, token):
     browser.get(BASE_URL + "/")
     wait_for(browser, "the login form", lambda: browser.find_element(By.ID, "token").is_displayed(), 10)
@@ -88,21 +98,40 @@ def main():
         wait_for(browser, "node pbx-b", lambda: cell_text(browser, "nodes", "pbx-b", "node", 2) == "active", 10)
         if browser.find_elements(By.CSS_SELECTOR, "main button"):
             fail("a read-only login sees buttons")
+        # The node's chart draws what the store holds: one point per sample.
+        samples = int(ask("SAMPLES?"))
+        wait_for(browser, "the chart of pbx-b", lambda: f"· {samples} sample" in browser.find_element(By.CSS_SELECTOR, ".chart[data-node='pbx-b'] p").text, 10)
+        for line in browser.find_elements(By.CSS_SELECTOR, ".chart[data-node='pbx-b'] polyline"):
+            points = len(line.get_attribute("points").split())
+            if points != samples:
+                fail(f"a line of pbx-b's chart has {points} points, the store {samples} samples")
         shot(browser, "2-read-only")
         log_out(browser)
 
         # An admin: a caller joins the queue and the waiting count changes without a reload.
         log_in(browser, ADMIN)
         wait_for(browser, "queue sales", lambda: cell_text(browser, "queues", "sales", "queue", 1) == "0", 10)
+        if queue_level(browser, "sales") != "normal":
+            fail(f"an empty queue is {queue_level(browser, 'sales')}")
         ask("JOIN")
         took = wait_for(browser, "one caller waiting", lambda: cell_text(browser, "queues", "sales", "queue", 1) == "1", 5)
         print(f"waiting count on screen after {took:.2f} s", file=sys.stderr)
+        # The queue's thresholds (warning at 1 waiting, critical at 2) colour it.
+        if queue_level(browser, "sales") != "warning":
+            fail(f"one caller waiting: the queue is {queue_level(browser, 'sales')}, not warning")
         shot(browser, "3-caller-waiting")
+        ask("JOIN")
+        wait_for(browser, "the queue critical at two callers", lambda: queue_level(browser, "sales") == "critical" and cell_text(browser, "queues", "sales", "queue", 1) == "2", 5)
 
         # An agent paused through the API shows paused, again without a reload.
         ask("PAUSE")
         took = wait_for(browser, "agent 1001 paused", lambda: cell_text(browser, "agents", "1001", "agent", 1).startswith("paused"), 5)
         print(f"agent state on screen after {took:.2f} s", file=sys.stderr)
+        # The time in state starts at the pause and ticks without a new snapshot's help.
+        first = seconds_shown(cell_text(browser, "agents", "1001", "agent", 2))
+        if first > 2:
+            fail(f"paused for {first} s just after the pause")
+        wait_for(browser, "the time in state ticking", lambda: seconds_shown(cell_text(browser, "agents", "1001", "agent", 2)) >= first + 2, 5)
         shot(browser, "4-agent-paused")
 
         # The admin drains the node by clicking; the store shows it.

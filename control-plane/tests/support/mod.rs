@@ -227,6 +227,14 @@ impl Server {
         server
     }
 
+    /// Another connection to the server's store, for what nodes write there.
+    #[allow(dead_code)] // Not every test crate writes as a node.
+    pub async fn store(&self) -> Store {
+        Store::connect(&testing::sqlite_config(self._dir.path()))
+            .await
+            .expect("sqlite store")
+    }
+
     /// Shuts the server down and checks that `run` returns cleanly within 10 s.
     pub async fn stop(self) {
         self.shutdown.cancel();
