@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{NodeId, NodeRole, PoolName};
 
+mod autoscaler;
+pub use autoscaler::{AutoscalerConfig, AwsConfig, CommandConfig, ExecutorConfig};
+
 /// Prefix of environment overrides: `CALLFLEET_STORE__URL=mysql://…` sets `store.url`.
 pub const ENV_PREFIX: &str = "CALLFLEET_";
 
@@ -1179,6 +1182,8 @@ pub struct ControlPlaneConfig {
     pub queue_alert: QueueAlert,
     /// Per queue id: its own thresholds instead of `queue_alert`'s.
     pub queue_alerts: std::collections::BTreeMap<String, QueueAlert>,
+    /// Extra nodes added and removed with the load.
+    pub autoscaler: AutoscalerConfig,
 }
 
 /// A queue's warning and critical thresholds; a queue reaching either figure of a level is
@@ -1247,6 +1252,7 @@ impl Default for ControlPlaneConfig {
             lock_service: "http://127.0.0.1:7070".to_owned(),
             queue_alert: QueueAlert::default(),
             queue_alerts: std::collections::BTreeMap::new(),
+            autoscaler: AutoscalerConfig::default(),
         }
     }
 }
@@ -1382,6 +1388,9 @@ impl ControlPlaneConfig {
             if let Err(reason) = alert.check() {
                 return bad(&format!("queue_alerts.{queue}"), reason);
             }
+        }
+        if let Err((key, reason)) = self.autoscaler.check(&self.lock_service) {
+            return bad(&format!("autoscaler.{key}"), reason);
         }
         if !self.lock_service.is_empty() {
             let usable = url::Url::parse(&self.lock_service).is_ok_and(|url| {

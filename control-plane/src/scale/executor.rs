@@ -16,7 +16,8 @@
 use std::time::Duration;
 
 use callfleet_core::NodeId;
-use serde::{Deserialize, Serialize};
+
+pub use callfleet_core::config::{AwsConfig, CommandConfig, ExecutorConfig};
 
 pub use super::aws::AwsExecutor;
 pub use super::command::CommandExecutor;
@@ -30,56 +31,6 @@ pub struct Action {
     /// Why, in words with the numbers behind it (it ends up in the audit log and the
     /// commands' environment).
     pub reason: String,
-}
-
-/// Which executor carries out the autoscaler's decisions, and how.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum ExecutorConfig {
-    /// Configured programs start and end extra nodes.
-    Command(CommandConfig),
-    /// An EC2 Auto Scaling group holds the extra nodes.
-    Aws(AwsConfig),
-}
-
-/// The programs of the `command` executor. Each is an argv run without a shell.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CommandConfig {
-    /// Starts `CALLFLEET_SCALE_COUNT` more extra nodes, e.g.
-    /// `["/usr/local/bin/start-nodes"]`. It may return before they boot: the autoscaler
-    /// waits for their heartbeats.
-    pub start: Vec<String>,
-    /// Ends the extra node `CALLFLEET_NODE_ID`, which has no calls left.
-    pub terminate: Vec<String>,
-    /// How long one run may take before its whole process group is killed and the action
-    /// fails.
-    #[serde(default = "default_command_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-}
-
-fn default_command_timeout() -> Duration {
-    Duration::from_secs(5 * 60)
-}
-
-/// The EC2 Auto Scaling group of the `aws` executor. Credentials come from the standard AWS
-/// chain (environment, profile, instance profile).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AwsConfig {
-    /// The Auto Scaling group's name (Terraform's `extra` module outputs it).
-    pub group: String,
-    /// The group's region; unset: the standard chain's (`AWS_REGION`, profile, instance
-    /// metadata).
-    #[serde(default)]
-    pub region: Option<String>,
-    /// Another endpoint than AWS's, e.g. an emulator's `http://127.0.0.1:5000`.
-    #[serde(default)]
-    pub endpoint: Option<String>,
-    /// The group's termination lifecycle hook, completed once a drained node is
-    /// terminated so the instance does not wait out the hook's timeout.
-    #[serde(default)]
-    pub lifecycle_hook: Option<String>,
 }
 
 /// Why an executor could not carry out an action, with what to do about it.

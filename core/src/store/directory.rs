@@ -2616,8 +2616,10 @@ where
 
 mod callers;
 mod provisioning;
+mod scaler;
 pub use callers::{
     CallerEntry, MAX_CALLER_NUMBER_DIGITS, MAX_CALLER_PAGE, check_caller_attributes,
     normalize_caller_number,
 };
 pub use provisioning::{MAX_CONTACT_BYTES, MAX_CONTACT_ID_LEN, SipDevice, aor_of};
+pub use scaler::{MAX_EXTRA_NODES, ScalerSteering};

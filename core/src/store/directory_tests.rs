@@ -3452,3 +3452,117 @@ async fn a_store_of_the_previous_version_migrates_with_nobody_ringing() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn autoscaler_steering_is_audited_and_checked() {
+    on_both(|store| async move {
+        assert_eq!(
+            store.scaler_steering().await.expect("read"),
+            ScalerSteering::default()
+        );
+        let steering = ScalerSteering {
+            paused: true,
+            min_extra: 2,
+            max_extra: Some(4),
+        };
+        let before = store
+            .set_scaler_steering(&steering, "ops")
+            .await
+            .expect("set");
+        assert_eq!(before, ScalerSteering::default());
+        assert_eq!(store.scaler_steering().await.expect("read"), steering);
+        let rows = audit(&store).await;
+        assert_eq!(
+            (
+                rows[0].actor.as_str(),
+                rows[0].action.as_str(),
+                rows[0].subject.as_str()
+            ),
+            ("ops", "autoscaler.set", "autoscaler")
+        );
+        assert_eq!(rows[0].detail["now"]["max_extra"], 4);
+        assert_eq!(rows[0].detail["before"]["paused"], false);
+
+        for (bad, field) in [
+            (
+                ScalerSteering {
+                    paused: false,
+                    min_extra: 3,
+                    max_extra: Some(2),
+                },
+                "max_extra",
+            ),
+            (
+                ScalerSteering {
+                    paused: false,
+                    min_extra: 1001,
+                    max_extra: None,
+                },
+                "min_extra",
+            ),
+        ] {
+            let err = store
+                .set_scaler_steering(&bad, "ops")
+                .await
+                .expect_err("refused");
+            assert!(
+                matches!(err, StoreError::Invalid { field: f, .. } if f == field),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            store.scaler_steering().await.expect("read"),
+            steering,
+            "unchanged"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_autoscaler_action_under_a_superseded_token_is_refused_and_not_recorded() {
+    on_both(|store| async move {
+        let detail = serde_json::json!({ "count": 1 });
+        store
+            .record_scale_action(5, "scale.launch", "autoscaler", &detail)
+            .await
+            .expect("first leader");
+        store
+            .record_scale_action(5, "scale.launch", "autoscaler", &detail)
+            .await
+            .expect("the same leader again");
+        store
+            .record_scale_action(7, "scale.drain", "node:x-1", &detail)
+            .await
+            .expect("the next leader");
+        let err = store
+            .record_scale_action(5, "scale.terminate", "node:x-1", &detail)
+            .await
+            .expect_err("the first leader, late");
+        assert!(
+            matches!(err, StoreError::Superseded { token: 5, fence: 7 }),
+            "{err}"
+        );
+        let rows = audit(&store).await;
+        let recorded: Vec<(&str, &str, u64)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.action.as_str(),
+                    r.subject.as_str(),
+                    r.detail["token"].as_u64().expect("token"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            recorded,
+            [
+                ("scale.drain", "node:x-1", 7),
+                ("scale.launch", "autoscaler", 5),
+                ("scale.launch", "autoscaler", 5)
+            ]
+        );
+        assert!(rows.iter().all(|r| r.actor == "autoscaler"));
+    })
+    .await;
+}

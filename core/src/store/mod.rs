@@ -103,6 +103,17 @@ pub enum StoreError {
         /// The agent.
         agent: String,
     },
+    /// An autoscaler's action under a lease token older than one another leader has
+    /// acted under: that leader was superseded, and nothing was done.
+    #[error(
+        "autoscaler lease token {token} is superseded by {fence}: another control plane leads the autoscaler now; this one stops acting"
+    )]
+    Superseded {
+        /// The token the action was tried under.
+        token: u64,
+        /// The highest token acted under so far.
+        fence: u64,
+    },
     /// The device is in use by another agent's session; nothing was changed.
     #[error(
         "device `{device}` is in use by agent `{holder}`; log agent `{holder}` out first or choose another device"
@@ -548,6 +559,11 @@ fn migrator(sql: &Dialect) -> Migrator {
                 "state since",
                 include_str!("migrations/mysql/0010_state_since.sql"),
             ),
+            (
+                11,
+                "autoscaler",
+                include_str!("migrations/mysql/0011_autoscaler.sql"),
+            ),
         ]
     } else {
         &[
@@ -597,6 +613,11 @@ fn migrator(sql: &Dialect) -> Migrator {
                 "state since",
                 include_str!("migrations/sqlite/0010_state_since.sql"),
             ),
+            (
+                11,
+                "autoscaler",
+                include_str!("migrations/sqlite/0011_autoscaler.sql"),
+            ),
         ]
     };
     let mut migrator = Migrator::with_migrations(
@@ -623,8 +644,8 @@ pub mod directory;
 pub use directory::{
     Agent, AgentSnapshot, AgentState, AuditEntry, Availability, CallEvent, CallEventOutcome,
     CallOutcome, CallerEntry, CredentialsChange, DailyCounts, Device, DigestCredentials,
-    DirectorySnapshot, Login, Queue, QueueCounts, QueueMember, QueueSnapshot, Ringing, Session,
-    SipDevice, aor_of,
+    DirectorySnapshot, Login, MAX_EXTRA_NODES, Queue, QueueCounts, QueueMember, QueueSnapshot,
+    Ringing, ScalerSteering, Session, SipDevice, aor_of,
 };
 
 #[cfg(test)]

@@ -1,0 +1,12 @@
+-- The autoscaler (issue 12): one row. What supervisors set (paused, a minimum and maximum
+-- of extra nodes; NULL maximum: the configured one) and the fence: the highest lease token
+-- any leader has acted under. An action is recorded only under a token at least as high,
+-- so a superseded leader's late action is refused before it reaches the cloud.
+CREATE TABLE IF NOT EXISTS autoscaler (
+    id        TINYINT NOT NULL PRIMARY KEY CHECK (id = 1),
+    paused    TINYINT NOT NULL DEFAULT 0,
+    min_extra INT     NOT NULL DEFAULT 0,
+    max_extra INT     NULL,
+    fence     BIGINT  NOT NULL DEFAULT 0
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
+INSERT IGNORE INTO autoscaler (id) VALUES (1);
