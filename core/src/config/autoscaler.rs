@@ -136,13 +136,13 @@ impl AutoscalerConfig {
                 ),
             ));
         }
-        if let Some(ExecutorConfig::Command(command)) = &self.executor {
-            if command.start.is_empty() || command.terminate.is_empty() {
-                return Err((
-                    "executor",
-                    "the command executor needs both start and terminate programs, e.g. start = [\"/usr/local/bin/start-node\"]".into(),
-                ));
-            }
+        if let Some(ExecutorConfig::Command(command)) = &self.executor
+            && (command.start.is_empty() || command.terminate.is_empty())
+        {
+            return Err((
+                "executor",
+                "the command executor needs both start and terminate programs, e.g. start = [\"/usr/local/bin/start-node\"]".into(),
+            ));
         }
         if let Some(ExecutorConfig::Aws(aws)) = &self.executor
             && aws.group.trim().is_empty()
