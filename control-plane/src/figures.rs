@@ -90,6 +90,20 @@ impl Figures {
         })
     }
 
+    /// The live lease on `resource` as (holder, token), or `None` when there is none or
+    /// the lock service did not answer.
+    pub async fn lease(&self, resource: &str) -> Option<(String, u64)> {
+        let mut locks = self.locks.clone()?;
+        let answer = locks
+            .get(callfleet_proto::lock::v1::GetRequest {
+                resource: resource.to_owned(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        answer.lease.map(|lease| (lease.holder, lease.token))
+    }
+
     /// `queue`'s callers waiting now and how long the oldest has waited, in ms, or `None`
     /// when the lock service did not answer lately (or none is configured). The wait is
     /// the one read, plus the time since: it keeps growing between two reads.

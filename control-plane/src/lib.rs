@@ -36,6 +36,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use auth::random_hex;
 pub use auth::{ADMIN_TOKEN_FILE, admin_token, node_token};
 pub use error::ControlError;
 pub use service::Control;
@@ -148,6 +149,19 @@ pub async fn run(
         let (control, shutdown) = (control.clone(), shutdown.clone());
         tokio::spawn(async move { control.figures_loop(shutdown).await })
     };
+    let autoscaler = config.autoscaler.enabled.then(|| {
+        let (scale, store, lock_service) = (
+            config.autoscaler.clone(),
+            control.store().clone(),
+            config.lock_service.clone(),
+        );
+        let (holder, shutdown) = (autoscaler_holder(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(err) = scale::run(scale, store, &lock_service, holder, shutdown).await {
+                tracing::error!(error = %err, "the autoscaler is not running");
+            }
+        })
+    });
     let address = listener.local_addr()?;
     info!(
         %address,
@@ -166,6 +180,19 @@ pub async fn run(
     shutdown.cancel();
     let _ = refresher.await;
     let _ = figures.await;
+    if let Some(autoscaler) = autoscaler {
+        let _ = autoscaler.await;
+    }
     info!("control plane stopped");
     Ok(())
+}
+
+/// This process as the autoscaler's lease holder: host, process and a random part, so two
+/// control planes on one host (or a restarted one) never share it.
+fn autoscaler_holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "control-plane".to_owned());
+    let random = random_hex(4).unwrap_or_default();
+    format!("{host}/{}/{random}", std::process::id())
 }

@@ -196,7 +196,41 @@ pub struct Control {
     figures: Figures,
     /// Who is being rung, for the agent lists.
     rings: Rings,
+    /// The autoscaler's policy, for its figures on any control plane.
+    autoscaler: callfleet_core::config::AutoscalerConfig,
 }
+
+/// The autoscaler as supervisors see it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AutoscalerView {
+    /// Whether this control plane takes part (`control_plane.autoscaler.enabled`).
+    pub enabled: bool,
+    /// What supervisors set.
+    pub steering: callfleet_core::store::ScalerSteering,
+    /// The fleet now, by the policy's measure.
+    pub figures: crate::scale::policy::Figures,
+    /// The policy's thresholds.
+    pub scale_out_above: f64,
+    /// See `scale_out_above`.
+    pub scale_in_below: f64,
+    /// Who leads the autoscaler now, from the lock service; `None` when nobody does or
+    /// the lock service did not answer.
+    pub leader: Option<AutoscalerLeader>,
+    /// The latest decisions and steering, newest first.
+    pub recent: Vec<AuditEntry>,
+}
+
+/// The control plane holding the autoscaler's lease.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AutoscalerLeader {
+    /// Its holder id (`host/pid`).
+    pub holder: String,
+    /// The lease's fencing token, recorded with every action it takes.
+    pub token: u64,
+}
+
+/// Decisions shown with the autoscaler's status.
+const RECENT_SCALE_ACTIONS: u32 = 20;
 
 impl Control {
     /// Reads the directory once and returns the service.
@@ -221,7 +255,55 @@ impl Control {
             event_refreshed: std::sync::Mutex::new(None),
             figures,
             rings: Rings::default(),
+            autoscaler: config.autoscaler.clone(),
         })
+    }
+
+    /// The autoscaler's steering, figures, leader and latest decisions.
+    pub async fn autoscaler_status(&self) -> Result<AutoscalerView, ControlError> {
+        let (nodes, steering, recent, leader) = tokio::join!(
+            self.store.list_nodes(),
+            self.store.scaler_steering(),
+            self.store.list_scale_actions(RECENT_SCALE_ACTIONS),
+            self.figures.lease(crate::scale::LEASE),
+        );
+        let steering = steering?;
+        Ok(AutoscalerView {
+            enabled: self.autoscaler.enabled,
+            figures: crate::scale::policy::Policy::figures(&self.autoscaler, &nodes?, &steering),
+            steering,
+            scale_out_above: self.autoscaler.scale_out_above,
+            scale_in_below: self.autoscaler.scale_in_below,
+            leader: leader.map(|(holder, token)| AutoscalerLeader { holder, token }),
+            recent: recent?,
+        })
+    }
+
+    /// Sets what supervisors steer (admin), audited under the caller's name. A maximum
+    /// above the configured `max_extra` is refused: that one is the budget's.
+    pub async fn set_autoscaler(
+        &self,
+        caller: &Caller,
+        steering: &callfleet_core::store::ScalerSteering,
+    ) -> Result<AutoscalerView, ControlError> {
+        let ceiling = self.autoscaler.max_extra;
+        for (field, value) in [
+            ("min_extra", Some(steering.min_extra)),
+            ("max_extra", steering.max_extra),
+        ] {
+            if let Some(value) = value.filter(|v| *v > ceiling) {
+                return Err(ControlError::invalid(
+                    field,
+                    format!(
+                        "{value} is above the configured max_extra ({ceiling}); raise control_plane.autoscaler.max_extra first"
+                    ),
+                ));
+            }
+        }
+        self.store
+            .set_scaler_steering(steering, &caller.name)
+            .await?;
+        self.autoscaler_status().await
     }
 
     /// The store, for what is served straight from it (realtime provisioning).

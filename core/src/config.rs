@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{NodeId, NodeRole, PoolName};
 
 mod autoscaler;
-pub use autoscaler::{AutoscalerConfig, AwsConfig, CommandConfig, ExecutorConfig};
+pub use autoscaler::{
+    AutoscalerConfig, AwsConfig, CommandConfig, ExecutorConfig, UnsafeScalerSwitches,
+};
 
 /// Prefix of environment overrides: `CALLFLEET_STORE__URL=mysql://…` sets `store.url`.
 pub const ENV_PREFIX: &str = "CALLFLEET_";

@@ -55,6 +55,19 @@ pub struct AutoscalerConfig {
     /// The leader's lease: a dead leader's successor takes over within about this long.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
+    /// Protections switched off; only tests set them, never a file.
+    #[serde(skip)]
+    pub unsafe_for_tests: UnsafeScalerSwitches,
+}
+
+/// The autoscaler's protections that only tests switch off, so that a test can show each
+/// one is what keeps its scenario safe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UnsafeScalerSwitches {
+    /// Act without holding the lease: every enabled control plane leads.
+    pub no_lease: bool,
+    /// Carry out actions without recording them against the fence first.
+    pub no_fence: bool,
 }
 
 impl Default for AutoscalerConfig {
@@ -74,6 +87,7 @@ impl Default for AutoscalerConfig {
             boot_timeout: Duration::from_secs(600),
             tick: Duration::from_secs(5),
             lease: Duration::from_secs(15),
+            unsafe_for_tests: UnsafeScalerSwitches::default(),
         }
     }
 }

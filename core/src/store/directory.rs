@@ -2055,18 +2055,7 @@ impl Store {
                 .fetch_all(pool)
                 .await?;
             rows.iter()
-                .map(|row| {
-                    let detail: String = row.try_get(5)?;
-                    Ok(AuditEntry {
-                        id: row.try_get(0)?,
-                        at_ms: row.try_get(1)?,
-                        actor: row.try_get(2)?,
-                        action: row.try_get(3)?,
-                        subject: row.try_get(4)?,
-                        detail: serde_json::from_str(&detail)
-                            .map_err(|err| bad_column(5, format!("detail is not JSON: {err}")))?,
-                    })
-                })
+                .map(audit_from_row)
                 .collect::<Result<_, sqlx::Error>>()
                 .map_err(StoreError::from)
         })
@@ -2179,6 +2168,26 @@ where
         .bind(action.to_owned())
         .bind(subject.to_owned())
         .bind(detail.to_string())
+}
+
+/// An audit row from the columns `id, at_ms, actor, action, subject, detail`.
+fn audit_from_row<'r, R>(row: &'r R) -> Result<AuditEntry, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let detail: String = row.try_get(5)?;
+    Ok(AuditEntry {
+        id: row.try_get(0)?,
+        at_ms: row.try_get(1)?,
+        actor: row.try_get(2)?,
+        action: row.try_get(3)?,
+        subject: row.try_get(4)?,
+        detail: serde_json::from_str(&detail)
+            .map_err(|err| bad_column(5, format!("detail is not JSON: {err}")))?,
+    })
 }
 
 fn subject(kind: &str, id: &str) -> String {

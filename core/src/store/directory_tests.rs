@@ -3563,6 +3563,29 @@ async fn an_autoscaler_action_under_a_superseded_token_is_refused_and_not_record
             ]
         );
         assert!(rows.iter().all(|r| r.actor == "autoscaler"));
+
+        // The autoscaler's list holds its rows and supervisors' steering, nothing else.
+        seed(&store).await;
+        store
+            .set_scaler_steering(&ScalerSteering::default(), "ops")
+            .await
+            .expect("steer");
+        let listed: Vec<String> = store
+            .list_scale_actions(10)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|r| r.action)
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                "autoscaler.set",
+                "scale.drain",
+                "scale.launch",
+                "scale.launch"
+            ]
+        );
     })
     .await;
 }

@@ -11,12 +11,11 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-
 use sqlx::SqlStr;
 
 use super::{
-    BUMP_VERSION, MAX_ATTEMPTS, Pool, Store, StoreError, audit, check_actor, invalid, is_deadlock,
-    q,
+    AuditEntry, BUMP_VERSION, MAX_ATTEMPTS, Pool, Store, StoreError, audit, audit_from_row,
+    check_actor, invalid, is_deadlock, q,
 };
 
 /// The most extra nodes a supervisor may ask for as a minimum or maximum.
@@ -43,6 +42,11 @@ const SET_STEERING: &str =
 /// Raises the fence to the token; leaves a higher one alone (read back to tell).
 const RAISE_FENCE: &str = "UPDATE autoscaler SET fence = ? WHERE id = 1 AND fence < ?";
 const GET_FENCE: &str = "SELECT fence FROM autoscaler WHERE id = 1";
+/// Binds: limit. The autoscaler's own rows and supervisors' steering, newest first (by the
+/// index on `action`).
+const LIST_SCALE_ACTIONS: &str = "SELECT id, at_ms, actor, action, subject, detail \
+     FROM audit_log WHERE (action >= 'scale.' AND action < 'scale/') \
+     OR action = 'autoscaler.set' ORDER BY id DESC LIMIT ?";
 
 impl Store {
     /// What supervisors set for the autoscaler.
@@ -93,6 +97,21 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             before
+        })
+    }
+
+    /// The autoscaler's latest actions and supervisors' steering, newest first.
+    pub async fn list_scale_actions(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
+        let limit = i64::from(limit.clamp(1, super::MAX_AUDIT_PAGE));
+        with_pool!(self, pool => {
+            let rows = sqlx::query(q(LIST_SCALE_ACTIONS))
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+            rows.iter()
+                .map(audit_from_row)
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(StoreError::from)
         })
     }
 

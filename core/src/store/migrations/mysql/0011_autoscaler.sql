@@ -10,3 +10,6 @@ CREATE TABLE IF NOT EXISTS autoscaler (
     fence     BIGINT  NOT NULL DEFAULT 0
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
 INSERT IGNORE INTO autoscaler (id) VALUES (1);
+-- `callfleet scale status` and the API read the autoscaler's rows of the audit log by
+-- action, newest first.
+CREATE INDEX audit_log_action ON audit_log (action, id);
