@@ -229,9 +229,6 @@ pub struct AutoscalerLeader {
     pub token: u64,
 }
 
-/// Decisions shown with the autoscaler's status.
-const RECENT_SCALE_ACTIONS: u32 = 20;
-
 impl Control {
     /// Reads the directory once and returns the service.
     pub async fn start(store: Store, config: &ControlPlaneConfig) -> Result<Self, ControlError> {
@@ -261,22 +258,8 @@ impl Control {
 
     /// The autoscaler's steering, figures, leader and latest decisions.
     pub async fn autoscaler_status(&self) -> Result<AutoscalerView, ControlError> {
-        let (nodes, steering, recent, leader) = tokio::join!(
-            self.store.list_nodes(),
-            self.store.scaler_steering(),
-            self.store.list_scale_actions(RECENT_SCALE_ACTIONS),
-            self.figures.lease(crate::scale::LEASE),
-        );
-        let steering = steering?;
-        Ok(AutoscalerView {
-            enabled: self.autoscaler.enabled,
-            figures: crate::scale::policy::Policy::figures(&self.autoscaler, &nodes?, &steering),
-            steering,
-            scale_out_above: self.autoscaler.scale_out_above,
-            scale_in_below: self.autoscaler.scale_in_below,
-            leader: leader.map(|(holder, token)| AutoscalerLeader { holder, token }),
-            recent: recent?,
-        })
+        let leader = self.figures.lease(crate::scale::LEASE);
+        Ok(crate::scale::status(&self.autoscaler, &self.store, leader).await?)
     }
 
     /// Sets what supervisors steer (admin), audited under the caller's name. A maximum
@@ -286,20 +269,7 @@ impl Control {
         caller: &Caller,
         steering: &callfleet_core::store::ScalerSteering,
     ) -> Result<AutoscalerView, ControlError> {
-        let ceiling = self.autoscaler.max_extra;
-        for (field, value) in [
-            ("min_extra", Some(steering.min_extra)),
-            ("max_extra", steering.max_extra),
-        ] {
-            if let Some(value) = value.filter(|v| *v > ceiling) {
-                return Err(ControlError::invalid(
-                    field,
-                    format!(
-                        "{value} is above the configured max_extra ({ceiling}); raise control_plane.autoscaler.max_extra first"
-                    ),
-                ));
-            }
-        }
+        crate::scale::check_steering(&self.autoscaler, steering)?;
         self.store
             .set_scaler_steering(steering, &caller.name)
             .await?;

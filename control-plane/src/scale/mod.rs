@@ -18,11 +18,12 @@ pub mod command;
 pub mod executor;
 pub mod policy;
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use callfleet_core::Store;
 use callfleet_core::config::AutoscalerConfig;
-use callfleet_core::store::StoreError;
+use callfleet_core::store::{ScalerSteering, StoreError};
 use callfleet_lock_service::Lease;
 use callfleet_lock_service::client::LeaseKeeper;
 use callfleet_proto::lock::v1 as pb;
@@ -32,11 +33,75 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{error, info, warn};
 
+use crate::error::ControlError;
+use crate::service::{AutoscalerLeader, AutoscalerView};
 use executor::{Action, Executor, ExecutorError};
 use policy::{Decision, Policy};
 
 /// The lock service's resource the leader holds.
 pub const LEASE: &str = "autoscaler";
+
+/// Decisions and steering shown with the autoscaler's status, newest first.
+pub const RECENT_DECISIONS: u32 = 20;
+
+/// The autoscaler as supervisors see it: `store`'s steering, fleet and latest decisions,
+/// measured by `config`'s policy, and the lease's holder as `leader` finds it (asked at
+/// the same time as the store). The control plane's API and `callfleet scale status`
+/// (which runs no control plane) both show this.
+pub async fn status(
+    config: &AutoscalerConfig,
+    store: &Store,
+    leader: impl Future<Output = Option<(String, u64)>>,
+) -> Result<AutoscalerView, StoreError> {
+    let (nodes, steering, recent, leader) = tokio::join!(
+        store.list_nodes(),
+        store.scaler_steering(),
+        store.list_scale_actions(RECENT_DECISIONS),
+        leader,
+    );
+    let steering = steering?;
+    Ok(AutoscalerView {
+        enabled: config.enabled,
+        figures: Policy::figures(config, &nodes?, &steering),
+        steering,
+        scale_out_above: config.scale_out_above,
+        scale_in_below: config.scale_in_below,
+        leader: leader.map(|(holder, token)| AutoscalerLeader { holder, token }),
+        recent: recent?,
+    })
+}
+
+/// Who holds the autoscaler's lease, asked once of the lock service at `lock_service`
+/// (`http://host:port`; empty: none) within [`crate::figures::LOCK_DEADLINE`]: `None`
+/// when nobody does or it did not answer in time.
+pub async fn leader(lock_service: &str) -> Result<Option<(String, u64)>, ControlError> {
+    Ok(crate::figures::Figures::new(lock_service)?
+        .lease(LEASE)
+        .await)
+}
+
+/// Refuses steering that asks for more extra nodes than the configured `max_extra` (the
+/// budget's ceiling, which supervisors may lower but not raise), naming the field.
+pub fn check_steering(
+    config: &AutoscalerConfig,
+    steering: &ScalerSteering,
+) -> Result<(), ControlError> {
+    let ceiling = config.max_extra;
+    for (field, value) in [
+        ("min_extra", Some(steering.min_extra)),
+        ("max_extra", steering.max_extra),
+    ] {
+        if let Some(value) = value.filter(|v| *v > ceiling) {
+            return Err(ControlError::invalid(
+                field,
+                format!(
+                    "{value} is above the configured max_extra ({ceiling}); raise control_plane.autoscaler.max_extra first"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// Why the autoscaler cannot start.
 #[derive(Debug, thiserror::Error)]
