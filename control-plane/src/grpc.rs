@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 use crate::auth::Caller;
 use crate::error::ControlError;
 use crate::ratelimit::RateLimit;
-use crate::service::{AgentView, Control, CredentialsInput};
+use crate::service::{AgentView, AutoscalerView, Control, CredentialsInput};
 
 /// The gRPC face of [`Control`].
 #[derive(Debug, Clone)]
@@ -93,6 +93,51 @@ fn caller_pb(entry: store::CallerEntry) -> pb::CallerAttributes {
     pb::CallerAttributes {
         number: entry.number,
         attributes: entry.attributes.into_iter().collect(),
+    }
+}
+
+fn steering_pb(steering: store::ScalerSteering) -> pb::ScalerSteering {
+    pb::ScalerSteering {
+        paused: steering.paused,
+        min_extra: steering.min_extra,
+        max_extra: steering.max_extra,
+    }
+}
+
+fn autoscaler_pb(view: AutoscalerView) -> pb::Autoscaler {
+    let figures = view.figures;
+    pb::Autoscaler {
+        enabled: view.enabled,
+        steering: Some(steering_pb(view.steering)),
+        figures: Some(pb::AutoscalerFigures {
+            calls: figures.calls,
+            capacity: figures.capacity,
+            utilisation: figures.utilisation,
+            extra_active: figures.extra_active,
+            extra_booting: figures.extra_booting,
+            extra_draining: figures.extra_draining,
+            min_extra: figures.min_extra,
+            max_extra: figures.max_extra,
+            paused: figures.paused,
+        }),
+        scale_out_above: view.scale_out_above,
+        scale_in_below: view.scale_in_below,
+        leader: view.leader.map(|leader| pb::AutoscalerLeader {
+            holder: leader.holder,
+            token: leader.token,
+        }),
+        recent: view
+            .recent
+            .into_iter()
+            .map(|e| pb::ScaleDecision {
+                id: e.id,
+                at_ms: e.at_ms,
+                actor: e.actor,
+                action: e.action,
+                subject: e.subject,
+                detail: e.detail.to_string(),
+            })
+            .collect(),
     }
 }
 
@@ -495,5 +540,23 @@ impl pb::control_server::Control for ControlService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn get_autoscaler(&self, request: Request<pb::Empty>) -> Reply<pb::Autoscaler> {
+        self.caller(&request, Role::Read)?;
+        let view = self.control.autoscaler_status().await?;
+        Ok(Response::new(autoscaler_pb(view)))
+    }
+
+    async fn set_autoscaler(&self, request: Request<pb::ScalerSteering>) -> Reply<pb::Autoscaler> {
+        let caller = self.caller(&request, Role::Admin)?;
+        let body = request.into_inner();
+        let steering = store::ScalerSteering {
+            paused: body.paused,
+            min_extra: body.min_extra,
+            max_extra: body.max_extra,
+        };
+        let view = self.control.set_autoscaler(&caller, &steering).await?;
+        Ok(Response::new(autoscaler_pb(view)))
     }
 }

@@ -1,6 +1,7 @@
 //! REST/JSON under `/api/v1`, described by the OpenAPI document at `/api/v1/openapi.json`.
 //!
-//! Reads need a `read` token, changes a `write` token, node drains an `admin` token; a
+//! Reads need a `read` token, changes a `write` token, node drains and the autoscaler's
+//! steering an `admin` token; a
 //! queue's candidates and a caller number's attributes may also be read with a `node` token
 //! ([`crate::auth::CANDIDATE_READERS`], [`crate::auth::CALLER_LOOKUP`]), and what a node saw
 //! when it rang an agent (`call-events`) or what became of a queued call (`call-outcomes`)
@@ -20,7 +21,7 @@ use axum::{Json, Router};
 use callfleet_core::config::Role;
 use callfleet_core::store::directory::DEFAULT_SERVICE_LEVEL_MS;
 use callfleet_core::store::{
-    Agent, AgentState, CallEvent, CallEventOutcome, CallOutcome, Device, Queue,
+    Agent, AgentState, CallEvent, CallEventOutcome, CallOutcome, Device, Queue, ScalerSteering,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -114,6 +115,7 @@ pub fn router(control: Arc<Control>, status_limit: Arc<RateLimit>) -> Router {
         .route("/nodes", get(list_nodes))
         .route("/nodes/{node}/drain", post(drain))
         .route("/nodes/{node}/undrain", post(undrain))
+        .route("/autoscaler", get(autoscaler).put(set_autoscaler))
         .route("/audit", get(audit))
         .route("/callers", get(list_callers))
         .route("/callers/{number}", get(get_caller).delete(remove_caller))
@@ -720,6 +722,23 @@ async fn undrain(State(control): Shared, headers: HeaderMap, Path(node): Path<St
     let caller = caller(&control, &headers, Role::Admin)?;
     let state = control.set_drain(&caller, &node, false).await?;
     ok(json!({ "node": node, "state": state }))
+}
+
+async fn autoscaler(State(control): Shared, headers: HeaderMap) -> Reply {
+    caller(&control, &headers, Role::Read)?;
+    ok(control.autoscaler_status().await?)
+}
+
+/// The body is the whole steering: a field left out takes its default (not paused, no
+/// minimum, the configured maximum), as PUT replaces.
+async fn set_autoscaler(
+    State(control): Shared,
+    headers: HeaderMap,
+    bytes: axum::body::Bytes,
+) -> Reply {
+    let caller = caller(&control, &headers, Role::Admin)?;
+    let steering: ScalerSteering = body(&bytes)?;
+    ok(control.set_autoscaler(&caller, &steering).await?)
 }
 
 #[derive(Debug, Deserialize)]

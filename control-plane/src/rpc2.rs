@@ -6,6 +6,9 @@
 //! them; the codec's codes (-32xxx) mean the call itself was malformed. The token is read
 //! from the HTTP `Authorization` header, as for REST.
 //!
+//! The autoscaler is read with `autoscaler.status()` (`read`) and steered with
+//! `autoscaler.set({paused, min_extra, max_extra})` (`admin`), as over REST.
+//!
 //! `queue.status` is public, as over REST, and takes from the same per-address bucket
 //! ([`crate::ratelimit`]): each call counts, also inside a `system.multicall` (whose limited
 //! entries get fault 429 while the earlier ones are answered), so a batch of status probes
@@ -22,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Router};
 use callfleet_core::config::Role;
+use callfleet_core::store::ScalerSteering;
 use serde_json::json;
 
 use crate::auth::Caller;
@@ -56,6 +60,8 @@ pub const METHODS: &[&str] = &[
     "caller.list",
     "node.drain",
     "node.undrain",
+    "autoscaler.status",
+    "autoscaler.set",
     xmlrpc::LIST_METHODS,
     xmlrpc::MULTICALL,
 ];
@@ -387,6 +393,34 @@ async fn dispatch(
             reply(
                 control
                     .set_drain(&caller, &node, drain)
+                    .await
+                    .map_err(fault)?,
+            )
+        }
+        "autoscaler.status" => {
+            authorize(Role::Read)?;
+            args.arity(&[])?;
+            reply(control.autoscaler_status().await.map_err(fault)?)
+        }
+        "autoscaler.set" => {
+            let caller = authorize(Role::Admin)?;
+            args.arity(&["steering"])?;
+            // A struct, as REST's body: a member left out (or nil, where XML-RPC has no
+            // null) takes its default: not paused, no minimum, the configured maximum.
+            let steering = args.members(0, "steering", &["paused", "min_extra", "max_extra"])?;
+            let count = |member| {
+                steering
+                    .int_in(member, 0..=i32::MAX)
+                    .map(|n| n.map(|n| n.unsigned_abs()))
+            };
+            let steering = ScalerSteering {
+                paused: steering.flag("paused")?.unwrap_or(false),
+                min_extra: count("min_extra")?.unwrap_or(0),
+                max_extra: count("max_extra")?,
+            };
+            reply(
+                control
+                    .set_autoscaler(&caller, &steering)
                     .await
                     .map_err(fault)?,
             )

@@ -371,6 +371,36 @@ impl<'a> Args<'a> {
             .collect()
     }
 
+    /// Returns the `<struct>` at `pos` of named settings (for example the steering of
+    /// `autoscaler.set`), whose members must all be named in `known`: a misspelt member is
+    /// a fault rather than a setting silently left at its default.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the parameter is not a struct, or names the first member not in `known`
+    /// with the ones that are.
+    pub fn members(&self, pos: usize, name: &'a str, known: &[&str]) -> Result<Members<'a>, Fault> {
+        let value = self.value(pos, name)?;
+        let Value::Struct(members) = value else {
+            return Err(self.mismatch(pos, name, "a struct", value));
+        };
+        if let Some(unknown) = members.keys().find(|m| !known.contains(&m.as_str())) {
+            return Err(invalid_params(format!(
+                "{}: parameter {} ({name}) has no member {}; its members are {}",
+                self.method,
+                pos + 1,
+                snippet(unknown),
+                known.join(", ")
+            )));
+        }
+        Ok(Members {
+            method: self.method,
+            pos,
+            name,
+            members,
+        })
+    }
+
     fn mismatch(&self, pos: usize, name: &str, expected: &str, found: &Value) -> Fault {
         invalid_params(format!(
             "{}: parameter {} ({name}) must be {expected}, found {}",
@@ -378,6 +408,66 @@ impl<'a> Args<'a> {
             pos + 1,
             describe(found)
         ))
+    }
+}
+
+/// The members of a `<struct>` parameter ([`Args::members`]), read with the rules of
+/// [`Args`]; a member that is absent or `<nil/>` is `None`.
+#[derive(Clone, Copy, Debug)]
+pub struct Members<'a> {
+    method: &'a str,
+    pos: usize,
+    name: &'a str,
+    members: &'a BTreeMap<String, Value>,
+}
+
+impl Members<'_> {
+    fn get(&self, member: &str) -> Option<&Value> {
+        self.members
+            .get(member)
+            .filter(|v| !matches!(v, Value::Nil))
+    }
+
+    fn mismatch(&self, member: &str, expected: &str, found: &Value) -> Fault {
+        invalid_params(format!(
+            "{}: parameter {} ({}), member {member:?} must be {expected}, found {}",
+            self.method,
+            self.pos + 1,
+            self.name,
+            describe(found)
+        ))
+    }
+
+    /// Returns the flag `member`, read as [`Args::bool`] reads a parameter.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the member cannot be read as a flag.
+    pub fn flag(&self, member: &str) -> Result<Option<bool>, Fault> {
+        self.get(member)
+            .map(|value| as_flag(value).ok_or_else(|| self.mismatch(member, FLAG_EXPECTED, value)))
+            .transpose()
+    }
+
+    /// Returns the integer `member` (`<int>`, `<i4>` or `<i8>`), which must lie in `range`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the member is not an integer or lies outside `range`.
+    pub fn int_in(&self, member: &str, range: RangeInclusive<i32>) -> Result<Option<i32>, Fault> {
+        let Some(value) = self.get(member) else {
+            return Ok(None);
+        };
+        let expected = format!("an integer between {} and {}", range.start(), range.end());
+        match value {
+            Value::Integer(i) if range.contains(i) => Ok(Some(*i)),
+            Value::Long(l) => i32::try_from(*l)
+                .ok()
+                .filter(|i| range.contains(i))
+                .map(Some)
+                .ok_or_else(|| self.mismatch(member, &expected, value)),
+            _ => Err(self.mismatch(member, &expected, value)),
+        }
     }
 }
 
@@ -2576,5 +2666,63 @@ mod tests {
             prop_assert_eq!(fault.code(), code);
             prop_assert_eq!(fault.string(), message.as_str());
         }
+    }
+
+    #[test]
+    fn members_are_read_by_name_and_a_misspelt_one_is_a_fault() {
+        let steering = |members: Vec<(&str, Value)>| {
+            call(
+                "autoscaler.set",
+                vec![Value::Struct(
+                    members
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v))
+                        .collect(),
+                )],
+            )
+        };
+        let known = ["paused", "min_extra", "max_extra"];
+        let c = steering(vec![
+            ("paused", s("yes")),
+            ("min_extra", Value::Long(2)),
+            ("max_extra", Value::Nil),
+        ]);
+        let members = c.args().members(0, "steering", &known).expect("members");
+        assert_eq!(members.flag("paused").expect("flag"), Some(true));
+        assert_eq!(members.int_in("min_extra", 0..=9).expect("int"), Some(2));
+        assert_eq!(members.int_in("max_extra", 0..=9).expect("nil"), None);
+        assert_eq!(members.flag("absent").expect("absent"), None);
+
+        let c = steering(vec![("min_extra", Value::Integer(10))]);
+        let members = c.args().members(0, "steering", &known).expect("members");
+        assert_eq!(
+            members
+                .int_in("min_extra", 0..=9)
+                .expect_err("range")
+                .string(),
+            "autoscaler.set: parameter 1 (steering), member \"min_extra\" must be an integer between 0 and 9, found an integer (10)"
+        );
+        let c = steering(vec![("paused", s("maybe"))]);
+        let members = c.args().members(0, "steering", &known).expect("members");
+        assert_eq!(
+            members.flag("paused").expect_err("flag").code(),
+            fault_code::INVALID_PARAMS
+        );
+
+        let c = steering(vec![("max_extar", Value::Integer(1))]);
+        let fault = c.args().members(0, "steering", &known).expect_err("typo");
+        assert_eq!(
+            fault.string(),
+            "autoscaler.set: parameter 1 (steering) has no member \"max_extar\"; its members are paused, min_extra, max_extra"
+        );
+        let c = call("autoscaler.set", vec![s("x")]);
+        let fault = c
+            .args()
+            .members(0, "steering", &known)
+            .expect_err("not a struct");
+        assert_eq!(
+            fault.string(),
+            "autoscaler.set: parameter 1 (steering) must be a struct, found a string \"x\""
+        );
     }
 }

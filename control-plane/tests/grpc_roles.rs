@@ -428,6 +428,27 @@ fn rows() -> Vec<Row> {
             Some("node.undrain"),
         ),
         row(
+            "GetAutoscaler",
+            Access::Read,
+            nothing,
+            call!(get_autoscaler, pb::Empty {}),
+            None,
+        ),
+        row(
+            "SetAutoscaler",
+            Access::Admin,
+            nothing,
+            call!(
+                set_autoscaler,
+                pb::ScalerSteering {
+                    paused: false,
+                    min_extra: 1,
+                    max_extra: Some(2),
+                }
+            ),
+            Some("autoscaler.set"),
+        ),
+        row(
             "ListAudit",
             Access::Read,
             nothing,

@@ -64,6 +64,8 @@ enum Param {
     Str(&'static str),
     Int(i32),
     Strings(&'static [&'static str]),
+    /// A `<value>` written out, for a struct.
+    Raw(&'static str),
 }
 
 impl Param {
@@ -78,6 +80,7 @@ impl Param {
                     .map(|s| format!("<value><string>{s}</string></value>"))
                     .collect::<String>()
             ),
+            Self::Raw(xml) => (*xml).to_owned(),
         }
     }
 }
@@ -187,6 +190,15 @@ fn rows() -> Vec<Row> {
             Access::Admin,
             vec![Str("core-1")],
             Some("node.undrain"),
+        ),
+        row("autoscaler.status", Access::Read, vec![], None),
+        row(
+            "autoscaler.set",
+            Access::Admin,
+            vec![Param::Raw(
+                "<value><struct><member><name>min_extra</name><value><int>1</int></value></member></struct></value>",
+            )],
+            Some("autoscaler.set"),
         ),
         row("system.listMethods", Access::Public, vec![], None),
         // The batch itself needs nothing; each entry is authorized on its own (below).
