@@ -15,22 +15,18 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use callfleet_control_plane::figures::LOCK_DEADLINE;
-use callfleet_core::config::{ControlPlaneConfig, LockServiceConfig, UnsafeLockSwitches};
+use callfleet_core::config::ControlPlaneConfig;
 use callfleet_proto::control::v1 as control_pb;
 use callfleet_proto::control::v1::control_client::ControlClient;
 use callfleet_proto::lock::v1 as lock_pb;
-use callfleet_proto::lock::v1::locks_client::LocksClient;
 use serde_json::{Value, json};
 use support::{
-    REST_STATUS, Reply, Server, connect_from, crm_wallboard_node_tokens, exchange, expect,
-    json_request, send_json, spawn_on_loopback,
+    Locks, REST_STATUS, Reply, Server, channel, connect_from, crm_wallboard_node_tokens, exchange,
+    expect, json_request, send_json,
 };
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 /// Write token of a CRM, named `crm`.
@@ -39,62 +35,6 @@ const CRM: &str = "crm-queue-figures-secret-0123456789";
 const WALLBOARD: &str = "wallboard-queue-figures-secret-0123";
 /// Node token of a node-agent, named `node:pbx-1`.
 const NODE: &str = "node-pbx-1-queue-figures-secret-0123";
-
-/// A lock service on the memory backend that grants at once, on a loopback port.
-struct Locks {
-    address: SocketAddr,
-    shutdown: CancellationToken,
-    task: JoinHandle<()>,
-}
-
-impl Locks {
-    async fn start() -> Self {
-        let config = LockServiceConfig {
-            unsafe_for_tests: UnsafeLockSwitches {
-                no_startup_quarantine: true,
-                ..UnsafeLockSwitches::default()
-            },
-            ..LockServiceConfig::default()
-        };
-        let (address, shutdown, task) = spawn_on_loopback(|listener, token| async move {
-            callfleet_lock_service::run(&config, listener, token)
-                .await
-                .expect("the lock service runs");
-        })
-        .await;
-        Self {
-            address,
-            shutdown,
-            task,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.address)
-    }
-
-    /// A client, as a node-agent has one.
-    async fn client(&self) -> LocksClient<Channel> {
-        LocksClient::new(channel(&self.url()).await)
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("the lock service stops in time")
-            .expect("no panic");
-    }
-}
-
-/// A gRPC channel to `url`.
-async fn channel(url: &str) -> Channel {
-    tonic::transport::Endpoint::from_shared(url.to_owned())
-        .expect("endpoint")
-        .connect()
-        .await
-        .unwrap_or_else(|err| panic!("{url} accepts gRPC: {err}"))
-}
 
 /// The control plane's config: the three tokens, the lock service at `lock_service`, and a
 /// status limit the tests' polling stays well below.

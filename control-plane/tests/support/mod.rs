@@ -16,13 +16,17 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use callfleet_control_plane::ControlPlaneError;
-use callfleet_core::config::{ApiToken, ControlPlaneConfig, Role, Secret};
+use callfleet_core::config::{
+    ApiToken, ControlPlaneConfig, LockServiceConfig, Role, Secret, UnsafeLockSwitches,
+};
 use callfleet_core::{Store, testing};
+use callfleet_proto::lock::v1::locks_client::LocksClient;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 
 /// The public status of the queue `sales` over REST, which needs no token.
 #[allow(dead_code)] // Not every test crate asks for the status.
@@ -330,4 +334,63 @@ pub async fn read_answer(stream: &mut TcpStream) -> Option<Answer> {
         headers,
         body: String::from_utf8_lossy(&body).into_owned(),
     })
+}
+
+/// A lock service on the memory backend that grants at once, on a loopback port.
+#[allow(dead_code)] // Not every test crate has a lock service.
+pub struct Locks {
+    pub address: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+#[allow(dead_code)] // Not every test crate has a lock service.
+impl Locks {
+    pub async fn start() -> Self {
+        let config = LockServiceConfig {
+            unsafe_for_tests: UnsafeLockSwitches {
+                no_startup_quarantine: true,
+                ..UnsafeLockSwitches::default()
+            },
+            ..LockServiceConfig::default()
+        };
+        let (address, shutdown, task) = spawn_on_loopback(|listener, token| async move {
+            callfleet_lock_service::run(&config, listener, token)
+                .await
+                .expect("the lock service runs");
+        })
+        .await;
+        Self {
+            address,
+            shutdown,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// A client, as a node-agent has one.
+    pub async fn client(&self) -> LocksClient<Channel> {
+        LocksClient::new(channel(&self.url()).await)
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("the lock service stops in time")
+            .expect("no panic");
+    }
+}
+
+/// A gRPC channel to `url`.
+#[allow(dead_code)] // Not every test crate speaks gRPC.
+pub async fn channel(url: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .expect("endpoint")
+        .connect()
+        .await
+        .unwrap_or_else(|err| panic!("{url} accepts gRPC: {err}"))
 }
