@@ -1,4 +1,5 @@
-//! The supervisors' page at `/`: nodes, queues, agents and the audit log, live.
+//! The supervisors' page at `/`: nodes, queues, agents, the autoscaler and the audit log,
+//! live.
 //!
 //! A supervisor logs in with an API token (`POST /ui/login`), which is exchanged for a
 //! session cookie (`HttpOnly`, `SameSite=Strict`): the token never stays in the browser.
@@ -8,7 +9,8 @@
 //!
 //! Actions go through the same service code as the API, under the token's name (so the
 //! audit log says who), and need the role the API needs: pause, unpause and priorities
-//! `write`, drain and undrain `admin`; a `read` token sees and does nothing else. Every
+//! `write`, drain, undrain and the autoscaler's steering (pause, minimum and maximum of
+//! extra nodes) `admin`; a `read` token sees and does nothing else. Every
 //! request that changes something must carry the session's CSRF token in `X-CSRF-Token`:
 //! a cross-site form cannot set a header, and `SameSite=Strict` keeps the cookie off
 //! cross-site requests besides.
@@ -120,6 +122,7 @@ pub fn router(control: Arc<Control>, config: &ControlPlaneConfig) -> Router {
         .route("/ui/queues/{queue}/members/{agent}", put(set_priority))
         .route("/ui/nodes/{node}/drain", post(drain))
         .route("/ui/nodes/{node}/undrain", post(undrain))
+        .route("/ui/autoscaler", put(set_autoscaler))
         .with_state(dashboard)
 }
 
@@ -147,8 +150,17 @@ async fn feed_loop(dashboard: Weak<Dashboard>) {
 }
 
 /// Everything the page shows, as one JSON text.
+///
+/// The autoscaler's status adds three store reads and one question to the lock service,
+/// asked together with the rest; the lock service's answer is bounded by the figures'
+/// client deadline ([`crate::figures::LOCK_DEADLINE`]), after which the leader shows as
+/// unknown rather than holding the snapshot back.
 async fn snapshot(control: &Control, alerts: &Alerts) -> Result<String, ControlError> {
-    let (nodes, audit) = tokio::join!(control.list_nodes(), control.audit(AUDIT_ROWS, None));
+    let (nodes, audit, autoscaler) = tokio::join!(
+        control.list_nodes(),
+        control.audit(AUDIT_ROWS, None),
+        control.autoscaler_status()
+    );
     let view = control.view();
     let queues: Vec<serde_json::Value> = view
         .directory
@@ -176,6 +188,7 @@ async fn snapshot(control: &Control, alerts: &Alerts) -> Result<String, ControlE
         "queues": queues,
         "agents": control.list_agents(),
         "audit": audit?,
+        "autoscaler": autoscaler?,
     })
     .to_string())
 }
@@ -448,4 +461,16 @@ async fn set_drain(
     let (_, caller) = dashboard.acting(headers, Role::Admin)?;
     let state = dashboard.control.set_drain(&caller, node, drain).await?;
     Ok(Json(json!({ "node": node, "state": state })))
+}
+
+/// The whole steering, as `PUT /api/v1/autoscaler` takes it.
+async fn set_autoscaler(
+    State(dashboard): State<Arc<Dashboard>>,
+    headers: HeaderMap,
+    Json(steering): Json<callfleet_core::store::ScalerSteering>,
+) -> Result<Json<crate::service::AutoscalerView>, ControlError> {
+    let (_, caller) = dashboard.acting(&headers, Role::Admin)?;
+    Ok(Json(
+        dashboard.control.set_autoscaler(&caller, &steering).await?,
+    ))
 }
