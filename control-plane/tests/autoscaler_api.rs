@@ -10,15 +10,12 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use callfleet_core::config::{
-    AutoscalerConfig, ControlPlaneConfig, LockServiceConfig, Role, UnsafeLockSwitches,
-};
+use callfleet_core::config::{AutoscalerConfig, ControlPlaneConfig, Role};
 use callfleet_proto::control::v1 as pb;
 use callfleet_proto::control::v1::control_client::ControlClient;
 use callfleet_proto::lock::v1 as lock_pb;
-use callfleet_proto::lock::v1::locks_client::LocksClient;
 use serde_json::{Value, json};
-use support::{Answer, Server, connect_from, exchange, expect, send_api, spawn_on_loopback, token};
+use support::{Answer, Locks, Server, channel, connect_from, exchange, expect, send_api, token};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ADMIN: &str = "admin-autoscaler-secret-0123456789a";
@@ -106,36 +103,9 @@ fn view_of(steering: Value, leader: Value) -> Value {
     })
 }
 
-/// A lock service on the memory backend that grants at once.
-async fn lock_service() -> (String, tokio_util::sync::CancellationToken) {
-    let config = LockServiceConfig {
-        unsafe_for_tests: UnsafeLockSwitches {
-            no_startup_quarantine: true,
-            ..UnsafeLockSwitches::default()
-        },
-        ..LockServiceConfig::default()
-    };
-    let (address, shutdown, _task) = spawn_on_loopback(|listener, token| async move {
-        callfleet_lock_service::run(&config, listener, token)
-            .await
-            .expect("the lock service runs");
-    })
-    .await;
-    (format!("http://{address}"), shutdown)
-}
-
-/// A gRPC channel to `url`.
-async fn channel(url: &str) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_shared(url.to_owned())
-        .expect("endpoint")
-        .connect()
-        .await
-        .unwrap_or_else(|err| panic!("{url} accepts gRPC: {err}"))
-}
-
 /// Takes the autoscaler's lease as `holder` would lead: its token.
-async fn take_lease(url: &str, holder: &str) -> u64 {
-    let mut locks = LocksClient::new(channel(url).await);
+async fn take_lease(locks: &Locks, holder: &str) -> u64 {
+    let mut locks = locks.client().await;
     locks
         .acquire(lock_pb::AcquireRequest {
             resource: callfleet_control_plane::scale::LEASE.to_owned(),
@@ -151,8 +121,8 @@ async fn take_lease(url: &str, holder: &str) -> u64 {
 
 #[tokio::test]
 async fn rest_reads_with_read_and_steers_with_admin_only() {
-    let (locks, locks_stop) = lock_service().await;
-    let server = Server::start(config(&locks), CRM, "127.0.0.1").await;
+    let locks = Locks::start().await;
+    let server = Server::start(config(&locks.url()), CRM, "127.0.0.1").await;
 
     // Nobody leads yet: the view says so.
     let view = expect(
@@ -287,7 +257,7 @@ async fn rest_reads_with_read_and_steers_with_admin_only() {
     assert_eq!(split(view).0["steering"], none);
 
     server.stop().await;
-    locks_stop.cancel();
+    locks.stop().await;
 }
 
 /// An XML-RPC call with the bearer `token`: the value, or the fault's (code, string).
@@ -452,8 +422,8 @@ fn with_token<T>(token: &str, message: T) -> tonic::Request<T> {
 
 #[tokio::test]
 async fn grpc_reads_with_read_and_steers_with_admin_only() {
-    let (locks, locks_stop) = lock_service().await;
-    let server = Server::start(config(&locks), CRM, "127.0.0.1").await;
+    let locks = Locks::start().await;
+    let server = Server::start(config(&locks.url()), CRM, "127.0.0.1").await;
     let token = take_lease(&locks, "cp-b/7").await;
     let mut client = ControlClient::new(channel(&format!("http://{}", server.address)).await);
 
@@ -547,7 +517,7 @@ async fn grpc_reads_with_read_and_steers_with_admin_only() {
         (tonic::Code::InvalidArgument, above("min_extra", 9).as_str())
     );
     server.stop().await;
-    locks_stop.cancel();
+    locks.stop().await;
 }
 
 // ---- the supervisors' page ---------------------------------------------------------------
