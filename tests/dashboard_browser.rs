@@ -20,20 +20,6 @@ use support::*;
 const ADMIN: &str = "admin-browser-secret-0123456789abcd";
 const READER: &str = "reader-browser-secret-0123456789abc";
 
-fn lock_service(port: u16, log: &std::path::Path) -> Running {
-    let child = callfleet()
-        .arg("lock-service")
-        .env(
-            "CALLFLEET_LOCK_SERVICE__LISTEN",
-            format!("127.0.0.1:{port}"),
-        )
-        .stdout(Stdio::null())
-        .stderr(log_file(log))
-        .spawn()
-        .expect("start the lock service");
-    Running { child }
-}
-
 /// Enters one caller into `queue`'s waiting order, as a node-agent would.
 fn join_waiter(lock_port: u16, queue: &str, waiter: &str) {
     use callfleet_proto::lock::v1 as pb;

@@ -4,6 +4,7 @@
 //! holds the lease; when it dies without a word, the other takes over within the lease and
 //! acts under a higher token. The negative control switches the lease off: both act.
 
+#[allow(dead_code)] // This crate needs only the support's lock service.
 mod support;
 
 use std::path::Path;
@@ -179,13 +180,6 @@ async fn both_asked_for_one_node(cluster: &Cluster) -> (Autoscaler, Autoscaler, 
     // Ten ticks for a second actor to show itself.
     tokio::time::sleep(Duration::from_secs(1)).await;
     (a, b, lines(&cluster.record))
-}
-
-fn token_of(line: &str) -> u64 {
-    line.rsplit(' ')
-        .next()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or_else(|| panic!("no token in {line:?}"))
 }
 
 #[tokio::test]

@@ -231,6 +231,7 @@ fn capacity_follows_a_days_load_without_flapping_or_dropping_a_call() {
 
     assert_eq!(day.cut_calls, 0, "calls cut by terminations");
     assert!(day.actions("scale.terminate_forced").is_empty());
+    assert!(day.actions("scale.terminate_silent").is_empty());
     assert!(day.actions("scale.boot_timeout").is_empty());
     assert!(day.actions("scale.undrain").is_empty());
 

@@ -27,7 +27,6 @@ use support::{
     Locks, REST_STATUS, Reply, Server, channel, connect_from, crm_wallboard_node_tokens, exchange,
     expect, json_request, send_json,
 };
-use tonic::transport::Channel;
 
 /// Write token of a CRM, named `crm`.
 const CRM: &str = "crm-queue-figures-secret-0123456789";

@@ -568,3 +568,21 @@ pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// `callfleet lock-service` on the memory backend on `port`, granting at once
+/// (`no_startup_quarantine`: its quarantine after a start guards against leases a previous
+/// process granted, and a test's lock service has no previous process), logging to `log`.
+pub fn lock_service(port: u16, log: &Path) -> Running {
+    let child = callfleet()
+        .arg("lock-service")
+        .env(
+            "CALLFLEET_LOCK_SERVICE__LISTEN",
+            format!("127.0.0.1:{port}"),
+        )
+        .env("CALLFLEET_TEST_UNSAFE_LOCKS", "no_startup_quarantine")
+        .stdout(Stdio::null())
+        .stderr(log_file(log))
+        .spawn()
+        .expect("start the lock service");
+    Running { child }
+}

@@ -17,12 +17,13 @@ pub mod aws;
 pub mod command;
 pub mod executor;
 pub mod policy;
+pub mod show;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use callfleet_core::Store;
-use callfleet_core::config::AutoscalerConfig;
+use callfleet_core::config::{AutoscalerConfig, ControlPlaneConfig};
 use callfleet_core::store::{ScalerSteering, StoreError};
 use callfleet_lock_service::Lease;
 use callfleet_lock_service::client::LeaseKeeper;
@@ -71,13 +72,14 @@ pub async fn status(
     })
 }
 
-/// Who holds the autoscaler's lease, asked once of the lock service at `lock_service`
-/// (`http://host:port`; empty: none) within [`crate::figures::LOCK_DEADLINE`]: `None`
-/// when nobody does or it did not answer in time.
-pub async fn leader(lock_service: &str) -> Result<Option<(String, u64)>, ControlError> {
-    Ok(crate::figures::Figures::new(lock_service)?
-        .lease(LEASE)
-        .await)
+/// [`status`] as `callfleet scale status` shows it without a control plane: the store and
+/// the lock service (`control_plane.lock_service`) of `config`, asked once.
+pub async fn status_of(
+    config: &ControlPlaneConfig,
+    store: &Store,
+) -> Result<AutoscalerView, ControlError> {
+    let figures = crate::figures::Figures::new(&config.lock_service)?;
+    Ok(status(&config.autoscaler, store, figures.lease(LEASE)).await?)
 }
 
 /// Refuses steering that asks for more extra nodes than the configured `max_extra` (the
@@ -306,7 +308,7 @@ impl Leader {
         }
         match decision {
             Decision::Terminate {
-                forced: true,
+                end: policy::End::DrainTimeout,
                 node,
                 calls,
                 why,
@@ -331,11 +333,7 @@ impl Leader {
                 .launch(*count, &action)
                 .await
                 .map_err(|e| e.to_string()),
-            Decision::Terminate { node, .. } => self
-                .executor
-                .terminate(node, &action)
-                .await
-                .map_err(|e| e.to_string()),
+            Decision::Terminate { node, .. } => self.terminate(node, &action).await,
             Decision::Drain { node, .. } => self
                 .store
                 .set_drain(node, true)
@@ -360,6 +358,28 @@ impl Leader {
     }
 }
 
+impl Leader {
+    /// Ends the node's host, then forgets the node in the store, so neither this leader
+    /// nor its successor ends it again. A host the cloud no longer has is ended already.
+    async fn terminate(
+        &self,
+        node: &callfleet_core::NodeId,
+        action: &Action,
+    ) -> Result<(), String> {
+        match self.executor.terminate(node, action).await {
+            Ok(()) => {}
+            Err(ExecutorError::NotInGroup { group, .. }) => {
+                warn!(%node, %group, "the node's instance is no longer in the group: ended already");
+            }
+            Err(err) => return Err(err.to_string()),
+        }
+        if let Err(err) = self.store.remove_extra_node(node).await {
+            warn!(%node, error = %err, "ended node not removed from the store; a later leader may end it again, which the executor must take as done");
+        }
+        Ok(())
+    }
+}
+
 enum Failure {
     Superseded(StoreError),
     Other(String),
@@ -371,12 +391,9 @@ fn describe(decision: &Decision) -> serde_json::Value {
         Decision::GiveUpBooting { count, .. } => json!({ "count": count }),
         Decision::Drain { node, .. } | Decision::Undrain { node, .. } => json!({ "node": node }),
         Decision::Terminate {
-            node,
-            calls,
-            forced,
-            ..
+            node, calls, end, ..
         } => {
-            json!({ "node": node, "calls": calls, "forced": forced })
+            json!({ "node": node, "calls": calls, "end": end })
         }
     }
 }

@@ -17,6 +17,10 @@
 //! - An extra node that is drain-requested is being removed, whoever asked: extra nodes
 //!   are disposable, so one a supervisor drains is terminated once drained. To keep a
 //!   drained node around, pause the autoscaler.
+//! - An extra node silent for longer than `boot_timeout` (its agent or host died) is ended
+//!   too, so a broken host is not kept; the load then brings a new one.
+//! - A node once ended is never decided about again by this leader (the leader also
+//!   removes it from the store, so its successor does not see it).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -74,14 +78,14 @@ pub enum Decision {
         /// Why, in words.
         why: String,
     },
-    /// End the node: drained, or past `max_drain` (`calls` are then cut).
+    /// End the node: drained, past `max_drain` (`calls` are then cut), or silent.
     Terminate {
         /// The extra node.
         node: NodeId,
-        /// Calls it still carried.
+        /// Calls it carried by its last heartbeat.
         calls: u32,
-        /// True when it had not drained within `max_drain`.
-        forced: bool,
+        /// Why it ends.
+        end: End,
         /// Why, in words.
         why: String,
     },
@@ -95,6 +99,18 @@ pub enum Decision {
     },
 }
 
+/// Why an extra node is terminated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum End {
+    /// It drained: no call is cut.
+    Drained,
+    /// It still had calls at `max_drain`: they are cut.
+    DrainTimeout,
+    /// It has not heartbeated for longer than `boot_timeout`.
+    Silent,
+}
+
 impl Decision {
     /// The audit log's action.
     pub fn action(&self) -> &'static str {
@@ -102,8 +118,16 @@ impl Decision {
             Self::Launch { .. } => "scale.launch",
             Self::Drain { .. } => "scale.drain",
             Self::Undrain { .. } => "scale.undrain",
-            Self::Terminate { forced: false, .. } => "scale.terminate",
-            Self::Terminate { forced: true, .. } => "scale.terminate_forced",
+            Self::Terminate {
+                end: End::Drained, ..
+            } => "scale.terminate",
+            Self::Terminate {
+                end: End::DrainTimeout,
+                ..
+            } => "scale.terminate_forced",
+            Self::Terminate {
+                end: End::Silent, ..
+            } => "scale.terminate_silent",
             Self::GiveUpBooting { .. } => "scale.boot_timeout",
         }
     }
@@ -146,6 +170,8 @@ pub struct Policy {
     known_extra: Option<BTreeSet<NodeId>>,
     /// Nodes being drained for removal, with when the drain was seen first.
     draining: BTreeMap<NodeId, Instant>,
+    /// Nodes this policy ended; the store may still list them for a while.
+    ended: BTreeSet<NodeId>,
 }
 
 impl Policy {
@@ -161,6 +187,7 @@ impl Policy {
             booting: Vec::new(),
             known_extra: None,
             draining: BTreeMap::new(),
+            ended: BTreeSet::new(),
         }
     }
 
@@ -203,6 +230,12 @@ impl Policy {
         steering: &ScalerSteering,
     ) -> (Figures, Vec<Decision>) {
         let mut decisions = Vec::new();
+        let nodes: Vec<NodeStatus> = nodes
+            .iter()
+            .filter(|n| !self.ended.contains(&n.id))
+            .cloned()
+            .collect();
+        let nodes = nodes.as_slice();
         self.follow_nodes(now, nodes, &mut decisions);
         let mut figures = Self::figures(&self.config, nodes, steering);
         figures.extra_booting = count(self.booting.iter());
@@ -213,6 +246,7 @@ impl Policy {
             return (figures, Vec::new());
         }
         self.finish_drains(now, nodes, &figures, &mut decisions);
+        self.end_silent(nodes, &mut decisions);
         if !self.steer(now, nodes, &figures, &mut decisions) {
             self.scale_out(now, &figures, nodes, &mut decisions);
             self.scale_in(now, nodes, &figures, &mut decisions);
@@ -230,8 +264,11 @@ impl Policy {
             Decision::Drain { node, .. } => {
                 self.draining.remove(node);
             }
+            Decision::Terminate { node, .. } => {
+                self.ended.remove(node);
+            }
             // Still drain-requested and still extra: the next look finds it again.
-            Decision::Terminate { .. } | Decision::Undrain { .. } => {}
+            Decision::Undrain { .. } => {}
             Decision::GiveUpBooting { .. } => {}
         }
     }
@@ -294,7 +331,7 @@ impl Policy {
                 ended.push(Decision::Terminate {
                     node: id.clone(),
                     calls: node.calls,
-                    forced: false,
+                    end: End::Drained,
                     why: format!(
                         "drained: no calls left after {} of draining ({} calls on {} capacity in the fleet)",
                         humantime::format_duration(round(draining_for)),
@@ -306,7 +343,7 @@ impl Policy {
                 ended.push(Decision::Terminate {
                     node: id.clone(),
                     calls: node.calls,
-                    forced: true,
+                    end: End::DrainTimeout,
                     why: format!(
                         "still {} with {} call(s) after max_drain ({}): terminated anyway, those calls are cut",
                         if node.stale { "silent" } else { "draining" },
@@ -317,13 +354,44 @@ impl Policy {
             }
         }
         for decision in ended {
-            if let Decision::Terminate { node, .. } = &decision {
-                self.draining.remove(node);
-                if let Some(known) = self.known_extra.as_mut() {
-                    known.remove(node);
-                }
-            }
+            self.ending(&decision);
             decisions.push(decision);
+        }
+    }
+
+    /// Ends extra nodes silent for longer than `boot_timeout` (not those being drained:
+    /// `max_drain` bounds them).
+    fn end_silent(&mut self, nodes: &[NodeStatus], decisions: &mut Vec<Decision>) {
+        let limit = self.config.boot_timeout;
+        let silent: Vec<Decision> = nodes
+            .iter()
+            .filter(|n| n.role == NodeRole::Extra && n.stale && !self.draining.contains_key(&n.id))
+            .filter(|n| Duration::from_millis(n.age_ms) > limit)
+            .map(|n| Decision::Terminate {
+                node: n.id.clone(),
+                calls: n.calls,
+                end: End::Silent,
+                why: format!(
+                    "no heartbeat for {}, longer than boot_timeout ({}): its host is ended ({} call(s) at its last heartbeat)",
+                    humantime::format_duration(round(Duration::from_millis(n.age_ms))),
+                    humantime::format_duration(limit),
+                    n.calls
+                ),
+            })
+            .collect();
+        for decision in silent {
+            self.ending(&decision);
+            decisions.push(decision);
+        }
+    }
+
+    fn ending(&mut self, decision: &Decision) {
+        if let Decision::Terminate { node, .. } = decision {
+            self.draining.remove(node);
+            self.ended.insert(node.clone());
+            if let Some(known) = self.known_extra.as_mut() {
+                known.remove(node);
+            }
         }
     }
 
@@ -523,4 +591,74 @@ fn count<T>(items: impl Iterator<Item = T>) -> u32 {
 
 fn round(duration: Duration) -> Duration {
     Duration::from_secs(duration.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn extra(id: &str) -> NodeStatus {
+        NodeStatus {
+            role: NodeRole::Extra,
+            ..callfleet_core::testing::node_status(id, "sip:127.0.0.1:5060")
+        }
+    }
+
+    #[test]
+    fn a_silent_extra_node_is_ended_once_and_a_silent_core_node_never() {
+        let config = AutoscalerConfig::default();
+        let mut policy = Policy::new(config.clone());
+        let silent_for = config.boot_timeout + Duration::from_secs(1);
+        let silent = |mut node: NodeStatus| {
+            node.stale = true;
+            node.age_ms = silent_for.as_millis() as u64;
+            node
+        };
+        let nodes = [
+            silent(callfleet_core::testing::node_status(
+                "core-1",
+                "sip:127.0.0.1:5060",
+            )),
+            callfleet_core::testing::node_status("core-2", "sip:127.0.0.1:5060"),
+            extra("extra-1"),
+            silent(extra("extra-2")),
+        ];
+        let steering = ScalerSteering {
+            min_extra: 1,
+            ..ScalerSteering::default()
+        };
+        let now = Instant::now();
+        let (_, decisions) = policy.decide(now, &nodes, &steering);
+        let ended: Vec<(&str, String)> = decisions
+            .iter()
+            .map(|d| (d.action(), d.subject()))
+            .collect();
+        assert_eq!(
+            ended,
+            [("scale.terminate_silent", "node:extra-2".to_owned())]
+        );
+        // The store still lists it until the leader removes it: it is not ended twice.
+        let (figures, again) = policy.decide(now + config.tick, &nodes, &steering);
+        assert_eq!(again, []);
+        assert_eq!(figures.extra_active, 1);
+    }
+
+    #[test]
+    fn a_terminate_that_failed_is_decided_again() {
+        let config = AutoscalerConfig::default();
+        let mut policy = Policy::new(config.clone());
+        let mut dead = extra("extra-1");
+        dead.stale = true;
+        dead.age_ms = (config.boot_timeout + Duration::from_secs(1)).as_millis() as u64;
+        let nodes = [
+            callfleet_core::testing::node_status("core-1", "sip:127.0.0.1:5060"),
+            dead,
+        ];
+        let now = Instant::now();
+        let (_, first) = policy.decide(now, &nodes, &ScalerSteering::default());
+        assert_eq!(first.len(), 1);
+        policy.undo(&first[0]);
+        let (_, second) = policy.decide(now + config.tick, &nodes, &ScalerSteering::default());
+        assert_eq!(second, first);
+    }
 }

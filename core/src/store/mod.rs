@@ -393,6 +393,20 @@ impl Store {
         })
     }
 
+    /// Forgets an extra node that has been terminated, so nobody counts, drains or ends
+    /// it again; its history stays. Core nodes are never forgotten. Returns whether a row
+    /// went.
+    pub async fn remove_extra_node(&self, node: &NodeId) -> Result<bool, StoreError> {
+        let removed = with_pool!(self, pool => sqlx::query(SqlStr::from_static(
+            "DELETE FROM nodes WHERE id = ? AND role = 'extra'",
+        ))
+        .bind(node.as_str())
+        .execute(pool)
+        .await?
+        .rows_affected());
+        Ok(removed > 0)
+    }
+
     /// Closes the pool, waiting for connections in use.
     pub async fn close(&self) {
         with_pool!(self, pool => pool.close().await);
