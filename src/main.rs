@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use callfleet_balancer::{BalancerError, Listeners};
+use callfleet_control_plane::scale;
 use callfleet_core::config::{Config, LocalMode, LockBackendKind};
 use callfleet_core::{ConfigError, NodeId, Store, fleet, shutdown, telemetry};
 use callfleet_node_agent::NodeAgentError;
@@ -57,6 +58,40 @@ enum Command {
     Node {
         #[command(subcommand)]
         action: NodeAction,
+    },
+    /// See and steer the autoscaler (from the store, without a control plane).
+    Scale {
+        #[command(subcommand)]
+        action: ScaleAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ScaleAction {
+    /// Show what supervisors set, the fleet against the thresholds, the leader and the
+    /// latest decisions with why.
+    Status {
+        /// Print the view as JSON (as GET /api/v1/autoscaler answers it).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change what supervisors set; what is not given stays. Audited as `cli:<user>`.
+    Set {
+        /// Take no action at all until resumed.
+        #[arg(long, conflicts_with = "resume")]
+        pause: bool,
+        /// Act again.
+        #[arg(long)]
+        resume: bool,
+        /// Keep at least this many extra nodes.
+        #[arg(long, value_name = "N")]
+        min: Option<u32>,
+        /// Keep at most this many (at most control_plane.autoscaler.max_extra).
+        #[arg(long, value_name = "N", conflicts_with = "no_max")]
+        max: Option<u32>,
+        /// Back to the configured maximum.
+        #[arg(long)]
+        no_max: bool,
     },
 }
 
@@ -343,8 +378,49 @@ async fn dispatch(command: Command, mut config: Config) -> anyhow::Result<()> {
             let state = store.set_drain(&id, drain).await?;
             println!("node {id}: {state}");
         }
+        Command::Scale { action } => {
+            if let ScaleAction::Set {
+                pause,
+                resume,
+                min,
+                max,
+                no_max,
+            } = action
+            {
+                let mut steering = store.scaler_steering().await?;
+                steering.paused = (steering.paused || pause) && !resume;
+                steering.min_extra = min.unwrap_or(steering.min_extra);
+                steering.max_extra = if no_max {
+                    None
+                } else {
+                    max.or(steering.max_extra)
+                };
+                scale::check_steering(&config.control_plane.autoscaler, &steering)?;
+                store.set_scaler_steering(&steering, &cli_actor()).await?;
+            }
+            let view = scale::status_of(&config.control_plane, &store).await?;
+            if matches!(action, ScaleAction::Status { json: true }) {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print!("{}", scale::show::render(&view));
+            }
+        }
     }
     Ok(())
+}
+
+/// Who changes something from this command line, for the audit log: `cli:<unix user>`
+/// (`cli:uid-<n>` where the environment names no user).
+fn cli_actor() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let user = ["USER", "LOGNAME"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()))
+        .or_else(|| {
+            let uid = std::fs::metadata("/proc/self").ok()?.uid();
+            Some(format!("uid-{uid}"))
+        });
+    format!("cli:{}", user.as_deref().unwrap_or("unknown"))
 }
 
 /// Binds `lock_service.listen`, saying what to change when the port is taken.
