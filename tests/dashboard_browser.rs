@@ -211,7 +211,8 @@ fn a_supervisor_watches_and_steers_the_fleet_in_a_browser() {
             "4-agent-paused.png",
             "5-drained.png",
             "6-node-stale.png",
-            "7-logged-out.png"
+            "7-phone.png",
+            "8-logged-out.png"
         ]
     );
     // The click wrote its audit row under the admin token's name.

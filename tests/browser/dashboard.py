@@ -146,8 +146,17 @@ def main():
         took = wait_for(browser, "node pbx-b stale", lambda: cell_text(browser, "nodes", "pbx-b", "node", 6).startswith("stale"), 3 * INTERVAL_S + 2)
         print(f"stale on screen {took:.2f} s after the kill", file=sys.stderr)
         shot(browser, "6-node-stale")
+
+        # On a phone's width the page fits; wide tables scroll inside their own box.
+        browser.set_window_size(390, 844)
+        time.sleep(0.5)
+        overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+        if overflow > 0:
+            fail(f"the page is {overflow} px wider than a phone's screen")
+        shot(browser, "7-phone")
+        browser.set_window_size(1400, 1000)
         log_out(browser)
-        shot(browser, "7-logged-out")
+        shot(browser, "8-logged-out")
     finally:
         browser.quit()
     print("DONE", flush=True)
