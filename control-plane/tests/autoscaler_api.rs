@@ -8,15 +8,17 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use callfleet_core::config::{AutoscalerConfig, ControlPlaneConfig, Role};
 use callfleet_proto::control::v1 as pb;
 use callfleet_proto::control::v1::control_client::ControlClient;
 use callfleet_proto::lock::v1 as lock_pb;
 use serde_json::{Value, json};
-use support::{Answer, Locks, Server, channel, connect_from, exchange, expect, send_api, token};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::{
+    Answer, Locks, Server, channel, connect_from, exchange, expect, feed_snapshot_where, send_api,
+    token,
+};
 
 const ADMIN: &str = "admin-autoscaler-secret-0123456789a";
 const CRM: &str = "crm-autoscaler-secret-0123456789abc";
@@ -560,33 +562,6 @@ async fn login(server: &Server, secret: &str) -> (String, String) {
     (cookie, session["csrf"].as_str().expect("csrf").to_owned())
 }
 
-/// The first snapshot of the live feed whose autoscaler view satisfies `wanted`.
-async fn snapshot_where(server: &Server, cookie: &str, wanted: impl Fn(&Value) -> bool) -> Value {
-    let mut stream = connect_from("127.0.0.1", server.address).await;
-    let ask = format!("GET /ui/events HTTP/1.1\r\nHost: cp\r\nCookie: {cookie}\r\n\r\n");
-    stream.write_all(ask.as_bytes()).await.expect("send");
-    let mut seen = Vec::new();
-    let mut buffer = [0u8; 65536];
-    tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let n = stream.read(&mut buffer).await.expect("read");
-            assert_ne!(n, 0, "the feed closed: {}", String::from_utf8_lossy(&seen));
-            seen.extend_from_slice(&buffer[..n]);
-            let text = String::from_utf8_lossy(&seen).into_owned();
-            let found = text
-                .lines()
-                .filter_map(|l| l.strip_prefix("data: "))
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .find(|snapshot| wanted(&snapshot["autoscaler"]));
-            if let Some(snapshot) = found {
-                return snapshot;
-            }
-        }
-    })
-    .await
-    .expect("such a snapshot within 5 s")
-}
-
 #[tokio::test]
 async fn the_page_shows_the_autoscaler_and_only_an_admin_steers_it_with_its_csrf_token() {
     let server = Server::start(config(""), CRM, "127.0.0.1").await;
@@ -595,7 +570,8 @@ async fn the_page_shows_the_autoscaler_and_only_an_admin_steers_it_with_its_csrf
     let (admin_cookie, admin_csrf) = login(&server, ADMIN).await;
 
     // Every page's snapshot carries the view, read sessions' too.
-    let snapshot = snapshot_where(&server, &read_cookie, |a| a.is_object()).await;
+    let snapshot =
+        feed_snapshot_where(&server, &read_cookie, |s| s["autoscaler"].is_object()).await;
     let none = json!({ "paused": false, "min_extra": 0, "max_extra": null });
     assert_eq!(
         split(snapshot["autoscaler"].clone()),
@@ -680,7 +656,10 @@ async fn the_page_shows_the_autoscaler_and_only_an_admin_steers_it_with_its_csrf
     );
 
     // The read session's feed shows the change.
-    let snapshot = snapshot_where(&server, &read_cookie, |a| a["steering"]["paused"] == true).await;
+    let snapshot = feed_snapshot_where(&server, &read_cookie, |s| {
+        s["autoscaler"]["steering"]["paused"] == true
+    })
+    .await;
     assert_eq!(
         split(snapshot["autoscaler"].clone()),
         (view_of(steering, Value::Null), vec![set])

@@ -11,9 +11,9 @@ use std::time::Duration;
 use callfleet_core::config::Role;
 use serde_json::{Value, json};
 use support::{
-    Answer, Server, audit_rows, connect_from, exchange, expect, put_agent, send_api, token,
+    Answer, Server, audit_rows, connect_from, exchange, expect, feed_snapshot_where, put_agent,
+    send_api, token,
 };
-use tokio::io::AsyncReadExt;
 
 const ADMIN: &str = "admin-dashboard-secret-0123456789ab";
 const CRM: &str = "crm-dashboard-secret-0123456789abcd";
@@ -72,32 +72,7 @@ async fn login(server: &Server, secret: &str) -> (String, Value) {
 
 /// The first event of the live feed, as JSON.
 async fn first_event(server: &Server, cookie: &str) -> Value {
-    let mut stream = connect_from("127.0.0.1", server.address).await;
-    use tokio::io::AsyncWriteExt;
-    let ask = format!("GET /ui/events HTTP/1.1\r\nHost: cp\r\nCookie: {cookie}\r\n\r\n");
-    stream.write_all(ask.as_bytes()).await.expect("send");
-    let mut seen = Vec::new();
-    let mut buffer = [0u8; 65536];
-    tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let n = stream.read(&mut buffer).await.expect("read");
-            assert_ne!(n, 0, "the feed closed: {}", String::from_utf8_lossy(&seen));
-            seen.extend_from_slice(&buffer[..n]);
-            let text = String::from_utf8_lossy(&seen).into_owned();
-            if let Some(line) = text.lines().find_map(|l| l.strip_prefix("data: "))
-                && let Ok(value) = serde_json::from_str::<Value>(line)
-            {
-                assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
-                assert!(
-                    text.contains("content-type: text/event-stream\r\n"),
-                    "{text}"
-                );
-                return value;
-            }
-        }
-    })
-    .await
-    .expect("an event within 5 s")
+    feed_snapshot_where(server, cookie, |_| true).await
 }
 
 #[tokio::test]

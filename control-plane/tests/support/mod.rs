@@ -394,3 +394,41 @@ pub async fn channel(url: &str) -> Channel {
         .await
         .unwrap_or_else(|err| panic!("{url} accepts gRPC: {err}"))
 }
+
+/// The first snapshot of the supervisors' live feed (`GET /ui/events` with the session
+/// `cookie`) that satisfies `wanted`, within 5 s; the stream must be an event stream.
+#[allow(dead_code)] // Not every test crate reads the page's feed.
+pub async fn feed_snapshot_where(
+    server: &Server,
+    cookie: &str,
+    wanted: impl Fn(&Value) -> bool,
+) -> Value {
+    let mut stream = connect_from("127.0.0.1", server.address).await;
+    let ask = format!("GET /ui/events HTTP/1.1\r\nHost: cp\r\nCookie: {cookie}\r\n\r\n");
+    stream.write_all(ask.as_bytes()).await.expect("send");
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 65536];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let n = stream.read(&mut buffer).await.expect("read");
+            assert_ne!(n, 0, "the feed closed: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buffer[..n]);
+            let text = String::from_utf8_lossy(&seen).into_owned();
+            let found = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|snapshot| wanted(snapshot));
+            if let Some(snapshot) = found {
+                assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+                assert!(
+                    text.contains("content-type: text/event-stream\r\n"),
+                    "{text}"
+                );
+                return snapshot;
+            }
+        }
+    })
+    .await
+    .expect("such a snapshot within 5 s")
+}
