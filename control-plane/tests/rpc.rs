@@ -513,12 +513,19 @@ async fn xmlrpc_scenario(backend: Backend) {
 "#,
     )
     .await;
+    let capped = ok(capped);
+    // Since the agent was made, by the store's clock: a time of this run, not a constant.
+    let since = &capped["state_since_ms"];
+    assert!(
+        since.as_i64().is_some_and(|ms| ms > 1_700_000_000_000),
+        "{capped}"
+    );
     assert_eq!(
-        ok(capped),
+        capped,
         json!({
             "id": "1001", "name": "Alice", "tags": [], "daily_cap": 1, "enabled": true,
             "state": "available", "device": "2001", "sales_today": 0, "calls_today": 0,
-            "missed_today": 0,
+            "missed_today": 0, "state_since_ms": since,
         })
     );
     assert_eq!(order(&candidates(&app).await), ["1001", "1002", "1003"]);
@@ -1088,6 +1095,8 @@ async fn xmlrpc_scenario(backend: Backend) {
         "agent.setPriority",
         "agent.setTags",
         "agent.unpause",
+        "autoscaler.set",
+        "autoscaler.status",
         "caller.attributes",
         "caller.list",
         "caller.remove",
@@ -1450,6 +1459,8 @@ async fn grpc_scenario(backend: Backend) {
         .await
         .expect("put agent")
         .into_inner();
+    // Available since it was made, by the store's clock.
+    assert!(alice.state_since_ms > 1_700_000_000_000, "{alice:?}");
     assert_eq!(
         alice,
         pb::Agent {
@@ -1458,6 +1469,7 @@ async fn grpc_scenario(backend: Backend) {
             daily_cap: Some(1),
             enabled: Some(true),
             state: "available".into(),
+            state_since_ms: alice.state_since_ms,
             ..Default::default()
         }
     );

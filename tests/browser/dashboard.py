@@ -14,6 +14,7 @@ import time
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 
 BASE_URL = os.environ["BASE_URL"]
@@ -67,6 +68,21 @@ def seconds_shown(text):
     """`12 s` or `2 min 3 s` as seconds."""
     parts = text.replace("min", "").replace("s", "").split()
     return int(parts[0]) if len(parts) == 1 else int(parts[0]) * 60 + int(parts[1])
+
+
+def click(browser, what, css, limit=5):
+    """Clicks the element at `css`, again if the page re-rendered it in between (the board
+    is redrawn with every snapshot, twice a second)."""
+    start = time.monotonic()
+    while True:
+        try:
+            browser.find_element(By.CSS_SELECTOR, css).click()
+            return
+        except (StaleElementReferenceException, NoSuchElementException):
+            if time.monotonic() - start > limit:
+                shot(browser, "failed")
+                fail(f"{what}: could not click {css} within {limit} s")
+            time.sleep(0.05)
 
 
 def log_in(browser, token):
@@ -135,8 +151,7 @@ def main():
         shot(browser, "4-agent-paused")
 
         # The admin drains the node by clicking; the store shows it.
-        row = browser.find_element(By.CSS_SELECTOR, "#nodes tr[data-node='pbx-b']")
-        row.find_element(By.TAG_NAME, "button").click()
+        click(browser, "the Drain button", "#nodes tr[data-node='pbx-b'] button")
         wait_for(browser, "the store's drain", lambda: ask("DRAIN?") == "yes", 5)
         wait_for(browser, "the Undrain button", lambda: browser.find_element(By.CSS_SELECTOR, "#nodes tr[data-node='pbx-b'] button").text == "Undrain", 5)
         shot(browser, "5-drained")
