@@ -311,18 +311,16 @@ async fn a_daemon_left_behind_by_a_successful_command_does_not_hold_the_action()
 
 // --- aws (moto) ----------------------------------------------------------------------------
 
-/// moto's endpoint, or `None` (with the reason printed) when it is not running.
-fn moto_endpoint() -> Option<String> {
-    match std::env::var("CALLFLEET_TEST_AWS_ENDPOINT") {
-        Ok(endpoint) => Some(endpoint),
-        Err(_) => {
-            eprintln!(
-                "skipped: CALLFLEET_TEST_AWS_ENDPOINT is not set; ./scripts/test starts moto \
-                 (scripts/lib/moto.sh, cf_start_moto) and sets it"
-            );
-            None
-        }
-    }
+/// moto's endpoint, or a failure that says how to get one: a test of the `aws` executor
+/// never passes without having talked to the emulator.
+fn moto_endpoint() -> String {
+    std::env::var("CALLFLEET_TEST_AWS_ENDPOINT").unwrap_or_else(|_| {
+        panic!(
+            "CALLFLEET_TEST_AWS_ENDPOINT is not set: this test needs moto, which ./scripts/test \
+             starts (scripts/lib/moto.sh, cf_start_moto); run ./scripts/test, or start moto_server \
+             and export its http://127.0.0.1:PORT"
+        )
+    })
 }
 
 /// Dummy credentials on the loader itself: the process environment is left alone.
@@ -456,9 +454,7 @@ impl Group {
 
 #[tokio::test]
 async fn aws_launch_raises_desired_capacity_and_protect_new_protects_the_new_instances() {
-    let Some(endpoint) = moto_endpoint() else {
-        return;
-    };
+    let endpoint = moto_endpoint();
     let group = Group::create(&endpoint, "launch").await;
 
     group.executor.launch(2, &action()).await.expect("launch 2");
@@ -496,9 +492,7 @@ async fn aws_launch_raises_desired_capacity_and_protect_new_protects_the_new_ins
 
 #[tokio::test]
 async fn aws_terminate_ends_that_instance_and_lowers_desired_capacity_by_one() {
-    let Some(endpoint) = moto_endpoint() else {
-        return;
-    };
+    let endpoint = moto_endpoint();
     let group = Group::create(&endpoint, "terminate").await;
     group.executor.launch(2, &action()).await.expect("launch 2");
     group.executor.protect_new().await.expect("protect new");
@@ -534,9 +528,7 @@ async fn aws_terminate_ends_that_instance_and_lowers_desired_capacity_by_one() {
 
 #[tokio::test]
 async fn aws_terminate_of_an_instance_outside_the_group_is_refused_and_changes_nothing() {
-    let Some(endpoint) = moto_endpoint() else {
-        return;
-    };
+    let endpoint = moto_endpoint();
     let group = Group::create(&endpoint, "outside").await;
     let other = Group::create(&endpoint, "outside-other").await;
     group.executor.launch(1, &action()).await.expect("launch 1");
@@ -570,9 +562,7 @@ async fn aws_terminate_of_an_instance_outside_the_group_is_refused_and_changes_n
 
 #[tokio::test]
 async fn aws_launch_past_the_max_size_is_refused_with_desired_capacity_unchanged() {
-    let Some(endpoint) = moto_endpoint() else {
-        return;
-    };
+    let endpoint = moto_endpoint();
     let group = Group::create(&endpoint, "max").await;
     group.executor.launch(2, &action()).await.expect("launch 2");
 
@@ -601,9 +591,7 @@ async fn aws_launch_past_the_max_size_is_refused_with_desired_capacity_unchanged
 
 #[tokio::test]
 async fn aws_a_group_that_does_not_exist_is_named_in_the_error() {
-    let Some(endpoint) = moto_endpoint() else {
-        return;
-    };
+    let endpoint = moto_endpoint();
     let config = AwsConfig {
         group: "callfleet-no-such-group".into(),
         region: Some("us-east-1".into()),
