@@ -239,3 +239,42 @@ fn an_extra_node_that_keeps_its_calls_is_held_for_max_drain_then_ended_loudly() 
         tail(&log, 20)
     );
 }
+
+#[test]
+fn an_autoscaler_it_cannot_use_stops_the_control_plane_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}/fleet.db", dir.path().display());
+    let output = callfleet()
+        .arg("control-plane")
+        .env("CALLFLEET_STORE__URL", &url)
+        .env(
+            "CALLFLEET_CONTROL_PLANE__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("CALLFLEET_CONTROL_PLANE__AUTOSCALER__ENABLED", "true")
+        .env(
+            "CALLFLEET_CONTROL_PLANE__AUTOSCALER__EXECUTOR",
+            r#"{kind="aws",group="callfleet-extra"}"#,
+        )
+        // No region from anywhere, and no instance metadata service to ask (nothing may
+        // leave loopback).
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_CONFIG_FILE", dir.path().join("no-aws-config"))
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            dir.path().join("no-aws-credentials"),
+        )
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run the control plane");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no region for Auto Scaling group `callfleet-extra`"),
+        "{stderr}"
+    );
+}

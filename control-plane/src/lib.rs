@@ -47,6 +47,9 @@ pub enum ControlPlaneError {
     /// The directory could not be read at start.
     #[error("control plane: {0}")]
     Start(#[from] ControlError),
+    /// The autoscaler is enabled with a configuration it cannot use.
+    #[error("control plane: {0}")]
+    Autoscaler(#[from] scale::ScaleError),
     /// Serving failed.
     #[error("control plane stopped: {0}")]
     Io(#[from] std::io::Error),
@@ -141,6 +144,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ControlPlaneError> {
     let control = Arc::new(Control::start(store, config).await?);
+    let autoscaler = if config.autoscaler.enabled {
+        let store = control.store().clone();
+        let holder = autoscaler_holder();
+        let scale = config.autoscaler.clone();
+        Some(scale::prepare(scale, store, &config.lock_service, holder).await?)
+    } else {
+        None
+    };
     let refresher = {
         let (control, shutdown, every) = (control.clone(), shutdown.clone(), config.refresh);
         tokio::spawn(async move { control.refresh_loop(every, shutdown).await })
@@ -149,19 +160,7 @@ pub async fn run(
         let (control, shutdown) = (control.clone(), shutdown.clone());
         tokio::spawn(async move { control.figures_loop(shutdown).await })
     };
-    let autoscaler = config.autoscaler.enabled.then(|| {
-        let (scale, store, lock_service) = (
-            config.autoscaler.clone(),
-            control.store().clone(),
-            config.lock_service.clone(),
-        );
-        let (holder, shutdown) = (autoscaler_holder(), shutdown.clone());
-        tokio::spawn(async move {
-            if let Err(err) = scale::run(scale, store, &lock_service, holder, shutdown).await {
-                tracing::error!(error = %err, "the autoscaler is not running");
-            }
-        })
-    });
+    let autoscaler = autoscaler.map(|autoscaler| tokio::spawn(autoscaler.run(shutdown.clone())));
     let address = listener.local_addr()?;
     info!(
         %address,

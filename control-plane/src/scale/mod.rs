@@ -125,7 +125,7 @@ pub enum ScaleError {
 }
 
 /// Takes part in leading the autoscaler until `shutdown`: waits for the lease, acts while
-/// holding it, releases it at the end.
+/// holding it, releases it at the end. [`prepare`] then [`Autoscaler::run`].
 pub async fn run(
     config: AutoscalerConfig,
     store: Store,
@@ -133,6 +133,29 @@ pub async fn run(
     holder: String,
     shutdown: CancellationToken,
 ) -> Result<(), ScaleError> {
+    prepare(config, store, lock_service, holder)
+        .await?
+        .run(shutdown)
+        .await;
+    Ok(())
+}
+
+/// An autoscaler ready to take part: its executor made and its lock service known.
+#[derive(Debug)]
+pub struct Autoscaler {
+    leader: Leader,
+    locks: LocksClient<Channel>,
+    deadline: Duration,
+}
+
+/// Makes the executor and the lock service's client, so that a configuration they cannot
+/// use stops the control plane at start rather than leaving it running without autoscaling.
+pub async fn prepare(
+    config: AutoscalerConfig,
+    store: Store,
+    lock_service: &str,
+    holder: String,
+) -> Result<Autoscaler, ScaleError> {
     let executor = match &config.executor {
         Some(executor) => Executor::from_config(executor).await?,
         None => return Err(ScaleError::NoExecutor),
@@ -152,16 +175,27 @@ pub async fn run(
     if config.unsafe_for_tests != Default::default() {
         error!(switches = ?config.unsafe_for_tests, "autoscaler protections are OFF: for tests only");
     }
-    let leader = Leader {
-        config,
-        store,
-        executor,
-        holder,
-    };
-    leader.run(locks, deadline, shutdown).await;
-    Ok(())
+    Ok(Autoscaler {
+        leader: Leader {
+            config,
+            store,
+            executor,
+            holder,
+        },
+        locks,
+        deadline,
+    })
 }
 
+impl Autoscaler {
+    /// Waits for the lease, acts while holding it, releases it at the end; until
+    /// `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        self.leader.run(self.locks, self.deadline, shutdown).await;
+    }
+}
+
+#[derive(Debug)]
 struct Leader {
     config: AutoscalerConfig,
     store: Store,
