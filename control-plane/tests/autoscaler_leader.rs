@@ -278,11 +278,7 @@ async fn one_control_plane_acts_and_the_other_takes_over_when_it_dies() {
 
 #[tokio::test]
 async fn without_the_lease_both_control_planes_act() {
-    let cluster = cluster(UnsafeScalerSwitches {
-        no_lease: true,
-        ..UnsafeScalerSwitches::default()
-    })
-    .await;
+    let cluster = cluster(UnsafeScalerSwitches { no_lease: true }).await;
     let (a, b, launched) = both_asked_for_one_node(&cluster).await;
     assert_eq!(
         launched

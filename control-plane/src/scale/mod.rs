@@ -331,15 +331,13 @@ impl Leader {
     ) -> Result<(), Failure> {
         let detail =
             json!({ "why": decision.why(), "figures": figures, "decision": describe(decision) });
-        if !self.config.unsafe_for_tests.no_fence {
-            self.store
-                .record_scale_action(token, decision.action(), &decision.subject(), &detail)
-                .await
-                .map_err(|err| match err {
-                    StoreError::Superseded { .. } => Failure::Superseded(err),
-                    other => Failure::Other(other.to_string()),
-                })?;
-        }
+        self.store
+            .record_scale_action(token, decision.action(), &decision.subject(), &detail)
+            .await
+            .map_err(|err| match err {
+                StoreError::Superseded { .. } => Failure::Superseded(err),
+                other => Failure::Other(other.to_string()),
+            })?;
         match decision {
             Decision::Terminate {
                 end: policy::End::DrainTimeout,

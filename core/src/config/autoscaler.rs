@@ -66,8 +66,6 @@ pub struct AutoscalerConfig {
 pub struct UnsafeScalerSwitches {
     /// Act without holding the lease: every enabled control plane leads.
     pub no_lease: bool,
-    /// Carry out actions without recording them against the fence first.
-    pub no_fence: bool,
 }
 
 impl Default for AutoscalerConfig {
