@@ -66,6 +66,8 @@ const FAULT_AT: Duration = Duration::from_secs(6);
 const RUN_FOR: Duration = Duration::from_secs(26);
 /// Longer than validity + guard: every lease of the moment runs out during it.
 const OUTAGE: Duration = Duration::from_secs(4);
+/// What the lock service logs when it finds Redis has lost leases.
+const LOSS_NOTICED: &str = "redis may have lost leases";
 /// How much of Redis's last writes a host reboot loses (`appendfsync everysec`, a disk
 /// cache that lies).
 const LOST_TAIL: Duration = Duration::from_secs(3);
@@ -82,8 +84,8 @@ enum Fault {
     /// instance is killed with it and started again 600 ms after Redis is back, after the
     /// others have seen the loss (a node that reboots).
     RedisEmptyWithOneInstanceRestarting,
-    /// kill -9 Redis; restart it 200 ms later with its data gone; 300 ms into the
-    /// quarantine kill -9 the lock service and start it again at once.
+    /// kill -9 Redis; restart it 200 ms later with its data gone; 300 ms after the lock
+    /// service has noticed (its log says so) kill -9 it and start it again at once.
     ServiceRestartDuringQuarantine,
     /// The host reboots: kill -9 Redis and the lock service; Redis comes back on its files
     /// as they were [`LOST_TAIL`] earlier (the boot marker survives, the last claims and
@@ -246,6 +248,26 @@ impl Service {
             std::fs::read_to_string(&log)
                 .is_ok_and(|text| text.matches("lock service ready").count() >= starts)
         });
+    }
+
+    /// How many times this process has logged that Redis lost its data.
+    fn losses_noticed(&self) -> usize {
+        read(&self.log).matches(LOSS_NOTICED).count()
+    }
+
+    /// Waits until this process has logged that Redis lost its data more than `before`
+    /// times: the fault's next step must meet a service that knows, not race a reconnect
+    /// that has not happened yet.
+    fn wait_for_loss_noticed(&self, before: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.losses_noticed() == before {
+            assert!(
+                Instant::now() < deadline,
+                "the lock service did not notice the loss within 10 s:\n{}",
+                tail(&read(&self.log), 30)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn kill(&mut self) {
@@ -886,10 +908,14 @@ fn run_scenario(setup: &Setup) -> Report {
             services.last_mut().expect("an instance").spawn();
         }
         Fault::ServiceRestartDuringQuarantine => {
+            let noticed: Vec<usize> = services.iter().map(Service::losses_noticed).collect();
             redis.kill();
             redis.lose_data();
             std::thread::sleep(Duration::from_millis(200));
             redis.spawn();
+            for (service, before) in services.iter().zip(noticed) {
+                service.wait_for_loss_noticed(before);
+            }
             std::thread::sleep(Duration::from_millis(300));
             for service in &mut services {
                 service.kill();

@@ -11,12 +11,16 @@ use super::*;
 const GUARD: Duration = Duration::from_millis(100);
 
 fn backends() -> Vec<(&'static str, Locks)> {
+    backends_guarding(GUARD)
+}
+
+fn backends_guarding(guard: Duration) -> Vec<(&'static str, Locks)> {
     vec![
-        ("memory", Locks::Memory(MemoryLocks::new(GUARD))),
+        ("memory", Locks::Memory(MemoryLocks::new(guard))),
         (
             "redis",
             Locks::Redis(Box::new(
-                RedisLocks::new(&redis_url(), GUARD, Duration::from_secs(1))
+                RedisLocks::new(&redis_url(), guard, Duration::from_secs(1))
                     .expect("redis url")
                     .with_quarantine(Duration::ZERO),
             )),
@@ -212,23 +216,29 @@ async fn claim_first_takes_the_first_free_in_priority_order() {
 
 #[tokio::test]
 async fn an_expired_lease_frees_the_resource_after_the_guard() {
-    for (name, locks) in backends() {
+    // Wide margins around each check, timed from the claim: a loaded test machine may
+    // oversleep by tens of milliseconds, and the guard must be judged, not the scheduler.
+    const VALIDITY_MS: u64 = 200;
+    let guard = Duration::from_millis(1_500);
+    for (name, locks) in backends_guarding(guard) {
         let agent = fresh("e");
+        let claimed_at = tokio::time::Instant::now();
         let first = locks
-            .acquire(&agent, &claim("pbx-1/c1", "t1", 150))
+            .acquire(&agent, &claim("pbx-1/c1", "t1", VALIDITY_MS))
             .await
             .expect("free");
-        tokio::time::sleep(Duration::from_millis(180)).await;
+        let validity = Duration::from_millis(VALIDITY_MS);
+        tokio::time::sleep_until(claimed_at + validity + Duration::from_millis(300)).await;
         assert!(
             locks
-                .acquire(&agent, &claim("pbx-2/c2", "t2", 150))
+                .acquire(&agent, &claim("pbx-2/c2", "t2", VALIDITY_MS))
                 .await
                 .is_err(),
             "{name}: validity over, guard not yet"
         );
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep_until(claimed_at + validity + guard + Duration::from_millis(100)).await;
         let second = locks
-            .acquire(&agent, &claim("pbx-2/c2", "t2", 150))
+            .acquire(&agent, &claim("pbx-2/c2", "t2", VALIDITY_MS))
             .await
             .expect("free after validity + guard");
         assert!(second.token > first.token, "{name}");
