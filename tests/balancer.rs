@@ -2133,6 +2133,134 @@ fn a_tcp_trunk_gets_the_pbx_s_bye_on_its_connection() {
     ]);
 }
 
+/// A TCP trunk's connection is gone by the time the PBX hangs up (its SBC restarted, or an
+/// idle timeout on either side closed it during a long call): the BYE goes to the
+/// trunk's Contact on a connection the balancer opens, as RFC 3261 §18.1.1 has it, and
+/// the trunk's 200 comes back on that connection to the PBX. Before, the BYE went out
+/// over UDP to the closed connection's ephemeral port, and a TCP-only trunk never got it.
+#[test]
+fn a_tcp_trunk_whose_connection_closed_gets_the_bye_on_a_new_one() {
+    let (_fleet, pbx_run, mut pbx, balancer) =
+        proxying_to_sipp("balancer_uas_hangup.xml", Duration::from_secs(20));
+    // The trunk listens where its Via and Contact say, and calls from an ephemeral port.
+    let trunk = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the trunk");
+    let listening = trunk.local_addr().expect("addr");
+    let udp_twin = UdpSocket::bind(listening).expect("bind the trunk's UDP port");
+    udp_twin
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let mut calling = TcpStream::connect(balancer.addr).expect("connect");
+    let ephemeral = calling.local_addr().expect("addr");
+    let invite = Req::invite(&balancer, listening, "TCP");
+    calling.write_all(&invite.render()).expect("send INVITE");
+    let mut buf = Vec::new();
+    let ok = loop {
+        let response = read_tcp_message(&mut calling, &mut buf, Duration::from_secs(5))
+            .expect("the call is answered");
+        if response.code() == 200 {
+            break response;
+        }
+    };
+    let mut route: Vec<String> = ok.values("Record-Route");
+    route.reverse();
+    let pbx_contact = ok.values("Contact")[0].clone();
+    let target = pbx_contact
+        .trim_start_matches('<')
+        .split('>')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let ack = Req {
+        method: "ACK".into(),
+        uri: target,
+        cseq_method: "ACK".into(),
+        branch: unique("z9hG4bK-ack"),
+        to_tag: ok.to_tag(),
+        extra: vec![format!("Route: {}", route.join(", "))],
+        body: String::new(),
+        ..invite.clone()
+    };
+    calling.write_all(&ack.render()).expect("send ACK");
+    // The trunk's side of the connection goes away with the call up.
+    drop(calling);
+
+    trunk.set_nonblocking(true).expect("nonblocking");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut stream, accepted_from) = loop {
+        match trunk.accept() {
+            Ok(accepted) => break accepted,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(err) => panic!("accept: {err}"),
+        }
+        if Instant::now() > deadline {
+            let mut udp = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = udp_twin.recv(&mut chunk) {
+                udp.push(String::from_utf8_lossy(&chunk[..n]).into_owned());
+            }
+            panic!(
+                "no connection to the trunk's address {listening} within 10 s; over UDP it got \
+                 {udp:?}\n--- balancer log:\n{}",
+                balancer.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    stream.set_nonblocking(false).expect("blocking");
+    stream.set_nodelay(true).expect("nodelay");
+    let mut buf = Vec::new();
+    let bye = read_tcp_message(&mut stream, &mut buf, Duration::from_secs(5))
+        .expect("the BYE on the new connection");
+    assert!(bye.start.starts_with("BYE "), "{bye}");
+    assert_eq!(bye.call_id(), invite.call_id, "{bye}");
+    let ours = balancer.addr.to_string();
+    let vias = bye.values("Via");
+    assert!(
+        vias[0].starts_with(&format!("SIP/2.0/TCP {ours};branch=z9hG4bK")),
+        "{bye}"
+    );
+    assert_eq!(
+        bye.header("Route"),
+        None,
+        "both of our Routes removed:\n{bye}"
+    );
+    assert_ne!(accepted_from.port(), ephemeral.port());
+    let mut answer = String::from("SIP/2.0 200 OK\r\n");
+    for name in ["Via", "From", "To", "Call-ID", "CSeq"] {
+        for value in bye.lines_named(name) {
+            answer += &format!("{name}: {value}\r\n");
+        }
+    }
+    answer += "Content-Length: 0\r\n\r\n";
+    stream.write_all(answer.as_bytes()).expect("answer the BYE");
+
+    wait_until(
+        "the PBX gets the trunk's 200",
+        Duration::from_secs(5),
+        || {
+            pbx_run.messages().iter().any(|(received, sip)| {
+                *received && sip.is_response() && sip.code() == 200 && sip.cseq_method() == "BYE"
+            })
+        },
+    );
+    pbx.signal("USR1");
+    let status = wait_exit("SIPp PBX", &mut pbx, Duration::from_secs(10));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the PBX saw the whole call\n{}",
+        pbx_run.report()
+    );
+    drop(stream);
+    balancer.stop().assert(&[
+        ("invites", 1),
+        ("local", 1),
+        // INVITE, 180, 200, ACK, BYE, its 200.
+        ("forwarded", 6),
+        ("malformed", 0),
+    ]);
+}
+
 /// Runs `callfleet balancer` with `env`; returns its exit code and stderr when it exits
 /// within 10 s, or `None` once it says `balancer ready` (then it is stopped).
 fn start_or_refuse(env: &[(&str, String)]) -> Option<(Option<i32>, String)> {

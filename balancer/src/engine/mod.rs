@@ -59,6 +59,11 @@ pub enum Action {
         to: SocketAddr,
         /// Over the TCP connection from `to`.
         tcp: bool,
+        /// With `tcp`, where to open a new connection when the one from `to` has closed
+        /// (ours idle, the carrier's restarted): the peer's listening address, from its
+        /// Contact or Route for a request (RFC 3261 §18.1.1), from its Via for a response
+        /// (§18.2.2). `None`: no better address than `to` is known.
+        reconnect: Option<SocketAddr>,
         /// The message.
         bytes: Vec<u8>,
     },
@@ -446,6 +451,7 @@ impl Engine {
             }
             return ResponseOutcome::Probe;
         }
+        let next = vias.next().and_then(|v| Via::parse(v).ok());
         if let Some(to) = conn_param(&ours.raw[ours.params_at..]) {
             let mut bytes = Vec::new();
             print::forward_response(message, &mut bytes);
@@ -453,11 +459,12 @@ impl Engine {
             actions.push(Action::Forward {
                 to,
                 tcp: true,
+                reconnect: next.as_ref().and_then(via_listener),
                 bytes,
             });
             return ResponseOutcome::Forwarded;
         }
-        let Some(next) = vias.next().and_then(|v| Via::parse(v).ok()) else {
+        let Some(next) = next else {
             Counters::bump(&self.counters.malformed);
             return ResponseOutcome::Dropped;
         };
@@ -468,9 +475,11 @@ impl Engine {
         let mut bytes = Vec::new();
         print::forward_response(message, &mut bytes);
         Counters::bump(&self.counters.forwarded);
+        let tcp = next.transport == Transport::Tcp;
         actions.push(Action::Forward {
             to,
-            tcp: next.transport == Transport::Tcp,
+            tcp,
+            reconnect: if tcp { via_listener(&next) } else { None },
             bytes,
         });
         ResponseOutcome::Forwarded
@@ -901,18 +910,35 @@ impl Ctx<'_, '_, '_> {
         if carrier_side_first || !engine.is_pbx(self.source.ip()) {
             return self.forward_to_pbx(id, ours);
         }
-        if let Some(connection) = connection {
-            return self.forward(id, connection, true, ours);
-        }
         let target = routes.next().map_or(self.request.uri, addr_uri);
         let target = Uri::parse(target).ok();
+        if let Some(connection) = connection {
+            // Should the carrier's connection be gone, its own address takes a new one.
+            let listener = target.as_ref().and_then(uri_destination).map(|(to, _)| to);
+            return self.forward(
+                id,
+                connection,
+                Leg::Tcp {
+                    reconnect: listener,
+                },
+                ours,
+            );
+        }
         if target.is_some_and(|uri| engine.is_us(&uri)) {
             // Addressed to us: from a carrier on the PBX's host (the ACK of a non-2xx
             // answer keeps the INVITE's Request-URI, ours), on its way to the PBX.
             return self.forward_to_pbx(id, ours);
         }
         match target.and_then(|uri| uri_destination(&uri)) {
-            Some((to, tcp)) => self.forward(id, to, tcp, ours),
+            Some((to, true)) => self.forward(
+                id,
+                to,
+                Leg::Tcp {
+                    reconnect: Some(to),
+                },
+                ours,
+            ),
+            Some((to, false)) => self.forward(id, to, Leg::Udp, ours),
             None => {
                 self.reply(502, "Bad Gateway (next hop is not an IP address)", b"");
                 Outcome::BadGateway
@@ -930,14 +956,18 @@ impl Ctx<'_, '_, '_> {
     }
 
     fn forward_to_pbx(&mut self, id: &Id<'_>, ours: usize) -> Outcome {
-        self.forward(id, self.engine.settings.local_pbx, false, ours)
+        self.forward(id, self.engine.settings.local_pbx, Leg::Udp, ours)
     }
 
-    /// Forwards the request statelessly to `to` (over the TCP connection from `to` when
-    /// `tcp`), without its first `ours` Route values. Our branch is a stable hash of the
+    /// Forwards the request statelessly to `to` (with `tcp`, over the TCP connection from
+    /// `to`, or a new one to the address it holds), without its first `ours` Route values. Our branch is a stable hash of the
     /// request's transaction identity, so a retransmission, the CANCEL and the ACK of a
     /// non-2xx answer get the INVITE's branch, in this run or the next.
-    fn forward(&mut self, id: &Id<'_>, to: SocketAddr, tcp: bool, ours: usize) -> Outcome {
+    fn forward(&mut self, id: &Id<'_>, to: SocketAddr, leg: Leg, ours: usize) -> Outcome {
+        let (tcp, reconnect) = match leg {
+            Leg::Udp => (false, None),
+            Leg::Tcp { reconnect } => (true, reconnect),
+        };
         let engine = self.engine;
         let settings = &engine.settings;
         let request = self.request;
@@ -993,7 +1023,12 @@ impl Ctx<'_, '_, '_> {
             &mut bytes,
         );
         Counters::bump(&engine.counters.forwarded);
-        self.actions.push(Action::Forward { to, tcp, bytes });
+        self.actions.push(Action::Forward {
+            to,
+            tcp,
+            reconnect,
+            bytes,
+        });
         Outcome::Forwarded
     }
 }
@@ -1015,6 +1050,16 @@ impl Engine {
         self.view()
             .is_some_and(|view| view.can_route(self.settings.scoring, self.trust(&view, now), now))
     }
+}
+
+/// How a forwarded request travels.
+#[derive(Debug, Clone, Copy)]
+enum Leg {
+    Udp,
+    /// Over the TCP connection from the destination, or a new one to `reconnect`.
+    Tcp {
+        reconnect: Option<SocketAddr>,
+    },
 }
 
 /// Where a new call goes.
@@ -1066,6 +1111,14 @@ fn reply_address(via: &Via<'_>, source: SocketAddr, transport: Transport) -> Soc
         return source;
     }
     SocketAddr::new(source.ip(), via.port.unwrap_or(5060))
+}
+
+/// Where a TCP client listens, for a response whose connection has closed (RFC 3261
+/// §18.2.2): the address it sent from (`received`) on the port of its sent-by.
+fn via_listener(via: &Via<'_>) -> Option<SocketAddr> {
+    let host = via.received.unwrap_or(via.host);
+    let ip: IpAddr = std::str::from_utf8(host).ok()?.parse().ok()?;
+    Some(SocketAddr::new(ip, via.port.unwrap_or(5060)))
 }
 
 /// Where a response goes next, from the Via below ours.

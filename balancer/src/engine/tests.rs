@@ -79,6 +79,7 @@ fn the_local_node_is_proxied_and_its_answers_come_back() {
         Action::Forward {
             to,
             tcp: false,
+            reconnect: None,
             bytes,
         },
     ] = &actions[..]
@@ -438,6 +439,7 @@ fn forwarded_to(actions: &[Action], expected: SocketAddr) -> String {
             Action::Forward {
                 to,
                 tcp: false,
+                reconnect: None,
                 bytes,
             },
         ] if *to == expected => String::from_utf8_lossy(bytes).into_owned(),
@@ -761,6 +763,7 @@ fn a_carrier_on_tcp_gets_in_dialog_requests_on_its_connection() {
         Action::Forward {
             to,
             tcp: true,
+            reconnect,
             bytes,
         },
     ] = &out[..]
@@ -768,8 +771,10 @@ fn a_carrier_on_tcp_gets_in_dialog_requests_on_its_connection() {
         panic!("one forward over TCP expected: {out:?}");
     };
     assert_eq!(
-        *to, connection,
-        "on the carrier's connection, not to its Contact's port"
+        (*to, *reconnect),
+        (connection, Some("198.51.100.7:5060".parse().expect("addr"))),
+        "on the carrier's connection, not to its Contact's port; should that one be gone, \
+         a new one to its Contact"
     );
     let bye = String::from_utf8_lossy(bytes);
     assert!(
@@ -800,6 +805,27 @@ To: <sip:5551234@192.0.2.10>;tag=p1\r\nCall-ID: tcp1@carrier\r\nCSeq: 2 BYE\r\nC
     assert!(
         to_pbx.contains(";cfconn=\"198.51.100.7:40001\""),
         "{to_pbx}"
+    );
+    // The PBX's 200 goes back on that connection, or, should it be gone, on a new one to
+    // the address the carrier's Via gives (RFC 3261 §18.2.2: received, sent-by's port).
+    let vias: String = to_pbx
+        .lines()
+        .filter(|line| line.starts_with("Via: "))
+        .map(|line| format!("{line}\r\n"))
+        .collect();
+    let ok = format!(
+        "SIP/2.0 200 OK\r\n{vias}From: <sip:carrier@198.51.100.7>;tag=c1\r\n\
+To: <sip:5551234@192.0.2.10>;tag=p1\r\nCall-ID: tcp1@carrier\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
+    );
+    let back = handle(&engine, ok.as_bytes(), pbx(), now);
+    assert!(
+        matches!(
+            &back[..],
+            [Action::Forward { to, tcp: true, reconnect: Some(listener), .. }]
+                if *to == "198.51.100.7:40001".parse().expect("addr")
+                    && *listener == "198.51.100.7:5060".parse().expect("addr")
+        ),
+        "{back:?}"
     );
     // A carrier on the PBX's own address (an SBC on this host) is told apart by the
     // order of our two values: its request goes to the PBX, not back to itself.

@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::TcpRoutes;
 use super::frame::{Frame, Framer};
+use super::{Dial, TcpRoutes};
 use crate::engine::{Action, Engine};
 use crate::sip::Transport;
 
@@ -110,6 +110,14 @@ const READ_CHUNK: usize = 16 * 1024;
 const PONG: &[u8] = b"\r\n";
 /// A failing accept (out of file descriptors) is retried after this.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// How long opening a connection to a peer may take; its messages are lost after that,
+/// as a UDP datagram would be (the PBX retransmits a request until Timer F).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Messages waiting for the dialer; beyond this they fall back to UDP.
+const DIAL_QUEUE: usize = 1024;
+
+/// Messages waiting for the connection being opened to each peer.
+type Dialing = Mutex<HashMap<SocketAddr, Vec<Vec<u8>>>>;
 
 /// Accepts connections until `shutdown`, within `limits`; returns once every connection
 /// has closed, at most `limits.drain` (and a little) after `shutdown`.
@@ -125,11 +133,27 @@ pub async fn serve_with(
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let peers = Arc::new(Peers::default());
+    let (dialer, mut dials) = mpsc::channel::<Dial>(DIAL_QUEUE);
+    routes.set_dialer(Some(dialer));
+    let dialing = Arc::new(Dialing::default());
     let mut full = false;
     loop {
         let (stream, peer) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            Some(dial) = dials.recv() => {
+                let connection = Connection {
+                    peer: dial.to,
+                    engine: engine.clone(),
+                    udp: udp.clone(),
+                    routes: routes.clone(),
+                    limits: limits.clone(),
+                    shutdown: shutdown.clone(),
+                    dialing: Some(dialing.clone()),
+                };
+                connection.dial(dial.bytes, &slots, &tracker);
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
@@ -175,12 +199,14 @@ pub async fn serve_with(
             routes: routes.clone(),
             limits: limits.clone(),
             shutdown: shutdown.clone(),
+            dialing: None,
         };
         tracker.spawn(async move {
             let _held = (permit, slot);
             connection.serve(stream).await;
         });
     }
+    routes.set_dialer(None);
     tracker.close();
     // Every connection stops reading at once and flushes for at most `drain`; the margin
     // only covers scheduling.
@@ -246,7 +272,7 @@ impl Drop for PeerSlot {
     }
 }
 
-/// One accepted connection and what it needs.
+/// One connection and what it needs.
 struct Connection {
     peer: SocketAddr,
     engine: Arc<Engine>,
@@ -254,6 +280,8 @@ struct Connection {
     routes: Arc<TcpRoutes>,
     limits: Arc<Limits>,
     shutdown: CancellationToken,
+    /// Set on a connection we open: the messages waiting for it.
+    dialing: Option<Arc<Dialing>>,
 }
 
 /// Why a connection's read loop ended.
@@ -274,12 +302,70 @@ enum Closed {
 }
 
 impl Connection {
+    /// Opens a connection to this peer for `bytes`, unless one is being opened already
+    /// (then they wait for it) or has opened since they were given up on.
+    fn dial(self, bytes: Vec<u8>, slots: &Arc<Semaphore>, tracker: &TaskTracker) {
+        let Some(dialing) = self.dialing.clone() else {
+            return;
+        };
+        let to = self.peer;
+        let mut waiting = dialing.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(queued) = waiting.get_mut(&to) {
+            if queued.len() < self.limits.queue {
+                queued.push(bytes);
+            }
+            return;
+        }
+        let Err(bytes) = self.routes.send(to, bytes) else {
+            return;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            warn!(%to, "tcp connection table full; a message for a peer without a connection is lost");
+            return;
+        };
+        waiting.insert(to, vec![bytes]);
+        drop(waiting);
+        tracker.spawn(async move {
+            let _held = permit;
+            let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to));
+            let stream = tokio::select! {
+                _ = self.shutdown.cancelled() => None,
+                connected = connect => connected.ok().and_then(Result::ok),
+            };
+            match stream {
+                Some(stream) => {
+                    debug!(%to, "tcp connection opened to a peer whose own had closed");
+                    self.serve(stream).await;
+                }
+                None => {
+                    let lost = dialing
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&to)
+                        .map_or(0, |queued| queued.len());
+                    warn!(%to, lost, timeout = ?CONNECT_TIMEOUT, "could not open a tcp connection to a peer; its messages are lost");
+                }
+            }
+        });
+    }
+
     async fn serve(self, stream: TcpStream) {
         let opened = Instant::now();
         let _ = stream.set_nodelay(true);
         let (mut reader, writer) = stream.into_split();
         let (sender, outgoing) = mpsc::channel::<Vec<u8>>(self.limits.queue);
         self.routes.insert(self.peer, sender.clone());
+        if let Some(dialing) = &self.dialing {
+            let waiting = dialing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&self.peer)
+                .unwrap_or_default();
+            for bytes in waiting {
+                // The queue holds as many as may wait.
+                let _ = sender.try_send(bytes);
+            }
+        }
         // Milliseconds after `opened` of the last completed write.
         let written = Arc::new(AtomicU64::new(0));
         let writer_done = CancellationToken::new();
@@ -313,12 +399,15 @@ impl Connection {
         let limits = &*self.limits;
         let mut framer = Framer::new(limits.max_message);
         let mut buffer = Vec::with_capacity(READ_CHUNK);
-        // When the message being waited for began: the connection's opening until the
-        // first message is complete, then the first byte of each.
-        let mut message_since = Some(opened);
+        // A connection we opened carries our message first: it idles until the peer
+        // answers.
+        let outbound = self.dialing.is_some();
+        // When the message being waited for began: an accepted connection's opening until
+        // the first message is complete, then the first byte of each.
+        let mut message_since = (!outbound).then_some(opened);
         // A message has been handed to the engine: from then on, waiting between messages
         // is idling.
-        let mut served = false;
+        let mut served = outbound;
         let mut last_read = opened;
         let mut actions = Vec::new();
         loop {

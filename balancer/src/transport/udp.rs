@@ -129,6 +129,7 @@ fn worker(engine: &Engine, socket: &UdpSocket, tcp: &TcpRoutes, stop: &AtomicBoo
                         to,
                         tcp: false,
                         bytes,
+                        ..
                     } => {
                         outgoing.push((to, bytes));
                     }
@@ -182,13 +183,14 @@ pub fn perform(socket: &UdpSocket, tcp: &TcpRoutes, action: Action) {
         Action::Forward {
             to,
             tcp: true,
+            reconnect,
             bytes,
-        } => {
-            if !tcp.send(to, bytes.clone()) {
-                send(socket, &bytes, to);
-            }
-            return;
-        }
+        } => match tcp.deliver(to, reconnect, bytes) {
+            Ok(()) => return,
+            // No connection could take it (no TCP listener, or too many queued): the
+            // peer's own address over UDP is the last chance a dual-transport trunk has.
+            Err(bytes) => (reconnect.unwrap_or(to), bytes),
+        },
         Action::Forward { to, bytes, .. } => (to, bytes),
         Action::Close => return,
     };
