@@ -216,7 +216,7 @@ impl Node {
             std::fs::remove_dir_all(&dir).expect("remove the failed attempt");
         }
         std::fs::create_dir_all(&dir).expect("node folder");
-        let mut phone = Phone::start(&dir, free_port());
+        let mut phone = Phone::start(&dir, free_port(), addressing.phone);
         let (sip_port, ami_port, balancer_port) = (free_port(), free_port(), free_port());
         let provisioning = fleet.control_port.map(|control| (free_port(), control));
         let config = dir.join("callfleet.toml");
@@ -376,6 +376,11 @@ struct Addressing {
     /// `asterisk.balancers`; `None` leaves the key out, so `asterisk-config` derives the
     /// balancer's addresses itself.
     balancers: Option<&'static [&'static str]>,
+    /// The IP of `balancer.local_pbx`, which Asterisk's transports bind.
+    pbx: &'static str,
+    /// The SIPp scenario of the node's phone (in tests/sipp); `None`: SIPp's built-in
+    /// `uas`, which answers and waits for the caller to hang up.
+    phone: Option<&'static str>,
 }
 
 impl Addressing {
@@ -386,6 +391,8 @@ impl Addressing {
         advertise: None,
         allow: &["127.0.0.1"],
         balancers: Some(&["127.0.0.1"]),
+        pbx: "127.0.0.1",
+        phone: None,
     };
 
     /// A balancer as `callfleet up` runs it: on the wildcard, advertising the host's
@@ -397,6 +404,8 @@ impl Addressing {
         advertise: Some("127.0.0.2"),
         allow: &[],
         balancers: None,
+        pbx: "127.0.0.1",
+        phone: None,
     };
 }
 
@@ -415,7 +424,7 @@ fn node_config(
     addressing: Addressing,
 ) -> String {
     let install = asterisk_prefix();
-    let listen = addressing.listen;
+    let (listen, pbx) = (addressing.listen, addressing.pbx);
     let advertise = addressing.advertise.map_or_else(String::new, |ip| {
         format!(
             "# Put in Via and Record-Route: the address carriers call.\n\
@@ -470,7 +479,7 @@ secret = "{secret}"
 listen = "{listen}:{balancer_port}"
 {advertise}# This node's own calls are forwarded to its Asterisk; the other node's get a 302.
 local_mode = "proxy"
-local_pbx = "127.0.0.1:{sip_port}"
+local_pbx = "{pbx}:{sip_port}"
 {allow}
 refresh = "100ms"
 heartbeat_ttl = "3s"
@@ -562,12 +571,25 @@ struct Phone {
 }
 
 impl Phone {
-    fn start(dir: &Path, port: u16) -> Self {
+    /// A phone playing `scenario` (in tests/sipp), or SIPp's built-in `uas`.
+    fn start(dir: &Path, port: u16, scenario: Option<&str>) -> Self {
         let stats = dir.join("phone.csv");
+        let mut command = sipp();
+        match scenario {
+            Some(file) => command
+                .arg("-sf")
+                .arg(
+                    Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("tests/sipp")
+                        .join(file),
+                )
+                .arg("-trace_logs"),
+            None => command.args(["-sn", "uas"]),
+        };
         let process = Running {
-            child: sipp()
+            child: command
                 .current_dir(dir)
-                .args(["-sn", "uas", "-i", "127.0.0.1", "-p", &port.to_string()])
+                .args(["-i", "127.0.0.1", "-p", &port.to_string()])
                 // No -mp: SIPp finds free media ports itself (from 6000 up, below the
                 // range test ports come from), so none is taken between check and bind.
                 .arg("-nostdin")
@@ -631,7 +653,33 @@ impl Calls {
         concurrent: u64,
         talk: Duration,
     ) -> Self {
-        let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kamailio/uac_carrier.xml");
+        Self::through_carrier_playing(
+            dir,
+            name,
+            "uac_carrier.xml",
+            carrier,
+            extension,
+            count,
+            concurrent,
+            talk,
+        )
+    }
+
+    /// [`Calls::through_carrier_to`] playing `scenario` (in tests/kamailio).
+    #[allow(clippy::too_many_arguments)] // each distinct, as the callers name them
+    fn through_carrier_playing(
+        dir: &Path,
+        name: &str,
+        scenario: &str,
+        carrier: &Carrier,
+        extension: &str,
+        count: u64,
+        concurrent: u64,
+        talk: Duration,
+    ) -> Self {
+        let scenario = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/kamailio")
+            .join(scenario);
         let mut command = sipp();
         command.arg("-sf").arg(scenario);
         Self::spawn(
@@ -1324,4 +1372,83 @@ fn a_balancer_on_a_wildcard_advertising_another_address_gets_its_calls_into_aste
         ("unavailable", 0),
     ]);
     eprintln!("done after {:?}", begun.elapsed());
+}
+
+/// Asterisk listening on the wildcard (`local_pbx = "0.0.0.0:…"`) sends from 127.0.0.1,
+/// never from the address the balancer sends to. The balancer must know it for its PBX
+/// all the same (the default `pbx_addresses`: every address of this host), or the agent's
+/// BYE looks like a stranger's request and is turned back to the PBX instead of reaching
+/// the carrier. The agent hangs up; the caller must get the BYE through the balancer and
+/// the SBC. The control: the same node with `balancer.pbx_addresses` naming an address
+/// the PBX does not send from, where the caller waits for a BYE that never comes.
+#[test]
+#[ignore = "needs Asterisk and Kamailio: run ./scripts/test-asterisk"]
+fn asterisk_on_a_wildcard_is_known_as_the_pbx_and_the_agent_s_bye_reaches_the_caller() {
+    let fleet = Fleet::new("pbx-wildcard");
+    let layout = Addressing {
+        pbx: "0.0.0.0",
+        phone: Some("agent_phone_hangs_up.xml"),
+        ..Addressing::LOOPBACK
+    };
+    let mut node = Node::start_with(&fleet, "node-a", layout);
+    let pjsip = read(&node.dir.join("pbx/pjsip.conf"));
+    assert!(
+        pjsip.contains(&format!("bind = 0.0.0.0:{}\n", node.sip_port)),
+        "{pjsip}"
+    );
+    let carrier = Carrier::start(&fleet.path("carrier"), &[node.balancer_port]);
+    fleet.wait_routable(&[&node]);
+    let agent_hangs_up = |name: &str| {
+        Calls::through_carrier_playing(
+            &fleet.path(name),
+            name,
+            "uac_carrier_agent_hangs_up.xml",
+            &carrier,
+            EXTENSION,
+            1,
+            1,
+            Duration::ZERO,
+        )
+        .finish(Duration::from_secs(40))
+    };
+
+    let (exit, placed, errors) = agent_hangs_up("caller");
+    let context = report(&carrier, &[&node]);
+    assert!(exit.success(), "caller exit {exit:?}: {errors}\n{context}");
+    assert_eq!(
+        (placed.outgoing, placed.successful, placed.failed),
+        (1, 1, 0),
+        "the agent's BYE reached the caller\n{context}"
+    );
+    node.stop_balancer().assert(&[
+        ("invites", 1),
+        ("local", 1),
+        ("redirected", 0),
+        ("unavailable", 0),
+    ]);
+
+    // The control: the balancer told the PBX sends from an address it does not use.
+    let config = read(&node.config).replace(
+        "[balancer]\n",
+        "[balancer]\n# Not where this PBX sends from: the control.\npbx_addresses = [\"192.0.2.1\"]\n",
+    );
+    std::fs::write(&node.config, config).expect("write the control's configuration");
+    node.start_balancer()
+        .expect("the control's balancer starts");
+    fleet.wait_routable(&[&node]);
+    let (exit, placed, errors) = agent_hangs_up("control-caller");
+    let context = report(&carrier, &[&node]);
+    assert_eq!(exit.code(), Some(1), "caller exit: {errors}\n{context}");
+    assert_eq!(
+        (placed.outgoing, placed.successful, placed.failed),
+        (1, 0, 1),
+        "without the PBX known, the agent's BYE is lost\n{context}"
+    );
+    // The call itself got in as before: only the BYE was lost.
+    node.stop_balancer().assert(&[
+        ("invites", 1),
+        ("local", 1),
+        ("redirected", 0),
+        ("unavailable", 0),
+    ]);
 }

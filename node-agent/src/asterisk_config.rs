@@ -5,7 +5,7 @@
 //! Pure: [`render`] turns a configuration into file names and contents, the same bytes for
 //! the same input; the caller writes them.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
 use callfleet_core::config::{CallSourceKind, Config};
@@ -288,9 +288,14 @@ fn pjsip(config: &Config, sip: SocketAddr) -> String {
         // (the kernel's source for a local destination), whatever it advertises to
         // carriers; `callfleet up` advertises the host's routed address while the PBX
         // listens on loopback.
-        if !sip.ip().is_unspecified() {
-            sources.push(sip.ip().to_string());
-        }
+        // A PBX listening on the wildcard is sent to at the wildcard, which the kernel
+        // takes for loopback, and loopback is then the source too.
+        let reached_from = match sip.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        sources.push(reached_from.to_string());
         if host != "0.0.0.0" && host != "::" {
             sources.push(host);
         }
@@ -620,6 +625,23 @@ ps_contacts => curl,http://127.0.0.1:8090/realtime/ps_contacts\n"
             .filter_map(|line| line.strip_prefix("match = ").map(str::to_owned))
             .collect();
         assert_eq!(matches, ["127.0.0.1", "192.0.2.0/24", "198.51.100.20"]);
+
+        // A PBX on the wildcard is reached at it from loopback.
+        for (wildcard, loopback) in [("0.0.0.0:5080", "127.0.0.1"), ("[::]:5080", "::1")] {
+            let mut on_wildcard = advertised.clone();
+            on_wildcard.balancer.local_pbx = wildcard.into();
+            on_wildcard.balancer.allow = vec!["192.0.2.0/24".into()];
+            let files = render(&on_wildcard, Path::new("/x")).expect("renders");
+            let pjsip = file(&files, "pjsip.conf");
+            assert!(pjsip.contains(&format!("bind = {wildcard}\n")), "{pjsip}");
+            let matches: Vec<&str> = pjsip
+                .lines()
+                .filter_map(|line| line.strip_prefix("match = "))
+                .collect();
+            let mut expected = vec![loopback, "192.0.2.0/24", "198.51.100.20"];
+            expected.sort_unstable();
+            assert_eq!(matches, expected, "{wildcard}");
+        }
 
         let mut explicit = config();
         explicit.asterisk.balancers = vec!["10.0.0.2".into(), "10.0.0.3".into()];
