@@ -272,20 +272,36 @@ async fn closed_loop(url: &str, clients: u64, seconds: u64, per_connection: u64)
 }
 
 /// Open loop: `rate` pairs per second for `seconds`, latency measured from the schedule.
+/// A thread of its own paces the pairs: tokio's timer fires on whole milliseconds, which
+/// would make every pair up to 1 ms late before it is even sent, and that lateness would be
+/// counted as the service's; a thread's sleep wakes within tens of microseconds.
 async fn open_loop(url: &str, rate: u64, seconds: u64, connections: u64) -> Figures {
     let channels = channels(url, connections).await;
     let total = rate * seconds;
     let start = Instant::now();
+    let runtime = tokio::runtime::Handle::current();
+    let (spawned, mut tasks_rx) = tokio::sync::mpsc::unbounded_channel();
+    let pacer = std::thread::spawn(move || {
+        for n in 0..total {
+            let due = start + Duration::from_secs_f64(n as f64 / rate as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let mut client = LocksClient::new(channels[(n as usize) % channels.len()].clone());
+            let task = runtime.spawn(async move {
+                let pair = pair(&mut client, 1_000 + n % 97, n).await;
+                (due.elapsed(), pair)
+            });
+            if spawned.send(task).is_err() {
+                return;
+            }
+        }
+    });
     let mut tasks = Vec::with_capacity(total as usize);
-    for n in 0..total {
-        let due = start + Duration::from_secs_f64(n as f64 / rate as f64);
-        tokio::time::sleep_until(due.into()).await;
-        let mut client = LocksClient::new(channels[(n as usize) % channels.len()].clone());
-        tasks.push(tokio::spawn(async move {
-            let pair = pair(&mut client, 1_000 + n % 97, n).await;
-            (due.elapsed(), pair)
-        }));
+    while let Some(task) = tasks_rx.recv().await {
+        tasks.push(task);
     }
+    pacer.join().expect("pacer");
     let mut all = Vec::with_capacity(tasks.len());
     let (mut calls, mut failed) = (0, 0);
     for task in tasks {
