@@ -436,9 +436,9 @@ fn corpus() -> Vec<Case> {
              a_proxy_refuses_proxy_require_and_a_redirect_server_ignores_it)",
         ),
         case(
-            "forged Via received=203.0.113.66;rport=9",
+            "forged Via received=127.0.0.66;rport=9",
             Msg {
-                via_params: ";rport=9;received=203.0.113.66",
+                via_params: ";rport=9;received=127.0.0.66",
                 ..invite()
             },
             Some(200),

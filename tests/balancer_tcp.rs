@@ -523,10 +523,12 @@ fn a_denied_address_is_closed_at_accept() {
         &fleet,
         "balancer",
         &[],
-        // The PBX elsewhere: its address passes the allow list whatever it says.
+        // The PBX on 127.0.0.3, named as the only address it sends from (by default every
+        // address of this host would be, 127.0.0.1 included): its address passes the allow
+        // list whatever it says.
         Some(
-            "[balancer]\nallow = [\"127.0.0.2\"]\nlocal_pbx = \"192.0.2.1:5080\"\n\
-             pbx_addresses = [\"192.0.2.1\", \"127.0.0.3\"]\n",
+            "[balancer]\nallow = [\"127.0.0.2\"]\nlocal_pbx = \"127.0.0.3:5080\"\n\
+             pbx_addresses = [\"127.0.0.3\"]\n",
         ),
         "127.0.0.2",
     );

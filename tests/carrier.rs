@@ -1430,7 +1430,7 @@ fn asterisk_on_a_wildcard_is_known_as_the_pbx_and_the_agent_s_bye_reaches_the_ca
     // The control: the balancer told the PBX sends from an address it does not use.
     let config = read(&node.config).replace(
         "[balancer]\n",
-        "[balancer]\n# Not where this PBX sends from: the control.\npbx_addresses = [\"192.0.2.1\"]\n",
+        "[balancer]\n# Not where this PBX sends from: the control.\npbx_addresses = [\"127.0.0.9\"]\n",
     );
     std::fs::write(&node.config, config).expect("write the control's configuration");
     node.start_balancer()
