@@ -351,6 +351,10 @@ impl SnapshotBuilder {
                     device,
                 }
             })
+            .collect::<Vec<AgentEntry>>();
+        let readiness = queues
+            .iter()
+            .map(|(name, members)| (name.clone(), Readiness::of(members, &agents)))
             .collect();
 
         Snapshot {
@@ -361,6 +365,7 @@ impl SnapshotBuilder {
                 .collect(),
             queues,
             tags,
+            readiness,
         }
     }
 }
@@ -376,6 +381,48 @@ pub struct Snapshot {
     queues: HashMap<Box<str>, Vec<Member>>,
     /// Tag name → the index agents carry.
     tags: HashMap<Box<str>, usize>,
+    /// Each queue's members as its public status counts them.
+    readiness: HashMap<Box<str>, Readiness>,
+}
+
+/// A queue's members as its public status counts them, made once per snapshot: the status
+/// is asked far more often than the directory changes (a website's every visitor asks),
+/// and counting every member per request was most of its cost. Within a snapshot, a
+/// member only becomes ready with time (a wrap-up ends), never the other way, so the
+/// sorted times they become ready answer "how many now" with a binary search.
+#[derive(Debug, Default)]
+struct Readiness {
+    logged_in: usize,
+    /// When each member that can become ready does so (0: ready already), sorted.
+    ready_from: Box<[u64]>,
+}
+
+impl Readiness {
+    fn of(members: &[Member], agents: &[AgentEntry]) -> Self {
+        let mut ready_from: Vec<u64> = members
+            .iter()
+            .map(|member| &agents[member.agent])
+            .filter(|agent| agent.enabled && agent.device.is_some())
+            .filter_map(|agent| match agent.state {
+                AgentState::Available => Some(0),
+                AgentState::WrapUp { until_ms } => Some(until_ms),
+                AgentState::Paused | AgentState::OnCall => None,
+            })
+            .collect();
+        ready_from.sort_unstable();
+        Self {
+            logged_in: members
+                .iter()
+                .filter(|member| agents[member.agent].device.is_some())
+                .count(),
+            ready_from: ready_from.into_boxed_slice(),
+        }
+    }
+
+    /// Members ready at `now_ms`, as [`AgentEntry::ready`] decides.
+    fn available(&self, now_ms: u64) -> usize {
+        self.ready_from.partition_point(|&from| from <= now_ms)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -517,19 +564,18 @@ impl Snapshot {
 
     /// Returns the public status of `queue` at `now_ms` (Unix epoch, ms).
     pub fn queue_status(&self, queue: &str, now_ms: u64) -> Result<QueueStatus, RoutingError> {
-        let (name, members) = self.queue(queue)?;
-        let mut logged_in_agents = 0;
-        let mut available_agents = 0;
-        for member in members {
-            let agent = &self.agents[member.agent];
-            logged_in_agents += usize::from(agent.device.is_some());
-            available_agents += usize::from(agent.ready(now_ms).is_some());
-        }
+        let (name, readiness) =
+            self.readiness
+                .get_key_value(queue)
+                .ok_or_else(|| RoutingError::UnknownQueue {
+                    queue: queue.to_owned(),
+                })?;
+        let available_agents = readiness.available(now_ms);
         Ok(QueueStatus {
             queue: name.to_string(),
             served: available_agents > 0,
             available_agents,
-            logged_in_agents,
+            logged_in_agents: readiness.logged_in,
         })
     }
 
@@ -1210,6 +1256,23 @@ mod tests {
                 got.sort_unstable();
                 prop_assert_eq!(got, expected);
 
+                // At other moments of the same snapshot, as the rules count them there.
+                for now in [0, NOW - 1, NOW + 1, NOW + 60_000, u64::MAX] {
+                    let status = snapshot.queue_status(queue, now).expect("known queue");
+                    let ready = (0..world.agents.len())
+                        .filter(|&i| world.members.iter().any(|m| m.0 == q && m.1 == i))
+                        .filter(|&i| world.sessions.iter().any(|s| s.0 == i))
+                        .filter(|&i| {
+                            let agent = &world.agents[i];
+                            agent.enabled && match agent.state {
+                                AgentState::Available => true,
+                                AgentState::WrapUp { until_ms } => until_ms <= now,
+                                AgentState::Paused | AgentState::OnCall => false,
+                            }
+                        })
+                        .count();
+                    prop_assert_eq!(status.available_agents, ready, "{} at {}", queue, now);
+                }
                 let status = snapshot.queue_status(queue, NOW).expect("known queue");
                 let logged_in = (0..world.agents.len())
                     .filter(|&i| world.members.iter().any(|m| m.0 == q && m.1 == i))
