@@ -2099,17 +2099,8 @@ fn a_tcp_trunk_gets_the_pbx_s_bye_on_its_connection() {
     finish_pbx(&pbx_run, &mut pbx, &carrier, &balancer);
     let ours = balancer.addr.to_string();
     let bye = carrier.received("BYE ");
-    let vias = bye.values("Via");
-    assert_eq!(vias.len(), 2, "{bye}");
-    assert!(
-        vias[0].starts_with(&format!("SIP/2.0/TCP {ours};branch=z9hG4bK")),
-        "our Via names the transport we sent it on:\n{bye}"
-    );
-    assert_eq!(
-        bye.header("Route"),
-        None,
-        "both of our Routes removed:\n{bye}"
-    );
+    assert_eq!(bye.values("Via").len(), 2, "{bye}");
+    assert_relayed_over_tcp(&bye, &balancer);
     let ok = carrier.received("SIP/2.0 200");
     let record_route = ok.values("Record-Route");
     assert_eq!(record_route.len(), 2, "{ok}");
@@ -2131,6 +2122,21 @@ fn a_tcp_trunk_gets_the_pbx_s_bye_on_its_connection() {
         ("forwarded", 6),
         ("malformed", 0),
     ]);
+}
+
+/// A request the balancer relayed to a TCP carrier: its Via on top names TCP, and both of
+/// its Routes (RFC 5658's double Record-Route) are gone.
+fn assert_relayed_over_tcp(request: &Sip, balancer: &Balancer) {
+    let ours = balancer.addr.to_string();
+    assert!(
+        request.values("Via")[0].starts_with(&format!("SIP/2.0/TCP {ours};branch=z9hG4bK")),
+        "our Via names the transport we sent it on:\n{request}"
+    );
+    assert_eq!(
+        request.header("Route"),
+        None,
+        "both of our Routes removed:\n{request}"
+    );
 }
 
 /// A TCP trunk's connection is gone by the time the PBX hangs up (its SBC restarted, or an
@@ -2213,17 +2219,7 @@ fn a_tcp_trunk_whose_connection_closed_gets_the_bye_on_a_new_one() {
         .expect("the BYE on the new connection");
     assert!(bye.start.starts_with("BYE "), "{bye}");
     assert_eq!(bye.call_id(), invite.call_id, "{bye}");
-    let ours = balancer.addr.to_string();
-    let vias = bye.values("Via");
-    assert!(
-        vias[0].starts_with(&format!("SIP/2.0/TCP {ours};branch=z9hG4bK")),
-        "{bye}"
-    );
-    assert_eq!(
-        bye.header("Route"),
-        None,
-        "both of our Routes removed:\n{bye}"
-    );
+    assert_relayed_over_tcp(&bye, &balancer);
     assert_ne!(accepted_from.port(), ephemeral.port());
     let mut answer = String::from("SIP/2.0 200 OK\r\n");
     for name in ["Via", "From", "To", "Call-ID", "CSeq"] {
