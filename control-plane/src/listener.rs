@@ -28,6 +28,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,7 +42,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -283,15 +284,17 @@ enum Close {
     Shutdown,
 }
 
-/// Requests in progress on one connection, and since when there have been none.
-#[derive(Debug, Clone, Copy)]
-struct Load {
-    in_progress: usize,
-    idle_since: Instant,
-}
-
+/// Requests in progress on one connection, and since when there have been none. Requests
+/// only touch two atomics; the idle timer reads them when it fires (once per
+/// `idle_timeout` at most), so a request wakes no task and moves no timer: on a kept-alive
+/// connection that did both twice per request, they cost more than the status route.
 #[derive(Debug)]
-struct Activity(watch::Sender<Load>);
+struct Activity {
+    opened: Instant,
+    in_progress: AtomicUsize,
+    /// Milliseconds after `opened` when the last request ended.
+    idle_since_ms: AtomicU64,
+}
 
 /// One request in progress; ends when dropped.
 #[derive(Debug)]
@@ -299,43 +302,46 @@ struct Busy(Arc<Activity>);
 
 impl Activity {
     fn new() -> Self {
-        Self(watch::Sender::new(Load {
-            in_progress: 0,
-            idle_since: Instant::now(),
-        }))
+        Self {
+            opened: Instant::now(),
+            in_progress: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+        }
     }
 
     fn begin(self: &Arc<Self>) -> Busy {
-        self.0.send_modify(|load| load.in_progress += 1);
+        self.in_progress.fetch_add(1, Ordering::AcqRel);
         Busy(self.clone())
     }
 
     /// Returns once no request has been in progress for `timeout`.
     async fn idle_for(&self, timeout: Duration) {
-        let mut changes = self.0.subscribe();
         loop {
-            let load = *changes.borrow_and_update();
-            if load.in_progress == 0 {
-                tokio::select! {
-                    () = tokio::time::sleep_until(load.idle_since + timeout) => return,
-                    _ = changes.changed() => {}
+            let now = Instant::now();
+            let deadline = if self.in_progress.load(Ordering::Acquire) > 0 {
+                // Busy: look again a whole timeout later, the earliest it could be over.
+                now + timeout
+            } else {
+                let idle_since =
+                    self.opened + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+                let deadline = idle_since + timeout;
+                if deadline <= now {
+                    return;
                 }
-            } else if changes.changed().await.is_err() {
-                // Cannot happen while `self` lives; never spin on it.
-                std::future::pending::<()>().await;
-            }
+                deadline
+            };
+            tokio::time::sleep_until(deadline).await;
         }
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.0.send_modify(|load| {
-            load.in_progress -= 1;
-            if load.in_progress == 0 {
-                load.idle_since = Instant::now();
-            }
-        });
+        let activity = &self.0;
+        let ms = u64::try_from(activity.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // Before the count falls: a timer that sees no request in progress sees this end.
+        activity.idle_since_ms.fetch_max(ms, Ordering::AcqRel);
+        activity.in_progress.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
