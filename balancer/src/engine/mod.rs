@@ -959,10 +959,11 @@ impl Ctx<'_, '_, '_> {
         self.forward(id, self.engine.settings.local_pbx, Leg::Udp, ours)
     }
 
-    /// Forwards the request statelessly to `to` (with `tcp`, over the TCP connection from
-    /// `to`, or a new one to the address it holds), without its first `ours` Route values. Our branch is a stable hash of the
-    /// request's transaction identity, so a retransmission, the CANCEL and the ACK of a
-    /// non-2xx answer get the INVITE's branch, in this run or the next.
+    /// Forwards the request statelessly to `to` (for a TCP leg, over the connection from
+    /// `to`, or a new one to the address the leg holds), without its first `ours` Route
+    /// values. Our branch is a stable hash of the request's transaction identity, so a
+    /// retransmission, the CANCEL and the ACK of a non-2xx answer get the INVITE's branch,
+    /// in this run or the next.
     fn forward(&mut self, id: &Id<'_>, to: SocketAddr, leg: Leg, ours: usize) -> Outcome {
         let (tcp, reconnect) = match leg {
             Leg::Udp => (false, None),
@@ -1116,17 +1117,19 @@ fn reply_address(via: &Via<'_>, source: SocketAddr, transport: Transport) -> Soc
 /// Where a TCP client listens, for a response whose connection has closed (RFC 3261
 /// §18.2.2): the address it sent from (`received`) on the port of its sent-by.
 fn via_listener(via: &Via<'_>) -> Option<SocketAddr> {
-    let host = via.received.unwrap_or(via.host);
-    let ip: IpAddr = std::str::from_utf8(host).ok()?.parse().ok()?;
-    Some(SocketAddr::new(ip, via.port.unwrap_or(5060)))
+    Some(SocketAddr::new(via_ip(via)?, via.port.unwrap_or(5060)))
 }
 
 /// Where a response goes next, from the Via below ours.
 fn via_destination(via: &Via<'_>) -> Option<SocketAddr> {
-    let host = via.received.unwrap_or(via.host);
-    let ip: IpAddr = std::str::from_utf8(host).ok()?.parse().ok()?;
     let port = via.rport.flatten().or(via.port).unwrap_or(5060);
-    Some(SocketAddr::new(ip, port))
+    Some(SocketAddr::new(via_ip(via)?, port))
+}
+
+/// The address a Via's sender sent from: `received`, else its sent-by host (an IP only).
+fn via_ip(via: &Via<'_>) -> Option<IpAddr> {
+    let host = via.received.unwrap_or(via.host);
+    std::str::from_utf8(host).ok()?.parse().ok()
 }
 
 /// The address of a URI with an IP host (no DNS on the request path), and whether it asks
