@@ -64,10 +64,16 @@ impl TcpRoutes {
             Ok(()) => return Ok(()),
             Err(bytes) => bytes,
         };
-        let Some(to) = reconnect.filter(|to| *to != peer) else {
+        let Some(to) = reconnect else {
             return Err(bytes);
         };
-        let bytes = match self.send(to, bytes) {
+        // A connection from the peer's own address (a trunk that calls from its listening
+        // port) was tried above already.
+        let bytes = match if to == peer {
+            Err(bytes)
+        } else {
+            self.send(to, bytes)
+        } {
             Ok(()) => return Ok(()),
             Err(bytes) => bytes,
         };
@@ -99,5 +105,46 @@ impl TcpRoutes {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&peer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request to a carrier URI with `transport=tcp` names no connection: the peer and
+    /// the address to connect to are one, and it must still be dialled, not sent over UDP.
+    #[test]
+    fn a_peer_without_a_connection_is_dialled_at_its_own_address_or_the_one_given() {
+        let routes = TcpRoutes::default();
+        let carrier: SocketAddr = "127.0.0.1:5070".parse().expect("addr");
+        let ephemeral: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+        assert_eq!(
+            routes.deliver(carrier, Some(carrier), b"a".to_vec()),
+            Err(b"a".to_vec())
+        );
+
+        let (dialer, mut dials) = mpsc::channel(4);
+        routes.set_dialer(Some(dialer));
+        assert_eq!(
+            routes.deliver(carrier, None, b"b".to_vec()),
+            Err(b"b".to_vec())
+        );
+        assert_eq!(
+            routes.deliver(carrier, Some(carrier), b"c".to_vec()),
+            Ok(())
+        );
+        assert_eq!(
+            routes.deliver(ephemeral, Some(carrier), b"d".to_vec()),
+            Ok(())
+        );
+        let mut dialled = Vec::new();
+        while let Ok(dial) = dials.try_recv() {
+            dialled.push((dial.to, dial.bytes));
+        }
+        assert_eq!(
+            dialled,
+            [(carrier, b"c".to_vec()), (carrier, b"d".to_vec())]
+        );
     }
 }
