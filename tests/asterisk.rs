@@ -502,7 +502,7 @@ fn up_runs_the_pbx_restarts_it_and_gives_up_on_one_that_keeps_dying() {
     });
     let carrier_dir = dir.path().join("carrier");
     std::fs::create_dir_all(&carrier_dir).expect("carrier folder");
-    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uac_call.xml");
+    let scenario = support::checkout().join("tests/sipp/uac_call.xml");
     let mut carrier = Running {
         child: sipp()
             .current_dir(&carrier_dir)
@@ -1084,7 +1084,7 @@ fn queue_node(
 /// An agent's desk phone (SIPp UAS on [`PHONES`]`:port`) that answers (`agent_phone.xml`)
 /// or never does (`agent_phone_silent.xml`), logging each call's arrival and end.
 fn agent_phone(dir: &Path, port: u16, scenario: &str) -> Running {
-    let scenarios = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp");
+    let scenarios = support::checkout().join("tests/sipp");
     std::fs::create_dir_all(dir).expect("phone folder");
     let child = sipp()
         .current_dir(dir)
@@ -1428,7 +1428,7 @@ impl QueueSite {
         attributes: &str,
         caller: &str,
     ) -> (PathBuf, Running) {
-        let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uac_queue_call.xml");
+        let scenario = support::checkout().join("tests/sipp/uac_queue_call.xml");
         self.spawn_carrier(
             name,
             port,

@@ -746,9 +746,7 @@ fn via_parts(via: &str) -> (String, HashMap<String, String>) {
 // ---------------------------------------------------------------------------------------
 
 fn scenario(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/sipp")
-        .join(name)
+    support::checkout().join("tests/sipp").join(name)
 }
 
 /// A SIPp run whose traces go to `dir/name.*`.

@@ -15,7 +15,7 @@ mod support;
 use std::fmt::Write as _;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -579,7 +579,7 @@ impl Kamailio {
             .tempdir()
             .expect("temp dir");
         std::fs::create_dir_all(dir.path().join("run")).expect("Kamailio's folders");
-        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kamailio/sanity.cfg");
+        let config = support::checkout().join("tests/kamailio/sanity.cfg");
         let log = dir.path().join("kamailio.log");
         for _ in 0..3 {
             let port = free_port();

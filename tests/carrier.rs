@@ -586,11 +586,7 @@ impl Phone {
         match scenario {
             Some(file) => command
                 .arg("-sf")
-                .arg(
-                    Path::new(env!("CARGO_MANIFEST_DIR"))
-                        .join("tests/sipp")
-                        .join(file),
-                )
+                .arg(support::checkout().join("tests/sipp").join(file))
                 .arg("-trace_logs"),
             None => command.args(["-sn", "uas"]),
         };
@@ -673,9 +669,7 @@ impl Calls {
         concurrent: u64,
         talk: Duration,
     ) -> Self {
-        let scenario = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/kamailio")
-            .join(scenario);
+        let scenario = support::checkout().join("tests/kamailio").join(scenario);
         let mut command = sipp();
         command.arg("-sf").arg(scenario);
         Self::spawn(

@@ -75,8 +75,7 @@ fn sample_count(url: &str) -> u64 {
 fn a_supervisor_watches_and_steers_the_fleet_in_a_browser() {
     let url = fresh_mysql_url();
     let dir = tempfile::tempdir().expect("temp dir");
-    let shots =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts/dashboard");
+    let shots = support::checkout().join("target/test-artifacts/dashboard");
     let _ = std::fs::remove_dir_all(&shots);
     std::fs::create_dir_all(&shots).expect("screenshot folder");
 
@@ -132,7 +131,7 @@ fn a_supervisor_watches_and_steers_the_fleet_in_a_browser() {
     }
 
     let mut script = Command::new("/usr/bin/python3")
-        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/dashboard.py"))
+        .arg(support::checkout().join("tests/browser/dashboard.py"))
         .env("BASE_URL", format!("http://127.0.0.1:{api_port}"))
         .env("SHOTS", &shots)
         .env("ADMIN_TOKEN", ADMIN)

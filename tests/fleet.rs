@@ -372,8 +372,7 @@ Content-Length: 0\r\n\r\n",
 /// The metric names the queries of `deploy/grafana/callfleet.json` use (every panel's
 /// `targets[].expr`), histogram series (`_bucket`, `_sum`, `_count`) as queried.
 fn dashboard_metrics() -> std::collections::BTreeSet<String> {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/callfleet.json");
+    let path = support::checkout().join("deploy/grafana/callfleet.json");
     let text = std::fs::read_to_string(&path).expect("the dashboard");
     let dashboard: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
     let panels = dashboard["panels"].as_array().expect("panels");
@@ -434,10 +433,7 @@ Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
 
 /// The `<<<` bytes of the capture that answer the action with `action_id`.
 fn captured_reply(action_id: &str) -> String {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/asterisk/ami-login-and-coreshowchannels.jsonl"
-    );
+    let path = support::checkout().join("fixtures/asterisk/ami-login-and-coreshowchannels.jsonl");
     let capture = std::fs::read_to_string(path).expect("the AMI capture is in fixtures/asterisk");
     capture
         .lines()

@@ -48,7 +48,7 @@ impl Carrier {
         let log = dir.join("kamailio.log");
         for _ in 0..3 {
             let port = free_port();
-            let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kamailio/carrier.cfg");
+            let config = super::checkout().join("tests/kamailio/carrier.cfg");
             let child = kamailio()
                 .arg("-f")
                 .arg(config)

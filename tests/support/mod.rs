@@ -2,7 +2,7 @@
 
 #![allow(dead_code)] // each test file uses a different subset
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -10,6 +10,15 @@ use serde_json::Value;
 
 pub mod carrier;
 pub mod redis_server;
+
+/// The checkout the tests run from, read when they run (cargo and nextest set it): a test
+/// binary reused from a build of another checkout of the same code (`.ci/run` shares one
+/// target directory) must read this checkout's scenarios and configuration, not those of the
+/// checkout it was built in, which may be gone.
+pub fn checkout() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
 
 /// The binary under test.
 pub fn callfleet() -> Command {
@@ -505,7 +514,7 @@ pub fn registering_phone(
     port: u16,
     stay: Duration,
 ) -> Running {
-    let scenarios = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp");
+    let scenarios = checkout().join("tests/sipp");
     std::fs::create_dir_all(dir).expect("phone folder");
     let child = sipp()
         .current_dir(dir)
