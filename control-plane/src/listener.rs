@@ -10,11 +10,14 @@
 //!   next is not ours to choose; a closed connection tells the client at once, so a CRM
 //!   retries or fails over, and one address cannot crowd the others out of the queue.
 //!   Refusals are counted and logged at most every [`LOG_EVERY`].
-//! - **Slow or silent clients:** an HTTP/1 request's header must arrive within
-//!   `header_timeout` (hyper's timer, which also runs while a kept-alive connection waits
-//!   for its next request); a connection with no request in progress for `idle_timeout`
-//!   is closed (HTTP/2 with a GOAWAY), which also covers a client that connects and sends
-//!   nothing, before the protocol is even known. HTTP/2 connections are pinged every
+//! - **Slow or silent clients:** a connection with no request in progress is closed (HTTP/2
+//!   with a GOAWAY) after `idle_timeout`, and sooner, after `header_timeout`, until it has
+//!   shown itself HTTP/2 by a request: so an HTTP/1 request's header must arrive within
+//!   `header_timeout` of the connection's start or of the end of the previous answer, and a
+//!   client that connects and sends nothing, or trickles half a header, is closed then. One
+//!   timer per connection does this, read from two atomics each request touches, instead
+//!   of hyper's header timer, which it set and cleared for every request (hyper counts the
+//!   same span, from when it starts reading a head). HTTP/2 connections are pinged every
 //!   [`H2_PING_EVERY`] and dropped when a ping goes unanswered for [`H2_PING_TIMEOUT`], so a
 //!   vanished peer does not hold its requests' slots.
 //! - **Bounded shutdown:** on shutdown the listener stops accepting (the port is closed),
@@ -28,7 +31,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -97,7 +100,7 @@ pub async fn serve(
     limits: Limits,
     shutdown: CancellationToken,
 ) {
-    let builder = Arc::new(builder(&limits));
+    let builder = Arc::new(builder());
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let per_address = Arc::new(PerAddress::new(limits.max_connections_per_address));
     let tracker = TaskTracker::new();
@@ -176,12 +179,10 @@ pub async fn serve(
     );
 }
 
-fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+fn builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
+    // No HTTP/1 timer: the connection's idle timer bounds the header (module doc).
+    builder.http1().header_read_timeout(None);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -237,9 +238,10 @@ impl Connection {
                 }
             })
         };
-        let connection = self
-            .builder
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+        let connection = self.builder.serve_connection(
+            TokioIo::new(Sniffed::new(stream, activity.clone())),
+            TowerToHyperService::new(service),
+        );
         tokio::pin!(connection);
         let reason = tokio::select! {
             result = connection.as_mut() => {
@@ -248,10 +250,15 @@ impl Connection {
                 }
                 return;
             }
-            () = activity.idle_for(self.limits.idle_timeout) => Close::Idle,
+            () = activity.idle_for(self.limits.header_timeout, self.limits.idle_timeout) => Close::Idle,
             () = self.shutdown.cancelled() => Close::Shutdown,
         };
         debug!(%peer, ?reason, "closing connection");
+        if matches!(reason, Close::Idle) && activity.is_http1_between_requests() {
+            // Nothing to finish, and hyper would wait for the rest of a half-sent header
+            // before it closes: dropping the connection closes it.
+            return;
+        }
         connection.as_mut().graceful_shutdown();
         // Bounded: an HTTP/2 peer may never answer the GOAWAY's ping, a client may never
         // read the answer it asked for. At shutdown the listener says when the grace is
@@ -285,15 +292,18 @@ enum Close {
 }
 
 /// Requests in progress on one connection, and since when there have been none. Requests
-/// only touch two atomics; the idle timer reads them when it fires (once per
-/// `idle_timeout` at most), so a request wakes no task and moves no timer: on a kept-alive
-/// connection that did both twice per request, they cost more than the status route.
+/// only touch these atomics; the idle timer reads them when it fires (once per
+/// `header_timeout` at most), so a request wakes no task and moves no timer: on a
+/// kept-alive connection that did both twice per request, they cost more than the status
+/// route.
 #[derive(Debug)]
 struct Activity {
     opened: Instant,
     in_progress: AtomicUsize,
     /// Milliseconds after `opened` when the last request ended.
     idle_since_ms: AtomicU64,
+    /// The connection opened with HTTP/2's preface: no header timeout.
+    http2: AtomicBool,
 }
 
 /// One request in progress; ends when dropped.
@@ -306,6 +316,7 @@ impl Activity {
             opened: Instant::now(),
             in_progress: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
+            http2: AtomicBool::new(false),
         }
     }
 
@@ -314,9 +325,20 @@ impl Activity {
         Busy(self.clone())
     }
 
-    /// Returns once no request has been in progress for `timeout`.
-    async fn idle_for(&self, timeout: Duration) {
+    /// Not (yet) HTTP/2, and no request in progress.
+    fn is_http1_between_requests(&self) -> bool {
+        !self.http2.load(Ordering::Relaxed) && self.in_progress.load(Ordering::Acquire) == 0
+    }
+
+    /// Returns once no request has been in progress for `idle_timeout`, or for
+    /// `header_timeout` while the connection has not shown itself HTTP/2.
+    async fn idle_for(&self, header_timeout: Duration, idle_timeout: Duration) {
         loop {
+            let timeout = if self.http2.load(Ordering::Relaxed) {
+                idle_timeout
+            } else {
+                idle_timeout.min(header_timeout)
+            };
             let now = Instant::now();
             let deadline = if self.in_progress.load(Ordering::Acquire) > 0 {
                 // Busy: look again a whole timeout later, the earliest it could be over.
@@ -342,6 +364,87 @@ impl Drop for Busy {
         // Before the count falls: a timer that sees no request in progress sees this end.
         activity.idle_since_ms.fetch_max(ms, Ordering::AcqRel);
         activity.in_progress.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The connection's socket, which tells its [`Activity`] when the client's first bytes are
+/// HTTP/2's preface: an HTTP/2 client may open a connection and send its first request much
+/// later, and is then bound by `idle_timeout` alone; for anything else the header timeout
+/// runs from the start.
+struct Sniffed {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+    /// The client's first bytes, until there are enough to tell.
+    first: [u8; 3],
+    seen: usize,
+}
+
+impl Sniffed {
+    fn new(stream: TcpStream, activity: Arc<Activity>) -> Self {
+        Self {
+            stream,
+            activity,
+            first: [0; 3],
+            seen: 0,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Sniffed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        let this = &mut *self;
+        if this.seen < this.first.len() {
+            let new = &buf.filled()[before..];
+            let take = new.len().min(this.first.len() - this.seen);
+            this.first[this.seen..this.seen + take].copy_from_slice(&new[..take]);
+            this.seen += take;
+            if this.seen == this.first.len() && this.first == *b"PRI" {
+                this.activity.http2.store(true, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Sniffed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

@@ -297,6 +297,56 @@ async fn a_connection_without_a_request_in_progress_is_closed_after_the_idle_tim
     assert!(answer.body.contains("queue.status"), "{}", answer.body);
 }
 
+#[tokio::test]
+async fn the_header_timeout_bounds_http1_between_requests_and_not_an_idle_http2_connection() {
+    let header_timeout = Duration::from_millis(300);
+    let idle_timeout = Duration::from_millis(1500);
+    let server = start(ControlPlaneConfig {
+        header_timeout,
+        idle_timeout,
+        shutdown_grace: Duration::from_millis(500),
+        ..config()
+    })
+    .await;
+
+    // HTTP/1 kept alive after an answer: its next header is due within the header timeout.
+    let mut kept = server.connect().await;
+    assert_eq!(exchange(&mut kept, REST_STATUS).await.status, 200);
+    let (received, after) = closed_within(
+        &mut kept,
+        Duration::from_secs(3),
+        "a kept-alive HTTP/1 connection",
+    )
+    .await;
+    assert!(received.is_empty(), "{received:?}");
+    assert!(
+        after >= header_timeout - Duration::from_millis(50) && after < idle_timeout,
+        "{after:?}"
+    );
+
+    // Silent from the start: the header timeout too, the protocol being unknown.
+    let mut silent = server.connect().await;
+    let (_, after) =
+        closed_within(&mut silent, Duration::from_secs(3), "a silent connection").await;
+    assert!(
+        after >= header_timeout - Duration::from_millis(50) && after < idle_timeout,
+        "{after:?}"
+    );
+
+    // HTTP/2's preface, then no request: the idle timeout only, closed with a GOAWAY.
+    let mut h2 = server.connect().await;
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .expect("send the preface");
+    let (received, after) =
+        closed_within(&mut h2, Duration::from_secs(4), "an idle HTTP/2 connection").await;
+    assert!(
+        after >= idle_timeout - Duration::from_millis(50),
+        "closed after {after:?}, before the idle timeout"
+    );
+    assert!(frame_types(&received).contains(&7), "a GOAWAY");
+}
+
 /// The types of the HTTP/2 frames in `bytes` (whole frames only).
 fn frame_types(mut bytes: &[u8]) -> Vec<u8> {
     let mut types = Vec::new();

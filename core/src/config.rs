@@ -1157,7 +1157,8 @@ pub struct ControlPlaneConfig {
     /// proxy every client shares the proxy's address.
     pub max_connections_per_address: usize,
     /// The longest an HTTP/1 client may take to send a request's header, counted from
-    /// the connection's start or the end of its previous answer.
+    /// the connection's start or the end of its previous answer; it also closes a
+    /// connection that sends nothing (an HTTP/2 client's opens with its preface).
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
     /// A connection without a request in progress for this long is closed (HTTP/2 with a
