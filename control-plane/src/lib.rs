@@ -89,13 +89,11 @@ pub fn router_with(control: Arc<Control>, config: &ControlPlaneConfig) -> axum::
     .add_service(reflection)
     .prepare()
     .into_axum_router()
-    // Before the nest, so that the nested REST router does not inherit tonic's fallback.
+    // Instead of tonic's, which answers any unknown path `200 OK` with `grpc-status: 12`:
+    // a CRM with a typo in a path would read that as success.
     .fallback(no_route)
     // One limit for the status's three faces: switching API does not multiply the rate.
-    .nest(
-        "/api/v1",
-        rest::router(control.clone(), status_limit.clone()),
-    )
+    .merge(rest::router(control.clone(), status_limit.clone()))
     .merge(rpc2::router(control.clone(), status_limit))
     .merge(realtime::router(control.clone()))
     .merge(metrics::router(control.clone()))
@@ -122,6 +120,9 @@ async fn no_route(request: axum::extract::Request) -> axum::response::Response {
         );
         headers.insert("grpc-status", HeaderValue::from_static("12"));
         return response;
+    }
+    if request.uri().path().starts_with("/api/v1/") {
+        return rest::no_route(request.method(), request.uri().path());
     }
     let message = format!(
         "no route `{} {}`; the REST API is under /api/v1 (see /api/v1/openapi.json), XML-RPC at /RPC2",

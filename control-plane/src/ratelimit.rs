@@ -23,12 +23,11 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::ConnectInfo;
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use callfleet_core::config::ControlPlaneConfig;
 use tokio::time::Instant;
@@ -148,15 +147,6 @@ impl RateLimit {
         for (_, key) in &ages[..=half] {
             buckets.remove(key);
         }
-    }
-}
-
-/// Middleware for the public status over REST: 429 with `Retry-After` once the caller's
-/// address has used its bucket (see [`RateLimit::admit`]).
-pub async fn limit(State(limit): State<Arc<RateLimit>>, request: Request, next: Next) -> Response {
-    match limit.admit(request.extensions().get()) {
-        Ok(()) => next.run(request).await,
-        Err(limited) => limited.into_response(),
     }
 }
 

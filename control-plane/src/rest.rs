@@ -9,15 +9,16 @@
 //! because a website polls it (rate-limited per client address, [`crate::ratelimit`]).
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use callfleet_core::config::Role;
 use callfleet_core::store::directory::DEFAULT_SERVICE_LEVEL_MS;
 use callfleet_core::store::{
@@ -28,7 +29,7 @@ use serde_json::{Value, json};
 
 use crate::auth::Caller;
 use crate::error::ControlError;
-use crate::ratelimit::{self, RateLimit};
+use crate::ratelimit::RateLimit;
 use crate::service::{Control, CredentialsInput};
 
 type Shared = State<Arc<Control>>;
@@ -77,61 +78,73 @@ fn parameters<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ControlEr
         .map_err(|err| ControlError::invalid("query", err.body_text()))
 }
 
-/// The routes, to be nested under `/api/v1`; `status_limit` limits the public status.
+/// The routes, under `/api/v1` (merged rather than nested: a nest rewrote every request's
+/// URI and matched it twice); `status_limit` limits the public status. Unknown paths under
+/// `/api/v1` get [`no_route`] from the control plane's fallback.
 pub fn router(control: Arc<Control>, status_limit: Arc<RateLimit>) -> Router {
     Router::new()
-        .route("/openapi.json", get(openapi))
-        .route("/agents", get(list_agents))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/agents", get(list_agents))
         .route(
-            "/agents/{agent}",
+            "/api/v1/agents/{agent}",
             get(get_agent).put(put_agent).delete(delete_agent),
         )
-        .route("/agents/{agent}/tags", put(set_tags))
-        .route("/agents/{agent}/daily-cap", put(set_daily_cap))
-        .route("/agents/{agent}/sales", post(record_sale))
-        .route("/agents/{agent}/login", post(login))
-        .route("/agents/{agent}/logout", post(logout))
-        .route("/agents/{agent}/pause", post(pause))
-        .route("/agents/{agent}/unpause", post(unpause))
-        .route("/agents/{agent}/call-events", post(call_event))
-        .route("/devices", get(list_devices))
-        .route("/devices/{device}", put(put_device).delete(delete_device))
-        .route("/queues", get(list_queues))
-        .route("/queues/{queue}", put(put_queue).delete(delete_queue))
-        .route("/queues/{queue}/members", get(list_members))
+        .route("/api/v1/agents/{agent}/tags", put(set_tags))
+        .route("/api/v1/agents/{agent}/daily-cap", put(set_daily_cap))
+        .route("/api/v1/agents/{agent}/sales", post(record_sale))
+        .route("/api/v1/agents/{agent}/login", post(login))
+        .route("/api/v1/agents/{agent}/logout", post(logout))
+        .route("/api/v1/agents/{agent}/pause", post(pause))
+        .route("/api/v1/agents/{agent}/unpause", post(unpause))
+        .route("/api/v1/agents/{agent}/call-events", post(call_event))
+        .route("/api/v1/devices", get(list_devices))
         .route(
-            "/queues/{queue}/members/{agent}",
+            "/api/v1/devices/{device}",
+            put(put_device).delete(delete_device),
+        )
+        .route("/api/v1/queues", get(list_queues))
+        .route(
+            "/api/v1/queues/{queue}",
+            put(put_queue).delete(delete_queue),
+        )
+        .route("/api/v1/queues/{queue}/members", get(list_members))
+        .route(
+            "/api/v1/queues/{queue}/members/{agent}",
             put(set_priority).delete(remove_member),
         )
         .route(
-            "/queues/{queue}/status",
-            get(queue_status).route_layer(axum::middleware::from_fn_with_state(
-                status_limit,
-                ratelimit::limit,
-            )),
+            "/api/v1/queues/{queue}/status",
+            get(
+                move |control: Shared, peer: Option<Extension<ConnectInfo<SocketAddr>>>, queue| {
+                    queue_status(control, peer, queue, status_limit)
+                },
+            ),
         )
-        .route("/queues/{queue}/candidates", get(candidates))
-        .route("/queues/{queue}/call-outcomes", post(call_outcome))
-        .route("/nodes", get(list_nodes))
-        .route("/nodes/{node}/drain", post(drain))
-        .route("/nodes/{node}/undrain", post(undrain))
-        .route("/autoscaler", get(autoscaler).put(set_autoscaler))
-        .route("/audit", get(audit))
-        .route("/callers", get(list_callers))
-        .route("/callers/{number}", get(get_caller).delete(remove_caller))
-        .route("/callers/{number}/attributes", put(set_caller_attributes))
-        // Without its own fallback the nest inherits the gRPC router's, which answers any
-        // unknown path `200 OK` with `grpc-status: 12`: a CRM with a typo in a path would
-        // read that as success.
-        .fallback(no_route)
+        .route("/api/v1/queues/{queue}/candidates", get(candidates))
+        .route("/api/v1/queues/{queue}/call-outcomes", post(call_outcome))
+        .route("/api/v1/nodes", get(list_nodes))
+        .route("/api/v1/nodes/{node}/drain", post(drain))
+        .route("/api/v1/nodes/{node}/undrain", post(undrain))
+        .route("/api/v1/autoscaler", get(autoscaler).put(set_autoscaler))
+        .route("/api/v1/audit", get(audit))
+        .route("/api/v1/callers", get(list_callers))
+        .route(
+            "/api/v1/callers/{number}",
+            get(get_caller).delete(remove_caller),
+        )
+        .route(
+            "/api/v1/callers/{number}/attributes",
+            put(set_caller_attributes),
+        )
         .with_state(control)
 }
 
-async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> ControlError {
+/// A path under `/api/v1` that names no route.
+pub fn no_route(method: &axum::http::Method, path: &str) -> Response {
     ControlError::NotFound(format!(
-        "no route `{method} /api/v1{}`; the routes are listed in /api/v1/openapi.json",
-        uri.path()
+        "no route `{method} {path}`; the routes are listed in /api/v1/openapi.json"
     ))
+    .into_response()
 }
 
 async fn openapi() -> Response {
@@ -655,7 +668,17 @@ async fn remove_member(
 }
 
 /// Public: no token. Served from memory, figures included (see [`crate::figures`]).
-async fn queue_status(State(control): Shared, Path(queue): Path<String>) -> Reply {
+/// In the handler rather than a layer of its own, which cost the route an allocation per
+/// request.
+async fn queue_status(
+    State(control): Shared,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    Path(queue): Path<String>,
+    limit: Arc<RateLimit>,
+) -> Reply {
+    if let Err(limited) = limit.admit(peer.as_ref().map(|Extension(peer)| peer)) {
+        return Ok(limited.into_response());
+    }
     let mut response = ok(control.queue_status(&queue)?)?;
     // A website's visitors all ask the same: a cache in front (or the browser) may answer
     // for a second, which is also how often the directory is re-read.

@@ -1179,7 +1179,11 @@ fn routes_in_source() -> BTreeSet<(String, String)> {
         rest = &rest[at + ".route(".len()..];
         let open = rest.find('"').expect("a path literal");
         let close = open + 1 + rest[open + 1..].find('"').expect("end of the path");
-        let path = rest[open + 1..close].to_owned();
+        // The document's paths are relative to its server, `/api/v1`.
+        let path = rest[open + 1..close]
+            .strip_prefix("/api/v1")
+            .unwrap_or_else(|| panic!("rest.rs routes {} outside /api/v1", &rest[open..close]))
+            .to_owned();
         // The method router runs to the parenthesis that closes `.route(`.
         let mut depth = 1;
         let mut end = close + 1;
