@@ -11,8 +11,8 @@
 //!   retries or fails over, and one address cannot crowd the others out of the queue.
 //!   Refusals are counted and logged at most every [`LOG_EVERY`].
 //! - **Slow or silent clients:** a connection with no request in progress is closed (HTTP/2
-//!   with a GOAWAY) after `idle_timeout`, and sooner, after `header_timeout`, until it has
-//!   shown itself HTTP/2 by a request: so an HTTP/1 request's header must arrive within
+//!   with a GOAWAY) after `idle_timeout`, and sooner, after `header_timeout`, unless it
+//!   opened with HTTP/2's preface: so an HTTP/1 request's header must arrive within
 //!   `header_timeout` of the connection's start or of the end of the previous answer, and a
 //!   client that connects and sends nothing, or trickles half a header, is closed then. One
 //!   timer per connection does this, read from two atomics each request touches, instead
