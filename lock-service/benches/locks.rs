@@ -36,10 +36,6 @@ use callfleet_proto::lock::v1::locks_client::LocksClient;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-/// The `callfleet` binary's allocator, for the service and the load alike.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const AGENTS: u64 = 10_000;
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
