@@ -10,9 +10,6 @@ use callfleet_core::{ConfigError, NodeId, Store, fleet, shutdown, telemetry};
 use callfleet_node_agent::NodeAgentError;
 use clap::{Parser, Subcommand};
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Debug, Parser)]
 #[command(
     name = "callfleet",

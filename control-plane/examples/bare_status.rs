@@ -1,8 +1,7 @@
 //! The ceiling for the public queue status on this machine: a bare axum handler answering
 //! fixed bytes, with the same headers as the real route, on a runtime built as `callfleet`
-//! builds its own and with its allocator, served by plain `axum::serve`.
-//! `./scripts/bench-control` starts it with the bytes the real route answered and runs the
-//! same wrk load against both in one run.
+//! builds its own, served by plain `axum::serve`. `./scripts/bench-control` starts it with
+//! the bytes the real route answered and runs the same wrk load against both in one run.
 //!
 //!     cargo run --release -p callfleet-control-plane --example bare_status -- ADDR BODY_FILE
 
@@ -13,10 +12,6 @@ use axum::Router;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
-
-// As `callfleet`'s: the comparison is of what the route does, not of two allocators.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
