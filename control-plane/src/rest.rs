@@ -668,8 +668,8 @@ async fn remove_member(
 }
 
 /// Public: no token. Served from memory, figures included (see [`crate::figures`]).
-/// In the handler rather than a layer of its own, which cost the route an allocation per
-/// request.
+/// Rate-limited per client address by `limit`, here rather than in a middleware layer, which
+/// cost the route an allocation per request.
 async fn queue_status(
     State(control): Shared,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
