@@ -69,13 +69,13 @@ impl TcpRoutes {
         };
         // A connection from the peer's own address (a trunk that calls from its listening
         // port) was tried above already.
-        let bytes = match if to == peer {
-            Err(bytes)
+        let bytes = if to == peer {
+            bytes
         } else {
-            self.send(to, bytes)
-        } {
-            Ok(()) => return Ok(()),
-            Err(bytes) => bytes,
+            match self.send(to, bytes) {
+                Ok(()) => return Ok(()),
+                Err(bytes) => bytes,
+            }
         };
         let dialer = self.dialer.lock().unwrap_or_else(PoisonError::into_inner);
         match dialer.as_ref() {
