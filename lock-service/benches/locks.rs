@@ -18,7 +18,9 @@
 //!   means more frames per write and per read, and more commands per Redis round trip;
 //! - `BENCH_OPEN_CONNECTIONS` (1): HTTP/2 connections of the open loop;
 //! - `BENCH_CLIENT_THREADS` (1): worker threads of the load process (1: current-thread);
-//! - `BENCH_SERVER_THREADS` (all CPUs): worker threads of the service's runtime;
+//! - `BENCH_SERVER_THREADS` (all CPUs): worker threads of the runtime that calls `run`
+//!   (the accept loop, the health watch, the Redis connection made at start); the service
+//!   serves connections on threads of its own, one per CPU;
 //! - `BENCH_BACKENDS` (`redis,memory`): which backends to run;
 //! - `BENCH_HELD` (1000): leases held (on other resources) through every run, as a call
 //!   center's agents on calls hold theirs: what a claim costs must not grow with them;
@@ -488,7 +490,7 @@ fn main() {
     // The service runs while this thread waits for the load process: never current-thread.
     let server = runtime(server_threads, false);
     println!(
-        "load generator: {}; service runtime: {server_threads} worker threads; {per_connection} closed-loop clients per HTTP/2 connection; {held} leases held throughout",
+        "load generator: {}; runtime calling `run`: {server_threads} worker threads; {per_connection} closed-loop clients per HTTP/2 connection; {held} leases held throughout",
         if in_process {
             "in the service's process and runtime".to_owned()
         } else {

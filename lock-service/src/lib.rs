@@ -12,11 +12,11 @@ pub mod grpc;
 pub mod http;
 pub mod lease;
 mod metrics;
+mod serve;
 pub mod waiter;
 
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use callfleet_core::config::{LockBackendKind, LockServiceConfig, UnsafeLockSwitches};
 use callfleet_proto::lock::v1::locks_server::LocksServer;
 use tokio::net::TcpListener;
@@ -170,16 +170,14 @@ pub async fn run(
     let (reporter, health) = tonic_health::server::health_reporter();
     let watcher = tokio::spawn(watch_health(locks.clone(), reporter, shutdown.clone()));
     info!(%address, backend = ?config.backend, "lock service ready");
-    // Without TCP_NODELAY a reply written while an earlier one is unacknowledged waits for
-    // the peer's delayed ACK (up to 40 ms on Linux): Nagle's algorithm, fatal to latency.
-    let listener = listener.tap_io(|stream| {
-        if let Err(err) = stream.set_nodelay(true) {
-            tracing::debug!(error = %err, "cannot set TCP_NODELAY");
-        }
-    });
-    let served = axum::serve(listener, router(locks, config, health))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+    let workers = std::thread::available_parallelism().map_or(2, usize::from);
+    let served = serve::serve(
+        listener,
+        router(locks, config, health),
+        workers,
+        shutdown.clone(),
+    )
+    .await;
     shutdown.cancel();
     let _ = watcher.await;
     served?;

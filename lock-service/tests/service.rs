@@ -9,6 +9,7 @@ use callfleet_core::config::LockServiceConfig;
 use callfleet_proto::lock::v1 as pb;
 use callfleet_proto::lock::v1::locks_client::LocksClient;
 use support::Server;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 /// The HTTP twin as a dialplan's `CURL()` calls it.
@@ -634,4 +635,84 @@ async fn reflection_lists_the_services_and_serves_their_descriptors() {
         "{locks:?}"
     );
     server.stop().await;
+}
+
+/// Connections are dealt to the service's connection threads in turn: with more
+/// connections than threads every one is served, all see one set of leases, and a stop
+/// ends the service with clients still connected and closes the port.
+#[tokio::test]
+async fn connections_on_every_thread_share_the_leases_and_a_stop_closes_them() {
+    let server = Server::start().await;
+    let threads = std::thread::available_parallelism().map_or(2, usize::from);
+    let mut clients = Vec::new();
+    for _ in 0..2 * threads + 1 {
+        clients.push(server.grpc().await);
+    }
+    let acquire = |holder: usize| pb::AcquireRequest {
+        resource: "agent:7".into(),
+        holder: format!("pbx-{holder}/c"),
+        attempt: format!("a{holder}"),
+        validity_ms: 5_000,
+    };
+    let lease = clients[0]
+        .acquire(acquire(0))
+        .await
+        .expect("the first claim is granted")
+        .into_inner();
+    for (holder, client) in clients.iter_mut().enumerate().skip(1) {
+        let refused = client
+            .acquire(acquire(holder))
+            .await
+            .expect_err("held by pbx-0");
+        assert_eq!(refused.code(), Code::AlreadyExists, "connection {holder}");
+    }
+    clients[2 * threads]
+        .release(pb::ReleaseRequest {
+            resource: "agent:7".into(),
+            holder: "pbx-0/c".into(),
+            token: lease.token,
+        })
+        .await
+        .expect("released through another connection");
+    assert_eq!(
+        clients[1]
+            .get(pb::GetRequest {
+                resource: "agent:7".into()
+            })
+            .await
+            .expect("get")
+            .into_inner()
+            .lease,
+        None
+    );
+
+    // A kept-alive HTTP/1 connection, idle when the stop comes.
+    let address = server.address;
+    let mut idle = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    idle.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .expect("write");
+    let mut head = [0; 12];
+    idle.read_exact(&mut head).await.expect("an answer");
+    assert_eq!(&head, b"HTTP/1.1 200");
+
+    server.stop().await;
+    assert!(
+        tokio::net::TcpStream::connect(address).await.is_err(),
+        "the port is closed"
+    );
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest))
+        .await
+        .expect("the idle connection is closed")
+        .expect("read");
+    let after = clients[0]
+        .get(pb::GetRequest {
+            resource: "agent:7".into(),
+        })
+        .await
+        .expect_err("the service is gone");
+    assert_eq!(after.code(), Code::Unavailable);
 }
