@@ -6,6 +6,7 @@
 
 pub mod asterisk;
 pub mod config;
+pub mod connection_threads;
 pub mod fleet;
 pub mod ids;
 pub mod metrics;

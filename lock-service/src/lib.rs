@@ -170,14 +170,7 @@ pub async fn run(
     let (reporter, health) = tonic_health::server::health_reporter();
     let watcher = tokio::spawn(watch_health(locks.clone(), reporter, shutdown.clone()));
     info!(%address, backend = ?config.backend, "lock service ready");
-    let workers = std::thread::available_parallelism().map_or(2, usize::from);
-    let served = serve::serve(
-        listener,
-        router(locks, config, health),
-        workers,
-        shutdown.clone(),
-    )
-    .await;
+    let served = serve::serve(listener, router(locks, config, health), shutdown.clone()).await;
     shutdown.cancel();
     let _ = watcher.await;
     served?;
