@@ -12,6 +12,7 @@
 //! queues); a failed read keeps the last counts, which only ever grow within a day.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -63,6 +64,9 @@ pub struct Figures {
     locks: Option<LocksClient<Channel>>,
     waiting: RwLock<HashMap<String, Waiting>>,
     counts: RwLock<DayCounts>,
+    /// Moves after every change of the figures, so an answer rendered from them can tell
+    /// whether it is still theirs.
+    generation: AtomicU64,
 }
 
 impl Figures {
@@ -87,6 +91,7 @@ impl Figures {
             locks,
             waiting: RwLock::default(),
             counts: RwLock::default(),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -102,6 +107,16 @@ impl Figures {
             .ok()?
             .into_inner();
         answer.lease.map(|lease| (lease.holder, lease.token))
+    }
+
+    /// Moves after every change of the figures: read it before the figures, and an answer
+    /// rendered from them is still theirs while it has not moved.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// `queue`'s callers waiting now and how long the oldest has waited, in ms, or `None`
@@ -171,6 +186,7 @@ impl Figures {
             day: day.to_owned(),
             queues: read,
         };
+        self.changed();
     }
 
     /// `queue`'s counters of `day` as a write on this instance just left them, so that a
@@ -192,6 +208,7 @@ impl Figures {
             counts: larger(known.counts, written),
             written_at: Some(Instant::now()),
         };
+        self.changed();
     }
 
     /// Asks the lock service for the waiting order of every queue in `queues`, at most
@@ -246,6 +263,7 @@ impl Figures {
         }
         // A queue whose call failed is dropped at once rather than shown until it is stale.
         *self.waiting.write().expect("figures lock") = read;
+        self.changed();
         failure.map_or(Ok(()), Err)
     }
 }

@@ -25,6 +25,7 @@ pub mod ringing;
 pub mod rpc2;
 pub mod scale;
 pub mod service;
+pub mod status_cache;
 pub mod xmlrpc;
 
 use std::sync::Arc;
@@ -98,7 +99,7 @@ pub fn router_with(control: Arc<Control>, config: &ControlPlaneConfig) -> axum::
     .merge(realtime::router(control.clone()))
     .merge(metrics::router(control.clone()))
     .merge(dashboard::router(control, config))
-    .layer(axum::middleware::from_fn(metrics::track))
+    .layer(metrics::TrackLayer)
 }
 
 /// Unknown paths: a gRPC client gets `UNIMPLEMENTED`, anyone else a JSON 404, so a CRM

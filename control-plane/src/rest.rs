@@ -679,14 +679,17 @@ async fn queue_status(
     if let Err(limited) = limit.admit(peer.as_ref().map(|Extension(peer)| peer)) {
         return Ok(limited.into_response());
     }
-    let mut response = ok(control.queue_status(&queue)?)?;
+    let body = control.queue_status_json(&queue)?;
     // A website's visitors all ask the same: a cache in front (or the browser) may answer
     // for a second, which is also how often the directory is re-read.
-    response.headers_mut().insert(
-        header::CACHE_CONTROL,
-        axum::http::HeaderValue::from_static("public, max-age=1"),
-    );
-    Ok(response)
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "public, max-age=1"),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 #[derive(Debug, Deserialize)]

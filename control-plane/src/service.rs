@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use callfleet_core::config::{ControlPlaneConfig, Role};
 use callfleet_core::routing::{self, CallerAttributes, Day, Snapshot};
 use callfleet_core::store::directory::MAX_TAGS;
@@ -847,7 +848,27 @@ impl Control {
 
     /// The public status of a queue with its figures, from memory.
     pub fn queue_status(&self, queue: &str) -> Result<QueueStatusView, ControlError> {
+        self.queue_status_in(&self.view(), queue)
+    }
+
+    /// [`Control::queue_status`] as its JSON, rendered again only when the directory or
+    /// the figures changed or [`crate::status_cache::STATUS_REUSE`] has passed.
+    pub fn queue_status_json(&self, queue: &str) -> Result<Bytes, ControlError> {
+        // Both before the render, so a change during it leaves an answer that no longer
+        // matches rather than one that looks current.
         let view = self.view();
+        let figures = self.figures.generation();
+        crate::status_cache::RENDERED.with_borrow_mut(|rendered| {
+            rendered.answer(&view, figures, queue, Instant::now(), || {
+                let status = self.queue_status_in(&view, queue)?;
+                serde_json::to_vec(&status).map(Bytes::from).map_err(|err| {
+                    ControlError::Unavailable(format!("cannot render the status: {err}"))
+                })
+            })
+        })
+    }
+
+    fn queue_status_in(&self, view: &View, queue: &str) -> Result<QueueStatusView, ControlError> {
         let now_ms = view.now_ms();
         let now = u64::try_from(now_ms).unwrap_or(0);
         let status = view

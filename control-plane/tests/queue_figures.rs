@@ -49,9 +49,14 @@ fn config(lock_service: &str) -> ControlPlaneConfig {
 
 /// The public status of `sales` over REST, and how long it took to answer.
 async fn status(server: &Server) -> (Value, Duration) {
-    let mut stream = connect_from("127.0.0.1", server.address).await;
+    status_on(&mut connect_from("127.0.0.1", server.address).await).await
+}
+
+/// [`status`] on a connection already open: one connection is served on one thread, which
+/// reuses the answer it rendered last while it is current.
+async fn status_on(stream: &mut tokio::net::TcpStream) -> (Value, Duration) {
     let asked = Instant::now();
-    let answer = exchange(&mut stream, REST_STATUS).await;
+    let answer = exchange(stream, REST_STATUS).await;
     let took = asked.elapsed();
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(answer.header("cache-control"), Some("public, max-age=1"));
@@ -391,6 +396,13 @@ async fn call_outcomes_count_once_and_show_in_the_status() {
         ),
         counts(2, 1, 0, 1, json!(33.3))
     );
+    // Asked just before the next outcome, the status is rendered (and kept for reuse)...
+    let mut website = connect_from("127.0.0.1", server.address).await;
+    let (before, _) = status_on(&mut website).await;
+    assert_eq!(
+        before,
+        status_unknown_waiting(&counts(2, 1, 0, 1, json!(33.3)))
+    );
     let overflowed = r#"{"outcome":"overflowed","waited_ms":600000}"#;
     assert_eq!(
         expect(report(&server, "sales", NODE, None, overflowed).await, 200),
@@ -406,8 +418,9 @@ async fn call_outcomes_count_once_and_show_in_the_status() {
         json!({ "error": "invalid request id: `c-3` was used for queue.call_abandoned of queue:sales; send a new id for every new request" })
     );
 
-    // The status shows the day's counts at once (no lock service here: waiting unknown).
-    let (shown, _) = status(&server).await;
+    // ...and the status shows the day's counts at once, not the answer rendered before
+    // them (no lock service here: waiting unknown).
+    let (shown, _) = status_on(&mut website).await;
     assert_eq!(
         shown,
         status_unknown_waiting(&counts(2, 1, 1, 1, json!(33.3)))
