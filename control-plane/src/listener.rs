@@ -24,11 +24,10 @@
 //!   every connection is asked to finish (HTTP/1 closes after the answer in progress,
 //!   HTTP/2 sends a GOAWAY), and after `shutdown_grace` whatever is left is dropped, so the
 //!   process exits however slow a request or a client is.
-//!
 //! - **One thread per connection:** each accepted connection is served on one of a runtime
-//!   per CPU ([`ConnectionThreads`]), never moved between threads: on the work-stealing
-//!   runtime the public status answered 57 % of a bare axum handler's requests per second
-//!   in one run, and 70-73 % so (`./scripts/bench-control`, 64 connections).
+//!   per CPU ([`ConnectionThreads`]), never moved between threads. On the work-stealing
+//!   runtime the public status answered 57 % of a bare axum handler's requests per second,
+//!   and 70-73 % this way (`./scripts/bench-control`, 64 connections, one 10 s run each).
 //!
 //! Each request carries the peer's address as [`ConnectInfo<SocketAddr>`], which the public
 //! status's rate limit ([`crate::ratelimit`]) reads.
@@ -45,7 +44,7 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::Request;
 use callfleet_core::config::ControlPlaneConfig;
-use callfleet_core::connection_threads::ConnectionThreads;
+use callfleet_core::connection_threads::{self, ConnectionThreads};
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -128,7 +127,7 @@ pub async fn serve(
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             // The peer gave up between its SYN and our accept: nothing to do.
-            Err(err) if is_connection_error(&err) => continue,
+            Err(err) if connection_threads::is_connection_error(&err) => continue,
             Err(err) => {
                 counts.accept_failed(&err);
                 tokio::select! {
@@ -209,16 +208,6 @@ fn builder() -> auto::Builder<TokioExecutor> {
         .keep_alive_interval(H2_PING_EVERY)
         .keep_alive_timeout(H2_PING_TIMEOUT);
     builder
-}
-
-/// Errors of one connection that was never ours (see hyper's and axum's accept loops).
-fn is_connection_error(err: &std::io::Error) -> bool {
-    matches!(
-        err.kind(),
-        std::io::ErrorKind::ConnectionRefused
-            | std::io::ErrorKind::ConnectionAborted
-            | std::io::ErrorKind::ConnectionReset
-    )
 }
 
 /// What one connection task needs besides its socket.

@@ -14,6 +14,10 @@
 //! fewer calls per second (67k against 105k); the one difference we know of is that a
 //! one-worker runtime runs a task just spawned next (its LIFO slot), a current-thread
 //! runtime after every task already queued.
+//!
+//! A socket that a connection's task opens is polled by that task's runtime: a database
+//! connection opened there and kept in a pool fails once the runtimes are dropped, and the
+//! pool's check before handing it out again (sqlx pings it) replaces it.
 
 use std::future::Future;
 use std::io;
@@ -85,6 +89,18 @@ impl Drop for ConnectionThreads {
             runtime.shutdown_background();
         }
     }
+}
+
+/// Whether a failed accept concerned one connection only (the peer gave up between its
+/// SYN and the accept), so the loop goes on at once; any other error (out of file
+/// descriptors) calls for a pause before the next accept.
+pub fn is_connection_error(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
 }
 
 #[cfg(test)]

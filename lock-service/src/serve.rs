@@ -5,7 +5,7 @@ use std::io;
 use std::time::Duration;
 
 use axum::Router;
-use callfleet_core::connection_threads::ConnectionThreads;
+use callfleet_core::connection_threads::{self, ConnectionThreads};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -34,6 +34,7 @@ pub(crate) async fn serve(
         };
         let stream = match accepted {
             Ok((stream, _)) => stream,
+            Err(err) if connection_threads::is_connection_error(&err) => continue,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot accept a connection");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
