@@ -19,6 +19,7 @@
 //! Connections go to one address (`redis://…`) or to whichever server the sentinels name
 //! master at the time (`redis+sentinel://…`, see [`RedisLocks::new`]).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use callfleet_core::config::{LockServiceConfig, UnsafeLockSwitches};
@@ -172,9 +173,14 @@ struct Seen {
 /// The Redis backend.
 #[derive(Debug)]
 pub struct RedisLocks {
-    /// The shared connection (multiplexed: one for all callers). Read on every call, so a
-    /// plain read lock; `connector` serialises only the rare reconnects.
-    connection: std::sync::RwLock<Option<MultiplexedConnection>>,
+    /// A connection per thread that calls (each multiplexed: one for all of that thread's
+    /// callers). A connection's reader and writer run as a task of the runtime that made
+    /// it, so a call on a connection thread (see `callfleet_core::connection_threads`)
+    /// that went through another thread's connection crossed threads twice, a wake each
+    /// way: the Redis backend then spent 25.5 µs of CPU per gRPC call against 22.6 µs on
+    /// the work-stealing runtime. Read on every call, so a plain read lock; `connector`
+    /// serialises only the rare connects.
+    connections: std::sync::RwLock<HashMap<std::thread::ThreadId, MultiplexedConnection>>,
     connector: Mutex<Connector>,
     /// Key of the boot marker (see the module's documentation).
     marker: String,
@@ -217,7 +223,7 @@ impl RedisLocks {
         let connector = Connector::parse(url).map_err(LockError::Invalid)?;
         let defaults = LockServiceConfig::default();
         Ok(Self {
-            connection: std::sync::RwLock::new(None),
+            connections: std::sync::RwLock::default(),
             connector: Mutex::new(connector),
             // A hash since the quarantine moved into it; the string marker of earlier
             // versions (`callfleet:locks:boot`) is left alone, so an upgrade quarantines once.
@@ -391,25 +397,30 @@ impl RedisLocks {
         // A restart always drops our connection, so every new one checks, before any
         // claim goes through it, whether this is still the Redis that granted our leases.
         self.check_boot(&mut connection).await?;
-        *self
-            .connection
+        self.connections
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(connection.clone());
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(std::thread::current().id(), connection.clone());
         Ok(connection)
     }
 
+    /// This thread's connection.
     fn current_connection(&self) -> Option<MultiplexedConnection> {
-        self.connection
+        self.connections
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+            .get(&std::thread::current().id())
+            .cloned()
     }
 
+    /// Drops every thread's connection, so each connects afresh, with the boot check: what
+    /// failed on one (a restart, a failover, a Redis that stopped answering) is most often
+    /// what the others will meet next.
     fn forget_connection(&self) {
-        *self
-            .connection
+        self.connections
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
     }
 
     async fn check_boot(&self, connection: &mut MultiplexedConnection) -> Result<(), LockError> {
