@@ -65,7 +65,10 @@ pub(crate) async fn serve(
 /// One connection, HTTP/1 or HTTP/2 as its first bytes say.
 async fn connection(stream: TcpStream, router: Router, shutdown: CancellationToken) {
     let service = TowerToHyperService::new(router);
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // No `date` on gRPC answers: no client reads it, and encoding it was hpack work on
+    // every call.
+    builder.http2().auto_date_header(false);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let served = tokio::select! {
